@@ -1,0 +1,1 @@
+"""Step 3a: the dataset contract, loaders, validation + quarantine, temporal split, sampling."""

@@ -1,0 +1,1 @@
+"""Loaders that write the dataset contract: MovieLens, generic CSV, the simulated world."""

@@ -1,0 +1,1 @@
+"""Step 5: metrics, offline harness and report, online experiments."""

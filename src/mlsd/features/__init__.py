@@ -1,0 +1,1 @@
+"""Step 3b: feature definitions, point-in-time computation, feature store."""

@@ -1,0 +1,1 @@
+"""Step 4: retrieval and ranking models."""

@@ -1,0 +1,1 @@
+"""Step 1: requirements → capacity plan (QPS, storage, replicas, latency budget)."""

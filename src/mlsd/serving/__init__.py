@@ -1,0 +1,1 @@
+"""Step 6: ANN index, request pipeline, FastAPI app, batch prediction, registry."""

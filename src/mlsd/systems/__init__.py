@@ -1,0 +1,1 @@
+"""Case studies, each a thin composition of the parts."""
