@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   := demo-output
+SRC    := src tests bench
+
+.PHONY: install lint typecheck test test-fast demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# constraints.txt pins a set known to resolve together (no backtracking to old MLflow/Feast).
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+demo: install
+	$(BIN)/mlsd data synth --users 20000 --items 5000 --events 2000000 --seed 7 \
+		--days 60 --drift-at 2024-02-15 --out $(DEMO)/world
+	$(BIN)/mlsd data validate $(DEMO)/world
+	$(BIN)/mlsd data split $(DEMO)/world --val-frac 0.1 --test-frac 0.1
+	@echo "demo data pipeline done: $(DEMO)/world (contract files) and $(DEMO)/world/split"
+
+bench: install
+	$(BIN)/python bench/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,284 @@
+"""``mlsd data``: import, synthesize, validate and split datasets, and guard against leakage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlsd.data.schema import DatasetInfo
+from mlsd.data.validate import ValidationReport
+
+app = typer.Typer(
+    help="Step 3a, data: the dataset contract and its pipeline.", no_args_is_help=True
+)
+import_app = typer.Typer(
+    help="Import a dataset into a contract directory (events/users/items.parquet + dataset.json).",
+    no_args_is_help=True,
+)
+app.add_typer(import_app, name="import")
+
+console = Console()
+
+OutDir = Annotated[Path, typer.Option("--out", help="Contract directory to write.")]
+SourceDir = Annotated[
+    Path | None,
+    typer.Option("--source", help="The unpacked dataset folder or the official zip."),
+]
+Download = Annotated[
+    bool,
+    typer.Option("--download", help="Fetch the official GroupLens zip and verify its checksum."),
+]
+CacheDir = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Where downloads go (default ~/.cache/mlsd).")
+]
+
+
+def _print_report(report: ValidationReport, title: str) -> None:
+    info = report.info
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_row("directory", str(report.out))
+    if info is not None:
+        table.add_row("events", f"{info.n_events:,}")
+        table.add_row("users", f"{info.n_users:,}")
+        table.add_row("items", f"{info.n_items:,}")
+        table.add_row("time range", f"{info.ts_min} → {info.ts_max}")
+        table.add_row("content hash", info.content_hash)
+    table.add_row("rows kept", f"{report.n_kept:,}")
+    table.add_row("rows quarantined", f"{report.n_quarantined:,}")
+    for reason, count in report.reasons.items():
+        table.add_row(f"  {reason}", f"{count:,}")
+    console.print(table)
+
+
+def _import_movielens(
+    variant: str, source: Path | None, out: Path, download: bool, cache_dir: Path | None
+) -> None:
+    from mlsd.data.sources.movielens import import_movielens
+
+    if source is None and not download:
+        raise typer.BadParameter("give --source DIR|ZIP, or --download to fetch the official zip")
+    report = import_movielens(
+        variant, source=source, out=out, download=download, cache_dir=cache_dir
+    )
+    _print_report(report, f"imported {variant}")
+
+
+@import_app.command("movielens-100k")
+def import_ml100k(
+    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
+) -> None:
+    """MovieLens 100K (943 users, 1,682 movies, demographics and genres)."""
+    _import_movielens("movielens-100k", source, out, download, cache_dir)
+
+
+@import_app.command("movielens-latest-small")
+def import_ml_latest_small(
+    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
+) -> None:
+    """MovieLens latest-small (100,836 ratings, 610 users, 1996-2018)."""
+    _import_movielens("movielens-latest-small", source, out, download, cache_dir)
+
+
+@import_app.command("movielens-1m")
+def import_ml1m(
+    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
+) -> None:
+    """MovieLens 1M (6,040 users with demographics, 3,900 movies)."""
+    _import_movielens("movielens-1m", source, out, download, cache_dir)
+
+
+@import_app.command("movielens-20m")
+def import_ml20m(
+    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
+) -> None:
+    """MovieLens 20M (138k users, 27k movies)."""
+    _import_movielens("movielens-20m", source, out, download, cache_dir)
+
+
+@import_app.command("movielens-25m")
+def import_ml25m(
+    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
+) -> None:
+    """MovieLens 25M (162k users, 62k movies)."""
+    _import_movielens("movielens-25m", source, out, download, cache_dir)
+
+
+@import_app.command("csv")
+def import_csv(
+    events: Annotated[Path, typer.Option("--events", help="Events file (CSV/TSV).")],
+    user_col: Annotated[str, typer.Option("--user-col", help="Column holding the user id.")],
+    item_col: Annotated[str, typer.Option("--item-col", help="Column holding the item id.")],
+    ts_col: Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")],
+    out: OutDir,
+    value_col: Annotated[str | None, typer.Option("--value-col", help="e.g. the rating.")] = None,
+    event_col: Annotated[
+        str | None, typer.Option("--event-col", help="Event type column (click, view, ...).")
+    ] = None,
+    sep: Annotated[str, typer.Option("--sep", help="Field separator; '\\t' for tabs.")] = ",",
+    ts_format: Annotated[
+        str,
+        typer.Option("--ts-format", help="unix, unix_ms, iso, or a strptime format like %Y-%m-%d."),
+    ] = "unix",
+    no_header: Annotated[
+        bool, typer.Option("--no-header", help="The events file has no header row.")
+    ] = False,
+    names: Annotated[
+        str | None,
+        typer.Option("--names", help="Comma-separated column names for a file without header."),
+    ] = None,
+    users: Annotated[Path | None, typer.Option("--users", help="User attributes file.")] = None,
+    items: Annotated[Path | None, typer.Option("--items", help="Item attributes file.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Dataset name.")] = None,
+) -> None:
+    """Bring your own data: any delimited file of (user, item, timestamp[, value, event])."""
+    from mlsd.data.sources.csvfile import import_csv as run_import
+
+    separator = "\t" if sep in {"\\t", "tab"} else sep
+    report = run_import(
+        events,
+        user_col=user_col,
+        item_col=item_col,
+        ts_col=ts_col,
+        value_col=value_col,
+        event_col=event_col,
+        sep=separator,
+        ts_format=ts_format,
+        header=not no_header,
+        names=names.split(",") if names else None,
+        users=users,
+        items=items,
+        out=out,
+        name=name,
+    )
+    _print_report(report, f"imported {events}")
+
+
+@app.command()
+def synth(
+    out: OutDir,
+    users: Annotated[int, typer.Option("--users", help="Number of users.")] = 10_000,
+    items: Annotated[int, typer.Option("--items", help="Number of items.")] = 2_000,
+    events: Annotated[int, typer.Option("--events", help="Number of events.")] = 1_000_000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (output is deterministic).")] = 0,
+    start: Annotated[str, typer.Option("--start", help="First day (UTC).")] = "2024-01-01",
+    days: Annotated[int, typer.Option("--days", help="Length of the event span in days.")] = 90,
+    drift_at: Annotated[
+        str | None, typer.Option("--drift-at", help="Inject drift at this UTC timestamp.")
+    ] = None,
+    drift_kind: Annotated[
+        str, typer.Option("--drift-kind", help="What drifts: tastes or feature.")
+    ] = "tastes",
+) -> None:
+    """Generate the simulated world: users, items, sessions of events, and its ground truth."""
+    from mlsd.data.sources.synthetic import WorldConfig, synthesize
+
+    config = WorldConfig(
+        n_users=users,
+        n_items=items,
+        n_events=events,
+        seed=seed,
+        start=start,
+        days=days,
+        drift_at=drift_at,
+        drift_kind=drift_kind,
+    )
+    info = synthesize(config, out, progress=True)
+    _print_info(info, out, "simulated world")
+
+
+def _print_info(info: DatasetInfo, out: Path, title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_row("directory", str(out))
+    table.add_row("events", f"{info.n_events:,}")
+    table.add_row("users", f"{info.n_users:,}")
+    table.add_row("items", f"{info.n_items:,}")
+    table.add_row("time range", f"{info.ts_min} → {info.ts_max}")
+    table.add_row("content hash", info.content_hash)
+    console.print(table)
+
+
+@app.command()
+def validate(
+    directory: Annotated[Path, typer.Argument(help="Contract directory to check in place.")],
+) -> None:
+    """Check a dataset directory; move bad rows to quarantine.parquet with a reason."""
+    from mlsd.data.validate import validate_dir
+
+    report = validate_dir(directory)
+    _print_report(report, f"validated {directory}")
+
+
+@app.command()
+def split(
+    directory: Annotated[Path, typer.Argument(help="Contract directory to split.")],
+    t1: Annotated[str | None, typer.Option("--t1", help="Validation starts (UTC).")] = None,
+    t2: Annotated[str | None, typer.Option("--t2", help="Test starts (UTC).")] = None,
+    val_frac: Annotated[
+        float | None, typer.Option("--val-frac", help="Fraction of time for validation.")
+    ] = None,
+    test_frac: Annotated[
+        float | None, typer.Option("--test-frac", help="Fraction of time for test.")
+    ] = None,
+    by: Annotated[
+        str, typer.Option("--by", help="Fractions of the time span (time) or of events (events).")
+    ] = "time",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default DIR/split).")
+    ] = None,
+) -> None:
+    """Global temporal split: train < t1 <= validation < t2 <= test."""
+    from mlsd.data.split import SplitSpec, parse_timestamp, split_dataset
+
+    spec = None
+    if t1 is not None or t2 is not None:
+        if t1 is None or t2 is None:
+            raise typer.BadParameter("give both --t1 and --t2, or --val-frac and --test-frac")
+        spec = SplitSpec(parse_timestamp(t1), parse_timestamp(t2))
+    result = split_dataset(
+        directory, spec=spec, val_frac=val_frac, test_frac=test_frac, by=by, out=out
+    )
+    table = Table(title=f"split of {directory}  (t1={result.spec.t1}, t2={result.spec.t2})")
+    for column in ("window", "events", "users", "items", "warm users", "cold users", "from", "to"):
+        table.add_column(column)
+    for window, stats in result.stats.items():
+        table.add_row(
+            window,
+            f"{stats['n_events']:,}",
+            f"{stats['n_users']:,}",
+            f"{stats['n_items']:,}",
+            f"{stats.get('n_warm_users', '')}",
+            f"{stats.get('n_cold_users', '')}",
+            str(stats.get("ts_min")),
+            str(stats.get("ts_max")),
+        )
+    console.print(table)
+    console.print(f"wrote {result.out}")
+
+
+@app.command("check-leakage")
+def check_leakage(
+    features: Annotated[Path, typer.Option("--features", help="Feature rows (Parquet or CSV).")],
+    labels: Annotated[Path, typer.Option("--labels", help="Label rows (Parquet or CSV).")],
+    key: Annotated[
+        list[str] | None,
+        typer.Option("--key", help="Row key column (repeat); default user_id, item_id, label_ts."),
+    ] = None,
+) -> None:
+    """Exit 1 when any feature was computed at or after its label's timestamp."""
+    from mlsd.data.leakage import DEFAULT_KEYS, check_leakage_files
+
+    report = check_leakage_files(features, labels, keys=tuple(key) if key else DEFAULT_KEYS)
+    if report.ok:
+        console.print(f"no leakage: {report.n_rows:,} feature rows computed before their labels")
+        return
+    console.print(
+        f"[bold red]leakage:[/] {report.n_leaky_rows:,} of {report.n_rows:,} rows use data at "
+        f"or after the label time; columns: {', '.join(report.leaky_columns)}",
+        highlight=False,
+    )
+    console.print(f"example row: {report.example}", highlight=False)
+    raise typer.Exit(code=1)
