@@ -124,12 +124,11 @@ def import_csv(
         typer.Option("--ts-format", help="unix, unix_ms, iso, or a strptime format like %Y-%m-%d."),
     ] = "unix",
     no_header: Annotated[
-        bool, typer.Option("--no-header", help="The events file has no header row.")
+        bool,
+        typer.Option(
+            "--no-header", help="No header row: refer to columns by position (0, 1, ...)."
+        ),
     ] = False,
-    names: Annotated[
-        str | None,
-        typer.Option("--names", help="Comma-separated column names for a file without header."),
-    ] = None,
     users: Annotated[Path | None, typer.Option("--users", help="User attributes file.")] = None,
     items: Annotated[Path | None, typer.Option("--items", help="Item attributes file.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Dataset name.")] = None,
@@ -148,7 +147,6 @@ def import_csv(
         sep=separator,
         ts_format=ts_format,
         header=not no_header,
-        names=names.split(",") if names else None,
         users=users,
         items=items,
         out=out,

@@ -392,7 +392,8 @@ def _run(
             )
         _copy(con, select, out / (USERS_FILE if kind == "users" else ITEMS_FILE))
 
-    table = pd.concat(quarantine, ignore_index=True) if quarantine else _empty_quarantine()
+    frames = [frame for frame in quarantine if not frame.empty]
+    table = pd.concat(frames, ignore_index=True) if frames else _empty_quarantine()
     _write_quarantine(out / QUARANTINE_FILE, table)
     return _finish(con, out, info, table)
 

@@ -1,0 +1,237 @@
+"""Bring-your-own interaction data: delimited text files → the dataset contract.
+
+Every file is read with pandas as strings (nothing is mangled: ``007`` stays ``007``, ``NA`` stays
+``NA``; only empty fields are missing), in file order. The named columns become the contract's
+``user_id``, ``item_id``, ``ts``, ``value`` and ``event``; every other events column is kept as
+a context column. Optional users/items files give attributes: their key column (``user_key`` /
+``item_key``, by default the events' ``user_col`` / ``item_col``) becomes the id and every other
+column an attribute.
+
+Ids: when every id (events and users/items file together) is an integer of at most 18 digits,
+ids are kept. Otherwise all ids of that kind get dense int64 ids 0, 1, ... in order of first
+appearance (events file first, then the users/items file), and ``users``/``items`` keep the
+original in ``external_id``; the mapping is shared, so events and attributes still join.
+
+Files without a header row (``header=False``) name their columns by position: ``"0"``, ``"1"``...
+``sep`` and ``header`` apply to every file of one import.
+
+Example, MovieLens 100K's ``u.data`` (tab-separated, no header)::
+
+    import_csv(Path("u.data"), sep="\\t", header=False, user_col="0", item_col="1",
+               value_col="2", ts_col="3", out=Path("data/ml100k-csv"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mlsd.data.schema import ContractError, DatasetInfo
+from mlsd.data.validate import ValidationReport, write_dataset
+
+CONTRACT_COLUMNS = ("user_id", "item_id", "ts", "event", "value")
+DEFAULT_LICENCE = "unknown (bring-your-own data; check the terms of its owner)"
+_INTEGER_ID = r"[+-]?\d{1,18}"
+
+
+@dataclass(frozen=True)
+class CsvSpec:
+    """Where a bring-your-own dataset lives and which columns mean what."""
+
+    events: Path
+    user_col: str
+    item_col: str
+    ts_col: str
+    value_col: str | None = None
+    event_col: str | None = None
+    sep: str = ","
+    header: bool = True
+    users: Path | None = None
+    items: Path | None = None
+    user_key: str | None = None
+    item_key: str | None = None
+
+    def event_columns(self) -> dict[str, str]:
+        """Source column → contract column, for the columns that were named."""
+        roles = {
+            "user_id": self.user_col,
+            "item_id": self.item_col,
+            "ts": self.ts_col,
+            "value": self.value_col,
+            "event": self.event_col,
+        }
+        named = {dst: src for dst, src in roles.items() if src is not None}
+        if len(set(named.values())) != len(named):
+            raise ContractError(f"{self.events}: one column is named for two roles: {named}.")
+        return {src: dst for dst, src in named.items()}
+
+
+@dataclass(frozen=True)
+class CsvTables:
+    """The files read and renamed to the contract, before validation."""
+
+    events: pd.DataFrame
+    users: pd.DataFrame | None
+    items: pd.DataFrame | None
+    input_files: dict[str, str]
+    dense_ids: dict[str, bool]
+    """Per id column, whether ids were mapped to dense ids."""
+
+
+def read_delimited(path: Path, *, sep: str, header: bool) -> pd.DataFrame:
+    """Read a delimited file as strings, in file order; columns by position when no header."""
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"{path}: file not found; check the path.")
+    frame = pd.read_csv(
+        path,
+        sep=sep,
+        header=0 if header else None,
+        dtype=str,
+        keep_default_na=False,
+        na_values=[""],
+    )
+    frame.columns = [str(column) for column in frame.columns]
+    return frame
+
+
+def require_columns(frame: pd.DataFrame, path: Path, columns: list[str]) -> None:
+    """Raise a ContractError naming the file, the missing columns and the ones it has."""
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ContractError(
+            f"{path}: no column {', '.join(map(repr, missing))}; the file has columns "
+            f"{', '.join(map(repr, frame.columns))}. Pass the right column names (files read "
+            "without a header name their columns by position: '0', '1', ...)."
+        )
+
+
+def _rename(
+    frame: pd.DataFrame, path: Path, columns: dict[str, str], reserved: set[str]
+) -> pd.DataFrame:
+    """Rename source → contract columns; no other column may take a ``reserved`` name."""
+    require_columns(frame, path, list(columns))
+    clashes = [c for c in frame.columns if c in reserved and c not in columns]
+    if clashes:
+        raise ContractError(
+            f"{path}: column(s) {', '.join(map(repr, clashes))} would clash with the contract's "
+            "columns; name them as a role (e.g. value_col) or rename them in the file."
+        )
+    return frame.rename(columns=columns)
+
+
+def _entity(path: Path | None, key: str, id_column: str, spec: CsvSpec) -> pd.DataFrame | None:
+    """Read a users/items file and rename its key column to ``id_column``."""
+    if path is None:
+        return None
+    raw = read_delimited(path, sep=spec.sep, header=spec.header)
+    return _rename(raw, path, {key: id_column}, {id_column, "external_id"})
+
+
+def dense_ids(
+    event_ids: pd.Series, entity: pd.DataFrame | None, id_column: str
+) -> tuple[pd.Series, pd.DataFrame | None, bool]:
+    """Map non-integer ids to dense int64 ids shared by the events and the entity table.
+
+    Returns:
+        The events' ids, the entity table (with ``external_id`` when mapped; built from the
+        mapping when there was no file, so the original ids are never lost), and whether ids
+        were mapped. Missing ids stay missing, so validation quarantines them.
+    """
+    entity_ids = entity[id_column] if entity is not None else pd.Series([], dtype=object)
+    both = pd.concat([event_ids, entity_ids], ignore_index=True)
+    if both.dropna().str.fullmatch(_INTEGER_ID).all():
+        return event_ids, entity, False
+    codes, uniques = pd.factorize(both)
+    mapped = pd.Series(codes, dtype="Int64").mask(codes < 0)
+    events_mapped = mapped.iloc[: len(event_ids)].reset_index(drop=True)
+    if entity is None:
+        table = pd.DataFrame({id_column: range(len(uniques)), "external_id": uniques})
+        return events_mapped, table.astype({id_column: "int64", "external_id": "string"}), True
+    entity = entity.assign(external_id=entity[id_column].astype("string"))
+    entity[id_column] = mapped.iloc[len(event_ids) :].to_numpy()
+    return events_mapped, entity, True
+
+
+def read_csv_tables(spec: CsvSpec) -> CsvTables:
+    """Read and rename the events (and optional users/items) files of one import."""
+    raw = read_delimited(spec.events, sep=spec.sep, header=spec.header)
+    events = _rename(raw, spec.events, spec.event_columns(), set(CONTRACT_COLUMNS))
+    users = _entity(spec.users, spec.user_key or spec.user_col, "user_id", spec)
+    items = _entity(spec.items, spec.item_key or spec.item_col, "item_id", spec)
+    events["user_id"], users, dense_users = dense_ids(events["user_id"], users, "user_id")
+    events["item_id"], items, dense_items = dense_ids(events["item_id"], items, "item_id")
+    files = {"events": spec.events, "users": spec.users, "items": spec.items}
+    return CsvTables(
+        events=events,
+        users=users,
+        items=items,
+        input_files={kind: path.name for kind, path in files.items() if path is not None},
+        dense_ids={"user_id": dense_users, "item_id": dense_items},
+    )
+
+
+def import_csv(
+    events: Path,
+    *,
+    user_col: str,
+    item_col: str,
+    ts_col: str,
+    value_col: str | None = None,
+    event_col: str | None = None,
+    sep: str = ",",
+    header: bool = True,
+    ts_format: str = "unix",
+    users: Path | None = None,
+    items: Path | None = None,
+    user_key: str | None = None,
+    item_key: str | None = None,
+    out: Path,
+    name: str | None = None,
+    licence: str = DEFAULT_LICENCE,
+) -> ValidationReport:
+    """Import delimited files into the contract directory ``out`` (see the module docstring).
+
+    Args:
+        events: the interactions file; ``user_col``, ``item_col``, ``ts_col`` name its columns,
+            ``value_col`` (default 1.0) and ``event_col`` (default ``interaction``) optional.
+        sep, header: the delimiter and whether the first row is a header (all files).
+        ts_format: how ``ts`` is written: ``unix``, ``unix_ms``, ``iso`` or a strptime format.
+        users, items: optional attribute files keyed by ``user_key`` / ``item_key``.
+        name, licence: recorded in ``dataset.json``; ``name`` defaults to the events file stem.
+
+    Raises:
+        ContractError: a file or a named column is missing.
+    """
+    spec = CsvSpec(
+        events=Path(events),
+        user_col=user_col,
+        item_col=item_col,
+        ts_col=ts_col,
+        value_col=value_col,
+        event_col=event_col,
+        sep=sep,
+        header=header,
+        users=None if users is None else Path(users),
+        items=None if items is None else Path(items),
+        user_key=user_key,
+        item_key=item_key,
+    )
+    tables = read_csv_tables(spec)
+    info = DatasetInfo(
+        name=name or spec.events.stem,
+        source=f"csv import of {spec.events}",
+        licence=licence,
+        extra={"dense_ids": tables.dense_ids},
+    )
+    return write_dataset(
+        out,
+        events=tables.events,
+        users=tables.users,
+        items=tables.items,
+        info=info,
+        ts_format=ts_format,
+        input_files=tables.input_files,
+    )

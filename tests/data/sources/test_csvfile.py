@@ -1,0 +1,184 @@
+"""Generic CSV import: real MovieLens files through the generic options, dense ids, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mlsd.data.schema import ContractError, read_info
+from mlsd.data.sources.csvfile import import_csv
+from mlsd.data.sources.movielens import import_movielens
+
+CONTRACT = ["user_id", "item_id", "ts", "value"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def parquet(out: Path, name: str) -> pd.DataFrame:
+    return pd.read_parquet(out / f"{name}.parquet")
+
+
+@pytest.mark.dataset
+def test_ml100k_u_data_without_header_matches_the_movielens_importer(
+    ml100k_dir: Path, tmp_path: Path
+) -> None:
+    report = import_csv(
+        ml100k_dir / "u.data",
+        sep="\t",
+        header=False,
+        user_col="0",
+        item_col="1",
+        value_col="2",
+        ts_col="3",
+        out=tmp_path / "csv",
+    )
+    assert report.info is not None
+    assert (report.n_kept, report.n_quarantined) == (100_000, 0)
+    assert (report.info.n_users, report.info.n_items) == (943, 1_682)
+    import_movielens("movielens-100k", source=ml100k_dir, out=tmp_path / "ml")
+    pd.testing.assert_frame_equal(
+        parquet(tmp_path / "csv", "events")[CONTRACT], parquet(tmp_path / "ml", "events")[CONTRACT]
+    )
+    assert set(parquet(tmp_path / "csv", "events")["event"]) == {"interaction"}
+
+
+@pytest.mark.dataset
+def test_latest_small_with_an_items_file(ml_latest_small_dir: Path, tmp_path: Path) -> None:
+    report = import_csv(
+        ml_latest_small_dir / "ratings.csv",
+        user_col="userId",
+        item_col="movieId",
+        ts_col="timestamp",
+        value_col="rating",
+        items=ml_latest_small_dir / "movies.csv",
+        out=tmp_path,
+        name="latest-small-csv",
+    )
+    assert report.info is not None
+    assert (report.n_kept, report.n_quarantined) == (100_836, 0)
+    assert (report.info.n_users, report.info.n_items) == (610, 9_742)
+    assert report.info.name == "latest-small-csv"
+    items = parquet(tmp_path, "items").set_index("item_id")
+    assert items.loc[1, "title"] == "Toy Story (1995)"
+
+
+def test_string_ids_get_dense_ids_shared_with_the_attribute_files(tmp_path: Path) -> None:
+    events = write(
+        tmp_path / "events.csv",
+        "who,what,when,device\n"
+        "alice,song-x,1700000000,phone\n"
+        "bob,song-y,1700000001,web\n"
+        "alice,song-y,1700000002,\n"
+        "carol,song-x,1700000003,web\n",
+    )
+    users = write(tmp_path / "people.csv", "name,country\ndave,NA\ncarol,FR\nalice,SE\nbob,US\n")
+    report = import_csv(
+        events, user_col="who", item_col="what", ts_col="when", users=users, user_key="name",
+        out=tmp_path / "out",
+    )  # fmt: skip
+    assert (report.n_kept, report.n_quarantined) == (4, 0)
+    out = tmp_path / "out"
+    joined = (
+        parquet(out, "events")
+        .merge(parquet(out, "users"), on="user_id")
+        .merge(parquet(out, "items").rename(columns={"external_id": "item"}), on="item_id")
+        .sort_values("ts")
+    )
+    assert joined["external_id"].tolist() == ["alice", "bob", "alice", "carol"]
+    assert joined["country"].tolist() == ["SE", "US", "SE", "FR"]
+    assert joined["item"].tolist() == ["song-x", "song-y", "song-y", "song-x"]
+    assert joined["device"].tolist() == ["phone", "web", None, "web"]  # context column kept
+    user_table = parquet(out, "users").set_index("external_id")
+    assert user_table.loc["dave", "user_id"] == 3  # only in the users file: the next dense id
+    assert user_table.loc["dave", "country"] == "NA"  # Namibia, not a missing value
+    assert read_info(out).extra["dense_ids"] == {"user_id": True, "item_id": True}
+
+
+def test_a_missing_string_id_stays_missing_and_is_quarantined(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "u,i,t\nann,x,1700000000\n,x,1700000001\n")
+    report = import_csv(events, user_col="u", item_col="i", ts_col="t", out=tmp_path / "out")
+    assert (report.n_kept, report.reasons) == (1, {"e.csv:null_user_id": 1})
+    assert parquet(tmp_path / "out", "users")["external_id"].tolist() == ["ann"]
+
+
+def test_integer_ids_are_kept(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "u,i,t\n42,7,1700000000\n5,7,1700000001\n")
+    import_csv(events, user_col="u", item_col="i", ts_col="t", out=tmp_path / "out")
+    assert parquet(tmp_path / "out", "users")["user_id"].tolist() == [5, 42]
+    assert "external_id" not in parquet(tmp_path / "out", "users").columns
+    assert read_info(tmp_path / "out").extra["dense_ids"] == {"user_id": False, "item_id": False}
+
+
+def test_iso_timestamps_and_a_bad_row_reported_by_position(tmp_path: Path) -> None:
+    events = write(
+        tmp_path / "clicks.tsv",
+        "user\titem\tat\tkind\tscore\n"
+        "1\t10\t2024-01-02T03:04:05Z\tclick\t1\n"
+        "1\t11\tyesterday\tclick\t1\n"
+        "2\t10\t2024-01-02 05:04:06+01:00\tview\t0.5\n",
+    )
+    report = import_csv(
+        events, sep="\t", user_col="user", item_col="item", ts_col="at", event_col="kind",
+        value_col="score", ts_format="iso", out=tmp_path / "out",
+    )  # fmt: skip
+    assert (report.n_kept, report.n_quarantined) == (2, 1)
+    table = parquet(tmp_path / "out", "events")
+    assert table["ts"].tolist() == [
+        pd.Timestamp("2024-01-02 03:04:05", tz="UTC"),
+        pd.Timestamp("2024-01-02 04:04:06", tz="UTC"),
+    ]
+    assert table["event"].tolist() == ["click", "view"]
+    assert table["value"].tolist() == [1.0, 0.5]
+    quarantine = parquet(tmp_path / "out", "quarantine")
+    assert quarantine[["file", "row", "reason"]].values.tolist() == [["clicks.tsv", 1, "bad_ts"]]
+
+
+def test_strptime_timestamps(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "u;i;t\n1;2;31/12/2023 23:59\n")
+    import_csv(
+        events, sep=";", user_col="u", item_col="i", ts_col="t", ts_format="%d/%m/%Y %H:%M",
+        out=tmp_path / "out",
+    )  # fmt: skip
+    ts = parquet(tmp_path / "out", "events")["ts"].tolist()
+    assert ts == [pd.Timestamp("2023-12-31 23:59", tz="UTC")]
+
+
+def test_missing_column_names_file_column_and_the_columns_it_has(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "user,item,time\n1,2,1700000000\n")
+    with pytest.raises(ContractError) as error:
+        import_csv(events, user_col="user", item_col="item", ts_col="timestamp", out=tmp_path)
+    message = str(error.value)
+    assert str(events) in message
+    assert "no column 'timestamp'" in message
+    assert "'user', 'item', 'time'" in message
+
+
+def test_missing_key_column_in_an_attribute_file(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "user,item,ts\n1,2,1700000000\n")
+    items = write(tmp_path / "items.csv", "movie,title\n2,Heat\n")
+    with pytest.raises(ContractError, match=r"items\.csv: no column 'item'; .*'movie', 'title'"):
+        import_csv(events, user_col="user", item_col="item", ts_col="ts", items=items, out=tmp_path)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "user,item,ts\n1,2,1700000000\n")
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(ContractError, match=r"nope\.csv: file not found"):
+        import_csv(missing, user_col="user", item_col="item", ts_col="ts", out=tmp_path / "o")
+    with pytest.raises(ContractError, match=r"nope\.csv: file not found"):
+        import_csv(
+            events, user_col="user", item_col="item", ts_col="ts", users=missing, out=tmp_path
+        )
+
+
+def test_unnamed_column_may_not_take_a_contract_name(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "user,item,ts,value\n1,2,1700000000,9\n")
+    with pytest.raises(ContractError, match="'value' would clash"):
+        import_csv(events, user_col="user", item_col="item", ts_col="ts", out=tmp_path / "o")
+    with pytest.raises(ContractError, match="named for two roles"):
+        import_csv(events, user_col="user", item_col="user", ts_col="ts", out=tmp_path / "o")

@@ -1,0 +1,84 @@
+"""The CLI: commands parse, call and print; user errors are one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlsd.cli import run
+from mlsd.data.schema import EVENTS_FILE, QUARANTINE_FILE, DatasetInfo, read_info
+from mlsd.data.validate import write_dataset
+
+T0 = 1_600_000_000
+
+
+def _mlsd(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script, as a user would."""
+    exe = Path(sys.executable).with_name("mlsd")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=False)
+
+
+def _dataset(directory: Path) -> Path:
+    events = pd.DataFrame(
+        {"user_id": [1, 2, 3], "item_id": [7, 8, 7], "ts": [T0, T0 + 1, T0 + 2], "value": 1.0}
+    )
+    write_dataset(
+        directory,
+        events=events,
+        users=None,
+        items=None,
+        info=DatasetInfo(name="t", source="test", licence="none"),
+    )
+    return directory
+
+
+def test_help_lists_the_data_group() -> None:
+    result = _mlsd("--help")
+    assert result.returncode == 0
+    assert "data" in result.stdout
+    data_help = _mlsd("data", "--help")
+    for command in ("import", "synth", "validate", "split", "check-leakage"):
+        assert command in data_help.stdout
+
+
+def test_validate_with_bad_rows_exits_zero_and_quarantines(tmp_path: Path) -> None:
+    directory = _dataset(tmp_path / "ds")
+    table = pq.read_table(directory / EVENTS_FILE).to_pandas()
+    bad = table.iloc[[0]].assign(value=float("nan"))
+    polluted = pd.concat([table, bad], ignore_index=True)
+    pq.write_table(pa.Table.from_pandas(polluted, preserve_index=False), directory / EVENTS_FILE)
+
+    code = run(["data", "validate", str(directory)])
+
+    assert code == 0
+    quarantine = pq.read_table(directory / QUARANTINE_FILE).to_pandas()
+    assert quarantine["reason"].tolist() == ["bad_value"]
+    assert read_info(directory).n_events == 3
+
+
+def test_unreadable_file_is_one_line_and_nonzero(tmp_path: Path) -> None:
+    directory = _dataset(tmp_path / "ds")
+    (directory / EVENTS_FILE).write_bytes(b"\x00garbage")
+
+    result = _mlsd("data", "validate", str(directory))
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "events.parquet" in lines[0]
+    assert "cannot be read as Parquet" in lines[0]
+
+
+def test_missing_directory_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run(["data", "validate", str(tmp_path / "nope")])
+    assert code == 1
+    assert "events.parquet: not found" in capsys.readouterr().err
