@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -62,3 +64,47 @@ def test_import_csv_command_on_both_movielens_sets(
 
 def test_import_without_source_or_download_is_a_usage_error(tmp_path: Path) -> None:
     assert run(["data", "import", "movielens-100k", "--out", str(tmp_path / "x")]) != 0
+
+
+def test_split_command_reproduces_the_design_figures(ml100k_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ml100k"
+    assert (
+        run(["data", "import", "movielens-100k", "--source", str(ml100k_dir), "--out", str(out)])
+        == 0
+    )
+    assert run(["data", "split", str(out), "--val-frac", "0.1", "--test-frac", "0.2"]) == 0
+    manifest = json.loads((out / "split" / "split.json").read_text())
+    test = manifest["windows"]["test"]
+    assert (test["n_users"], test["n_warm_users"]) == (301, 109)
+    assert manifest["dataset"]["content_hash"] == read_info(out).content_hash
+
+
+def _feature_tables(tmp_path: Path, *, leaky: bool) -> tuple[Path, Path]:
+    label_ts = pd.to_datetime(["2024-01-02", "2024-01-03", "2024-01-04"], utc=True)
+    labels = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [5, 6, 5], "label_ts": label_ts})
+    asof = label_ts - pd.Timedelta(hours=1)
+    features = labels.assign(
+        n_views=[3, 4, 1],
+        n_views__asof=asof,
+        mean_rating=[4.0, 3.5, 2.0],
+        mean_rating__asof=label_ts if leaky else asof,  # computed *including* the label's event
+    )
+    features_path, labels_path = tmp_path / "features.parquet", tmp_path / "labels.parquet"
+    features.to_parquet(features_path)
+    labels.to_parquet(labels_path)
+    return features_path, labels_path
+
+
+def test_check_leakage_command_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, labels = _feature_tables(tmp_path, leaky=False)
+    assert run(["data", "check-leakage", "--features", str(features), "--labels", str(labels)]) == 0
+    capsys.readouterr()
+
+    features, labels = _feature_tables(tmp_path, leaky=True)
+    assert run(["data", "check-leakage", "--features", str(features), "--labels", str(labels)]) == 1
+    out = capsys.readouterr().out
+    assert "mean_rating" in out
+    assert "n_views" not in out.split("columns:")[1].split("\n")[0]
+    assert "example row" in out

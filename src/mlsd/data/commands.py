@@ -216,14 +216,17 @@ def split(
     t1: Annotated[str | None, typer.Option("--t1", help="Validation starts (UTC).")] = None,
     t2: Annotated[str | None, typer.Option("--t2", help="Test starts (UTC).")] = None,
     val_frac: Annotated[
-        float | None, typer.Option("--val-frac", help="Fraction of time for validation.")
+        float | None, typer.Option("--val-frac", help="Share of events (or time) for validation.")
     ] = None,
     test_frac: Annotated[
-        float | None, typer.Option("--test-frac", help="Fraction of time for test.")
+        float | None, typer.Option("--test-frac", help="Share of events (or time) for test.")
     ] = None,
     by: Annotated[
-        str, typer.Option("--by", help="Fractions of the time span (time) or of events (events).")
-    ] = "time",
+        str,
+        typer.Option(
+            "--by", help="Cut at quantiles of event timestamps (events) or of the time span (time)."
+        ),
+    ] = "events",
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default DIR/split).")
     ] = None,
@@ -250,8 +253,8 @@ def split(
             f"{stats['n_items']:,}",
             f"{stats.get('n_warm_users', '')}",
             f"{stats.get('n_cold_users', '')}",
-            str(stats.get("ts_min")),
-            str(stats.get("ts_max")),
+            str(stats.get("ts_min"))[:16],
+            str(stats.get("ts_max"))[:16],
         )
     console.print(table)
     console.print(f"wrote {result.out}")
