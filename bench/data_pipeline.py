@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,9 @@ def movielens_runs(workdir: Path, repeats: int) -> dict[str, Any]:
             continue
         out = workdir / variant
         imported = median_seconds(
-            lambda s=source, o=out, v=variant: import_movielens(v, source=s, out=o, progress=False),
-            repeats,
+            partial(import_movielens, variant, source=source, out=out, progress=False), repeats
         )
-        split = median_seconds(lambda o=out: split_dataset(o, val_frac=0.1, test_frac=0.2), repeats)
+        split = median_seconds(partial(split_dataset, out, val_frac=0.1, test_frac=0.2), repeats)
         results[variant] = {"import": imported, "split": split}
     return results
 

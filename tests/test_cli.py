@@ -50,8 +50,8 @@ def test_help_lists_the_data_group() -> None:
 def test_validate_with_bad_rows_exits_zero_and_quarantines(tmp_path: Path) -> None:
     directory = _dataset(tmp_path / "ds")
     table = pq.read_table(directory / EVENTS_FILE).to_pandas()
-    bad = table.iloc[[0]].assign(value=float("nan"))
-    polluted = pd.concat([table, bad], ignore_index=True)
+    polluted = table.iloc[[0, 1, 2, 0]].reset_index(drop=True)
+    polluted.loc[3, "value"] = float("nan")
     pq.write_table(pa.Table.from_pandas(polluted, preserve_index=False), directory / EVENTS_FILE)
 
     code = run(["data", "validate", str(directory)])
