@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo-output
 SRC    := src tests bench
 
-.PHONY: install lint typecheck test test-fast demo bench clean
+# Servers that integration tests start on loopback (Debian packages; installed when running as root).
+APT_PACKAGES := redis-server
+
+.PHONY: install system-deps lint typecheck test test-fast demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +20,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+system-deps:
+	@missing=""; for cmd in $(APT_PACKAGES); do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (apt)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "note:$$missing not installed and not root: integration tests will be skipped"; \
+	  fi; \
+	fi
+
 lint: install
 	$(BIN)/ruff check $(SRC)
 	$(BIN)/ruff format --check $(SRC)
@@ -24,10 +38,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck system-deps
 	$(BIN)/pytest
 
-test-fast: install
+test-fast: install system-deps
 	$(BIN)/pytest -m "not slow"
 
 demo: install

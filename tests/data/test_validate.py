@@ -220,3 +220,16 @@ def test_unknown_ts_format_is_rejected(tmp_path: Path) -> None:
         write_dataset(
             tmp_path, events=events, users=None, items=None, info=_info(), ts_format="epoch"
         )
+
+
+def test_clean_in_place_check_leaves_files_untouched(tmp_path: Path) -> None:
+    write_dataset(tmp_path, events=_good_events(), users=_users(), items=_items(), info=_info())
+    # Re-encode with pyarrow: same rows, different bytes than the validator would write.
+    table = pq.read_table(tmp_path / EVENTS_FILE)
+    pq.write_table(table, tmp_path / EVENTS_FILE, compression="snappy")
+    before = (tmp_path / EVENTS_FILE).read_bytes()
+
+    report = validate_dir(tmp_path)
+
+    assert report.n_quarantined == 0
+    assert (tmp_path / EVENTS_FILE).read_bytes() == before

@@ -242,19 +242,22 @@ def split(
     result = split_dataset(
         directory, spec=spec, val_frac=val_frac, test_frac=test_frac, by=by, out=out
     )
-    table = Table(title=f"split of {directory}  (t1={result.spec.t1}, t2={result.spec.t2})")
-    for column in ("window", "events", "users", "items", "warm users", "cold users", "from", "to"):
-        table.add_column(column)
+    table = Table(
+        title=f"split of {directory}", caption=f"t1={result.spec.t1}  t2={result.spec.t2}"
+    )
+    for column in ("window", "events", "users", "items", "warm", "cold", "from", "to"):
+        table.add_column(column, justify="left" if column in {"window", "from", "to"} else "right")
     for window, stats in result.stats.items():
+        warm, cold = stats.get("n_warm_users"), stats.get("n_cold_users")
         table.add_row(
             window,
             f"{stats['n_events']:,}",
             f"{stats['n_users']:,}",
             f"{stats['n_items']:,}",
-            f"{stats.get('n_warm_users', '')}",
-            f"{stats.get('n_cold_users', '')}",
-            str(stats.get("ts_min"))[:16],
-            str(stats.get("ts_max"))[:16],
+            "" if warm is None else f"{warm:,}",
+            "" if cold is None else f"{cold:,}",
+            str(stats.get("ts_min"))[:10],
+            str(stats.get("ts_max"))[:10],
         )
     console.print(table)
     console.print(f"wrote {result.out}")

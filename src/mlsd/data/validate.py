@@ -140,6 +140,7 @@ def write_dataset(
         has_items=items is not None,
         rules=rules or ValidationRules(),
         previous=None,
+        in_place=False,
     )
 
 
@@ -186,6 +187,7 @@ def validate_dir(directory: Path, *, rules: ValidationRules | None = None) -> Va
         has_items=(directory / ITEMS_FILE).is_file(),
         rules=rules or ValidationRules(),
         previous=previous,
+        in_place=True,
     )
 
 
@@ -348,6 +350,7 @@ def _run(
     has_items: bool,
     rules: ValidationRules,
     previous: pd.DataFrame | None,
+    in_place: bool,
 ) -> ValidationReport:
     if ts_format not in TS_FORMATS and "%" not in ts_format:
         raise ContractError(
@@ -369,6 +372,24 @@ def _run(
     con.execute(f"CREATE TEMP TABLE events_checked AS {sql}")
     quarantine.append(_quarantined(con, "events_checked", names["events"]))
 
+    n_new = sum(len(frame) for frame in quarantine) - (0 if previous is None else len(previous))
+    if n_new or not in_place:  # a clean in-place check leaves the files (and their hash) alone
+        _write_clean(con, out, event_cols, has_users=has_users, has_items=has_items)
+    frames = [frame for frame in quarantine if not frame.empty]
+    table = pd.concat(frames, ignore_index=True) if frames else _empty_quarantine()
+    _write_quarantine(out / QUARANTINE_FILE, table)
+    return _finish(con, out, info, table)
+
+
+def _write_clean(
+    con: duckdb.DuckDBPyConnection,
+    out: Path,
+    event_cols: Mapping[str, str],
+    *,
+    has_users: bool,
+    has_items: bool,
+) -> None:
+    """Write the rows that passed every rule as the contract's Parquet files."""
     extra = [c for c in event_cols if c not in {"user_id", "item_id", "ts", "event", "value", _ROW}]
     extra_sql = "".join(f", {_q(c)}" for c in extra)
     _copy(
@@ -391,11 +412,6 @@ def _run(
                 f"WHERE __reason IS NULL ORDER BY 1"
             )
         _copy(con, select, out / (USERS_FILE if kind == "users" else ITEMS_FILE))
-
-    frames = [frame for frame in quarantine if not frame.empty]
-    table = pd.concat(frames, ignore_index=True) if frames else _empty_quarantine()
-    _write_quarantine(out / QUARANTINE_FILE, table)
-    return _finish(con, out, info, table)
 
 
 def _quarantined(con: duckdb.DuckDBPyConnection, table: str, file: str) -> pd.DataFrame:
