@@ -21,11 +21,7 @@ Attributes written:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import re
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,15 +31,10 @@ from typing import IO
 
 import numpy as np
 import pandas as pd
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from mlsd.data.schema import ContractError, DatasetInfo
+from mlsd.data.sources.download import DownloadError as DownloadError  # re-exported
+from mlsd.data.sources.download import download_verified
 from mlsd.data.validate import ValidationReport, write_dataset
 
 GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens"
@@ -90,10 +81,6 @@ RATING_DTYPES = {"user_id": "int64", "item_id": "int64", "rating": "float32", "t
 """Ratings are read typed (a malformed row is an error, not a quarantined row): the official
 files are checksummed, so a row that does not parse means a damaged or wrong file, and typed
 columns keep 25M ratings in ~600 MB instead of several GB of strings."""
-
-
-class DownloadError(OSError):
-    """A download failed or its checksum did not match the published one."""
 
 
 @dataclass(frozen=True)
@@ -414,61 +401,4 @@ def download_movielens(
     """
     spec = get_variant(variant)
     url = f"{base_url.rstrip('/')}/{spec.archive}"
-    zip_path = Path(dest_dir) / spec.archive
-    md5_path = zip_path.with_name(spec.archive + ".md5")
-    if zip_path.is_file() and md5_path.is_file() and md5_path.read_text().strip() == _md5(zip_path):
-        return zip_path
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    expected = _published_md5(url + ".md5")
-    partial = zip_path.with_name(spec.archive + ".part")
-    _fetch(url, partial, progress=progress)
-    actual = _md5(partial)
-    if actual != expected:
-        partial.unlink()
-        raise DownloadError(
-            f"{url}: checksum mismatch: expected MD5 {expected} (from {url}.md5), got {actual}. "
-            "The download was deleted; retry, or download it by hand and pass it as the source."
-        )
-    partial.replace(zip_path)
-    md5_path.write_text(expected + "\n")
-    return zip_path
-
-
-def _published_md5(url: str) -> str:
-    """Read a GroupLens checksum file, e.g. ``MD5 (ml-100k.zip) = 0e33842e...``."""
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            text = response.read().decode("ascii", errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        raise DownloadError(f"{url}: could not fetch the published checksum ({exc}).") from exc
-    found = re.search(r"\b([0-9a-fA-F]{32})\b", text)
-    if found is None:
-        raise DownloadError(f"{url}: no MD5 checksum in the response: {text[:200]!r}")
-    return found.group(1).lower()
-
-
-def _fetch(url: str, dest: Path, *, progress: bool) -> None:
-    """Stream ``url`` into ``dest`` in 1 MiB blocks, with a progress bar."""
-    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    try:
-        with (
-            urllib.request.urlopen(url, timeout=60) as response,
-            dest.open("wb") as fh,
-            Progress(*columns, disable=not progress) as bar,
-        ):
-            size = response.headers.get("Content-Length")
-            task = bar.add_task(url, total=int(size) if size else None)
-            for block in iter(lambda: response.read(1 << 20), b""):
-                fh.write(block)
-                bar.advance(task, len(block))
-    except (urllib.error.URLError, OSError) as exc:
-        dest.unlink(missing_ok=True)
-        raise DownloadError(f"{url}: download failed ({exc}).") from exc
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return download_verified(url, Path(dest_dir) / spec.archive, progress=progress)

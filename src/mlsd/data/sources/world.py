@@ -4,6 +4,9 @@ A :class:`World` is fully described by its config and a handful of arrays (saved
 ``world.json`` + ``world.npz``, no pickle), so any later step can ask for the *true* click
 probability of a (user, item, time) triple and compare a model against it.
 
+Who the users and items are (vocabularies, demographics, tastes, item catalogue) is drawn in
+:mod:`mlsd.data.sources.population`.
+
 How the world exposes items (used by :mod:`mlsd.data.sources.synthetic` and by simulators):
 
 1. **When**: activity follows a daily x weekly profile (:data:`HOURLY_ACTIVITY`,
@@ -38,14 +41,26 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+# The vocabularies and PREHISTORY_DAYS live in population.py; the `X as X` form re-exports them
+# so that imports from this module keep working (and satisfy mypy's no_implicit_reexport).
+from mlsd.data.sources.population import AGE_BUCKETS as AGE_BUCKETS
+from mlsd.data.sources.population import AGE_SHARES as AGE_SHARES
+from mlsd.data.sources.population import CATEGORY_NAMES as CATEGORY_NAMES
+from mlsd.data.sources.population import FEATURE_DRIFT_AGE_BOOST as FEATURE_DRIFT_AGE_BOOST
+from mlsd.data.sources.population import GENDER_SHARES as GENDER_SHARES
+from mlsd.data.sources.population import GENDERS as GENDERS
+from mlsd.data.sources.population import OCCUPATIONS as OCCUPATIONS
+from mlsd.data.sources.population import PREHISTORY_DAYS as PREHISTORY_DAYS
+from mlsd.data.sources.population import REGIONS as REGIONS
+from mlsd.data.sources.population import category_names as category_names
+from mlsd.data.sources.population import draw_drift, draw_items, draw_users
+
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
 US_PER_SECOND = 1_000_000
 US_PER_HOUR = 3_600 * US_PER_SECOND
 US_PER_DAY = 24 * US_PER_HOUR
-PREHISTORY_DAYS = 365
-"""Items that exist at the start were created up to this many days before it."""
 
 WORLD_JSON = "world.json"
 WORLD_NPZ = "world.npz"
@@ -70,24 +85,6 @@ HOURLY_ACTIVITY = (
     *(1.0, 0.95, 0.85, 0.85, 0.9, 1.0, 1.2, 1.45, 1.6, 1.55, 1.2, 0.7),
 )
 WEEKDAY_ACTIVITY = (0.95, 0.92, 0.93, 0.97, 1.05, 1.2, 1.25)
-
-AGE_BUCKETS = ("under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
-AGE_SHARES = (0.05, 0.2, 0.3, 0.2, 0.1, 0.08, 0.07)
-FEATURE_DRIFT_AGE_BOOST = (4.0, 4.0, 2.0, 1.0, 0.5, 0.4, 0.3)
-"""``drift_kind="feature"``: activity multipliers per age bucket after ``drift_at``."""
-GENDERS = ("F", "M", "X")
-GENDER_SHARES = (0.48, 0.48, 0.04)
-OCCUPATIONS = (
-    *("student", "engineer", "healthcare", "education", "sales", "arts", "trades"),
-    *("management", "service", "science", "retired", "other"),
-)
-REGIONS = ("us-east", "us-west", "eu-west", "eu-central", "asia-east", "latam")
-CATEGORY_NAMES = (
-    *("news", "sports", "music", "movies", "gaming", "tech", "food", "travel", "fashion"),
-    *("science", "finance", "health", "comedy", "art", "books", "cars", "pets", "diy"),
-    *("parenting", "nature"),
-)
-"""Names of the first categories; beyond these, categories are ``category_<k>``."""
 
 # Item popularity drift: a new item's weight is boosted (1 + NOVELTY_BOOST) times, decaying
 # with NOVELTY_DAYS; each item also trends up or down by about exp(+-TREND_SCALE) over the span.
@@ -207,12 +204,6 @@ class WorldConfig:
         return _parse_utc_us(self.drift_at, "WorldConfig.drift_at")
 
 
-def category_names(n_categories: int) -> list[str]:
-    if n_categories <= len(CATEGORY_NAMES):
-        return list(CATEGORY_NAMES[:n_categories])
-    return [f"category_{k}" for k in range(n_categories)]
-
-
 def as_us(ts: npt.ArrayLike) -> IntArray:
     """Timestamps -> int64 µs since the epoch.
 
@@ -232,18 +223,6 @@ def as_us(ts: npt.ArrayLike) -> IntArray:
     if arr.dtype.kind not in "iu":
         raise TypeError(f"ts: expected datetime64 or int64 µs since the epoch, got {arr.dtype}")
     return arr.astype(np.int64, copy=False)
-
-
-def _dirichlet_rows(rng: np.random.Generator, alpha: FloatArray) -> FloatArray:
-    """One Dirichlet draw per row of ``alpha`` (rows x k), via normalised gammas."""
-    gammas = rng.standard_gamma(alpha)
-    totals = gammas.sum(axis=1, keepdims=True)
-    # Tiny concentrations can underflow every gamma of a row to 0; such a user is indifferent.
-    flat = totals[:, 0] <= 0
-    gammas[flat] = 1.0
-    totals[flat] = alpha.shape[1]
-    out: FloatArray = gammas / totals
-    return out
 
 
 def _sigmoid(x: FloatArray) -> FloatArray:
@@ -496,7 +475,7 @@ class World:
         block of events that holds ``drift_at``).
         """
         base = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(0,)))
-        arrays = {**_draw_users(base, config), **_draw_items(base, config)}
+        arrays = {**draw_users(base, config), **draw_items(base, config)}
         no_drift = cls(
             config=dataclasses.replace(config, drift_at=None),
             click_bias=0.0,
@@ -513,7 +492,7 @@ class World:
             config=config,
             click_bias=no_drift.click_bias,
             click_weights=no_drift.click_weights,
-            **_draw_drift(drift, config, arrays),
+            **draw_drift(drift, config, arrays),
             **arrays,
         )
 
@@ -579,77 +558,3 @@ class World:
 _ARRAY_FIELDS = tuple(
     f.name for f in dataclasses.fields(World) if f.name.startswith(("user_", "item_"))
 )
-
-
-def _draw_users(rng: np.random.Generator, config: WorldConfig) -> dict[str, npt.NDArray[Any]]:
-    n = config.n_users
-    age = rng.choice(len(AGE_BUCKETS), size=n, p=AGE_SHARES).astype(np.int8)
-    gender = rng.choice(len(GENDERS), size=n, p=GENDER_SHARES).astype(np.int8)
-    return {
-        "user_age": age,
-        "user_gender": gender,
-        "user_occupation": rng.integers(len(OCCUPATIONS), size=n, dtype=np.int8),
-        "user_region": rng.integers(len(REGIONS), size=n, dtype=np.int8),
-        "user_activity": rng.lognormal(0.0, 1.0, size=n),
-        "user_taste": _draw_tastes(rng, config, age, gender),
-        "user_factors": rng.standard_normal((n, config.n_factors), dtype=np.float32),
-    }
-
-
-def _draw_tastes(
-    rng: np.random.Generator,
-    config: WorldConfig,
-    age: npt.NDArray[np.int8],
-    gender: npt.NDArray[np.int8],
-) -> FloatArray:
-    """(n_users, n_categories) Dirichlet tastes centred on age- and gender-specific priors."""
-    k = config.n_categories
-    age_prior = rng.dirichlet(np.ones(k), size=len(AGE_BUCKETS))
-    gender_prior = rng.dirichlet(np.ones(k), size=len(GENDERS))
-    centre = 0.4 * age_prior[age] + 0.2 * gender_prior[gender] + 0.4 / k
-    return _dirichlet_rows(rng, config.taste_concentration * k * centre)
-
-
-def _draw_items(rng: np.random.Generator, config: WorldConfig) -> dict[str, npt.NDArray[Any]]:
-    n, k = config.n_items, config.n_categories
-    n_old = max(k, n - round(n * config.new_item_fraction))
-    span_s = config.days * 86_400
-    created_s = np.concatenate(
-        [
-            -rng.integers(1, PREHISTORY_DAYS * 86_400, size=n_old),  # before the start
-            rng.integers(0, span_s, size=n - n_old),  # arriving during the span
-        ]
-    )
-    created_us = config.start_us + np.sort(created_s) * US_PER_SECOND  # ids in creation order
-    category = rng.choice(k, size=n, p=rng.dirichlet(np.full(k, 2.0))).astype(np.int32)
-    category[:k] = rng.permutation(k)  # the k oldest items cover every category from the start
-    has_second = rng.random(n) < 0.3 if k > 1 else np.zeros(n, dtype=bool)
-    second = np.where(has_second, (category + rng.integers(1, max(k, 2), size=n)) % k, -1)
-    popularity = (rng.permutation(n) + 1.0) ** -config.popularity_exponent
-    log_pop = np.log(popularity)
-    z_pop = (log_pop - log_pop.mean()) / (log_pop.std() or 1.0)
-    centres = rng.standard_normal((k, config.n_factors))
-    noise = rng.standard_normal((n, config.n_factors))
-    return {
-        "item_category": category,
-        "item_second_category": second.astype(np.int32),
-        "item_created_us": created_us.astype(np.int64),
-        "item_popularity": popularity,
-        "item_trend": rng.standard_normal(n),
-        # Popular items are somewhat better: quality correlates 0.5 with log popularity.
-        "item_quality": 0.5 * z_pop + math.sqrt(0.75) * rng.standard_normal(n),
-        "item_factors": (0.7 * centres[category] + math.sqrt(0.51) * noise).astype(np.float32),
-    }
-
-
-def _draw_drift(
-    rng: np.random.Generator, config: WorldConfig, arrays: dict[str, npt.NDArray[Any]]
-) -> dict[str, npt.NDArray[Any]]:
-    """The post-drift user arrays: new tastes, or an activity shift towards young users."""
-    taste, activity = arrays["user_taste"], arrays["user_activity"]
-    s = config.drift_strength
-    if config.drift_kind == "tastes":
-        fresh = _draw_tastes(rng, config, arrays["user_age"], arrays["user_gender"])
-        return {"user_taste_after": (1.0 - s) * taste + s * fresh, "user_activity_after": activity}
-    boost = np.asarray(FEATURE_DRIFT_AGE_BOOST) ** s
-    return {"user_taste_after": taste, "user_activity_after": activity * boost[arrays["user_age"]]}
