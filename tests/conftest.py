@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,62 @@ def ml100k_dir() -> Path:
 def ml_latest_small_dir() -> Path:
     """The unpacked MovieLens latest-small folder (``ratings.csv``, ``movies.csv``, ...)."""
     return dataset_path("movielens-latest-small")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port; yields ``"127.0.0.1:<port>"``.
+
+    The binary is ``$MLSD_REDIS_SERVER``, else ``redis-server`` on the PATH; without one the
+    test is skipped (failed in CI). Nothing is persisted. Tests using it are ``integration``.
+    """
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    binary = os.environ.get("MLSD_REDIS_SERVER") or shutil.which("redis-server")
+    if not binary or not Path(binary).is_file():
+        reason = "redis-server not found; install it or set MLSD_REDIS_SERVER to its path"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    port = _free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    proc = subprocess.Popen(
+        [*args, "no", "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10.0
+    try:
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
+                pytest.fail(f"redis-server on port {port} did not answer PING: {err}")
+            time.sleep(0.02)
+        yield f"127.0.0.1:{port}"
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from mlsd import __version__
 from mlsd.data.commands import app as data_app
+from mlsd.systems.feed.commands import app as feed_app
 
 app = typer.Typer(
     name="mlsd",
@@ -25,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(feed_app, name="feed")
 
 err_console = Console(stderr=True)
 

@@ -1,0 +1,207 @@
+"""Request-time features (context and cross), computed by one function for training and serving.
+
+:func:`derive` turns *stored* features (as materialized in the online store, or as computed by
+:mod:`mlsd.features.batch` for a label time) and the request time into the ``context`` and
+``cross`` features of :mod:`mlsd.features.definitions`. The batch job calls it with one user row
+per training row and ``now`` = each label's time; the online service calls it with one user
+broadcast over the candidate items and ``now`` = the request time. One function, so training and
+serving cannot disagree on what "seconds since the last event" means.
+
+Inputs are numpy arrays with a leading row dimension (see :func:`derive`); :func:`user_arrays`
+and :func:`item_arrays` build them from stored values (lists, ``None`` for unknown entities) the
+way an online store returns them. Vectorised numpy only: one user x 500 items takes ~85 µs
+(2-core machine, 20 categories, N = 50).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from mlsd.features.definitions import NEVER, FeatureConfig, feature_set
+
+Array = npt.NDArray[Any]
+
+SECONDS_PER_HOUR = 3_600
+SECONDS_PER_DAY = 86_400
+EPOCH_WEEKDAY = 3
+"""1970-01-01 was a Thursday (Monday = 0)."""
+
+PAD_ITEM = -1
+"""Padding of ``recent_item_ids`` rows; item ids must not be -1."""
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in feature_set(FeatureConfig()).features}
+_DTYPES: dict[str, str] = {
+    f.name: f.dtype
+    for f in feature_set(FeatureConfig()).features
+    if f.group in ("context", "cross")
+}
+"""The derived features and their dtypes, in definition order (independent of the config)."""
+
+
+def derive(
+    user: Mapping[str, Array],
+    items: Mapping[str, Array],
+    *,
+    now_s: Array | int,
+    config: FeatureConfig,
+) -> dict[str, Array]:
+    """The context and cross features of ``n`` (user, item) pairs at time ``now_s``.
+
+    Args:
+        user: stored ``user_dynamic`` features with a leading dimension of 1 (one user, broadcast
+            over the items) or n (one user per item): ``recent_item_ids`` (rows x history_len,
+            int64, padded with -1), ``last_event_ts`` and ``session_events`` (int64),
+            ``events_{w}d`` (float32), ``cat_count_{w}d`` (rows x n_categories, float32) and
+            ``user_known`` (0/1). Other keys are ignored.
+        items: stored item features, leading dimension n: ``item_id``, ``item_first_ts``
+            (int64), ``category_index`` (int64 into ``config.categories``, -1 unknown) and
+            ``item_known`` (0/1).
+        now_s: the request (or label) time, epoch seconds: a scalar or (n,).
+        config: the feature configuration the stored features were computed with.
+
+    Returns:
+        ``{name: (n,) array}`` for every context and cross feature, in definition order;
+        unknown users and items (stored defaults) get the definitions' defaults.
+    """
+    item_id = items["item_id"]
+    n = len(item_id)
+    now = np.asarray(now_s, dtype=np.int64)
+    last = user["last_event_ts"]
+    since = now - last
+    has_last = last != NEVER
+    first = items["item_first_ts"]
+    longest = max(config.windows_days)
+    out = {
+        "hour_of_day": (now // SECONDS_PER_HOUR) % 24,
+        "day_of_week": (now // SECONDS_PER_DAY + EPOCH_WEEKDAY) % 7,
+        "user_known": user["user_known"],
+        "item_known": items["item_known"],
+        "seconds_since_last_event": np.where(
+            has_last, np.maximum(since, 0), _DEFAULTS["seconds_since_last_event"]
+        ),
+        "session_events_now": np.where(
+            has_last & (since <= config.session_gap_s), user["session_events"], 0
+        ),
+        "item_age_days": np.where(
+            first != NEVER,
+            np.maximum(now - first, 0) / SECONDS_PER_DAY,
+            _DEFAULTS["item_age_days"],
+        ),
+        "category_affinity": _affinity(
+            user[f"cat_count_{longest}d"], user[f"events_{longest}d"], items["category_index"]
+        ),
+        "seen_recently": (user["recent_item_ids"] == item_id[:, None]).any(axis=1),
+    }
+    return {name: np.broadcast_to(out[name], (n,)).astype(dtype) for name, dtype in _DTYPES.items()}
+
+
+def _affinity(cat_count: Array, events: Array, category_index: Array) -> Array:
+    """Share of the user's events in each item's category: (rows x C), (rows,), (n,) -> (n,)."""
+    n = len(category_index)
+    if cat_count.shape[1] == 0:
+        return np.zeros(n, dtype=np.float32)
+    known = category_index >= 0
+    column = np.where(known, category_index, 0)
+    if cat_count.shape[0] == 1:  # one user broadcast: index its one row
+        count, total = cat_count[0, column], events[0]
+    else:
+        count, total = cat_count[np.arange(n), column], events
+    share: Array = np.where(known & (total > 0), count / np.maximum(total, 1), 0.0)
+    return share
+
+
+def user_arrays(
+    stored: Mapping[str, Sequence[Any] | Array],
+    config: FeatureConfig,
+    *,
+    known: npt.ArrayLike | None = None,
+) -> dict[str, Array]:
+    """Stored user features, one value per user (``None`` when missing), as :func:`derive` input.
+
+    Args:
+        stored: ``{feature: values}`` for the ``user_dynamic`` features, lists for the list
+            features (as an online store returns them). A missing feature or a ``None`` value
+            gets the definition's default.
+        config: the feature configuration.
+        known: (rows,) 1 when the user has stored features; by default, when its
+            ``last_event_ts`` is not ``None``.
+
+    Returns:
+        Padded arrays: ``recent_item_ids``/``recent_ts`` (rows x history_len), per-category
+        vectors (rows x n_categories), scalars (rows,), and ``user_known``.
+    """
+    lengths = {len(v) for v in stored.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"user_arrays: features have different lengths {sorted(lengths)}")
+    rows = lengths.pop() if lengths else 0
+    out: dict[str, Array] = {}
+    for feature in feature_set(config).group("user_dynamic"):
+        values = stored.get(feature.name, [None] * rows)
+        if feature.dtype == "int64_list":
+            out[feature.name] = _pad(values, config.history_len, feature.name, rows)
+        elif feature.dtype == "float32_list":
+            default = feature.default
+            out[feature.name] = np.array(
+                [default if v is None else list(v) for v in values], dtype=np.float32
+            ).reshape(rows, len(config.categories))
+        else:
+            out[feature.name] = _fill(values, feature.default, feature.dtype)
+    if known is None:
+        last = stored.get("last_event_ts", [None] * rows)
+        known = [v is not None for v in last]
+    out["user_known"] = np.asarray(known, dtype=np.int64).reshape(rows)
+    return out
+
+
+def item_arrays(
+    stored: Mapping[str, Sequence[Any] | Array],
+    item_ids: npt.ArrayLike,
+    config: FeatureConfig,
+    *,
+    known: npt.ArrayLike | None = None,
+) -> dict[str, Array]:
+    """Stored item features, one value per item (``None`` when missing), as :func:`derive` input.
+
+    Args:
+        stored: ``{feature: values}`` for the ``item`` features (``category`` as strings).
+        item_ids: (n,) the items.
+        config: the feature configuration (its ``categories`` give ``category_index``).
+        known: (n,) 1 when the item has stored features; by default, when its
+            ``item_first_ts`` is not ``None``.
+    """
+    ids = np.asarray(item_ids, dtype=np.int64)
+    n = len(ids)
+    out: dict[str, Array] = {"item_id": ids}
+    for feature in feature_set(config).group("item"):
+        if feature.dtype != "string":
+            out[feature.name] = _fill(
+                stored.get(feature.name, [None] * n), feature.default, feature.dtype
+            )
+    position = {c: k for k, c in enumerate(config.categories)}
+    categories = stored.get("category", [None] * n)
+    out["category_index"] = np.array([position.get(c, -1) for c in categories], dtype=np.int64)
+    if known is None:
+        known = [v is not None for v in stored.get("item_first_ts", [None] * n)]
+    out["item_known"] = np.asarray(known, dtype=np.int64).reshape(n)
+    return out
+
+
+def _fill(values: Sequence[Any] | Array, default: Any, dtype: str) -> Array:
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return values.astype(dtype, copy=False)
+    return np.array([default if v is None else v for v in values], dtype=dtype)
+
+
+def _pad(values: Sequence[Any] | Array, width: int, name: str, rows: int) -> Array:
+    """Lists of up to ``width`` values -> (rows x width) int64, padded with -1 (0 for times)."""
+    fill = 0 if name == "recent_ts" else PAD_ITEM
+    out = np.full((rows, width), fill, dtype=np.int64)
+    for row, value in enumerate(values):
+        if value is not None and len(value):
+            head = np.asarray(value, dtype=np.int64)[:width]
+            out[row, : len(head)] = head
+    return out

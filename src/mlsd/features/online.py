@@ -1,0 +1,411 @@
+"""The online path: read a request's features, and write new events to the online store.
+
+Reading (per request): ONE Feast ``get_online_features`` call for the user (views
+``user_static`` + ``user_dynamic``), the candidate items from an in-process cache of the whole
+``item_history`` view, and the request-time features from :func:`mlsd.features.derive.derive`,
+the same function the batch path uses, so training and serving cannot drift apart::
+
+    online = OnlineFeatures(repo_dir, config)
+    batch = online.get_online_features(user_id=7, item_ids=candidates)
+    x = batch.matrix(["item_events_7d", "category_affinity", "seconds_since_last_event"])
+
+Why a cache: Feast's Python SDK reads one entity in about 0.3 ms but 100 in about 6 ms, so
+hydrating 500 candidates per request through it would spend the whole latency budget. Items
+change slowly (their counts move at each materialization), so the cache is refreshed when it is
+older than ``item_cache_ttl_s`` and on demand (:meth:`OnlineFeatures.refresh_item_cache`).
+
+Writing (:meth:`OnlineFeatures.push_events`): new events update the user's dynamic features
+incrementally through Feast's push source. Window counts only grow between materializations:
+events that leave a window are dropped at the next materialization, which recomputes every
+window from the log.
+
+Unknown users and items get the declared defaults and a known flag of 0; never an exception.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pyarrow.parquet as pq
+
+from mlsd.data.schema import ContractError
+from mlsd.features import derive
+from mlsd.features.definitions import NEVER, Feature, FeatureConfig, feature_set
+from mlsd.features.store import (
+    DATA_DIR,
+    ITEM_VIEW,
+    ITEMS_SOURCE,
+    TIMESTAMP_FIELD,
+    USER_DYNAMIC_VIEW,
+    USER_PUSH_SOURCE,
+    USER_STATIC_VIEW,
+    check_config,
+    open_store,
+)
+
+__all__ = ["FeatureBatch", "OnlineFeatures"]
+
+_NUMPY_DTYPES: dict[str, type[np.generic]] = {
+    "int64": np.int64,
+    "float32": np.float32,
+    "int64_list": np.int64,
+    "float32_list": np.float32,
+}
+_READ_BATCH = 1_000
+"""Items per Feast call when the cache is refreshed."""
+
+
+@dataclass
+class FeatureBatch:
+    """The features of one request, as arrays ready for the models.
+
+    Attributes:
+        user: user features, leading dim 1: scalars ``(1,)``, lists ``(1, N)`` padded
+            (``recent_item_ids`` with -1, ``recent_ts`` with 0), per-category ``(1, n_cat)``,
+            strings as object arrays; plus ``user_known``.
+        items: item features, ``(n_items,)`` each, in ``item_ids`` order; ``category_index`` is
+            -1 for unknown categories; plus ``item_known`` and ``item_id``.
+        derived: request-time context and cross features, ``(n_items,)`` or ``(1,)``.
+        item_ids: the candidates, ``(n_items,)`` int64.
+    """
+
+    user: dict[str, np.ndarray]
+    items: dict[str, np.ndarray]
+    derived: dict[str, np.ndarray]
+    item_ids: np.ndarray
+
+    def matrix(self, names: Sequence[str]) -> npt.NDArray[np.float32]:
+        """``(n_items, len(names))`` float32, columns in ``names`` order; user values broadcast.
+
+        A name is looked up in ``derived``, then ``items``, then ``user``. Only numeric
+        features of one value per item (or per user) fit; others raise ``ValueError``.
+        """
+        n = len(self.item_ids)
+        out = np.empty((n, len(names)), dtype=np.float32)
+        for j, name in enumerate(names):
+            array = self.derived.get(name)
+            if array is None:
+                array = self.items.get(name)
+            if array is None:
+                array = self.user.get(name)
+            if array is None:
+                raise ValueError(f"feature {name!r}: not in this batch")
+            if array.ndim != 1 or array.shape[0] not in (1, n):
+                raise ValueError(f"feature {name!r}: shape {array.shape}, not one value per item")
+            if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+                raise ValueError(f"feature {name!r}: dtype {array.dtype} is not numeric")
+            out[:, j] = array
+        return out
+
+
+@dataclass
+class _ItemTable:
+    """Item features of the whole catalogue; row ``n`` holds the defaults of unknown items."""
+
+    ids: npt.NDArray[np.int64]
+    """Sorted item ids, ``(n,)``."""
+    columns: dict[str, np.ndarray]
+    """Feature name → ``(n + 1,)`` array, in ``ids`` order, defaults last."""
+    dense: npt.NDArray[np.int64] | None
+    """Item id → row, when the ids are small enough for a dense table."""
+    loaded_at: float = field(default_factory=time.monotonic)
+
+    def rows(self, item_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        n = len(self.ids)
+        if self.dense is not None:
+            inside = (item_ids >= 0) & (item_ids < len(self.dense))
+            rows: npt.NDArray[np.int64] = np.where(
+                inside, self.dense[np.where(inside, item_ids, 0)], n
+            )
+            return rows
+        if n == 0:
+            return np.zeros(len(item_ids), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, item_ids), n - 1)
+        rows = np.where(self.ids[pos] == item_ids, pos, n)
+        return rows
+
+    def lookup(self, item_ids: npt.NDArray[np.int64]) -> dict[str, np.ndarray]:
+        rows = self.rows(item_ids)
+        items = {name: column[rows] for name, column in self.columns.items()}
+        items["item_id"] = item_ids
+        return items
+
+
+def _dense_index(ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | None:
+    """Id → row table when ids are non-negative and not much sparser than the catalogue."""
+    if len(ids) == 0 or ids[0] < 0 or ids[-1] > 4 * len(ids) + (1 << 20):
+        return None
+    dense = np.full(int(ids[-1]) + 1, len(ids), dtype=np.int64)
+    dense[ids] = np.arange(len(ids), dtype=np.int64)
+    return dense
+
+
+def _column(values: Sequence[Any], feature: Feature) -> np.ndarray:
+    """A ``(len(values),)`` array of a scalar feature, ``None`` (not stored) → its default."""
+    filled = [feature.default if v is None else v for v in values]
+    if feature.dtype == "string":
+        return np.array(filled, dtype=object)
+    return np.array(filled, dtype=_NUMPY_DTYPES[feature.dtype])
+
+
+def _epoch_s(ts: pd.Series) -> npt.NDArray[np.int64]:
+    """Timestamps → whole epoch seconds (floor), as the batch path stores them."""
+    us = pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]").astype("int64")
+    seconds: npt.NDArray[np.int64] = np.floor_divide(us.to_numpy(), 1_000_000)
+    return seconds
+
+
+class OnlineFeatures:
+    """Online reads and pushes against a generated, materialized repository.
+
+    Args:
+        repo_dir: the repository of :func:`mlsd.features.store.generate_repo`.
+        config: the feature configuration; must be the repository's.
+        item_cache_ttl_s: seconds after which the item cache is re-read, synchronously, by
+            the next request (one request pays ~0.1 s per 5K items; call
+            :meth:`refresh_item_cache` from a timer to keep it off the request path).
+
+    Safe to share between threads: the cache is swapped in one assignment and refreshed by one
+    thread at a time.
+    """
+
+    def __init__(
+        self, repo_dir: Path, config: FeatureConfig, *, item_cache_ttl_s: float = 300.0
+    ) -> None:
+        self.repo_dir = Path(repo_dir).resolve()
+        check_config(self.repo_dir, config)
+        self.config = config
+        self.item_cache_ttl_s = item_cache_ttl_s
+        self.features = feature_set(config)
+        self._store = open_store(self.repo_dir)
+        self._static = self.features.group("user_static")
+        self._dynamic = self.features.group("user_dynamic")
+        self._item_features = self.features.group("item")
+        self._user_refs = [f"{USER_STATIC_VIEW}:{f.name}" for f in self._static]
+        self._user_refs += [f"{USER_DYNAMIC_VIEW}:{f.name}" for f in self._dynamic]
+        self._item_refs = [f"{ITEM_VIEW}:{f.name}" for f in self._item_features]
+        self._category_index = {c: i for i, c in enumerate(config.categories)}
+        self._items: _ItemTable | None = None
+        self._refresh_lock = threading.Lock()
+
+    # --- items ---------------------------------------------------------------------------
+
+    def refresh_item_cache(self) -> int:
+        """Re-read every item's features from the online store; return the items found.
+
+        The item ids come from the materialized source (``data/items.parquet``); they are read
+        in batches of 1,000 and the new table replaces the old one in one assignment, so
+        concurrent requests see either the old or the new cache.
+        """
+        with self._refresh_lock:
+            return self._refresh_locked()
+
+    def _refresh_locked(self) -> int:
+        path = self.repo_dir / DATA_DIR / ITEMS_SOURCE
+        if path.is_file():
+            ids = pq.read_table(path, columns=["item_id"]).column(0).to_numpy()
+        else:
+            ids = np.zeros(0, dtype=np.int64)
+        ids = np.unique(ids.astype(np.int64))
+        values: dict[str, list[Any]] = {f.name: [] for f in self._item_features}
+        for start in range(0, len(ids), _READ_BATCH):
+            chunk = ids[start : start + _READ_BATCH].tolist()
+            response = self._store.get_online_features(
+                features=self._item_refs, entity_rows={"item_id": chunk}
+            ).to_dict()
+            for name, column in values.items():
+                column.extend(response[name])
+        self._items = self._item_table(ids, values)
+        return int(self._items.columns["item_known"][:-1].sum())
+
+    def _item_table(self, ids: npt.NDArray[np.int64], values: dict[str, list[Any]]) -> _ItemTable:
+        n = len(ids)
+        columns: dict[str, np.ndarray] = {}
+        known = np.zeros(n + 1, dtype=np.int64)
+        for feature in self._item_features:
+            stored = values[feature.name]
+            known[:n] |= np.fromiter((v is not None for v in stored), dtype=bool, count=n)
+            columns[feature.name] = _column([*stored, None], feature)
+        columns["category_index"] = np.array(
+            [self._category_index.get(c, -1) for c in columns["category"]], dtype=np.int64
+        )
+        columns["item_known"] = known
+        return _ItemTable(ids=ids, columns=columns, dense=_dense_index(ids))
+
+    def _stale(self, items: _ItemTable | None) -> bool:
+        return items is None or time.monotonic() - items.loaded_at > self.item_cache_ttl_s
+
+    def _item_cache(self) -> _ItemTable:
+        """The cache, re-read first when older than the ttl (once, however many requests wait)."""
+        if self._stale(self._items):
+            with self._refresh_lock:
+                if self._stale(self._items):
+                    self._refresh_locked()
+        items = self._items
+        assert items is not None
+        return items
+
+    # --- users ---------------------------------------------------------------------------
+
+    def _read_users(
+        self, user_ids: Sequence[int]
+    ) -> tuple[dict[str, list[Any]], npt.NDArray[np.bool_], list[pd.Timestamp | None]]:
+        """Stored user features (``None`` when absent), known flags, dynamic-view timestamps."""
+        response = self._store.get_online_features(
+            features=self._user_refs, entity_rows={"user_id": list(user_ids)}
+        )
+        values: dict[str, list[Any]] = response.to_dict()
+        names = list(response.proto.metadata.feature_names.val)
+        ts_index = names.index("last_event_ts")
+        stored_ts: list[pd.Timestamp | None] = []
+        for ts, value in zip(
+            response.proto.results[ts_index].event_timestamps,
+            values["last_event_ts"],
+            strict=True,
+        ):
+            nanos = ts.seconds * 1_000_000_000 + ts.nanos
+            stored_ts.append(None if value is None else pd.Timestamp(nanos, unit="ns", tz="UTC"))
+        known = np.zeros(len(user_ids), dtype=bool)
+        for feature in (*self._static, *self._dynamic):
+            known |= np.fromiter((v is not None for v in values[feature.name]), dtype=bool)
+        return values, known, stored_ts
+
+    def _user_arrays(self, values: dict[str, list[Any]], known: bool) -> dict[str, np.ndarray]:
+        """One user's features with leading dim 1, padded as :func:`derive.derive` expects."""
+        dynamic = {f.name: values[f.name] for f in self._dynamic}
+        user = derive.user_arrays(dynamic, self.config, known=[int(known)])
+        for feature in self._static:
+            user[feature.name] = _column(values[feature.name], feature)
+        return user
+
+    # --- the read path -------------------------------------------------------------------
+
+    def get_online_features(
+        self,
+        user_id: int,
+        item_ids: npt.ArrayLike,
+        context: Mapping[str, Any] | None = None,
+        *,
+        now: pd.Timestamp | None = None,
+    ) -> FeatureBatch:
+        """All features of one request: ``user_id`` against the candidates ``item_ids``.
+
+        Args:
+            user_id: the user; unknown users get defaults and ``user_known`` 0.
+            item_ids: ``(n_items,)`` candidate ids; unknown items get defaults, ``item_known`` 0.
+            context: request context (e.g. ``session_id``); each scalar is broadcast into
+                ``derived`` unless a derived feature has its name.
+            now: the request time (default: the wall clock), for ages and hour/weekday.
+        """
+        now = pd.Timestamp.now(tz="UTC") if now is None else pd.Timestamp(now)
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        values, known, _ = self._read_users([int(user_id)])
+        user = self._user_arrays(values, bool(known[0]))
+        items = self._item_cache().lookup(ids)
+        now_s = now.value // 1_000_000_000  # whole epoch seconds, as stored timestamps are
+        derived = derive.derive(user, items, now_s=now_s, config=self.config)
+        for name, value in (context or {}).items():
+            if name not in derived and np.ndim(value) == 0:
+                dtype = object if isinstance(value, str) else None
+                derived[name] = np.full(len(ids), value, dtype=dtype)
+        return FeatureBatch(user=user, items=items, derived=derived, item_ids=ids)
+
+    # --- the write path ------------------------------------------------------------------
+
+    def push_events(self, events: pd.DataFrame) -> int:
+        """Apply new events to their users' dynamic features; return the events applied.
+
+        ``events`` has ``user_id``, ``item_id``, ``ts``, ``event``, ``value`` (the contract's
+        events columns). Events whose type is not counted (``config.event_types``) are skipped.
+        Per user, in time order: the item is prepended to ``recent_item_ids``/``recent_ts``
+        (N kept), ``last_event_ts`` moves forward, ``session_events`` counts on or restarts at 1
+        after a gap longer than ``session_gap_s``, and every window's ``events``,
+        ``cat_count`` and ``cat_mean`` take the event in (expiry catches up at the next
+        materialization). The result is written with Feast's push API; the next read sees it.
+        """
+        missing = [c for c in ("user_id", "item_id", "ts", "event", "value") if c not in events]
+        if missing:
+            raise ContractError(f"push_events: column(s) {missing} missing from the events")
+        frame = events
+        if self.config.event_types is not None:
+            frame = frame[frame["event"].isin(self.config.event_types)]
+        if frame.empty:
+            return 0
+        frame = frame.assign(ts_s=_epoch_s(frame["ts"]), ts=pd.to_datetime(frame["ts"], utc=True))
+        frame = frame.sort_values("ts", kind="stable")
+        categories = self._item_cache().lookup(frame["item_id"].to_numpy(np.int64))
+        frame = frame.assign(category_index=categories["category_index"])
+
+        user_ids = frame["user_id"].unique().tolist()
+        values, _, stored_ts = self._read_users(user_ids)
+        rows = []
+        for i, (user_id, group) in enumerate(frame.groupby("user_id", sort=False)):
+            assert user_id == user_ids[i]
+            current = {f.name: values[f.name][i] for f in self._dynamic}
+            row = self._apply_events(current, group)
+            newest = group["ts"].iloc[-1]
+            # Redis keeps a write only when it is newer than the stored one.
+            if stored_ts[i] is not None and newest <= stored_ts[i]:
+                newest = stored_ts[i] + pd.Timedelta(microseconds=1)
+            row.update(user_id=user_id, **{TIMESTAMP_FIELD: newest})
+            rows.append(row)
+        self._store.push(USER_PUSH_SOURCE, pd.DataFrame(rows))
+        return len(frame)
+
+    def _apply_events(self, current: dict[str, Any], group: pd.DataFrame) -> dict[str, Any]:
+        """One user's dynamic features after ``group`` (time ordered); ``None`` → default."""
+        n_cat = len(self.config.categories)
+        state: dict[str, Any] = {
+            f.name: (f.default if current[f.name] is None else current[f.name])
+            for f in self._dynamic
+        }
+        stored = list(zip(state["recent_item_ids"], state["recent_ts"], strict=True))
+        new: list[tuple[int, int]] = []
+        last = int(state["last_event_ts"])
+        session = int(state["session_events"])
+        windows = self.config.windows_days
+        counts = {w: np.zeros(n_cat) + np.asarray(state[f"cat_count_{w}d"]) for w in windows}
+        sums = {w: counts[w] * np.asarray(state[f"cat_mean_{w}d"]) for w in windows}
+        events = {w: float(state[f"events_{w}d"]) for w in windows}
+        for item_id, ts, value, cat in zip(
+            group["item_id"].to_numpy(np.int64),
+            group["ts_s"].to_numpy(np.int64),
+            group["value"].to_numpy(np.float64),
+            group["category_index"].to_numpy(np.int64),
+            strict=True,
+        ):
+            new.append((int(item_id), int(ts)))
+            if last == NEVER or ts - last > self.config.session_gap_s:
+                session = 1
+            else:
+                session += 1
+            last = max(last, int(ts))
+            for w in windows:
+                events[w] += 1.0
+                if cat >= 0:
+                    counts[w][cat] += 1.0
+                    sums[w][cat] += value
+        # Newest first (of equal times, the later event first); a late event lands at its
+        # place in time. The sort is stable, so that is all it changes.
+        recent = sorted(new[::-1] + stored, key=lambda pair: -pair[1])
+        recent = recent[: self.config.history_len]
+        row: dict[str, Any] = {
+            "recent_item_ids": [item for item, _ in recent],
+            "recent_ts": [ts for _, ts in recent],
+            "last_event_ts": last,
+            "session_events": session,
+        }
+        for w in windows:
+            mean = np.divide(sums[w], counts[w], out=np.zeros(n_cat), where=counts[w] > 0)
+            row[f"events_{w}d"] = float(np.float32(events[w]))
+            row[f"cat_count_{w}d"] = counts[w].astype(np.float32).tolist()
+            row[f"cat_mean_{w}d"] = mean.astype(np.float32).tolist()
+        return row

@@ -1,0 +1,1 @@
+"""The personalized feed: the flagship system, composed from the parts."""

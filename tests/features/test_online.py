@@ -1,0 +1,332 @@
+"""The online path: user reads, the item cache, request assembly and pushes of new events."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from mlsd.data.schema import EVENTS_FILE, ContractError
+from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.features import batch, derive
+from mlsd.features.definitions import NEVER, UNKNOWN, FeatureConfig, feature_set
+from mlsd.features.online import FeatureBatch, OnlineFeatures
+from mlsd.features.store import FeatureStoreConfig, apply, generate_repo, materialize, open_store
+
+AS_OF = pd.Timestamp("2024-01-15 12:00:00", tz="UTC")
+UNKNOWN_ID = 10**9
+
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("redis", id="redis", marks=pytest.mark.integration),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    synthesize(WorldConfig(n_users=300, n_items=100, n_events=20_000, days=20), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(world: Path) -> FeatureConfig:
+    return batch.feature_config_for(world)
+
+
+def make_repo(
+    request: pytest.FixtureRequest, root: Path, world: Path, config: FeatureConfig, backend: str
+) -> Path:
+    """A generated, applied repository materialized as of AS_OF (a fresh Feast project)."""
+    project = f"t_{uuid.uuid4().hex[:10]}"
+    if backend == "redis":
+        store = FeatureStoreConfig(
+            online_store="redis",
+            redis_connection=request.getfixturevalue("redis_server"),
+            project=project,
+        )
+    else:
+        store = FeatureStoreConfig(project=project)
+    repo = generate_repo(root / "repo", feature_set(config), store)
+    apply(repo)
+    materialize(world, repo, as_of=AS_OF, config=config)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def sqlite_repo(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    world: Path,
+    config: FeatureConfig,
+) -> Path:
+    """Shared by the read-only tests."""
+    return make_repo(request, tmp_path_factory.mktemp("sqlite"), world, config, "sqlite")
+
+
+@pytest.fixture(params=BACKENDS)
+def fresh_repo(
+    request: pytest.FixtureRequest, tmp_path: Path, world: Path, config: FeatureConfig
+) -> Path:
+    """A repository of its own, for tests that write."""
+    return make_repo(request, tmp_path, world, config, request.param)
+
+
+def active_user(world: Path, before: pd.Timestamp, after: pd.Timestamp) -> tuple[int, pd.DataFrame]:
+    """A user with history before AS_OF and events in [before, after); those events."""
+    events = pq.read_table(world / EVENTS_FILE).to_pandas()
+    window = events[(events["ts"] >= before) & (events["ts"] < after)]
+    history = set(events.loc[events["ts"] < AS_OF, "user_id"])
+    counts = window[window["user_id"].isin(history)]["user_id"].value_counts()
+    user_id = int(counts.index[0])
+    return user_id, window[window["user_id"] == user_id].reset_index(drop=True)
+
+
+def test_the_request_equals_the_batch_computation(
+    sqlite_repo: Path, world: Path, config: FeatureConfig
+) -> None:
+    """No train/serve skew: what serving assembles is what the batch path computes."""
+    online = OnlineFeatures(sqlite_repo, config)
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    item_ids = np.array([3, 1, 4, 1, 5, 9, 26, 53, 58, 97], dtype=np.int64)
+    got = online.get_online_features(user_id, item_ids, now=AS_OF)
+
+    user = batch.stored_user_features(
+        world, pd.DataFrame({"user_id": [user_id], "ts": AS_OF}), config
+    )
+    items = batch.stored_item_features(
+        world, pd.DataFrame({"item_id": item_ids, "ts": AS_OF}), config
+    )
+    dynamic = feature_set(config).names("user_dynamic")
+    want_user = derive.user_arrays({n: list(user[n]) for n in dynamic}, config, known=[1])
+    for name, want in want_user.items():
+        np.testing.assert_array_equal(got.user[name], want, err_msg=name)
+    for name in config.user_attributes:
+        assert got.user[name].tolist() == user[name].tolist()
+    for name in [*feature_set(config).names("item"), "category_index", "item_known"]:
+        assert got.items[name].tolist() == items[name].tolist(), name
+    want_items = derive.item_arrays({n: list(items[n]) for n in items.columns}, item_ids, config)
+    want_derived = derive.derive(want_user, want_items, now_s=int(AS_OF.timestamp()), config=config)
+    assert got.derived.keys() == want_derived.keys()
+    for name, want in want_derived.items():
+        np.testing.assert_array_equal(got.derived[name], want, err_msg=name)
+    assert got.derived["user_known"].tolist() == [1] * len(item_ids)
+
+
+def test_unknown_users_and_items_get_defaults(sqlite_repo: Path, config: FeatureConfig) -> None:
+    online = OnlineFeatures(sqlite_repo, config)
+    item_ids = np.array([-5, UNKNOWN_ID, 3], dtype=np.int64)
+    got = online.get_online_features(UNKNOWN_ID, item_ids, now=AS_OF)
+    assert got.user["user_known"].tolist() == [0]
+    assert got.user["last_event_ts"].tolist() == [NEVER]
+    assert got.user["recent_item_ids"].shape == (1, config.history_len)
+    assert (got.user["recent_item_ids"] == -1).all()
+    assert got.user[f"cat_count_{config.windows_days[0]}d"].shape == (1, len(config.categories))
+    for name in config.user_attributes:
+        assert got.user[name].tolist() == [UNKNOWN]
+    assert got.items["item_known"].tolist() == [0, 0, 1]
+    assert got.items["category"].tolist()[:2] == [UNKNOWN, UNKNOWN]
+    assert got.items["category_index"].tolist()[:2] == [-1, -1]
+    assert got.items["item_first_ts"].tolist()[:2] == [NEVER, NEVER]
+    assert got.derived["seconds_since_last_event"].tolist() == [-1.0] * 3
+    assert got.derived["item_known"].tolist() == [0, 0, 1]
+    empty = online.get_online_features(UNKNOWN_ID, np.zeros(0, dtype=np.int64), now=AS_OF)
+    assert empty.matrix(["item_known"]).shape == (0, 1)
+
+
+def test_the_item_cache_equals_the_store(sqlite_repo: Path, config: FeatureConfig) -> None:
+    online = OnlineFeatures(sqlite_repo, config)
+    n = online.refresh_item_cache()
+    item_ids = pq.read_table(sqlite_repo / "data" / "items.parquet").column("item_id").to_pylist()
+    assert n == len(item_ids) > 0
+    names = feature_set(config).names("item")
+    stored = (
+        open_store(sqlite_repo)
+        .get_online_features(
+            features=[f"item_history:{name}" for name in names], entity_rows={"item_id": item_ids}
+        )
+        .to_dict()
+    )
+    got = online.get_online_features(0, np.array(item_ids[::-1]), now=AS_OF)
+    for name in names:
+        want = np.asarray(stored[name][::-1], dtype=got.items[name].dtype)
+        np.testing.assert_array_equal(got.items[name], want, err_msg=name)
+    assert got.items["item_known"].sum() == n
+
+
+def test_the_item_cache_is_refreshed_after_its_ttl(
+    request: pytest.FixtureRequest, tmp_path: Path, world: Path, config: FeatureConfig
+) -> None:
+    repo = make_repo(request, tmp_path, world, config, "sqlite")
+    item_ids = np.arange(0, 100, dtype=np.int64)
+    stale = OnlineFeatures(repo, config, item_cache_ttl_s=3600.0)
+    fresh = OnlineFeatures(repo, config, item_cache_ttl_s=0.0)
+    before = stale.get_online_features(0, item_ids, now=AS_OF).items["item_events_30d"]
+    fresh.get_online_features(0, item_ids, now=AS_OF)
+    later = AS_OF + pd.Timedelta(days=3)
+    materialize(world, repo, as_of=later, config=config)
+    want = batch.stored_item_features(
+        world, pd.DataFrame({"item_id": item_ids, "ts": later}), config
+    )
+    assert not np.array_equal(before, want["item_events_30d"].to_numpy())
+    cached = stale.get_online_features(0, item_ids, now=later).items["item_events_30d"]
+    np.testing.assert_array_equal(cached, before)  # still within its ttl
+    refreshed = fresh.get_online_features(0, item_ids, now=later).items["item_events_30d"]
+    np.testing.assert_array_equal(refreshed, want["item_events_30d"].to_numpy())
+    stale.refresh_item_cache()  # on demand
+    on_demand = stale.get_online_features(0, item_ids, now=later).items["item_events_30d"]
+    np.testing.assert_array_equal(on_demand, want["item_events_30d"].to_numpy())
+
+
+def test_the_matrix_broadcasts_the_user_in_the_given_order() -> None:
+    batch_ = FeatureBatch(
+        user={"last_event_ts": np.array([7]), "recent_item_ids": np.array([[1, 2]])},
+        items={"item_mean_value": np.array([0.5, 1.5, 2.5], dtype=np.float32)},
+        derived={"seen_recently": np.array([1, 0, 1]), "category": np.array(["a", "b", "c"])},
+        item_ids=np.array([10, 11, 12]),
+    )
+    got = batch_.matrix(["seen_recently", "last_event_ts", "item_mean_value"])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, [[1, 7, 0.5], [0, 7, 1.5], [1, 7, 2.5]])
+    assert batch_.matrix(["item_mean_value", "seen_recently"])[:, 0].tolist() == [0.5, 1.5, 2.5]
+    for name in ("recent_item_ids", "category", "nope"):
+        with pytest.raises(ValueError, match=name):
+            batch_.matrix([name])
+
+
+def test_a_request_matrix_has_one_row_per_candidate(
+    sqlite_repo: Path, config: FeatureConfig
+) -> None:
+    online = OnlineFeatures(sqlite_repo, config)
+    got = online.get_online_features(1, np.array([5, 6, 7]), {"session_id": 12}, now=AS_OF)
+    names = ["item_events_7d", "events_7d", "category_affinity", "session_id"]
+    x = got.matrix(names)
+    assert x.shape == (3, 4)
+    np.testing.assert_array_equal(x[:, 0], got.items["item_events_7d"])
+    np.testing.assert_array_equal(x[:, 1], np.repeat(got.user["events_7d"], 3))
+    np.testing.assert_array_equal(x[:, 2], got.derived["category_affinity"])
+    assert x[:, 3].tolist() == [12.0] * 3
+
+
+def test_pushed_events_show_up_in_the_next_read(
+    fresh_repo: Path, world: Path, config: FeatureConfig
+) -> None:
+    online = OnlineFeatures(fresh_repo, config)
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    before = online.get_online_features(user_id, np.array([0]), now=AS_OF).user
+    categories = online.get_online_features(user_id, np.arange(100), now=AS_OF).items
+    item_id = int(np.flatnonzero(categories["category_index"] >= 0)[-1])
+    category = int(categories["category_index"][item_id])
+    ts = pd.Timestamp(int(before["last_event_ts"][0]), unit="s", tz="UTC") + pd.Timedelta(hours=2)
+    event = pd.DataFrame(
+        {"user_id": [user_id], "item_id": [item_id], "ts": [ts], "event": ["click"], "value": [1.0]}
+    )
+    assert online.push_events(event) == 1
+
+    after = online.get_online_features(user_id, np.array([item_id]), now=ts).user
+    assert after["recent_item_ids"][0, 0] == item_id
+    np.testing.assert_array_equal(
+        after["recent_item_ids"][0, 1:], before["recent_item_ids"][0, :-1]
+    )
+    assert after["recent_ts"][0, 0] == int(ts.timestamp())
+    assert after["last_event_ts"][0] == int(ts.timestamp())
+    assert after["session_events"][0] == 1  # two hours later: a new session
+    for w in config.windows_days:
+        assert after[f"events_{w}d"][0] == before[f"events_{w}d"][0] + 1
+        bumped = before[f"cat_count_{w}d"].copy()
+        bumped[0, category] += 1
+        np.testing.assert_array_equal(after[f"cat_count_{w}d"], bumped)
+    derived = online.get_online_features(user_id, np.array([item_id]), now=ts).derived
+    assert derived["seen_recently"].tolist() == [1]
+    assert derived["session_events_now"].tolist() == [1]
+
+    # A second event in the same session counts on.
+    second = event.assign(ts=ts + pd.Timedelta(seconds=30), item_id=item_id - 1)
+    online.push_events(second)
+    again = online.get_online_features(user_id, np.array([item_id]), now=ts).user
+    assert again["recent_item_ids"][0, :2].tolist() == [item_id - 1, item_id]
+    assert again["session_events"][0] == 2
+
+
+def test_pushes_agree_with_the_batch_computation(
+    fresh_repo: Path, world: Path, config: FeatureConfig
+) -> None:
+    """Replaying the log's next hour through pushes gives the batch features an hour later."""
+    end = AS_OF + pd.Timedelta(hours=1)
+    user_id, events = active_user(world, AS_OF, end)
+    online = OnlineFeatures(fresh_repo, config)
+    before = online.get_online_features(user_id, np.array([0]), now=AS_OF).user
+    half = len(events) // 2
+    assert online.push_events(events.iloc[:half]) + online.push_events(events.iloc[half:]) == len(
+        events
+    )
+    got = online.get_online_features(user_id, np.array([0]), now=end).user
+    want = batch.stored_user_features(
+        world, pd.DataFrame({"user_id": [user_id], "ts": end}), config
+    )
+    dynamic = feature_set(config).names("user_dynamic")
+    want_arrays = derive.user_arrays({n: list(want[n]) for n in dynamic}, config, known=[1])
+    for name in ("recent_item_ids", "recent_ts", "last_event_ts", "session_events"):
+        np.testing.assert_array_equal(got[name], want_arrays[name], err_msg=name)
+    for w in config.windows_days:  # windows only grow until the next materialization
+        assert got[f"events_{w}d"][0] == before[f"events_{w}d"][0] + len(events)
+
+
+def test_pushes_of_unknown_users_and_bad_events(
+    sqlite_repo: Path, tmp_path: Path, config: FeatureConfig
+) -> None:
+    online = OnlineFeatures(sqlite_repo, config)
+    new_user = UNKNOWN_ID + 1
+    ts = AS_OF + pd.Timedelta(minutes=5)
+    event = pd.DataFrame(
+        {
+            "user_id": [new_user],
+            "item_id": [UNKNOWN_ID],
+            "ts": [ts],
+            "event": ["view"],
+            "value": [1.0],
+        }
+    )
+    assert online.push_events(event) == 1
+    got = online.get_online_features(new_user, np.array([UNKNOWN_ID]), now=ts)
+    assert got.user["recent_item_ids"][0, 0] == UNKNOWN_ID
+    assert got.user["user_known"].tolist() == [1]
+    assert got.user["events_1d"].tolist() == [1.0]
+    assert got.user["cat_count_1d"].sum() == 0  # the item's category is unknown
+    assert got.items["item_known"].tolist() == [0]
+    with pytest.raises(ContractError, match="item_id"):
+        online.push_events(event.drop(columns=["item_id"]))
+    assert online.push_events(event.iloc[:0]) == 0
+
+
+def test_another_config_is_refused(sqlite_repo: Path, config: FeatureConfig) -> None:
+    other = FeatureConfig(
+        history_len=config.history_len,
+        windows_days=(1, 2),
+        categories=config.categories,
+        user_attributes=config.user_attributes,
+    )
+    with pytest.raises(ContractError, match="windows_days"):
+        OnlineFeatures(sqlite_repo, other)
+
+
+def test_a_config_without_user_attributes_has_no_static_view(
+    tmp_path: Path, world: Path, config: FeatureConfig
+) -> None:
+    bare = FeatureConfig(categories=config.categories, windows_days=(1, 7))
+    repo = generate_repo(tmp_path / "repo", feature_set(bare), FeatureStoreConfig())
+    apply(repo)
+    materialize(world, repo, as_of=AS_OF, config=bare)
+    assert {v.name for v in open_store(repo).list_feature_views()} == {
+        "user_dynamic",
+        "item_history",
+    }
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    got = OnlineFeatures(repo, bare).get_online_features(user_id, np.array([1, 2]), now=AS_OF)
+    assert got.user["user_known"].tolist() == [1]
+    assert "events_30d" not in got.user
+    assert got.user["events_7d"][0] > 0
