@@ -158,7 +158,7 @@ def test_the_item_cache_equals_the_store(sqlite_repo: Path, config: FeatureConfi
     assert got.items["item_known"].sum() == n
 
 
-def test_the_item_cache_is_refreshed_after_its_ttl(
+def test_the_item_cache_is_refreshed_in_the_background_after_its_ttl(
     request: pytest.FixtureRequest, tmp_path: Path, world: Path, config: FeatureConfig
 ) -> None:
     repo = make_repo(request, tmp_path, world, config, "sqlite")
@@ -175,6 +175,10 @@ def test_the_item_cache_is_refreshed_after_its_ttl(
     assert not np.array_equal(before, want["item_events_30d"].to_numpy())
     cached = stale.get_online_features(0, item_ids, now=later).items["item_events_30d"]
     np.testing.assert_array_equal(cached, before)  # still within its ttl
+    # Past its ttl, a request is served from the old cache while it is re-read in the background.
+    served = fresh.get_online_features(0, item_ids, now=later).items["item_events_30d"]
+    np.testing.assert_array_equal(served, before)
+    fresh.wait_for_refresh(timeout=30)
     refreshed = fresh.get_online_features(0, item_ids, now=later).items["item_events_30d"]
     np.testing.assert_array_equal(refreshed, want["item_events_30d"].to_numpy())
     stale.refresh_item_cache()  # on demand
