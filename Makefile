@@ -49,10 +49,15 @@ demo: install
 		--days 60 --drift-at 2024-02-15 --out $(DEMO)/world
 	$(BIN)/mlsd data validate $(DEMO)/world
 	$(BIN)/mlsd data split $(DEMO)/world --val-frac 0.1 --test-frac 0.1
-	@echo "demo data pipeline done: $(DEMO)/world (contract files) and $(DEMO)/world/split"
+	$(BIN)/mlsd feed features apply --dataset $(DEMO)/world
+	$(BIN)/mlsd feed features materialize --dataset $(DEMO)/world
+	$(BIN)/mlsd feed features get --dataset $(DEMO)/world --user 42 --items 1,2,3,4,5
+	@echo "demo done: data in $(DEMO)/world, its split in $(DEMO)/world/split," \
+		"the feature store in $(DEMO)/world/feature_repo"
 
 bench: install
 	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/features.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache

@@ -107,3 +107,61 @@ def features_materialize(
     table.add_row("snapshot", f"{report.snapshot_seconds:.2f} s")
     table.add_row("load online store", f"{report.materialize_seconds:.2f} s")
     console.print(table)
+
+
+@features_app.command("get")
+def features_get(
+    dataset: DatasetDir,
+    user: Annotated[int, typer.Option("--user", help="User id to read.")],
+    items: Annotated[
+        str | None,
+        typer.Option("--items", help="Comma-separated candidate item ids (default: first 5)."),
+    ] = None,
+    config: ConfigFile = None,
+    repo: RepoDir = None,
+    online_store: OnlineStore = None,
+) -> None:
+    """Read one request's features from the online store, as the service will."""
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from mlsd.data.schema import read_info
+    from mlsd.features.online import OnlineFeatures
+    from mlsd.features.store import load_config
+
+    cfg = _config(config, online_store)
+    repo_dir = repo or cfg.feature_store.repo_path(dataset)
+    online = OnlineFeatures(repo_dir, load_config(repo_dir))
+    online.refresh_item_cache()
+    item_ids = (
+        np.array([int(i) for i in items.split(",")], dtype=np.int64)
+        if items
+        else np.arange(1, 6, dtype=np.int64)
+    )
+    now = pd.Timestamp(read_info(dataset).ts_max or pd.Timestamp.now(tz="UTC"))
+    online.get_online_features(user, item_ids, now=now)  # warm up: the first call is not timed
+    start = time.perf_counter()
+    batch = online.get_online_features(user, item_ids, now=now)
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+
+    user_table = Table(title=f"user {user}", show_header=False, title_justify="left")
+    for name, values in batch.user.items():
+        value = values[0]
+        shown = value[value != -1][:10].tolist() if np.ndim(value) else value
+        user_table.add_row(name, str(shown))
+    console.print(user_table)
+    names = ["item_known", "item_events_7d", "item_mean_value", "item_age_days"]
+    names += ["category_affinity", "seen_recently", "hour_of_day", "day_of_week"]
+    matrix = batch.matrix(names)
+    title = (
+        f"{len(item_ids)} candidates at {now:%Y-%m-%d %H:%M} UTC, assembled in {elapsed_ms:.2f} ms"
+    )
+    item_table = Table(title=title, title_justify="left")
+    item_table.add_column("feature")
+    for item_id in item_ids:
+        item_table.add_column(f"item {item_id}", justify="right")
+    for name, column in zip(names, matrix.T, strict=True):
+        item_table.add_row(name, *(f"{v:.4g}" for v in column))
+    console.print(item_table)
