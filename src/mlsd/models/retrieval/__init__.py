@@ -1,0 +1,1 @@
+"""Candidate generation: retrievers that narrow the catalog to a few hundred candidates."""
