@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlsd.data.schema import EVENTS_FILE, ContractError
-from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.features import batch, derive
 from mlsd.features.definitions import NEVER, UNKNOWN, FeatureConfig, feature_set
 from mlsd.features.online import FeatureBatch, OnlineFeatures
@@ -24,18 +23,6 @@ BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("redis", id="redis", marks=pytest.mark.integration),
 ]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    synthesize(WorldConfig(n_users=300, n_items=100, n_events=20_000, days=20), out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def config(world: Path) -> FeatureConfig:
-    return batch.feature_config_for(world)
 
 
 def make_repo(

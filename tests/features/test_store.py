@@ -14,7 +14,6 @@ import pytest
 from feast.types import Array, Float32, Int64
 
 from mlsd.data.schema import ContractError
-from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.features import batch
 from mlsd.features.definitions import FeatureConfig, feature_set
 from mlsd.features.store import (
@@ -34,18 +33,6 @@ BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("redis", id="redis", marks=pytest.mark.integration),
 ]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    synthesize(WorldConfig(n_users=300, n_items=100, n_events=20_000, days=20), out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def config(world: Path) -> FeatureConfig:
-    return batch.feature_config_for(world)
 
 
 def store_config(request: pytest.FixtureRequest, backend: str) -> FeatureStoreConfig:
