@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -67,44 +68,30 @@ def _import_movielens(
     _print_report(report, f"imported {variant}")
 
 
-@import_app.command("movielens-100k")
-def import_ml100k(
-    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
-) -> None:
-    """MovieLens 100K (943 users, 1,682 movies, demographics and genres)."""
-    _import_movielens("movielens-100k", source, out, download, cache_dir)
+MOVIELENS_SUMMARIES = {
+    "movielens-100k": "MovieLens 100K (943 users, 1,682 movies, demographics and genres).",
+    "movielens-latest-small": "MovieLens latest-small (100,836 ratings, 610 users, 1996-2018).",
+    "movielens-1m": "MovieLens 1M (6,040 users with demographics, 3,900 movies).",
+    "movielens-20m": "MovieLens 20M (138k users, 27k movies).",
+    "movielens-25m": "MovieLens 25M (162k users, 62k movies).",
+}
 
 
-@import_app.command("movielens-latest-small")
-def import_ml_latest_small(
-    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
-) -> None:
-    """MovieLens latest-small (100,836 ratings, 610 users, 1996-2018)."""
-    _import_movielens("movielens-latest-small", source, out, download, cache_dir)
+def _movielens_command(variant: str) -> Callable[..., None]:
+    def command(
+        out: OutDir,
+        source: SourceDir = None,
+        download: Download = False,
+        cache_dir: CacheDir = None,
+    ) -> None:
+        _import_movielens(variant, source, out, download, cache_dir)
+
+    command.__doc__ = MOVIELENS_SUMMARIES[variant]
+    return command
 
 
-@import_app.command("movielens-1m")
-def import_ml1m(
-    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
-) -> None:
-    """MovieLens 1M (6,040 users with demographics, 3,900 movies)."""
-    _import_movielens("movielens-1m", source, out, download, cache_dir)
-
-
-@import_app.command("movielens-20m")
-def import_ml20m(
-    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
-) -> None:
-    """MovieLens 20M (138k users, 27k movies)."""
-    _import_movielens("movielens-20m", source, out, download, cache_dir)
-
-
-@import_app.command("movielens-25m")
-def import_ml25m(
-    out: OutDir, source: SourceDir = None, download: Download = False, cache_dir: CacheDir = None
-) -> None:
-    """MovieLens 25M (162k users, 62k movies)."""
-    _import_movielens("movielens-25m", source, out, download, cache_dir)
+for _variant in MOVIELENS_SUMMARIES:
+    import_app.command(_variant)(_movielens_command(_variant))
 
 
 @import_app.command("csv")
