@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 
-from mlsd.config import FeedConfig, load_feed_config
+from mlsd.config import (
+    SOURCE_SECTIONS,
+    FeedConfig,
+    TwoTowerSource,
+    load_feed_config,
+)
+from mlsd.models.retrieval.covisitation import CovisitationRetriever
+from mlsd.models.retrieval.ease import EASERetriever
+from mlsd.models.retrieval.implicit_mf import ALSRetriever, BPRRetriever
+from mlsd.models.retrieval.popularity import PopularityRetriever
 from tests.conftest import REPO
 
 
@@ -37,6 +48,20 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[features]\nwindows_days = 7\n", r"windows_days: expected a list"),
         ("[feature_store]\nonline_store = 'dynamo'\n", r"expected one of 'sqlite', 'redis'"),
         ("[serving]\nport = 1\n", r"unknown section\(s\) serving"),
+        ("[retrieval]\nsources = ['als', 'svd']\n", r"\[retrieval\]\.sources names unknown.*'svd'"),
+        ("[retrieval]\nkss = [10]\n", r"\[retrieval\] has unknown key\(s\) kss"),
+        ("[retrieval]\nks = [0, 10]\n", r"\[retrieval\]: ks and ndcg_k must be >= 1"),
+        ("[retrieval]\nsplit_by = 'users'\n", r"split_by: expected one of 'events', 'time'"),
+        ("[retrieval]\nval_frac = 'a tenth'\n", r"val_frac: expected a number"),
+        ("[retrieval.als]\nfactor = 8\n", r"\[retrieval.als\] has unknown key 'factor'"),
+        ("[retrieval.merge]\ntune = 1\n", r"tune: expected true or false"),
+        ("[retrieval.merge]\nquota_step = 0.3\n", r"quota_step must divide 1"),
+        ("[retrieval.merge]\nquotas = {als = 1.5}\n", r"must be in \[0, 1\]"),
+        ("[retrieval.merge]\nquotas = {als = 'half'}\n", r"quotas.als: expected an integer"),
+        (
+            "[retrieval]\nsources = ['als']\n[retrieval.merge]\nquotas = {ease = 0.5}\n",
+            r"quotas names \['ease'\], which are not in \[retrieval\].sources",
+        ),
         ("[features\n", r"not valid TOML"),
     ],
 )
@@ -51,3 +76,78 @@ def test_override_of_the_online_store_is_checked() -> None:
     assert FeedConfig().with_online_store("redis").feature_store.online_store == "redis"
     with pytest.raises(ValueError, match="online store: expected one of"):
         FeedConfig().with_online_store("memcached")
+
+
+def test_shipped_retrieval_section_is_typed() -> None:
+    retrieval = load_feed_config(REPO / "configs" / "feed.toml").retrieval
+    assert set(retrieval.sources) == set(SOURCE_SECTIONS)
+    assert retrieval.protocol.ks == (50, 100, 200, 500)
+    assert retrieval.protocol.ndcg_k == 10
+    assert retrieval.protocol.split_by == "events"
+    assert retrieval.protocol.min_value is None
+    assert retrieval.merge.tune is True
+    assert retrieval.merge.tune_k == 200
+    assert isinstance(retrieval.source_configs["ease"].l2, float)  # type: ignore[union-attr]
+    assert list(retrieval.factories()) == list(retrieval.sources)
+
+
+def test_quotas_keep_fractions_and_counts_apart(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "[retrieval]\nsources = ['als', 'popularity']\nmin_value = 4\n"
+        "[retrieval.merge]\ntune = false\nquotas = {als = 150, popularity = 0.25}\n"
+        "[retrieval.als]\nfactors = 8\n",
+    )
+    retrieval = load_feed_config(path).retrieval
+    assert retrieval.merge.quotas == {"als": 150, "popularity": 0.25}
+    assert isinstance(retrieval.merge.quotas["als"], int)
+    assert retrieval.protocol.min_value == 4.0
+    factories = retrieval.factories()
+    assert list(factories) == ["als", "popularity"]
+    als = factories["als"]()
+    assert isinstance(als, ALSRetriever)
+    assert als.factors == 8
+    assert factories["als"]() is not als  # a fresh retriever per window
+
+
+@pytest.mark.parametrize(
+    ("section", "retriever"),
+    [
+        ("popularity", PopularityRetriever),
+        ("covisitation", CovisitationRetriever),
+        ("als", ALSRetriever),
+        ("bpr", BPRRetriever),
+        ("ease", EASERetriever),
+    ],
+)
+def test_source_sections_mirror_their_retriever(section: str, retriever: type) -> None:
+    """Same parameter names and defaults as the constructor: the config cannot drift from it."""
+    params = inspect.signature(retriever).parameters
+    expected = {n: p.default for n, p in params.items() if n != "fallback"}  # an object
+    fields = {f.name: f.default for f in dataclasses.fields(SOURCE_SECTIONS[section])}
+    assert fields == expected
+    assert isinstance(SOURCE_SECTIONS[section]().build(), retriever)
+
+
+def test_two_tower_section_mirrors_two_tower_config() -> None:
+    from mlsd.models.retrieval.two_tower import TwoTowerConfig
+    from mlsd.models.retrieval.two_tower_train import TwoTowerRetriever
+
+    expected = {f.name: f.default for f in dataclasses.fields(TwoTowerConfig)}
+    assert {f.name: f.default for f in dataclasses.fields(TwoTowerSource)} == expected
+    built = TwoTowerSource(dim=16, pooling="attention").build()
+    assert isinstance(built, TwoTowerRetriever)
+    assert built.config == TwoTowerConfig(dim=16, pooling="attention")
+
+
+def test_loading_the_config_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mlsd.config import load_feed_config; "
+        f"load_feed_config({str(REPO / 'configs' / 'feed.toml')!r}); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -10,11 +10,16 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from mlsd.evaluation.retrieval import MergeConfig, ProtocolConfig, SourceFactory
 from mlsd.features.store import FeatureStoreConfig
+
+if TYPE_CHECKING:
+    from mlsd.models.retrieval.base import Retriever
 
 DEFAULT_FEED_CONFIG = Path("configs/feed.toml")
 
@@ -52,12 +57,168 @@ class FeatureStoreSection:
         return path if path.is_absolute() else Path(dataset_dir) / path
 
 
+# Candidate sources: each ``[retrieval.<name>]`` table mirrors its retriever's constructor (the
+# tests check that fields and defaults match; a ``fallback`` object is not configurable: every
+# source falls back to the default popularity); models are imported only when built, so reading
+# the config never imports torch.
+
+
+@dataclass(frozen=True)
+class PopularitySource:
+    """``[retrieval.popularity]``: time-decayed popularity, every other source's fallback."""
+
+    half_life_days: float | None = 30.0
+
+    def build(self) -> Retriever:
+        from mlsd.models.retrieval.popularity import PopularityRetriever
+
+        return PopularityRetriever(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class CovisitationSource:
+    """``[retrieval.covisitation]``: the co-visitation retriever."""
+
+    window: int = 20
+    session_gap_minutes: float = 30.0
+    last_n: int = 20
+    recency_decay: float = 0.9
+    normalize: Literal["cosine", "row", "none"] = "row"
+
+    def build(self) -> Retriever:
+        from mlsd.models.retrieval.covisitation import CovisitationRetriever
+
+        return CovisitationRetriever(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class ALSSource:
+    """``[retrieval.als]``: implicit-feedback ALS."""
+
+    factors: int = 64
+    regularization: float = 0.05
+    alpha: float = 2.0
+    iterations: int = 15
+    half_life_days: float | None = None
+    seed: int = 0
+    num_threads: int = 2
+
+    def build(self) -> Retriever:
+        from mlsd.models.retrieval.implicit_mf import ALSRetriever
+
+        return ALSRetriever(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class BPRSource:
+    """``[retrieval.bpr]``: Bayesian personalized ranking."""
+
+    factors: int = 64
+    learning_rate: float = 0.01
+    regularization: float = 0.01
+    iterations: int = 50
+    seed: int = 0
+    num_threads: int = 2
+
+    def build(self) -> Retriever:
+        from mlsd.models.retrieval.implicit_mf import BPRRetriever
+
+        return BPRRetriever(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class EASESource:
+    """``[retrieval.ease]``: the closed-form item-item model."""
+
+    l2: float = 200.0
+    half_life_days: float | None = None
+    max_items: int = 50_000
+    num_threads: int = 1
+
+    def build(self) -> Retriever:
+        from mlsd.models.retrieval.ease import EASERetriever
+
+        return EASERetriever(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class TwoTowerSource:
+    """``[retrieval.two_tower]``: the fields of ``TwoTowerConfig`` (see two_tower.py)."""
+
+    dim: int = 64
+    history_len: int = 50
+    pooling: Literal["mean", "attention"] = "mean"
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    logq_correction: bool = True
+    logq_window_events: int = 10_000
+    n_random_negatives: int = 0
+    history_gap_hours: float = 24.0
+    popularity_windows_days: tuple[float, ...] = (7.0, 30.0, 182.0)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    max_epochs: int = 20
+    patience: int = 3
+    val_frac: float = 0.1
+    refit: bool = False
+    user_features: tuple[str, ...] | None = None
+    max_feature_levels: int = 100
+    seed: int = 0
+    threads: int = 1
+
+    def build(self) -> Retriever:
+        from mlsd.models.retrieval.two_tower import TwoTowerConfig
+        from mlsd.models.retrieval.two_tower_train import TwoTowerRetriever
+
+        return TwoTowerRetriever(TwoTowerConfig(**dataclasses.asdict(self)), progress=False)
+
+
+SourceSection = (
+    PopularitySource | CovisitationSource | ALSSource | BPRSource | EASESource | TwoTowerSource
+)
+
+SOURCE_SECTIONS: dict[str, type[SourceSection]] = {
+    "popularity": PopularitySource,
+    "covisitation": CovisitationSource,
+    "als": ALSSource,
+    "bpr": BPRSource,
+    "ease": EASESource,
+    "two_tower": TwoTowerSource,
+}
+"""Candidate source name → its config section (which knows how to build the retriever)."""
+
+
+@dataclass(frozen=True)
+class RetrievalSection:
+    """``[retrieval]``: which candidate sources, their hyperparameters, the merge, the protocol.
+
+    Attributes:
+        sources: names from :data:`SOURCE_SECTIONS`, in merge priority order.
+        protocol: the evaluation protocol (the scalar keys of ``[retrieval]``).
+        merge: ``[retrieval.merge]``.
+        source_configs: name → its ``[retrieval.<name>]`` section (defaults when absent).
+    """
+
+    sources: tuple[str, ...] = tuple(SOURCE_SECTIONS)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    source_configs: Mapping[str, SourceSection] = field(
+        default_factory=lambda: {name: cls() for name, cls in SOURCE_SECTIONS.items()}
+    )
+
+    def factories(self) -> dict[str, SourceFactory]:
+        """Name → factory of an unfitted retriever, for every source in ``sources``."""
+        return {name: self.source_configs[name].build for name in self.sources}
+
+
 @dataclass(frozen=True)
 class FeedConfig:
     """``configs/feed.toml``: the personalized feed system."""
 
     features: FeaturesSection = field(default_factory=FeaturesSection)
     feature_store: FeatureStoreSection = field(default_factory=FeatureStoreSection)
+    retrieval: RetrievalSection = field(default_factory=RetrievalSection)
 
     def with_online_store(self, name: str) -> FeedConfig:
         """This config with another online store (``sqlite`` or ``redis``)."""
@@ -83,6 +244,52 @@ def load_feed_config(path: Path | None = None) -> FeedConfig:
         feature_store=_section(
             FeatureStoreSection, raw.get("feature_store", {}), path, "feature_store"
         ),
+        retrieval=_retrieval_section(raw.get("retrieval", {}), path),
+    )
+
+
+def _retrieval_section(values: dict[str, Any], path: Path) -> RetrievalSection:
+    """``[retrieval]``: scalar keys are the protocol, sub-tables the merge and the sources."""
+    tables = {"merge", *SOURCE_SECTIONS}
+    protocol_keys = {f.name for f in dataclasses.fields(ProtocolConfig)}
+    unknown = set(values) - tables - protocol_keys - {"sources"}
+    if unknown:
+        known = ", ".join(["sources", *sorted(protocol_keys), *sorted(tables)])
+        raise ValueError(
+            f"{path}: [retrieval] has unknown key(s) {', '.join(sorted(unknown))}; "
+            f"known keys and tables: {known}"
+        )
+    sources = _coerce(
+        values.get("sources", list(SOURCE_SECTIONS)),
+        tuple[str, ...],
+        f"{path}: [retrieval].sources",
+    )
+    bad = [name for name in sources if name not in SOURCE_SECTIONS]
+    if bad or not sources:
+        raise ValueError(
+            f"{path}: [retrieval].sources names unknown source(s) {bad}; choose from "
+            f"{', '.join(SOURCE_SECTIONS)}"
+        )
+    merge = _section(MergeConfig, values.get("merge", {}), path, "retrieval.merge")
+    extra = sorted(set(merge.quotas) - set(sources))
+    if extra:
+        raise ValueError(
+            f"{path}: [retrieval.merge].quotas names {extra}, which are not in "
+            f"[retrieval].sources {list(sources)}"
+        )
+    return RetrievalSection(
+        sources=sources,
+        protocol=_section(
+            ProtocolConfig,
+            {k: v for k, v in values.items() if k in protocol_keys},
+            path,
+            "retrieval",
+        ),
+        merge=merge,
+        source_configs={
+            name: _section(cls, values.get(name, {}), path, f"retrieval.{name}")
+            for name, cls in SOURCE_SECTIONS.items()
+        },
     )
 
 
@@ -105,7 +312,10 @@ def _section(cls: type[T], values: dict[str, Any], path: Path, name: str) -> T:
             known = ", ".join(hints)
             raise ValueError(f"{path}: [{name}] has unknown key {key!r}; known keys: {known}")
         kwargs[key] = _coerce(value, hints[key], f"{path}: [{name}].{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a value the section's own checks refuse
+        raise ValueError(f"{path}: [{name}]: {exc}") from exc
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -116,15 +326,34 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected one of {allowed}, got {value!r}")
         return value
     if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
         options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(value, options[0], where)
+        errors = []
+        for option in options:  # the first type that accepts the value (int before float)
+            try:
+                return _coerce(value, option, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(" or ".join(errors))
     if origin is tuple:
         if not isinstance(value, list):
             raise ValueError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)[:1]
         return tuple(_coerce(v, item, where) for v in value)
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
     if hint is str and not isinstance(value, str):
         raise ValueError(f"{where}: expected a string, got {value!r}")
     return value

@@ -1,12 +1,28 @@
-"""Calibration metrics: hand-computed cases, agreement with scikit-learn, clear errors."""
+"""Calibration and ranking metrics: hand-computed cases, agreement with scikit-learn, errors."""
 
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from sklearn.calibration import calibration_curve as sk_calibration_curve
+from sklearn.metrics import ndcg_score
 
-from mlsd.evaluation.metrics import calibration_curve, expected_calibration_error
+from mlsd.evaluation import metrics
+from mlsd.evaluation.metrics import (
+    average_precision_at_k_score,
+    bootstrap_mean_ci,
+    calibration_curve,
+    catalog_coverage_score,
+    expected_calibration_error,
+    hit_rate_at_k_score,
+    ndcg_at_k_score,
+    precision_at_k_score,
+    recall_at_k_score,
+    reciprocal_rank_score,
+)
 
 
 def test_ece_hand_computed_two_bins() -> None:
@@ -116,3 +132,151 @@ def test_quantile_bins_hold_equal_counts() -> None:
 def test_bad_inputs_raise_clear_errors(y_true, y_prob, kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         expected_calibration_error(y_true, y_prob, **kwargs)
+
+
+# --- ranking metrics ---------------------------------------------------------------------------
+
+# Three users; user 2 has a short (padded) list. Relevant: {2, 7}, {9}, {1, 3, 5}.
+RECOMMENDED = np.array([[7, 4, 2, 6], [1, 2, 3, 4], [3, 5, -1, -1]])
+RELEVANT = [np.array([2, 7]), np.array([9]), np.array([5, 1, 3])]
+
+
+def test_precision_recall_hit_hand_computed() -> None:
+    np.testing.assert_allclose(precision_at_k_score(RECOMMENDED, RELEVANT, k=2), [1 / 2, 0, 2 / 2])
+    np.testing.assert_allclose(precision_at_k_score(RECOMMENDED, RELEVANT, k=4), [2 / 4, 0, 2 / 4])
+    np.testing.assert_allclose(recall_at_k_score(RECOMMENDED, RELEVANT, k=1), [1 / 2, 0, 1 / 3])
+    np.testing.assert_allclose(recall_at_k_score(RECOMMENDED, RELEVANT, k=3), [1.0, 0, 2 / 3])
+    np.testing.assert_allclose(hit_rate_at_k_score(RECOMMENDED, RELEVANT, k=1), [1, 0, 1])
+
+
+def test_ndcg_map_mrr_hand_computed() -> None:
+    d = 1 / np.log2(np.arange(2, 6))  # discounts of ranks 1..4
+    # user 0: hits at ranks 1 and 3; ideal: ranks 1 and 2.
+    # user 2: hits at ranks 1 and 2 of 3 relevant; ideal@4 has 3 relevant in ranks 1..3.
+    expected = [(d[0] + d[2]) / (d[0] + d[1]), 0.0, (d[0] + d[1]) / (d[0] + d[1] + d[2])]
+    np.testing.assert_allclose(ndcg_at_k_score(RECOMMENDED, RELEVANT, k=4), expected)
+    # AP@4: user 0 (1/1 + 2/3) / 2; user 2 (1 + 1) / min(4, 3).
+    np.testing.assert_allclose(
+        average_precision_at_k_score(RECOMMENDED, RELEVANT, k=4), [(1 + 2 / 3) / 2, 0, 2 / 3]
+    )
+    np.testing.assert_allclose(reciprocal_rank_score(RECOMMENDED, RELEVANT), [1, 0, 1])
+    np.testing.assert_allclose(
+        reciprocal_rank_score(np.array([[4, 3, 2, 7]]), [np.array([7, 2])]), [1 / 3]
+    )
+    assert reciprocal_rank_score(np.array([[4, 3, 2, 7]]), [np.array([7])], k=3).tolist() == [0]
+
+
+def test_graded_ndcg_hand_computed() -> None:
+    # Gains: item 1 -> 3, item 2 -> 1. The list [2, 1] has DCG 1 + 3/log2(3); ideal 3 + 1/log2(3).
+    relevant = sp.csr_matrix(np.array([[0.0, 3.0, 1.0]]))
+    got = ndcg_at_k_score(np.array([[2, 1]]), relevant, k=2, graded=True)
+    np.testing.assert_allclose(got, [(1 + 3 / np.log2(3)) / (3 + 1 / np.log2(3))])
+    # Binary NDCG of the same list and set is 1: both items are relevant.
+    np.testing.assert_allclose(ndcg_at_k_score(np.array([[2, 1]]), relevant, k=2), [1.0])
+
+
+def test_csr_and_list_forms_agree_and_k_beyond_the_list_pads() -> None:
+    csr = sp.csr_matrix(
+        (np.ones(6), ([0, 0, 1, 2, 2, 2], [2, 7, 9, 5, 1, 3])), shape=(3, 12), dtype=np.float64
+    )
+    for fn in (precision_at_k_score, recall_at_k_score, ndcg_at_k_score):
+        np.testing.assert_allclose(fn(RECOMMENDED, csr, k=3), fn(RECOMMENDED, RELEVANT, k=3))
+    # k = 10 > K = 4: the missing ranks count as misses.
+    np.testing.assert_allclose(precision_at_k_score(RECOMMENDED, RELEVANT, k=10), [0.2, 0, 0.2])
+
+
+def test_users_without_relevant_items_are_nan_where_undefined() -> None:
+    rec = np.array([[1, 2], [3, 4]])
+    relevant = [np.array([2]), np.array([], dtype=np.int64)]
+    assert np.isnan(recall_at_k_score(rec, relevant, k=2)[1])
+    assert np.isnan(ndcg_at_k_score(rec, relevant, k=2)[1])
+    assert np.isnan(average_precision_at_k_score(rec, relevant, k=2)[1])
+    assert precision_at_k_score(rec, relevant, k=2)[1] == 0.0
+    assert reciprocal_rank_score(rec, relevant)[1] == 0.0
+    assert recall_at_k_score(rec, relevant, k=2)[0] == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 40])
+@pytest.mark.parametrize("graded", [False, True])
+def test_ndcg_matches_sklearn(k: int, graded: bool) -> None:
+    """Against sklearn's independent dense implementation (item ids = columns)."""
+    rng = np.random.default_rng(k)
+    n_users, n_items = 60, 40
+    y_true = rng.integers(0, 6, size=(n_users, n_items)) * (
+        rng.uniform(size=(n_users, n_items)) < 0.15
+    )
+    y_true[:, 0] = np.where(y_true.sum(axis=1) == 0, 2, y_true[:, 0])  # every user has one
+    if not graded:
+        y_true = (y_true > 0).astype(int)
+    y_score = rng.normal(size=(n_users, n_items))  # continuous: no ties
+    ranked = np.argsort(-y_score, axis=1)
+    for width in (n_items, min(k, n_items)):  # the full ranking, and a list cut at k
+        got = ndcg_at_k_score(ranked[:, :width], sp.csr_matrix(y_true), k=k, graded=graded)
+        assert got.mean() == pytest.approx(ndcg_score(y_true, y_score, k=k))
+
+
+def test_recall_is_monotone_and_complete_under_full_ranking() -> None:
+    rng = np.random.default_rng(3)
+    n_users, n_items = 50, 30
+    ranked = np.argsort(rng.normal(size=(n_users, n_items)), axis=1)
+    relevant = [rng.choice(n_items, size=rng.integers(1, 6), replace=False) for _ in range(n_users)]
+    recalls = np.stack([recall_at_k_score(ranked, relevant, k=k) for k in range(1, n_items + 1)])
+    assert (np.diff(recalls, axis=0) >= 0).all()
+    np.testing.assert_allclose(recalls[-1], 1.0)
+    n_rel = np.array([len(r) for r in relevant])
+    np.testing.assert_allclose(
+        precision_at_k_score(ranked, relevant, k=7) * 7,
+        recall_at_k_score(ranked, relevant, k=7) * n_rel,
+    )
+
+
+def test_catalog_coverage() -> None:
+    rec = np.array([[1, 2, -1], [2, 3, 99]])
+    assert catalog_coverage_score(rec, catalog=np.arange(1, 9)) == pytest.approx(3 / 8)
+    assert catalog_coverage_score(rec, catalog=np.arange(1, 9), k=1) == pytest.approx(2 / 8)
+    with pytest.raises(ValueError, match="catalog is empty"):
+        catalog_coverage_score(rec, catalog=[])
+
+
+@pytest.mark.parametrize(
+    ("recommended", "relevant", "kwargs", "message"),
+    [
+        (np.array([1, 2]), [np.array([1])], {"k": 1}, "must be 2-D"),
+        (np.array([[1.5, 2.0]]), [np.array([1])], {"k": 1}, "integer item ids"),
+        (np.array([[1, 1]]), [np.array([1])], {"k": 1}, "row 0 lists an item twice"),
+        (np.array([[1, -2]]), [np.array([1])], {"k": 1}, "padding is -1"),
+        (np.array([[1, 2]]), [np.array([1]), np.array([2])], {"k": 1}, "relevant has 2 users"),
+        (np.array([[1, 2]]), [np.array([-3])], {"k": 1}, "must be >= 0"),
+        (np.array([[1, 2]]), [np.array([1])], {"k": 0}, "positive integer"),
+    ],
+)
+def test_ranking_bad_inputs_raise_clear_errors(recommended, relevant, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        recall_at_k_score(recommended, relevant, **kwargs)
+
+
+def test_graded_ndcg_needs_gains() -> None:
+    with pytest.raises(ValueError, match="graded NDCG reads the gains from a CSR"):
+        ndcg_at_k_score(RECOMMENDED, RELEVANT, k=2, graded=True)
+
+
+def test_bootstrap_ci_covers_the_mean_and_shrinks_with_more_users() -> None:
+    rng = np.random.default_rng(4)
+    small = bootstrap_mean_ci(rng.uniform(size=100), seed=1)
+    large = bootstrap_mean_ci(rng.uniform(size=10_000), seed=1)
+    assert small.low < small.mean < small.high
+    assert large.high - large.low < (small.high - small.low) / 5  # width ~ 1/sqrt(n): 10x
+    # Normal approximation for a uniform(0, 1) mean: half-width 1.96 * sqrt(1/12 / n).
+    assert (large.high - large.low) / 2 == pytest.approx(1.96 * np.sqrt(1 / 12 / 10_000), rel=0.15)
+    assert bootstrap_mean_ci(np.full(5, 0.3)) == pytest.approx((0.3, 0.3, 0.3))
+    assert bootstrap_mean_ci([0.1, 0.9], seed=2) == bootstrap_mean_ci([0.1, 0.9], seed=2)
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_mean_ci([0.1, np.nan])
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_mean_ci([])
+
+
+def test_docstring_examples_hold() -> None:
+    result = doctest.testmod(metrics)
+    assert result.attempted >= 8
+    assert result.failed == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,61 @@ def test_bad_online_store_is_a_one_line_error(
     args = ["feed", "features", "apply", "--dataset", str(world), "--online-store", "dynamo"]
     assert run([*args, "--repo", str(tmp_path / "r")]) == 1
     assert "expected one of 'sqlite', 'redis'" in capsys.readouterr().err
+
+
+CHEAP_RETRIEVAL = """
+[retrieval]
+sources = ["covisitation", "als", "popularity"]
+ks = [10, 20, 50]
+n_bootstrap = 100
+[retrieval.merge]
+tune_k = 20
+quota_step = 0.25
+[retrieval.als]
+factors = 8
+iterations = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def retrieval_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("retrieval-world")
+    synthesize(WorldConfig(n_users=300, n_items=200, n_events=30_000, days=20), out)
+    return out
+
+
+def test_retrieve_eval_prints_the_protocol_and_writes_the_report(
+    retrieval_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(CHEAP_RETRIEVAL)
+    out = tmp_path / "reports" / "retrieval.json"
+    args = ["feed", "retrieve-eval", "--dataset", str(retrieval_world), "--config", str(config)]
+    assert run([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert [m["name"] for m in report["methods"]] == ["covisitation", "als", "popularity", "merged"]
+    counts = report["counts"]
+    assert counts["n_warm_users"] + counts["n_cold_users"] == counts["n_test_users"] > 0
+    assert report["validation"]["tune_k"] == 20
+    assert sum(report["quotas"].values()) == pytest.approx(1.0)
+    for method in report["methods"]:
+        assert set(method["metrics"]["all"]) == {"recall@10", "recall@20", "recall@50", "ndcg@10"}
+    # The printout states the protocol and shows every method and segment.
+    for text in (report["t1"], report["t2"], "full ranking", "bootstrap", "merge quotas"):
+        assert text.lower() in printed.lower()
+    for text in ("covisitation", "als", "popularity", "merged", "warm users", "cold users"):
+        assert text in printed
+    assert f"{counts['n_test_users']:,} ({counts['n_warm_users']:,} warm" in printed
+    recall = report["methods"][-1]["metrics"]["all"]["recall@20"]["mean"]
+    assert f"{recall:.3f}" in printed
+    assert f"report written to {out}" in printed.replace("\n", "")
+
+
+def test_retrieve_eval_on_a_missing_dataset_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["feed", "retrieve-eval", "--dataset", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "events.parquet: not found" in err
+    assert "Traceback" not in err

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mlsd.config import FeedConfig, load_feed_config
+
+if TYPE_CHECKING:
+    from mlsd.evaluation.retrieval import Estimate, RetrievalReport
 
 app = typer.Typer(help="The personalized feed system.", no_args_is_help=True)
 features_app = typer.Typer(
@@ -165,3 +168,93 @@ def features_get(
     for name, column in zip(names, matrix.T, strict=True):
         item_table.add_row(name, *(f"{v:.4g}" for v in column))
     console.print(item_table)
+
+
+@app.command("retrieve-eval")
+def retrieve_eval(
+    dataset: DatasetDir,
+    config: ConfigFile = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the full report as JSON here.")
+    ] = None,
+) -> None:
+    """Step 5: every candidate source and their merge under the global temporal split."""
+    from mlsd.evaluation.retrieval import evaluate_retrieval
+
+    retrieval = load_feed_config(config).retrieval
+    report = evaluate_retrieval(
+        dataset,
+        retrieval.factories(),
+        protocol=retrieval.protocol,
+        merge=retrieval.merge,
+        progress=True,
+    )
+    console.print(_protocol_table(report))
+    for table in _metrics_tables(report):
+        console.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report.to_json() + "\n")
+        console.print(f"report written to {out}")
+
+
+def _protocol_table(report: RetrievalReport) -> Table:
+    counts = report.counts
+    table = Table(title="retrieval evaluation", show_header=False, title_justify="left")
+    table.add_row("dataset", report.dataset)
+    table.add_row("protocol", report.protocol)
+    table.add_row("t1 (validation from)", report.t1)
+    table.add_row("t2 (test from)", report.t2)
+    table.add_row("train events (< t2)", f"{counts['n_train_events']:,}")
+    table.add_row("catalog items at t2", f"{counts['n_catalog_items']:,}")
+    table.add_row(
+        "test users",
+        f"{counts['n_test_users']:,} ({counts['n_warm_users']:,} warm, "
+        f"{counts['n_cold_users']:,} cold; {counts['n_test_active_users']:,} active, "
+        f"{counts['n_test_active_users'] - counts['n_test_users']:,} without a relevant item)",
+    )
+    quotas = ", ".join(f"{name} {q:g}" for name, q in report.quotas.items())
+    if report.validation is not None:
+        val = report.validation
+        recall = ", ".join(f"{name} {r:.3f}" for name, r in val.recall.items())
+        table.add_row(
+            "merge quotas",
+            f"{quotas} (tuned on {val.n_tune_users:,} validation users over "
+            f"{val.n_candidates:,} quota vectors)",
+        )
+        table.add_row(f"validation recall@{val.tune_k}", recall)
+    elif quotas:
+        table.add_row("merge quotas", f"{quotas} (from the config)")
+    return table
+
+
+def _cell(estimate: Estimate | None) -> str:
+    if estimate is None:
+        return "-"
+    return f"{estimate.mean:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"
+
+
+def _metrics_tables(report: RetrievalReport) -> list[Table]:
+    """One table per segment (all, warm, cold users): a row per method, a column per metric."""
+    names = [f"recall@{k}" for k in report.ks] + [f"ndcg@{report.ndcg_k}"]
+    counts = report.counts
+    users = {
+        "all": counts["n_test_users"],
+        "warm": counts["n_warm_users"],
+        "cold": counts["n_cold_users"],
+    }
+    tables = []
+    for segment, n_users in users.items():
+        title = f"test window, {segment} users ({n_users:,}): mean [95% bootstrap interval]"
+        table = Table(title=title, title_justify="left")
+        table.add_column("method")
+        if segment == "all":
+            table.add_column("fit s", justify="right")
+        for name in names:
+            table.add_column(name, justify="right")
+        for method in report.methods:
+            fit = [f"{method.fit_seconds:.2f}"] if segment == "all" else []
+            cells = [_cell(method.metrics[segment][name]) for name in names]
+            table.add_row(method.name, *fit, *cells)
+        tables.append(table)
+    return tables

@@ -1,0 +1,302 @@
+"""Candidate merge: the union of several sources' lists, with per-source quotas and dedupe.
+
+Each source gets a quota of the ``k`` slots: a fraction of ``k`` (a float in [0, 1]) or a count
+(an int). Sources are taken in priority order (the order of the mapping): each claims its best
+items not already claimed by an earlier source, up to its quota. Slots a source leaves unused
+(its list ran out, or it has no quota) are filled from the sources' next best items, again in
+priority order, so the list reaches ``k`` whenever the sources hold ``k`` distinct items.
+
+Every candidate keeps the source that claimed it and the set of all sources that proposed it:
+the ranker can use both as features, and an explanation can say "also liked by ...".
+
+The merged order fuses the sources' ranks, weighted by their quotas: an item sits at the best
+``(rank - 0.5) / quota`` over the sources (with a quota) that listed it, so sources interleave
+in proportion to their quotas and an item several sources rank high comes early; ties go to
+the earlier claim. The ranker re-orders candidates anyway; this order makes a merged list's
+NDCG meaningful on its own (and keeps a single source's order when the lists agree).
+
+    merged = merge_candidates({"als": als_items, "popularity": pop_items},
+                              {"als": 0.7, "popularity": 0.3}, k=200)
+    merged.item_ids       # (n_users, 200)
+    merged.sources_of(0, 0)  # ("als", "popularity"): both proposed user 0's first candidate
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Self, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from mlsd.models.retrieval.base import PAD_ITEM, FloatArray, IntArray, RetrievalData, Retriever
+
+Quota: TypeAlias = int | float
+"""A source's share of the ``k`` slots: a fraction of ``k`` (float in [0, 1]) or a count (int);
+so ``1.0`` is every slot and ``1`` is one."""
+
+NO_SOURCE = -1
+"""``MergedCandidates.source`` at padding."""
+
+_MAX_CHUNK_CELLS = 1 << 22
+
+
+@dataclass(frozen=True)
+class MergedCandidates:
+    """A merged candidate list per user, with where each candidate came from.
+
+    Attributes:
+        item_ids: ``(n_users, k)`` int64, padded with :data:`PAD_ITEM`.
+        source: ``(n_users, k)`` int8 index into ``source_names`` of the source that claimed
+            the candidate, :data:`NO_SOURCE` at padding.
+        proposers: ``(n_users, k)`` int64 bit mask: bit ``s`` is set when source ``s`` listed
+            the candidate (the claiming source included); 0 at padding.
+        source_names: the sources in priority order.
+    """
+
+    item_ids: IntArray
+    source: npt.NDArray[np.int8]
+    proposers: IntArray
+    source_names: tuple[str, ...]
+
+    def source_of(self, row: int, col: int) -> str | None:
+        """Name of the source that claimed candidate ``col`` of user row ``row``."""
+        index = int(self.source[row, col])
+        return None if index == NO_SOURCE else self.source_names[index]
+
+    def sources_of(self, row: int, col: int) -> tuple[str, ...]:
+        """Names of every source that proposed candidate ``col`` of user row ``row``."""
+        mask = int(self.proposers[row, col])
+        return tuple(name for s, name in enumerate(self.source_names) if mask >> s & 1)
+
+    def share_by_source(self) -> dict[str, float]:
+        """Fraction of the non-padding candidates each source claimed."""
+        real = self.source[self.source != NO_SOURCE]
+        counts = np.bincount(real, minlength=len(self.source_names))
+        total = max(int(counts.sum()), 1)
+        return {name: float(counts[s] / total) for s, name in enumerate(self.source_names)}
+
+
+def quota_counts(quotas: Sequence[Quota], k: int) -> IntArray:
+    """Slots per source for a list of ``k``, in priority order.
+
+    Fractions become counts by largest remainder, so fractions summing to 1 give exactly ``k``;
+    counts are kept as given; the running total is capped at ``k`` (later sources lose first).
+
+    Example:
+        >>> quota_counts([0.5, 0.3, 0.2], 7).tolist()
+        [4, 2, 1]
+        >>> quota_counts([150, 0.5], 200).tolist()
+        [150, 50]
+    """
+    for q in quotas:
+        if isinstance(q, bool) or not isinstance(q, int | float):
+            raise ValueError(f"a quota is a fraction of k (float) or a count (int), got {q!r}")
+        if isinstance(q, float) and not 0.0 <= q <= 1.0:
+            raise ValueError(f"a fractional quota must be in [0, 1], got {q}")
+        if q < 0:
+            raise ValueError(f"a quota count must be >= 0, got {q}")
+    fractions = np.array([q if isinstance(q, float) else 0.0 for q in quotas], dtype=np.float64)
+    if fractions.sum() > 1.0 + 1e-9:
+        raise ValueError(f"fractional quotas sum to {fractions.sum():.3f} > 1 of k")
+    raw = fractions * k
+    counts = np.floor(raw + 1e-9).astype(np.int64)
+    left = round(float(raw.sum())) - int(counts.sum())
+    if left > 0:
+        counts[np.argsort(-(raw - counts), kind="stable")[:left]] += 1
+    counts = np.where([isinstance(q, float) for q in quotas], counts, np.asarray(quotas, dtype=int))
+    capped = np.minimum(np.cumsum(counts), k)
+    return np.diff(capped, prepend=0).astype(np.int64)
+
+
+def merge_candidates(
+    candidates: Mapping[str, npt.ArrayLike], quotas: Mapping[str, Quota], k: int
+) -> MergedCandidates:
+    """Merge per-source candidate lists into one list of ``k`` per user.
+
+    Args:
+        candidates: source name → ``(n_users, L)`` item ids, best first, padded with -1; the
+            mapping's order is the sources' priority. Each row must not repeat an item.
+        quotas: source name → :data:`Quota`; a source without a quota only fills.
+        k: candidates per user.
+
+    Returns:
+        :class:`MergedCandidates` of shape ``(n_users, k)``.
+    """
+    names = tuple(candidates)
+    unknown = set(quotas) - set(names)
+    if unknown:
+        raise ValueError(f"quotas name unknown source(s) {sorted(unknown)}; sources: {names}")
+    if not names:
+        raise ValueError("merge_candidates needs at least one source")
+    if len(names) > 63:
+        raise ValueError(f"at most 63 sources can be merged, got {len(names)}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    lists = [np.asarray(candidates[name], dtype=np.int64) for name in names]
+    n_users = lists[0].shape[0]
+    for name, lst in zip(names, lists, strict=True):
+        if lst.ndim != 2 or lst.shape[0] != n_users:
+            raise ValueError(
+                f"candidates[{name!r}] has shape {lst.shape}; expected ({n_users}, L) like "
+                f"candidates[{names[0]!r}]"
+            )
+    counts = quota_counts([quotas.get(name, 0) for name in names], k)
+    out = MergedCandidates(
+        item_ids=np.full((n_users, k), PAD_ITEM, dtype=np.int64),
+        source=np.full((n_users, k), NO_SOURCE, dtype=np.int8),
+        proposers=np.zeros((n_users, k), dtype=np.int64),
+        source_names=names,
+    )
+    width = sum(lst.shape[1] for lst in lists)
+    chunk = max(1, _MAX_CHUNK_CELLS // max(2 * width, 1))
+    for start in range(0, n_users, chunk):
+        rows = slice(start, min(start + chunk, n_users))
+        _merge_chunk([lst[rows] for lst in lists], counts, k, out, rows)
+    return out
+
+
+def _item_columns(lists: list[IntArray]) -> tuple[list[IntArray], int]:
+    """A column per distinct item of each row, shared by the sources; and the table width.
+
+    Small ids (e.g. catalog positions) index a dense table directly; otherwise each row's items
+    are numbered by sorting the row, so the table is at most the lists' total width (memory
+    stays ``n_users × width`` however large the id space).
+    """
+    both = np.concatenate(lists, axis=1)
+    width = both.shape[1]
+    top = int(both.max(initial=PAD_ITEM))
+    if top + 2 <= 4 * width:
+        local = both - PAD_ITEM
+        n_cols = top + 2
+    else:
+        order = np.argsort(both, axis=1, kind="stable")
+        ordered = np.take_along_axis(both, order, axis=1)
+        first = np.ones(ordered.shape, dtype=bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        local = np.empty_like(both)
+        np.put_along_axis(local, order, np.cumsum(first, axis=1) - 1, axis=1)
+        n_cols = width
+    bounds = np.cumsum([lst.shape[1] for lst in lists])[:-1]
+    return list(np.split(local, bounds, axis=1)), n_cols
+
+
+def _merge_chunk(
+    lists: list[IntArray], counts: IntArray, k: int, out: MergedCandidates, rows: slice
+) -> None:
+    """Merge one block of users into ``out[rows]``, vectorised over the block."""
+    n = lists[0].shape[0]
+    cols, n_cols = _item_columns(lists)
+    user = np.arange(n)[:, None]
+    taken = np.zeros((n, n_cols), dtype=bool)
+    proposed = np.zeros((n, n_cols), dtype=np.int64)
+    fused = np.full((n, n_cols), np.inf)  # best (rank - 0.5) / quota over the proposers
+    for s, (lst, col) in enumerate(zip(lists, cols, strict=True)):
+        real = lst != PAD_ITEM
+        where = (np.broadcast_to(user, lst.shape)[real], col[real])
+        proposed[where] |= np.int64(1) << s
+        if counts[s] > 0:
+            rank = np.broadcast_to(np.arange(lst.shape[1]) + 0.5, lst.shape)[real] / counts[s]
+            np.minimum.at(fused, where, rank)
+
+    def claim(s: int, limit: IntArray) -> tuple[npt.NDArray[np.bool_], IntArray]:
+        """Source ``s`` takes its best unclaimed items, up to ``limit`` per user."""
+        free = (lists[s] != PAD_ITEM) & ~taken[user, cols[s]]
+        rank = np.cumsum(free, axis=1)
+        take = free & (rank <= limit[:, None])
+        taken[np.broadcast_to(user, take.shape)[take], cols[s][take]] = True
+        return take, rank
+
+    picks: list[tuple[int, npt.NDArray[np.float64]]] = []  # (source, sort key; inf = not taken)
+    for s, q in enumerate(counts):
+        if q > 0:
+            # The j-th claimed item (1-based) of q sits at (j - 0.5) / q in (0, 1).
+            take, rank = claim(s, np.full(n, q, dtype=np.int64))
+            picks.append((s, np.where(take, (rank - 0.5) / q, np.inf)))
+    for s in range(len(lists)):
+        # Slots still free go to the next best unclaimed items, after every quota (key >= 2).
+        left = k - taken.sum(axis=1)
+        if not left.any():
+            break
+        filled = (k - left)[:, None]
+        take, rank = claim(s, left)
+        picks.append((s, np.where(take, 2.0 + filled + rank, np.inf)))
+    if not picks:
+        return
+    key = np.concatenate([key for _, key in picks], axis=1)
+    every_col = np.concatenate([cols[s] for s, _ in picks], axis=1)
+    # Order: by the fused rank, then the claim order; lexsort is stable, so ties go to the
+    # earlier source. Unchosen entries (key inf) sort last whatever their fused rank.
+    fused_key = np.where(np.isfinite(key), fused[user, every_col], np.inf)
+    order = np.lexsort((key, fused_key, ~np.isfinite(key)), axis=1)[:, :k]
+    chosen = np.isfinite(np.take_along_axis(key, order, axis=1))
+
+    def pick(arrays: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
+        return np.take_along_axis(np.concatenate(arrays, axis=1), order, axis=1)
+
+    width = order.shape[1]
+    out.item_ids[rows, :width] = np.where(chosen, pick([lists[s] for s, _ in picks]), PAD_ITEM)
+    source = pick([np.full(lists[s].shape, s, dtype=np.int64) for s, _ in picks])
+    out.source[rows, :width] = np.where(chosen, source, NO_SOURCE)
+    col = pick([cols[s] for s, _ in picks])
+    out.proposers[rows, :width] = np.where(chosen, proposed[user, col], 0)
+
+
+class MergedRetriever(Retriever):
+    """Several retrievers as one: each answers ``k`` items, :func:`merge_candidates` merges them.
+
+    ``fit`` fits every source in place, in priority order (the mapping's order).
+
+    Args:
+        sources: name → retriever, in priority order.
+        quotas: name → :data:`Quota` (fraction of ``k`` or a count); missing names only fill.
+
+    Attributes:
+        fit_seconds_: name → wall seconds of that source's ``fit``.
+    """
+
+    name = "merged"
+
+    fit_seconds_: dict[str, float]
+
+    def __init__(self, sources: Mapping[str, Retriever], quotas: Mapping[str, Quota]) -> None:
+        if not sources:
+            raise ValueError("MergedRetriever needs at least one source")
+        unknown = set(quotas) - set(sources)
+        if unknown:
+            raise ValueError(f"quotas name unknown source(s) {sorted(unknown)}")
+        quota_counts(list(quotas.values()), 1)  # validates the values early
+        self.sources = dict(sources)
+        self.quotas = dict(quotas)
+
+    def fit(self, train: RetrievalData) -> Self:
+        fit_seconds: dict[str, float] = {}
+        for name, source in self.sources.items():
+            start = time.perf_counter()
+            source.fit(train)
+            fit_seconds[name] = time.perf_counter() - start
+        self.fit_seconds_ = fit_seconds
+        return self
+
+    def recommend_candidates(
+        self, user_ids: npt.ArrayLike, k: int, *, exclude_seen: bool = True
+    ) -> MergedCandidates:
+        """The merged ``(n_users, k)`` candidates with their sources (for the ranker)."""
+        if not hasattr(self, "fit_seconds_"):
+            raise RuntimeError("MergedRetriever is not fitted yet; call fit(train) first")
+        lists = {
+            name: source.recommend(user_ids, k, exclude_seen=exclude_seen)[0]
+            for name, source in self.sources.items()
+        }
+        return merge_candidates(lists, self.quotas, k)
+
+    def recommend(
+        self, user_ids: npt.ArrayLike, k: int, *, exclude_seen: bool = True
+    ) -> tuple[IntArray, FloatArray]:
+        merged = self.recommend_candidates(user_ids, k, exclude_seen=exclude_seen)
+        # Scores encode the merged order only: k, k - 1, ..., -inf at padding.
+        scores = np.broadcast_to(np.arange(k, 0, -1, dtype=np.float32), merged.item_ids.shape)
+        scores = np.where(merged.item_ids == PAD_ITEM, -np.inf, scores).astype(np.float32)
+        return merged.item_ids, scores

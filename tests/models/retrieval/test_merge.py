@@ -1,0 +1,239 @@
+"""Candidate merge: quotas, dedupe by priority, fill to k, sources kept; the merged retriever."""
+
+from __future__ import annotations
+
+from typing import Self
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from mlsd.models.retrieval import merge
+from mlsd.models.retrieval.base import (
+    PAD_ITEM,
+    FloatArray,
+    IntArray,
+    InteractionMatrix,
+    RetrievalData,
+    Retriever,
+)
+from mlsd.models.retrieval.merge import (
+    NO_SOURCE,
+    MergedRetriever,
+    merge_candidates,
+    quota_counts,
+)
+from mlsd.models.retrieval.popularity import PopularityRetriever
+from mlsd.models.retrieval.topk import recommend_from_scores
+from tests.models.retrieval.contract import RetrieverContract
+
+A = np.array([[1, 2, 3, 4, 5, 6], [1, 2, -1, -1, -1, -1]])
+B = np.array([[3, 9, 8, 7, 1, 10], [3, 4, 5, 6, 7, 8]])
+
+
+def test_hand_computed_merge_interleaves_dedupes_and_keeps_sources() -> None:
+    merged = merge_candidates({"a": A, "b": B}, {"a": 0.5, "b": 0.5}, k=6)
+    # User 0: a claims 1, 2, 3; b skips 3 (claimed by a) and claims 9, 8, 7. Order by the best
+    # (rank - 0.5) / 3 over the proposers: 1 and 3 (b's first) at 1/6, 9 and 2 at 1/2, 8, 7.
+    # User 1: a runs out after 1, 2; b claims 3, 4, 5, and fills the slot a left with 6.
+    np.testing.assert_array_equal(merged.item_ids, [[1, 3, 9, 2, 8, 7], [1, 3, 2, 4, 5, 6]])
+    np.testing.assert_array_equal(merged.source, [[0, 0, 1, 0, 1, 1], [0, 1, 0, 1, 1, 1]])
+    assert merged.sources_of(0, 0) == ("a", "b")  # item 1: b lists it too
+    assert merged.sources_of(0, 1) == ("a", "b")  # item 3: claimed by a, proposed by both
+    assert merged.sources_of(0, 2) == ("b",)
+    assert merged.source_of(0, 1) == "a"
+    assert merged.source_of(1, 1) == "b"
+    assert merged.share_by_source() == pytest.approx({"a": 5 / 12, "b": 7 / 12})
+
+
+def test_earlier_source_claims_a_shared_item_even_when_it_ranks_it_lower() -> None:
+    first = np.array([[10, 11, 12, 99]])
+    second = np.array([[99, 20, 21, 22]])
+    merged = merge_candidates({"first": first, "second": second}, {"first": 0.5, "second": 0.5}, 4)
+    # first's quota of 2 is 10, 11 (99 is beyond it), so second may claim 99.
+    assert merged.item_ids[0].tolist() == [10, 99, 11, 20]
+    merged = merge_candidates({"first": first, "second": second}, {"first": 1.0, "second": 0.0}, 4)
+    assert merged.item_ids[0].tolist() == [10, 11, 12, 99]
+    assert merged.sources_of(0, 3) == ("first", "second")
+    assert merged.source_of(0, 3) == "first"
+
+
+def test_sources_that_agree_keep_their_order_whatever_the_quotas() -> None:
+    """Cold users get the same fallback list from every source: the merge must not reshuffle it."""
+    same = np.array([[5, 4, 3, 2, 1, 0, 9, 8]])
+    for quotas in ({"x": 0.2, "y": 0.3, "z": 0.5}, {"x": 0.0, "y": 0.9, "z": 0.1}):
+        merged = merge_candidates({"x": same, "y": same, "z": same}, quotas, 8)
+        np.testing.assert_array_equal(merged.item_ids, same)
+        assert set(merged.sources_of(0, 0)) == {"x", "y", "z"}
+
+
+def test_a_single_source_with_the_whole_quota_is_returned_unchanged() -> None:
+    merged = merge_candidates({"a": A}, {"a": 1.0}, k=6)
+    np.testing.assert_array_equal(merged.item_ids, A)
+    assert (merged.source[A != PAD_ITEM] == 0).all()
+    assert (merged.source[A == PAD_ITEM] == NO_SOURCE).all()
+    assert (merged.proposers[A == PAD_ITEM] == 0).all()
+
+
+def test_a_source_without_quota_only_fills_and_k_beyond_the_union_pads() -> None:
+    merged = merge_candidates({"a": A, "b": B}, {"a": 0.5}, k=4)
+    np.testing.assert_array_equal(merged.item_ids, [[1, 2, 3, 4], [1, 2, 3, 4]])
+    np.testing.assert_array_equal(merged.source, [[0, 0, 0, 0], [0, 0, 1, 1]])
+    wide = merge_candidates({"a": A, "b": B}, {"a": 0.5, "b": 0.5}, k=12)
+    assert sorted(wide.item_ids[0][wide.item_ids[0] != PAD_ITEM].tolist()) == [*range(1, 11)]
+    assert wide.item_ids[0, 10:].tolist() == [PAD_ITEM, PAD_ITEM]
+    assert (wide.item_ids[1, 8:] == PAD_ITEM).all()  # user 1 has 8 distinct items
+
+
+def test_random_lists_keep_the_invariants() -> None:
+    rng = np.random.default_rng(0)
+    n_users, n_items, length, k = 40, 60, 25, 30
+    lists = {
+        name: np.stack([rng.permutation(n_items)[:length] for _ in range(n_users)])
+        for name in ("x", "y", "z")
+    }
+    lists["z"][:, 10:] = PAD_ITEM  # z runs short, its unused quota must be filled
+    quotas = {"x": 0.5, "y": 0.2, "z": 0.3}
+    merged = merge_candidates(lists, quotas, k)
+    for u in range(n_users):
+        row = merged.item_ids[u]
+        union = set().union(*(set(lst[u].tolist()) for lst in lists.values())) - {PAD_ITEM}
+        assert len(set(row.tolist())) == k  # full, no duplicates
+        assert set(row.tolist()) <= union
+        for j, item in enumerate(row):
+            proposers = {name for name, lst in lists.items() if item in lst[u]}
+            assert set(merged.sources_of(u, j)) == proposers
+            assert merged.source_of(u, j) in proposers
+        # x (first) always gets its full quota of 15, y its 6 (from what x left).
+        assert (merged.source[u] == 0).sum() >= 15
+        assert set(lists["x"][u][:15].tolist()) <= set(row[merged.source[u] == 0].tolist())
+
+
+def test_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    lists = {n: np.stack([rng.permutation(50)[:20] for _ in range(30)]) for n in ("p", "q")}
+    whole = merge_candidates(lists, {"p": 0.6, "q": 0.4}, 20)
+    monkeypatch.setattr(merge, "_MAX_CHUNK_CELLS", 100)  # 1 user per block
+    chunked = merge_candidates(lists, {"p": 0.6, "q": 0.4}, 20)
+    np.testing.assert_array_equal(whole.item_ids, chunked.item_ids)
+    np.testing.assert_array_equal(whole.proposers, chunked.proposers)
+
+
+def test_large_ids_give_the_same_merge_as_small_ids() -> None:
+    """Ids far above the list width take the sort path instead of the dense table."""
+    rng = np.random.default_rng(2)
+    lists = {n: np.stack([rng.permutation(40)[:15] for _ in range(10)]) for n in ("p", "q")}
+    lists["q"][:, 12:] = PAD_ITEM
+    shift = 10**12
+    shifted = {n: np.where(lst == PAD_ITEM, PAD_ITEM, lst + shift) for n, lst in lists.items()}
+    small = merge_candidates(lists, {"p": 0.3, "q": 0.7}, 20)
+    large = merge_candidates(shifted, {"p": 0.3, "q": 0.7}, 20)
+    np.testing.assert_array_equal(
+        np.where(small.item_ids == PAD_ITEM, PAD_ITEM, small.item_ids + shift), large.item_ids
+    )
+    np.testing.assert_array_equal(small.proposers, large.proposers)
+    np.testing.assert_array_equal(small.source, large.source)
+
+
+def test_memory_does_not_grow_with_the_id_space() -> None:
+    """Disjoint lists over a big catalog: the dedupe table is users × list width, not × catalog."""
+    import tracemalloc
+
+    n_users, length = 500, 100
+    ids = np.arange(n_users * 2 * length, dtype=np.int64).reshape(2, n_users, length) * 7
+    tracemalloc.start()
+    merged = merge_candidates({"p": ids[0], "q": ids[1]}, {"p": 0.5, "q": 0.5}, length)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (merged.item_ids != PAD_ITEM).all()
+    # A users × distinct-items table would be 500 × 100,000 × 9 bytes = 450 MB.
+    assert peak < 40e6, peak
+
+
+def test_quota_counts() -> None:
+    assert quota_counts([0.5, 0.3, 0.2], 7).tolist() == [4, 2, 1]
+    assert quota_counts([1 / 3, 1 / 3, 1 / 3], 200).tolist() == [67, 67, 66]
+    assert quota_counts([0.25, 0.25], 200).tolist() == [50, 50]  # sum < 1: the rest fills
+    assert quota_counts([150, 100], 200).tolist() == [150, 50]  # counts capped at k in order
+    assert quota_counts([0.0, 1.0], 5).tolist() == [0, 5]
+
+
+@pytest.mark.parametrize(
+    ("quotas", "message"),
+    [
+        ([0.7, 0.6], r"sum to 1.300 > 1"),
+        ([1.5], r"must be in \[0, 1\]"),
+        ([-2], r"must be >= 0"),
+        ([True], "fraction of k"),
+        (["half"], "fraction of k"),
+    ],
+)
+def test_bad_quotas_raise(quotas: list[object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        quota_counts(quotas, 10)  # type: ignore[arg-type]
+
+
+def test_bad_candidates_raise() -> None:
+    with pytest.raises(ValueError, match=r"unknown source\(s\) \['c'\]"):
+        merge_candidates({"a": A}, {"c": 0.5}, 4)
+    with pytest.raises(ValueError, match=r"candidates\['b'\] has shape \(1, 6\)"):
+        merge_candidates({"a": A, "b": B[:1]}, {"a": 0.5}, 4)
+
+
+class _HighestIdRetriever(Retriever):
+    """Recommends the highest item ids: a second source unlike popularity."""
+
+    name = "highest_id"
+
+    def fit(self, train: RetrievalData) -> Self:
+        self.interactions_ = InteractionMatrix.from_events(train.events, train.items["item_id"])
+        return self
+
+    def recommend(
+        self, user_ids: npt.ArrayLike, k: int, *, exclude_seen: bool = True
+    ) -> tuple[IntArray, FloatArray]:
+        scores = self.interactions_.item_ids.astype(np.float32)
+        return recommend_from_scores(
+            user_ids,
+            k,
+            interactions=self.interactions_,
+            score_rows=lambda rows: np.broadcast_to(scores, (len(rows), len(scores))),
+            fallback_scores=scores,
+            exclude_seen=exclude_seen,
+        )
+
+
+def _merged() -> MergedRetriever:
+    sources = {"popularity": PopularityRetriever(), "highest_id": _HighestIdRetriever()}
+    return MergedRetriever(sources, {"popularity": 0.75, "highest_id": 0.25})
+
+
+class TestMergedRetriever(RetrieverContract):
+    def make_retriever(self) -> Retriever:
+        return _merged()
+
+
+def test_merged_retriever_is_the_merge_of_its_fitted_sources(
+    contract_data: RetrievalData,
+) -> None:
+    retriever = _merged().fit(contract_data)
+    assert set(retriever.fit_seconds_) == {"popularity", "highest_id"}
+    users = contract_data.events["user_id"].drop_duplicates().to_numpy()[:5]
+    lists = {n: s.recommend(users, 20)[0] for n, s in retriever.sources.items()}
+    expected = merge_candidates(lists, retriever.quotas, 20)
+    candidates = retriever.recommend_candidates(users, 20)
+    items, scores = retriever.recommend(users, 20)
+    np.testing.assert_array_equal(items, expected.item_ids)
+    np.testing.assert_array_equal(candidates.source, expected.source)
+    assert (candidates.source == 0).sum() == 5 * 15
+    assert (candidates.source == 1).sum() == 5 * 5
+    assert (np.diff(scores, axis=1) < 0).all()
+
+
+def test_merged_retriever_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown source"):
+        MergedRetriever({"popularity": PopularityRetriever()}, {"als": 0.5})
+    with pytest.raises(ValueError, match="at least one source"):
+        MergedRetriever({}, {})
+    with pytest.raises(RuntimeError, match="not fitted"):
+        _merged().recommend(np.array([1]), 5)
