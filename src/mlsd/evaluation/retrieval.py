@@ -48,6 +48,7 @@ SourceFactory = Callable[[], Retriever]
 
 MERGED = "merged"
 SEGMENTS = ("all", "warm", "cold")
+"""The user groups every metric is reported on."""
 
 
 @dataclass(frozen=True)
@@ -393,7 +394,9 @@ def score_lists(
     }
     k = protocol.ndcg_k
     per_user[f"ndcg@{k}"] = ndcg_at_k_score(lists_at(k), task.relevant, k=k)
-    masks = {"all": np.ones(len(task.user_ids), bool), "warm": task.warm, "cold": ~task.warm}
+    masks = dict(
+        zip(SEGMENTS, (np.ones(len(task.user_ids), bool), task.warm, ~task.warm), strict=True)
+    )
     out: dict[str, dict[str, Estimate | None]] = {}
     for segment, mask in masks.items():
         out[segment] = {
