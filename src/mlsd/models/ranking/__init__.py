@@ -1,0 +1,1 @@
+"""Ranking: rankers that order a few hundred candidates by predicted engagement."""

@@ -1,0 +1,182 @@
+"""The ``Ranker`` protocol every second-stage model implements, and the data it learns from.
+
+scikit-learn style: hyperparameters in ``__init__``, ``fit(train, valid) -> self``, learned state
+in attributes ending in ``_``. A ranker scores (request, candidate) rows; one request's rows form
+a *group* (needed by listwise objectives such as LambdaRank, ignored by pointwise ones).
+
+Rows are plain tables so every ranker (scikit-learn, LightGBM, PyTorch) reads the same thing:
+``numeric`` columns are finite floats, ``categorical`` columns are int codes in
+``[0, cardinality)`` with 0 reserved for "unknown". Rankers persist themselves with ``save`` /
+``load`` in safe formats (JSON, LightGBM text, ``torch.load(weights_only=True)``), never pickle,
+since serving loads them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+PRIMARY_LABEL = "click"
+"""The label every ranker is trained and evaluated on; other labels feed multi-task heads."""
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Which columns a ranker reads, and how.
+
+    Attributes:
+        numeric: float feature columns (finite; rankers standardise them as they need).
+        categorical: int-code columns, each in ``[0, cardinalities[name])``, 0 = unknown.
+        cardinalities: number of codes of each categorical column (including 0).
+    """
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...] = ()
+    cardinalities: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [c for c in self.categorical if c not in self.cardinalities]
+        if missing:
+            raise ValueError(f"FeatureSchema: no cardinality for categorical columns {missing}")
+        overlap = set(self.numeric) & set(self.categorical)
+        if overlap:
+            raise ValueError(
+                f"FeatureSchema: columns {sorted(overlap)} are numeric and categorical"
+            )
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.numeric, *self.categorical)
+
+    def check(self, features: pd.DataFrame, *, name: str = "features") -> None:
+        """Raise a ValueError naming the column (and a row) that breaks the schema."""
+        missing = [c for c in self.columns if c not in features.columns]
+        if missing:
+            raise ValueError(f"{name}: missing feature columns {missing}")
+        for column in self.numeric:
+            values = features[column].to_numpy(dtype=np.float64)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"{name}: column {column!r} row {row}: {values[row]} is not finite"
+                )
+        for column in self.categorical:
+            codes = features[column].to_numpy()
+            if not np.issubdtype(codes.dtype, np.integer):
+                raise ValueError(f"{name}: categorical column {column!r} must hold int codes")
+            bad = (codes < 0) | (codes >= self.cardinalities[column])
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"{name}: column {column!r} row {row}: code {codes[row]} outside "
+                    f"[0, {self.cardinalities[column]})"
+                )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "numeric": list(self.numeric),
+            "categorical": list(self.categorical),
+            "cardinalities": dict(self.cardinalities),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, object]) -> FeatureSchema:
+        numeric = raw["numeric"]
+        categorical = raw.get("categorical", [])
+        cardinalities = raw.get("cardinalities", {})
+        if not (
+            isinstance(numeric, list)
+            and isinstance(categorical, list)
+            and isinstance(cardinalities, dict)
+        ):
+            raise ValueError(f"FeatureSchema: malformed {dict(raw)!r}")
+        return cls(
+            tuple(numeric), tuple(categorical), {str(k): int(v) for k, v in cardinalities.items()}
+        )
+
+
+@dataclass(frozen=True)
+class RankingData:
+    """Labelled (request, candidate) rows.
+
+    Attributes:
+        features: one row per candidate; at least ``schema.columns``.
+        labels: label name → ``(n,)`` float array; :data:`PRIMARY_LABEL` (0/1) is required,
+            others (e.g. ``"rating"`` scaled to [0, 1]) are optional extra targets.
+        groups: ``(n,)`` int64 request id of each row; a request's rows are contiguous.
+        schema: the feature columns.
+    """
+
+    features: pd.DataFrame
+    labels: Mapping[str, FloatArray]
+    groups: IntArray
+    schema: FeatureSchema
+
+    def __post_init__(self) -> None:
+        n = len(self.features)
+        if PRIMARY_LABEL not in self.labels:
+            raise ValueError(f"RankingData: the {PRIMARY_LABEL!r} label is required")
+        for name, values in self.labels.items():
+            if len(values) != n:
+                raise ValueError(f"RankingData: label {name!r} has {len(values)} rows, not {n}")
+        if len(self.groups) != n:
+            raise ValueError(f"RankingData: groups has {len(self.groups)} rows, not {n}")
+        if n and (np.diff(self.groups) != 0).sum() + 1 != len(np.unique(self.groups)):
+            raise ValueError("RankingData: the rows of each group must be contiguous")
+        self.schema.check(self.features, name="RankingData.features")
+
+    @property
+    def label(self) -> FloatArray:
+        """The primary label."""
+        return np.asarray(self.labels[PRIMARY_LABEL], dtype=np.float64)
+
+    def group_sizes(self) -> IntArray:
+        """Rows per group, in row order (LightGBM's ``group``)."""
+        if len(self.groups) == 0:
+            return np.zeros(0, dtype=np.int64)
+        starts = np.flatnonzero(np.r_[True, self.groups[1:] != self.groups[:-1]])
+        return np.diff(np.r_[starts, len(self.groups)]).astype(np.int64)
+
+    def take(self, rows: npt.ArrayLike) -> RankingData:
+        """A subset of rows (keep whole groups together to stay valid)."""
+        index = np.asarray(rows, dtype=np.int64)
+        return RankingData(
+            self.features.iloc[index].reset_index(drop=True),
+            {name: np.asarray(v)[index] for name, v in self.labels.items()},
+            self.groups[index],
+            self.schema,
+        )
+
+
+class Ranker(ABC):
+    """A second-stage model: ``fit`` on labelled candidates, ``predict`` scores for new ones."""
+
+    name: str = "ranker"
+
+    @abstractmethod
+    def fit(self, train: RankingData, valid: RankingData | None = None) -> Self:
+        """Learn from ``train``; ``valid`` may drive early stopping. Returns ``self``."""
+
+    @abstractmethod
+    def predict(self, features: pd.DataFrame) -> FloatArray:
+        """``(n,)`` float64 scores, higher = more likely engaged (same columns as at fit)."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write the fitted ranker to the directory ``path`` (safe formats only)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path) -> Self:
+        """Read a ranker written by :meth:`save`."""
