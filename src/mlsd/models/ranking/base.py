@@ -146,7 +146,8 @@ class RankingData:
         if len(self.groups) == 0:
             return np.zeros(0, dtype=np.int64)
         starts = np.flatnonzero(np.r_[True, self.groups[1:] != self.groups[:-1]])
-        return np.diff(np.r_[starts, len(self.groups)]).astype(np.int64)
+        sizes: IntArray = np.diff(np.r_[starts, len(self.groups)]).astype(np.int64)
+        return sizes
 
     def take(self, rows: npt.ArrayLike) -> RankingData:
         """A subset of rows (keep whole groups together to stay valid)."""
