@@ -1,0 +1,178 @@
+"""The offline stages of the full pipeline: retrieve → ranker rows → rank → re-rank.
+
+Each function is one stage with explicit inputs and outputs, so the protocols of
+:mod:`mlsd.evaluation.offline` (temporal, random per user) compose them in the same order the
+request path runs them, and time them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from mlsd.features.definitions import FeatureConfig
+from mlsd.models.ranking.base import FloatArray, Ranker, RankingData
+from mlsd.models.ranking.candidates import (
+    FeatureLayout,
+    SourceLists,
+    Vocabulary,
+    candidate_pairs,
+    label_pairs,
+    pair_features,
+    ranker_frame,
+    ranking_data,
+)
+from mlsd.models.retrieval.base import PAD_ITEM, IntArray, RetrievalData, Retriever
+from mlsd.models.retrieval.merge import MergedCandidates, Quota, merge_candidates
+
+SourceFactory = Callable[[], Retriever]
+RankerFactory = Callable[[], Ranker]
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Every source fit on one window and asked for the same users.
+
+    Attributes:
+        lists: each source's ``(n_users, L)`` items and scores.
+        fit_seconds, recommend_seconds: per source.
+    """
+
+    lists: SourceLists
+    fit_seconds: dict[str, float]
+    recommend_seconds: dict[str, float]
+
+
+def retrieve(
+    train: RetrievalData,
+    user_ids: IntArray,
+    sources: Mapping[str, SourceFactory],
+    *,
+    k: int,
+    on_source: Callable[[str], None] | None = None,
+) -> Retrieved:
+    """Fit each source on ``train`` and list ``k`` unseen items for every user."""
+    items: dict[str, IntArray] = {}
+    scores: dict[str, npt.NDArray[np.floating]] = {}
+    fit_s: dict[str, float] = {}
+    rec_s: dict[str, float] = {}
+    for name, make in sources.items():
+        if on_source is not None:
+            on_source(name)
+        start = time.perf_counter()
+        retriever = make().fit(train)
+        fitted = time.perf_counter()
+        items[name], scores[name] = retriever.recommend(user_ids, k, exclude_seen=True)
+        fit_s[name] = fitted - start
+        rec_s[name] = time.perf_counter() - fitted
+    return Retrieved(SourceLists(items, scores), fit_s, rec_s)
+
+
+def merge(retrieved: Retrieved, quotas: Mapping[str, Quota], k: int) -> MergedCandidates:
+    """The merged candidates of :func:`retrieve`'s lists."""
+    return merge_candidates(retrieved.lists.items, quotas, k)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The ranker rows of one or more windows: raw pair features and the ranker's view."""
+
+    pairs: pd.DataFrame
+    data: RankingData
+
+
+LABEL_PREFIX = "label:"
+"""Label columns of a :func:`window_frame` (``label:click``, ``label:rating``)."""
+
+
+def window_frame(
+    user_ids: IntArray,
+    merged: MergedCandidates,
+    retrieved: Retrieved,
+    *,
+    dataset_dir: Path,
+    train_events: pd.DataFrame,
+    as_of: pd.Timestamp,
+    label_window: pd.DataFrame,
+    feature_config: FeatureConfig,
+    items: pd.DataFrame | None = None,
+    min_value: float | None = None,
+) -> pd.DataFrame:
+    """Candidate pairs with features as of ``as_of`` and labels from ``label_window``."""
+    pairs = candidate_pairs(user_ids, merged, retrieved.lists)
+    frame = pair_features(
+        pairs,
+        dataset_dir=dataset_dir,
+        train_events=train_events,
+        as_of=as_of,
+        config=feature_config,
+        items=items,
+    )
+    for name, values in label_pairs(pairs, label_window, min_value=min_value).items():
+        frame[LABEL_PREFIX + name] = values
+    return frame
+
+
+def to_rows(
+    frames: list[pd.DataFrame],
+    feature_config: FeatureConfig,
+    vocabulary: Vocabulary | None = None,
+) -> tuple[Rows, Vocabulary, FeatureLayout]:
+    """Stack window frames into ranker rows; a group is one user in one window.
+
+    Fits the vocabulary on these rows unless one is given (the ranker's, at test time).
+    """
+    frame = pd.concat(frames, ignore_index=True)
+    window = np.repeat(np.arange(len(frames)), [len(f) for f in frames])
+    layout = FeatureLayout.of(frame, feature_config)
+    if vocabulary is None:
+        vocabulary = Vocabulary().fit(frame, layout.categorical)
+    features, schema = ranker_frame(frame, layout, vocabulary, feature_config)
+    labels = {
+        c.removeprefix(LABEL_PREFIX): frame[c].to_numpy(np.float64)
+        for c in frame.columns
+        if c.startswith(LABEL_PREFIX)
+    }
+    users = frame["user_id"].to_numpy(np.int64)
+    key = window * (int(users.max(initial=0)) + 1) + users
+    data = ranking_data(features, schema, labels, key)
+    return Rows(frame, data), vocabulary, layout
+
+
+def split_groups(
+    data: RankingData, *, valid_frac: float, seed: int
+) -> tuple[RankingData, RankingData]:
+    """Whole groups (users) into a fit part and a validation part."""
+    groups = np.unique(data.groups)
+    rng = np.random.default_rng(seed)
+    n_valid = max(1, round(valid_frac * len(groups))) if len(groups) > 1 else 0
+    valid = rng.choice(groups, size=n_valid, replace=False)
+    in_valid = np.isin(data.groups, valid)
+    return data.take(np.flatnonzero(~in_valid)), data.take(np.flatnonzero(in_valid))
+
+
+def rank_lists(
+    user_ids: IntArray, pairs: pd.DataFrame, scores: FloatArray, *, k: int
+) -> tuple[IntArray, FloatArray]:
+    """Each user's candidates ordered by ``scores``: ``(n_users, k)`` ids (-1 padded), scores."""
+    users = pairs["user_id"].to_numpy(np.int64)
+    items = pairs["item_id"].to_numpy(np.int64)
+    row = np.searchsorted(user_ids, users)
+    if not (np.all(np.diff(user_ids) > 0) and np.array_equal(user_ids[row], users)):
+        raise ValueError("rank_lists: user_ids must be sorted and hold every pair's user")
+    order = np.lexsort((-scores, row))
+    row, items, ordered = row[order], items[order], scores[order]
+    starts = np.searchsorted(row, np.arange(len(user_ids)))
+    col = np.arange(len(row)) - starts[row]
+    keep = col < k
+    out_items = np.full((len(user_ids), k), PAD_ITEM, dtype=np.int64)
+    out_scores = np.full((len(user_ids), k), -np.inf, dtype=np.float64)
+    out_items[row[keep], col[keep]] = items[keep]
+    out_scores[row[keep], col[keep]] = ordered[keep]
+    return out_items, out_scores

@@ -1,0 +1,283 @@
+"""Ranker rows: each user's merged candidates with the features a ranker reads, as of one time.
+
+A row is a (user, candidate) pair at time ``as_of``. Its features come from three places:
+
+- the candidate sources: for every source, the reciprocal of the candidate's rank in that
+  source's list (0 when the source did not list it) and its score there (the row's lowest
+  score when it did not), how many sources proposed it, which source claimed it, and its
+  position in the merged list;
+- the feature step (:func:`mlsd.features.batch.training_features`): every stored and derived
+  feature of the pair from events strictly before ``as_of`` — the code the online store and
+  serving use, so training and serving read the same values;
+- whole-history counts of the training window (events per user, distinct users per item),
+  which the windowed stored features do not carry.
+
+String attributes (user static features, item category, claimed source) become int codes
+through a :class:`Vocabulary` fitted on the ranker's training rows and saved with the ranker,
+so unseen values at serving map to 0 ("unknown") instead of shifting the codes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from mlsd.features.batch import training_features
+from mlsd.features.definitions import FeatureConfig, feature_set
+from mlsd.models.ranking.base import PRIMARY_LABEL, FeatureSchema, FloatArray, IntArray, RankingData
+from mlsd.models.retrieval.base import PAD_ITEM
+from mlsd.models.retrieval.merge import MergedCandidates
+
+CLAIMED_SOURCE = "claimed_source"
+DROPPED_FEATURES = frozenset(
+    {"hour_of_day", "day_of_week", "last_event_ts", "item_first_ts", "feature_ts"}
+)
+"""Stored features a ranker does not read: raw timestamps (their ages are derived features)
+and the request clock, which is one constant per offline cutoff and so cannot be learned."""
+LOG_FEATURES = frozenset(
+    {"seconds_since_last_event", "item_age_days", "session_events", "item_created_days"}
+)
+"""Heavy-tailed features fed as ``log1p`` (negative defaults stay -1)."""
+
+
+@dataclass(frozen=True)
+class SourceLists:
+    """Each source's ranked list for the same users: name → ``(n_users, L)`` items and scores."""
+
+    items: Mapping[str, IntArray]
+    scores: Mapping[str, npt.NDArray[np.floating]]
+
+
+@dataclass
+class Vocabulary:
+    """String value → int code per categorical column; code 0 is "unknown"."""
+
+    values: dict[str, list[str]] = field(default_factory=dict)
+
+    def fit(self, frame: pd.DataFrame, columns: Sequence[str]) -> Vocabulary:
+        for column in columns:
+            seen = frame[column].astype("string").fillna("unknown").unique().tolist()
+            self.values[column] = sorted(str(v) for v in seen)
+        return self
+
+    def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The categorical columns as int64 codes (unseen values → 0)."""
+        out = frame.copy()
+        for column, values in self.values.items():
+            codes = {value: i + 1 for i, value in enumerate(values)}
+            raw = frame[column].astype("string").fillna("unknown")
+            out[column] = raw.map(codes).fillna(0).astype(np.int64)
+        return out
+
+    def cardinalities(self) -> dict[str, int]:
+        return {column: len(values) + 1 for column, values in self.values.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.values, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocabulary:
+        return cls({str(k): [str(v) for v in vs] for k, vs in json.loads(text).items()})
+
+
+def candidate_pairs(
+    user_ids: npt.ArrayLike, merged: MergedCandidates, lists: SourceLists
+) -> pd.DataFrame:
+    """One row per (user, non-padding candidate), in user order, with the source features."""
+    users = np.asarray(user_ids, dtype=np.int64)
+    items = merged.item_ids
+    row, col = np.nonzero(items != PAD_ITEM)
+    out: dict[str, npt.ArrayLike] = {
+        "user_id": users[row],
+        "item_id": items[row, col],
+        "merged_position": np.log1p(col).astype(np.float32),
+        "n_proposers": np.array([int(m).bit_count() for m in merged.proposers[row, col]]),
+        CLAIMED_SOURCE: np.asarray(merged.source_names)[merged.source[row, col]],
+    }
+    for name in merged.source_names:
+        ranks, scores = _source_rank_score(items, lists.items[name], lists.scores[name])
+        out[f"rrank_{name}"] = (1.0 / np.where(ranks > 0, ranks, np.inf))[row, col]
+        out[f"score_{name}"] = scores[row, col]
+    return pd.DataFrame(out)
+
+
+def _source_rank_score(
+    candidates: IntArray, listed: IntArray, scores: npt.NDArray[np.floating]
+) -> tuple[IntArray, FloatArray]:
+    """1-based rank (0 = not listed) and score of each candidate in one source's lists."""
+    n, width = listed.shape
+    order = np.argsort(listed, axis=1, kind="stable")
+    sorted_items = np.take_along_axis(listed, order, axis=1)
+    pos = np.empty_like(candidates)
+    for r in range(n):  # one searchsorted per user: candidates x L stays small
+        pos[r] = np.searchsorted(sorted_items[r], candidates[r])
+    pos = np.minimum(pos, max(width - 1, 0))
+    found = (np.take_along_axis(sorted_items, pos, axis=1) == candidates) & (candidates >= 0)
+    col = np.take_along_axis(order, pos, axis=1)
+    finite = np.where(np.isfinite(scores), scores, np.nan).astype(np.float64)
+    floor = np.nanmin(np.where(np.isnan(finite), np.inf, finite), axis=1, keepdims=True)
+    floor = np.where(np.isfinite(floor), floor, 0.0)
+    picked = np.take_along_axis(finite, col, axis=1)
+    value = np.where(found & ~np.isnan(picked), picked, floor)
+    return np.where(found, col + 1, 0).astype(np.int64), value.astype(np.float64)
+
+
+def history_counts(events: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Events per user and distinct users per item over a training window."""
+    per_user = events.groupby("user_id").size().rename("user_events_all")
+    per_item = events.groupby("item_id")["user_id"].nunique().rename("item_users_all")
+    return per_user, per_item
+
+
+def pair_features(
+    pairs: pd.DataFrame,
+    *,
+    dataset_dir: Path,
+    train_events: pd.DataFrame,
+    as_of: pd.Timestamp,
+    config: FeatureConfig,
+    items: pd.DataFrame | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """``pairs`` + every feature of :func:`training_features` as of ``as_of`` + history counts.
+
+    ``train_events`` must be the events before ``as_of`` that ``dataset_dir`` holds (the counts
+    come from it; the stored features from ``dataset_dir`` with the same cutoff); ``items``
+    (the catalog) gives ``item_created_days`` when it has ``created_ts``.
+    """
+    rows = pairs[["user_id", "item_id"]].assign(label_ts=as_of)
+    features = training_features(dataset_dir, rows, config, progress=progress)
+    features = features.drop(columns=["user_id", "item_id", "label_ts"])
+    out = pd.concat([pairs.reset_index(drop=True), features], axis=1)
+    per_user, per_item = history_counts(train_events)
+    out["user_events_all"] = out["user_id"].map(per_user).fillna(0.0)
+    out["item_users_all"] = out["item_id"].map(per_item).fillna(0.0)
+    out["item_created_days"] = _created_days(out["item_id"], items, as_of)
+    return out
+
+
+def _created_days(
+    item_ids: pd.Series, items: pd.DataFrame | None, as_of: pd.Timestamp
+) -> FloatArray:
+    """Days from the item's ``created_ts`` (e.g. a film's release) to ``as_of``; -1 unknown."""
+    if items is None or "created_ts" not in items.columns:
+        return np.full(len(item_ids), -1.0)
+    created = pd.to_datetime(items.set_index("item_id")["created_ts"], utc=True)
+    days = (pd.Timestamp(as_of) - item_ids.map(created)).dt.total_seconds() / 86_400
+    out: FloatArray = days.fillna(-1.0).to_numpy(np.float64)
+    return out
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Which columns of a :func:`pair_features` frame become ranker features, and how."""
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, config: FeatureConfig) -> FeatureLayout:
+        features = feature_set(config)
+        categorical = [*features.names("user_static"), "category", CLAIMED_SOURCE]
+        numeric = [
+            f.name
+            for f in features.features
+            if f.dtype in ("int64", "float32")
+            and f.name not in DROPPED_FEATURES
+            and f.group != "user_static"
+        ]
+        numeric += [
+            c
+            for c in frame.columns
+            if c.startswith(("rrank_", "score_"))
+            or c
+            in (
+                "merged_position",
+                "n_proposers",
+                "user_events_all",
+                "item_users_all",
+                "item_created_days",
+            )
+        ]
+        numeric += [f"affinity_mean_{config.windows_days[-1]}d"]
+        return cls(tuple(dict.fromkeys(numeric)), tuple(c for c in categorical if c in frame))
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"numeric": list(self.numeric), "categorical": list(self.categorical)}
+
+
+def ranker_frame(
+    frame: pd.DataFrame, layout: FeatureLayout, vocabulary: Vocabulary, config: FeatureConfig
+) -> tuple[pd.DataFrame, FeatureSchema]:
+    """The numeric (float64, finite) and categorical (codes) columns a ranker reads."""
+    out = pd.DataFrame(index=frame.index)
+    longest = config.windows_days[-1]
+    for column in layout.numeric:
+        if column == f"affinity_mean_{longest}d":
+            values = _category_mean(frame, longest)
+        else:
+            values = frame[column].to_numpy(dtype=np.float64, na_value=0.0)
+        if column in LOG_FEATURES:
+            values = np.where(values >= 0, np.log1p(np.maximum(values, 0.0)), -1.0)
+        elif column in ("user_events_all", "item_users_all") or column.startswith("events_"):
+            values = np.log1p(np.maximum(values, 0.0))
+        out[column] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    codes = vocabulary.encode(frame[list(layout.categorical)])
+    for column in layout.categorical:
+        out[column] = codes[column].to_numpy(dtype=np.int64)
+    schema = FeatureSchema(
+        layout.numeric,
+        layout.categorical,
+        {c: vocabulary.cardinalities()[c] for c in layout.categorical},
+    )
+    return out, schema
+
+
+def _category_mean(frame: pd.DataFrame, window: int) -> FloatArray:
+    """The user's mean value (e.g. rating) in the item's category over the longest window."""
+    means = frame[f"cat_mean_{window}d"]
+    index = frame["category_index"].to_numpy(dtype=np.int64) if "category_index" in frame else None
+    if index is None:
+        return np.zeros(len(frame))
+    out = np.zeros(len(frame))
+    for i, (row, cat) in enumerate(zip(means, index, strict=True)):
+        if cat >= 0 and row is not None and cat < len(row):
+            out[i] = float(row[cat])
+    return out
+
+
+def label_pairs(
+    pairs: pd.DataFrame, window: pd.DataFrame, *, min_value: float | None = None
+) -> dict[str, FloatArray]:
+    """``click``: the user interacted with the item in ``window`` (with ``value >= min_value``);
+    ``rating``: the interaction's highest value scaled to [0, 1] by the window's maximum
+    (0 without an interaction)."""
+    relevant = window if min_value is None else window[window["value"] >= min_value]
+    key = ["user_id", "item_id"]
+    clicked = relevant[key].drop_duplicates().assign(_hit=1.0)
+    best = window.groupby(key, as_index=False)["value"].max()
+    top = float(window["value"].max()) if len(window) else 1.0
+    joined = pairs[key].merge(clicked, how="left", on=key).merge(best, how="left", on=key)
+    rating = joined["value"].fillna(0.0).to_numpy(np.float64) / (top if top > 0 else 1.0)
+    return {
+        PRIMARY_LABEL: joined["_hit"].fillna(0.0).to_numpy(np.float64),
+        "rating": np.clip(rating, 0.0, 1.0),
+    }
+
+
+def ranking_data(
+    features: pd.DataFrame,
+    schema: FeatureSchema,
+    labels: Mapping[str, FloatArray],
+    user_ids: npt.ArrayLike,
+) -> RankingData:
+    """Wrap a ranker frame and its labels; each user's rows are one group."""
+    users = np.asarray(user_ids, dtype=np.int64)
+    _, groups = np.unique(users, return_inverse=True)
+    return RankingData(features, labels, groups.astype(np.int64), schema)
