@@ -7,7 +7,7 @@ DEMO   := demo-output
 SRC    := src tests bench
 
 # Servers that integration tests start on loopback (Debian packages; installed when running as root).
-APT_PACKAGES := redis-server
+APT_PACKAGES := redis-server chromium
 
 .PHONY: install system-deps lint typecheck test test-fast demo bench clean
 

@@ -19,6 +19,9 @@ from mlsd.evaluation.retrieval import MergeConfig, ProtocolConfig, SourceFactory
 from mlsd.features.store import FeatureStoreConfig
 
 if TYPE_CHECKING:
+    from mlsd.evaluation.offline import PipelineConfig
+    from mlsd.evaluation.stages import RankerFactory
+    from mlsd.models.ranking.base import Ranker
     from mlsd.models.retrieval.base import Retriever
 
 DEFAULT_FEED_CONFIG = Path("configs/feed.toml")
@@ -219,6 +222,7 @@ class FeedConfig:
     features: FeaturesSection = field(default_factory=FeaturesSection)
     feature_store: FeatureStoreSection = field(default_factory=FeatureStoreSection)
     retrieval: RetrievalSection = field(default_factory=RetrievalSection)
+    ranking: RankingSection = field(default_factory=lambda: RankingSection())
 
     def with_online_store(self, name: str) -> FeedConfig:
         """This config with another online store (``sqlite`` or ``redis``)."""
@@ -239,13 +243,21 @@ def load_feed_config(path: Path | None = None) -> FeedConfig:
     unknown = set(raw) - {f.name for f in dataclasses.fields(FeedConfig)}
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
-    return FeedConfig(
+    config = FeedConfig(
         features=_section(FeaturesSection, raw.get("features", {}), path, "features"),
         feature_store=_section(
             FeatureStoreSection, raw.get("feature_store", {}), path, "feature_store"
         ),
         retrieval=_retrieval_section(raw.get("retrieval", {}), path),
+        ranking=_ranking_section(raw.get("ranking", {}), path),
     )
+    missing = [b for b in config.ranking.baselines if b not in config.retrieval.sources]
+    if missing:
+        raise ValueError(
+            f"{path}: [ranking].baselines {missing} are not in [retrieval].sources "
+            f"{list(config.retrieval.sources)}"
+        )
+    return config
 
 
 def _retrieval_section(values: dict[str, Any], path: Path) -> RetrievalSection:
@@ -357,3 +369,175 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is str and not isinstance(value, str):
         raise ValueError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+# -- [ranking] ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogisticSection:
+    """``[ranking.logistic]``: the baseline ranker (:class:`LogisticRanker`)."""
+
+    C: float = 1.0
+    class_weight: Literal["balanced"] | None = None
+    max_iter: int = 1000
+
+    def build(self) -> Ranker:
+        from mlsd.models.ranking.logistic import LogisticRanker
+
+        return LogisticRanker(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class LightGBMSection:
+    """``[ranking.lightgbm]`` (binary objective) and ``[ranking.lambdarank]``."""
+
+    objective: Literal["binary", "lambdarank"] = "binary"
+    n_estimators: int = 300
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_child_samples: int = 20
+    reg_lambda: float = 0.0
+    early_stopping_rounds: int | None = 30
+    num_threads: int = 1
+    seed: int = 0
+
+    def build(self) -> Ranker:
+        from mlsd.models.ranking.gbdt import LightGBMRanker
+
+        return LightGBMRanker(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class LambdaRankSection(LightGBMSection):
+    objective: Literal["binary", "lambdarank"] = "lambdarank"
+
+
+@dataclass(frozen=True)
+class DeepSection:
+    """``[ranking.deep]``: the DCN-v2 ranker (:class:`DeepRankerConfig`'s fields)."""
+
+    embedding_dim: int = 16
+    n_cross_layers: int = 3
+    mlp_dims: tuple[int, ...] = (256, 128)
+    dropout: float = 0.1
+    loss: Literal["bce", "focal"] = "bce"
+    focal_gamma: float = 2.0
+    tasks: Mapping[str, float] = field(default_factory=lambda: {"click": 1.0, "rating": 0.5})
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    max_epochs: int = 20
+    patience: int = 3
+    seed: int = 0
+    threads: int = 1
+
+    def build(self) -> Ranker:
+        from mlsd.models.ranking.deep import DeepRanker, DeepRankerConfig
+
+        return DeepRanker(DeepRankerConfig(**dataclasses.asdict(self)), progress=False)
+
+
+RankerSection = LogisticSection | LightGBMSection | DeepSection
+
+RANKER_SECTIONS: dict[str, type[RankerSection]] = {
+    "logistic": LogisticSection,
+    "lightgbm": LightGBMSection,
+    "lambdarank": LambdaRankSection,
+    "deep": DeepSection,
+}
+"""Ranker name → its config section (which knows how to build the ranker)."""
+
+
+@dataclass(frozen=True)
+class RerankSection:
+    """``[ranking.rerank]``: the last stage (:class:`mlsd.serving.rerank.RerankConfig`)."""
+
+    mmr_lambda: float = 1.0
+    freshness_weight: float = 0.0
+    freshness_half_life_days: float = 30.0
+    max_per_category: int | None = None
+    blocklist: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RankingSection:
+    """``[ranking]``: the rankers, the pipeline's choice among them, and its evaluation.
+
+    Scalar keys are :class:`mlsd.evaluation.offline.PipelineConfig` fields; ``rankers`` names
+    the rankers to fit (each configured by ``[ranking.<name>]``).
+    """
+
+    rankers: tuple[str, ...] = tuple(RANKER_SECTIONS)
+    ranker: str = "auto"
+    n_candidates: int = 200
+    ranker_windows: int = 3
+    ranker_valid_frac: float = 0.2
+    calibration: Literal["platt", "isotonic"] = "isotonic"
+    baselines: tuple[str, ...] = ("popularity", "ease", "als", "bpr")
+    ks: tuple[int, ...] = (10, 20, 50, 100)
+    rerank: RerankSection = field(default_factory=RerankSection)
+    ranker_configs: Mapping[str, RankerSection] = field(
+        default_factory=lambda: {name: cls() for name, cls in RANKER_SECTIONS.items()}
+    )
+
+    def factories(self) -> dict[str, RankerFactory]:
+        """Name → factory of an unfitted ranker, for every ranker in ``rankers``."""
+        return {name: self.ranker_configs[name].build for name in self.rankers}
+
+    def pipeline(self) -> PipelineConfig:
+        from mlsd.evaluation.offline import PipelineConfig
+        from mlsd.serving.rerank import RerankConfig
+
+        rerank = dataclasses.asdict(self.rerank)
+        rerank["blocklist"] = frozenset(rerank["blocklist"])
+        return PipelineConfig(
+            n_candidates=self.n_candidates,
+            ranker=self.ranker,
+            ranker_windows=self.ranker_windows,
+            ranker_valid_frac=self.ranker_valid_frac,
+            calibration=self.calibration,
+            rerank=RerankConfig(**rerank),
+            baselines=self.baselines,
+            ks=self.ks,
+        )
+
+
+def _ranking_section(values: dict[str, Any], path: Path) -> RankingSection:
+    """``[ranking]``: scalar keys, ``[ranking.rerank]`` and one table per ranker."""
+    tables = {"rerank", *RANKER_SECTIONS}
+    scalars = {f.name for f in dataclasses.fields(RankingSection)} - {"rerank", "ranker_configs"}
+    unknown = set(values) - tables - scalars
+    if unknown:
+        known = ", ".join([*sorted(scalars), *sorted(tables)])
+        raise ValueError(
+            f"{path}: [ranking] has unknown key(s) {', '.join(sorted(unknown))}; "
+            f"known keys and tables: {known}"
+        )
+    section = _section(
+        RankingSection, {k: v for k, v in values.items() if k in scalars}, path, "ranking"
+    )
+    bad = [name for name in section.rankers if name not in RANKER_SECTIONS]
+    if bad or not section.rankers:
+        raise ValueError(
+            f"{path}: [ranking].rankers names unknown ranker(s) {bad}; choose from "
+            f"{', '.join(RANKER_SECTIONS)}"
+        )
+    if section.ranker not in ("auto", *section.rankers):
+        raise ValueError(
+            f"{path}: [ranking].ranker = {section.ranker!r} is not 'auto' nor one of "
+            f"[ranking].rankers {list(section.rankers)}"
+        )
+    section = dataclasses.replace(
+        section,
+        rerank=_section(RerankSection, values.get("rerank", {}), path, "ranking.rerank"),
+        ranker_configs={
+            name: _section(cls, values.get(name, {}), path, f"ranking.{name}")
+            for name, cls in RANKER_SECTIONS.items()
+        },
+    )
+    try:
+        section.pipeline()  # the pipeline's own checks (ks vs n_candidates, re-rank ranges)
+    except ValueError as exc:
+        raise ValueError(f"{path}: [ranking]: {exc}") from exc
+    return section

@@ -33,31 +33,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from mlsd.data.schema import EVENTS_FILE, ITEMS_FILE, USERS_FILE, read_info
+from mlsd.data.schema import EVENTS_FILE, read_info
 from mlsd.data.split import cut_points
 from mlsd.evaluation.metrics import (
-    average_precision_at_k_score,
-    bootstrap_mean_ci,
     calibration_curve,
-    catalog_coverage_score,
     expected_calibration_error,
     grouped_auc_score,
-    hit_rate_at_k_score,
-    intra_list_diversity_score,
     log_loss,
-    ndcg_at_k_score,
-    novelty_score,
-    precision_at_k_score,
-    recall_at_k_score,
     roc_auc_score,
 )
+from mlsd.evaluation.random_split import random_split_per_user, random_task, write_contract
 from mlsd.evaluation.retrieval import (
-    SEGMENTS,
     EvalTask,
     MergeConfig,
     ProtocolConfig,
@@ -67,6 +57,7 @@ from mlsd.evaluation.retrieval import (
     tune_quotas,
 )
 from mlsd.evaluation.retrieval import SourceRun as _SourceRun
+from mlsd.evaluation.scoring import Estimate, ListScorer, MethodScores, group_ndcg
 from mlsd.evaluation.stages import (
     RankerFactory,
     Retrieved,
@@ -82,10 +73,12 @@ from mlsd.evaluation.stages import (
 from mlsd.features.batch import feature_config_for
 from mlsd.features.definitions import FeatureConfig
 from mlsd.models.ranking.base import FloatArray, Ranker
+from mlsd.models.ranking.bundle import RankingBundle
 from mlsd.models.ranking.calibration import Calibrator
-from mlsd.models.retrieval.base import IntArray, RetrievalData
+from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
+from mlsd.models.retrieval.base import IntArray
 from mlsd.models.retrieval.merge import Quota
-from mlsd.serving.rerank import RerankConfig, rerank_lists
+from mlsd.serving.rerank import RerankConfig
 
 Protocol = Literal["temporal", "random-per-user"]
 AUTO = "auto"
@@ -141,32 +134,6 @@ class PipelineConfig:
             raise ValueError(f"ranker_windows={self.ranker_windows}: must be >= 1")
         if not 0.0 < self.ranker_valid_frac < 1.0:
             raise ValueError(f"ranker_valid_frac={self.ranker_valid_frac}: must be in (0, 1)")
-
-
-@dataclass(frozen=True)
-class Estimate:
-    mean: float
-    low: float
-    high: float
-
-
-@dataclass(frozen=True)
-class MethodScores:
-    """One method on the test users.
-
-    Attributes:
-        kind: ``"baseline"`` (a source alone, full ranking), ``"ranker"`` (candidates ordered
-            by one ranker, no re-ranking) or ``"pipeline"`` (the full pipeline).
-        metrics: segment → metric (``ndcg@10``, ``recall@20``, ...) → estimate (None: empty).
-        beyond: ``ild@10``, ``novelty@10``, ``coverage@10``.
-        deciles: user-activity bucket → NDCG@10 mean (``cold`` and ``d1``..``d10``).
-    """
-
-    name: str
-    kind: str
-    metrics: dict[str, dict[str, Estimate | None]]
-    beyond: dict[str, float]
-    deciles: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -227,6 +194,31 @@ class _Clock:
 
 
 @dataclass(frozen=True)
+class TrainedRankers:
+    """What the ranker windows produce: everything the pipeline needs after retrieval.
+
+    Attributes:
+        quotas: the merge quotas (tuned on the last window).
+        vocabulary, layout: how candidate rows become ranker features.
+        rankers: every fitted ranker; ``chosen`` names the pipeline's.
+        scores: each ranker on the held-out users.
+        calibrator: maps the chosen ranker's scores to click probabilities.
+        rows: the ranker rows (all windows).
+        validation: the last window's targets.
+    """
+
+    quotas: dict[str, Quota]
+    vocabulary: Vocabulary
+    layout: FeatureLayout
+    rankers: dict[str, Ranker]
+    scores: list[RankerScores]
+    chosen: str
+    calibrator: Calibrator
+    rows: Rows
+    validation: EvalTask
+
+
+@dataclass(frozen=True)
 class _LabelWindow:
     """A window of labels: targets, the events that label them, the features' time and data."""
 
@@ -281,6 +273,56 @@ def evaluate_pipeline(
     raise ValueError(f"protocol {protocol_name!r}: use 'temporal' or 'random-per-user'")
 
 
+def train_pipeline(
+    dataset_dir: Path,
+    sources: Mapping[str, SourceFactory],
+    rankers: Mapping[str, RankerFactory],
+    *,
+    protocol: ProtocolConfig | None = None,
+    pipeline: PipelineConfig | None = None,
+    feature_config: FeatureConfig | None = None,
+    progress: bool = False,
+) -> tuple[RankingBundle, TrainedRankers]:
+    """Train the ranking stage as of the end of the data, for deployment.
+
+    The last ``protocol.val_frac`` of the events (by event-time quantile) is the last label
+    window, earlier windows of the same span before it (``pipeline.ranker_windows``); sources
+    fit before each window give its candidates. Returns the bundle to save and the details
+    (held-out scores of every ranker).
+    """
+    protocol = protocol or ProtocolConfig()
+    pipeline = pipeline or PipelineConfig()
+    dataset_dir = Path(dataset_dir)
+    feature_config = feature_config or feature_config_for(dataset_dir)
+    clock = _Clock()
+    events, users, items = load_dataset(dataset_dir)
+    if events.empty:
+        raise ValueError(f"{dataset_dir}: no events to train on")
+    info = read_info(dataset_dir)
+    t2 = events["ts"].max() + pd.Timedelta(microseconds=1)
+    t1 = events["ts"].quantile(1.0 - protocol.val_frac)
+    run = _Run(dataset_dir, sources, rankers, protocol, pipeline, feature_config, clock, progress)
+    windows = run.label_windows(events, users, items, t1, t2)
+    with _bar(progress) as bar:
+        trained = run.train(windows, items, bar, bar.add_task("train", total=None))
+    bundle = RankingBundle(
+        ranker=trained.rankers[trained.chosen],
+        ranker_name=trained.chosen,
+        calibrator=trained.calibrator,
+        vocabulary=trained.vocabulary,
+        layout=trained.layout,
+        quotas=trained.quotas,
+        feature_config=feature_config,
+        metadata={
+            "dataset": {"name": info.name, "content_hash": info.content_hash},
+            "label_window": [t1.isoformat(), t2.isoformat()],
+            "rankers": [dataclasses.asdict(score) for score in trained.scores],
+            "timings": dict(clock.seconds),
+        },
+    )
+    return bundle, trained
+
+
 @dataclass
 class _Run:
     dataset_dir: Path
@@ -303,21 +345,11 @@ class _Run:
             test_frac=self.protocol.test_frac,
             by=self.protocol.split_by,
         )
+        windows = self.label_windows(events, users, items, spec.t1, spec.t2)
         min_value = self.protocol.min_value
-        span = spec.t2 - spec.t1
-        windows = []
-        with self.clock.stage("split"):
-            # The validation window [t1, t2) last (it tunes the quotas), earlier ones before it.
-            for i in reversed(range(self.pipeline.ranker_windows)):
-                start, end = spec.t1 - i * span, spec.t2 - i * span
-                task = make_task(events, users, items, cutoff=start, end=end, min_value=min_value)
-                if len(task.user_ids) == 0:
-                    continue
-                in_window = (events["ts"] >= start) & (events["ts"] < end)
-                windows.append(_LabelWindow(task, events[in_window], start, self.dataset_dir))
-            test = make_task(events, users, items, cutoff=spec.t2, end=None, min_value=min_value)
-        if not windows or windows[-1].as_of != spec.t1 or len(test.user_ids) == 0:
-            raise ValueError(f"{self.dataset_dir}: the validation or test window has no user")
+        test = make_task(events, users, items, cutoff=spec.t2, end=None, min_value=min_value)
+        if len(test.user_ids) == 0:
+            raise ValueError(f"{self.dataset_dir}: no test user has a relevant item after t2")
         target = _LabelWindow(test, events[events["ts"] >= spec.t2], spec.t2, self.dataset_dir)
         report = self._evaluate(windows, target, items)
         return dataclasses.replace(
@@ -338,8 +370,8 @@ class _Run:
         with tempfile.TemporaryDirectory(prefix="mlsd-random-") as tmp:
             inner_dir = write_contract(Path(tmp) / "inner", inner, users, items)
             train_dir = write_contract(Path(tmp) / "train", train, users, items)
-            val, val_asof = _random_task(inner, inner_holdout, users, items, self.protocol)
-            test, test_asof = _random_task(train, test_events, users, items, self.protocol)
+            val, val_asof = random_task(inner, inner_holdout, users, items, self.protocol)
+            test, test_asof = random_task(train, test_events, users, items, self.protocol)
             report = self._evaluate(
                 [_LabelWindow(val, inner_holdout, val_asof, inner_dir)],
                 _LabelWindow(test, test_events, test_asof, train_dir),
@@ -388,40 +420,80 @@ class _Run:
                 on_source=show,
             )
 
+    def label_windows(
+        self,
+        events: pd.DataFrame,
+        users: pd.DataFrame,
+        items: pd.DataFrame,
+        t1: pd.Timestamp,
+        t2: pd.Timestamp,
+    ) -> list[_LabelWindow]:
+        """The ranker's label windows: [t1, t2) last (it tunes the quotas), earlier ones of the
+        same span before it, each with targets from its own window and training before it."""
+        span = t2 - t1
+        windows = []
+        with self.clock.stage("split"):
+            for i in reversed(range(self.pipeline.ranker_windows)):
+                start, end = t1 - i * span, t2 - i * span
+                task = make_task(
+                    events, users, items, cutoff=start, end=end, min_value=self.protocol.min_value
+                )
+                if len(task.user_ids) == 0:
+                    continue
+                in_window = (events["ts"] >= start) & (events["ts"] < end)
+                windows.append(_LabelWindow(task, events[in_window], start, self.dataset_dir))
+        if not windows or windows[-1].as_of != t1:
+            raise ValueError(f"{self.dataset_dir}: no user has a relevant item in [{t1}, {t2})")
+        return windows
+
+    def train(
+        self, windows: list[_LabelWindow], items: pd.DataFrame, bar: Progress, job: TaskID
+    ) -> TrainedRankers:
+        """Retrieve for every label window, tune the quotas on the last, fit every ranker on
+        the candidates' rows (held-out users apart), pick and calibrate the pipeline's."""
+        last = len(windows) - 1
+        retrieved = {last: self._retrieve(windows[last], bar, job, "ranker window")}
+        with self.clock.stage("merge quota search"):
+            quotas = self._quotas(retrieved[last], windows[last].task)
+        frames = []
+        for i, window in enumerate(windows):
+            if i not in retrieved:
+                retrieved[i] = self._retrieve(window, bar, job, "ranker window")
+            bar.update(job, description=f"ranker window {i + 1}: features")
+            with self.clock.stage("features (ranker windows)"):
+                frames.append(self._frame(window, retrieved.pop(i), quotas, items))
+        rows, vocabulary, layout = to_rows(frames, self.feature_config)
+        fit_data, valid_data = split_groups(
+            rows.data, valid_frac=self.pipeline.ranker_valid_frac, seed=self.protocol.seed
+        )
+        fitted: dict[str, Ranker] = {}
+        scores = []
+        for name, make in self.rankers.items():
+            bar.update(job, description=f"fit ranker {name}")
+            with self.clock.stage(f"fit ranker {name}"):
+                start = time.perf_counter()
+                fitted[name] = make().fit(fit_data, valid_data)
+                fit_seconds = time.perf_counter() - start
+            scores.append(_ranker_scores(name, fitted[name], valid_data, fit_seconds))
+        chosen = self._choose(scores)
+        calibrator = Calibrator(method=self.pipeline.calibration).fit(
+            fitted[chosen].predict(valid_data.features), valid_data.label
+        )
+        return TrainedRankers(
+            quotas, vocabulary, layout, fitted, scores, chosen, calibrator, rows, windows[-1].task
+        )
+
     def _evaluate(
         self, windows: list[_LabelWindow], target: _LabelWindow, items: pd.DataFrame
     ) -> OfflineReport:
         k_list = self.pipeline.n_candidates
         with _bar(self.progress) as bar:
             job = bar.add_task("ranker windows", total=None)
-            retrieved = {len(windows) - 1: self._retrieve(windows[-1], bar, job, "ranker window")}
-            with self.clock.stage("merge quota search"):
-                quotas = self._quotas(retrieved[len(windows) - 1], windows[-1].task)
-            frames = []
-            for i, window in enumerate(windows):
-                if i not in retrieved:
-                    retrieved[i] = self._retrieve(window, bar, job, "ranker window")
-                bar.update(job, description=f"ranker window {i + 1}: features")
-                with self.clock.stage("features (ranker windows)"):
-                    frames.append(self._frame(window, retrieved.pop(i), quotas, items))
-            rows, vocabulary, _ = to_rows(frames, self.feature_config)
-            fit_data, valid_data = split_groups(
-                rows.data, valid_frac=self.pipeline.ranker_valid_frac, seed=self.protocol.seed
-            )
-            fitted: dict[str, Ranker] = {}
-            ranker_scores = []
-            for name, make in self.rankers.items():
-                bar.update(job, description=f"fit ranker {name}")
-                with self.clock.stage(f"fit ranker {name}"):
-                    start = time.perf_counter()
-                    fitted[name] = make().fit(fit_data, valid_data)
-                    fit_seconds = time.perf_counter() - start
-                ranker_scores.append(_ranker_scores(name, fitted[name], valid_data, fit_seconds))
-            chosen_name = self._choose(ranker_scores)
+            trained = self.train(windows, items, bar, job)
+            quotas, vocabulary, fitted = trained.quotas, trained.vocabulary, trained.rankers
+            chosen_name, calibrator, rows = trained.chosen, trained.calibrator, trained.rows
+            ranker_scores = trained.scores
             chosen = fitted[chosen_name]
-            calibrator = Calibrator(method=self.pipeline.calibration).fit(
-                chosen.predict(valid_data.features), valid_data.label
-            )
             test = target.task
             test_retrieved = self._retrieve(target, bar, job, "test")
             bar.update(job, description="test: features")
@@ -429,7 +501,7 @@ class _Run:
                 test_frame = self._frame(target, test_retrieved, quotas, items)
                 test_rows, _, _ = to_rows([test_frame], self.feature_config, vocabulary)
             bar.update(job, description="test: scoring")
-            scorer = _Scorer(test, self.protocol, self.pipeline, test_rows)
+            scorer = ListScorer(test, self.protocol, self.pipeline.ks, test_rows)
             methods = [
                 scorer.score(name, "baseline", test_retrieved.lists.items[name])
                 for name in self.pipeline.baselines
@@ -458,7 +530,7 @@ class _Run:
             protocol="",
             dataset=read_info(self.dataset_dir).name,
             cut_points={},
-            counts=_counts(windows[-1].task, test, rows, test_rows),
+            counts=_counts(trained.validation, test, rows, test_rows),
             ks=tuple(self.pipeline.ks),
             methods=methods,
             rankers=ranker_scores,
@@ -498,114 +570,6 @@ def _bar(enabled: bool) -> Iterator[Progress]:
         yield bar
 
 
-class _Scorer:
-    """Scores ``(n_users, K)`` lists of the test users: metrics, segments, deciles, beyond."""
-
-    def __init__(
-        self, task: EvalTask, protocol: ProtocolConfig, pipeline: PipelineConfig, rows: Rows
-    ) -> None:
-        self.task = task
-        self.protocol = protocol
-        self.pipeline = pipeline
-        train = task.train
-        self.catalog = train.items["item_id"].to_numpy(np.int64)
-        top = int(
-            max(
-                self.catalog.max(initial=0),
-                train.events["item_id"].max() if len(train.events) else 0,
-            )
-        )
-        self.categories = _category_codes(train.items, top)
-        counts = train.events.groupby("item_id")["user_id"].nunique()
-        self.popularity = np.zeros(top + 1)
-        self.popularity[counts.index.to_numpy(np.int64)] = counts.to_numpy(np.float64)
-        self.popularity /= max(train.events["user_id"].nunique(), 1)
-        activity = train.events.groupby("user_id").size()
-        self.activity = pd.Series(task.user_ids).map(activity).fillna(0).to_numpy(np.float64)
-        self.age_days = _item_age_days(train.items, rows.pairs, top)
-        self.seen = _seen_by_user(train.events, task.user_ids)
-
-    def rerank(self, ranked: IntArray, scores: FloatArray, config: RerankConfig) -> IntArray:
-        ages = np.where(ranked >= 0, self.age_days[np.maximum(ranked, 0)], np.nan)
-        return rerank_lists(
-            ranked,
-            scores,
-            k=max(self.pipeline.ks),
-            config=config,
-            item_categories=self.categories,
-            item_age_days=ages,
-            seen=self.seen,
-        ).item_ids
-
-    def per_user(self, lists: IntArray) -> dict[str, npt.NDArray[np.float64]]:
-        relevant = self.task.relevant
-        out: dict[str, npt.NDArray[np.float64]] = {}
-        for k in self.pipeline.ks:
-            top = lists[:, :k]
-            out[f"ndcg@{k}"] = ndcg_at_k_score(top, relevant, k=k)
-            out[f"recall@{k}"] = recall_at_k_score(top, relevant, k=k)
-            out[f"precision@{k}"] = precision_at_k_score(top, relevant, k=k)
-            out[f"map@{k}"] = average_precision_at_k_score(top, relevant, k=k)
-            out[f"hit_rate@{k}"] = hit_rate_at_k_score(top, relevant, k=k)
-        return out
-
-    def score(self, name: str, kind: str, lists: IntArray) -> MethodScores:
-        per_user = self.per_user(lists)
-        warm = self.task.warm
-        masks = dict(zip(SEGMENTS, (np.ones(len(warm), bool), warm, ~warm), strict=True))
-        metrics = {
-            segment: {
-                metric: _estimate(values[mask], self.protocol) if mask.any() else None
-                for metric, values in per_user.items()
-            }
-            for segment, mask in masks.items()
-        }
-        return MethodScores(
-            name,
-            kind,
-            metrics,
-            self.beyond(lists),
-            self.deciles(per_user[f"ndcg@{min(self.pipeline.ks)}"]),
-        )
-
-    def beyond(self, lists: IntArray) -> dict[str, float]:
-        k = min(self.pipeline.ks)
-        top = lists[:, :k]
-        return {
-            f"ild@{k}": float(np.nanmean(intra_list_diversity_score(top, self.categories, k=k))),
-            f"novelty@{k}": float(np.nanmean(novelty_score(top, self.popularity, k=k))),
-            f"coverage@{k}": catalog_coverage_score(top, catalog=self.catalog, k=k),
-        }
-
-    def deciles(self, ndcg: npt.NDArray[np.float64]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        cold = ~self.task.warm
-        if cold.any():
-            out["cold"] = float(np.mean(ndcg[cold]))
-        warm = np.flatnonzero(self.task.warm)
-        if len(warm):
-            order = warm[np.argsort(self.activity[warm], kind="stable")]
-            for d, part in enumerate(np.array_split(order, min(10, len(order))), start=1):
-                out[f"d{d}"] = float(np.mean(ndcg[part]))
-        return out
-
-    def variant(self, label: str, lists: IntArray) -> dict[str, Any]:
-        k = min(self.pipeline.ks)
-        ndcg = ndcg_at_k_score(lists[:, :k], self.task.relevant, k=k)
-        return {"variant": label, f"ndcg@{k}": float(np.mean(ndcg)), **self.beyond(lists)}
-
-
-def _estimate(values: npt.NDArray[np.float64], protocol: ProtocolConfig) -> Estimate:
-    return Estimate(
-        *bootstrap_mean_ci(
-            values,
-            n_resamples=protocol.n_bootstrap,
-            confidence=protocol.confidence,
-            seed=protocol.seed,
-        )
-    )
-
-
 def _ranker_scores(name: str, ranker: Ranker, valid: Any, fit_seconds: float) -> RankerScores:
     start = time.perf_counter()
     scores = ranker.predict(valid.features)
@@ -626,23 +590,6 @@ def _ranker_scores(name: str, ranker: Ranker, valid: Any, fit_seconds: float) ->
         fit_seconds=fit_seconds,
         predict_seconds_per_1k=per_1k,
     )
-
-
-def group_ndcg(labels: FloatArray, scores: FloatArray, groups: IntArray, *, k: int) -> float:
-    """Mean NDCG@k of each group's rows ordered by ``scores`` (binary gains = ``labels``),
-    over groups with a positive: how well a ranker orders the candidates it is given."""
-    order = np.lexsort((-scores, groups))
-    g, hit = groups[order], labels[order] > 0
-    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    rank = np.arange(len(g)) - np.repeat(starts, np.diff(np.r_[starts, len(g)]))
-    discount = np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
-    group_index = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(g)]))
-    dcg = np.bincount(group_index, weights=discount * hit, minlength=len(starts))
-    positives = np.bincount(group_index, weights=hit, minlength=len(starts)).astype(np.int64)
-    ideal_by_count = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))]
-    ideal = ideal_by_count[np.minimum(positives, k)]
-    has = positives > 0
-    return float(np.mean(dcg[has] / ideal[has])) if has.any() else math.nan
 
 
 def _grouped_auc(labels: FloatArray, scores: FloatArray, groups: IntArray) -> float:
@@ -682,103 +629,6 @@ def _counts(val: EvalTask, test: EvalTask, rows: Rows, test_rows: Rows) -> dict[
         "n_test_candidate_rows": len(test_rows.data.features),
         "n_test_candidate_positives": int(test_rows.data.label.sum()),
     }
-
-
-def _category_codes(items: pd.DataFrame, top: int) -> IntArray:
-    """Category code per item id (index), -1 unknown."""
-    out = np.full(top + 1, -1, dtype=np.int64)
-    if "category" not in items.columns:
-        return out
-    codes, _ = pd.factorize(items["category"].astype("string"), use_na_sentinel=True)
-    ids = items["item_id"].to_numpy(np.int64)
-    inside = ids <= top
-    out[ids[inside]] = codes[inside]
-    return out
-
-
-def _item_age_days(items: pd.DataFrame, pairs: pd.DataFrame, top: int) -> FloatArray:
-    """Item age in days as of the test cutoff (from the candidate rows), NaN unknown."""
-    out = np.full(top + 1, np.nan)
-    if "item_age_days" in pairs.columns:
-        ids = pairs["item_id"].to_numpy(np.int64)
-        age = pairs["item_age_days"].to_numpy(np.float64)
-        ok = (ids <= top) & (age >= 0)
-        out[ids[ok]] = age[ok]
-    return out
-
-
-def _seen_by_user(events: pd.DataFrame, user_ids: IntArray) -> list[IntArray]:
-    """Each user's items before the cutoff (the re-ranker removes them)."""
-    pairs = events[["user_id", "item_id"]].drop_duplicates().sort_values("user_id")
-    users = pairs["user_id"].to_numpy(np.int64)
-    items = pairs["item_id"].to_numpy(np.int64)
-    lo = np.searchsorted(users, user_ids, side="left")
-    hi = np.searchsorted(users, user_ids, side="right")
-    return [items[a:b] for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
-
-
-# -- random per user ---------------------------------------------------------------------------
-
-
-def random_split_per_user(
-    events: pd.DataFrame, *, test_frac: float, seed: int
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each user's (user, item) interactions split at random: ``test_frac`` of them to test.
-
-    Stratified per user (the Microsoft Recommenders ``python_stratified_split`` setup): a user
-    with n interactions puts ``round(test_frac * n)`` in test, keeping at least one in train.
-    """
-    if not 0.0 < test_frac < 1.0:
-        raise ValueError(f"test_frac={test_frac}: must be in (0, 1)")
-    rng = np.random.default_rng(seed)
-    frame = events.reset_index(drop=True)
-    order = np.lexsort((rng.random(len(frame)), frame["user_id"].to_numpy(np.int64)))
-    users = frame["user_id"].to_numpy(np.int64)[order]
-    _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
-    sizes = counts[inverse]
-    position = np.arange(len(users)) - np.searchsorted(users, users, side="left")
-    n_test = np.minimum(np.round(test_frac * sizes), sizes - 1)
-    is_test = np.zeros(len(frame), dtype=bool)
-    is_test[order] = position < n_test
-    return frame[~is_test].reset_index(drop=True), frame[is_test].reset_index(drop=True)
-
-
-def write_contract(
-    out: Path, events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame
-) -> Path:
-    """A minimal contract directory (the three tables) that the feature step can read."""
-    out.mkdir(parents=True, exist_ok=True)
-    events.sort_values("ts", kind="stable").to_parquet(out / EVENTS_FILE, index=False)
-    users.to_parquet(out / USERS_FILE, index=False)
-    items.to_parquet(out / ITEMS_FILE, index=False)
-    return out
-
-
-def _random_task(
-    train: pd.DataFrame,
-    test: pd.DataFrame,
-    users: pd.DataFrame,
-    items: pd.DataFrame,
-    protocol: ProtocolConfig,
-) -> tuple[EvalTask, pd.Timestamp]:
-    """An :class:`EvalTask` whose train is ``train`` and whose targets are ``test``'s items."""
-    as_of = pd.Timestamp(max(train["ts"].max(), test["ts"].max())) + pd.Timedelta(seconds=1)
-    window = test if protocol.min_value is None else test[test["value"] >= protocol.min_value]
-    seen = train[["user_id", "item_id"]].drop_duplicates()
-    pairs = window[["user_id", "item_id"]].drop_duplicates()
-    pairs = pairs.merge(seen, how="left", on=["user_id", "item_id"], indicator=True)
-    pairs = pairs[pairs["_merge"] == "left_only"].sort_values(["user_id", "item_id"])
-    user_ids = pairs["user_id"].drop_duplicates().to_numpy(np.int64)
-    starts = np.searchsorted(pairs["user_id"].to_numpy(np.int64), user_ids)
-    relevant = np.split(pairs["item_id"].to_numpy(np.int64), starts[1:]) if len(user_ids) else []
-    task = EvalTask(
-        train=RetrievalData(train.sort_values("ts").reset_index(drop=True), users, items, as_of),
-        user_ids=user_ids,
-        relevant=list(relevant),
-        warm=np.isin(user_ids, train["user_id"].to_numpy(np.int64)),
-        n_active_users=int(test["user_id"].nunique()),
-    )
-    return task, as_of
 
 
 # -- texts -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from mlsd.data.leakage import assert_no_leakage
 from mlsd.features.definitions import FeatureConfig
 from mlsd.models.ranking.base import FloatArray, Ranker, RankingData
 from mlsd.models.ranking.candidates import (
@@ -114,6 +115,9 @@ def window_frame(
         config=feature_config,
         items=items,
     )
+    # The protocol's guard: every feature from events strictly before ``as_of``.
+    stamped = frame[["user_id", "item_id", "feature_ts"]].assign(label_ts=as_of)
+    assert_no_leakage(stamped, stamped[["user_id", "item_id", "label_ts"]])
     for name, values in label_pairs(pairs, label_window, min_value=min_value).items():
         frame[LABEL_PREFIX + name] = values
     return frame

@@ -258,3 +258,7 @@ def _metrics_tables(report: RetrievalReport) -> list[Table]:
             table.add_row(method.name, *fit, *cells)
         tables.append(table)
     return tables
+
+
+# `train` and `evaluate` live in their own module and register on `app` when imported.
+from mlsd.systems.feed import ranking as _ranking  # noqa: E402, F401

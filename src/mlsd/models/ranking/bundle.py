@@ -1,0 +1,106 @@
+"""The ranking stage as one artifact: ranker, calibrator, feature vocabulary and layout, quotas.
+
+Everything serving needs to turn merged candidates into calibrated scores, saved as JSON plus
+the ranker's own safe files (no pickle):
+
+    bundle/
+      bundle.json        kind, chosen ranker name, quotas, layout, feature config, metadata
+      vocabulary.json    categorical value → code
+      calibrator.json
+      ranker/            the ranker's ``save`` directory (``ranker.json`` + weights)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlsd.features.definitions import FeatureConfig
+from mlsd.models.ranking.base import Ranker
+from mlsd.models.ranking.calibration import Calibrator
+from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
+from mlsd.models.ranking.registry import load_ranker
+from mlsd.models.retrieval.merge import Quota
+
+BUNDLE_JSON = "bundle.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RankingBundle:
+    """A trained ranking stage.
+
+    Attributes:
+        ranker: the fitted ranker; ``ranker_name`` its key in the system's config.
+        calibrator: ranker score → click probability.
+        vocabulary, layout: how candidate rows become the ranker's features.
+        quotas: the merge quotas of the candidate sources.
+        feature_config: the feature step's configuration the rows were computed with.
+        metadata: free JSON (dataset hash, metrics, protocol, ...).
+    """
+
+    ranker: Ranker
+    ranker_name: str
+    calibrator: Calibrator
+    vocabulary: Vocabulary
+    layout: FeatureLayout
+    quotas: Mapping[str, Quota]
+    feature_config: FeatureConfig
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> Path:
+        """Write the bundle to directory ``path`` (created); returns it."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.ranker.save(path / "ranker")
+        (path / "vocabulary.json").write_text(self.vocabulary.to_json())
+        (path / "calibrator.json").write_text(json.dumps(self.calibrator.to_dict()))
+        meta = {
+            "kind": "ranking-bundle",
+            "format_version": FORMAT_VERSION,
+            "ranker_name": self.ranker_name,
+            "quotas": dict(self.quotas),
+            "layout": self.layout.to_dict(),
+            "feature_config": dataclasses.asdict(self.feature_config),
+            "metadata": dict(self.metadata),
+        }
+        (path / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> RankingBundle:
+        """Read a bundle written by :meth:`save`; a clear ValueError when it is not one."""
+        path = Path(path)
+        meta_path = path / BUNDLE_JSON
+        if not meta_path.is_file():
+            raise ValueError(f"{path}: no {BUNDLE_JSON}; not a ranking bundle")
+        try:
+            meta = json.loads(meta_path.read_text())
+            vocabulary = Vocabulary.from_json((path / "vocabulary.json").read_text())
+            calibrator = Calibrator.from_dict(json.loads((path / "calibrator.json").read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: unreadable ranking bundle ({err})") from err
+        if meta.get("kind") != "ranking-bundle" or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{meta_path}: kind {meta.get('kind')!r} version {meta.get('format_version')!r}; "
+                f"expected 'ranking-bundle' version {FORMAT_VERSION}"
+            )
+        raw_config = dict(meta["feature_config"])
+        for key in ("windows_days", "categories", "user_attributes", "event_types"):
+            if raw_config.get(key) is not None:
+                raw_config[key] = tuple(raw_config[key])
+        layout = meta["layout"]
+        return cls(
+            ranker=load_ranker(path / "ranker"),
+            ranker_name=str(meta["ranker_name"]),
+            calibrator=calibrator,
+            vocabulary=vocabulary,
+            layout=FeatureLayout(tuple(layout["numeric"]), tuple(layout["categorical"])),
+            quotas=dict(meta["quotas"]),
+            feature_config=FeatureConfig(**raw_config),
+            metadata=dict(meta.get("metadata", {})),
+        )

@@ -1,0 +1,136 @@
+"""``mlsd feed train`` and ``mlsd feed evaluate``: the ranking stage and the whole-pipeline report.
+
+Thin commands: read the config, build the sources and rankers it names, call
+:func:`mlsd.evaluation.offline.train_pipeline` / :func:`~mlsd.evaluation.offline.evaluate_pipeline`,
+print a summary, write the artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import typer
+from rich.table import Table
+
+from mlsd.config import load_feed_config
+from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
+
+if TYPE_CHECKING:
+    from mlsd.evaluation.offline import OfflineReport
+
+ProtocolName = Literal["temporal", "random-per-user"]
+
+
+@app.command("train")
+def train(
+    dataset: DatasetDir,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the ranking bundle.")],
+    config: ConfigFile = None,
+) -> None:
+    """Steps 4-5: fit the rankers on candidates labelled by the data's last window; save the
+    chosen one (with its calibrator, feature vocabulary and merge quotas) as a bundle."""
+    from mlsd.evaluation.offline import train_pipeline
+
+    feed = load_feed_config(config)
+    bundle, trained = train_pipeline(
+        dataset,
+        feed.retrieval.factories(),
+        feed.ranking.factories(),
+        protocol=feed.retrieval.protocol,
+        pipeline=feed.ranking.pipeline(),
+        progress=True,
+    )
+    table = Table(title="rankers on held-out users of the label windows", title_justify="left")
+    for column in ("ranker", "ndcg@10", "AUC", "grouped AUC", "log loss", "fit s"):
+        table.add_column(column, justify="left" if column == "ranker" else "right")
+    for score in trained.scores:
+        mark = " (chosen)" if score.name == trained.chosen else ""
+        table.add_row(
+            score.name + mark,
+            f"{score.valid_ndcg:.4f}",
+            f"{score.valid_auc:.4f}",
+            f"{score.valid_grouped_auc:.4f}",
+            f"{score.valid_log_loss:.4f}",
+            f"{score.fit_seconds:.2f}",
+        )
+    console.print(table)
+    path = bundle.save(out)
+    console.print(f"ranking bundle ({trained.chosen}) written to {path}")
+
+
+@app.command("evaluate")
+def evaluate(
+    dataset: DatasetDir,
+    out: Annotated[Path, typer.Option("--out", help="Directory for metrics.json + report.html.")],
+    config: ConfigFile = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            help="temporal (default, DESIGN.md) or random-per-user (only to compare with "
+            "published tables).",
+        ),
+    ] = "temporal",
+    test_frac: Annotated[
+        float | None, typer.Option("--test-frac", help="Override the test share.")
+    ] = None,
+) -> None:
+    """Step 5: the whole pipeline next to its baselines under one protocol; writes
+    OUT/metrics.json and OUT/report.html."""
+    from mlsd.evaluation.offline import evaluate_pipeline
+    from mlsd.evaluation.report import write_report
+
+    if protocol not in ("temporal", "random-per-user"):
+        raise ValueError(f"--protocol {protocol!r}: use temporal or random-per-user")
+    feed = load_feed_config(config)
+    settings = feed.retrieval.protocol
+    if test_frac is not None:
+        settings = dataclasses.replace(settings, test_frac=test_frac)
+    report = evaluate_pipeline(
+        dataset,
+        feed.retrieval.factories(),
+        feed.ranking.factories(),
+        protocol=settings,
+        pipeline=feed.ranking.pipeline(),
+        protocol_name="temporal" if protocol == "temporal" else "random-per-user",
+        progress=True,
+    )
+    console.print(summary_table(report))
+    metrics_path, html_path = write_report(report, out)
+    console.print(f"metrics: {metrics_path}\nreport:  {html_path}")
+
+
+def summary_table(report: OfflineReport) -> Table:
+    """Every method at the smallest and largest k over all users, with the headline interval."""
+    small, large = report.ks[0], report.ks[-1]
+    title = (
+        f"{report.dataset}, {report.protocol_name} protocol, {report.counts['n_test_users']:,} "
+        f"test users: mean [95% bootstrap interval]"
+    )
+    table = Table(title=title, title_justify="left")
+    columns = [f"ndcg@{small}", f"recall@{small}", f"map@{small}", f"recall@{large}"]
+    for column in ("method", "kind", *columns, f"warm ndcg@{small}", f"cold ndcg@{small}"):
+        table.add_column(column, justify="left" if column in ("method", "kind") else "right")
+    for method in report.methods:
+        cells = []
+        for i, column in enumerate(columns):
+            estimate = method.metrics["all"][column]
+            if estimate is None:
+                cells.append("-")
+            elif i == 0:
+                cells.append(f"{estimate.mean:.4f} [{estimate.low:.3f}, {estimate.high:.3f}]")
+            else:
+                cells.append(f"{estimate.mean:.4f}")
+        for segment in ("warm", "cold"):
+            estimate = method.metrics[segment][f"ndcg@{small}"]
+            cells.append("-" if estimate is None else f"{estimate.mean:.4f}")
+        table.add_row(method.name, method.kind, *cells)
+    return table
+
+
+def report_json(report: OfflineReport) -> str:
+    """The report as JSON (what ``metrics.json`` holds)."""
+    return json.dumps(report.to_dict(), indent=2)

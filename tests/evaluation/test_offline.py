@@ -1,0 +1,219 @@
+"""The whole-pipeline harness: protocols, ranker rows, lists, report consistency, training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import ndcg_score
+
+from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.evaluation.offline import (
+    PIPELINE,
+    OfflineReport,
+    PipelineConfig,
+    best_baseline,
+    evaluate_pipeline,
+    train_pipeline,
+)
+from mlsd.evaluation.random_split import random_split_per_user
+from mlsd.evaluation.retrieval import ProtocolConfig, load_dataset, make_task
+from mlsd.evaluation.scoring import group_ndcg
+from mlsd.evaluation.stages import RankerFactory, SourceFactory, rank_lists, split_groups
+from mlsd.models.ranking.bundle import RankingBundle
+from mlsd.models.ranking.gbdt import LightGBMRanker
+from mlsd.models.ranking.logistic import LogisticRanker
+from mlsd.models.retrieval.covisitation import CovisitationRetriever
+from mlsd.models.retrieval.popularity import PopularityRetriever
+from mlsd.serving.rerank import RerankConfig
+from tests.models.ranking.contract import synthetic_ranking_data
+
+FAST = ProtocolConfig(n_bootstrap=50)
+SOURCES: dict[str, SourceFactory] = {
+    "popularity": PopularityRetriever,
+    "covisitation": CovisitationRetriever,
+}
+RANKERS: dict[str, RankerFactory] = {
+    "logistic": LogisticRanker,
+    "lightgbm": lambda: LightGBMRanker(n_estimators=50),
+}
+PIPELINE_CONFIG = PipelineConfig(
+    n_candidates=100,
+    ranker="logistic",
+    ranker_windows=2,
+    baselines=("popularity", "covisitation"),
+    rerank_variants={"mmr 0.5": RerankConfig(mmr_lambda=0.5)},
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    config = WorldConfig(n_users=400, n_items=150, n_events=40_000, days=40, seed=5)
+    synthesize(config, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(world: Path) -> OfflineReport:
+    return evaluate_pipeline(world, SOURCES, RANKERS, protocol=FAST, pipeline=PIPELINE_CONFIG)
+
+
+def test_report_scores_every_method_on_the_same_users(report: OfflineReport, world: Path) -> None:
+    names = [m.name for m in report.methods]
+    assert names == ["popularity", "covisitation", "ranker logistic", "ranker lightgbm", PIPELINE]
+    events, users, items = load_dataset(world)
+    t2 = pd.Timestamp(report.cut_points["t2"])
+    test = make_task(events, users, items, cutoff=t2, end=None)
+    assert report.counts["n_test_users"] == len(test.user_ids)
+    assert report.counts["n_warm_users"] == int(test.warm.sum())
+    for method in report.methods:
+        for segment, metrics in method.metrics.items():
+            assert set(metrics) >= {f"ndcg@{k}" for k in report.ks}
+            for name, estimate in metrics.items():
+                if estimate is None:
+                    continue
+                assert 0.0 <= estimate.low <= estimate.mean <= estimate.high <= 1.0, (
+                    method.name,
+                    segment,
+                    name,
+                )
+
+
+def test_pipeline_without_rerank_effects_equals_its_ranker(report: OfflineReport) -> None:
+    # The default re-rank config is the identity on unseen candidates, so the pipeline's lists
+    # are the chosen ranker's: the two rows of the report must agree exactly.
+    assert report.pipeline_ranker == "logistic"
+    pipeline = report.method(PIPELINE).metrics["all"]
+    ranker = report.method("ranker logistic").metrics["all"]
+    for name in pipeline:
+        assert pipeline[name] == ranker[name]
+
+
+def test_recall_grows_with_k_and_rerank_variants_trade_accuracy(report: OfflineReport) -> None:
+    for method in report.methods:
+        recalls = [method.metrics["all"][f"recall@{k}"].mean for k in report.ks]  # type: ignore[union-attr]
+        assert recalls == sorted(recalls)
+    variants = {v["variant"]: v for v in report.rerank}
+    assert variants["mmr 0.5"]["ild@10"] >= variants["ranked, no re-ranking"]["ild@10"]
+    assert set(report.timings) >= {"retrieval (test)", "fit ranker logistic", "re-rank (test)"}
+
+
+def test_ranker_rows_cover_every_window(report: OfflineReport) -> None:
+    counts = report.counts
+    assert counts["n_ranker_groups"] > counts["n_validation_users"]  # two windows
+    assert 0 < counts["n_ranker_positives"] < counts["n_ranker_rows"]
+    assert {s.name for s in report.rankers} == set(RANKERS)
+    for score in report.rankers:
+        assert 0.0 <= score.valid_ndcg <= 1.0
+        assert 0.5 < score.valid_auc <= 1.0
+
+
+def test_best_baseline_and_json(report: OfflineReport) -> None:
+    name, value = best_baseline(report)
+    assert name in ("popularity", "covisitation")
+    assert value == max(
+        report.method(n).metrics["all"]["ndcg@10"].mean  # type: ignore[union-attr]
+        for n in ("popularity", "covisitation")
+    )
+    raw = report.to_dict()
+    assert raw["protocol_name"] == "temporal"
+    assert "full ranking" in raw["protocol"]
+
+
+def test_rank_lists_orders_each_users_candidates() -> None:
+    pairs = pd.DataFrame({"user_id": [3, 3, 3, 7, 7], "item_id": [10, 11, 12, 10, 13]})
+    scores = np.array([0.1, 0.9, 0.5, 0.3, 0.4])
+    items, ordered = rank_lists(np.array([3, 5, 7]), pairs, scores, k=2)
+    assert items.tolist() == [[11, 12], [-1, -1], [13, 10]]
+    assert ordered[0].tolist() == [0.9, 0.5]
+    assert np.isneginf(ordered[1]).all()
+    with pytest.raises(ValueError, match="sorted"):
+        rank_lists(np.array([7, 3]), pairs, scores, k=2)
+
+
+def test_split_groups_keeps_users_whole() -> None:
+    data = synthetic_ranking_data(n_groups=50, group_size=8, seed=1)
+    fit, valid = split_groups(data, valid_frac=0.2, seed=0)
+    assert len(fit.features) + len(valid.features) == len(data.features)
+    assert not set(fit.groups.tolist()) & set(valid.groups.tolist())
+    assert len(np.unique(valid.groups)) == 10
+
+
+def test_group_ndcg_matches_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 15)
+    labels = (rng.random(len(groups)) < 0.2).astype(float)
+    scores = rng.random(len(groups))
+    expected = [
+        ndcg_score([labels[groups == g]], [scores[groups == g]], k=10)
+        for g in range(20)
+        if labels[groups == g].any()
+    ]
+    assert group_ndcg(labels, scores, groups, k=10) == pytest.approx(np.mean(expected))
+    assert math.isnan(group_ndcg(np.zeros(4), scores[:4], np.zeros(4, np.int64), k=10))
+
+
+def test_random_split_per_user_is_stratified_and_deterministic() -> None:
+    rng = np.random.default_rng(3)
+    events = pd.DataFrame(
+        {
+            "user_id": np.repeat(np.arange(30), rng.integers(1, 40, size=30)),
+        }
+    )
+    events["item_id"] = np.arange(len(events))
+    events["ts"] = pd.Timestamp("2020-01-01", tz="UTC")
+    train, test = random_split_per_user(events, test_frac=0.25, seed=1)
+    assert len(train) + len(test) == len(events)
+    assert not set(train["item_id"]) & set(test["item_id"])
+    sizes = events.groupby("user_id").size()
+    in_test = test.groupby("user_id").size().reindex(sizes.index, fill_value=0)
+    expected = np.minimum(np.round(0.25 * sizes), sizes - 1)
+    assert (in_test == expected).all()
+    again, _ = random_split_per_user(events, test_frac=0.25, seed=1)
+    assert again["item_id"].tolist() == train["item_id"].tolist()
+
+
+def test_random_protocol_runs_and_labels_itself(world: Path) -> None:
+    config = PipelineConfig(
+        n_candidates=100, ranker="logistic", baselines=("popularity",), rerank_variants={}
+    )
+    report = evaluate_pipeline(
+        world,
+        SOURCES,
+        {"logistic": LogisticRanker},
+        protocol=ProtocolConfig(n_bootstrap=20, test_frac=0.25),
+        pipeline=config,
+        protocol_name="random-per-user",
+    )
+    assert report.protocol_name == "random-per-user"
+    assert "ONLY for comparison" in report.protocol
+    assert report.counts["n_cold_users"] == 0
+
+
+def test_train_pipeline_bundle_round_trips(world: Path, tmp_path: Path) -> None:
+    bundle, trained = train_pipeline(
+        world, SOURCES, RANKERS, protocol=FAST, pipeline=PIPELINE_CONFIG
+    )
+    assert bundle.ranker_name == "logistic"
+    assert sum(float(q) for q in bundle.quotas.values()) == pytest.approx(1.0)
+    loaded = RankingBundle.load(bundle.save(tmp_path / "bundle"))
+    features = trained.rows.data.features
+    np.testing.assert_array_equal(loaded.ranker.predict(features), bundle.ranker.predict(features))
+    probs = loaded.calibrator.transform(loaded.ranker.predict(features))
+    np.testing.assert_allclose(probs, bundle.calibrator.transform(bundle.ranker.predict(features)))
+    assert loaded.layout == bundle.layout
+    assert loaded.feature_config == bundle.feature_config
+    assert not list((tmp_path / "bundle").rglob("*.pkl"))
+
+
+def test_unknown_ranker_and_bad_bundle_are_clear_errors(world: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pipeline ranker 'nope'"):
+        evaluate_pipeline(
+            world, SOURCES, RANKERS, pipeline=PipelineConfig(ranker="nope", n_candidates=100)
+        )
+    with pytest.raises(ValueError, match="not a ranking bundle"):
+        RankingBundle.load(tmp_path)
