@@ -1,155 +1,61 @@
 """Offline metrics as pure functions, scikit-learn style: ``f(inputs, *, options)``.
 
-Calibration metrics ask whether a predicted probability means what it says: among exposures
-scored 0.02, about 2% should be clicks. Ranking metrics only need the order of the scores;
-a bidder, a pacing controller or a downsampled model's correction need the values as well.
-
 Ranking metrics (precision, recall, hit rate, NDCG, AP, reciprocal rank, all ``@k``) take a
 recommended id matrix and each user's relevant items and return per-user scores, so the same
 arrays feed a mean and a bootstrap confidence interval over users (:func:`bootstrap_mean_ci`).
+Beyond-accuracy metrics (intra-list diversity, novelty) score the same matrix against item
+metadata, because a list can be accurate and still show ten near-copies of the obvious hit.
+
+Pointwise metrics (ROC AUC, grouped AUC, log loss, calibration, RMSE, MAE) live in
+:mod:`mlsd.evaluation.pointwise` and are re-exported here, so callers import every offline
+metric from this one module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-BinStrategy = Literal["uniform", "quantile"]
+from mlsd.evaluation.pointwise import (
+    BinStrategy,
+    CalibrationCurve,
+    calibration_curve,
+    expected_calibration_error,
+    grouped_auc_score,
+    log_loss,
+    mae_loss,
+    rmse_loss,
+    roc_auc_score,
+)
 
-
-class CalibrationCurve(NamedTuple):
-    """Reliability diagram data, one entry per non-empty bin, in increasing bin order.
-
-    Attributes:
-        prob_pred: (n_nonempty_bins,) mean predicted probability in the bin.
-        prob_true: (n_nonempty_bins,) fraction of positives in the bin.
-        counts: (n_nonempty_bins,) number of samples in the bin.
-    """
-
-    prob_pred: npt.NDArray[np.float64]
-    prob_true: npt.NDArray[np.float64]
-    counts: npt.NDArray[np.int64]
-
-
-def _check_binary_probs(
-    y_true: npt.ArrayLike, y_prob: npt.ArrayLike
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Validate labels in {0, 1} and probabilities in [0, 1]; return both as float64 1-D."""
-    labels = np.asarray(y_true)
-    probs = np.asarray(y_prob, dtype=np.float64)
-    if labels.ndim != 1 or probs.ndim != 1:
-        raise ValueError(
-            f"y_true and y_prob must be 1-D, got shapes {labels.shape} and {probs.shape}"
-        )
-    if labels.shape != probs.shape:
-        raise ValueError(
-            f"y_true and y_prob must have the same length, got {labels.size} and {probs.size}"
-        )
-    if labels.size == 0:
-        raise ValueError("y_true and y_prob are empty; calibration needs at least one sample")
-    unique = np.unique(labels)
-    if not np.isin(unique, [0, 1]).all():
-        raise ValueError(
-            f"y_true must hold binary labels 0/1 (or booleans), got values {unique[:10].tolist()}"
-        )
-    if np.isnan(probs).any() or probs.min() < 0.0 or probs.max() > 1.0:
-        raise ValueError(
-            "y_prob must hold probabilities in [0, 1] without NaN, "
-            f"got range [{np.nanmin(probs)}, {np.nanmax(probs)}]"
-        )
-    return labels.astype(np.float64), probs
-
-
-def _bin_ids(
-    y_prob: npt.NDArray[np.float64], n_bins: int, strategy: BinStrategy
-) -> npt.NDArray[np.intp]:
-    """Bin index in [0, n_bins) of each probability, with scikit-learn's edges and tie rule."""
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    if strategy == "uniform":
-        edges = np.linspace(0.0, 1.0, n_bins + 1)
-    elif strategy == "quantile":
-        # Equal-mass bins: useful when predictions crowd near 0, as click rates do.
-        edges = np.percentile(y_prob, np.linspace(0.0, 100.0, n_bins + 1))
-    else:
-        raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
-    # Interior edges only, so 0 and 1 fall in the first and last bin; a value equal to an
-    # edge goes to the lower bin (searchsorted side="left"), as in sklearn.
-    return np.searchsorted(edges[1:-1], y_prob)
-
-
-def calibration_curve(
-    y_true: npt.ArrayLike,
-    y_prob: npt.ArrayLike,
-    *,
-    n_bins: int = 10,
-    strategy: BinStrategy = "uniform",
-) -> CalibrationCurve:
-    """Per-bin mean predicted probability, observed positive rate and count.
-
-    Bins match ``sklearn.calibration.calibration_curve`` (which returns only the first two,
-    in the order ``prob_true, prob_pred``); empty bins are left out.
-
-    Args:
-        y_true: (n_samples,) binary labels 0/1.
-        y_prob: (n_samples,) predicted probabilities of label 1, in [0, 1].
-        n_bins: number of bins over [0, 1] (``uniform``) or of equal-count bins (``quantile``).
-        strategy: ``"uniform"`` for equal-width bins, ``"quantile"`` for equal-count bins.
-
-    Returns:
-        A :class:`CalibrationCurve` of arrays of shape (n_nonempty_bins,).
-
-    Example:
-        >>> curve = calibration_curve([0, 0, 1, 1], [0.25, 0.5, 0.75, 1.0], n_bins=2)
-        >>> curve.prob_pred.tolist(), curve.prob_true.tolist(), curve.counts.tolist()
-        ([0.375, 0.875], [0.0, 1.0], [2, 2])
-    """
-    labels, probs = _check_binary_probs(y_true, y_prob)
-    bins = _bin_ids(probs, n_bins, strategy)
-    counts = np.bincount(bins, minlength=n_bins)
-    sum_pred = np.bincount(bins, weights=probs, minlength=n_bins)
-    sum_true = np.bincount(bins, weights=labels, minlength=n_bins)
-    nonempty = counts > 0
-    return CalibrationCurve(
-        prob_pred=sum_pred[nonempty] / counts[nonempty],
-        prob_true=sum_true[nonempty] / counts[nonempty],
-        counts=counts[nonempty].astype(np.int64),
-    )
-
-
-def expected_calibration_error(
-    y_true: npt.ArrayLike,
-    y_prob: npt.ArrayLike,
-    *,
-    n_bins: int = 10,
-    strategy: BinStrategy = "uniform",
-) -> float:
-    """Expected calibration error: count-weighted mean |observed rate - mean prediction| per bin.
-
-    ``ECE = sum_b (n_b / n) * |mean(y_true in b) - mean(y_prob in b)|``; lower is better,
-    0 is perfectly calibrated at this binning. With finite samples it has a noise floor of
-    roughly ``sum_b (n_b / n) * sqrt(p_b (1 - p_b) / n_b)`` even for a perfect model.
-
-    Args:
-        y_true: (n_samples,) binary labels 0/1.
-        y_prob: (n_samples,) predicted probabilities of label 1, in [0, 1].
-        n_bins: number of bins, as in :func:`calibration_curve`.
-        strategy: ``"uniform"`` or ``"quantile"``, as in :func:`calibration_curve`.
-
-    Returns:
-        The ECE, in [0, 1].
-
-    Example:
-        >>> expected_calibration_error([0, 1, 1, 1], [0.25, 0.25, 0.75, 0.75], n_bins=2)
-        0.25
-    """
-    curve = calibration_curve(y_true, y_prob, n_bins=n_bins, strategy=strategy)
-    weights = curve.counts / curve.counts.sum()
-    return float(np.sum(weights * np.abs(curve.prob_true - curve.prob_pred)))
+__all__ = [
+    "PAD",
+    "BinStrategy",
+    "CalibrationCurve",
+    "MeanCI",
+    "RelevantItems",
+    "average_precision_at_k_score",
+    "bootstrap_mean_ci",
+    "calibration_curve",
+    "catalog_coverage_score",
+    "expected_calibration_error",
+    "grouped_auc_score",
+    "hit_rate_at_k_score",
+    "intra_list_diversity_score",
+    "log_loss",
+    "mae_loss",
+    "ndcg_at_k_score",
+    "novelty_score",
+    "precision_at_k_score",
+    "recall_at_k_score",
+    "reciprocal_rank_score",
+    "rmse_loss",
+    "roc_auc_score",
+]
 
 
 # --- Ranking metrics -------------------------------------------------------------------------
@@ -450,6 +356,106 @@ def catalog_coverage_score(
     top = rec if k is None else rec[:, : _check_k(k)]
     shown = np.unique(top[top != PAD])
     return float(np.isin(items, shown).sum() / len(items))
+
+
+# --- Beyond accuracy --------------------------------------------------------------------------
+
+
+def _item_lookup(
+    table: npt.NDArray[Any], top: npt.NDArray[np.int64], name: str
+) -> npt.NDArray[Any]:
+    """``table[item id]`` for every cell of ``top``; padded cells get ``table[0]`` (mask them)."""
+    if table.ndim != 1 or table.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array indexed by item id")
+    largest = int(top.max(initial=PAD))
+    if largest >= table.size:
+        raise ValueError(
+            f"recommended holds item id {largest} but {name} has only {table.size} entries; "
+            "build it over the same catalog as the recommendations"
+        )
+    return table[np.maximum(top, 0)]
+
+
+def intra_list_diversity_score(
+    recommended: npt.ArrayLike, item_categories: npt.ArrayLike, *, k: int
+) -> npt.NDArray[np.float64]:
+    """Per-user intra-list diversity: share of pairs in the top ``k`` from different categories.
+
+    ``ILD = (pairs with different categories) / (n (n - 1) / 2)`` over the ``n <= k`` listed
+    items, i.e. the mean pairwise dissimilarity with dissimilarity 1 across categories, 0 within.
+    Category -1 (unknown) is one shared category, so two unknown items count as similar: a list
+    of uncategorised items must not look diverse just because its metadata is missing. The
+    same rule defines similarity in :mod:`mlsd.serving.rerank`.
+
+    Args:
+        recommended: (n_users, K) item ids, best first, padded with -1.
+        item_categories: (n_items,) integer category code of each item id, -1 if unknown.
+        k: cutoff rank.
+
+    Returns:
+        (n_users,) scores in [0, 1], NaN for a list with fewer than 2 items.
+
+    Example:
+        >>> intra_list_diversity_score([[0, 1, 2, 3]], [5, 7, 7, 7], k=4).tolist()  # 3 of 6 pairs
+        [0.5]
+    """
+    rec = _check_recommended(recommended)
+    top = rec[:, : _check_k(k)]
+    table = np.asarray(item_categories)
+    categories = _item_lookup(table, top, "item_categories")
+    if not np.issubdtype(table.dtype, np.integer) or table.min() < -1:
+        raise ValueError("item_categories must hold integer category codes >= 0, or -1 (unknown)")
+    valid = top != PAD
+    # Give each padded cell its own code below -1, so padding never forms a same-category pair.
+    codes = np.where(valid, categories, PAD - 1 - np.arange(top.shape[1]))
+    ordered = np.sort(codes, axis=1)
+    columns = np.arange(top.shape[1])
+    new_run = np.ones(ordered.shape, dtype=bool)
+    new_run[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run_start = np.maximum.accumulate(np.where(new_run, columns, 0), axis=1)
+    same_pairs = (columns - run_start).sum(axis=1)  # each item pairs with the equal ones before
+    n = valid.sum(axis=1)
+    pairs = n * (n - 1) / 2
+    diversity = 1.0 - same_pairs / np.maximum(pairs, 1)
+    return np.asarray(np.where(n >= 2, diversity, np.nan), dtype=np.float64)
+
+
+def novelty_score(
+    recommended: npt.ArrayLike, item_popularity: npt.ArrayLike, *, k: int
+) -> npt.NDArray[np.float64]:
+    """Per-user novelty: mean self-information ``-log2(p_i)`` of the top ``k`` items, in bits.
+
+    ``p_i`` is the share of training users who interacted with item ``i``; recommending only
+    blockbusters (p near 1) scores near 0. Items no training user touched (``p_i = 0``) get the
+    smallest non-zero share instead, so one cold item does not make the score infinite.
+
+    Args:
+        recommended: (n_users, K) item ids, best first, padded with -1.
+        item_popularity: (n_items,) share of training users who interacted with each item id,
+            in [0, 1] (``user_counts / n_train_users``).
+        k: cutoff rank.
+
+    Returns:
+        (n_users,) scores >= 0, NaN for an empty list.
+
+    Example:
+        >>> novelty_score([[0, 1, 2]], [0.5, 0.25, 0.0], k=3).tolist()  # (1 + 2 + 2) / 3
+        [1.6666666666666667]
+    """
+    rec = _check_recommended(recommended)
+    top = rec[:, : _check_k(k)]
+    shares = np.asarray(item_popularity, dtype=np.float64)
+    popularity = _item_lookup(shares, top, "item_popularity")
+    if not np.isfinite(shares).all() or shares.min() < 0 or shares.max() > 1:
+        raise ValueError("item_popularity must hold shares of users in [0, 1], not counts")
+    positive = shares[shares > 0]
+    if positive.size == 0:
+        raise ValueError("item_popularity is all zero; novelty needs some interacted item")
+    valid = top != PAD
+    bits = -np.log2(np.maximum(popularity, positive.min()))
+    n = valid.sum(axis=1)
+    mean_bits = np.where(valid, bits, 0.0).sum(axis=1) / np.maximum(n, 1)
+    return np.asarray(np.where(n > 0, mean_bits, np.nan), dtype=np.float64)
 
 
 class MeanCI(NamedTuple):
