@@ -59,12 +59,28 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(world: Path) -> OfflineReport:
-    return evaluate_pipeline(world, SOURCES, RANKERS, protocol=FAST, pipeline=PIPELINE_CONFIG)
+    return evaluate_pipeline(
+        world,
+        SOURCES,
+        RANKERS,
+        protocol=FAST,
+        pipeline=PIPELINE_CONFIG,
+        derived={"same": lambda fitted, fit, valid: fitted["logistic"]},
+    )
 
 
 def test_report_scores_every_method_on_the_same_users(report: OfflineReport, world: Path) -> None:
     names = [m.name for m in report.methods]
-    assert names == ["popularity", "covisitation", "ranker logistic", "ranker lightgbm", PIPELINE]
+    assert names == [
+        "popularity",
+        "covisitation",
+        "ranker logistic",
+        "ranker lightgbm",
+        "ranker same",
+        PIPELINE,
+    ]
+    # A derived ranker is scored by the same code: a copy of logistic scores the same.
+    assert report.method("ranker same").metrics == report.method("ranker logistic").metrics
     events, users, items = load_dataset(world)
     t2 = pd.Timestamp(report.cut_points["t2"])
     test = make_task(events, users, items, cutoff=t2, end=None)
@@ -106,7 +122,7 @@ def test_ranker_rows_cover_every_window(report: OfflineReport) -> None:
     counts = report.counts
     assert counts["n_ranker_groups"] > counts["n_validation_users"]  # two windows
     assert 0 < counts["n_ranker_positives"] < counts["n_ranker_rows"]
-    assert {s.name for s in report.rankers} == set(RANKERS)
+    assert {s.name for s in report.rankers} == {*RANKERS, "same"}
     for score in report.rankers:
         assert 0.0 <= score.valid_ndcg <= 1.0
         assert 0.5 < score.valid_auc <= 1.0

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +72,7 @@ from mlsd.evaluation.stages import (
 )
 from mlsd.features.batch import feature_config_for
 from mlsd.features.definitions import FeatureConfig
-from mlsd.models.ranking.base import FloatArray, Ranker
+from mlsd.models.ranking.base import FloatArray, Ranker, RankingData
 from mlsd.models.ranking.bundle import RankingBundle
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
@@ -81,6 +81,9 @@ from mlsd.models.retrieval.merge import Quota
 from mlsd.serving.rerank import RerankConfig
 
 Protocol = Literal["temporal", "random-per-user"]
+DerivedRanker = Callable[[Mapping[str, Ranker], RankingData, RankingData], Ranker]
+"""(fitted rankers, fit rows, held-out rows) → a new ranker, e.g. a distilled student."""
+
 AUTO = "auto"
 """``PipelineConfig.ranker`` value: use the ranker with the best held-out grouped AUC."""
 PIPELINE = "mlsd"
@@ -237,6 +240,7 @@ def evaluate_pipeline(
     pipeline: PipelineConfig | None = None,
     protocol_name: Protocol = "temporal",
     feature_config: FeatureConfig | None = None,
+    derived: Mapping[str, DerivedRanker] | None = None,
     progress: bool = False,
 ) -> OfflineReport:
     """Evaluate the pipeline (``sources`` → merge → ``rankers[pipeline.ranker]`` → re-rank)
@@ -251,6 +255,8 @@ def evaluate_pipeline(
         pipeline: the pipeline's settings.
         protocol_name: ``"temporal"`` or ``"random-per-user"``.
         feature_config: the feature step's settings (default: derived from the dataset).
+        derived: name → function making a ranker from the fitted ones and the ranker rows
+            (e.g. a distilled, quantized student of the deep ranker); scored like the others.
         progress: progress bars on stderr.
     """
     protocol = protocol or ProtocolConfig()
@@ -265,7 +271,17 @@ def evaluate_pipeline(
     clock = _Clock()
     with clock.stage("load"):
         events, users, items = load_dataset(dataset_dir)
-    run = _Run(dataset_dir, sources, rankers, protocol, pipeline, feature_config, clock, progress)
+    run = _Run(
+        dataset_dir,
+        sources,
+        rankers,
+        protocol,
+        pipeline,
+        feature_config,
+        clock,
+        progress,
+        dict(derived or {}),
+    )
     if protocol_name == "temporal":
         return run.temporal(events, users, items)
     if protocol_name == "random-per-user":
@@ -333,6 +349,7 @@ class _Run:
     feature_config: FeatureConfig
     clock: _Clock
     progress: bool
+    derived: Mapping[str, DerivedRanker] = field(default_factory=dict)
 
     # -- protocols -------------------------------------------------------------------------
 
@@ -473,6 +490,13 @@ class _Run:
             with self.clock.stage(f"fit ranker {name}"):
                 start = time.perf_counter()
                 fitted[name] = make().fit(fit_data, valid_data)
+                fit_seconds = time.perf_counter() - start
+            scores.append(_ranker_scores(name, fitted[name], valid_data, fit_seconds))
+        for name, derive in self.derived.items():
+            bar.update(job, description=f"derive ranker {name}")
+            with self.clock.stage(f"derive ranker {name}"):
+                start = time.perf_counter()
+                fitted[name] = derive(dict(fitted), fit_data, valid_data)
                 fit_seconds = time.perf_counter() - start
             scores.append(_ranker_scores(name, fitted[name], valid_data, fit_seconds))
         chosen = self._choose(scores)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlsd.models.compression import OnnxRanker
 from mlsd.models.ranking.base import Ranker
+from mlsd.models.ranking.deep import DeepRanker
 from mlsd.models.ranking.gbdt import LightGBMRanker
 from mlsd.models.ranking.logistic import LogisticRanker
 
@@ -19,7 +21,8 @@ RANKER_JSON = "ranker.json"
 RANKERS: dict[str, type[Ranker]] = {
     LogisticRanker.name: LogisticRanker,
     LightGBMRanker.name: LightGBMRanker,
-    # "deep": mlsd.models.ranking.deep.DeepRanker (imported here when it lands)
+    DeepRanker.name: DeepRanker,
+    OnnxRanker.name: OnnxRanker,
 }
 
 

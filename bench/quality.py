@@ -1,0 +1,272 @@
+"""Offline quality benchmark: the full pipeline next to its baselines, one run, JSON.
+
+For ML-100K and ML-latest-small (imported from ``$MLSD_DATA_DIR``, default ``../shared/data``):
+
+- the **temporal** protocol of DESIGN.md (last 20% of events as test, all test users) with the
+  ``[retrieval]`` and ``[ranking]`` sections of ``configs/feed.toml``: every baseline, every
+  ranker and the full pipeline at k = 10, 20, 50, 100 with 95% bootstrap intervals; the target
+  is the pipeline's NDCG@10 >= 1.10 x the best of popularity, EASE, ALS and BPR;
+- on ML-100K also the **random-per-user** protocol (75/25 per user, k = 10: MAP, nDCG@10,
+  P@10, R@10) next to Microsoft Recommenders' published table; the target is nDCG@10 >=
+  1.05 x EASE measured in the same run;
+- the rankers' AUC on their held-out users (target order: deep >= LightGBM >= logistic);
+- compression: the deep ranker distilled into a small student, exported to ONNX and quantized
+  to int8 — its test NDCG@10 against the teacher's, and single-thread scoring latency for 1 and
+  500 candidates (target: >= 98% of the teacher's NDCG@10 at >= 3x lower latency for 500).
+
+    .venv/bin/python bench/quality.py
+    .venv/bin/python bench/quality.py --datasets movielens-100k --skip-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mlsd.config import FeedConfig, load_feed_config
+from mlsd.data.sources.movielens import import_movielens
+from mlsd.evaluation.offline import PIPELINE, OfflineReport, evaluate_pipeline
+from mlsd.models.compression import OnnxRanker, distill, export_onnx, quantize_int8
+from mlsd.models.ranking.base import Ranker, RankingData
+from mlsd.models.ranking.deep import DeepRanker
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MLSD_DATA_DIR", REPO.parent / "shared" / "data"))
+DATASETS = ("movielens-100k", "movielens-latest-small")
+BASELINES = ("popularity", "ease", "als", "bpr")
+STUDENT = "deep-student-int8"
+TARGET_TEMPORAL = 1.10
+TARGET_RANDOM = 1.05
+TARGET_RETENTION = 0.98
+TARGET_SPEEDUP = 3.0
+PUBLISHED_ML100K = {
+    "source": "Microsoft Recommenders, ML-100K, python_stratified_split 75/25, k = 10",
+    "BiVAE": {"map": 0.1461, "ndcg@10": 0.4751, "precision@10": 0.4118, "recall@10": 0.2191},
+    "BPR": {"ndcg@10": 0.4420},
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def latency(ranker: Ranker, rows: pd.DataFrame, *, repeats: int) -> dict[str, float]:
+    """Single-thread scoring time of ``rows`` (median and p99 over ``repeats``, ms)."""
+    for _ in range(5):
+        ranker.predict(rows)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ranker.predict(rows)
+        times.append((time.perf_counter() - start) * 1000)
+    return {
+        "median_ms": statistics.median(times),
+        "p99_ms": float(np.percentile(times, 99)),
+    }
+
+
+class Student:
+    """A derived ranker: the deep ranker distilled, exported to ONNX and quantized to int8.
+
+    Keeps the teacher, the student and the held-out rows for the latency measurement.
+    """
+
+    def __init__(self, workdir: Path, teacher: str = "deep") -> None:
+        self.workdir = workdir
+        self.teacher_name = teacher
+        self.kept: dict[str, Any] = {}
+
+    def __call__(
+        self, fitted: Mapping[str, Ranker], fit: RankingData, valid: RankingData
+    ) -> Ranker:
+        teacher = fitted[self.teacher_name]
+        if not isinstance(teacher, DeepRanker):
+            raise ValueError(f"{self.teacher_name} is not a DeepRanker")
+        config = dataclasses.replace(
+            teacher.config, n_cross_layers=1, mlp_dims=(64,), embedding_dim=8
+        )
+        student = distill(teacher, fit, valid, student_config=config)
+        fp32 = export_onnx(student, self.workdir / "student.onnx")
+        int8 = quantize_int8(fp32, self.workdir / "student.int8.onnx")
+        scorer = OnnxRanker.from_deep(student, int8, threads=1)
+        self.kept = {"teacher": teacher, "student": scorer, "rows": valid.features}
+        return scorer
+
+    def timings(self) -> dict[str, Any]:
+        if not self.kept:
+            return {"skipped": "no deep ranker was fitted"}
+        torch.set_num_threads(1)
+        rows: pd.DataFrame = self.kept["rows"]
+        out: dict[str, Any] = {}
+        for batch in (1, 500):
+            part = rows.iloc[:batch].reset_index(drop=True)
+            repeats = 300 if batch == 1 else 100
+            teacher = latency(self.kept["teacher"], part, repeats=repeats)
+            student = latency(self.kept["student"], part, repeats=repeats)
+            out[f"batch_{batch}"] = {
+                "teacher_torch": teacher,
+                "student_int8_onnx": student,
+                "speedup_median": teacher["median_ms"] / student["median_ms"],
+            }
+        return out
+
+
+def summarize(report: OfflineReport) -> dict[str, Any]:
+    raw = report.to_dict()
+    raw["methods"] = {m["name"]: m for m in raw["methods"]}
+    return raw
+
+
+def ratio(
+    report: OfflineReport, against: tuple[str, ...], metric: str = "ndcg@10"
+) -> dict[str, Any]:
+    """The pipeline's mean ``metric`` over the best of ``against`` (all test users)."""
+    values = {
+        m.name: m.metrics["all"][metric].mean  # type: ignore[union-attr]
+        for m in report.methods
+        if m.name in (*against, PIPELINE)
+    }
+    best = max((n for n in values if n != PIPELINE), key=lambda n: values[n])
+    pipeline = report.method(PIPELINE).metrics["all"][metric]
+    return {
+        "metric": metric,
+        "pipeline": values[PIPELINE],
+        "pipeline_ci": [pipeline.low, pipeline.high] if pipeline else None,
+        "best_baseline": best,
+        "best_baseline_value": values[best],
+        "ratio": values[PIPELINE] / values[best] if values[best] else None,
+    }
+
+
+def auc_order(report: OfflineReport) -> dict[str, Any]:
+    auc = {s.name: s.valid_auc for s in report.rankers}
+    order = [auc.get(n) for n in ("deep", "lightgbm", "logistic")]
+    held = None not in order and order == sorted(order, reverse=True)  # type: ignore[type-var]
+    return {"auc": auc, "deep >= lightgbm >= logistic": held}
+
+
+def evaluate(
+    contract: Path,
+    feed: FeedConfig,
+    *,
+    protocol_name: str,
+    test_frac: float | None,
+    derived: Mapping[str, Callable[..., Ranker]] | None,
+) -> OfflineReport:
+    protocol = feed.retrieval.protocol
+    if test_frac is not None:
+        protocol = dataclasses.replace(protocol, test_frac=test_frac)
+    return evaluate_pipeline(
+        contract,
+        feed.retrieval.factories(),
+        feed.ranking.factories(),
+        protocol=protocol,
+        pipeline=feed.ranking.pipeline(),
+        protocol_name="temporal" if protocol_name == "temporal" else "random-per-user",
+        derived=derived,
+        progress=True,
+    )
+
+
+def run_dataset(name: str, workdir: Path, feed: FeedConfig, *, random: bool) -> dict[str, Any]:
+    source = DATA / name
+    if not source.is_dir():
+        return {"skipped": f"{source} not found (set MLSD_DATA_DIR)"}
+    contract = workdir / name
+    import_movielens(name, source=source, out=contract, progress=False)
+    result: dict[str, Any] = {}
+    student = Student(workdir / f"{name}-student")
+    derived = {STUDENT: student} if "deep" in feed.ranking.rankers else None
+    log(f"{name}: temporal protocol")
+    start = time.perf_counter()
+    temporal = evaluate(contract, feed, protocol_name="temporal", test_frac=None, derived=derived)
+    result["temporal"] = summarize(temporal)
+    result["temporal"]["seconds"] = time.perf_counter() - start
+    result["temporal_target"] = {
+        **ratio(temporal, BASELINES),
+        "min_ratio": TARGET_TEMPORAL,
+    }
+    result["temporal_target"]["met"] = (result["temporal_target"]["ratio"] or 0) >= TARGET_TEMPORAL
+    result["ranker_auc"] = auc_order(temporal)
+    if derived is not None:
+        teacher = temporal.method("ranker deep").metrics["all"]["ndcg@10"]
+        compressed = temporal.method(f"ranker {STUDENT}").metrics["all"]["ndcg@10"]
+        timings = student.timings()
+        retention = compressed.mean / teacher.mean if teacher and compressed else None
+        speedup = timings.get("batch_500", {}).get("speedup_median")
+        result["compression"] = {
+            "teacher_ndcg@10": teacher.mean if teacher else None,
+            "student_int8_ndcg@10": compressed.mean if compressed else None,
+            "ndcg_retention": retention,
+            "latency": timings,
+            "target": {
+                "min_retention": TARGET_RETENTION,
+                "min_speedup_500": TARGET_SPEEDUP,
+                "met": retention is not None
+                and retention >= TARGET_RETENTION
+                and speedup is not None
+                and speedup >= TARGET_SPEEDUP,
+            },
+        }
+    if random:
+        log(f"{name}: random-per-user protocol (75/25)")
+        start = time.perf_counter()
+        report = evaluate(contract, feed, protocol_name="random", test_frac=0.25, derived=None)
+        summary = summarize(report)
+        summary["seconds"] = time.perf_counter() - start
+        summary["at_k10"] = {
+            m.name: {
+                key: m.metrics["all"][key].mean  # type: ignore[union-attr]
+                for key in ("map@10", "ndcg@10", "precision@10", "recall@10")
+            }
+            for m in report.methods
+        }
+        summary["published"] = PUBLISHED_ML100K
+        result["random_per_user"] = summary
+        target = {**ratio(report, ("ease",)), "min_ratio": TARGET_RANDOM}
+        target["met"] = (target["ratio"] or 0) >= TARGET_RANDOM
+        result["random_target"] = target
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
+    parser.add_argument("--config", default=str(REPO / "configs" / "feed.toml"))
+    parser.add_argument("--skip-random", action="store_true", help="no random-per-user run")
+    args = parser.parse_args()
+    feed = load_feed_config(Path(args.config))
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="mlsd-quality-") as tmp:
+        for name in args.datasets.split(","):
+            random = name == "movielens-100k" and not args.skip_random
+            results[name] = run_dataset(name, Path(tmp), feed, random=random)
+    print(
+        json.dumps(
+            {
+                "benchmark": "quality",
+                "machine": {"cpus": os.cpu_count()},
+                "config": args.config,
+                "datasets": results,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
