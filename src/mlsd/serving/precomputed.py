@@ -1,0 +1,393 @@
+"""Precomputed predictions: top-K lists per user written by a batch job, read by the service.
+
+The offline path of the request flow (DESIGN.md, "request path"). A batch job scores every
+user with the champion model and writes one Redis key per user; the service serves that list
+when it is fresh and was computed by the current champion, and computes online otherwise::
+
+    store = PrecomputedStore(redis.Redis(host="127.0.0.1", port=6379))
+    store.write(user_ids, item_ids, scores, model_version="ranker:7")      # the batch job
+    found = store.lookup(42, model_version="ranker:7", max_age_s=6 * 3600)  # the service
+    if found.reason == "hit":
+        serve(found.result.item_ids, found.result.scores)
+    else:
+        count_fallback(found.reason)  # "missing", "stale_version", "too_old" or "corrupt"
+
+Value format (one Redis string per user, key ``<prefix>:<user_id>``, TTL ``ttl_s``), all
+little-endian, no pickle:
+
+    ======  =========  ===============================================
+    bytes   type       field
+    ======  =========  ===============================================
+    4       bytes      magic ``b"MLPK"``
+    1       uint8      format version (1)
+    3       -          reserved (zero)
+    4       uint32     n, the number of items (padding already dropped)
+    4       uint32     length of the model version in bytes
+    8       float64    computed_at, UNIX seconds
+    v       utf-8      model version
+    8 * n   int64      item ids, best first
+    4 * n   float32    scores
+    ======  =========  ===============================================
+
+A top-100 list takes 24 + len(version) + 1,200 bytes. The model version lives in the value
+rather than in the key, so a new champion's batch overwrites the old lists in place and a
+list of a retired version is recognised (``stale_version``) instead of silently served.
+
+Errors: a value that does not decode is reported as ``corrupt`` and never raises. Redis
+failures (connection refused, timeouts) do raise, as ``redis.exceptions.RedisError``
+subclasses: whether to fall back to the online path is the service's decision, not this
+store's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, cast
+
+import numpy as np
+import numpy.typing as npt
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+IntArray = npt.NDArray[np.int64]
+ScoreArray = npt.NDArray[np.float32]
+
+PAD_ID = -1
+"""Item id padding a row of ``item_ids`` that has fewer than K items; dropped on write."""
+
+MAGIC = b"MLPK"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sB3xIId")  # magic, format, reserved, n_items, version bytes, ts
+_ID = np.dtype("<i8")
+_SCORE = np.dtype("<f4")
+
+Reason = Literal["hit", "missing", "stale_version", "too_old", "corrupt"]
+"""Why a lookup did (``hit``) or did not return a list; the label of a fallback counter."""
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptValueError(ValueError):
+    """A stored value is not a precomputed list in the expected format."""
+
+
+@dataclass(frozen=True)
+class Precomputed:
+    """One user's precomputed list.
+
+    Attributes:
+        item_ids: (n,) int64, best first, padding dropped (n may be 0).
+        scores: (n,) float32, the model's scores of ``item_ids``.
+        model_version: the model version that computed the list.
+        computed_at: when the batch computed it, UNIX seconds.
+    """
+
+    item_ids: IntArray
+    scores: ScoreArray
+    model_version: str
+    computed_at: float
+
+
+class Lookup(NamedTuple):
+    """A lookup's answer: the list (None unless ``reason == "hit"``) and the reason."""
+
+    result: Precomputed | None
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    """What a batch write did: users written, wall-clock seconds, throughput, bytes of values."""
+
+    n_users: int
+    seconds: float
+    users_per_s: float
+    n_bytes: int
+
+
+def encode(
+    item_ids: IntArray, scores: ScoreArray, *, model_version: str, computed_at: float
+) -> bytes:
+    """One user's value: header, model version, then the raw item ids and scores.
+
+    Args:
+        item_ids: (n,) int64 without padding.
+        scores: (n,) float32.
+    """
+    version = model_version.encode()
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(item_ids), len(version), computed_at)
+    ids = item_ids.astype(_ID, copy=False).tobytes()
+    return b"".join((header, version, ids, scores.astype(_SCORE, copy=False).tobytes()))
+
+
+def decode(value: bytes) -> Precomputed:
+    """The inverse of :func:`encode`; raises :class:`CorruptValueError` on a malformed value."""
+    if len(value) < _HEADER.size:
+        raise CorruptValueError(f"{len(value)} bytes, shorter than the {_HEADER.size}-byte header")
+    magic, fmt, n_items, n_version, computed_at = _HEADER.unpack_from(value)
+    if magic != MAGIC or fmt != FORMAT_VERSION:
+        raise CorruptValueError(f"header {magic!r} format {fmt}, expected {MAGIC!r} format 1")
+    expected = _HEADER.size + n_version + n_items * (_ID.itemsize + _SCORE.itemsize)
+    if len(value) != expected or not math.isfinite(computed_at):
+        raise CorruptValueError(f"{len(value)} bytes, the header implies {expected}")
+    start = _HEADER.size + n_version
+    try:
+        model_version = value[_HEADER.size : start].decode()
+    except UnicodeDecodeError as err:
+        raise CorruptValueError(f"model version is not UTF-8: {err}") from err
+    # astype copies into aligned, writable, native-order arrays (frombuffer views are read-only).
+    ids = np.frombuffer(value, dtype=_ID, count=n_items, offset=start).astype(np.int64)
+    scores_at = start + n_items * _ID.itemsize
+    scores = np.frombuffer(value, dtype=_SCORE, count=n_items, offset=scores_at)
+    return Precomputed(ids, scores.astype(np.float32), model_version, computed_at)
+
+
+class PrecomputedStore:
+    """Top-K lists per user in Redis, one key per user, tagged with the model version.
+
+    Args:
+        client: a ``redis.Redis`` with ``decode_responses=False`` (values are binary).
+        prefix: key prefix; keys are ``<prefix>:<user_id>``. Use one per system/environment.
+        ttl_s: seconds each key lives after its write (> 0). A batch that stops running
+            lets its lists expire rather than be served forever.
+    """
+
+    def __init__(
+        self, client: redis.Redis, *, prefix: str = "mlsd:feed:top", ttl_s: int = 86_400
+    ) -> None:
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError(
+                "PrecomputedStore needs a redis client with decode_responses=False: "
+                "its values are binary"
+            )
+        if not prefix:
+            raise ValueError("prefix must be a non-empty string, e.g. 'mlsd:feed:top'")
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s}")
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = int(ttl_s)
+
+    def key(self, user_id: int) -> str:
+        """The Redis key of one user's list."""
+        return f"{self.prefix}:{int(user_id)}"
+
+    def write(
+        self,
+        user_ids: npt.ArrayLike,
+        item_ids: npt.ArrayLike,
+        scores: npt.ArrayLike,
+        *,
+        model_version: str,
+        computed_at: float | None = None,
+        chunk: int = 10_000,
+        progress: bool = False,
+    ) -> WriteStats:
+        """Write one list per user, ``chunk`` users per pipelined round trip.
+
+        The pipeline is not transactional: a failure mid-way leaves earlier chunks written
+        (re-running the job is idempotent). A user id given twice keeps its last row.
+
+        Args:
+            user_ids: (n,) int64.
+            item_ids: (n, K) int64, best first, rows padded with -1 (``PAD_ID``).
+            scores: (n, K) float32 scores of ``item_ids`` (padding scores are ignored).
+            model_version: the concrete version that computed the lists (not an alias).
+            computed_at: UNIX seconds of the batch; default now.
+            chunk: users per pipeline round trip.
+            progress: show a rich progress bar over chunks (on stderr).
+
+        Raises:
+            ValueError: shapes or arguments do not fit.
+            redis.exceptions.RedisError: Redis failed.
+        """
+        if chunk <= 0:
+            raise ValueError(f"chunk must be a positive number of users, got {chunk}")
+        start = time.perf_counter()
+        users, ids, vals = _check_batch(user_ids, item_ids, scores)
+        computed_at = time.time() if computed_at is None else float(computed_at)
+        n_bytes = 0
+        with _bar(progress, total=len(users)) as advance:
+            for lo in range(0, len(users), chunk):
+                rows = slice(lo, lo + chunk)
+                n_bytes += self._write_chunk(
+                    users[rows], ids[rows], vals[rows], model_version, computed_at
+                )
+                advance(len(users[rows]))
+        seconds = time.perf_counter() - start
+        rate = len(users) / seconds if seconds > 0 else math.inf
+        return WriteStats(len(users), seconds, rate, n_bytes)
+
+    def _write_chunk(
+        self,
+        users: IntArray,
+        ids: IntArray,
+        vals: ScoreArray,
+        model_version: str,
+        computed_at: float,
+    ) -> int:
+        """One pipelined round trip of SET ... EX; returns the bytes of values written."""
+        keep = ids != PAD_ID
+        n_bytes = 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for user, row_ids, row_scores, mask in zip(
+                users.tolist(), ids, vals, keep, strict=True
+            ):
+                value = encode(
+                    row_ids[mask],
+                    row_scores[mask],
+                    model_version=model_version,
+                    computed_at=computed_at,
+                )
+                n_bytes += len(value)
+                pipe.set(self.key(user), value, ex=self.ttl_s)
+            pipe.execute()
+        return n_bytes
+
+    def lookup(
+        self,
+        user_id: int,
+        *,
+        model_version: str,
+        max_age_s: float | None = None,
+        now: float | None = None,
+    ) -> Lookup:
+        """One user's list if it is there, by ``model_version`` and at most ``max_age_s`` old.
+
+        Args:
+            user_id: the user.
+            model_version: the version the service serves (the champion's).
+            max_age_s: oldest acceptable list, in seconds (None: any age within the TTL).
+            now: UNIX seconds to measure age against; default now.
+
+        Returns:
+            ``(list, "hit")``, or ``(None, reason)`` with reason ``missing``,
+            ``stale_version``, ``too_old`` or ``corrupt``.
+
+        Raises:
+            redis.exceptions.RedisError: Redis failed (the caller picks the fallback).
+        """
+        value = self.client.get(self.key(user_id))
+        now = time.time() if now is None else now
+        return self._judge(user_id, value, model_version, max_age_s, now)
+
+    def read(
+        self,
+        user_id: int,
+        *,
+        model_version: str,
+        max_age_s: float | None = None,
+        now: float | None = None,
+    ) -> Precomputed | None:
+        """:meth:`lookup` without the reason: the list, or None."""
+        return self.lookup(user_id, model_version=model_version, max_age_s=max_age_s, now=now)[0]
+
+    def lookup_many(
+        self,
+        user_ids: npt.ArrayLike,
+        *,
+        model_version: str,
+        max_age_s: float | None = None,
+        now: float | None = None,
+    ) -> list[Lookup]:
+        """:meth:`lookup` for many users with one MGET, in the order of ``user_ids``.
+
+        One MGET blocks Redis while it runs: pass thousands of users at a time, not millions.
+        """
+        users = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        if len(users) == 0:
+            return []
+        keys = [self.key(u) for u in users.tolist()]
+        values = cast(list[bytes | None], self.client.mget(keys))  # sync client: a list
+        now = time.time() if now is None else now
+        return [
+            self._judge(int(u), v, model_version, max_age_s, now)
+            for u, v in zip(users, values, strict=True)
+        ]
+
+    def read_many(
+        self,
+        user_ids: npt.ArrayLike,
+        *,
+        model_version: str,
+        max_age_s: float | None = None,
+        now: float | None = None,
+    ) -> list[Precomputed | None]:
+        """:meth:`lookup_many` without the reasons: one list or None per user."""
+        found = self.lookup_many(
+            user_ids, model_version=model_version, max_age_s=max_age_s, now=now
+        )
+        return [f.result for f in found]
+
+    def _judge(
+        self,
+        user_id: int,
+        value: object,
+        model_version: str,
+        max_age_s: float | None,
+        now: float,
+    ) -> Lookup:
+        if value is None:
+            return Lookup(None, "missing")
+        if not isinstance(value, bytes):
+            logger.warning("precomputed %s: not a bytes value", self.key(user_id))
+            return Lookup(None, "corrupt")
+        try:
+            found = decode(value)
+        except CorruptValueError as err:
+            logger.warning("precomputed %s is corrupt: %s", self.key(user_id), err)
+            return Lookup(None, "corrupt")
+        if found.model_version != model_version:
+            return Lookup(None, "stale_version")
+        if max_age_s is not None and now - found.computed_at > max_age_s:
+            return Lookup(None, "too_old")
+        return Lookup(found, "hit")
+
+
+def _check_batch(
+    user_ids: npt.ArrayLike, item_ids: npt.ArrayLike, scores: npt.ArrayLike
+) -> tuple[IntArray, IntArray, ScoreArray]:
+    """The batch as (n,) int64, (n, K) int64, (n, K) float32; ValueError naming what is off."""
+    users = np.asarray(user_ids)
+    ids = np.asarray(item_ids)
+    vals = np.asarray(scores)
+    if users.ndim != 1 or ids.ndim != 2 or vals.shape != ids.shape or len(users) != len(ids):
+        raise ValueError(
+            f"expected user_ids (n,), item_ids (n, K) and scores (n, K); got user_ids "
+            f"{users.shape}, item_ids {ids.shape}, scores {vals.shape}"
+        )
+    for name, arr in (("user_ids", users), ("item_ids", ids)):
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return users.astype(np.int64), ids.astype(np.int64), vals.astype(np.float32)
+
+
+@contextmanager
+def _bar(enabled: bool, *, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over users written (on stderr); yields ``advance(n_users)``."""
+    columns = (TextColumn("[bold]precomputed"), BarColumn(), MofNCompleteColumn())
+    with Progress(
+        *columns, TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled
+    ) as bar:
+        task = bar.add_task("write", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+__all__ = [
+    "PAD_ID",
+    "CorruptValueError",
+    "Lookup",
+    "Precomputed",
+    "PrecomputedStore",
+    "Reason",
+    "WriteStats",
+    "decode",
+    "encode",
+]

@@ -1,0 +1,237 @@
+"""Precomputed top-K lists in Redis: round trip, the reasons a lookup misses, batch writes."""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from mlsd.serving.precomputed import (
+    PAD_ID,
+    CorruptValueError,
+    Lookup,
+    PrecomputedStore,
+    decode,
+    encode,
+)
+
+VERSION = "ranker:7"
+T0 = 1_700_000_000.0
+
+
+def make_batch(n_users: int, k: int, seed: int = 0) -> tuple[Any, Any, Any]:
+    """(n,) user ids, (n, k) item ids best first with -1 padding on some rows, (n, k) scores."""
+    rng = np.random.default_rng(seed)
+    user_ids = rng.choice(10 * n_users + 10, size=n_users, replace=False).astype(np.int64)
+    item_ids = rng.integers(0, 1_000_000, size=(n_users, k), dtype=np.int64)
+    scores = -np.sort(-rng.random((n_users, k), dtype=np.float32), axis=1)
+    lengths = rng.integers(0, k + 1, size=n_users)
+    lengths[0] = k  # one full row, and one empty row when there are two
+    if n_users > 1:
+        lengths[1] = 0
+    pad = np.arange(k)[None, :] >= lengths[:, None]
+    item_ids[pad] = PAD_ID
+    scores[pad] = -np.inf
+    return user_ids, item_ids, scores
+
+
+@pytest.fixture
+def client(redis_server: str) -> Iterator[redis.Redis]:
+    host, port = redis_server.split(":")
+    conn = redis.Redis(host=host, port=int(port))
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> PrecomputedStore:
+    """A store with a prefix of its own, so tests sharing the server never see each other."""
+    return PrecomputedStore(client, prefix=f"test:{uuid.uuid4().hex[:10]}", ttl_s=600)
+
+
+# --- the value format, no server ---------------------------------------------------------
+
+
+def test_encode_decode_round_trip() -> None:
+    ids = np.array([5, 3, 9], dtype=np.int64)
+    scores = np.array([0.9, 0.5, 0.1], dtype=np.float32)
+    value = encode(ids, scores, model_version="v1 é", computed_at=T0)
+    assert len(value) == 24 + len("v1 é".encode()) + 3 * 12
+    got = decode(value)
+    np.testing.assert_array_equal(got.item_ids, ids)
+    np.testing.assert_array_equal(got.scores, scores)
+    assert (got.model_version, got.computed_at) == ("v1 é", T0)
+    assert got.item_ids.dtype == np.int64
+    assert got.scores.dtype == np.float32
+    assert got.item_ids.flags.writeable
+
+
+GOOD = encode(
+    np.arange(4, dtype=np.int64), np.ones(4, np.float32), model_version="v", computed_at=T0
+)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"garbage", id="short"),
+        pytest.param(b"XXXX" + GOOD[4:], id="magic"),
+        pytest.param(GOOD[:4] + b"\x09" + GOOD[5:], id="format"),
+        pytest.param(GOOD[:-1], id="truncated"),
+        pytest.param(GOOD + b"\x00", id="trailing"),
+        pytest.param(GOOD[:16] + struct.pack("<d", math.nan) + GOOD[24:], id="nan-time"),
+        pytest.param(GOOD[:24] + b"\xff" + GOOD[25:], id="version-not-utf8"),
+    ],
+)
+def test_decode_rejects_malformed_values(value: bytes) -> None:
+    with pytest.raises(CorruptValueError):
+        decode(value)
+
+
+def test_bad_arguments_are_rejected_with_the_shapes() -> None:
+    store = PrecomputedStore(redis.Redis(port=1))  # never connects: validation comes first
+    users, ids, scores = make_batch(3, 4)
+    with pytest.raises(ValueError, match=r"item_ids \(3, 4\), scores \(3, 3\)"):
+        store.write(users, ids, scores[:, :3], model_version=VERSION)
+    with pytest.raises(ValueError, match="user_ids"):
+        store.write(users[:2], ids, scores, model_version=VERSION)
+    with pytest.raises(ValueError, match="integers"):
+        store.write(users, ids.astype(float), scores, model_version=VERSION)
+    with pytest.raises(ValueError, match="decode_responses"):
+        PrecomputedStore(redis.Redis(port=1, decode_responses=True))
+    with pytest.raises(ValueError, match="ttl_s"):
+        PrecomputedStore(redis.Redis(port=1), ttl_s=0)
+
+
+def test_connection_errors_propagate() -> None:
+    """The service chooses the fallback, so a dead Redis is an exception, not a miss."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again before use: nothing listens there
+    no_retry = Retry(NoBackoff(), retries=0)  # the default retries with backoff for seconds
+    store = PrecomputedStore(redis.Redis(port=port, socket_connect_timeout=0.5, retry=no_retry))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        store.lookup(1, model_version=VERSION)
+
+
+# --- against a real redis-server ---------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_round_trip_strips_padding(store: PrecomputedStore) -> None:
+    users, ids, scores = make_batch(50, 20)
+    store.write(users, ids, scores, model_version=VERSION, computed_at=T0)
+    for row, user in enumerate(users):
+        found = store.lookup(int(user), model_version=VERSION)
+        assert found.reason == "hit"
+        assert found.result is not None
+        keep = ids[row] != PAD_ID
+        np.testing.assert_array_equal(found.result.item_ids, ids[row][keep])
+        np.testing.assert_array_equal(found.result.scores, scores[row][keep])
+        assert (found.result.model_version, found.result.computed_at) == (VERSION, T0)
+    assert len(store.read(int(users[0]), model_version=VERSION).item_ids) == 20  # type: ignore[union-attr]
+    assert len(store.read(int(users[1]), model_version=VERSION).item_ids) == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.integration
+def test_missing_user(store: PrecomputedStore) -> None:
+    assert store.lookup(123, model_version=VERSION) == Lookup(None, "missing")
+    assert store.read(123, model_version=VERSION) is None
+
+
+@pytest.mark.integration
+def test_another_model_version_is_stale(store: PrecomputedStore) -> None:
+    users, ids, scores = make_batch(3, 5)
+    store.write(users, ids, scores, model_version="ranker:6")
+    assert store.lookup(int(users[0]), model_version=VERSION) == Lookup(None, "stale_version")
+    store.write(users[:1], ids[:1], scores[:1], model_version=VERSION)  # the new champion's batch
+    assert store.lookup(int(users[0]), model_version=VERSION).reason == "hit"
+
+
+@pytest.mark.integration
+def test_max_age(store: PrecomputedStore) -> None:
+    users, ids, scores = make_batch(1, 5)
+    store.write(users, ids, scores, model_version=VERSION, computed_at=T0)
+    user = int(users[0])
+    old = store.lookup(user, model_version=VERSION, max_age_s=3600, now=T0 + 3601)
+    assert old == Lookup(None, "too_old")
+    fresh = store.lookup(user, model_version=VERSION, max_age_s=3600, now=T0 + 3599)
+    assert fresh.reason == "hit"
+    assert store.lookup(user, model_version=VERSION, now=T0 + 10**6).reason == "hit"  # no limit
+
+
+@pytest.mark.integration
+def test_every_key_gets_the_ttl(store: PrecomputedStore, client: redis.Redis) -> None:
+    users, ids, scores = make_batch(10, 5)
+    store.write(users, ids, scores, model_version=VERSION)
+    ttls = [int(client.ttl(store.key(int(u)))) for u in users]  # type: ignore[arg-type]
+    assert all(0 < t <= store.ttl_s for t in ttls), ttls
+
+
+@pytest.mark.integration
+def test_corrupt_value_is_a_miss_not_an_error(store: PrecomputedStore, client: redis.Redis) -> None:
+    users, ids, scores = make_batch(3, 5)
+    store.write(users, ids, scores, model_version=VERSION)
+    bad = int(users[1])
+    client.set(store.key(bad), client.get(store.key(bad))[:-3])  # type: ignore[index]
+    assert store.lookup(bad, model_version=VERSION) == Lookup(None, "corrupt")
+    client.set(store.key(bad), b"not a list")
+    assert store.lookup(bad, model_version=VERSION) == Lookup(None, "corrupt")
+    reasons = [f.reason for f in store.lookup_many(users, model_version=VERSION)]
+    assert reasons == ["hit", "corrupt", "hit"]
+
+
+@pytest.mark.integration
+def test_read_many_matches_read(store: PrecomputedStore) -> None:
+    users, ids, scores = make_batch(40, 8)
+    store.write(users[:30], ids[:30], scores[:30], model_version=VERSION, computed_at=T0)
+    store.write(users[30:35], ids[30:35], scores[30:35], model_version="old", computed_at=T0)
+    asked = np.concatenate([users, [999_999_999]])  # 5 never written, 1 unknown
+    kwargs: dict[str, Any] = {"model_version": VERSION, "max_age_s": 60.0, "now": T0 + 1}
+    many = store.lookup_many(asked, **kwargs)
+    one_by_one = [store.lookup(int(u), **kwargs) for u in asked]
+    assert [f.reason for f in many] == [f.reason for f in one_by_one]
+    assert [f.reason for f in many].count("hit") == 30
+    for a, b in zip(many, one_by_one, strict=True):
+        if a.result is not None and b.result is not None:
+            np.testing.assert_array_equal(a.result.item_ids, b.result.item_ids)
+            np.testing.assert_array_equal(a.result.scores, b.result.scores)
+    assert [r is None for r in store.read_many(asked, **kwargs)] == [f.result is None for f in many]
+    assert store.read_many([], model_version=VERSION) == []
+
+
+@pytest.mark.integration
+def test_20k_users_in_chunks(
+    store: PrecomputedStore, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipelines = 0
+    make_pipeline = client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return make_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(client, "pipeline", counting_pipeline)
+    users, ids, scores = make_batch(20_000, 10)
+    stats = store.write(users, ids, scores, model_version=VERSION, chunk=3_000)
+    assert pipelines == math.ceil(20_000 / 3_000)
+    assert stats.n_users == 20_000
+    assert stats.users_per_s > 0
+    assert stats.n_bytes == 20_000 * (24 + len(VERSION)) + int((ids != PAD_ID).sum()) * 12
+    assert sum(1 for _ in client.scan_iter(f"{store.prefix}:*", count=5_000)) == 20_000
+    found = store.lookup_many(users[-1000:], model_version=VERSION)
+    assert all(f.reason == "hit" for f in found)
+    last = found[-1].result
+    assert last is not None
+    np.testing.assert_array_equal(last.item_ids, ids[-1][ids[-1] != PAD_ID])
