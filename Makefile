@@ -55,9 +55,11 @@ demo: install
 	@echo "demo done: data in $(DEMO)/world, its split in $(DEMO)/world/split," \
 		"the feature store in $(DEMO)/world/feature_repo"
 
-bench: install
-	$(BIN)/python bench/data_pipeline.py
-	$(BIN)/python bench/features.py
+bench: install  # each prints one JSON document; together they take well over half an hour
+	mkdir -p bench-results
+	for b in data_pipeline features retrieval ann quality compression; do \
+	  echo "bench/$$b.py" >&2; $(BIN)/python bench/$$b.py > bench-results/$$b.json || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache
