@@ -1,0 +1,98 @@
+"""What the service asks of a model: the ``Recommender`` protocol and its request and answer.
+
+The FastAPI app (:mod:`mlsd.serving.app`) only knows this protocol, so the request path behind
+it (features → candidate sources → merge → ranker → re-rank, with a deadline and a fallback per
+stage) can change without touching the HTTP layer, and a reload swaps one object for another.
+
+Paths a response can take (``RecommendResult.path``):
+
+- ``"precomputed"``: a fresh batch-computed list for the serving model version (Redis);
+- ``"online"``: computed per request;
+- ``"fallback:precomputed"``: the online path failed or ran out of time, a precomputed list
+  (even of another version or older) answered;
+- ``"fallback:popular"``: nothing else was available; the most popular items.
+
+``fallbacks`` names each dependency that failed on the way (e.g. ``"features"`` when the
+feature store was down and defaults were used), so a degraded answer always says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Path_ = Literal["precomputed", "online", "fallback:precomputed", "fallback:popular"]
+PATHS: tuple[Path_, ...] = ("precomputed", "online", "fallback:precomputed", "fallback:popular")
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    """One request.
+
+    Attributes:
+        user_id: the user; ``None`` for an anonymous visitor (then ``recent_items`` personalise).
+        k: items to return.
+        context: request context (e.g. ``{"device": "mobile"}``); unknown keys are ignored.
+        recent_items: items the visitor just interacted with, newest last (anonymous users).
+        explain: also return the main reasons for each item.
+        now: the request time, epoch seconds (``None``: the wall clock).
+        allow_precomputed: serve a fresh precomputed list when one exists.
+    """
+
+    user_id: int | None
+    k: int = 10
+    context: Mapping[str, str | float | int] = field(default_factory=dict)
+    recent_items: Sequence[int] = ()
+    explain: bool = False
+    now: float | None = None
+    allow_precomputed: bool = True
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item: its score, the candidate source that proposed it, and why."""
+
+    item_id: int
+    score: float
+    source: str
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecommendResult:
+    """The answer: items best first, how it was served, and what each stage took."""
+
+    items: list[Recommendation]
+    path: Path_
+    model_version: str
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    fallbacks: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class Recommender(Protocol):
+    """A loaded model the service can ask.
+
+    ``recommend`` must not raise for a dependency failure: it degrades (see the module
+    docstring) and says so in the result. It may raise ``ValueError`` for a bad request.
+    """
+
+    version: str
+
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        """Answer one request within the model's stage deadlines."""
+        ...
+
+    def record_events(self, events: Sequence[Mapping[str, object]]) -> int:
+        """Feedback (``user_id``, ``item_id``, ``event``, ``value``, ``ts``): update the online
+        features through the feature store's write path; returns the events accepted."""
+        ...
+
+    def history(self, user_id: int, n: int = 20) -> list[int]:
+        """The user's most recent items, newest first (for the UI)."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether every dependency needed for the online path answered recently."""
+        ...
