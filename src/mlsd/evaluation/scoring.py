@@ -28,18 +28,11 @@ from mlsd.evaluation.metrics import (
     precision_at_k_score,
     recall_at_k_score,
 )
-from mlsd.evaluation.retrieval import SEGMENTS, EvalTask, ProtocolConfig
+from mlsd.evaluation.retrieval import SEGMENTS, Estimate, EvalTask, ProtocolConfig
 from mlsd.evaluation.stages import Rows
 from mlsd.models.ranking.base import FloatArray
 from mlsd.models.retrieval.base import IntArray
 from mlsd.serving.rerank import RerankConfig, rerank_lists
-
-
-@dataclass(frozen=True)
-class Estimate:
-    mean: float
-    low: float
-    high: float
 
 
 @dataclass(frozen=True)
