@@ -48,6 +48,7 @@ from mlsd.evaluation.metrics import (
 )
 from mlsd.evaluation.random_split import random_split_per_user, random_task, write_contract
 from mlsd.evaluation.retrieval import (
+    Estimate,
     EvalTask,
     MergeConfig,
     ProtocolConfig,
@@ -57,7 +58,7 @@ from mlsd.evaluation.retrieval import (
     tune_quotas,
 )
 from mlsd.evaluation.retrieval import SourceRun as _SourceRun
-from mlsd.evaluation.scoring import Estimate, ListScorer, MethodScores, group_ndcg
+from mlsd.evaluation.scoring import ListScorer, MethodScores, group_ndcg
 from mlsd.evaluation.stages import (
     RankerFactory,
     Retrieved,
