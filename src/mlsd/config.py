@@ -19,12 +19,19 @@ from mlsd.evaluation.retrieval import MergeConfig, ProtocolConfig, SourceFactory
 from mlsd.features.store import FeatureStoreConfig
 
 if TYPE_CHECKING:
-    from mlsd.evaluation.offline import PipelineConfig
+    from mlsd.evaluation.pipeline import PipelineConfig
     from mlsd.evaluation.stages import RankerFactory
     from mlsd.models.ranking.base import Ranker
     from mlsd.models.retrieval.base import Retriever
 
 DEFAULT_FEED_CONFIG = Path("configs/feed.toml")
+DEFAULT_BASELINES = ("popularity", "ease", "als", "bpr")
+"""The sources scored alone next to the pipeline, unless ``[ranking].baselines`` says."""
+
+
+class CrossSectionError(ValueError):
+    """Two sections of one config disagree (e.g. a baseline that is not a source)."""
+
 
 T = TypeVar("T")
 
@@ -224,6 +231,19 @@ class FeedConfig:
     retrieval: RetrievalSection = field(default_factory=RetrievalSection)
     ranking: RankingSection = field(default_factory=lambda: RankingSection())
 
+    def __post_init__(self) -> None:
+        sources = self.retrieval.sources
+        baselines = self.ranking.baselines
+        if baselines is None:  # the default: those of the usual baselines that are sources
+            chosen = tuple(b for b in DEFAULT_BASELINES if b in sources)
+            object.__setattr__(self, "ranking", dataclasses.replace(self.ranking, baselines=chosen))
+            return
+        missing = [b for b in baselines if b not in sources]
+        if missing:
+            raise CrossSectionError(
+                f"[ranking].baselines {missing} are not in [retrieval].sources {list(sources)}"
+            )
+
     def with_online_store(self, name: str) -> FeedConfig:
         """This config with another online store (``sqlite`` or ``redis``)."""
         hint = typing.get_type_hints(FeatureStoreSection)["online_store"]
@@ -243,20 +263,17 @@ def load_feed_config(path: Path | None = None) -> FeedConfig:
     unknown = set(raw) - {f.name for f in dataclasses.fields(FeedConfig)}
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
-    config = FeedConfig(
-        features=_section(FeaturesSection, raw.get("features", {}), path, "features"),
-        feature_store=_section(
-            FeatureStoreSection, raw.get("feature_store", {}), path, "feature_store"
-        ),
-        retrieval=_retrieval_section(raw.get("retrieval", {}), path),
-        ranking=_ranking_section(raw.get("ranking", {}), path),
-    )
-    missing = [b for b in config.ranking.baselines if b not in config.retrieval.sources]
-    if missing:
-        raise ValueError(
-            f"{path}: [ranking].baselines {missing} are not in [retrieval].sources "
-            f"{list(config.retrieval.sources)}"
+    try:
+        config = FeedConfig(
+            features=_section(FeaturesSection, raw.get("features", {}), path, "features"),
+            feature_store=_section(
+                FeatureStoreSection, raw.get("feature_store", {}), path, "feature_store"
+            ),
+            retrieval=_retrieval_section(raw.get("retrieval", {}), path),
+            ranking=_ranking_section(raw.get("ranking", {}), path),
         )
+    except CrossSectionError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     return config
 
 
@@ -474,7 +491,7 @@ class RankingSection:
     ranker_windows: int = 3
     ranker_valid_frac: float = 0.2
     calibration: Literal["platt", "isotonic"] = "isotonic"
-    baselines: tuple[str, ...] = ("popularity", "ease", "als", "bpr")
+    baselines: tuple[str, ...] | None = None
     ks: tuple[int, ...] = (10, 20, 50, 100)
     rerank: RerankSection = field(default_factory=RerankSection)
     ranker_configs: Mapping[str, RankerSection] = field(
@@ -486,7 +503,7 @@ class RankingSection:
         return {name: self.ranker_configs[name].build for name in self.rankers}
 
     def pipeline(self) -> PipelineConfig:
-        from mlsd.evaluation.offline import PipelineConfig
+        from mlsd.evaluation.pipeline import PipelineConfig
         from mlsd.serving.rerank import RerankConfig
 
         rerank = dataclasses.asdict(self.rerank)
@@ -498,7 +515,7 @@ class RankingSection:
             ranker_valid_frac=self.ranker_valid_frac,
             calibration=self.calibration,
             rerank=RerankConfig(**rerank),
-            baselines=self.baselines,
+            baselines=self.baselines if self.baselines is not None else DEFAULT_BASELINES,
             ks=self.ks,
         )
 

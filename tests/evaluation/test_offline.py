@@ -14,11 +14,11 @@ from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.evaluation.offline import (
     PIPELINE,
     OfflineReport,
-    PipelineConfig,
     best_baseline,
     evaluate_pipeline,
     train_pipeline,
 )
+from mlsd.evaluation.pipeline import PipelineConfig
 from mlsd.evaluation.random_split import random_split_per_user
 from mlsd.evaluation.retrieval import ProtocolConfig, load_dataset, make_task
 from mlsd.evaluation.scoring import group_ndcg

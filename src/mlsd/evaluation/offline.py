@@ -46,11 +46,11 @@ from mlsd.evaluation.metrics import (
     log_loss,
     roc_auc_score,
 )
+from mlsd.evaluation.pipeline import AUTO, PipelineConfig
 from mlsd.evaluation.random_split import random_split_per_user, random_task, write_contract
 from mlsd.evaluation.retrieval import (
     Estimate,
     EvalTask,
-    MergeConfig,
     ProtocolConfig,
     _finite,
     load_dataset,
@@ -79,65 +79,13 @@ from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.retrieval.base import IntArray
 from mlsd.models.retrieval.merge import Quota
-from mlsd.serving.rerank import RerankConfig
 
 Protocol = Literal["temporal", "random-per-user"]
 DerivedRanker = Callable[[Mapping[str, Ranker], RankingData, RankingData], Ranker]
 """(fitted rankers, fit rows, held-out rows) → a new ranker, e.g. a distilled student."""
 
-AUTO = "auto"
-"""``PipelineConfig.ranker`` value: use the ranker with the best held-out grouped AUC."""
 PIPELINE = "mlsd"
 """The full pipeline's name in every table: retrieval + ranking + re-ranking."""
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The pipeline under evaluation (``[ranking]`` in the system's TOML).
-
-    Attributes:
-        n_candidates: merged candidates per user (each source lists this many).
-        ranker: the rankers' key the full pipeline uses, or ``"auto"``: the best NDCG@10 of
-            the held-out users' candidates — chosen on validation, never on test.
-        ranker_windows: label windows the rankers learn from (temporal protocol): the
-            validation window [t1, t2) and ``ranker_windows - 1`` earlier windows of the same
-            span, each with its own sources fit before it and features as of its start.
-        ranker_valid_frac: users of the ranker's window held out for early stopping, AUC and
-            calibration.
-        calibration: ``"platt"`` or ``"isotonic"``.
-        rerank: the re-ranking stage of the full pipeline.
-        rerank_variants: extra re-ranking settings whose cost and gain the report shows.
-        baselines: sources also scored alone (full ranking).
-        ks: list cutoffs of every metric.
-        merge: how the quotas are found (tuned on the ranker's window by default).
-    """
-
-    n_candidates: int = 200
-    ranker: str = AUTO
-    ranker_windows: int = 3
-    ranker_valid_frac: float = 0.2
-    calibration: Literal["platt", "isotonic"] = "isotonic"
-    rerank: RerankConfig = field(default_factory=RerankConfig)
-    rerank_variants: Mapping[str, RerankConfig] = field(
-        default_factory=lambda: {
-            "mmr 0.7": RerankConfig(mmr_lambda=0.7),
-            "freshness 0.3": RerankConfig(freshness_weight=0.3),
-            "max 3 per category": RerankConfig(max_per_category=3),
-        }
-    )
-    baselines: tuple[str, ...] = ("popularity", "ease", "als", "bpr")
-    ks: tuple[int, ...] = (10, 20, 50, 100)
-    merge: MergeConfig = field(default_factory=lambda: MergeConfig(quota_step=0.2))
-
-    def __post_init__(self) -> None:
-        if self.n_candidates < max(self.ks):
-            raise ValueError(
-                f"n_candidates={self.n_candidates} must be >= the largest k ({max(self.ks)})"
-            )
-        if self.ranker_windows < 1:
-            raise ValueError(f"ranker_windows={self.ranker_windows}: must be >= 1")
-        if not 0.0 < self.ranker_valid_frac < 1.0:
-            raise ValueError(f"ranker_valid_frac={self.ranker_valid_frac}: must be in (0, 1)")
 
 
 @dataclass(frozen=True)

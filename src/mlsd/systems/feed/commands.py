@@ -262,3 +262,4 @@ def _metrics_tables(report: RetrievalReport) -> list[Table]:
 
 # `train` and `evaluate` live in their own module and register on `app` when imported.
 from mlsd.systems.feed import ranking as _ranking  # noqa: E402, F401
+from mlsd.systems.feed import registry_commands as _registry_commands  # noqa: E402, F401

@@ -1,0 +1,94 @@
+"""``mlsd feed promote|rollback|versions``: the champion model in the MLflow registry.
+
+Settings are :class:`~mlsd.serving.registry.RegistryConfig` defaults, with the tracking URI taken
+from ``--registry-uri``, else the environment variable ``MLSD_TRACKING_URI``, else
+``sqlite:///mlflow.db`` (relative paths resolve against ``--base-dir``, default the current
+directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mlsd.serving.registry import ModelRegistry, RegistryConfig
+from mlsd.systems.feed.commands import app, console
+
+RegistryUri = Annotated[
+    str | None,
+    typer.Option(
+        "--registry-uri",
+        envvar="MLSD_TRACKING_URI",
+        help="MLflow tracking URI, e.g. http://mlflow:5000 (default: sqlite:///mlflow.db).",
+    ),
+]
+BaseDir = Annotated[
+    Path,
+    typer.Option("--base-dir", help="Directory that relative registry paths resolve against."),
+]
+
+
+def _registry(uri: str | None, base_dir: Path) -> ModelRegistry:
+    config = RegistryConfig()
+    if uri is not None:
+        config = dataclasses.replace(config, tracking_uri=uri)
+    return ModelRegistry(config, base_dir)
+
+
+@app.command("promote")
+def promote(
+    version: Annotated[int, typer.Option("--version", help="Model version to promote.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even if the gate refuses it.")
+    ] = False,
+    registry_uri: RegistryUri = None,
+    base_dir: BaseDir = Path(),
+) -> None:
+    """Make a version the champion if its gate metric is no worse than the champion's."""
+    registry = _registry(registry_uri, base_dir)
+    result = registry.promote(version, force=force)
+    if result.forced:
+        console.print(
+            f"[yellow]accepted (forced)[/]: version {version} is the champion; "
+            f"the gate was overridden ({result.reason})"
+        )
+    elif result.accepted:
+        console.print(f"[green]accepted[/]: version {version} is the champion ({result.reason})")
+    else:
+        console.print(
+            f"[red]refused[/]: version {version} stays out; champion remains "
+            f"v{result.previous_champion} ({result.reason}); --force overrides"
+        )
+        raise typer.Exit(1)
+
+
+@app.command("rollback")
+def rollback(registry_uri: RegistryUri = None, base_dir: BaseDir = Path()) -> None:
+    """Move the champion alias back to the previous champion."""
+    registry = _registry(registry_uri, base_dir)
+    current = registry.champion()
+    previous = registry.rollback()
+    console.print(f"champion rolled back: v{current} -> v{previous}")
+
+
+@app.command("versions")
+def versions(registry_uri: RegistryUri = None, base_dir: BaseDir = Path()) -> None:
+    """List the registered versions with their gate metric and aliases."""
+    registry = _registry(registry_uri, base_dir)
+    infos = registry.versions()
+    name, where = registry.config.model_name, registry.tracking_uri
+    if not infos:
+        console.print(f"no versions of {name!r} in {where}")
+        return
+    table = Table(title=f"{name} in {where}", title_justify="left")
+    for column in ("version", registry.config.gate_metric, "aliases", "created (UTC)"):
+        table.add_column(column, justify="right" if column != "aliases" else "left")
+    for info in infos:
+        value = "" if info.gate_value is None else f"{info.gate_value:.4f}"
+        created = info.created.strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(str(info.version), value, ", ".join(info.aliases), created)
+    console.print(table)

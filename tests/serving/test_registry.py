@@ -1,0 +1,177 @@
+"""The model registry on a real MLflow (SQLite + local artifacts): gate, force, rollback, verify."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+
+from mlsd.serving.registry import (
+    CorruptArtifactError,
+    ModelRegistry,
+    RegistryConfig,
+    verify_model_dir,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MLflow store for the module (creating its tables takes seconds); tests use own names."""
+    base = tmp_path_factory.mktemp("registry")
+    ModelRegistry(RegistryConfig(), base).versions()  # creates mlflow.db
+    return base
+
+
+def _registry(store: Path, name: str) -> ModelRegistry:
+    return ModelRegistry(RegistryConfig(model_name=name, experiment=name), store)
+
+
+def make_bundle(path: Path, seed: int) -> Path:
+    (path / "weights").mkdir(parents=True)
+    (path / "bundle.json").write_text(json.dumps({"kind": "lightgbm", "seed": seed}))
+    (path / "model.txt").write_text(f"tree\nnum_leaves={seed}\n")
+    np.save(path / "weights" / "item_embeddings.npy", np.full((4, 3), seed, dtype=np.float32))
+    return path
+
+
+def register_three(registry: ModelRegistry, tmp_path: Path) -> list[int]:
+    return [
+        registry.register(
+            make_bundle(tmp_path / f"b{i}", seed=i),
+            params={"n_estimators": 60 + i, "ranker": "lightgbm"},
+            metrics={"ndcg@10": ndcg, "auc": 0.7},
+            tags={"dataset": "synthetic"},
+        )
+        for i, ndcg in enumerate((0.30, 0.28, 0.33), start=1)
+    ]
+
+
+def test_gate_force_and_rollback(store: Path, tmp_path: Path) -> None:
+    registry = _registry(store, "flow")
+    assert registry.champion() is None
+    assert register_three(registry, tmp_path) == [1, 2, 3]
+
+    first = registry.promote(1)
+    assert (first.accepted, first.forced, first.previous_champion) == (True, False, None)
+
+    refused = registry.promote(2)
+    assert not refused.accepted
+    assert not refused.forced
+    assert (refused.candidate_value, refused.champion_value) == (0.28, 0.30)
+    assert "0.2800" in refused.reason
+    assert "0.3000" in refused.reason
+    assert registry.champion() == 1
+
+    forced = registry.promote(2, force=True)
+    assert (forced.accepted, forced.forced, forced.previous_champion) == (True, True, 1)
+    assert registry.champion() == 2
+
+    better = registry.promote(3)
+    assert (better.accepted, better.forced, better.previous_champion) == (True, False, 2)
+    assert registry.rollback() == 2
+    assert registry.champion() == 2
+    assert registry.rollback() == 1
+    with pytest.raises(ValueError, match="no previous champion"):
+        registry.rollback()
+
+    infos = registry.versions()
+    assert [(i.version, i.gate_value, i.aliases) for i in infos] == [
+        (1, 0.30, ("champion",)),
+        (2, 0.28, ()),
+        (3, 0.33, ()),
+    ]
+    assert all(i.gate_metric == "ndcg@10" for i in infos)
+
+
+def test_tolerance_accepts_slightly_worse(store: Path, tmp_path: Path) -> None:
+    registry = _registry(store, "tolerance")
+    registry = ModelRegistry(dataclasses.replace(registry.config, gate_tolerance=0.02), store)
+    register_three(registry, tmp_path)
+    registry.promote(1)
+    assert registry.promote(2).accepted  # 0.28 >= 0.30 - 0.02
+    with pytest.raises(ValueError, match="no version or alias '9'"):
+        registry.promote(9)
+
+
+def test_download_verifies_the_manifest(store: Path, tmp_path: Path) -> None:
+    registry = _registry(store, "download")
+    source = make_bundle(tmp_path / "bundle", seed=7)
+    version = registry.register(source, params={}, metrics={"ndcg@10": 0.3})
+    registry.promote(version)
+
+    bundle = registry.download("champion", tmp_path / "dl")
+    assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()) == [
+        "bundle.json",
+        "model.txt",
+        "weights/item_embeddings.npy",
+    ]
+    np.testing.assert_array_equal(
+        np.load(bundle / "weights" / "item_embeddings.npy"), np.full((4, 3), 7, np.float32)
+    )
+    assert "mlsd==" in (bundle.parent / "requirements.txt").read_text()
+
+    (bundle / "model.txt").write_text("tree\nnum_leaves=999\n")
+    with pytest.raises(CorruptArtifactError, match=r"bundle/model\.txt \(sha256 mismatch\)") as err:
+        verify_model_dir(bundle.parent)
+    assert err.value.path == "bundle/model.txt"
+
+    (bundle / "model.txt").unlink()
+    (bundle / "extra.bin").write_bytes(b"x")
+    with pytest.raises(CorruptArtifactError, match=r"model\.txt \(missing\).*extra\.bin"):
+        verify_model_dir(bundle.parent)
+
+    with pytest.raises(ValueError, match="not empty"):
+        registry.download(version, tmp_path / "dl")
+
+
+def test_tampered_store_is_refused(store: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    registry = _registry(store, "tampered")
+    version = registry.register(make_bundle(tmp_path / "b", 1), params={}, metrics={"ndcg@10": 0.3})
+    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
+    source = str(client.get_model_version("tampered", str(version)).source)
+    stored = Path(urlparse(source).path)
+
+    weights = stored / "bundle" / "weights" / "item_embeddings.npy"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CorruptArtifactError, match=r"item_embeddings\.npy") as err:
+        registry.download(version, tmp_path / "dl1")
+    assert err.value.path == "bundle/weights/item_embeddings.npy"
+
+    weights.unlink()
+    with pytest.raises(CorruptArtifactError, match=r"item_embeddings\.npy \(missing\)"):
+        registry.download(version, tmp_path / "dl2")
+
+    # Rewriting the manifest to match does not help: its digest is recorded on the version.
+    manifest = json.loads((stored / "manifest.json").read_text())
+    del manifest["files"]["bundle/weights/item_embeddings.npy"]
+    (stored / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptArtifactError, match=r"manifest\.json"):
+        registry.download(version, tmp_path / "dl3")
+
+
+def test_register_rejects_bad_input(store: Path, tmp_path: Path) -> None:
+    registry = _registry(store, "bad")
+    with pytest.raises(ValueError, match=r"bundle directory .*missing.* does not exist"):
+        registry.register(tmp_path / "missing", params={}, metrics={"ndcg@10": 0.3})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        registry.register(tmp_path / "empty", params={}, metrics={"ndcg@10": 0.3})
+    bundle = make_bundle(tmp_path / "b", 1)
+    with pytest.raises(ValueError, match="finite 'ndcg@10'"):
+        registry.register(bundle, params={}, metrics={"auc": 0.7})
+    assert registry.versions() == []
+
+
+def test_relative_paths_resolve_against_base_dir(tmp_path: Path) -> None:
+    registry = ModelRegistry(RegistryConfig(), tmp_path)
+    assert registry.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    absolute = RegistryConfig(tracking_uri="sqlite:////srv/mlflow.db")
+    assert ModelRegistry(absolute, tmp_path).tracking_uri == "sqlite:////srv/mlflow.db"
+    server = RegistryConfig(tracking_uri="http://mlflow:5000")
+    assert ModelRegistry(server, tmp_path).tracking_uri == "http://mlflow:5000"
