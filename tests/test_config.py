@@ -151,3 +151,70 @@ def test_loading_the_config_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- [ranking] ---------------------------------------------------------------------------------
+
+
+def test_shipped_ranking_section_builds_every_ranker() -> None:
+    from mlsd.models.ranking.deep import DeepRanker
+    from mlsd.models.ranking.gbdt import LightGBMRanker
+    from mlsd.models.ranking.logistic import LogisticRanker
+
+    ranking = load_feed_config(REPO / "configs" / "feed.toml").ranking
+    rankers = {name: make() for name, make in ranking.factories().items()}
+    assert isinstance(rankers["logistic"], LogisticRanker)
+    assert isinstance(rankers["lightgbm"], LightGBMRanker)
+    assert isinstance(rankers["lambdarank"], LightGBMRanker)
+    assert rankers["lambdarank"].objective == "lambdarank"
+    assert isinstance(rankers["deep"], DeepRanker)
+    assert dict(rankers["deep"].config.tasks) == {"click": 1.0, "rating": 0.5}
+    pipeline = ranking.pipeline()
+    assert pipeline.ks == (10, 20, 50, 100)
+    assert pipeline.baselines == ("popularity", "ease", "als", "bpr")
+
+
+def test_ranker_sections_keep_the_rankers_defaults() -> None:
+    # The sections copy the rankers' defaults (so loading a config never imports torch);
+    # this keeps the copies honest.
+    from mlsd.config import DeepSection, LightGBMSection, LogisticSection
+    from mlsd.models.ranking.deep import DeepRankerConfig
+    from mlsd.models.ranking.gbdt import LightGBMRanker
+    from mlsd.models.ranking.logistic import LogisticRanker
+
+    for section, target in ((LogisticSection, LogisticRanker), (LightGBMSection, LightGBMRanker)):
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(target.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        assert dataclasses.asdict(section()) == defaults
+    deep = dataclasses.asdict(DeepSection())
+    reference = DeepRankerConfig()
+    for name, value in deep.items():
+        if name != "tasks":  # the feed adds a rating head
+            assert value == getattr(reference, name), name
+
+
+def test_baselines_default_to_the_configured_sources(tmp_path: Path) -> None:
+    config = load_feed_config(_write(tmp_path, '[retrieval]\nsources = ["popularity", "ease"]\n'))
+    assert config.ranking.baselines == ("popularity", "ease")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[retrieval]\nsources = ["popularity"]\n[ranking]\nbaselines = ["ease"]\n', "baselines"),
+        ('[ranking]\nrankers = ["forest"]\n', "unknown ranker"),
+        ('[ranking]\nranker = "deep"\nrankers = ["logistic"]\n', "ranking].ranker"),
+        ("[ranking]\nn_candidates = 50\n", "n_candidates"),
+        ("[ranking.rerank]\nmmr_lambda = 2.0\n", "mmr_lambda"),
+        ('[ranking.lightgbm]\nobjective = "poisson"\n', "ranking.lightgbm].objective"),
+        ("[ranking]\nwindows = 3\n", "unknown key"),
+    ],
+)
+def test_ranking_mistakes_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as caught:
+        load_feed_config(path)
+    assert str(path) in str(caught.value)
