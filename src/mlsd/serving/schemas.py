@@ -1,0 +1,79 @@
+"""Request and response bodies of the service (pydantic): the routes and the OpenAPI schema."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlsd.serving.recommender import Path_
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+class ItemOut(BaseModel):
+    item_id: int
+    score: float
+    source: str = Field(description="the candidate source that proposed the item")
+    reasons: list[str] = Field(description="why, when the request asked to explain")
+
+
+class RecommendationsOut(BaseModel):
+    request_id: str
+    user_id: int | None
+    model_version: str
+    path: Path_
+    fallbacks: list[str] = Field(description="dependencies that failed on the way")
+    items: list[ItemOut]
+    stage_ms: dict[str, float] = Field(description="milliseconds per stage; 'total': all of it")
+
+
+class RecommendIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Int64 | None = Field(None, description="null for an anonymous visitor")
+    k: int | None = Field(None, ge=1, description="items, at most MLSD_MAX_K; MLSD_DEFAULT_K")
+    context: dict[str, str | float | int] = Field(default_factory=dict, max_length=64)
+    recent_items: list[Int64] = Field(default_factory=list, max_length=1000)
+    explain: bool = False
+    allow_precomputed: bool = True
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Int64
+    item_id: Int64
+    event: str = Field(min_length=1, max_length=64, examples=["click"])
+    value: float = Field(1.0, allow_inf_nan=False)
+    ts: datetime | None = Field(None, description="ISO 8601 or Unix seconds; default: now")
+
+
+class AcceptedOut(BaseModel):
+    accepted: int
+
+
+class HistoryOut(BaseModel):
+    user_id: int
+    model_version: str
+    items: list[int] = Field(description="the user's most recent items, newest first")
+
+
+class UserSampleOut(BaseModel):
+    user_ids: list[int]
+
+
+class StatusOut(BaseModel):
+    status: str
+    model_version: str | None = None
+    detail: str | None = None
+
+
+class ReloadOut(BaseModel):
+    old_version: str | None
+    new_version: str
+
+
+# ---------------------------------------------------------------- metrics
