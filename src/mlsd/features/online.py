@@ -336,10 +336,35 @@ class OnlineFeatures:
                 ``derived`` unless a derived feature has its name.
             now: the request time (default: the wall clock), for ages and hour/weekday.
         """
+        return self.features_for(self.user_features(user_id), item_ids, context, now=now)
+
+    def user_features(self, user_id: int) -> dict[str, np.ndarray]:
+        """One user's stored features (one online-store read), leading dim 1, as
+        :attr:`FeatureBatch.user`; an unknown user gets the defaults and ``user_known`` 0.
+
+        The request path reads the user first (the candidate sources need the recent items),
+        then :meth:`features_for` its candidates, which reads nothing from the store."""
+        values, known, _ = self._read_users([int(user_id)])
+        return self._user_arrays(values, bool(known[0]))
+
+    def default_user(self) -> dict[str, np.ndarray]:
+        """The features of a user the store does not know (or cannot be asked about)."""
+        empty: dict[str, list[Any]] = {f.name: [None] for f in (*self._static, *self._dynamic)}
+        return self._user_arrays(empty, False)
+
+    def features_for(
+        self,
+        user: Mapping[str, np.ndarray],
+        item_ids: npt.ArrayLike,
+        context: Mapping[str, Any] | None = None,
+        *,
+        now: pd.Timestamp | None = None,
+    ) -> FeatureBatch:
+        """The request's features from already-read ``user`` features: the candidates' from
+        the item cache, the derived ones at ``now`` (default: the wall clock)."""
         now = pd.Timestamp.now(tz="UTC") if now is None else pd.Timestamp(now)
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
-        values, known, _ = self._read_users([int(user_id)])
-        user = self._user_arrays(values, bool(known[0]))
+        user = dict(user)
         items = self._item_cache().lookup(ids)
         now_s = now.value // 1_000_000_000  # whole epoch seconds, as stored timestamps are
         derived = derive.derive(user, items, now_s=now_s, config=self.config)

@@ -1,11 +1,18 @@
-"""Prometheus metrics of the service: one registry per app, so several apps share a process."""
+"""Prometheus metrics of the service: one registry per app, so several apps share a process.
+
+Importing Feast (the online feature store) sets ``PROMETHEUS_MULTIPROC_DIR``, which switches
+prometheus_client to multiprocess values: every metric of a given name then shares one mmap'd
+value per process, across registries, so two apps in one process (tests, a reload) would count
+into each other. The service keeps its values in memory (each replica exports its own
+``/metrics``); :class:`ServiceMetrics` switches prometheus_client back when it is created.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlsd.serving.recommender import Recommender, RecommendResult
@@ -18,6 +25,7 @@ class ServiceMetrics:
     """The service's Prometheus metrics, in a registry of their own (one per app)."""
 
     def __init__(self) -> None:
+        values.ValueClass = values.MutexValue  # see the module docstring
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "mlsd_http_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r

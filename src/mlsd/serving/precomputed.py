@@ -255,7 +255,7 @@ class PrecomputedStore:
         self,
         user_id: int,
         *,
-        model_version: str,
+        model_version: str | None,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> Lookup:
@@ -263,7 +263,8 @@ class PrecomputedStore:
 
         Args:
             user_id: the user.
-            model_version: the version the service serves (the champion's).
+            model_version: the version the service serves (the champion's); ``None`` accepts
+                any version (the service's last resort when the online path fails).
             max_age_s: oldest acceptable list, in seconds (None: any age within the TTL).
             now: UNIX seconds to measure age against; default now.
 
@@ -282,7 +283,7 @@ class PrecomputedStore:
         self,
         user_id: int,
         *,
-        model_version: str,
+        model_version: str | None,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> Precomputed | None:
@@ -293,7 +294,7 @@ class PrecomputedStore:
         self,
         user_ids: npt.ArrayLike,
         *,
-        model_version: str,
+        model_version: str | None,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> list[Lookup]:
@@ -316,7 +317,7 @@ class PrecomputedStore:
         self,
         user_ids: npt.ArrayLike,
         *,
-        model_version: str,
+        model_version: str | None,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> list[Precomputed | None]:
@@ -330,7 +331,7 @@ class PrecomputedStore:
         self,
         user_id: int,
         value: object,
-        model_version: str,
+        model_version: str | None,
         max_age_s: float | None,
         now: float,
     ) -> Lookup:
@@ -344,7 +345,7 @@ class PrecomputedStore:
         except CorruptValueError as err:
             logger.warning("precomputed %s is corrupt: %s", self.key(user_id), err)
             return Lookup(None, "corrupt")
-        if found.model_version != model_version:
+        if model_version is not None and found.model_version != model_version:
             return Lookup(None, "stale_version")
         if max_age_s is not None and now - found.computed_at > max_age_s:
             return Lookup(None, "too_old")

@@ -281,3 +281,49 @@ def ranking_data(
     users = np.asarray(user_ids, dtype=np.int64)
     _, groups = np.unique(users, return_inverse=True)
     return RankingData(features, labels, groups.astype(np.int64), schema)
+
+
+def request_frame(
+    pairs: pd.DataFrame,
+    *,
+    user: Mapping[str, npt.NDArray[np.generic]],
+    items: Mapping[str, npt.NDArray[np.generic]],
+    derived: Mapping[str, npt.NDArray[np.generic]],
+    extras: Mapping[str, npt.ArrayLike],
+    layout: FeatureLayout,
+    config: FeatureConfig,
+) -> pd.DataFrame:
+    """The serving twin of :func:`pair_features` for one request: the same columns, from the
+    online store's features of the request instead of the batch computation.
+
+    Args:
+        pairs: :func:`candidate_pairs` of the one user (its candidates, in order).
+        user, items, derived: :class:`mlsd.features.online.FeatureBatch`'s parts for these
+            candidates (user values have a leading dimension of 1).
+        extras: ``user_events_all``, ``item_users_all`` and ``item_created_days`` per candidate
+            (the model's snapshot as of training).
+        layout: the ranker's columns.
+    """
+    n = len(pairs)
+    out = pairs.reset_index(drop=True).copy()
+    longest = config.windows_days[-1]
+    needed = [c for c in layout.numeric if c not in out.columns]
+    for column in needed:
+        if column == f"affinity_mean_{longest}d":
+            continue  # computed by ranker_frame from the two columns below
+        for source in (derived, items, user, extras):
+            if column in source:
+                out[column] = np.broadcast_to(np.asarray(source[column]), (n,))
+                break
+        else:
+            raise ValueError(f"request features: no value for the ranker's column {column!r}")
+    means = np.asarray(user[f"cat_mean_{longest}d"])
+    out[f"cat_mean_{longest}d"] = list(np.broadcast_to(means, (n, means.shape[-1])))
+    out["category_index"] = np.asarray(items["category_index"])
+    for column in layout.categorical:
+        if column in out.columns:
+            continue
+        source = items if column in items else user
+        values = np.asarray(source[column], dtype=object)
+        out[column] = np.broadcast_to(values, (n,)) if values.shape[0] == 1 else values
+    return out
