@@ -220,7 +220,7 @@ def ranker_frame(
     longest = config.windows_days[-1]
     for column in layout.numeric:
         if column == f"affinity_mean_{longest}d":
-            values = _category_mean(frame, longest)
+            values = _category_mean(frame, longest, config.categories)
         else:
             values = frame[column].to_numpy(dtype=np.float64, na_value=0.0)
         if column in LOG_FEATURES:
@@ -239,12 +239,14 @@ def ranker_frame(
     return out, schema
 
 
-def _category_mean(frame: pd.DataFrame, window: int) -> FloatArray:
+def _category_mean(frame: pd.DataFrame, window: int, categories: Sequence[str]) -> FloatArray:
     """The user's mean value (e.g. rating) in the item's category over the longest window."""
     means = frame[f"cat_mean_{window}d"]
-    index = frame["category_index"].to_numpy(dtype=np.int64) if "category_index" in frame else None
-    if index is None:
-        return np.zeros(len(frame))
+    if "category_index" in frame:
+        index = frame["category_index"].to_numpy(dtype=np.int64)
+    else:  # the batch features carry the category name; its index as the online path has it
+        lookup = {name: i for i, name in enumerate(categories)}
+        index = frame["category"].map(lookup).fillna(-1).to_numpy(dtype=np.int64)
     out = np.zeros(len(frame))
     for i, (row, cat) in enumerate(zip(means, index, strict=True)):
         if cat >= 0 and row is not None and cat < len(row):
