@@ -4,8 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo-output
-SRC    := src tests bench
+SRC    := src tests bench scripts
 
+DEMO_CONFIG := configs/feed-demo.toml
+DEMO_PORT := 8000
 # Servers that integration tests start on loopback (Debian packages; installed when running as root).
 APT_PACKAGES := redis-server chromium
 
@@ -49,11 +51,16 @@ demo: install
 		--days 60 --drift-at 2024-02-15 --out $(DEMO)/world
 	$(BIN)/mlsd data validate $(DEMO)/world
 	$(BIN)/mlsd data split $(DEMO)/world --val-frac 0.1 --test-frac 0.1
-	$(BIN)/mlsd feed features apply --dataset $(DEMO)/world
-	$(BIN)/mlsd feed features materialize --dataset $(DEMO)/world
+	$(BIN)/mlsd feed features apply --dataset $(DEMO)/world --config $(DEMO_CONFIG)
+	$(BIN)/mlsd feed features materialize --dataset $(DEMO)/world --config $(DEMO_CONFIG)
 	$(BIN)/mlsd feed features get --dataset $(DEMO)/world --user 42 --items 1,2,3,4,5
-	@echo "demo done: data in $(DEMO)/world, its split in $(DEMO)/world/split," \
-		"the feature store in $(DEMO)/world/feature_repo"
+	$(BIN)/mlsd feed train --dataset $(DEMO)/world --config $(DEMO_CONFIG) --out $(DEMO)/model \
+		--register --promote --base-dir $(DEMO)
+	@-kill $$(cat $(DEMO)/serve.pid 2>/dev/null) 2>/dev/null; sleep 1
+	$(BIN)/mlsd feed serve --dataset $(DEMO)/world --config $(DEMO_CONFIG) --base-dir $(DEMO) \
+		--port $(DEMO_PORT) > $(DEMO)/serve.log 2>&1 & echo $$! > $(DEMO)/serve.pid
+	$(BIN)/python scripts/demo_request.py $(DEMO_PORT) 42
+	@echo "serving: http://127.0.0.1:$(DEMO_PORT)/ui?user=42  (logs: $(DEMO)/serve.log; stop: kill \$$(cat $(DEMO)/serve.pid))"
 
 bench: install  # each prints one JSON document; together they take well over half an hour
 	mkdir -p bench-results

@@ -3,10 +3,10 @@
 Prints one JSON document (progress goes to stderr). For ML-100K and ML-latest-small (imported
 from ``$MLSD_DATA_DIR``, default ``../shared/data``) it runs :func:`evaluate_retrieval` with the
 ``[retrieval]`` section of ``configs/feed.toml``: sources fit before ``t2`` and scored on the test
-window, merge quotas tuned on the validation window only. Per dataset and method: recall@{50,
-100,200,500} and NDCG@10 over all, warm and cold test users (mean and 95% bootstrap interval),
-and fit seconds. ``target``: merged recall@200 / best single source's recall@200 (>= 1.05) per
-dataset, and the two-tower's fit seconds on ML-100K (< 60).
+window, merge quotas tuned on the validation window only (for warm and cold users apart). Per
+dataset and method: recall@{50,100,200,500} and NDCG@10 over all, warm and cold test users (mean
+and 95% bootstrap interval), and fit seconds. ``target``: merged recall@200 / best single
+source's recall@200 (>= 1.05) per dataset, and the two-tower's fit seconds on ML-100K (< 60).
 
     .venv/bin/python bench/retrieval.py
     .venv/bin/python bench/retrieval.py --datasets movielens-100k --sources popularity,ease

@@ -18,6 +18,7 @@ from mlsd.models.retrieval.covisitation import CovisitationRetriever
 from mlsd.models.retrieval.ease import EASERetriever
 from mlsd.models.retrieval.implicit_mf import ALSRetriever, BPRRetriever
 from mlsd.models.retrieval.popularity import PopularityRetriever
+from mlsd.models.retrieval.segment_popularity import SegmentPopularityRetriever
 from tests.conftest import REPO
 
 
@@ -62,6 +63,14 @@ def _write(tmp_path: Path, text: str) -> Path:
             "[retrieval]\nsources = ['als']\n[retrieval.merge]\nquotas = {ease = 0.5}\n",
             r"quotas names \['ease'\], which are not in \[retrieval\].sources",
         ),
+        (
+            "[retrieval]\nsources = ['als']\n[retrieval.merge]\ncold_quotas = {ease = 0.5}\n",
+            r"cold_quotas names \['ease'\], which are not in \[retrieval\].sources",
+        ),
+        (
+            "[retrieval.segment_popularity]\nhalf_life_days = 30.0\n",
+            r"\[retrieval.segment_popularity\].half_life_days: expected a list",
+        ),
         ("[features\n", r"not valid TOML"),
     ],
 )
@@ -87,6 +96,9 @@ def test_shipped_retrieval_section_is_typed() -> None:
     assert retrieval.protocol.min_value is None
     assert retrieval.merge.tune is True
     assert retrieval.merge.tune_k == 200
+    assert retrieval.merge.by_segment is True
+    segments = retrieval.source_configs["segment_popularity"]
+    assert segments.half_life_days == (14.0, 30.0, 90.0, 365.0, 730.0)  # type: ignore[union-attr]
     assert isinstance(retrieval.source_configs["ease"].l2, float)  # type: ignore[union-attr]
     assert list(retrieval.factories()) == list(retrieval.sources)
 
@@ -114,6 +126,7 @@ def test_quotas_keep_fractions_and_counts_apart(tmp_path: Path) -> None:
     ("section", "retriever"),
     [
         ("popularity", PopularityRetriever),
+        ("segment_popularity", SegmentPopularityRetriever),
         ("covisitation", CovisitationRetriever),
         ("als", ALSRetriever),
         ("bpr", BPRRetriever),

@@ -86,6 +86,21 @@ class PopularitySource:
 
 
 @dataclass(frozen=True)
+class SegmentPopularitySource:
+    """``[retrieval.segment_popularity]``: one vote per user, within the user's segments."""
+
+    segment_by: tuple[str, ...] | None = None
+    prior_users: float = 10.0
+    half_life_days: tuple[float, ...] = (14.0, 30.0, 90.0, 365.0, 730.0)
+    holdout_frac: float = 0.1
+
+    def build(self) -> Retriever:
+        from mlsd.models.retrieval.segment_popularity import SegmentPopularityRetriever
+
+        return SegmentPopularityRetriever(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
 class CovisitationSource:
     """``[retrieval.covisitation]``: the co-visitation retriever."""
 
@@ -185,11 +200,18 @@ class TwoTowerSource:
 
 
 SourceSection = (
-    PopularitySource | CovisitationSource | ALSSource | BPRSource | EASESource | TwoTowerSource
+    PopularitySource
+    | SegmentPopularitySource
+    | CovisitationSource
+    | ALSSource
+    | BPRSource
+    | EASESource
+    | TwoTowerSource
 )
 
 SOURCE_SECTIONS: dict[str, type[SourceSection]] = {
     "popularity": PopularitySource,
+    "segment_popularity": SegmentPopularitySource,
     "covisitation": CovisitationSource,
     "als": ALSSource,
     "bpr": BPRSource,
@@ -300,12 +322,13 @@ def _retrieval_section(values: dict[str, Any], path: Path) -> RetrievalSection:
             f"{', '.join(SOURCE_SECTIONS)}"
         )
     merge = _section(MergeConfig, values.get("merge", {}), path, "retrieval.merge")
-    extra = sorted(set(merge.quotas) - set(sources))
-    if extra:
-        raise ValueError(
-            f"{path}: [retrieval.merge].quotas names {extra}, which are not in "
-            f"[retrieval].sources {list(sources)}"
-        )
+    for key in ("quotas", "cold_quotas"):
+        extra = sorted(set(getattr(merge, key)) - set(sources))
+        if extra:
+            raise ValueError(
+                f"{path}: [retrieval.merge].{key} names {extra}, which are not in "
+                f"[retrieval].sources {list(sources)}"
+            )
     return RetrievalSection(
         sources=sources,
         protocol=_section(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -17,6 +18,8 @@ import pytest
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.data.split import split_dataset
+from mlsd.evaluation.metrics import recall_at_k_score
+from mlsd.evaluation.quotas import best_quotas
 from mlsd.evaluation.retrieval import (
     MERGED,
     MergeConfig,
@@ -29,6 +32,7 @@ from mlsd.evaluation.retrieval import (
     make_task,
     quota_grid,
     tune_quotas,
+    tune_segment_quotas,
 )
 from mlsd.models.retrieval.base import (
     FloatArray,
@@ -38,6 +42,7 @@ from mlsd.models.retrieval.base import (
     Retriever,
 )
 from mlsd.models.retrieval.covisitation import CovisitationRetriever
+from mlsd.models.retrieval.merge import merge_candidates
 from mlsd.models.retrieval.popularity import PopularityRetriever
 from mlsd.models.retrieval.topk import recommend_from_scores
 from tests.models.retrieval.contract import frame
@@ -128,8 +133,8 @@ def test_catalog_as_of_leaves_out_items_created_later() -> None:
     assert catalog_as_of(items[["item_id"]], before, cutoff)["item_id"].tolist() == [1, 2, 3, 4]
 
 
-def _recall(report: RetrievalReport, method: str, k: int) -> float:
-    estimate = report.method(method).metrics["all"][f"recall@{k}"]
+def _recall(report: RetrievalReport, method: str, k: int, segment: str = "all") -> float:
+    estimate = report.method(method).metrics[segment][f"recall@{k}"]
     assert estimate is not None
     return estimate.mean
 
@@ -301,6 +306,68 @@ def test_tune_quotas_finds_the_complementary_split() -> None:
     assert quotas == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.0})
     assert recall == pytest.approx(1.0)
     assert n_grid == math.comb(10 + 2, 2)
+
+
+def test_warm_and_cold_users_get_quotas_of_their_own() -> None:
+    """Source a knows the warm users, b the cold ones: each segment's quotas pick its source."""
+    n_users, k = 40, 10
+    relevant = [np.arange(u * 100, u * 100 + k) for u in range(n_users)]
+    know = np.stack(relevant)
+    guess = np.broadcast_to(np.arange(10_000, 10_000 + k), (n_users, k))
+    warm = np.arange(n_users) < 30
+    lists = {"a": np.where(warm[:, None], know, guess), "b": np.where(warm[:, None], guess, know)}
+    config = MergeConfig(tune_k=k, quota_step=0.5)
+    quotas, cold_quotas, n_grid = tune_segment_quotas(lists, relevant, warm, config)
+    assert (quotas, cold_quotas, n_grid) == ({"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 1.0}, 3)
+    # One search over everyone serves the 30 warm users and fails the 10 cold ones.
+    joint = dataclasses.replace(config, by_segment=False)
+    assert tune_segment_quotas(lists, relevant, warm, joint)[:2] == ({"a": 1.0, "b": 0.0}, None)
+    # Too few cold users to tune on: they take the all-users quotas.
+    few = dataclasses.replace(config, min_segment_users=11)
+    quotas, cold_quotas, _ = tune_segment_quotas(lists, relevant, warm, few)
+    assert quotas == cold_quotas == {"a": 1.0, "b": 0.0}
+
+
+def test_report_has_cold_quotas_only_when_split(world: Path) -> None:
+    sources: dict[str, SourceFactory] = {
+        "covisitation": CovisitationRetriever,
+        "by_id": _ByIdRetriever,
+    }
+    protocol = dataclasses.replace(FAST, test_frac=0.5)  # the last half has cold users
+    merge = MergeConfig(tune_k=20, quota_step=0.5, min_segment_users=1)
+    split = evaluate_retrieval(world, sources, protocol=protocol, merge=merge)
+    cold_quotas = split.cold_quotas
+    assert cold_quotas is not None
+    assert sum(cold_quotas.values()) == pytest.approx(1.0)
+    assert split.validation is not None
+    assert split.validation.cold_quotas == cold_quotas
+    assert set(split.validation.segment_recall) == {"warm", "cold"}
+    assert set(split.validation.segment_recall["cold"]) == {"covisitation", "by_id", MERGED}
+    joint = dataclasses.replace(merge, by_segment=False)
+    report = evaluate_retrieval(world, sources, protocol=protocol, merge=joint)
+    assert report.cold_quotas is None
+    assert json.loads(report.to_json())["cold_quotas"] is None
+    fixed = MergeConfig(tune=False, quotas={"by_id": 1.0}, cold_quotas={"covisitation": 1.0})
+    report = evaluate_retrieval(world, sources, protocol=protocol, merge=fixed)
+    assert (report.quotas, report.cold_quotas) == ({"by_id": 1.0}, {"covisitation": 1.0})
+    # The merged cold users' lists are covisitation's (its cold fallback), warm ones by_id's.
+    for segment, source in (("cold", "covisitation"), ("warm", "by_id")):
+        assert _recall(report, MERGED, 20, segment) == pytest.approx(
+            _recall(report, source, 20, segment)
+        )
+
+
+def test_the_quota_search_scores_each_merge_by_its_recall() -> None:
+    """The fast search (claimed entries x relevant entries) agrees with the merged lists' recall."""
+    rng = np.random.default_rng(3)
+    n_users, k = 25, 15
+    lists = {name: np.stack([rng.permutation(60)[:20] for _ in range(n_users)]) for name in "abc"}
+    lists["c"][:, 8:] = -1
+    relevant = [rng.choice(70, size=rng.integers(1, 12), replace=False) for _ in range(n_users)]
+    for quotas in quota_grid(list(lists), 0.25)[::4]:
+        _, recall = best_quotas(lists, relevant, [quotas], k=k)
+        merged = merge_candidates({n: lst[:, :k] for n, lst in lists.items()}, quotas, k)
+        assert recall == pytest.approx(recall_at_k_score(merged.item_ids, relevant, k=k).mean())
 
 
 def test_quota_grid() -> None:

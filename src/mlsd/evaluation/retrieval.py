@@ -3,7 +3,9 @@
 Global temporal split at ``t1 < t2`` (the cut points of :mod:`mlsd.data.split`):
 
 1. Validation: every source is fit on events before ``t1`` and recommends for the users active
-   in ``[t1, t2)``; the merge quotas are grid-searched there on recall@``tune_k``.
+   in ``[t1, t2)``; the merge quotas are grid-searched there on recall@``tune_k``, separately
+   for warm and cold users by default (a cold user gets every source's fallback, so the quotas
+   that serve warm users waste slots on duplicates there).
 2. Test: every source is refit on everything before ``t2`` and scored on the users active at or
    after ``t2``, the merged set with the quotas from step 1. The test window picks nothing.
 
@@ -20,28 +22,60 @@ separately, each mean with a 95% bootstrap interval over users.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import json
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from rich.console import Console
-from rich.progress import Progress
 
-from mlsd.data.schema import EVENTS_FILE, ITEMS_FILE, USERS_FILE, read_info
+from mlsd.data.schema import EVENTS_FILE, read_info
 from mlsd.data.split import SplitSpec, cut_points
 from mlsd.evaluation.metrics import bootstrap_mean_ci, ndcg_at_k_score, recall_at_k_score
-from mlsd.models.retrieval.base import IntArray, RetrievalData, Retriever
-from mlsd.models.retrieval.merge import Quota, merge_candidates, quota_counts
+from mlsd.evaluation.quotas import (
+    MergeConfig,
+    progress_bar,
+    quota_grid,
+    tune_quotas,
+    tune_segment_quotas,
+)
+from mlsd.evaluation.retrieval_report import (
+    Estimate,
+    MethodResult,
+    RetrievalReport,
+    ValidationResult,
+    _finite,
+)
+from mlsd.evaluation.retrieval_windows import EvalTask, catalog_as_of, load_dataset, make_task
+from mlsd.models.retrieval.base import IntArray, Retriever
+from mlsd.models.retrieval.merge import Quota, merge_by_segment
+
+__all__ = [
+    "MERGED",
+    "SEGMENTS",
+    "Estimate",
+    "EvalTask",
+    "MergeConfig",
+    "MethodResult",
+    "ProtocolConfig",
+    "RetrievalReport",
+    "SourceFactory",
+    "SourceRun",
+    "ValidationResult",
+    "_finite",
+    "catalog_as_of",
+    "evaluate_retrieval",
+    "load_dataset",
+    "make_task",
+    "quota_grid",
+    "run_sources",
+    "score_lists",
+    "tune_quotas",
+    "tune_segment_quotas",
+]
 
 SourceFactory = Callable[[], Retriever]
 """Makes a fresh, unfitted retriever (each window fits its own)."""
@@ -87,119 +121,6 @@ class ProtocolConfig:
             )
 
 
-@dataclass(frozen=True)
-class MergeConfig:
-    """How the sources are merged (``[retrieval.merge]``).
-
-    Attributes:
-        tune: grid-search the quotas on the validation window; otherwise use ``quotas``.
-        tune_k: the list length whose validation recall the search maximises.
-        quota_step: grid step of the fractions (0.1: every split of 10 tenths over the sources).
-        max_tune_users: validation users sampled for the search (bounds its time).
-        quotas: fixed quotas (fractions of k or counts) when ``tune`` is off; default equal.
-    """
-
-    tune: bool = True
-    tune_k: int = 200
-    quota_step: float = 0.1
-    max_tune_users: int = 5000
-    quotas: Mapping[str, Quota] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.tune_k < 1 or self.max_tune_users < 1:
-            raise ValueError("tune_k and max_tune_users must be >= 1")
-        quota_grid(["a"], self.quota_step)  # checks that the step divides 1
-        quota_counts(list(self.quotas.values()), 1)  # checks the quota values
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A mean over users with its bootstrap interval."""
-
-    mean: float
-    low: float
-    high: float
-
-
-@dataclass(frozen=True)
-class MethodResult:
-    """One source (or the merged set) on the test window.
-
-    Attributes:
-        name: the source name, or ``"merged"``.
-        fit_seconds: wall seconds of the fit on everything before ``t2`` (merged: the sum).
-        recommend_seconds: wall seconds to recommend for every test user.
-        metrics: segment (``all``, ``warm``, ``cold``) → metric (``recall@50``, ``ndcg@10``)
-            → estimate; ``None`` for an empty segment.
-    """
-
-    name: str
-    fit_seconds: float
-    recommend_seconds: float
-    metrics: dict[str, dict[str, Estimate | None]]
-
-
-@dataclass(frozen=True)
-class ValidationResult:
-    """The quota search on the validation window (sources fit before ``t1``).
-
-    Attributes:
-        n_users: validation users with a relevant item (``n_tune_users`` of them searched).
-        recall: name → mean validation recall@``tune_k`` (sources and the tuned merge).
-        quotas: the chosen fractions of k.
-        n_candidates: quota vectors tried.
-    """
-
-    n_users: int
-    n_tune_users: int
-    tune_k: int
-    recall: dict[str, float]
-    quotas: dict[str, float]
-    n_candidates: int
-
-
-@dataclass(frozen=True)
-class RetrievalReport:
-    """Everything :func:`evaluate_retrieval` measured; ``to_json`` for the record."""
-
-    protocol: str
-    dataset: str
-    t1: str
-    t2: str
-    counts: dict[str, int]
-    ks: tuple[int, ...]
-    ndcg_k: int
-    methods: list[MethodResult]
-    quotas: dict[str, Quota]
-    validation: ValidationResult | None
-
-    def method(self, name: str) -> MethodResult:
-        """The result of one source, or of ``"merged"``."""
-        for result in self.methods:
-            if result.name == name:
-                return result
-        raise KeyError(f"no method {name!r}; have {[m.name for m in self.methods]}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready nested dicts; NaN becomes None."""
-        raw: dict[str, Any] = _finite(dataclasses.asdict(self))
-        return raw
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf → None, so the JSON is standard."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def protocol_text(protocol: ProtocolConfig) -> str:
     """The protocol in one paragraph, for every report."""
     liked = "" if protocol.min_value is None else f" with value >= {protocol.min_value}"
@@ -217,83 +138,12 @@ def protocol_text(protocol: ProtocolConfig) -> str:
 
 
 @dataclass(frozen=True)
-class EvalTask:
-    """One window to score: the training data and each target user's relevant items.
-
-    Attributes:
-        train: events strictly before the cutoff and the catalog as of then.
-        user_ids: ``(n_users,)`` users with at least one relevant item in the window.
-        relevant: n_users arrays of relevant item ids.
-        warm: ``(n_users,)`` whether the user has an event before the cutoff.
-        n_active_users: users with any event in the window (before dropping those without
-            a relevant item).
-    """
-
-    train: RetrievalData
-    user_ids: IntArray
-    relevant: list[IntArray]
-    warm: npt.NDArray[np.bool_]
-    n_active_users: int
-
-
-def catalog_as_of(items: pd.DataFrame, before: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
-    """Items that exist at ``cutoff``: created before it, undated, or already interacted with."""
-    if "created_ts" not in items.columns:
-        return items
-    created = pd.to_datetime(items["created_ts"], utc=True)
-    exists = created.isna() | (created < cutoff) | items["item_id"].isin(before["item_id"])
-    return items[exists.to_numpy()].reset_index(drop=True)
-
-
-def make_task(
-    events: pd.DataFrame,
-    users: pd.DataFrame,
-    items: pd.DataFrame,
-    *,
-    cutoff: pd.Timestamp,
-    end: pd.Timestamp | None,
-    min_value: float | None = None,
-) -> EvalTask:
-    """Train on ``ts < cutoff``; targets are the events in ``[cutoff, end)`` (``end=None``: all)."""
-    before = events[events["ts"] < cutoff]
-    in_window = events["ts"] >= cutoff
-    if end is not None:
-        in_window &= events["ts"] < end
-    window = events[in_window]
-    n_active = int(window["user_id"].nunique())
-    if min_value is not None:
-        window = window[window["value"] >= min_value]
-    pairs = window[["user_id", "item_id"]].drop_duplicates()
-    seen = before[["user_id", "item_id"]].drop_duplicates()
-    pairs = pairs.merge(seen, how="left", on=["user_id", "item_id"], indicator=True)
-    pairs = pairs[pairs["_merge"] == "left_only"].sort_values(["user_id", "item_id"])
-    user_ids = pairs["user_id"].drop_duplicates().to_numpy(dtype=np.int64)
-    starts = np.searchsorted(pairs["user_id"].to_numpy(np.int64), user_ids)
-    relevant = np.split(pairs["item_id"].to_numpy(np.int64), starts[1:])
-    return EvalTask(
-        train=RetrievalData(
-            before.reset_index(drop=True), users, catalog_as_of(items, before, cutoff), cutoff
-        ),
-        user_ids=user_ids,
-        relevant=relevant if len(user_ids) else [],
-        warm=np.isin(user_ids, before["user_id"].to_numpy(np.int64)),
-        n_active_users=n_active,
-    )
-
-
-@dataclass(frozen=True)
 class SourceRun:
     """One source fit on a window: its ``(n_users, L)`` lists and timings (seconds)."""
 
     items: IntArray
     fit_seconds: float
     recommend_seconds: float
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Progress]:
-    with Progress(console=Console(stderr=True), disable=not enabled, transient=True) as bar:
-        yield bar
 
 
 def run_sources(
@@ -306,7 +156,7 @@ def run_sources(
 ) -> dict[str, SourceRun]:
     """Fit each source on ``task.train`` and recommend ``k`` unseen items to every target user."""
     runs: dict[str, SourceRun] = {}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         job = bar.add_task(label or "sources", total=len(sources))
         for name, make in sources.items():
             bar.update(job, description=f"{label} {name}: fit")
@@ -318,64 +168,6 @@ def run_sources(
             runs[name] = SourceRun(items, fitted - start, time.perf_counter() - fitted)
             bar.advance(job)
     return runs
-
-
-def quota_grid(names: Sequence[str], step: float) -> list[dict[str, float]]:
-    """Every split of ``1`` into fractions that are multiples of ``step``, over ``names``."""
-    units = round(1.0 / step)
-    if units < 1 or not math.isclose(units * step, 1.0, abs_tol=1e-9):
-        raise ValueError(f"quota_step must divide 1 (e.g. 0.1, 0.25), got {step}")
-    grid = []
-    # Stars and bars: choose where the len(names) - 1 bars go among units + len(names) - 1 slots.
-    for bars in itertools.combinations(range(units + len(names) - 1), len(names) - 1):
-        edges = [-1, *bars, units + len(names) - 1]
-        parts = [edges[i + 1] - edges[i] - 1 for i in range(len(names))]
-        grid.append({name: p / units for name, p in zip(names, parts, strict=True)})
-    return grid
-
-
-def tune_quotas(
-    runs: Mapping[str, SourceRun],
-    relevant: list[IntArray],
-    config: MergeConfig,
-    *,
-    progress: bool = False,
-) -> tuple[dict[str, float], float, int]:
-    """Quotas maximising the mean recall@``tune_k`` of the merged lists; (quotas, recall, tried)."""
-    k = config.tune_k
-    lists, relevant = _dense_ids({n: r.items[:, :k] for n, r in runs.items()}, relevant)
-    grid = quota_grid(list(runs), config.quota_step)
-    recalls = np.empty(len(grid))
-    with _progress(progress) as bar:
-        for i, quotas in enumerate(bar.track(grid, description="validation: quota search")):
-            merged = merge_candidates(lists, quotas, k).item_ids
-            recalls[i] = recall_at_k_score(merged, relevant, k=k).mean()
-    # Ties (e.g. a catalog shorter than tune_k) go to the most even split.
-    tied = np.flatnonzero(recalls >= recalls.max() - 1e-12)
-    unevenness = [sum(f * f for f in grid[i].values()) for i in tied]
-    best = int(tied[int(np.argmin(unevenness))])
-    return grid[best], float(recalls[best]), len(grid)
-
-
-def _dense_ids(
-    lists: Mapping[str, IntArray], relevant: list[IntArray]
-) -> tuple[dict[str, IntArray], list[IntArray]]:
-    """Listed items renumbered 0..n-1, so the merge indexes a small table instead of sorting.
-
-    Padding stays -1; relevant items no source listed get ids above n (still counted).
-    """
-    listed = np.unique(np.concatenate([lst.ravel() for lst in lists.values()]))
-    listed = listed[listed >= 0]
-
-    def encode(ids: IntArray, unlisted: IntArray | None = None) -> IntArray:
-        pos = np.minimum(np.searchsorted(listed, ids), max(len(listed) - 1, 0))
-        found = (listed[pos] == ids) if len(listed) else np.zeros(ids.shape, bool)
-        fallback = np.full(ids.shape, -1, np.int64) if unlisted is None else unlisted
-        return np.where(found, pos, fallback)
-
-    dense = {name: encode(lst) for name, lst in lists.items()}
-    top = len(listed)
-    return dense, [encode(r, top + np.arange(len(r), dtype=np.int64)) for r in relevant]
 
 
 def _subsample(task: EvalTask, n: int, seed: int) -> npt.NDArray[np.int64]:
@@ -415,24 +207,6 @@ def score_lists(
     return out
 
 
-def load_dataset(dataset_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """``events``, ``users`` and ``items`` of a contract directory, events in time order."""
-    dataset_dir = Path(dataset_dir)
-    for name in (EVENTS_FILE, USERS_FILE, ITEMS_FILE):
-        if not (dataset_dir / name).is_file():
-            raise ValueError(
-                f"{dataset_dir / name}: not found; --dataset must be a contract directory "
-                "(create one with `mlsd data import ...` or `mlsd data synth ...`)"
-            )
-    events = pd.read_parquet(dataset_dir / EVENTS_FILE)
-    events = events.sort_values("ts", kind="stable").reset_index(drop=True)
-    return (
-        events,
-        pd.read_parquet(dataset_dir / USERS_FILE),
-        pd.read_parquet(dataset_dir / ITEMS_FILE),
-    )
-
-
 def evaluate_retrieval(
     dataset_dir: Path,
     sources: Mapping[str, SourceFactory],
@@ -465,9 +239,10 @@ def evaluate_retrieval(
     )
     k_max = max(*protocol.ks, protocol.ndcg_k)
     quotas: dict[str, Quota] = {}
+    cold_quotas: dict[str, Quota] | None = None
     validation = None
     if merge is not None:
-        quotas, validation = _merge_quotas(
+        quotas, cold_quotas, validation = _merge_quotas(
             events, users, items, spec, sources, protocol, merge, progress=progress
         )
     test = make_task(events, users, items, cutoff=spec.t2, end=None, min_value=protocol.min_value)
@@ -486,7 +261,7 @@ def evaluate_retrieval(
         for name, run in runs.items()
     ]
     if merge is not None:
-        methods.append(_merged_result(runs, quotas, test, protocol))
+        methods.append(_merged_result(runs, quotas, cold_quotas, test, protocol))
     counts = {
         "n_train_events": len(test.train.events),
         "n_catalog_items": len(test.train.items),
@@ -507,6 +282,7 @@ def evaluate_retrieval(
         methods=methods,
         quotas=quotas,
         validation=validation,
+        cold_quotas=cold_quotas,
     )
 
 
@@ -525,43 +301,65 @@ def _merge_quotas(
     merge: MergeConfig,
     *,
     progress: bool,
-) -> tuple[dict[str, Quota], ValidationResult | None]:
-    """The merge quotas: tuned on validation (sources fit before t1), or the configured ones."""
+) -> tuple[dict[str, Quota], dict[str, Quota] | None, ValidationResult | None]:
+    """Warm (or everyone's) and cold quotas: tuned on validation (sources fit before t1), or
+    the configured ones; and the search's record."""
     if not merge.tune:
-        return dict(merge.quotas) or {name: 1.0 / len(sources) for name in sources}, None
+        quotas = dict(merge.quotas) or {name: 1.0 / len(sources) for name in sources}
+        return quotas, dict(merge.cold_quotas) or None, None
     val = make_task(events, users, items, cutoff=spec.t1, end=spec.t2, min_value=protocol.min_value)
     if len(val.user_ids) == 0:
         raise ValueError(f"no validation user has a relevant item in [{spec.t1}, {spec.t2})")
     runs = run_sources(val, sources, merge.tune_k, progress=progress, label="validation")
     rows = _subsample(val, merge.max_tune_users, protocol.seed)
-    sample = {name: SourceRun(run.items[rows], 0.0, 0.0) for name, run in runs.items()}
+    lists = {name: run.items[rows] for name, run in runs.items()}
     relevant = [val.relevant[i] for i in rows]
-    quotas, merged_recall, n_grid = tune_quotas(sample, relevant, merge, progress=progress)
-    recall = {
-        name: float(recall_at_k_score(run.items, relevant, k=merge.tune_k).mean())
-        for name, run in sample.items()
+    warm = val.warm[rows]
+    quotas, cold_quotas, n_grid = tune_segment_quotas(
+        lists, relevant, warm, merge, progress=progress
+    )
+    k = merge.tune_k
+    per_user = {name: recall_at_k_score(lst, relevant, k=k) for name, lst in lists.items()}
+    merged = merge_by_segment(lists, quotas, k, cold=~warm, cold_quotas=cold_quotas)
+    per_user[MERGED] = recall_at_k_score(merged.item_ids, relevant, k=k)
+    segment_recall = {
+        segment: {name: float(r[mask].mean()) for name, r in per_user.items()}
+        for segment, mask in (("warm", warm), ("cold", ~warm))
+        if mask.any()
     }
-    recall[MERGED] = merged_recall
-    return dict(quotas), ValidationResult(
-        n_users=len(val.user_ids),
-        n_tune_users=len(rows),
-        tune_k=merge.tune_k,
-        recall=recall,
-        quotas=quotas,
-        n_candidates=n_grid,
+    return (
+        dict(quotas),
+        None if cold_quotas is None else dict(cold_quotas),
+        ValidationResult(
+            n_users=len(val.user_ids),
+            n_tune_users=len(rows),
+            tune_k=k,
+            recall={name: float(r.mean()) for name, r in per_user.items()},
+            quotas=quotas,
+            n_candidates=n_grid,
+            cold_quotas=cold_quotas,
+            segment_recall=segment_recall,
+        ),
     )
 
 
 def _merged_result(
     runs: Mapping[str, SourceRun],
     quotas: Mapping[str, Quota],
+    cold_quotas: Mapping[str, Quota] | None,
     task: EvalTask,
     protocol: ProtocolConfig,
 ) -> MethodResult:
     """The merged set at each k: every source's top-k merged into k with the quotas."""
     start = time.perf_counter()
     by_k = {
-        k: merge_candidates({n: r.items[:, :k] for n, r in runs.items()}, quotas, k).item_ids
+        k: merge_by_segment(
+            {n: r.items[:, :k] for n, r in runs.items()},
+            quotas,
+            k,
+            cold=~task.warm,
+            cold_quotas=cold_quotas,
+        ).item_ids
         for k in {*protocol.ks, protocol.ndcg_k}
     }
     merge_seconds = time.perf_counter() - start

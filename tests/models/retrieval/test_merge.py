@@ -20,7 +20,9 @@ from mlsd.models.retrieval.base import (
 from mlsd.models.retrieval.merge import (
     NO_SOURCE,
     MergedRetriever,
+    merge_by_segment,
     merge_candidates,
+    merged_entries,
     quota_counts,
 )
 from mlsd.models.retrieval.popularity import PopularityRetriever
@@ -85,6 +87,24 @@ def test_a_source_without_quota_only_fills_and_k_beyond_the_union_pads() -> None
     assert (wide.item_ids[1, 8:] == PAD_ITEM).all()  # user 1 has 8 distinct items
 
 
+def test_cold_rows_are_merged_with_the_cold_quotas() -> None:
+    cold = np.array([False, True])
+    merged = merge_by_segment({"a": A, "b": B}, {"a": 1.0}, 4, cold=cold, cold_quotas={"b": 1.0})
+    warm_only = merge_candidates({"a": A[:1], "b": B[:1]}, {"a": 1.0}, 4)
+    cold_only = merge_candidates({"a": A[1:], "b": B[1:]}, {"b": 1.0}, 4)
+    np.testing.assert_array_equal(merged.item_ids, [warm_only.item_ids[0], cold_only.item_ids[0]])
+    np.testing.assert_array_equal(merged.source, [warm_only.source[0], cold_only.source[0]])
+    np.testing.assert_array_equal(merged.proposers[1], cold_only.proposers[0])
+    assert merged.item_ids[1].tolist() == [3, 4, 5, 6]  # b's list, not a's [1, 2]
+    # Without cold quotas (or cold rows) it is the plain merge.
+    plain = merge_candidates({"a": A, "b": B}, {"a": 1.0}, 4)
+    for same in (
+        merge_by_segment({"a": A, "b": B}, {"a": 1.0}, 4, cold=cold),
+        merge_by_segment({"a": A, "b": B}, {"a": 1.0}, 4, cold_quotas={"b": 1.0}),
+    ):
+        np.testing.assert_array_equal(same.item_ids, plain.item_ids)
+
+
 def test_random_lists_keep_the_invariants() -> None:
     rng = np.random.default_rng(0)
     n_users, n_items, length, k = 40, 60, 25, 30
@@ -107,6 +127,29 @@ def test_random_lists_keep_the_invariants() -> None:
         # x (first) always gets its full quota of 15, y its 6 (from what x left).
         assert (merged.source[u] == 0).sum() >= 15
         assert set(lists["x"][u][:15].tolist()) <= set(row[merged.source[u] == 0].tolist())
+
+
+def test_merged_entries_are_the_merged_set() -> None:
+    rng = np.random.default_rng(1)
+    lists = {
+        name: np.stack([rng.permutation(50)[:20] for _ in range(30)]) for name in ("x", "y", "z")
+    }
+    lists["y"][:, 12:] = PAD_ITEM
+    for quotas in ({"x": 0.5, "y": 0.3, "z": 0.2}, {"y": 0.9}, {"x": 3, "z": 0.4}):
+        merged = merge_candidates(lists, quotas, 25)
+        entries = merged_entries(lists, quotas, 25)
+        for u in range(30):
+            claimed = {
+                (name, int(item))
+                for name, lst in lists.items()
+                for item in lst[u][entries[name][u]]
+            }
+            expected = {
+                (merged.source_names[s], int(item))
+                for s, item in zip(merged.source[u], merged.item_ids[u], strict=True)
+                if item != PAD_ITEM
+            }
+            assert claimed == expected
 
 
 def test_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,9 +273,24 @@ def test_merged_retriever_is_the_merge_of_its_fitted_sources(
     assert (np.diff(scores, axis=1) < 0).all()
 
 
+def test_merged_retriever_gives_cold_users_the_cold_quotas(contract_data: RetrievalData) -> None:
+    sources = {"popularity": PopularityRetriever(), "highest_id": _HighestIdRetriever()}
+    quotas = {"popularity": 0.0, "highest_id": 1.0}
+    retriever = MergedRetriever(sources, quotas, cold_quotas={"popularity": 1.0}).fit(contract_data)
+    warm_user = int(contract_data.events["user_id"].iloc[0])
+    cold_user = int(contract_data.events["user_id"].max()) + 1
+    candidates = retriever.recommend_candidates(np.array([warm_user, cold_user]), 10)
+    assert (candidates.source[0] == 1).all()  # warm: all highest_id
+    assert (candidates.source[1] == 0).all()  # cold: all popularity
+    popular, _ = sources["popularity"].recommend(np.array([cold_user]), 10)
+    np.testing.assert_array_equal(candidates.item_ids[1], popular[0])
+
+
 def test_merged_retriever_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="unknown source"):
         MergedRetriever({"popularity": PopularityRetriever()}, {"als": 0.5})
+    with pytest.raises(ValueError, match="unknown source"):
+        MergedRetriever({"popularity": PopularityRetriever()}, {}, cold_quotas={"als": 0.5})
     with pytest.raises(ValueError, match="at least one source"):
         MergedRetriever({}, {})
     with pytest.raises(RuntimeError, match="not fitted"):

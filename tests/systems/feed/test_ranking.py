@@ -11,6 +11,7 @@ import pytest
 from mlsd.cli import run
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.models.ranking.bundle import RankingBundle
+from mlsd.serving.feed import FeedModel
 from tests.browser import rendered_dom
 
 FAST_CONFIG = """
@@ -82,15 +83,20 @@ def test_evaluate_writes_metrics_and_a_report_that_renders(
     assert "mlsd" in capsys.readouterr().out
 
 
-def test_train_writes_a_loadable_bundle(world: Path, config: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bundle"
-    assert (
-        run(["feed", "train", "--dataset", str(world), "--out", str(out), "--config", str(config)])
-        == 0
-    )
-    bundle = RankingBundle.load(out)
+def test_train_writes_a_model_directory_serving_loads(
+    world: Path, config: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "model"
+    args = ["feed", "train", "--dataset", str(world), "--out", str(out), "--config", str(config)]
+    assert run(args) == 0
+    bundle = RankingBundle.load(out / "ranking")
     assert bundle.ranker_name in ("logistic", "lightgbm")
     assert set(bundle.quotas) == {"popularity", "covisitation", "ease"}
+    model = FeedModel.load(out)
+    assert list(model.sources) == ["popularity", "covisitation", "ease"]
+    assert model.n_candidates == 100
+    assert not list(out.rglob("*.pkl"))
+    assert not list(out.rglob("*.pickle"))
 
 
 def test_bad_protocol_is_a_one_line_error(

@@ -65,11 +65,21 @@ class InteractionMatrix:
 
     @classmethod
     def from_events(
-        cls, events: pd.DataFrame, catalog: npt.ArrayLike, *, weight: str | None = None
+        cls,
+        events: pd.DataFrame,
+        catalog: npt.ArrayLike,
+        *,
+        weight: str | None = None,
+        users: npt.ArrayLike | None = None,
     ) -> InteractionMatrix:
-        """Count (or sum ``weight`` of) events per (user, item); items outside ``catalog`` drop."""
+        """Count (or sum ``weight`` of) events per (user, item); items outside ``catalog`` drop.
+
+        Rows are the users with events, plus ``users`` (as empty rows when they have none).
+        """
         item_ids = np.unique(np.asarray(catalog, dtype=np.int64))
         user_ids = np.unique(events["user_id"].to_numpy(dtype=np.int64))
+        if users is not None:
+            user_ids = np.union1d(user_ids, np.asarray(users, dtype=np.int64))
         cols = np.searchsorted(item_ids, events["item_id"].to_numpy(dtype=np.int64))
         cols = np.minimum(cols, max(len(item_ids) - 1, 0))
         in_catalog = item_ids[cols] == events["item_id"].to_numpy(dtype=np.int64)

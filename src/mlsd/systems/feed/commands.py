@@ -213,18 +213,26 @@ def _protocol_table(report: RetrievalReport) -> Table:
         f"{counts['n_cold_users']:,} cold; {counts['n_test_active_users']:,} active, "
         f"{counts['n_test_active_users'] - counts['n_test_users']:,} without a relevant item)",
     )
-    quotas = ", ".join(f"{name} {q:g}" for name, q in report.quotas.items())
-    if report.validation is not None:
-        val = report.validation
+    rows = {"merge quotas": report.quotas}
+    if report.cold_quotas is not None:
+        rows = {
+            "merge quotas, warm users": report.quotas,
+            "merge quotas, cold users": report.cold_quotas,
+        }
+    val = report.validation
+    for label, quotas in rows.items():
+        shown = ", ".join(f"{name} {q:g}" for name, q in quotas.items() if q)
+        if val is not None:
+            shown += (
+                f" (tuned on {val.n_tune_users:,} validation users over "
+                f"{val.n_candidates:,} quota vectors)"
+            )
+        elif shown:
+            shown += " (from the config)"
+        table.add_row(label, shown)
+    if val is not None:
         recall = ", ".join(f"{name} {r:.3f}" for name, r in val.recall.items())
-        table.add_row(
-            "merge quotas",
-            f"{quotas} (tuned on {val.n_tune_users:,} validation users over "
-            f"{val.n_candidates:,} quota vectors)",
-        )
         table.add_row(f"validation recall@{val.tune_k}", recall)
-    elif quotas:
-        table.add_row("merge quotas", f"{quotas} (from the config)")
     return table
 
 
@@ -263,3 +271,4 @@ def _metrics_tables(report: RetrievalReport) -> list[Table]:
 # `train` and `evaluate` live in their own module and register on `app` when imported.
 from mlsd.systems.feed import ranking as _ranking  # noqa: E402, F401
 from mlsd.systems.feed import registry_commands as _registry_commands  # noqa: E402, F401
+from mlsd.systems.feed import serve as _serve  # noqa: E402, F401

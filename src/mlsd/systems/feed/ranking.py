@@ -17,6 +17,7 @@ from rich.table import Table
 
 from mlsd.config import load_feed_config
 from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
+from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
 
 if TYPE_CHECKING:
     from mlsd.evaluation.offline import OfflineReport
@@ -27,22 +28,23 @@ ProtocolName = Literal["temporal", "random-per-user"]
 @app.command("train")
 def train(
     dataset: DatasetDir,
-    out: Annotated[Path, typer.Option("--out", help="Directory for the ranking bundle.")],
+    out: Annotated[Path, typer.Option("--out", help="The model directory to write.")],
     config: ConfigFile = None,
+    register: Annotated[
+        bool, typer.Option("--register", help="Log the model to the MLflow registry.")
+    ] = False,
+    promote: Annotated[
+        bool,
+        typer.Option("--promote", help="With --register: promote it if the gate accepts it."),
+    ] = False,
+    registry_uri: RegistryUri = None,
+    base_dir: BaseDir = Path(),
 ) -> None:
-    """Steps 4-5: fit the rankers on candidates labelled by the data's last window; save the
-    chosen one (with its calibrator, feature vocabulary and merge quotas) as a bundle."""
-    from mlsd.evaluation.offline import train_pipeline
+    """Steps 4-6: train the feed on all the data; write the model directory serving loads."""
+    from mlsd.systems.feed.package import package_model
 
     feed = load_feed_config(config)
-    bundle, trained = train_pipeline(
-        dataset,
-        feed.retrieval.factories(),
-        feed.ranking.factories(),
-        protocol=feed.retrieval.protocol,
-        pipeline=feed.ranking.pipeline(),
-        progress=True,
-    )
+    path, trained = package_model(dataset, out, feed, progress=True)
     table = Table(title="rankers on held-out users of the label windows", title_justify="left")
     for column in ("ranker", "ndcg@10", "AUC", "grouped AUC", "log loss", "fit s"):
         table.add_column(column, justify="left" if column == "ranker" else "right")
@@ -57,8 +59,31 @@ def train(
             f"{score.fit_seconds:.2f}",
         )
     console.print(table)
-    path = bundle.save(out)
-    console.print(f"ranking bundle ({trained.chosen}) written to {path}")
+    console.print(f"model written to {path}")
+    if register:
+        chosen = next(s for s in trained.scores if s.name == trained.chosen)
+        meta = json.loads((path / "model.json").read_text())
+        version = open_registry(registry_uri, base_dir).register(
+            path,
+            params={
+                "ranker": trained.chosen,
+                "sources": ",".join(meta["sources"]),
+                "n_candidates": meta["n_candidates"],
+                "dataset": meta["dataset"]["name"],
+            },
+            metrics={"ndcg@10": chosen.valid_ndcg, "auc": chosen.valid_auc},
+            tags={
+                "model_version": meta["version"],
+                "dataset_hash": meta["dataset"]["content_hash"],
+            },
+        )
+        console.print(f"registered as version {version}")
+        if promote:
+            result = open_registry(registry_uri, base_dir).promote(version)
+            verdict = "promoted to champion" if result.accepted else "NOT promoted"
+            console.print(f"version {version} {verdict}: {result.reason}")
+        else:
+            console.print(f"promote it with: mlsd feed promote --version {version}")
 
 
 @app.command("evaluate")
@@ -82,6 +107,7 @@ def evaluate(
     OUT/metrics.json and OUT/report.html."""
     from mlsd.evaluation.offline import evaluate_pipeline
     from mlsd.evaluation.report import write_report
+    from mlsd.features.batch import feature_config_for
 
     if protocol not in ("temporal", "random-per-user"):
         raise ValueError(f"--protocol {protocol!r}: use temporal or random-per-user")
@@ -95,6 +121,7 @@ def evaluate(
         feed.ranking.factories(),
         protocol=settings,
         pipeline=feed.ranking.pipeline(),
+        feature_config=feature_config_for(dataset, **vars(feed.features)),
         protocol_name="temporal" if protocol == "temporal" else "random-per-user",
         progress=True,
     )

@@ -32,7 +32,7 @@ BaseDir = Annotated[
 ]
 
 
-def _registry(uri: str | None, base_dir: Path) -> ModelRegistry:
+def open_registry(uri: str | None, base_dir: Path) -> ModelRegistry:
     config = RegistryConfig()
     if uri is not None:
         config = dataclasses.replace(config, tracking_uri=uri)
@@ -49,7 +49,7 @@ def promote(
     base_dir: BaseDir = Path(),
 ) -> None:
     """Make a version the champion if its gate metric is no worse than the champion's."""
-    registry = _registry(registry_uri, base_dir)
+    registry = open_registry(registry_uri, base_dir)
     result = registry.promote(version, force=force)
     if result.forced:
         console.print(
@@ -69,7 +69,7 @@ def promote(
 @app.command("rollback")
 def rollback(registry_uri: RegistryUri = None, base_dir: BaseDir = Path()) -> None:
     """Move the champion alias back to the previous champion."""
-    registry = _registry(registry_uri, base_dir)
+    registry = open_registry(registry_uri, base_dir)
     current = registry.champion()
     previous = registry.rollback()
     console.print(f"champion rolled back: v{current} -> v{previous}")
@@ -78,7 +78,7 @@ def rollback(registry_uri: RegistryUri = None, base_dir: BaseDir = Path()) -> No
 @app.command("versions")
 def versions(registry_uri: RegistryUri = None, base_dir: BaseDir = Path()) -> None:
     """List the registered versions with their gate metric and aliases."""
-    registry = _registry(registry_uri, base_dir)
+    registry = open_registry(registry_uri, base_dir)
     infos = registry.versions()
     name, where = registry.config.model_name, registry.tracking_uri
     if not infos:

@@ -1,0 +1,229 @@
+"""The merge quota search: every split of the ``k`` slots on a grid, scored by recall.
+
+Recall@k of the merged lists is what the search maximises; it runs on the validation window
+only (:mod:`mlsd.evaluation.retrieval`), for all users at once or for warm and cold users apart
+(``[retrieval.merge]``: :class:`MergeConfig`).
+
+    grid = quota_grid(["ease", "popularity"], 0.5)   # [{ease: 0, pop: 1}, {.5, .5}, {1, 0}]
+    quotas, recall = best_quotas(lists, relevant, grid, k=200)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from rich.console import Console
+from rich.progress import Progress
+
+from mlsd.models.retrieval.base import IntArray
+from mlsd.models.retrieval.merge import Quota, merged_entries, quota_counts
+
+
+class Ranked(Protocol):
+    """Anything holding ``(n_users, L)`` ranked lists (e.g. a ``SourceRun``)."""
+
+    @property
+    def items(self) -> IntArray: ...
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[Progress]:
+    """A transient rich progress on stderr (disabled: shows nothing)."""
+    with Progress(console=Console(stderr=True), disable=not enabled, transient=True) as bar:
+        yield bar
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """How the sources are merged (``[retrieval.merge]``).
+
+    Attributes:
+        tune: grid-search the quotas on the validation window; otherwise use ``quotas``.
+        tune_k: the list length whose validation recall the search maximises.
+        quota_step: grid step of the fractions (0.1: every split of 10 tenths over the sources).
+        max_tune_users: validation users sampled for the search (bounds its time).
+        by_segment: search warm users' and cold users' quotas apart.
+        min_segment_users: a segment with fewer sampled validation users gets the quotas
+            searched over all users instead (too few to tune on).
+        quotas: fixed quotas (fractions of k or counts) when ``tune`` is off; default equal.
+        cold_quotas: fixed quotas of cold users when ``tune`` is off; default ``quotas``.
+    """
+
+    tune: bool = True
+    tune_k: int = 200
+    quota_step: float = 0.1
+    max_tune_users: int = 5000
+    by_segment: bool = True
+    min_segment_users: int = 10
+    quotas: Mapping[str, Quota] = field(default_factory=dict)
+    cold_quotas: Mapping[str, Quota] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tune_k < 1 or self.max_tune_users < 1 or self.min_segment_users < 1:
+            raise ValueError("tune_k, max_tune_users and min_segment_users must be >= 1")
+        quota_grid(["a"], self.quota_step)  # checks that the step divides 1
+        quota_counts(list(self.quotas.values()), 1)  # checks the quota values
+        quota_counts(list(self.cold_quotas.values()), 1)
+
+
+def quota_grid(names: Sequence[str], step: float) -> list[dict[str, float]]:
+    """Every split of ``1`` into fractions that are multiples of ``step``, over ``names``."""
+    units = round(1.0 / step)
+    if units < 1 or not math.isclose(units * step, 1.0, abs_tol=1e-9):
+        raise ValueError(f"quota_step must divide 1 (e.g. 0.1, 0.25), got {step}")
+    grid = []
+    # Stars and bars: choose where the len(names) - 1 bars go among units + len(names) - 1 slots.
+    for bars in itertools.combinations(range(units + len(names) - 1), len(names) - 1):
+        edges = [-1, *bars, units + len(names) - 1]
+        parts = [edges[i + 1] - edges[i] - 1 for i in range(len(names))]
+        grid.append({name: p / units for name, p in zip(names, parts, strict=True)})
+    return grid
+
+
+def tune_quotas(
+    runs: Mapping[str, Ranked],
+    relevant: list[IntArray],
+    config: MergeConfig,
+    *,
+    progress: bool = False,
+) -> tuple[dict[str, float], float, int]:
+    """Quotas maximising the mean recall@``tune_k`` of the merged lists over all users.
+
+    Returns:
+        (quotas, their recall, quota vectors tried).
+    """
+    grid = quota_grid(list(runs), config.quota_step)
+    lists = {name: run.items for name, run in runs.items()}
+    with progress_bar(progress) as bar:
+        quotas, recall = best_quotas(
+            lists, relevant, grid, k=config.tune_k, progress=bar, label="validation: quotas"
+        )
+    return quotas, recall, len(grid)
+
+
+def tune_segment_quotas(
+    lists: Mapping[str, IntArray],
+    relevant: list[IntArray],
+    warm: npt.NDArray[np.bool_],
+    config: MergeConfig,
+    *,
+    progress: bool = False,
+) -> tuple[dict[str, float], dict[str, float] | None, int]:
+    """Warm users' and cold users' quotas, each maximising recall@``tune_k`` on its users.
+
+    Without ``config.by_segment``, one search over all users (cold quotas ``None``); a segment
+    with fewer than ``config.min_segment_users`` users takes the all-users quotas.
+
+    Args:
+        lists: source name → ``(n_users, >= tune_k)`` ranked item ids, in priority order.
+        relevant: n_users arrays of relevant item ids.
+        warm: ``(n_users,)`` whether each user had an event before the cutoff.
+        config: the search settings.
+
+    Returns:
+        (warm quotas, cold quotas or ``None``, quota vectors tried per search).
+    """
+    grid = quota_grid(list(lists), config.quota_step)
+    masks = {"warm": warm, "cold": ~warm} if config.by_segment else {}
+    tuned: dict[str, dict[str, float]] = {}
+    with progress_bar(progress) as bar:
+
+        def search(mask: npt.NDArray[np.bool_], label: str) -> dict[str, float]:
+            rows = np.flatnonzero(mask)
+            subset = {name: lst[rows] for name, lst in lists.items()}
+            label = f"validation: {label} quotas"
+            chosen, _ = best_quotas(
+                subset,
+                [relevant[i] for i in rows],
+                grid,
+                k=config.tune_k,
+                progress=bar,
+                label=label,
+            )
+            return chosen
+
+        for segment, mask in masks.items():
+            if mask.sum() >= config.min_segment_users:
+                tuned[segment] = search(mask, segment)
+        if len(tuned) < 2:  # not by segment, or a segment too small to tune on
+            tuned["all"] = search(np.ones(len(relevant), dtype=bool), "all users'")
+    if not config.by_segment:
+        return tuned["all"], None, len(grid)
+    return tuned.get("warm", tuned.get("all", {})), tuned.get("cold", tuned.get("all")), len(grid)
+
+
+def best_quotas(
+    lists: Mapping[str, IntArray],
+    relevant: list[IntArray],
+    grid: list[dict[str, float]],
+    *,
+    k: int,
+    progress: Progress | None = None,
+    label: str = "quota search",
+) -> tuple[dict[str, float], float]:
+    """The grid point whose merged top-``k`` has the best mean recall; (quotas, recall).
+
+    Args:
+        lists: source name → ``(n_users, >= k)`` ranked item ids, in merge priority order.
+        relevant: n_users arrays of relevant item ids.
+        grid: candidate quotas, as :func:`quota_grid`.
+        k: the merged list length.
+        progress: a rich progress to show the search in.
+    """
+    top = {name: lst[:, :k] for name, lst in lists.items()}
+    dense, dense_relevant = dense_ids(top, relevant)
+    # Recall counts the relevant entries the merge claims; which entries are relevant does not
+    # depend on the quotas, so it is found once (each item is claimed once, never twice).
+    weight = np.array([1.0 / max(len(r), 1) for r in relevant])
+    hits = {name: _is_relevant(lst, dense_relevant) for name, lst in dense.items()}
+    recalls = np.empty(len(grid))
+    points = grid if progress is None else progress.track(grid, description=label)
+    for i, quotas in enumerate(points):
+        claimed = merged_entries(dense, quotas, k)
+        n_hits = sum((claimed[name] & hits[name]).sum(axis=1) for name in dense)
+        recalls[i] = float(np.mean(n_hits * weight)) if len(relevant) else 0.0
+    # Ties (e.g. a catalog shorter than k, or identical lists) go to the most even split.
+    tied = np.flatnonzero(recalls >= recalls.max() - 1e-12)
+    unevenness = [sum(f * f for f in grid[i].values()) for i in tied]
+    best = int(tied[int(np.argmin(unevenness))])
+    return grid[best], float(recalls[best])
+
+
+def _is_relevant(lists: IntArray, relevant: list[IntArray]) -> npt.NDArray[np.bool_]:
+    """``(n_users, L)``: whether each listed item is among its user's relevant items."""
+    n_users, length = lists.shape
+    span = int(max(lists.max(initial=0), max((r.max(initial=0) for r in relevant), default=0)))
+    span += 2  # ids and the -1 padding, offset by 1, stay below span
+    listed = (np.arange(n_users)[:, None] * span + lists + 1).ravel()
+    wanted = np.concatenate(
+        [u * span + r + 1 for u, r in enumerate(relevant)] or [np.zeros(0, np.int64)]
+    )
+    return np.isin(listed, wanted).reshape(n_users, length) & (lists >= 0)
+
+
+def dense_ids(
+    lists: Mapping[str, IntArray], relevant: list[IntArray]
+) -> tuple[dict[str, IntArray], list[IntArray]]:
+    """Listed items renumbered 0..n-1, so the merge indexes a small table instead of sorting.
+
+    Padding stays -1; relevant items no source listed get ids above n (still counted).
+    """
+    listed = np.unique(np.concatenate([lst.ravel() for lst in lists.values()]))
+    listed = listed[listed >= 0]
+
+    def encode(ids: IntArray, unlisted: IntArray | None = None) -> IntArray:
+        pos = np.minimum(np.searchsorted(listed, ids), max(len(listed) - 1, 0))
+        found = (listed[pos] == ids) if len(listed) else np.zeros(ids.shape, bool)
+        fallback = np.full(ids.shape, -1, np.int64) if unlisted is None else unlisted
+        return np.where(found, pos, fallback)
+
+    dense = {name: encode(lst) for name, lst in lists.items()}
+    top = len(listed)
+    return dense, [encode(r, top + np.arange(len(r), dtype=np.int64)) for r in relevant]

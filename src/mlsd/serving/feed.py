@@ -1,0 +1,459 @@
+"""The feed's request path: features → candidate sources → merge → ranker → re-rank.
+
+:class:`FeedRecommender` implements :class:`~mlsd.serving.recommender.Recommender` over a model
+directory written by training (:func:`mlsd.systems.feed.package.package_model`)::
+
+    model/
+      model.json       version, source order, merge quotas, candidates per request, re-ranking
+      sources/<name>/  each candidate source's serving artifact (mlsd.serving.sources)
+      ranking/         the ranker, its calibrator, feature vocabulary and layout
+      snapshot.npz     per-item and per-user counts as of training (ranker inputs the online
+                       store does not hold), item categories for re-ranking
+
+Every stage has a deadline (checked when it ends: Python cannot pre-empt a call) and a fallback,
+so a failed or slow dependency degrades the answer instead of failing the request:
+
+- precomputed list (Redis) unavailable → the online path;
+- feature store down → the user's defaults (cold-start features), ``"features"`` in fallbacks;
+- a candidate source raising → its candidates are dropped (``"source:<name>"``);
+- ranker failure, or the request already over its budget → the merged order (``"ranker"``);
+- no candidate at all → a precomputed list of any version, then the most popular items.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from mlsd.features.online import OnlineFeatures
+from mlsd.models.ranking.bundle import RankingBundle
+from mlsd.models.ranking.candidates import (
+    SourceLists,
+    candidate_pairs,
+    ranker_frame,
+    request_frame,
+)
+from mlsd.models.retrieval.merge import Quota, merge_candidates
+from mlsd.serving.precomputed import PrecomputedStore
+from mlsd.serving.recommender import (
+    Path_,
+    Recommendation,
+    RecommendRequest,
+    RecommendResult,
+)
+from mlsd.serving.rerank import RerankConfig, rerank
+from mlsd.serving.sources import CandidateSource, UserQuery, load_source
+
+logger = logging.getLogger(__name__)
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+MODEL_JSON = "model.json"
+SNAPSHOT = "snapshot.npz"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Milliseconds the request may take before it degrades.
+
+    Python cannot interrupt a call, so the budget is checked between stages; the store
+    clients carry their own socket timeouts (Redis: ``socket_timeout``)."""
+
+    total_ms: float = 150.0
+    """Past this, the ranker is skipped and the merged order served (``"ranker:deadline"``)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Counts as of training, looked up by id (sorted id arrays + values)."""
+
+    item_ids: IntArray
+    item_users_all: FloatArray
+    item_created_days_ref: FloatArray
+    """Epoch seconds of each item's ``created_ts`` (NaN unknown)."""
+    item_category: IntArray
+    """Category code per item (index into ``categories``), -1 unknown."""
+    user_ids: IntArray
+    user_events_all: FloatArray
+
+    @staticmethod
+    def _lookup(ids: IntArray, keys: IntArray, values: npt.NDArray[Any], default: float) -> Any:
+        if len(keys) == 0:
+            return np.full(len(ids), default)
+        pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        return np.where(keys[pos] == ids, values[pos], default)
+
+    def extras(self, user_id: int | None, item_ids: IntArray, now_s: float) -> dict[str, Any]:
+        created = self._lookup(item_ids, self.item_ids, self.item_created_days_ref, np.nan)
+        days = np.where(np.isnan(created), -1.0, (now_s - created) / 86_400)
+        users = np.array([-1 if user_id is None else user_id], dtype=np.int64)
+        return {
+            "item_users_all": self._lookup(item_ids, self.item_ids, self.item_users_all, 0.0),
+            "item_created_days": days,
+            "user_events_all": self._lookup(users, self.user_ids, self.user_events_all, 0.0),
+        }
+
+    def categories(self, item_ids: IntArray) -> IntArray:
+        out: IntArray = self._lookup(item_ids, self.item_ids, self.item_category, -1).astype(
+            np.int64
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class FeedModel:
+    """A loaded model directory."""
+
+    version: str
+    sources: dict[str, CandidateSource]
+    quotas: dict[str, Quota]
+    n_candidates: int
+    ranking: RankingBundle
+    rerank: RerankConfig
+    snapshot: Snapshot
+
+    @classmethod
+    def load(cls, path: Path) -> FeedModel:
+        path = Path(path)
+        meta_path = path / MODEL_JSON
+        if not meta_path.is_file():
+            raise ValueError(f"{path}: no {MODEL_JSON}; not a feed model directory")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}")
+        try:
+            with np.load(path / SNAPSHOT, allow_pickle=False) as raw:
+                snapshot = Snapshot(**{name: raw[name] for name in raw.files})
+        except (OSError, TypeError, ValueError) as err:
+            raise ValueError(f"{path / SNAPSHOT}: unreadable snapshot ({err})") from err
+        rerank_raw = dict(meta.get("rerank", {}))
+        rerank_raw["blocklist"] = frozenset(rerank_raw.get("blocklist", ()))
+        return cls(
+            version=str(meta["version"]),
+            sources={name: load_source(path / "sources" / name) for name in meta["sources"]},
+            quotas=dict(meta["quotas"]),
+            n_candidates=int(meta["n_candidates"]),
+            ranking=RankingBundle.load(path / "ranking"),
+            rerank=RerankConfig(**rerank_raw),
+            snapshot=snapshot,
+        )
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.mark = self.start
+        self.stage_ms: dict[str, float] = {}
+
+    def lap(self, stage: str) -> float:
+        now = time.perf_counter()
+        self.stage_ms[stage] = (now - self.mark) * 1000
+        self.mark = now
+        return self.stage_ms[stage]
+
+    def total(self) -> float:
+        return (time.perf_counter() - self.start) * 1000
+
+
+class FeedRecommender:
+    """The feed model behind the service (see the module docstring).
+
+    Args:
+        model: the loaded model directory.
+        features: the online feature store reader (``None``: every user is cold).
+        precomputed: batch predictions in Redis (``None``: always online).
+        deadlines: stage budgets.
+        max_age_s: a precomputed list older than this is not served as fresh.
+    """
+
+    def __init__(
+        self,
+        model: FeedModel,
+        *,
+        features: OnlineFeatures | None = None,
+        precomputed: PrecomputedStore | None = None,
+        deadlines: Deadlines | None = None,
+        max_age_s: float | None = 86_400.0,
+    ) -> None:
+        self.model = model
+        self.version = model.version
+        self.features = features
+        self.precomputed = precomputed
+        self.deadlines = deadlines or Deadlines()
+        self.max_age_s = max_age_s
+        self._healthy_features = True
+
+    def warm_up(self) -> FeedRecommender:
+        """Load the item cache and run the path once (lazy imports, first-call allocations),
+        so the first real request meets its deadlines; a reload swaps in a warm model."""
+        if self.features is not None:
+            self.features.refresh_item_cache()
+        budget = self.deadlines
+        self.deadlines = Deadlines(total_ms=float("inf"))
+        try:
+            self.recommend(RecommendRequest(None, k=1, allow_precomputed=False))
+        finally:
+            self.deadlines = budget
+        return self
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        if request.k < 1:
+            raise ValueError(f"k must be >= 1, got {request.k}")
+        clock = _Clock()
+        fallbacks: list[str] = []
+        if request.allow_precomputed and request.user_id is not None:
+            served = self._precomputed(request, fallbacks, fresh=True)
+            clock.lap("precomputed")
+            if served is not None:
+                return self._result(served, "precomputed", clock, fallbacks)
+        user = self._user(request.user_id, fallbacks)
+        clock.lap("features")
+        query = self._query(request, user)
+        exclude = np.unique(query.history)
+        lists = self._retrieve(query, exclude, fallbacks)
+        clock.lap("retrieval")
+        if not any(len(items) for items, _ in lists.values()):
+            return self._degraded(request, clock, fallbacks)
+        merged = merge_candidates(
+            {name: _row(items, self.model.n_candidates) for name, (items, _) in lists.items()},
+            self.model.quotas,
+            self.model.n_candidates,
+        )
+        scored = SourceLists(
+            {name: _row(items, self.model.n_candidates) for name, (items, _) in lists.items()},
+            {
+                name: _row(scores, self.model.n_candidates, fill=-np.inf)
+                for name, (_, scores) in lists.items()
+            },
+        )
+        uid = -1 if request.user_id is None else request.user_id
+        pairs = candidate_pairs([uid], merged, scored)
+        clock.lap("merge")
+        item_ids = pairs["item_id"].to_numpy(np.int64)
+        probs, ages = self._rank(request, user, pairs, clock, fallbacks)
+        clock.lap("ranking")
+        final = rerank(
+            item_ids,
+            probs,
+            k=request.k,
+            config=self.model.rerank,
+            item_categories=_dense_categories(self.model.snapshot, item_ids),
+            item_age_days=ages if self.model.rerank.freshness_weight > 0 else None,
+            seen=exclude,
+        )
+        clock.lap("rerank")
+        sources = dict(zip(item_ids.tolist(), pairs["claimed_source"].tolist(), strict=True))
+        items = [
+            Recommendation(
+                int(i),
+                float(s),
+                sources.get(int(i), "?"),
+                self._reasons(int(i), pairs) if request.explain else (),
+            )
+            for i, s in zip(final.item_ids.tolist(), final.scores.tolist(), strict=True)
+        ]
+        return self._result(items, "online", clock, fallbacks)
+
+    def record_events(self, events: Sequence[Mapping[str, object]]) -> int:
+        if self.features is None or not events:
+            return 0
+        frame = pd.DataFrame(list(events))
+        if "ts" not in frame:
+            frame["ts"] = time.time()
+        frame["ts"] = pd.to_datetime(frame["ts"].fillna(time.time()), unit="s", utc=True)
+        frame["value"] = frame.get("value", 1.0)
+        return self.features.push_events(frame)
+
+    def history(self, user_id: int, n: int = 20) -> list[int]:
+        if self.features is None:
+            return []
+        recent = self.features.user_features(user_id)["recent_item_ids"][0]
+        return [int(i) for i in recent[recent >= 0][:n]]
+
+    def ready(self) -> bool:
+        return self._healthy_features
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _precomputed(
+        self, request: RecommendRequest, fallbacks: list[str], *, fresh: bool
+    ) -> list[Recommendation] | None:
+        if self.precomputed is None or request.user_id is None:
+            return None
+        try:
+            found = self.precomputed.lookup(
+                request.user_id,
+                model_version=self.version if fresh else None,
+                max_age_s=self.max_age_s if fresh else None,
+            )
+        except Exception:  # Redis down: the online path answers
+            fallbacks.append("precomputed")
+            return None
+        hit = found.result
+        if hit is None or len(hit.item_ids) == 0:
+            return None
+        return [
+            Recommendation(int(i), float(s), "precomputed")
+            for i, s in zip(hit.item_ids[: request.k], hit.scores[: request.k], strict=False)
+        ]
+
+    def _user(self, user_id: int | None, fallbacks: list[str]) -> dict[str, np.ndarray]:
+        if self.features is None:
+            raise RuntimeError("FeedRecommender needs an OnlineFeatures for the online path")
+        if user_id is None:
+            return self.features.default_user()
+        try:
+            user = self.features.user_features(user_id)
+            self._healthy_features = True
+        except Exception:
+            logger.warning("feature store read failed; serving user %s as cold", user_id)
+            self._healthy_features = False
+            fallbacks.append("features")
+            return self.features.default_user()
+        return user
+
+    def _query(self, request: RecommendRequest, user: Mapping[str, np.ndarray]) -> UserQuery:
+        recent = np.asarray(user["recent_item_ids"][0], dtype=np.int64)
+        stamps = np.asarray(user["recent_ts"][0], dtype=np.int64)
+        keep = recent >= 0
+        history = recent[keep][::-1]  # stored newest first; sources read oldest → newest
+        history_ts = stamps[keep][::-1]
+        now_s = int(request.now if request.now is not None else time.time())
+        if request.recent_items:
+            extra = np.asarray(list(request.recent_items), dtype=np.int64)
+            history = np.concatenate([history, extra])
+            history_ts = np.concatenate([history_ts, np.full(len(extra), now_s)])
+        attributes = {
+            name: str(user[name][0])
+            for name in self.model.ranking.feature_config.user_attributes
+            if name in user
+        }
+        return UserQuery(request.user_id, history, history_ts, attributes, now_s)
+
+    def _retrieve(
+        self, query: UserQuery, exclude: IntArray, fallbacks: list[str]
+    ) -> dict[str, tuple[IntArray, npt.NDArray[np.floating]]]:
+        lists: dict[str, tuple[IntArray, npt.NDArray[np.floating]]] = {}
+        for name, source in self.model.sources.items():
+            try:
+                lists[name] = source.candidates(query, self.model.n_candidates, exclude=exclude)
+            except Exception:
+                logger.exception("candidate source %s failed", name)
+                fallbacks.append(f"source:{name}")
+                lists[name] = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        return lists
+
+    def _rank(
+        self,
+        request: RecommendRequest,
+        user: Mapping[str, np.ndarray],
+        pairs: pd.DataFrame,
+        clock: _Clock,
+        fallbacks: list[str],
+    ) -> tuple[FloatArray, FloatArray]:
+        """Calibrated click probabilities (the merged order on failure) and item ages."""
+        item_ids = pairs["item_id"].to_numpy(np.int64)
+        merged_order = 1.0 - np.arange(len(item_ids)) / max(len(item_ids), 1)
+        ages = np.full(len(item_ids), np.nan)
+        if self.features is None or clock.total() > self.deadlines.total_ms:
+            fallbacks.append("ranker:deadline")
+            return merged_order, ages
+        bundle = self.model.ranking
+        try:
+            now = pd.Timestamp(
+                request.now if request.now is not None else time.time(), unit="s", tz="UTC"
+            )
+            batch = self.features.features_for(user, item_ids, request.context, now=now)
+            now_s = now.value / 1e9
+            frame = request_frame(
+                pairs,
+                user=batch.user,
+                items=batch.items,
+                derived=batch.derived,
+                extras=self.model.snapshot.extras(request.user_id, item_ids, now_s),
+                layout=bundle.layout,
+                config=bundle.feature_config,
+            )
+            features, _ = ranker_frame(
+                frame, bundle.layout, bundle.vocabulary, bundle.feature_config
+            )
+            probs = bundle.calibrator.transform(bundle.ranker.predict(features))
+            age = np.asarray(batch.derived.get("item_age_days", ages), dtype=np.float64)
+            ages = np.where(age >= 0, age, np.nan)
+        except Exception:
+            logger.exception("ranking failed; serving the merged order")
+            fallbacks.append("ranker")
+            return merged_order, ages
+        return np.asarray(probs, dtype=np.float64), ages
+
+    def _degraded(
+        self, request: RecommendRequest, clock: _Clock, fallbacks: list[str]
+    ) -> RecommendResult:
+        served = self._precomputed(request, fallbacks, fresh=False)
+        if served is not None:
+            return self._result(served, "fallback:precomputed", clock, fallbacks)
+        popular = self.model.sources.get("popularity")
+        items: list[Recommendation] = []
+        if popular is not None:
+            query = UserQuery(request.user_id, np.zeros(0, np.int64), np.zeros(0, np.int64), {}, 0)
+            ids, scores = popular.candidates(query, request.k, exclude=np.zeros(0, np.int64))
+            items = [
+                Recommendation(int(i), float(s), "popularity")
+                for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
+            ]
+        return self._result(items, "fallback:popular", clock, fallbacks)
+
+    def _reasons(self, item_id: int, pairs: pd.DataFrame) -> tuple[str, ...]:
+        row = pairs[pairs["item_id"] == item_id].iloc[0]
+        proposed = [
+            name for name in self.model.sources if float(row.get(f"rrank_{name}", 0.0)) > 0.0
+        ]
+        reasons = [f"proposed by {', '.join(proposed)}"] if proposed else []
+        best = max(proposed, key=lambda n: float(row[f"rrank_{n}"]), default=None)
+        if best is not None:
+            rank = round(1.0 / float(row[f"rrank_{best}"]))
+            reasons.append(f"#{rank} for you in {best}")
+        return tuple(reasons)
+
+    def _result(
+        self,
+        items: list[Recommendation],
+        path: Path_,
+        clock: _Clock,
+        fallbacks: list[str],
+    ) -> RecommendResult:
+        stage_ms = dict(clock.stage_ms)
+        stage_ms["total"] = clock.total()
+        return RecommendResult(items, path, self.version, stage_ms, tuple(fallbacks))
+
+
+def _row(values: npt.ArrayLike, width: int, *, fill: float = -1) -> npt.NDArray[Any]:
+    """A 1-D list as a ``(1, width)`` row, padded with ``fill``."""
+    array = np.asarray(values)
+    out = np.full((1, width), fill, dtype=array.dtype if array.size else np.float64)
+    out[0, : min(len(array), width)] = array[:width]
+    return out
+
+
+def _dense_categories(snapshot: Snapshot, item_ids: IntArray) -> IntArray:
+    """Category codes indexed by item id (what :func:`rerank` reads), for these candidates."""
+    top = int(item_ids.max(initial=0)) + 1
+    out = np.full(top, -1, dtype=np.int64)
+    out[item_ids] = snapshot.categories(item_ids)
+    return out

@@ -1,0 +1,612 @@
+"""Candidate sources in serving form: one request, answered from a safe artifact.
+
+Offline, a retriever's ``recommend`` reads each user's history *as of fit time*. Online, a
+:class:`CandidateSource` reads a :class:`UserQuery`, what the feature store knows at request
+time, and recomputes the offline ranks and scores the ranker learned from. Given the fit-time
+history (every event before the cutoff, in time order) and ``now_s`` = the cutoff, a fit-time
+user gets the offline answer:
+
+- ``popular``, ``covisitation``, ``ease``: the same items and float32 scores (the same sparse
+  products in the same order). Co-visitation ranks the history by position (newest last);
+  offline, two events of a user at the very same time are ordered by the events table. With a
+  ``half_life_days``, EASE decays to ``now_s`` in whole seconds (offline: µs): float32 rounding.
+- ``factors`` (ALS, BPR; ``name`` says which): fit-time users search the index with their
+  stored factor (events since the fit do not move it); ``two_tower`` runs the user tower on
+  the query (hour and weekday averaged, as ``recommend`` does, unless ``request_context``).
+  Faiss and BLAS sum in other orders, so scores agree to float32 rounding and near-ties may
+  swap; an approximate index (HNSW, IVF) adds its recall.
+- A query with nothing to go on (no catalog item in the history, no attribute the tower reads,
+  not a fit-time ALS/BPR user) gets the fitted fallback, time-decayed popularity: the offline
+  cold-user answer. Except ALS, which *folds in* an unknown user's history with ``implicit``'s
+  closed form ``x = (YᵀY + λI + Σ (c_i − 1) y_i y_iᵀ)⁻¹ Σ c_i y_i``, ``c_i = alpha × events``;
+  offline that user was cold, so there is nothing to match. BPR has no closed form.
+
+Each source is exact only for the history it is given: EASE and the ALS fold-in count every
+event, co-visitation reads the last ``last_n`` distinct items, the two-tower the last
+``history_len`` events. ``exclude`` is the caller's (offline: everything seen before the cutoff).
+
+Artifact layout, a directory written by ``mlsd.models.retrieval.export.export_source``; no
+pickle: JSON, ``.npz`` read with ``allow_pickle=False``, a :mod:`mlsd.serving.index` directory,
+a torch state dict read with ``weights_only=True``::
+
+    source.json        format_version, kind, name, the kind's parameters
+    fallback.npz       item_ids, scores: cold-user popularity, best first   (all but popular)
+    popular.npz        item_ids, scores, best first                         (popular)
+    covisitation.npz   item_ids, indptr, indices, data: item × item CSR     (covisitation)
+    factors.npz        user_ids, user_factors, item_ids, item_factors       (factors)
+    ease.npz           item_ids, active_items, weights                      (ease)
+    two_tower.npz      item_ids; user_tower.pt: the user tower state dict   (two_tower)
+    index/             item factors / item embeddings in a VectorIndex      (factors, two_tower)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+import torch
+
+from mlsd.models.retrieval.two_tower import FeatureSizes, TwoTowerConfig, UserFeatures, UserTower
+from mlsd.serving.index import PAD_ID, VectorIndex, load_index
+from mlsd.serving.index.base import FloatArray, IntArray
+
+FORMAT_VERSION = 1
+SOURCE_FILE = "source.json"
+FALLBACK_FILE = "fallback.npz"
+POPULAR_FILE = "popular.npz"
+COVISITATION_FILE = "covisitation.npz"
+FACTORS_FILE = "factors.npz"
+EASE_FILE = "ease.npz"
+TWO_TOWER_FILE = "two_tower.npz"
+USER_TOWER_FILE = "user_tower.pt"
+INDEX_DIR = "index"
+SECONDS_PER_DAY = 86_400.0
+
+
+@dataclass(frozen=True, eq=False)
+class UserQuery:
+    """What the online feature store knows about the user at request time.
+
+    Attributes:
+        user_id: the user, ``None`` for an anonymous visitor.
+        history: ``(n,)`` int64 recent item ids, oldest → newest (repeats kept).
+        history_ts: ``(n,)`` int64 epoch seconds of each history event.
+        attributes: static user attributes (``users.parquet`` columns, as strings).
+        now_s: the request time, epoch seconds.
+    """
+
+    user_id: int | None
+    history: IntArray
+    history_ts: IntArray
+    attributes: Mapping[str, str]
+    now_s: int
+
+    def __post_init__(self) -> None:
+        history = np.asarray(self.history, dtype=np.int64).reshape(-1)
+        history_ts = np.asarray(self.history_ts, dtype=np.int64).reshape(-1)
+        if history.shape != history_ts.shape:
+            raise ValueError(
+                f"UserQuery: {len(history)} history items but {len(history_ts)} history_ts; "
+                "expected one timestamp (epoch seconds) per item"
+            )
+        object.__setattr__(self, "history", history)
+        object.__setattr__(self, "history_ts", history_ts)
+
+
+@runtime_checkable
+class CandidateSource(Protocol):
+    """One candidate source of the request path."""
+
+    name: str
+
+    def candidates(
+        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
+    ) -> tuple[IntArray, FloatArray]:
+        """Up to ``k`` items for ``query``, best first, never an item of ``exclude``.
+
+        Returns:
+            ``item_ids`` ``(m,)`` int64 and ``scores`` ``(m,)`` float32, ``m <= k``.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class RankedItems:
+    """A fixed list, best first: ``item_ids`` ``(n,)`` int64, ``scores`` ``(n,)`` float32."""
+
+    item_ids: IntArray
+    scores: FloatArray
+
+    @classmethod
+    def from_scores(cls, item_ids: npt.ArrayLike, scores: npt.ArrayLike) -> RankedItems:
+        """Order by score, ties by item id (as offline ``top_k_items``); drop non-finite."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        values = np.asarray(scores, dtype=np.float32)
+        keep = np.isfinite(values)
+        order = np.lexsort((ids[keep], -values[keep]))
+        return cls(ids[keep][order], values[keep][order])
+
+    def top(self, k: int, exclude: IntArray) -> tuple[IntArray, FloatArray]:
+        """The first ``k`` items not in ``exclude``; reads at most ``k + len(exclude)``."""
+        n = min(k + len(exclude), len(self.item_ids))
+        keep = np.flatnonzero(~np.isin(self.item_ids[:n], exclude))[:k]
+        return self.item_ids[keep], self.scores[keep]
+
+
+def best(ids: IntArray, scores: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
+    """Top ``k`` of finite ``scores``, ties by item id (every tie at the k-th score competes)."""
+    if len(scores) > k > 0:
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        keep = np.flatnonzero(scores >= kth)
+        ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order].astype(np.float32, copy=False)
+
+
+def catalog_rows(item_ids: IntArray, catalog: IntArray) -> IntArray:
+    """Position of each id in the sorted ``catalog``, -1 when absent."""
+    if len(catalog) == 0:
+        return np.full(item_ids.shape, -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(catalog, item_ids), len(catalog) - 1)
+    return np.where(catalog[pos] == item_ids, pos, -1).astype(np.int64)
+
+
+def summed_history(
+    query: UserQuery, catalog: IntArray, half_life_days: float | None
+) -> tuple[IntArray, FloatArray]:
+    """Catalog positions (ascending) of the history and the float32 sum of each one's events,
+    each weighted ``2 ** (-age_days / half_life_days)`` as of ``now_s`` (1 if ``None``)."""
+    rows = catalog_rows(query.history, catalog)
+    known = rows >= 0
+    weights = np.ones(int(known.sum()), dtype=np.float32)
+    if half_life_days is not None:
+        age_days = (query.now_s - query.history_ts[known]).astype(np.float64) / SECONDS_PER_DAY
+        weights = np.exp2(-age_days / half_life_days).astype(np.float32)
+    cols, inverse = np.unique(rows[known], return_inverse=True)
+    values = np.zeros(len(cols), dtype=np.float32)
+    np.add.at(values, inverse.ravel(), weights)  # float32 sums, as the offline matrix holds
+    return cols, values
+
+
+def _ids(exclude: npt.ArrayLike) -> IntArray:
+    return np.asarray(exclude, dtype=np.int64).reshape(-1)
+
+
+def _check_k(k: int) -> int:
+    if k < 0:
+        raise ValueError(f"k must be >= 0 candidates, got {k}")
+    return int(k)
+
+
+def _search(
+    index: VectorIndex, vector: FloatArray, k: int, exclude: IntArray
+) -> tuple[IntArray, FloatArray]:
+    """Top ``k`` of the index minus ``exclude``: asks for ``k + len(exclude)``, filters."""
+    ids, scores = index.search(vector[None, :], min(k + len(exclude), index.ntotal))
+    keep = (ids[0] != PAD_ID) & ~np.isin(ids[0], exclude)
+    return ids[0][keep][:k], scores[0][keep][:k]
+
+
+class PopularSource:
+    """The same ranked list for everyone, minus ``exclude``."""
+
+    def __init__(self, ranked: RankedItems, *, name: str = "popularity") -> None:
+        self.ranked, self.name = ranked, name
+
+    def candidates(
+        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
+    ) -> tuple[IntArray, FloatArray]:
+        return self.ranked.top(_check_k(k), _ids(exclude))
+
+    @classmethod
+    def load(cls, path: Path, meta: Mapping[str, Any]) -> PopularSource:
+        return cls(read_ranked(path / POPULAR_FILE), name=str(meta["name"]))
+
+
+class CovisitationSource:
+    """Co-visitation rows of the recent history, then popularity backfill (scores ``[-1, 0]``).
+
+    Args:
+        item_ids: ``(n_items,)`` sorted catalog ids, the rows and columns of ``covisitation``.
+        covisitation: ``(n_items, n_items)`` float32 CSR pair weights, normalised.
+        fallback: the popularity list; an empty history gets it, others its backfill form.
+        last_n: most recent distinct items that vote; ``recency_decay``: their weight ratio.
+    """
+
+    def __init__(
+        self,
+        item_ids: IntArray,
+        covisitation: sp.csr_matrix,
+        fallback: RankedItems,
+        *,
+        last_n: int,
+        recency_decay: float,
+        name: str = "covisitation",
+    ) -> None:
+        self.item_ids, self.covisitation, self.fallback = item_ids, covisitation, fallback
+        self.last_n, self.recency_decay, self.name = last_n, recency_decay, name
+        top = float(fallback.scores.max(initial=0.0))
+        # Offline: popularity / top - 1 in float32, below every co-visited item (scores > 0).
+        backfill = fallback.scores / top - 1.0 if top > 0 else fallback.scores - 1.0
+        self.backfill = RankedItems.from_scores(fallback.item_ids, backfill)
+
+    def recent_weights(self, query: UserQuery) -> tuple[IntArray, FloatArray]:
+        """Catalog positions (ascending) of the last ``last_n`` distinct items, ``decay**rank``."""
+        rows = catalog_rows(query.history, self.item_ids)
+        newest_first = rows[rows >= 0][::-1]
+        _, first = np.unique(newest_first, return_index=True)
+        latest = newest_first[np.sort(first)][: self.last_n]
+        rank = np.arange(len(latest), dtype=np.float64)
+        order = np.argsort(latest)
+        return latest[order], (self.recency_decay**rank).astype(np.float32)[order]
+
+    def candidates(
+        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
+    ) -> tuple[IntArray, FloatArray]:
+        k, excluded = _check_k(k), _ids(exclude)
+        cols, weights = self.recent_weights(query)
+        if len(cols) == 0:
+            return self.fallback.top(k, excluded)
+        rows = self.covisitation[cols]
+        # The offline product (history row @ matrix) on the columns these rows reach: the same
+        # float32 sums in the same order, without an n_items-wide buffer per request.
+        targets, inverse = np.unique(rows.indices, return_inverse=True)
+        compact = sp.csr_matrix(
+            (rows.data, inverse.ravel(), rows.indptr), shape=(len(cols), len(targets))
+        )
+        history = sp.csr_matrix((weights, np.arange(len(cols)), [0, len(cols)]), (1, len(cols)))
+        scores = np.asarray((history @ compact).toarray(), dtype=np.float32).ravel()
+        positive = scores > 0
+        covisited, scores = self.item_ids[targets[positive]], scores[positive]
+        keep = ~np.isin(covisited, excluded)
+        ids, values = best(covisited[keep], scores[keep], k)
+        if len(ids) < k:
+            skip = np.concatenate([excluded, covisited])
+            more_ids, more = self.backfill.top(k - len(ids), skip)
+            ids, values = np.concatenate([ids, more_ids]), np.concatenate([values, more])
+        return ids, values
+
+    @classmethod
+    def load(cls, path: Path, meta: Mapping[str, Any]) -> CovisitationSource:
+        file = path / COVISITATION_FILE
+        a = read_npz(file, ("item_ids", "indptr", "indices", "data"))
+        n = len(a["item_ids"])
+        try:
+            matrix = sp.csr_matrix((a["data"], a["indices"], a["indptr"]), shape=(n, n))
+        except ValueError as exc:
+            raise ValueError(f"{file}: not a CSR matrix over {n} items ({exc})") from exc
+        return cls(
+            a["item_ids"],
+            matrix,
+            read_ranked(path / FALLBACK_FILE),
+            last_n=int(meta["last_n"]),
+            recency_decay=float(meta["recency_decay"]),
+            name=str(meta["name"]),
+        )
+
+
+@dataclass(frozen=True)
+class FoldIn:
+    """ALS's closed-form user solve against fixed item factors (``implicit``'s formula).
+
+    Attributes:
+        item_ids: ``(n_items,)`` sorted catalog ids; ``item_factors``: ``(n_items, d)`` float32.
+        gram: ``(d, d)`` float64 ``YᵀY``.
+        regularization: λ; ``alpha``: confidence per event; ``half_life_days``: event decay.
+    """
+
+    item_ids: IntArray
+    item_factors: FloatArray
+    gram: npt.NDArray[np.float64]
+    regularization: float
+    alpha: float
+    half_life_days: float | None
+
+    def user_factor(self, query: UserQuery) -> FloatArray | None:
+        """``(d,)`` float32 factor of the history; ``None`` without a catalog item."""
+        cols, values = summed_history(query, self.item_ids, self.half_life_days)
+        if len(cols) == 0:
+            return None
+        y = self.item_factors[cols].astype(np.float64)
+        confidence = self.alpha * values.astype(np.float64)
+        a = self.gram + self.regularization * np.eye(len(self.gram))
+        a += (y * (confidence - 1.0)[:, None]).T @ y
+        return np.linalg.solve(a, confidence @ y).astype(np.float32)
+
+
+class FactorSource:
+    """ALS / BPR: the user's factor against the item factors in a vector index.
+
+    Fit-time users use their stored factor; others are folded in (``fold_in``, ALS) or get
+    ``fallback`` (BPR, or no catalog item in the history).
+    """
+
+    def __init__(
+        self,
+        index: VectorIndex,
+        user_ids: IntArray,
+        user_factors: FloatArray,
+        fallback: RankedItems,
+        *,
+        fold_in: FoldIn | None = None,
+        name: str = "als",
+    ) -> None:
+        self.index, self.user_ids, self.user_factors = index, user_ids, user_factors
+        self.fallback, self.fold_in, self.name = fallback, fold_in, name
+
+    def user_vector(self, query: UserQuery) -> FloatArray | None:
+        """``(d,)`` query vector, or ``None`` when the fallback answers."""
+        if query.user_id is not None:
+            row = int(catalog_rows(np.array([query.user_id], np.int64), self.user_ids)[0])
+            if row >= 0:
+                vector: FloatArray = self.user_factors[row]
+                return vector
+        return None if self.fold_in is None else self.fold_in.user_factor(query)
+
+    def candidates(
+        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
+    ) -> tuple[IntArray, FloatArray]:
+        k, excluded = _check_k(k), _ids(exclude)
+        vector = self.user_vector(query) if k else None
+        if vector is None:
+            return self.fallback.top(k, excluded)
+        return _search(self.index, vector, k, excluded)
+
+    @classmethod
+    def load(cls, path: Path, meta: Mapping[str, Any]) -> FactorSource:
+        fold = bool(meta["fold_in"])
+        a = read_npz(path / FACTORS_FILE, ("user_ids", "user_factors", "item_ids", "item_factors"))
+        fold_in = None
+        if fold:
+            y = a["item_factors"].astype(np.float64)
+            half_life = meta["half_life_days"]
+            fold_in = FoldIn(
+                a["item_ids"],
+                a["item_factors"],
+                y.T @ y,
+                float(meta["regularization"]),
+                float(meta["alpha"]),
+                None if half_life is None else float(half_life),
+            )
+        index, fallback = read_index(path / INDEX_DIR), read_ranked(path / FALLBACK_FILE)
+        return cls(index, a["user_ids"], a["user_factors"], fallback, fold_in=fold_in,
+                   name=str(meta["name"]))  # fmt: skip
+
+
+class EASESource:
+    """EASE: scores ``x · B`` over the active items, 0 for the rest; small catalogs only.
+
+    Args:
+        item_ids: ``(n_items,)`` sorted catalog ids.
+        active_items: ``(n_active,)`` catalog positions that had training events.
+        weights: ``(n_active, n_active)`` float32 ``B``.
+        half_life_days: ``x`` sums ``2 ** (-age_days / half_life_days)`` per event; else counts.
+    """
+
+    def __init__(
+        self,
+        item_ids: IntArray,
+        active_items: IntArray,
+        weights: FloatArray,
+        fallback: RankedItems,
+        *,
+        half_life_days: float | None = None,
+        name: str = "ease",
+    ) -> None:
+        self.item_ids, self.active_items, self.weights = item_ids, active_items, weights
+        self.fallback, self.half_life_days, self.name = fallback, half_life_days, name
+        self.active_of = np.full(len(item_ids), -1, dtype=np.int64)
+        self.active_of[active_items] = np.arange(len(active_items))
+
+    def candidates(
+        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
+    ) -> tuple[IntArray, FloatArray]:
+        k, excluded = _check_k(k), _ids(exclude)
+        cols, values = summed_history(query, self.item_ids, self.half_life_days)
+        if len(cols) == 0:
+            return self.fallback.top(k, excluded)
+        active = self.active_of[cols]
+        on = active >= 0
+        shape = (1, len(self.active_items))
+        x = sp.csr_matrix((values[on], active[on], [0, int(on.sum())]), shape=shape)
+        scores = np.zeros(len(self.item_ids), dtype=np.float32)
+        scores[self.active_items] = np.asarray(x @ self.weights).ravel()  # the offline product
+        keep = ~np.isin(self.item_ids, excluded)
+        return best(self.item_ids[keep], scores[keep], k)
+
+    @classmethod
+    def load(cls, path: Path, meta: Mapping[str, Any]) -> EASESource:
+        file = path / EASE_FILE
+        a = read_npz(file, ("item_ids", "active_items", "weights"))
+        n_active = len(a["active_items"])
+        if a["weights"].shape != (n_active, n_active):
+            raise ValueError(f"{file}: weights {a['weights'].shape}, {n_active} active items")
+        half_life = meta["half_life_days"]
+        fallback = read_ranked(path / FALLBACK_FILE)
+        return cls(a["item_ids"], a["active_items"], a["weights"], fallback,
+                   half_life_days=None if half_life is None else float(half_life),
+                   name=str(meta["name"]))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """What the user tower was built for and reads (kept in ``source.json``).
+
+    Attributes:
+        config: the model's hyperparameters; ``sizes``: its vocabulary sizes.
+        attribute_names: the ``users`` columns it reads; code ``c`` of ``attribute_names[j]``
+            is ``attribute_levels[j][c - 1]``, 0 = missing or unseen.
+    """
+
+    config: TwoTowerConfig
+    sizes: FeatureSizes
+    attribute_names: tuple[str, ...]
+    attribute_levels: tuple[tuple[str, ...], ...]
+
+    def encode(self, attributes: Mapping[str, Any]) -> IntArray:
+        """``(1, n_attributes)`` codes of raw attributes, as ``Encoding.encode_attributes``."""
+        codes = np.zeros((1, len(self.attribute_names)), dtype=np.int64)
+        for j, name in enumerate(self.attribute_names):
+            value, levels = attributes.get(name), self.attribute_levels[j]
+            if value is not None and str(value) in levels:
+                codes[0, j] = levels.index(str(value)) + 1
+        return codes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (lists for tuples)."""
+        sizes = dataclasses.asdict(self.sizes) | {
+            "attribute_levels": list(self.sizes.attribute_levels)
+        }
+        names, levels = list(self.attribute_names), [list(v) for v in self.attribute_levels]
+        return {"config": self.config.to_dict(), "sizes": sizes, "attribute_names": names,
+                "attribute_levels": levels}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TowerSpec:
+        s = raw["sizes"]
+        levels = tuple(int(n) for n in s["attribute_levels"])
+        sizes = FeatureSizes(int(s["n_items"]), int(s["n_categories"]), levels)
+        config = TwoTowerConfig.from_dict(dict(raw["config"]))
+        names = tuple(str(n) for n in raw["attribute_names"])
+        return cls(config, sizes, names, tuple(tuple(v) for v in raw["attribute_levels"]))
+
+
+class TwoTowerSource:
+    """The user tower on the query's history and attributes; item embeddings in an index.
+
+    Args:
+        user_tower: the trained tower; ``spec``: what it was built for.
+        index: the item embeddings (popularity as of the cutoff) under their item ids.
+        item_ids: ``(n_items,)`` sorted catalog ids; an item's token is its position + 1.
+        fallback: the answer when the query has neither history nor a known attribute.
+        request_context: read hour and weekday from ``now_s``; offline ``recommend`` averages
+            them (the default here), so only ``False`` reproduces its scores.
+    """
+
+    def __init__(
+        self,
+        user_tower: UserTower,
+        spec: TowerSpec,
+        index: VectorIndex,
+        item_ids: IntArray,
+        fallback: RankedItems,
+        *,
+        request_context: bool = False,
+        name: str = "two_tower",
+    ) -> None:
+        self.user_tower, self.spec, self.index = user_tower.eval(), spec, index
+        self.item_ids, self.fallback, self.name = item_ids, fallback, name
+        self.request_context = request_context
+
+    def user_features(self, query: UserQuery) -> UserFeatures:
+        """One row of tower inputs, built as ``TwoTowerRetriever.encode_users`` builds it."""
+        length = self.spec.config.history_len
+        rows = catalog_rows(query.history, self.item_ids)
+        rows = rows[rows >= 0][-length:]
+        tokens = np.zeros((1, length), dtype=np.int64)
+        tokens[0, length - len(rows) :] = rows + 1
+        hour = weekday = np.full(1, -1, dtype=np.int64)
+        if self.request_context:
+            hour = np.array([(query.now_s // 3600) % 24], dtype=np.int64)
+            weekday = np.array([(query.now_s // 86_400 + 3) % 7], dtype=np.int64)  # Thu 1970
+        codes = self.spec.encode(query.attributes)
+        return UserFeatures(*map(torch.from_numpy, (tokens, codes, hour, weekday)))
+
+    def user_vector(self, query: UserQuery) -> FloatArray | None:
+        """``(dim,)`` unit vector, or ``None`` (no history, no attribute): the fallback."""
+        features = self.user_features(query)
+        if not (features.history.any() or features.attributes.any()):
+            return None
+        with torch.inference_mode():
+            vector: FloatArray = self.user_tower(features)[0].numpy()
+        return vector
+
+    def candidates(
+        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
+    ) -> tuple[IntArray, FloatArray]:
+        k, excluded = _check_k(k), _ids(exclude)
+        vector = self.user_vector(query) if k else None
+        if vector is None:
+            return self.fallback.top(k, excluded)
+        return _search(self.index, vector, k, excluded)
+
+    @classmethod
+    def load(cls, path: Path, meta: Mapping[str, Any]) -> TwoTowerSource:
+        spec = TowerSpec.from_dict(meta)
+        tower = UserTower(spec.config, spec.sizes)
+        file = path / USER_TOWER_FILE
+        try:
+            tower.load_state_dict(torch.load(file, weights_only=True, map_location="cpu"))
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"{file}: cannot read the user tower weights ({exc})") from exc
+        item_ids = read_npz(path / TWO_TOWER_FILE, ("item_ids",))["item_ids"]
+        index, fallback = read_index(path / INDEX_DIR), read_ranked(path / FALLBACK_FILE)
+        return cls(tower, spec, index, item_ids, fallback, name=str(meta["name"]))
+
+
+SOURCE_KINDS: dict[str, Callable[[Path, Mapping[str, Any]], CandidateSource]] = {
+    "popular": PopularSource.load,
+    "covisitation": CovisitationSource.load,
+    "factors": FactorSource.load,
+    "ease": EASESource.load,
+    "two_tower": TwoTowerSource.load,
+}
+"""``source.json``'s ``kind`` → loader."""
+
+
+def load_source(path: Path) -> CandidateSource:
+    """Load an exported source directory; a missing or corrupt file is a ValueError naming it."""
+    file = Path(path) / SOURCE_FILE
+    if not file.is_file():
+        raise ValueError(f"{file} not found: {path} is not an exported candidate source")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc}); re-export the source") from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {version!r}, expected {FORMAT_VERSION}")
+    kind = meta.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"{file}: unknown kind {kind!r}; known: {sorted(SOURCE_KINDS)}")
+    try:
+        return SOURCE_KINDS[kind](Path(path), meta)
+    except KeyError as exc:
+        raise ValueError(f"{file}: field {exc} missing for kind {kind!r}; re-export") from exc
+
+
+def read_npz(file: Path, names: tuple[str, ...]) -> dict[str, npt.NDArray[Any]]:
+    """The named arrays of an ``.npz`` (no pickle); a ValueError naming the file otherwise."""
+    if not file.is_file():
+        raise ValueError(f"{file} not found: the source artifact is incomplete; re-export it")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            missing = sorted(set(names) - set(npz.files))
+            if missing:
+                raise ValueError(f"arrays {missing} missing (it has {sorted(npz.files)})")
+            return {name: npz[name] for name in names}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{file}: cannot read ({exc}); re-export the source") from exc
+
+
+def read_ranked(file: Path) -> RankedItems:
+    a = read_npz(file, ("item_ids", "scores"))
+    if a["item_ids"].ndim != 1 or a["item_ids"].shape != a["scores"].shape:
+        raise ValueError(f"{file}: item_ids {a['item_ids'].shape}, scores {a['scores'].shape}")
+    return RankedItems(a["item_ids"].astype(np.int64), a["scores"].astype(np.float32))
+
+
+def read_index(directory: Path) -> VectorIndex:
+    try:
+        return load_index(directory)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{directory}: cannot load the vector index ({exc})") from exc

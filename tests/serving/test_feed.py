@@ -1,0 +1,217 @@
+"""The feed's request path on a trained model and a materialized feature store (no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlsd.cli import run
+from mlsd.config import load_feed_config
+from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.evaluation.retrieval import load_dataset
+from mlsd.features.batch import feature_config_for
+from mlsd.features.online import OnlineFeatures
+from mlsd.serving.feed import FeedModel, FeedRecommender
+from mlsd.serving.recommender import RecommendRequest
+from mlsd.systems.feed.package import package_model
+
+CONFIG = """
+[retrieval]
+sources = ["popularity", "covisitation", "als"]
+n_bootstrap = 20
+
+[retrieval.merge]
+quota_step = 0.25
+
+[retrieval.als]
+factors = 16
+iterations = 5
+
+[ranking]
+rankers = ["logistic", "lightgbm"]
+n_candidates = 100
+ranker_windows = 1
+
+[ranking.lightgbm]
+n_estimators = 40
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(world, model directory, config): trained, packaged, feature store materialized."""
+    root = tmp_path_factory.mktemp("feed")
+    world = root / "world"
+    synthesize(
+        WorldConfig(n_users=300, n_items=120, n_events=30_000, days=30, seed=4),
+        world,
+        progress=False,
+    )
+    config = root / "feed.toml"
+    config.write_text(CONFIG)
+    for step in ("apply", "materialize"):
+        args = ["feed", "features", step, "--dataset", str(world), "--config", str(config)]
+        assert run(args) == 0
+    model, _ = package_model(world, root / "model", load_feed_config(config), version="v-test")
+    return world, model, config
+
+
+@pytest.fixture(scope="module")
+def recommender(served: tuple[Path, Path, Path]) -> FeedRecommender:
+    world, model, config = served
+    feed = load_feed_config(config)
+    features = OnlineFeatures(
+        feed.feature_store.repo_path(world), feature_config_for(world, **vars(feed.features))
+    )
+    return FeedRecommender(FeedModel.load(model), features=features).warm_up()
+
+
+def _seen(world: Path, user_id: int) -> set[int]:
+    events, _, _ = load_dataset(world)
+    return set(events.loc[events["user_id"] == user_id, "item_id"].astype(int))
+
+
+def test_known_user_gets_ranked_unseen_items(
+    recommender: FeedRecommender, served: tuple[Path, Path, Path]
+) -> None:
+    world = served[0]
+    user = 7
+    result = recommender.recommend(RecommendRequest(user, k=10, explain=True))
+    assert result.path == "online"
+    assert result.model_version == "v-test"
+    assert result.fallbacks == ()
+    ids = [r.item_id for r in result.items]
+    assert len(ids) == 10
+    assert len(set(ids)) == 10
+    recent = set(recommender.history(user, 50))
+    assert not set(ids) & recent  # the re-ranker removes what the user just saw
+    scores = [r.score for r in result.items]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 <= s <= 1.0 for s in scores)  # calibrated probabilities
+    assert {r.source for r in result.items} <= {"popularity", "covisitation", "als"}
+    assert all(r.reasons for r in result.items)
+    assert {"features", "retrieval", "merge", "ranking", "rerank", "total"} <= set(result.stage_ms)
+    assert _seen(world, user)  # a known user
+
+
+def test_serving_scores_match_the_offline_ranker(
+    recommender: FeedRecommender, served: tuple[Path, Path, Path]
+) -> None:
+    # Train/serve consistency: the ranker's view of the candidates at serving equals the batch
+    # features computed for the same user and time, column by column.
+    from mlsd.models.ranking.candidates import (
+        SourceLists,
+        candidate_pairs,
+        pair_features,
+        ranker_frame,
+        request_frame,
+    )
+    from mlsd.models.retrieval.merge import merge_candidates
+
+    world = served[0]
+    model = recommender.model
+    bundle = model.ranking
+    user = 11
+    events, _, _ = load_dataset(world)
+    as_of = events["ts"].max() + pd.Timedelta(microseconds=1)
+    features = recommender.features
+    assert features is not None
+    stored = features.user_features(user)
+    query = recommender._query(RecommendRequest(user, now=as_of.timestamp()), stored)
+    exclude = np.unique(query.history)
+    lists = {
+        name: source.candidates(query, model.n_candidates, exclude=exclude)
+        for name, source in model.sources.items()
+    }
+    pad = model.n_candidates
+
+    def row(values: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full((1, pad), fill, dtype=np.float64 if fill != -1 else np.int64)
+        out[0, : len(values)] = values
+        return out
+
+    scored = SourceLists(
+        {n: row(i, -1) for n, (i, _) in lists.items()},
+        {n: row(s, -np.inf) for n, (_, s) in lists.items()},
+    )
+    merged = merge_candidates(scored.items, model.quotas, pad)
+    pairs = candidate_pairs([user], merged, scored)
+    item_ids = pairs["item_id"].to_numpy(np.int64)
+    batch = features.features_for(stored, item_ids, now=as_of)
+    online = request_frame(
+        pairs,
+        user=batch.user,
+        items=batch.items,
+        derived=batch.derived,
+        extras=model.snapshot.extras(user, item_ids, as_of.timestamp()),
+        layout=bundle.layout,
+        config=bundle.feature_config,
+    )
+    offline = pair_features(
+        pairs,
+        dataset_dir=world,
+        train_events=events,
+        as_of=as_of,
+        config=bundle.feature_config,
+        items=load_dataset(world)[2],
+    )
+    x_online, _ = ranker_frame(online, bundle.layout, bundle.vocabulary, bundle.feature_config)
+    x_offline, _ = ranker_frame(offline, bundle.layout, bundle.vocabulary, bundle.feature_config)
+    pd.testing.assert_frame_equal(x_online, x_offline, check_dtype=False, atol=1e-4)
+
+
+def test_anonymous_and_unknown_users_get_an_answer(recommender: FeedRecommender) -> None:
+    anonymous = recommender.recommend(RecommendRequest(None, k=5, recent_items=[3, 4]))
+    assert len(anonymous.items) == 5
+    assert not {3, 4} & {r.item_id for r in anonymous.items}
+    unknown = recommender.recommend(RecommendRequest(10_000_000, k=5))
+    assert len(unknown.items) == 5
+    assert unknown.path == "online"
+
+
+def test_feedback_moves_into_the_history(recommender: FeedRecommender) -> None:
+    user = 21
+    item = 99
+    accepted = recommender.record_events(
+        [{"user_id": user, "item_id": item, "event": "click", "value": 1.0, "ts": 4.0e9}]
+    )
+    assert accepted == 1
+    assert recommender.history(user, 5)[0] == item
+    ids = [r.item_id for r in recommender.recommend(RecommendRequest(user, k=10)).items]
+    assert item not in ids
+
+
+def test_a_broken_source_degrades_instead_of_failing(
+    served: tuple[Path, Path, Path], recommender: FeedRecommender
+) -> None:
+    model = FeedModel.load(served[1])
+
+    class Broken:
+        name = "als"
+
+        def candidates(self, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+            raise RuntimeError("index shard down")
+
+    model.sources["als"] = Broken()
+    degraded = FeedRecommender(model, features=recommender.features)
+    result = degraded.recommend(RecommendRequest(7, k=10))
+    assert result.path == "online"
+    assert "source:als" in result.fallbacks
+    assert len(result.items) == 10
+
+
+def test_a_corrupt_model_directory_is_a_clear_error(
+    served: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"model\.json"):
+        FeedModel.load(tmp_path)
+    broken = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(served[1], broken)
+    (broken / "snapshot.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="snapshot"):
+        FeedModel.load(broken)
