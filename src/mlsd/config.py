@@ -513,6 +513,7 @@ class RankingSection:
     n_candidates: int = 200
     ranker_windows: int = 3
     ranker_valid_frac: float = 0.2
+    negative_keep_rate: float = 1.0
     calibration: Literal["platt", "isotonic"] = "isotonic"
     baselines: tuple[str, ...] | None = None
     ks: tuple[int, ...] = (10, 20, 50, 100)
@@ -536,6 +537,7 @@ class RankingSection:
             ranker=self.ranker,
             ranker_windows=self.ranker_windows,
             ranker_valid_frac=self.ranker_valid_frac,
+            negative_keep_rate=self.negative_keep_rate,
             calibration=self.calibration,
             rerank=RerankConfig(**rerank),
             baselines=self.baselines if self.baselines is not None else DEFAULT_BASELINES,

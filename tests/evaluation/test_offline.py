@@ -233,3 +233,26 @@ def test_unknown_ranker_and_bad_bundle_are_clear_errors(world: Path, tmp_path: P
         )
     with pytest.raises(ValueError, match="not a ranking bundle"):
         RankingBundle.load(tmp_path)
+
+
+def test_negative_downsampling_is_recalibrated(world: Path) -> None:
+    config = PipelineConfig(
+        n_candidates=100,
+        ranker="logistic",
+        negative_keep_rate=0.2,
+        baselines=("popularity",),
+        rerank_variants={},
+    )
+    report = evaluate_pipeline(
+        world, SOURCES, {"logistic": LogisticRanker}, protocol=FAST, pipeline=config
+    )
+    calibration = report.calibration
+    assert calibration["negative_keep_rate"] == 0.2
+    # The foundation's recalibration maps the downsampled model back to the click rate...
+    # (without it, odds inflated 5x put the error near the base rate itself)
+    assert calibration["ece_before_calibrator"] is not None
+    assert calibration["ece_before_calibrator"] < 0.5 * calibration["base_rate"]
+    # ...and the held-out calibrator finishes the job.
+    assert calibration["ece_calibrated"] <= calibration["ece_before_calibrator"] + 0.02
+    positives = report.counts["n_ranker_positives"]
+    assert 0 < positives < report.counts["n_ranker_rows"]

@@ -37,6 +37,7 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
+from mlsd.data.sampling import downsample_negatives_mask
 from mlsd.data.schema import EVENTS_FILE, read_info
 from mlsd.data.split import cut_points
 from mlsd.evaluation.metrics import (
@@ -74,7 +75,7 @@ from mlsd.evaluation.stages import (
 from mlsd.features.batch import feature_config_for
 from mlsd.features.definitions import FeatureConfig
 from mlsd.models.ranking.base import FloatArray, Ranker, RankingData
-from mlsd.models.ranking.bundle import RankingBundle
+from mlsd.models.ranking.bundle import RankingBundle, prior_corrected
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.retrieval.base import IntArray
@@ -278,6 +279,7 @@ def train_pipeline(
         layout=trained.layout,
         quotas=trained.quotas,
         feature_config=feature_config,
+        negative_keep_rate=pipeline.negative_keep_rate,
         metadata={
             "dataset": {"name": info.name, "content_hash": info.content_hash},
             "label_window": [t1.isoformat(), t2.isoformat()],
@@ -432,6 +434,12 @@ class _Run:
         fit_data, valid_data = split_groups(
             rows.data, valid_frac=self.pipeline.ranker_valid_frac, seed=self.protocol.seed
         )
+        keep = self.pipeline.negative_keep_rate
+        if keep < 1.0:  # the rankers see fewer negatives; held-out rows keep them all
+            mask = downsample_negatives_mask(
+                fit_data.label, keep_rate=keep, seed=self.protocol.seed
+            )
+            fit_data = fit_data.take(np.flatnonzero(mask))
         fitted: dict[str, Ranker] = {}
         scores = []
         for name, make in self.rankers.items():
@@ -450,7 +458,7 @@ class _Run:
             scores.append(_ranker_scores(name, fitted[name], valid_data, fit_seconds))
         chosen = self._choose(scores)
         calibrator = Calibrator(method=self.pipeline.calibration).fit(
-            fitted[chosen].predict(valid_data.features), valid_data.label
+            prior_corrected(fitted[chosen].predict(valid_data.features), keep), valid_data.label
         )
         return TrainedRankers(
             quotas, vocabulary, layout, fitted, scores, chosen, calibrator, rows, windows[-1].task
@@ -497,7 +505,8 @@ class _Run:
                 scorer.variant(label, scorer.rerank(ranked, ranked_scores, config))
                 for label, config in settings.items()
             ]
-        probs = calibrator.transform(scored[chosen_name])
+        corrected = prior_corrected(scored[chosen_name], self.pipeline.negative_keep_rate)
+        probs = calibrator.transform(corrected)
         return OfflineReport(
             protocol_name="",
             protocol="",
@@ -508,7 +517,9 @@ class _Run:
             methods=methods,
             rankers=ranker_scores,
             pipeline_ranker=chosen_name,
-            calibration=_calibration(probs, test_rows.data.label),
+            calibration=_calibration(
+                probs, test_rows.data.label, corrected, self.pipeline.negative_keep_rate
+            ),
             rerank=variants,
             quotas=dict(quotas),
             timings=dict(self.clock.seconds),
@@ -569,9 +580,16 @@ def _grouped_auc(labels: FloatArray, scores: FloatArray, groups: IntArray) -> fl
     return float(grouped_auc_score(labels, scores, groups))
 
 
-def _calibration(probs: FloatArray, labels: FloatArray) -> dict[str, Any]:
+def _calibration(
+    probs: FloatArray, labels: FloatArray, corrected: FloatArray, keep_rate: float
+) -> dict[str, Any]:
     curve = calibration_curve(labels, probs, n_bins=10)
+    in_unit = corrected.size > 0 and corrected.min() >= 0.0 and corrected.max() <= 1.0
     return {
+        "negative_keep_rate": keep_rate,
+        "ece_before_calibrator": (
+            expected_calibration_error(labels, corrected, n_bins=10) if in_unit else None
+        ),
         "ece_calibrated": expected_calibration_error(labels, probs, n_bins=10),
         "base_rate": float(labels.mean()) if len(labels) else math.nan,
         "curve": {k: np.asarray(v).tolist() for k, v in curve._asdict().items()},

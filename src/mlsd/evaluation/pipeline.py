@@ -30,6 +30,9 @@ class PipelineConfig:
             span, each with its own sources fit before it and features as of its start.
         ranker_valid_frac: users of the ranker's window held out for early stopping, AUC and
             calibration.
+        negative_keep_rate: each negative ranker row is kept with this probability (1: all);
+            the calibration undoes the shift (:func:`mlsd.data.sampling.recalibrate_downsampled`
+            then the calibrator, fit on held-out rows that keep every negative).
         calibration: ``"platt"`` or ``"isotonic"``.
         rerank: the re-ranking stage of the full pipeline.
         rerank_variants: extra re-ranking settings whose cost and gain the report shows.
@@ -42,6 +45,7 @@ class PipelineConfig:
     ranker: str = AUTO
     ranker_windows: int = 3
     ranker_valid_frac: float = 0.2
+    negative_keep_rate: float = 1.0
     calibration: Literal["platt", "isotonic"] = "isotonic"
     rerank: RerankConfig = field(default_factory=RerankConfig)
     rerank_variants: Mapping[str, RerankConfig] = field(
@@ -62,5 +66,7 @@ class PipelineConfig:
             )
         if self.ranker_windows < 1:
             raise ValueError(f"ranker_windows={self.ranker_windows}: must be >= 1")
+        if not 0.0 < self.negative_keep_rate <= 1.0:
+            raise ValueError(f"negative_keep_rate={self.negative_keep_rate}: must be in (0, 1]")
         if not 0.0 < self.ranker_valid_frac < 1.0:
             raise ValueError(f"ranker_valid_frac={self.ranker_valid_frac}: must be in (0, 1)")

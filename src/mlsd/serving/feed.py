@@ -393,7 +393,7 @@ class FeedRecommender:
             features, _ = ranker_frame(
                 frame, bundle.layout, bundle.vocabulary, bundle.feature_config
             )
-            probs = bundle.calibrator.transform(bundle.ranker.predict(features))
+            probs = bundle.probabilities(features)
             age = np.asarray(batch.derived.get("item_age_days", ages), dtype=np.float64)
             ages = np.where(age >= 0, age, np.nan)
         except Exception:

@@ -19,8 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from mlsd.data.sampling import recalibrate_downsampled
 from mlsd.features.definitions import FeatureConfig
-from mlsd.models.ranking.base import Ranker
+from mlsd.models.ranking.base import FloatArray, Ranker
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.ranking.registry import load_ranker
@@ -51,6 +56,13 @@ class RankingBundle:
     quotas: Mapping[str, Quota]
     feature_config: FeatureConfig
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    negative_keep_rate: float = 1.0
+
+    def probabilities(self, features: pd.DataFrame) -> FloatArray:
+        """Click probabilities of candidate rows: ranker → downsampling correction →
+        calibrator, the same chain the calibrator was fitted through."""
+        scores = self.ranker.predict(features)
+        return self.calibrator.transform(prior_corrected(scores, self.negative_keep_rate))
 
     def save(self, path: Path) -> Path:
         """Write the bundle to directory ``path`` (created); returns it."""
@@ -66,6 +78,7 @@ class RankingBundle:
             "quotas": dict(self.quotas),
             "layout": self.layout.to_dict(),
             "feature_config": dataclasses.asdict(self.feature_config),
+            "negative_keep_rate": self.negative_keep_rate,
             "metadata": dict(self.metadata),
         }
         (path / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, default=str))
@@ -103,4 +116,19 @@ class RankingBundle:
             quotas=dict(meta["quotas"]),
             feature_config=FeatureConfig(**raw_config),
             metadata=dict(meta.get("metadata", {})),
+            negative_keep_rate=float(meta.get("negative_keep_rate", 1.0)),
         )
+
+
+def prior_corrected(scores: npt.ArrayLike, keep_rate: float) -> FloatArray:
+    """Scores of a ranker fit with negatives kept at rate ``keep_rate``, mapped back to the
+    world's click rate (:func:`mlsd.data.sampling.recalibrate_downsampled`); unchanged at 1.
+
+    Scores outside [0, 1] (log-odds, margins) go through a sigmoid first. The map is monotone,
+    so rankings do not change; it leaves the calibrator less to correct."""
+    values = np.asarray(scores, dtype=np.float64)
+    if keep_rate >= 1.0:
+        return values
+    if values.size and (values.min() < 0.0 or values.max() > 1.0):
+        values = 1.0 / (1.0 + np.exp(-np.clip(values, -40.0, 40.0)))
+    return recalibrate_downsampled(values, keep_rate)
