@@ -27,6 +27,7 @@ from mlsd.models.retrieval.ease import EASERetriever
 from mlsd.models.retrieval.export import export_source
 from mlsd.models.retrieval.implicit_mf import ALSRetriever, BPRRetriever
 from mlsd.models.retrieval.popularity import PopularityRetriever
+from mlsd.models.retrieval.segment_popularity import SegmentPopularityRetriever
 from mlsd.models.retrieval.two_tower import TwoTowerConfig
 from mlsd.models.retrieval.two_tower_train import TwoTowerRetriever
 from mlsd.serving.sources import (
@@ -52,12 +53,13 @@ FACTORIES: dict[str, Callable[[], Retriever]] = {
     "bpr": lambda: BPRRetriever(factors=16, iterations=20, num_threads=1),
     "ease": lambda: EASERetriever(l2=50.0),
     "ease_decayed": lambda: EASERetriever(l2=50.0, half_life_days=7.0),
+    "segment_popularity": lambda: SegmentPopularityRetriever(half_life_days=(30.0,)),
     "two_tower": lambda: TwoTowerRetriever(
         TwoTowerConfig(dim=16, history_len=20, max_epochs=2, batch_size=512, val_frac=0.0),
         progress=False,
     ),
 }
-EXACT = {"popularity", "covisitation", "covisitation_short", "ease"}
+EXACT = {"popularity", "covisitation", "covisitation_short", "ease", "segment_popularity"}
 """Same sparse arithmetic as offline: equal items and bit-equal scores. The others go through
 Faiss or torch (other summation orders) or decay to whole seconds: float32 tolerance."""
 

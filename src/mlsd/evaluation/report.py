@@ -27,6 +27,18 @@ METRICS = ("ndcg", "recall", "precision", "map")
 
 TEMPLATE = "report.html.j2"
 
+PUBLISHED = {
+    "movielens-100k": {
+        "source": "Microsoft Recommenders' ML-100K table (python_stratified_split 75/25, k = 10)",
+        "rows": {
+            "BiVAE": {"map@10": 0.1461, "ndcg@10": 0.4751, "precision@10": 0.4118,
+                      "recall@10": 0.2191},
+            "BPR": {"ndcg@10": 0.4420},
+        },
+    }
+}  # fmt: skip
+"""Published numbers shown beside the random-per-user protocol, by dataset name."""
+
 
 def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
@@ -106,7 +118,12 @@ def render_html(report: OfflineReport) -> str:
         "deciles": _plot_deciles(report),
         "calibration": _plot_calibration(report),
     }
-    return template.render(r=report, plots=plots, metrics=METRICS, cell=_cell, fmt=_fmt)
+    published = (
+        PUBLISHED.get(report.dataset) if report.protocol_name == "random-per-user" else None
+    )
+    return template.render(
+        r=report, plots=plots, metrics=METRICS, cell=_cell, fmt=_fmt, published=published
+    )
 
 
 def write_report(report: OfflineReport, out: Path) -> tuple[Path, Path]:

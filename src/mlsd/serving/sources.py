@@ -45,7 +45,7 @@ import dataclasses
 import json
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -63,6 +63,9 @@ FORMAT_VERSION = 1
 SOURCE_FILE = "source.json"
 FALLBACK_FILE = "fallback.npz"
 POPULAR_FILE = "popular.npz"
+SEGMENT_FILE = "segments.npz"
+SEGMENT_TOP_N = 2_000
+"""Items kept per attribute profile: the lists serve k + len(history) items at most."""
 COVISITATION_FILE = "covisitation.npz"
 FACTORS_FILE = "factors.npz"
 EASE_FILE = "ease.npz"
@@ -553,7 +556,56 @@ class TwoTowerSource:
         return cls(tower, spec, index, item_ids, fallback, name=str(meta["name"]))
 
 
+class SegmentPopularSource:
+    """The list of the requester's attribute profile (e.g. gender x age bucket); users with
+    no known profile get the global list. Exact: the offline retriever scores a user by the
+    profile of their attributes, and the lists keep its order (ties by item id)."""
+
+    def __init__(
+        self,
+        columns: Sequence[str],
+        levels: Sequence[Sequence[str]],
+        profiles: IntArray,
+        top_ids: IntArray,
+        top_scores: FloatArray,
+        fallback: RankedItems,
+        *,
+        name: str = "segment_popularity",
+    ) -> None:
+        self.name = name
+        self.columns = tuple(columns)
+        self.codes = [{value: i for i, value in enumerate(vs)} for vs in levels]
+        self.row_of = {tuple(int(v) for v in row): p for p, row in enumerate(profiles)}
+        self.lists = [RankedItems(top_ids[p], top_scores[p]) for p in range(len(top_ids))]
+        self.fallback = fallback
+
+    def candidates(
+        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
+    ) -> tuple[IntArray, FloatArray]:
+        key = tuple(
+            codes.get(str(query.attributes[c]), -1) if c in query.attributes else -1
+            for c, codes in zip(self.columns, self.codes, strict=True)
+        )
+        row = self.row_of.get(key)
+        ranked = self.fallback if row is None else self.lists[row]
+        return ranked.top(_check_k(k), _ids(exclude))
+
+    @classmethod
+    def load(cls, path: Path, meta: Mapping[str, Any]) -> SegmentPopularSource:
+        a = read_npz(path / SEGMENT_FILE, ("profile_levels", "top_ids", "top_scores"))
+        return cls(
+            meta["columns"],
+            meta["levels"],
+            a["profile_levels"].astype(np.int64),
+            a["top_ids"].astype(np.int64),
+            a["top_scores"].astype(np.float32),
+            read_ranked(path / FALLBACK_FILE),
+            name=str(meta["name"]),
+        )
+
+
 SOURCE_KINDS: dict[str, Callable[[Path, Mapping[str, Any]], CandidateSource]] = {
+    "segment_popularity": SegmentPopularSource.load,
     "popular": PopularSource.load,
     "covisitation": CovisitationSource.load,
     "factors": FactorSource.load,

@@ -13,6 +13,7 @@ from pathlib import Path
 from mlsd.models.compression import OnnxRanker
 from mlsd.models.ranking.base import Ranker
 from mlsd.models.ranking.deep import DeepRanker
+from mlsd.models.ranking.ensemble import EnsembleRanker
 from mlsd.models.ranking.gbdt import LightGBMRanker
 from mlsd.models.ranking.logistic import LogisticRanker
 
@@ -23,6 +24,7 @@ RANKERS: dict[str, type[Ranker]] = {
     LightGBMRanker.name: LightGBMRanker,
     DeepRanker.name: DeepRanker,
     OnnxRanker.name: OnnxRanker,
+    EnsembleRanker.name: EnsembleRanker,
 }
 
 

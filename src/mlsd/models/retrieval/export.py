@@ -28,6 +28,7 @@ from mlsd.models.retrieval.covisitation import CovisitationRetriever
 from mlsd.models.retrieval.ease import EASERetriever
 from mlsd.models.retrieval.implicit_mf import ALSRetriever, BPRRetriever
 from mlsd.models.retrieval.popularity import PopularityRetriever
+from mlsd.models.retrieval.segment_popularity import SegmentPopularityRetriever
 from mlsd.models.retrieval.topk import check_fitted
 from mlsd.models.retrieval.two_tower_train import TwoTowerRetriever
 from mlsd.serving.index import INDEX_BACKENDS, VectorIndex, choose_index
@@ -39,6 +40,8 @@ from mlsd.serving.sources import (
     FORMAT_VERSION,
     INDEX_DIR,
     POPULAR_FILE,
+    SEGMENT_FILE,
+    SEGMENT_TOP_N,
     SOURCE_FILE,
     TWO_TOWER_FILE,
     USER_TOWER_FILE,
@@ -125,6 +128,24 @@ def _two_tower(retriever: TwoTowerRetriever, path: Path, index: str) -> None:
     _write_fallback(path, retriever)
 
 
+def _segment_popularity(retriever: SegmentPopularityRetriever, path: Path, index: str) -> None:
+    """Each attribute profile's list (its top ``SEGMENT_TOP_N``) and the global one."""
+    _write_json(path, "segment_popularity", retriever.name,
+                columns=list(retriever.segment_columns_),
+                levels=[list(v) for v in retriever.level_values_])  # fmt: skip
+    item_ids = retriever.interactions_.item_ids
+    n = min(SEGMENT_TOP_N, len(item_ids))
+    top_ids = np.empty((len(retriever.profile_scores_), n), dtype=np.int64)
+    top_scores = np.empty((len(retriever.profile_scores_), n), dtype=np.float32)
+    for p, row in enumerate(retriever.profile_scores_):
+        ranked = RankedItems.from_scores(item_ids, row)
+        top_ids[p], top_scores[p] = ranked.item_ids[:n], ranked.scores[:n]
+    _write_npz(path / SEGMENT_FILE, profile_levels=retriever.profile_levels_,
+               top_ids=top_ids, top_scores=top_scores)  # fmt: skip
+    ranked = RankedItems.from_scores(item_ids, retriever.popularity_)
+    _write_npz(path / FALLBACK_FILE, item_ids=ranked.item_ids, scores=ranked.scores)
+
+
 Exporter = Callable[[Any, Path, str], None]
 
 EXPORTERS: Mapping[type[Retriever], tuple[str, Exporter]] = {
@@ -134,6 +155,7 @@ EXPORTERS: Mapping[type[Retriever], tuple[str, Exporter]] = {
     BPRRetriever: ("item_factors_", _factors),
     EASERetriever: ("weights_", _ease),
     TwoTowerRetriever: ("item_embeddings_", _two_tower),
+    SegmentPopularityRetriever: ("profile_scores_", _segment_popularity),
 }
 """Retriever class (exactly; a subclass may score otherwise) → (fitted attribute, writer)."""
 

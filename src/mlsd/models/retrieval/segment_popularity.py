@@ -99,6 +99,8 @@ class SegmentPopularityRetriever(Retriever):
     popularity_: FloatArray
     profile_scores_: FloatArray
     user_profile_: IntArray
+    profile_levels_: IntArray
+    level_values_: tuple[tuple[str, ...], ...]
     interactions_: InteractionMatrix
 
     def __init__(
@@ -177,19 +179,23 @@ class SegmentPopularityRetriever(Retriever):
         row_users = self.interactions_.user_ids
         attributes = train.users.drop_duplicates("user_id").set_index("user_id")
         event_users = train.events["user_id"].to_numpy(np.int64)[in_catalog]
-        row_levels, tables = [], []
+        row_levels, tables, level_values = [], [], []
         for column in self.segment_columns_:
-            codes, _ = pd.factorize(attributes[column])
+            codes, uniques = pd.factorize(attributes[column])
+            level_values.append(tuple(str(v) for v in uniques))
             level_of = pd.Series(codes, index=attributes.index)
             row_levels.append(level_of.reindex(row_users).fillna(-1).to_numpy(np.int64))
             event_level = level_of.reindex(event_users).fillna(-1).to_numpy(np.int64)
             tables.append(self._segment_table(event_level, cols, votes, share, codes.max() + 1))
+        self.level_values_ = tuple(level_values)
         if not tables:  # no segments: one profile, the global share
             self.user_profile_ = np.zeros(len(row_users), dtype=np.int64)
+            self.profile_levels_ = np.zeros((1, 0), dtype=np.int64)
             scores = share[np.newaxis, :]
         else:
             profiles, inverse = np.unique(np.stack(row_levels, axis=1), axis=0, return_inverse=True)
             self.user_profile_ = inverse.reshape(-1).astype(np.int64)
+            self.profile_levels_ = profiles.astype(np.int64)
             # Level -1 (no attribute) picks each table's last row, the global share.
             scores = sum(table[profiles[:, c]] for c, table in enumerate(tables)) / len(tables)
         self.popularity_ = share.astype(np.float32)
