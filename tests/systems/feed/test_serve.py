@@ -1,0 +1,165 @@
+"""register → promote (gated) → serve → reload under load → rollback, with the real feed model,
+a real MLflow SQLite store and a real feature store (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mlsd.cli import run
+from mlsd.config import load_feed_config
+from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.popular import PopularRecommender
+from mlsd.serving.registry import ModelRegistry, RegistryConfig
+from mlsd.systems.feed.package import package_model
+from mlsd.systems.feed.serve import feed_loader
+from tests.serving.test_app import running_server
+
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CONFIG = """
+[retrieval]
+sources = ["popularity", "segment_popularity", "covisitation"]
+n_bootstrap = 20
+
+[retrieval.merge]
+quota_step = 0.25
+
+[ranking]
+rankers = ["logistic"]
+n_candidates = 100
+ranker_windows = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(world, config, three model directories' parent)."""
+    root = tmp_path_factory.mktemp("serve")
+    world = root / "world"
+    synthesize(
+        WorldConfig(n_users=300, n_items=120, n_events=30_000, days=30, seed=6),
+        world,
+        progress=False,
+    )
+    config = root / "feed.toml"
+    config.write_text(CONFIG)
+    for step in ("apply", "materialize"):
+        assert (
+            run(["feed", "features", step, "--dataset", str(world), "--config", str(config)]) == 0
+        )
+    base, _ = package_model(world, root / "models" / "m1", load_feed_config(config), version="m1")
+    for name in ("m2", "m3"):  # the same model under other versions: what serves is visible
+        copy = root / "models" / name
+        shutil.copytree(base, copy)
+        meta = json.loads((copy / "model.json").read_text())
+        (copy / "model.json").write_text(json.dumps({**meta, "version": name}))
+    return world, config, root
+
+
+def test_registry_gate_serve_reload_under_load_and_rollback(
+    setup: tuple[Path, Path, Path],
+) -> None:
+    world, config, root = setup
+    registry = ModelRegistry(RegistryConfig(), root)
+    models = root / "models"
+    v1 = registry.register(models / "m1", params={}, metrics={"ndcg@10": 0.30})
+    v2 = registry.register(models / "m2", params={}, metrics={"ndcg@10": 0.20})
+    v3 = registry.register(models / "m3", params={}, metrics={"ndcg@10": 0.31})
+    assert registry.promote(v1).accepted
+    refused = registry.promote(v2)
+    assert not refused.accepted  # the gate keeps a worse model out
+    assert registry.champion() == v1
+
+    load = feed_loader(
+        world,
+        load_feed_config(config),
+        model_dir=None,
+        registry_uri=None,
+        base_dir=root,
+    )
+    app = create_app(
+        load,
+        settings=ServiceSettings(admin_token=TOKEN),
+        fallback=PopularRecommender.from_dataset(world),
+    )
+    statuses: list[int] = []
+    served: list[str] = []
+    stop = threading.Event()
+
+    def hammer(base_url: str, user_id: int) -> None:
+        with httpx.Client(base_url=base_url, timeout=10) as http:
+            while not stop.is_set():
+                response = http.get(f"/v1/recommendations/{user_id}", params={"k": 10})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    body = response.json()
+                    served.append(body["model_version"])
+                    assert body["path"] == "online", body
+                    assert len(body["items"]) == 10
+
+    with running_server(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as admin:
+        assert admin.get("/readyz").status_code == 200
+        first = admin.get("/v1/recommendations/7", params={"explain": True}).json()
+        assert first["model_version"] == "m1"
+        workers = [threading.Thread(target=hammer, args=(base_url, u)) for u in (1, 2, 3)]
+        for worker in workers:
+            worker.start()
+        time.sleep(0.5)
+        assert registry.promote(v3).accepted  # a better model passes the gate
+        reload = admin.post("/admin/reload", headers=AUTH)
+        assert reload.status_code == 200, reload.text
+        assert reload.json() == {"old_version": "m1", "new_version": "m3"}
+        time.sleep(0.5)
+        assert registry.rollback() == v1
+        back = admin.post("/admin/reload", headers=AUTH)
+        assert back.json()["new_version"] == "m1"
+        time.sleep(0.3)
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=10)
+        assert admin.post("/admin/reload").status_code == 401  # no token
+        metrics = admin.get("/metrics").text
+    assert set(statuses) == {200}, "a request failed during the reloads"
+    assert {"m1", "m3"} <= set(served)
+    assert served[-1] == "m1"
+    assert 'mlsd_model_reloads_total{outcome="ok"}' in metrics
+
+
+def test_a_corrupt_artifact_is_refused_and_the_old_model_keeps_serving(
+    setup: tuple[Path, Path, Path],
+) -> None:
+    world, config, root = setup
+    base = root / "corrupt-registry"
+    base.mkdir()
+    registry = ModelRegistry(RegistryConfig(), base)
+    good = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.3})
+    assert registry.promote(good).accepted
+    load = feed_loader(world, load_feed_config(config), model_dir=None, registry_uri=None,
+                       base_dir=base)  # fmt: skip
+    app = create_app(load, settings=ServiceSettings(admin_token=TOKEN))
+    bad_dir = root / "bad-model"
+    shutil.copytree(root / "models" / "m2", bad_dir)
+    bad = registry.register(bad_dir, params={}, metrics={"ndcg@10": 0.4})
+    # Tamper with the stored artifact after registration: the manifest no longer matches.
+    stored = next((base / "mlartifacts").rglob("ranking/calibrator.json"))
+    for candidate in (base / "mlartifacts").rglob("model.json"):
+        if json.loads(candidate.read_text()).get("version") == "m2":
+            stored = candidate.parent / "ranking" / "calibrator.json"
+    stored.write_text("{}")
+    with running_server(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as http:
+        assert http.get("/v1/recommendations/3").json()["model_version"] == "m1"
+        assert registry.promote(bad).accepted
+        refused = http.post("/admin/reload", headers=AUTH)
+        assert refused.status_code == 500
+        assert "calibrator.json" in refused.text
+        after = http.get("/v1/recommendations/3").json()
+        assert after["model_version"] == "m1"
+        assert after["path"] == "online"
