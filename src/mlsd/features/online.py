@@ -153,6 +153,23 @@ def _dense_index(ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | None:
     return dense
 
 
+def _fail_fast(store: Any) -> None:
+    """Make a Redis online store's client give up at once when Redis is unreachable.
+
+    redis-py retries a lost connection three times with an exponential backoff from one
+    second, so a request reading features while Redis is down would hang for seconds; the
+    service has a fallback for exactly that (cold-start features) and must not wait. Short
+    socket timeouts come from the connection string (``host:port,socket_timeout=0.05``)."""
+    from feast.infra.online_stores.redis import RedisOnlineStore
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    online = store._get_provider().online_store
+    if isinstance(online, RedisOnlineStore):
+        client = online._get_client(store.config.online_store)
+        client.set_retry(Retry(NoBackoff(), 0))
+
+
 def _column(values: Sequence[Any], feature: Feature) -> np.ndarray:
     """A ``(len(values),)`` array of a scalar feature, ``None`` (not stored) → its default."""
     filled = [feature.default if v is None else v for v in values]
@@ -191,6 +208,7 @@ class OnlineFeatures:
         self.item_cache_ttl_s = item_cache_ttl_s
         self.features = feature_set(config)
         self._store = open_store(self.repo_dir)
+        _fail_fast(self._store)
         self._static = self.features.group("user_static")
         self._dynamic = self.features.group("user_dynamic")
         self._item_features = self.features.group("item")

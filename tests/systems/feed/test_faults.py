@@ -1,0 +1,151 @@
+"""Fault tests: the feature store's Redis stops during a stream of requests and comes back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from mlsd.cli import run
+from mlsd.config import load_feed_config
+from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.popular import PopularRecommender
+from mlsd.systems.feed.package import package_model
+from mlsd.systems.feed.serve import feed_loader
+from tests.serving.test_app import running_server
+
+pytestmark = pytest.mark.integration
+
+
+class RedisProcess:
+    """A redis-server that can be stopped (saving its data) and started again on its port."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = os.environ.get("MLSD_REDIS_SERVER") or shutil.which("redis-server")
+        if not binary:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server not found")
+            pytest.skip("redis-server not found; install it or set MLSD_REDIS_SERVER")
+        self.binary, self.workdir = binary, workdir
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.workdir), "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.02)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        """Save the data (so a restart has it) and stop."""
+        with contextlib.suppress(redis.exceptions.ConnectionError):  # shutdown closes it
+            redis.Redis(port=self.port).shutdown(save=True)
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, RedisProcess]]:
+    root = tmp_path_factory.mktemp("faults")
+    server = RedisProcess(root)
+    server.start()
+    world = root / "world"
+    synthesize(
+        WorldConfig(n_users=300, n_items=120, n_events=30_000, days=30, seed=9),
+        world,
+        progress=False,
+    )
+    config = root / "feed.toml"
+    config.write_text(
+        f"""
+[feature_store]
+online_store = "redis"
+redis_connection = "127.0.0.1:{server.port}"
+
+[retrieval]
+sources = ["popularity", "covisitation"]
+n_bootstrap = 20
+
+[ranking]
+rankers = ["logistic"]
+n_candidates = 100
+ranker_windows = 1
+"""
+    )
+    for step in ("apply", "materialize"):
+        assert (
+            run(["feed", "features", step, "--dataset", str(world), "--config", str(config)]) == 0
+        )
+    package_model(world, root / "model", load_feed_config(config), version="m1")
+    try:
+        yield world, config, server
+    finally:
+        server.stop()
+
+
+def test_redis_down_degrades_without_errors_and_recovers(
+    stack: tuple[Path, Path, RedisProcess],
+) -> None:
+    world, config, server = stack
+    load = feed_loader(
+        world,
+        load_feed_config(config),
+        model_dir=world.parent / "model",
+        registry_uri=None,
+        base_dir=world.parent,
+    )
+    app = create_app(
+        load, settings=ServiceSettings(), fallback=PopularRecommender.from_dataset(world)
+    )
+    answers: list[tuple[float, int, list[str]]] = []
+    stop = threading.Event()
+
+    def stream(base_url: str) -> None:
+        with httpx.Client(base_url=base_url, timeout=10) as http:
+            while not stop.is_set():
+                response = http.get("/v1/recommendations/5", params={"k": 10})
+                body = response.json()
+                answers.append((time.monotonic(), response.status_code, body.get("fallbacks", [])))
+                time.sleep(0.01)
+
+    with running_server(app) as base_url:
+        worker = threading.Thread(target=stream, args=(base_url,))
+        worker.start()
+        time.sleep(0.5)
+        server.stop()
+        time.sleep(1.0)
+        server.start()
+        back = time.monotonic()
+        time.sleep(1.5)
+        stop.set()
+        worker.join(timeout=10)
+    statuses = {status for _, status, _ in answers}
+    assert statuses == {200}, "a request failed while Redis was down"
+    degraded = [t for t, _, fallbacks in answers if "features" in fallbacks]
+    assert degraded, "no response said it fell back while Redis was down"
+    healthy_again = [t for t, _, fallbacks in answers if t > back and not fallbacks]
+    assert healthy_again, "the service did not recover"
+    assert healthy_again[0] - back <= 1.0  # recovered within a second of Redis returning
