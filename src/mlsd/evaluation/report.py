@@ -118,9 +118,7 @@ def render_html(report: OfflineReport) -> str:
         "deciles": _plot_deciles(report),
         "calibration": _plot_calibration(report),
     }
-    published = (
-        PUBLISHED.get(report.dataset) if report.protocol_name == "random-per-user" else None
-    )
+    published = PUBLISHED.get(report.dataset) if report.protocol_name == "random-per-user" else None
     return template.render(
         r=report, plots=plots, metrics=METRICS, cell=_cell, fmt=_fmt, published=published
     )
