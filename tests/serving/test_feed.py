@@ -215,3 +215,27 @@ def test_a_corrupt_model_directory_is_a_clear_error(
     (broken / "snapshot.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="snapshot"):
         FeedModel.load(broken)
+
+
+@pytest.mark.integration
+def test_batch_predictions_are_served_as_the_precomputed_path(
+    recommender: FeedRecommender, redis_server: str
+) -> None:
+    import redis
+
+    from mlsd.serving.feed import batch_predict
+    from mlsd.serving.precomputed import PrecomputedStore
+
+    host, port = redis_server.split(":")
+    store = PrecomputedStore(redis.Redis(host=host, port=int(port)), prefix="test:feed")
+    written, rate = batch_predict(recommender, store, [3, 4, 5], k=10)
+    assert written == 3
+    assert rate > 0
+    online = recommender.recommend(RecommendRequest(4, k=10, allow_precomputed=False))
+    served = FeedRecommender(recommender.model, features=recommender.features, precomputed=store)
+    hit = served.recommend(RecommendRequest(4, k=10))
+    assert hit.path == "precomputed"
+    assert [r.item_id for r in hit.items] == [r.item_id for r in online.items]
+    assert served.recommend(RecommendRequest(4, k=10, allow_precomputed=False)).path == "online"
+    miss = served.recommend(RecommendRequest(6, k=10))  # no list for this user
+    assert miss.path == "online"

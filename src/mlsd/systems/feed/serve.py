@@ -101,3 +101,43 @@ def serve(
     )
     console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
     run_server(web, host, port)
+
+
+@app.command("batch-predict")
+def batch_predict_command(
+    dataset: DatasetDir,
+    redis_url: Annotated[
+        str, typer.Option("--redis", envvar="MLSD_REDIS_URL", help="Where lists go (redis://).")
+    ],
+    config: ConfigFile = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="A model directory (default: the registry).")
+    ] = None,
+    registry_uri: RegistryUri = None,
+    base_dir: BaseDir = Path(),
+    k: Annotated[int, typer.Option("--k", help="Items per user.")] = 100,
+    users: Annotated[
+        int | None, typer.Option("--users", help="Only the first N users (default: all).")
+    ] = None,
+    ttl_s: Annotated[int, typer.Option("--ttl", help="Seconds a list lives.")] = 86_400,
+) -> None:
+    """Step 6, offline path: top-K per user into Redis for the serving model version."""
+    import pandas as pd
+    import redis
+
+    from mlsd.data.schema import USERS_FILE
+    from mlsd.serving.feed import FeedRecommender, batch_predict
+    from mlsd.serving.precomputed import PrecomputedStore
+
+    feed = load_feed_config(config)
+    load = feed_loader(dataset, feed, model_dir=model, registry_uri=registry_uri, base_dir=base_dir)
+    recommender = load()
+    if not isinstance(recommender, FeedRecommender):
+        raise ValueError("batch-predict needs a feed model")
+    ids = pd.read_parquet(Path(dataset) / USERS_FILE, columns=["user_id"])["user_id"]
+    chosen = ids.to_numpy()[:users] if users is not None else ids.to_numpy()
+    store = PrecomputedStore(redis.Redis.from_url(redis_url), ttl_s=ttl_s)
+    written, rate = batch_predict(recommender, store, list(chosen), k=k, progress=True)
+    console.print(
+        f"{written:,} users written for model {recommender.version} ({rate:,.0f} users/s)"
+    )
