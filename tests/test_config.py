@@ -171,6 +171,7 @@ def test_loading_the_config_does_not_import_torch() -> None:
 
 def test_shipped_ranking_section_builds_every_ranker() -> None:
     from mlsd.models.ranking.deep import DeepRanker
+    from mlsd.models.ranking.ensemble import EnsembleRanker
     from mlsd.models.ranking.gbdt import LightGBMRanker
     from mlsd.models.ranking.logistic import LogisticRanker
 
@@ -182,6 +183,15 @@ def test_shipped_ranking_section_builds_every_ranker() -> None:
     assert rankers["lambdarank"].objective == "lambdarank"
     assert isinstance(rankers["deep"], DeepRanker)
     assert dict(rankers["deep"].config.tasks) == {"click": 1.0, "rating": 0.5}
+    ensemble = rankers["ensemble"]
+    assert isinstance(ensemble, EnsembleRanker)
+    assert [name for name, _ in ensemble.members or []] == [
+        "logistic",
+        "lightgbm",
+        "lambdarank",
+        "deep",
+    ]
+    assert ranking.pipeline().ranker == "ensemble"
     pipeline = ranking.pipeline()
     assert pipeline.ks == (10, 20, 50, 100)
     assert pipeline.baselines == ("popularity", "ease", "als", "bpr")
@@ -224,6 +234,7 @@ def test_baselines_default_to_the_configured_sources(tmp_path: Path) -> None:
         ("[ranking.rerank]\nmmr_lambda = 2.0\n", "mmr_lambda"),
         ('[ranking.lightgbm]\nobjective = "poisson"\n', "ranking.lightgbm].objective"),
         ("[ranking]\nwindows = 3\n", "unknown key"),
+        ('[ranking.ensemble]\nmembers = ["forest"]\n', "ranking.ensemble].members"),
     ],
 )
 def test_ranking_mistakes_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:

@@ -478,13 +478,28 @@ class DeepSection:
         return DeepRanker(DeepRankerConfig(**dataclasses.asdict(self)), progress=False)
 
 
-RankerSection = LogisticSection | LightGBMSection | DeepSection
+@dataclass(frozen=True)
+class EnsembleSection:
+    """``[ranking.ensemble]``: the mean of its members' standardised scores
+    (:class:`EnsembleRanker`); each member is built from its own ``[ranking.<name>]``."""
+
+    members: tuple[str, ...] = ("logistic", "lightgbm", "lambdarank", "deep")
+    weights: Mapping[str, float] = field(default_factory=dict)
+
+    def build(self) -> Ranker:  # members are filled in by RankingSection.factories
+        from mlsd.models.ranking.ensemble import EnsembleRanker
+
+        return EnsembleRanker(weights=dict(self.weights) or None)
+
+
+RankerSection = LogisticSection | LightGBMSection | DeepSection | EnsembleSection
 
 RANKER_SECTIONS: dict[str, type[RankerSection]] = {
     "logistic": LogisticSection,
     "lightgbm": LightGBMSection,
     "lambdarank": LambdaRankSection,
     "deep": DeepSection,
+    "ensemble": EnsembleSection,
 }
 """Ranker name → its config section (which knows how to build the ranker)."""
 
@@ -524,7 +539,20 @@ class RankingSection:
 
     def factories(self) -> dict[str, RankerFactory]:
         """Name → factory of an unfitted ranker, for every ranker in ``rankers``."""
-        return {name: self.ranker_configs[name].build for name in self.rankers}
+        return {name: self._factory(name) for name in self.rankers}
+
+    def _factory(self, name: str) -> RankerFactory:
+        section = self.ranker_configs[name]
+        if not isinstance(section, EnsembleSection):
+            return section.build
+
+        def ensemble() -> Ranker:
+            from mlsd.models.ranking.ensemble import EnsembleRanker
+
+            members = [(m, self.ranker_configs[m].build()) for m in section.members]
+            return EnsembleRanker(members, weights=dict(section.weights) or None)
+
+        return ensemble
 
     def pipeline(self) -> PipelineConfig:
         from mlsd.evaluation.pipeline import PipelineConfig
@@ -578,6 +606,14 @@ def _ranking_section(values: dict[str, Any], path: Path) -> RankingSection:
             for name, cls in RANKER_SECTIONS.items()
         },
     )
+    ensemble = section.ranker_configs["ensemble"]
+    if isinstance(ensemble, EnsembleSection):
+        bad = [m for m in ensemble.members if m not in RANKER_SECTIONS or m == "ensemble"]
+        if bad or not ensemble.members:
+            raise ValueError(
+                f"{path}: [ranking.ensemble].members {bad} must name rankers among "
+                f"{', '.join(n for n in RANKER_SECTIONS if n != 'ensemble')}"
+            )
     try:
         section.pipeline()  # the pipeline's own checks (ks vs n_candidates, re-rank ranges)
     except ValueError as exc:
