@@ -1,8 +1,8 @@
 """The offline evaluation as one self-contained HTML page (tables + plots) and ``metrics.json``.
 
 Plots are matplotlib PNGs embedded as data URIs, so the page is a single file that opens
-anywhere (no server, no network). A few lines of script mark ``<body data-images-ok=N>`` once
-the images have decoded, which the report's browser test reads.
+anywhere (no server, no network). A few lines of script mark ``<body data-images-ok=N>`` at the
+page's load event (images included), which the report's browser test reads.
 """
 
 from __future__ import annotations
