@@ -23,6 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -68,12 +69,15 @@ class Vocabulary:
 
     def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The categorical columns as int64 codes (unseen values → 0)."""
-        out = frame.copy()
-        for column, values in self.values.items():
-            codes = {value: i + 1 for i, value in enumerate(values)}
+        out = {}
+        for column in frame.columns:
+            if column not in self.values:
+                out[column] = frame[column].to_numpy()
+                continue
             raw = frame[column].astype("string").fillna("unknown")
-            out[column] = raw.map(codes).fillna(0).astype(np.int64)
-        return out
+            # Index of the value in the vocabulary + 1; unseen values (-1) become 0.
+            out[column] = pd.Index(self.values[column]).get_indexer(raw).astype(np.int64) + 1
+        return pd.DataFrame(out, index=frame.index)
 
     def cardinalities(self) -> dict[str, int]:
         return {column: len(values) + 1 for column, values in self.values.items()}
@@ -216,8 +220,8 @@ def ranker_frame(
     frame: pd.DataFrame, layout: FeatureLayout, vocabulary: Vocabulary, config: FeatureConfig
 ) -> tuple[pd.DataFrame, FeatureSchema]:
     """The numeric (float64, finite) and categorical (codes) columns a ranker reads."""
-    out = pd.DataFrame(index=frame.index)
-    longest = config.windows_days[-1]
+    columns: dict[str, npt.NDArray[Any]] = {}  # one DataFrame built at the end: column-by-
+    longest = config.windows_days[-1]  # column inserts cost ~0.2 ms each on the request path
     for column in layout.numeric:
         if column == f"affinity_mean_{longest}d":
             values = _category_mean(frame, longest, config.categories)
@@ -227,10 +231,11 @@ def ranker_frame(
             values = np.where(values >= 0, np.log1p(np.maximum(values, 0.0)), -1.0)
         elif column in ("user_events_all", "item_users_all") or column.startswith("events_"):
             values = np.log1p(np.maximum(values, 0.0))
-        out[column] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        columns[column] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     codes = vocabulary.encode(frame[list(layout.categorical)])
     for column in layout.categorical:
-        out[column] = codes[column].to_numpy(dtype=np.int64)
+        columns[column] = codes[column].to_numpy(dtype=np.int64)
+    out = pd.DataFrame(columns, index=frame.index)
     schema = FeatureSchema(
         layout.numeric,
         layout.categorical,
