@@ -50,7 +50,6 @@ from mlsd.evaluation.metrics import (
 from mlsd.evaluation.pipeline import AUTO, PipelineConfig
 from mlsd.evaluation.random_split import random_split_per_user, random_task, write_contract
 from mlsd.evaluation.retrieval import (
-    Estimate,
     EvalTask,
     ProtocolConfig,
     _finite,
@@ -78,7 +77,6 @@ from mlsd.models.ranking.base import FloatArray, Ranker, RankingData
 from mlsd.models.ranking.bundle import RankingBundle, prior_corrected
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
-from mlsd.models.retrieval.base import IntArray
 from mlsd.models.retrieval.merge import Quota
 
 Protocol = Literal["temporal", "random-per-user"]
@@ -569,15 +567,11 @@ def _ranker_scores(name: str, ranker: Ranker, valid: Any, fit_seconds: float) ->
         name=name,
         valid_ndcg=group_ndcg(labels, scores, valid.groups, k=10),
         valid_auc=roc_auc_score(labels, scores) if both else math.nan,
-        valid_grouped_auc=_grouped_auc(labels, scores, valid.groups),
+        valid_grouped_auc=grouped_auc_score(labels, scores, valid.groups),
         valid_log_loss=log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7)) if both else math.nan,
         fit_seconds=fit_seconds,
         predict_seconds_per_1k=per_1k,
     )
-
-
-def _grouped_auc(labels: FloatArray, scores: FloatArray, groups: IntArray) -> float:
-    return float(grouped_auc_score(labels, scores, groups))
 
 
 def _calibration(
@@ -655,11 +649,6 @@ def random_text(protocol: ProtocolConfig, pipeline: PipelineConfig) -> str:
         "relevant (binary gains). MAP@k divides by min(k, #relevant). Means over users with "
         f"{protocol.confidence:.0%} bootstrap intervals."
     )
-
-
-def headline(report: OfflineReport, metric: str = "ndcg@10") -> dict[str, Estimate | None]:
-    """``metric`` over all users for every method."""
-    return {m.name: m.metrics["all"].get(metric) for m in report.methods}
 
 
 def best_baseline(report: OfflineReport, metric: str = "ndcg@10") -> tuple[str, float]:

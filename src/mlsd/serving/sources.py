@@ -297,6 +297,25 @@ class CovisitationSource:
         )
 
 
+class _IndexSource:
+    """A source that searches ``index`` with a user vector; no vector: the ``fallback`` list."""
+
+    index: VectorIndex
+    fallback: RankedItems
+
+    def user_vector(self, query: UserQuery) -> FloatArray | None:
+        raise NotImplementedError
+
+    def candidates(
+        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
+    ) -> tuple[IntArray, FloatArray]:
+        k, excluded = _check_k(k), _ids(exclude)
+        vector = self.user_vector(query) if k else None
+        if vector is None:
+            return self.fallback.top(k, excluded)
+        return _search(self.index, vector, k, excluded)
+
+
 @dataclass(frozen=True)
 class FoldIn:
     """ALS's closed-form user solve against fixed item factors (``implicit``'s formula).
@@ -326,7 +345,7 @@ class FoldIn:
         return np.linalg.solve(a, confidence @ y).astype(np.float32)
 
 
-class FactorSource:
+class FactorSource(_IndexSource):
     """ALS / BPR: the user's factor against the item factors in a vector index.
 
     Fit-time users use their stored factor; others are folded in (``fold_in``, ALS) or get
@@ -354,15 +373,6 @@ class FactorSource:
                 vector: FloatArray = self.user_factors[row]
                 return vector
         return None if self.fold_in is None else self.fold_in.user_factor(query)
-
-    def candidates(
-        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
-    ) -> tuple[IntArray, FloatArray]:
-        k, excluded = _check_k(k), _ids(exclude)
-        vector = self.user_vector(query) if k else None
-        if vector is None:
-            return self.fallback.top(k, excluded)
-        return _search(self.index, vector, k, excluded)
 
     @classmethod
     def load(cls, path: Path, meta: Mapping[str, Any]) -> FactorSource:
@@ -483,7 +493,7 @@ class TowerSpec:
         return cls(config, sizes, names, tuple(tuple(v) for v in raw["attribute_levels"]))
 
 
-class TwoTowerSource:
+class TwoTowerSource(_IndexSource):
     """The user tower on the query's history and attributes; item embeddings in an index.
 
     Args:
@@ -532,15 +542,6 @@ class TwoTowerSource:
         with torch.inference_mode():
             vector: FloatArray = self.user_tower(features)[0].numpy()
         return vector
-
-    def candidates(
-        self, query: UserQuery, k: int, *, exclude: npt.ArrayLike = ()
-    ) -> tuple[IntArray, FloatArray]:
-        k, excluded = _check_k(k), _ids(exclude)
-        vector = self.user_vector(query) if k else None
-        if vector is None:
-            return self.fallback.top(k, excluded)
-        return _search(self.index, vector, k, excluded)
 
     @classmethod
     def load(cls, path: Path, meta: Mapping[str, Any]) -> TwoTowerSource:

@@ -156,8 +156,3 @@ def summary_table(report: OfflineReport) -> Table:
             cells.append("-" if estimate is None else f"{estimate.mean:.4f}")
         table.add_row(method.name, method.kind, *cells)
     return table
-
-
-def report_json(report: OfflineReport) -> str:
-    """The report as JSON (what ``metrics.json`` holds)."""
-    return json.dumps(report.to_dict(), indent=2)
