@@ -109,6 +109,7 @@ class CovisitationSource:
     last_n: int = 20
     recency_decay: float = 0.9
     normalize: Literal["cosine", "row", "none"] = "row"
+    max_neighbours: int | None = 200
 
     def build(self) -> Retriever:
         from mlsd.models.retrieval.covisitation import CovisitationRetriever

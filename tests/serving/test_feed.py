@@ -104,10 +104,10 @@ def test_serving_scores_match_the_offline_ranker(
     # features computed for the same user and time, column by column.
     from mlsd.models.ranking.candidates import (
         SourceLists,
-        candidate_pairs,
+        candidate_columns,
         pair_features,
         ranker_frame,
-        request_frame,
+        request_columns,
     )
     from mlsd.models.retrieval.merge import merge_candidates
 
@@ -138,10 +138,10 @@ def test_serving_scores_match_the_offline_ranker(
         {n: row(s, -np.inf) for n, (_, s) in lists.items()},
     )
     merged = merge_candidates(scored.items, model.quotas, pad)
-    pairs = candidate_pairs([user], merged, scored)
-    item_ids = pairs["item_id"].to_numpy(np.int64)
+    pairs = candidate_columns([user], merged, scored)
+    item_ids = pairs["item_id"]
     batch = features.features_for(stored, item_ids, now=as_of)
-    online = request_frame(
+    online = request_columns(
         pairs,
         user=batch.user,
         items=batch.items,
@@ -151,7 +151,7 @@ def test_serving_scores_match_the_offline_ranker(
         config=bundle.feature_config,
     )
     offline = pair_features(
-        pairs,
+        pd.DataFrame(pairs),
         dataset_dir=world,
         train_events=events,
         as_of=as_of,

@@ -37,10 +37,11 @@ import pandas as pd
 from mlsd.features.online import OnlineFeatures
 from mlsd.models.ranking.bundle import RankingBundle
 from mlsd.models.ranking.candidates import (
+    CLAIMED_SOURCE,
     SourceLists,
-    candidate_pairs,
+    candidate_columns,
     ranker_frame,
-    request_frame,
+    request_columns,
 )
 from mlsd.models.retrieval.merge import Quota, merge_candidates
 from mlsd.serving.precomputed import PrecomputedStore
@@ -243,9 +244,9 @@ class FeedRecommender:
             },
         )
         uid = -1 if request.user_id is None else request.user_id
-        pairs = candidate_pairs([uid], merged, scored)
+        pairs = candidate_columns([uid], merged, scored)
         clock.lap("merge")
-        item_ids = pairs["item_id"].to_numpy(np.int64)
+        item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
         probs, ages = self._rank(request, user, pairs, clock, fallbacks)
         clock.lap("ranking")
         final = rerank(
@@ -258,16 +259,14 @@ class FeedRecommender:
             seen=exclude,
         )
         clock.lap("rerank")
-        sources = dict(zip(item_ids.tolist(), pairs["claimed_source"].tolist(), strict=True))
-        items = [
-            Recommendation(
-                int(i),
-                float(s),
-                sources.get(int(i), "?"),
-                self._reasons(int(i), pairs) if request.explain else (),
-            )
-            for i, s in zip(final.item_ids.tolist(), final.scores.tolist(), strict=True)
-        ]
+        row_of = {item: row for row, item in enumerate(item_ids.tolist())}
+        claimed = pairs[CLAIMED_SOURCE]
+        items = []
+        for i, s in zip(final.item_ids.tolist(), final.scores.tolist(), strict=True):
+            row = row_of.get(i)
+            source = "?" if row is None else str(claimed[row])
+            reasons = self._reasons(row, pairs) if request.explain and row is not None else ()
+            items.append(Recommendation(int(i), float(s), source, reasons))
         return self._result(items, "online", clock, fallbacks)
 
     def record_events(self, events: Sequence[Mapping[str, object]]) -> int:
@@ -363,12 +362,12 @@ class FeedRecommender:
         self,
         request: RecommendRequest,
         user: Mapping[str, np.ndarray],
-        pairs: pd.DataFrame,
+        pairs: Mapping[str, npt.NDArray[Any]],
         clock: _Clock,
         fallbacks: list[str],
     ) -> tuple[FloatArray, FloatArray]:
         """Calibrated click probabilities (the merged order on failure) and item ages."""
-        item_ids = pairs["item_id"].to_numpy(np.int64)
+        item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
         merged_order = 1.0 - np.arange(len(item_ids)) / max(len(item_ids), 1)
         ages = np.full(len(item_ids), np.nan)
         if self.features is None or clock.total() > self.deadlines.total_ms:
@@ -381,7 +380,7 @@ class FeedRecommender:
             )
             batch = self.features.features_for(user, item_ids, request.context, now=now)
             now_s = now.value / 1e9
-            frame = request_frame(
+            frame = request_columns(
                 pairs,
                 user=batch.user,
                 items=batch.items,
@@ -419,15 +418,17 @@ class FeedRecommender:
             ]
         return self._result(items, "fallback:popular", clock, fallbacks)
 
-    def _reasons(self, item_id: int, pairs: pd.DataFrame) -> tuple[str, ...]:
-        row = pairs[pairs["item_id"] == item_id].iloc[0]
-        proposed = [
-            name for name in self.model.sources if float(row.get(f"rrank_{name}", 0.0)) > 0.0
-        ]
+    def _reasons(self, row: int, pairs: Mapping[str, npt.NDArray[Any]]) -> tuple[str, ...]:
+        rrank = {
+            name: float(pairs[f"rrank_{name}"][row])
+            for name in self.model.sources
+            if f"rrank_{name}" in pairs
+        }
+        proposed = [name for name, value in rrank.items() if value > 0.0]
         reasons = [f"proposed by {', '.join(proposed)}"] if proposed else []
-        best = max(proposed, key=lambda n: float(row[f"rrank_{n}"]), default=None)
+        best = max(proposed, key=lambda n: rrank[n], default=None)
         if best is not None:
-            rank = round(1.0 / float(row[f"rrank_{best}"]))
+            rank = round(1.0 / rrank[best])
             reasons.append(f"#{rank} for you in {best}")
         return tuple(reasons)
 

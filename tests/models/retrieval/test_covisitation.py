@@ -7,9 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from mlsd.models.retrieval.base import RetrievalData, Retriever
-from mlsd.models.retrieval.covisitation import CovisitationRetriever, covisitation_matrix
+from mlsd.models.retrieval.covisitation import (
+    CovisitationRetriever,
+    covisitation_matrix,
+    top_per_row,
+)
 from mlsd.models.retrieval.popularity import PopularityRetriever
 from tests.models.retrieval.contract import RetrieverContract, frame
 from tests.models.retrieval.test_popularity import hand_made, ml100k_temporal, recall_at_k
@@ -125,3 +130,34 @@ def test_ml100k_warm_users_get_their_own_candidates(ml100k_dir: Path, tmp_path: 
     warm = [u for u in relevant if u in set(train.events["user_id"].tolist())]
     recall = recall_at_k(CovisitationRetriever().fit(train), relevant, 100, users=warm)
     assert recall > 0.29, recall
+
+
+def test_top_per_row_keeps_each_rows_strongest_pairs() -> None:
+    dense = np.array(
+        [[0.0, 5.0, 1.0, 3.0, 2.0], [4.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0, 9.0]]
+    )
+    kept = top_per_row(sp.csr_matrix(dense), 2).toarray()
+    expected = np.array(
+        [[0.0, 5.0, 0.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 9.0]]
+    )  # ties (row 2: three 1.0s) go to the lowest column
+    np.testing.assert_array_equal(kept, expected)
+    np.testing.assert_array_equal(top_per_row(sp.csr_matrix(dense), 4).toarray(), dense)
+    with pytest.raises(ValueError, match="max_neighbours"):
+        top_per_row(sp.csr_matrix(dense), 0)
+
+
+def test_max_neighbours_bounds_the_rows_a_request_reads() -> None:
+    rng = np.random.default_rng(0)
+    sessions = np.sort(rng.integers(0, 100, 3000))
+    items = rng.integers(0, 200, 3000)
+    seconds = np.arange(3000, dtype=np.float64)
+    full = covisitation_matrix(sessions, items, seconds, 200, window=5, normalize="row")
+    capped = covisitation_matrix(
+        sessions, items, seconds, 200, window=5, normalize="row", max_neighbours=5
+    )
+    assert np.diff(full.indptr).max() > 5
+    assert np.diff(capped.indptr).max() == 5
+    # Each kept weight is one of its row's largest (normalised before capping: same values).
+    for row in range(200):
+        expected = np.sort(full[row].data)[::-1][:5]
+        np.testing.assert_allclose(np.sort(capped[row].data)[::-1], expected)

@@ -63,14 +63,15 @@ class FeatureSchema:
         missing = [c for c in self.columns if c not in features.columns]
         if missing:
             raise ValueError(f"{name}: missing feature columns {missing}")
-        for column in self.numeric:
-            values = features[column].to_numpy(dtype=np.float64)
-            bad = ~np.isfinite(values)
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise ValueError(
-                    f"{name}: column {column!r} row {row}: {values[row]} is not finite"
-                )
+        numeric = features[list(self.numeric)].to_numpy(dtype=np.float64)
+        if not np.isfinite(numeric).all():  # one check over the block; the column on failure
+            for j, column in enumerate(self.numeric):
+                bad = ~np.isfinite(numeric[:, j])
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    raise ValueError(
+                        f"{name}: column {column!r} row {row}: {numeric[row, j]} is not finite"
+                    )
         for column in self.categorical:
             codes = features[column].to_numpy()
             if not np.issubdtype(codes.dtype, np.integer):

@@ -23,7 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,9 @@ LOG_FEATURES = frozenset(
 )
 """Heavy-tailed features fed as ``log1p`` (negative defaults stay -1)."""
 
+Columns: TypeAlias = pd.DataFrame | Mapping[str, npt.NDArray[Any]]
+"""Rows as a DataFrame (training) or as equal-length column arrays (one request)."""
+
 
 @dataclass(frozen=True)
 class SourceLists:
@@ -60,24 +63,41 @@ class Vocabulary:
     """String value → int code per categorical column; code 0 is "unknown"."""
 
     values: dict[str, list[str]] = field(default_factory=dict)
+    _codes: dict[str, dict[str, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def fit(self, frame: pd.DataFrame, columns: Sequence[str]) -> Vocabulary:
         for column in columns:
             seen = frame[column].astype("string").fillna("unknown").unique().tolist()
             self.values[column] = sorted(str(v) for v in seen)
+        self._codes.clear()
         return self
 
-    def encode(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """The categorical columns as int64 codes (unseen values → 0)."""
-        out = {}
-        for column in frame.columns:
+    def encode(self, frame: Columns) -> dict[str, IntArray]:
+        """Each categorical column of ``frame`` as int64 codes (unseen values → 0).
+
+        Values are compared as strings (``astype("string")``, missing → ``"unknown"``), and
+        only the distinct values of a column are converted: a request's user attributes are one
+        value repeated over its candidates."""
+        out: dict[str, IntArray] = {}
+        for column in frame:
             if column not in self.values:
-                out[column] = frame[column].to_numpy()
                 continue
-            raw = frame[column].astype("string").fillna("unknown")
-            # Index of the value in the vocabulary + 1; unseen values (-1) become 0.
-            out[column] = pd.Index(self.values[column]).get_indexer(raw).astype(np.int64) + 1
-        return pd.DataFrame(out, index=frame.index)
+            codes, uniques = pd.factorize(np.asarray(frame[column], dtype=object))
+            names = [v if isinstance(v, str) else _as_string(v) for v in uniques]
+            table = self._table(column)
+            # Code of each distinct value, then of "missing" (factorize's -1) at the end.
+            lut = np.array([table.get(str(v), 0) for v in names] + [table.get("unknown", 0)])
+            out[str(column)] = lut[codes].astype(np.int64)
+        return out
+
+    def _table(self, column: str) -> dict[str, int]:
+        table = self._codes.get(column)
+        if table is None:
+            table = {value: i + 1 for i, value in enumerate(self.values[column])}
+            self._codes[column] = table
+        return table
 
     def cardinalities(self) -> dict[str, int]:
         return {column: len(values) + 1 for column, values in self.values.items()}
@@ -90,25 +110,39 @@ class Vocabulary:
         return cls({str(k): [str(v) for v in vs] for k, vs in json.loads(text).items()})
 
 
-def candidate_pairs(
+def _as_string(value: object) -> str:
+    """A non-string category value as ``astype("string")`` spells it (missing: "unknown")."""
+    converted = pd.Series([value], dtype=object).astype("string").fillna("unknown")
+    return str(converted.iloc[0])
+
+
+def candidate_columns(
     user_ids: npt.ArrayLike, merged: MergedCandidates, lists: SourceLists
-) -> pd.DataFrame:
-    """One row per (user, non-padding candidate), in user order, with the source features."""
+) -> dict[str, npt.NDArray[Any]]:
+    """One row per (user, non-padding candidate), in user order, with the source features,
+    as columns (the request path reads them without building a DataFrame)."""
     users = np.asarray(user_ids, dtype=np.int64)
     items = merged.item_ids
     row, col = np.nonzero(items != PAD_ITEM)
-    out: dict[str, npt.ArrayLike] = {
+    out: dict[str, npt.NDArray[Any]] = {
         "user_id": users[row],
         "item_id": items[row, col],
         "merged_position": np.log1p(col).astype(np.float32),
-        "n_proposers": np.array([int(m).bit_count() for m in merged.proposers[row, col]]),
-        CLAIMED_SOURCE: np.asarray(merged.source_names)[merged.source[row, col]],
+        "n_proposers": np.bitwise_count(merged.proposers[row, col]).astype(np.int64),
+        CLAIMED_SOURCE: np.asarray(merged.source_names, dtype=object)[merged.source[row, col]],
     }
     for name in merged.source_names:
         ranks, scores = _source_rank_score(items, lists.items[name], lists.scores[name])
         out[f"rrank_{name}"] = (1.0 / np.where(ranks > 0, ranks, np.inf))[row, col]
         out[f"score_{name}"] = scores[row, col]
-    return pd.DataFrame(out)
+    return out
+
+
+def candidate_pairs(
+    user_ids: npt.ArrayLike, merged: MergedCandidates, lists: SourceLists
+) -> pd.DataFrame:
+    """:func:`candidate_columns` as a DataFrame (the training rows' first columns)."""
+    return pd.DataFrame(candidate_columns(user_ids, merged, lists))
 
 
 def _source_rank_score(
@@ -217,42 +251,46 @@ class FeatureLayout:
 
 
 def ranker_frame(
-    frame: pd.DataFrame, layout: FeatureLayout, vocabulary: Vocabulary, config: FeatureConfig
+    frame: Columns, layout: FeatureLayout, vocabulary: Vocabulary, config: FeatureConfig
 ) -> tuple[pd.DataFrame, FeatureSchema]:
-    """The numeric (float64, finite) and categorical (codes) columns a ranker reads."""
+    """The numeric (float64, finite) and categorical (codes) columns a ranker reads.
+
+    ``frame`` is :func:`pair_features`'s DataFrame offline and :func:`request_columns`'s
+    arrays on the request path; both go through this one function."""
     columns: dict[str, npt.NDArray[Any]] = {}  # one DataFrame built at the end: column-by-
-    longest = config.windows_days[-1]  # column inserts cost ~0.2 ms each on the request path
+    affinity = f"affinity_mean_{config.windows_days[-1]}d"  # column inserts cost ~0.2 ms each
     for column in layout.numeric:
-        if column == f"affinity_mean_{longest}d":
-            values = _category_mean(frame, longest, config.categories)
-        else:
+        if column == affinity and column not in frame:
+            values = _category_mean(frame, config.windows_days[-1], config.categories)
+        elif isinstance(frame, pd.DataFrame):
             values = frame[column].to_numpy(dtype=np.float64, na_value=0.0)
+        else:
+            values = np.asarray(frame[column], dtype=np.float64)
         if column in LOG_FEATURES:
             values = np.where(values >= 0, np.log1p(np.maximum(values, 0.0)), -1.0)
         elif column in ("user_events_all", "item_users_all") or column.startswith("events_"):
             values = np.log1p(np.maximum(values, 0.0))
         columns[column] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    codes = vocabulary.encode(frame[list(layout.categorical)])
+    codes = vocabulary.encode({c: frame[c] for c in layout.categorical})
     for column in layout.categorical:
-        columns[column] = codes[column].to_numpy(dtype=np.int64)
-    out = pd.DataFrame(columns, index=frame.index)
+        columns[column] = codes[column]
+    out = pd.DataFrame(columns, index=frame.index if isinstance(frame, pd.DataFrame) else None)
+    cardinalities = vocabulary.cardinalities()
     schema = FeatureSchema(
-        layout.numeric,
-        layout.categorical,
-        {c: vocabulary.cardinalities()[c] for c in layout.categorical},
+        layout.numeric, layout.categorical, {c: cardinalities[c] for c in layout.categorical}
     )
     return out, schema
 
 
-def _category_mean(frame: pd.DataFrame, window: int, categories: Sequence[str]) -> FloatArray:
+def _category_mean(frame: Columns, window: int, categories: Sequence[str]) -> FloatArray:
     """The user's mean value (e.g. rating) in the item's category over the longest window."""
     means = frame[f"cat_mean_{window}d"]
     if "category_index" in frame:
-        index = frame["category_index"].to_numpy(dtype=np.int64)
+        index = np.asarray(frame["category_index"], dtype=np.int64)
     else:  # the batch features carry the category name; its index as the online path has it
         lookup = {name: i for i, name in enumerate(categories)}
-        index = frame["category"].map(lookup).fillna(-1).to_numpy(dtype=np.int64)
-    out = np.zeros(len(frame))
+        index = pd.Series(frame["category"]).map(lookup).fillna(-1).to_numpy(dtype=np.int64)
+    out = np.zeros(len(index))
     for i, (row, cat) in enumerate(zip(means, index, strict=True)):
         if cat >= 0 and row is not None and cat < len(row):
             out[i] = float(row[cat])
@@ -290,8 +328,8 @@ def ranking_data(
     return RankingData(features, labels, groups.astype(np.int64), schema)
 
 
-def request_frame(
-    pairs: pd.DataFrame,
+def request_columns(
+    pairs: Mapping[str, npt.NDArray[Any]],
     *,
     user: Mapping[str, npt.NDArray[np.generic]],
     items: Mapping[str, npt.NDArray[np.generic]],
@@ -299,36 +337,39 @@ def request_frame(
     extras: Mapping[str, npt.ArrayLike],
     layout: FeatureLayout,
     config: FeatureConfig,
-) -> pd.DataFrame:
+) -> dict[str, npt.NDArray[Any]]:
     """The serving twin of :func:`pair_features` for one request: the same columns, from the
-    online store's features of the request instead of the batch computation.
+    online store's features of the request instead of the batch computation, as arrays.
 
     Args:
-        pairs: :func:`candidate_pairs` of the one user (its candidates, in order).
+        pairs: :func:`candidate_columns` of the one user (its candidates, in order).
         user, items, derived: :class:`mlsd.features.online.FeatureBatch`'s parts for these
             candidates (user values have a leading dimension of 1).
         extras: ``user_events_all``, ``item_users_all`` and ``item_created_days`` per candidate
             (the model's snapshot as of training).
         layout: the ranker's columns.
     """
-    n = len(pairs)
-    out = pairs.reset_index(drop=True).copy()
+    n = len(pairs["item_id"])
+    out = dict(pairs)
     longest = config.windows_days[-1]
-    needed = [c for c in layout.numeric if c not in out.columns]
-    for column in needed:
+    for column in layout.numeric:
+        if column in out:
+            continue
         if column == f"affinity_mean_{longest}d":
-            continue  # computed by ranker_frame from the two columns below
+            # What _category_mean computes offline, vectorised over the one user's means.
+            means = np.asarray(user[f"cat_mean_{longest}d"], dtype=np.float64).reshape(-1)
+            index = np.asarray(items["category_index"], dtype=np.int64)
+            known = (index >= 0) & (index < len(means))
+            out[column] = np.where(known, means[np.where(known, index, 0)], 0.0)
+            continue
         for source in (derived, items, user, extras):
             if column in source:
                 out[column] = np.broadcast_to(np.asarray(source[column]), (n,))
                 break
         else:
             raise ValueError(f"request features: no value for the ranker's column {column!r}")
-    means = np.asarray(user[f"cat_mean_{longest}d"])
-    out[f"cat_mean_{longest}d"] = list(np.broadcast_to(means, (n, means.shape[-1])))
-    out["category_index"] = np.asarray(items["category_index"])
     for column in layout.categorical:
-        if column in out.columns:
+        if column in out:
             continue
         source = items if column in items else user
         values = np.asarray(source[column], dtype=object)

@@ -58,6 +58,7 @@ def covisitation_matrix(
     *,
     window: int,
     normalize: Normalize,
+    max_neighbours: int | None = None,
 ) -> sp.csr_matrix:
     """``(n_items, n_items)`` pair weights ``Σ 1/d`` over sessions, zero diagonal, normalised.
 
@@ -68,6 +69,9 @@ def covisitation_matrix(
         normalize: ``"none"`` keeps the (symmetric) weighted counts; ``"row"`` makes each row
             sum to 1, so every history item casts one vote however popular it is;
             ``"cosine"`` divides by ``sqrt(n_i · n_j)`` (sessions holding each item).
+        max_neighbours: keep each row's largest weights only (after normalising; ``None``:
+            all). Serving cost grows with the entries a history's rows reach, and the tail of
+            a popular item's row (thousands of weak pairs) rarely reaches a top-k list.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1 position, got {window}")
@@ -96,7 +100,26 @@ def covisitation_matrix(
         pairs = sp.csr_matrix(sp.diags(1.0 / np.maximum(sums, 1e-12)) @ pairs)
     elif normalize != "none":
         raise ValueError(f"normalize must be 'none', 'row' or 'cosine', got {normalize!r}")
+    if max_neighbours is not None:
+        pairs = top_per_row(pairs, max_neighbours)
     return pairs.astype(np.float32)
+
+
+def top_per_row(matrix: sp.csr_matrix, n: int) -> sp.csr_matrix:
+    """``matrix`` with only the ``n`` largest entries of each row (ties: lower column)."""
+    if n < 1:
+        raise ValueError(f"max_neighbours must be >= 1, got {n}")
+    matrix = sp.csr_matrix(matrix)
+    counts = np.diff(matrix.indptr)
+    if counts.max(initial=0) <= n:
+        return matrix
+    rows = np.repeat(np.arange(matrix.shape[0]), counts)
+    order = np.lexsort((matrix.indices, -matrix.data, rows))
+    rank = np.arange(len(order)) - np.repeat(matrix.indptr[:-1], counts)
+    keep = order[rank < n]
+    return sp.csr_matrix(
+        (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape
+    )
 
 
 def recent_history(
@@ -133,6 +156,7 @@ class CovisitationRetriever(Retriever):
         last_n: most recent distinct items of a user that vote for candidates.
         recency_decay: weight ratio between consecutive items of the history, in (0, 1].
         normalize: ``"row"`` (each history item casts one vote), ``"cosine"`` or ``"none"``.
+        max_neighbours: co-visited items kept per item (its strongest; ``None``: all).
         fallback: answers cold users (fitted on a copy); ``None`` = ``PopularityRetriever()``.
 
     Attributes:
@@ -156,6 +180,7 @@ class CovisitationRetriever(Retriever):
         last_n: int = 20,
         recency_decay: float = 0.9,
         normalize: Normalize = "row",
+        max_neighbours: int | None = 200,
         fallback: PopularityRetriever | None = None,
     ) -> None:
         self.window = window
@@ -163,6 +188,7 @@ class CovisitationRetriever(Retriever):
         self.last_n = last_n
         self.recency_decay = recency_decay
         self.normalize = normalize
+        self.max_neighbours = max_neighbours
         self.fallback = fallback
 
     def fit(self, train: RetrievalData) -> Self:
@@ -176,7 +202,13 @@ class CovisitationRetriever(Retriever):
         seconds = _seconds(events)
         sessions = session_keys(events, gap_seconds=self.session_gap_minutes * 60.0)
         self.covisitation_ = covisitation_matrix(
-            sessions, items, seconds, n_items, window=self.window, normalize=self.normalize
+            sessions,
+            items,
+            seconds,
+            n_items,
+            window=self.window,
+            normalize=self.normalize,
+            max_neighbours=self.max_neighbours,
         )
         self.history_ = recent_history(
             users,
