@@ -58,12 +58,26 @@ class FeatureSchema:
     def columns(self) -> tuple[str, ...]:
         return (*self.numeric, *self.categorical)
 
+    def matrix(self, features: pd.DataFrame) -> FloatArray:
+        """``(n, len(columns))`` float64 in schema order (categorical codes as floats).
+
+        A frame already in schema order (what :func:`ranker_frame` builds) converts without a
+        column selection, which costs ~20x more on a request's few hundred rows."""
+        if tuple(features.columns) == self.columns:
+            matrix: FloatArray = features.to_numpy(dtype=np.float64)
+        else:
+            matrix = features[list(self.columns)].to_numpy(dtype=np.float64)
+        return matrix
+
     def check(self, features: pd.DataFrame, *, name: str = "features") -> None:
         """Raise a ValueError naming the column (and a row) that breaks the schema."""
         missing = [c for c in self.columns if c not in features.columns]
         if missing:
             raise ValueError(f"{name}: missing feature columns {missing}")
-        numeric = features[list(self.numeric)].to_numpy(dtype=np.float64)
+        if tuple(features.columns) == self.columns:
+            numeric = features.to_numpy(dtype=np.float64)[:, : len(self.numeric)]
+        else:
+            numeric = features[list(self.numeric)].to_numpy(dtype=np.float64)
         if not np.isfinite(numeric).all():  # one check over the block; the column on failure
             for j, column in enumerate(self.numeric):
                 bad = ~np.isfinite(numeric[:, j])

@@ -257,20 +257,30 @@ def ranker_frame(
 
     ``frame`` is :func:`pair_features`'s DataFrame offline and :func:`request_columns`'s
     arrays on the request path; both go through this one function."""
-    columns: dict[str, npt.NDArray[Any]] = {}  # one DataFrame built at the end: column-by-
-    affinity = f"affinity_mean_{config.windows_days[-1]}d"  # column inserts cost ~0.2 ms each
-    for column in layout.numeric:
+    n = len(frame) if isinstance(frame, pd.DataFrame) else len(frame["item_id"])
+    numeric = np.empty((n, len(layout.numeric)), dtype=np.float64)  # one block, transformed
+    affinity = f"affinity_mean_{config.windows_days[-1]}d"  # column-wise at once
+    for j, column in enumerate(layout.numeric):
         if column == affinity and column not in frame:
-            values = _category_mean(frame, config.windows_days[-1], config.categories)
+            numeric[:, j] = _category_mean(frame, config.windows_days[-1], config.categories)
         elif isinstance(frame, pd.DataFrame):
-            values = frame[column].to_numpy(dtype=np.float64, na_value=0.0)
+            numeric[:, j] = frame[column].to_numpy(dtype=np.float64, na_value=0.0)
         else:
-            values = np.asarray(frame[column], dtype=np.float64)
-        if column in LOG_FEATURES:
-            values = np.where(values >= 0, np.log1p(np.maximum(values, 0.0)), -1.0)
-        elif column in ("user_events_all", "item_users_all") or column.startswith("events_"):
-            values = np.log1p(np.maximum(values, 0.0))
-        columns[column] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            numeric[:, j] = frame[column]
+    logged = [j for j, c in enumerate(layout.numeric) if c in LOG_FEATURES]
+    counts = [
+        j
+        for j, c in enumerate(layout.numeric)
+        if c in ("user_events_all", "item_users_all") or c.startswith("events_")
+    ]
+    if logged:
+        values = numeric[:, logged]
+        numeric[:, logged] = np.where(values >= 0, np.log1p(np.maximum(values, 0.0)), -1.0)
+    if counts:
+        numeric[:, counts] = np.log1p(np.maximum(numeric[:, counts], 0.0))
+    np.nan_to_num(numeric, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    # One DataFrame built at the end: column-by-column inserts cost ~0.2 ms each.
+    columns: dict[str, npt.NDArray[Any]] = dict(zip(layout.numeric, numeric.T, strict=True))
     codes = vocabulary.encode({c: frame[c] for c in layout.categorical})
     for column in layout.categorical:
         columns[column] = codes[column]

@@ -225,5 +225,4 @@ class LightGBMRanker(Ranker):
 
 def _matrix(features: pd.DataFrame, schema: FeatureSchema) -> FloatArray:
     """``(n, n_columns)`` float64 in schema order; LightGBM reads integer codes from floats."""
-    matrix: FloatArray = features[list(schema.columns)].to_numpy(dtype=np.float64)
-    return matrix
+    return schema.matrix(features)

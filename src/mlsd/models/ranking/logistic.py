@@ -118,10 +118,11 @@ class LogisticRanker(Ranker):
     def predict(self, features: pd.DataFrame) -> FloatArray:
         """``(n,)`` log-odds of a click, computed with numpy from the learned arrays."""
         self.schema_.check(features, name="LogisticRanker.predict")
-        numeric = features[list(self.schema_.numeric)].to_numpy(dtype=np.float64)
+        matrix = self.schema_.matrix(features)
+        numeric = matrix[:, : len(self.schema_.numeric)]
         scores = ((numeric - self.mean_) / self.scale_) @ self.numeric_coef_ + self.intercept_
-        for column, weights in self.categorical_coef_.items():
-            scores = scores + weights[features[column].to_numpy(dtype=np.int64)]
+        for j, column in enumerate(self.schema_.categorical, start=len(self.schema_.numeric)):
+            scores = scores + self.categorical_coef_[column][matrix[:, j].astype(np.int64)]
         return np.asarray(scores, dtype=np.float64).reshape(len(features))
 
     # --- persistence -----------------------------------------------------------------------
