@@ -163,6 +163,23 @@ def test_serving_scores_match_the_offline_ranker(
     pd.testing.assert_frame_equal(x_online, x_offline, check_dtype=False, atol=1e-4)
 
 
+def test_batch_path_answers_what_the_online_path_answers(recommender: FeedRecommender) -> None:
+    # Batch prediction runs every stage over many users at once (one store read, one index
+    # search, one ranker call); each user's list must be the one a request at that time gets.
+    now = 1_900_000_000.0
+    users = [3, 4, 5, 11, 12, 40, 10_000_000]  # warm users and one the store does not know
+    batch = recommender.recommend_many(users, k=10, now=now)
+    assert len(batch) == len(users)
+    for user, (items, scores) in zip(users, batch, strict=True):
+        online = recommender.recommend(
+            RecommendRequest(user, k=10, now=now, allow_precomputed=False)
+        )
+        assert online.path == "online" and not online.fallbacks
+        assert items.tolist() == [r.item_id for r in online.items], user
+        np.testing.assert_allclose(scores, [r.score for r in online.items], rtol=1e-6)
+    assert recommender.recommend_many([], k=10) == []
+
+
 def test_anonymous_and_unknown_users_get_an_answer(recommender: FeedRecommender) -> None:
     anonymous = recommender.recommend(RecommendRequest(None, k=5, recent_items=[3, 4]))
     assert len(anonymous.items) == 5

@@ -327,10 +327,13 @@ class OnlineFeatures:
             known |= np.fromiter((v is not None for v in values[feature.name]), dtype=bool)
         return values, known, stored_ts
 
-    def _user_arrays(self, values: dict[str, list[Any]], known: bool) -> dict[str, np.ndarray]:
-        """One user's features with leading dim 1, padded as :func:`derive.derive` expects."""
+    def _user_arrays(
+        self, values: dict[str, list[Any]], known: npt.ArrayLike
+    ) -> dict[str, np.ndarray]:
+        """Users' features, one row per user, padded as :func:`derive.derive` expects."""
         dynamic = {f.name: values[f.name] for f in self._dynamic}
-        user = derive.user_arrays(dynamic, self.config, known=[int(known)])
+        flags = np.asarray(known, dtype=np.int64).reshape(-1)
+        user = derive.user_arrays(dynamic, self.config, known=flags)
         for feature in self._static:
             user[feature.name] = _column(values[feature.name], feature)
         return user
@@ -363,12 +366,23 @@ class OnlineFeatures:
         The request path reads the user first (the candidate sources need the recent items),
         then :meth:`features_for` its candidates, which reads nothing from the store."""
         values, known, _ = self._read_users([int(user_id)])
-        return self._user_arrays(values, bool(known[0]))
+        return self._user_arrays(values, known)
+
+    def users_features(self, user_ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """:meth:`user_features` of many users in one online-store read, one row per user (in
+        ``user_ids`` order): what batch prediction reads."""
+        values, known, _ = self._read_users([int(u) for u in user_ids])
+        return self._user_arrays(values, known)
 
     def default_user(self) -> dict[str, np.ndarray]:
         """The features of a user the store does not know (or cannot be asked about)."""
         empty: dict[str, list[Any]] = {f.name: [None] for f in (*self._static, *self._dynamic)}
-        return self._user_arrays(empty, False)
+        return self._user_arrays(empty, [0])
+
+    def item_features(self, item_ids: npt.ArrayLike) -> dict[str, np.ndarray]:
+        """The items' stored features from the in-process cache, ``(n,)`` each (unknown items:
+        defaults and ``item_known`` 0), plus ``item_id``."""
+        return self._item_cache().lookup(np.asarray(item_ids, dtype=np.int64).reshape(-1))
 
     def features_for(
         self,
@@ -383,7 +397,7 @@ class OnlineFeatures:
         now = pd.Timestamp.now(tz="UTC") if now is None else pd.Timestamp(now)
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         user = dict(user)
-        items = self._item_cache().lookup(ids)
+        items = self.item_features(ids)
         now_s = now.value // 1_000_000_000  # whole epoch seconds, as stored timestamps are
         derived = derive.derive(user, items, now_s=now_s, config=self.config)
         for name, value in (context or {}).items():

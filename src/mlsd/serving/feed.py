@@ -22,11 +22,13 @@ so a failed or slow dependency degrades the answer instead of failing the reques
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from mlsd.features.derive import derive
 from mlsd.features.online import OnlineFeatures
 from mlsd.models.ranking.bundle import RankingBundle
 from mlsd.models.ranking.candidates import (
@@ -52,7 +55,7 @@ from mlsd.serving.recommender import (
     RecommendResult,
 )
 from mlsd.serving.rerank import RerankConfig, rerank
-from mlsd.serving.sources import CandidateSource, UserQuery, load_source
+from mlsd.serving.sources import CandidateSource, UserQuery, candidates_many, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +98,13 @@ class Snapshot:
         pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
         return np.where(keys[pos] == ids, values[pos], default)
 
-    def extras(self, user_id: int | None, item_ids: IntArray, now_s: float) -> dict[str, Any]:
+    def extras(
+        self, user_id: int | IntArray | None, item_ids: IntArray, now_s: float
+    ) -> dict[str, Any]:
+        """Snapshot features of the rows: one user (``None``: anonymous) or one per row."""
         created = self._lookup(item_ids, self.item_ids, self.item_created_days_ref, np.nan)
         days = np.where(np.isnan(created), -1.0, (now_s - created) / 86_400)
-        users = np.array([-1 if user_id is None else user_id], dtype=np.int64)
+        users = np.asarray([-1 if user_id is None else user_id], dtype=np.int64).reshape(-1)
         return {
             "item_users_all": self._lookup(item_ids, self.item_ids, self.item_users_all, 0.0),
             "item_created_days": days,
@@ -109,6 +115,15 @@ class Snapshot:
         out: IntArray = self._lookup(item_ids, self.item_ids, self.item_category, -1).astype(
             np.int64
         )
+        return out
+
+    @cached_property
+    def dense_categories(self) -> IntArray:
+        """Category code indexed by item id (what :func:`rerank` reads), -1 unknown; built
+        once, since a per-request table would cost a catalog-sized allocation."""
+        top = int(self.item_ids.max(initial=-1)) + 1
+        out = np.full(top, -1, dtype=np.int64)
+        out[self.item_ids] = self.item_category
         return out
 
 
@@ -268,6 +283,80 @@ class FeedRecommender:
             reasons = self._reasons(row, pairs) if request.explain and row is not None else ()
             items.append(Recommendation(int(i), float(s), source, reasons))
         return self._result(items, "online", clock, fallbacks)
+
+    def recommend_many(
+        self, user_ids: Sequence[int], *, k: int, now: float | None = None
+    ) -> list[tuple[IntArray, FloatArray]]:
+        """The online path for many users at once (batch prediction): each user's top ``k``
+        item ids and scores, as :meth:`recommend` would answer them at ``now``.
+
+        The stages run over all users together: one online-store read, one index search per
+        vector source, one merge, one derive, one ranker call; the re-ranking per user. No
+        fallbacks: a failing dependency fails the batch (a job retries; a request degrades).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self.features is None:
+            raise RuntimeError("FeedRecommender needs an OnlineFeatures for batch prediction")
+        if not len(user_ids):
+            return []
+        model, bundle, width = self.model, self.model.ranking, self.model.n_candidates
+        now_s = int(now if now is not None else time.time())
+        users = self.features.users_features(user_ids)
+        queries = [
+            self._query(
+                RecommendRequest(int(u), k=k, now=now_s),
+                {name: values[row : row + 1] for name, values in users.items()},
+            )
+            for row, u in enumerate(user_ids)
+        ]
+        excludes = [np.unique(q.history) for q in queries]
+        lists = {
+            name: candidates_many(source, queries, width, excludes=excludes)
+            for name, source in model.sources.items()
+        }
+        scored = SourceLists(
+            {n: np.vstack([_row(i, width) for i, _ in found]) for n, found in lists.items()},
+            {
+                n: np.vstack([_row(s, width, fill=-np.inf) for _, s in found])
+                for n, found in lists.items()
+            },
+        )
+        merged = merge_candidates(dict(scored.items), model.quotas, width)
+        pairs = candidate_columns(np.asarray(user_ids, dtype=np.int64), merged, scored)
+        item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
+        owner = np.repeat(np.arange(len(user_ids)), (merged.item_ids >= 0).sum(axis=1))
+        rows = {name: values[owner] for name, values in users.items()}  # one per candidate
+        items = self.features.item_features(item_ids)
+        derived = derive(rows, items, now_s=now_s, config=self.features.config)
+        frame = request_columns(
+            pairs,
+            user=rows,
+            items=items,
+            derived=derived,
+            extras=model.snapshot.extras(pairs["user_id"], item_ids, float(now_s)),
+            layout=bundle.layout,
+            config=bundle.feature_config,
+        )
+        features, _ = ranker_frame(frame, bundle.layout, bundle.vocabulary, bundle.feature_config)
+        probs = np.asarray(bundle.probabilities(features), dtype=np.float64)
+        age = np.asarray(derived["item_age_days"], dtype=np.float64)
+        ages = np.where(age >= 0, age, np.nan)
+        categories = _dense_categories(model.snapshot, item_ids)
+        bounds = np.searchsorted(owner, np.arange(len(user_ids) + 1))
+        out = []
+        for row, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            final = rerank(
+                item_ids[lo:hi],
+                probs[lo:hi],
+                k=k,
+                config=model.rerank,
+                item_categories=categories,
+                item_age_days=ages[lo:hi] if model.rerank.freshness_weight > 0 else None,
+                seen=excludes[row],
+            )
+            out.append((final.item_ids, final.scores))
+        return out
 
     def record_events(self, events: Sequence[Mapping[str, object]]) -> int:
         if self.features is None or not events:
@@ -454,9 +543,12 @@ def _row(values: npt.ArrayLike, width: int, *, fill: float = -1) -> npt.NDArray[
 
 def _dense_categories(snapshot: Snapshot, item_ids: IntArray) -> IntArray:
     """Category codes indexed by item id (what :func:`rerank` reads), for these candidates."""
+    table = snapshot.dense_categories
     top = int(item_ids.max(initial=0)) + 1
-    out = np.full(top, -1, dtype=np.int64)
-    out[item_ids] = snapshot.categories(item_ids)
+    if top <= len(table):
+        return table
+    out = np.full(top, -1, dtype=np.int64)  # an item newer than the snapshot: a wider table
+    out[: len(table)] = table
     return out
 
 
@@ -466,11 +558,12 @@ def batch_predict(
     user_ids: Sequence[int],
     *,
     k: int,
-    chunk: int = 1_000,
+    chunk: int = 500,
     progress: bool = False,
 ) -> tuple[int, float]:
-    """The offline path: each user's top ``k`` through the online path, written to Redis with
-    the model version and time; returns (users written, users per second).
+    """The offline path: each user's top ``k`` by :meth:`FeedRecommender.recommend_many`,
+    written to Redis with the model version and time; returns (users written, users per
+    second).
 
     Users are computed ``chunk`` at a time and written in one pipelined round trip per chunk.
     One request path for both answers means a precomputed list is what the online path would
@@ -480,17 +573,17 @@ def batch_predict(
 
     start = time.perf_counter()
     written = 0
+    now = time.time()
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("batch predictions", total=len(user_ids))
         for lo in range(0, len(user_ids), chunk):
             users = [int(u) for u in user_ids[lo : lo + chunk]]
             items = np.full((len(users), k), -1, dtype=np.int64)
             scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-            for row, user in enumerate(users):
-                result = recommender.recommend(RecommendRequest(user, k=k, allow_precomputed=False))
-                n = len(result.items)
-                items[row, :n] = [r.item_id for r in result.items]
-                scores[row, :n] = [r.score for r in result.items]
+            answers = recommender.recommend_many(users, k=k, now=now)
+            for row, (ids, values) in enumerate(answers):
+                items[row, : len(ids)] = ids
+                scores[row, : len(ids)] = values
             store.write(users, items, scores, model_version=recommender.version)
             written += len(users)
             bar.advance(task, len(users))

@@ -354,7 +354,8 @@ def request_columns(
     Args:
         pairs: :func:`candidate_columns` of the one user (its candidates, in order).
         user, items, derived: :class:`mlsd.features.online.FeatureBatch`'s parts for these
-            candidates (user values have a leading dimension of 1).
+            candidates (user values have a leading dimension of 1, or one row per candidate
+            when the rows belong to several users: batch prediction).
         extras: ``user_events_all``, ``item_users_all`` and ``item_created_days`` per candidate
             (the model's snapshot as of training).
         layout: the ranker's columns.
@@ -366,11 +367,14 @@ def request_columns(
         if column in out:
             continue
         if column == f"affinity_mean_{longest}d":
-            # What _category_mean computes offline, vectorised over the one user's means.
-            means = np.asarray(user[f"cat_mean_{longest}d"], dtype=np.float64).reshape(-1)
+            # What _category_mean computes offline, vectorised: the row's user's mean in the
+            # row's item category (user rows: one broadcast user, or one per candidate).
+            means = np.asarray(user[f"cat_mean_{longest}d"], dtype=np.float64)
+            means = np.broadcast_to(means.reshape(-1, means.shape[-1]), (n, means.shape[-1]))
             index = np.asarray(items["category_index"], dtype=np.int64)
-            known = (index >= 0) & (index < len(means))
-            out[column] = np.where(known, means[np.where(known, index, 0)], 0.0)
+            known = (index >= 0) & (index < means.shape[1])
+            picked = means[np.arange(n), np.where(known, index, 0)]
+            out[column] = np.where(known, picked, 0.0)
             continue
         for source in (derived, items, user, extras):
             if column in source:
