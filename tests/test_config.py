@@ -242,3 +242,26 @@ def test_ranking_mistakes_name_the_file_and_key(tmp_path: Path, text: str, messa
     with pytest.raises(ValueError, match=message) as caught:
         load_feed_config(path)
     assert str(path) in str(caught.value)
+
+
+def test_service_log_section(tmp_path: Path) -> None:
+    default = load_feed_config(_write(tmp_path, ""))
+    assert default.service_log.enabled
+    assert default.service_log.path(tmp_path) == tmp_path / "service-log"
+    text = '[service_log]\ndir = "/var/log/mlsd"\nflush_rows = 100\nflush_interval_s = 1\n'
+    section = load_feed_config(_write(tmp_path, text)).service_log
+    assert section.path(tmp_path) == Path("/var/log/mlsd")
+    log = section.open(tmp_path / "log")
+    try:
+        assert (log.flush_rows, log.flush_interval_s, log.retention_days) == (100, 1.0, 30)
+    finally:
+        log.close()
+    for bad, message in [
+        ("flush_rows = 0", "flush_rows"),
+        ("flush_interval_s = 0", "flush_interval_s"),
+        ("rotate = true", "unknown key"),
+    ]:
+        path = _write(tmp_path, f"[service_log]\n{bad}\n")
+        with pytest.raises(ValueError, match=message) as caught:
+            load_feed_config(path)
+        assert "[service_log]" in str(caught.value)

@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from mlsd.evaluation.experiments import ExperimentsSection
 from mlsd.evaluation.retrieval import MergeConfig, ProtocolConfig, SourceFactory
 from mlsd.features.store import FeatureStoreConfig
+from mlsd.monitoring.alerts import MonitoringSection
 
 if TYPE_CHECKING:
     from mlsd.evaluation.pipeline import PipelineConfig
     from mlsd.evaluation.stages import RankerFactory
     from mlsd.models.ranking.base import Ranker
     from mlsd.models.retrieval.base import Retriever
+    from mlsd.monitoring.logs import ServiceLog
 
 DEFAULT_FEED_CONFIG = Path("configs/feed.toml")
 DEFAULT_BASELINES = ("popularity", "ease", "als", "bpr")
@@ -65,6 +68,60 @@ class FeatureStoreSection:
     def repo_path(self, dataset_dir: Path) -> Path:
         path = Path(self.repo_dir)
         return path if path.is_absolute() else Path(dataset_dir) / path
+
+
+@dataclass(frozen=True)
+class ServiceLogSection:
+    """``[service_log]``: where ``mlsd feed serve`` logs requests, exposures and feedback, and
+    how (the arguments of :class:`mlsd.monitoring.logs.ServiceLog`)."""
+
+    enabled: bool = True
+    dir: str = "service-log"
+    """Relative to ``--base-dir`` unless absolute."""
+    flush_rows: int = 5_000
+    flush_interval_s: float = 2.0
+    retention_days: int | None = 30
+    max_buffered_rows: int = 1_000_000
+    candidates_sample_rate: float = 0.1
+    """Share of online requests whose ranker rows (every scored candidate with its features)
+    go to the ``candidates`` table, what drift monitoring reads; 0 logs none."""
+    monitor_interval_s: float = 60.0
+    """Seconds between the service's monitoring passes over the last ``[monitoring].window``
+    (``mlsd_monitor_*`` gauges on ``/metrics``); 0 turns the in-service monitor off."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.candidates_sample_rate <= 1.0:
+            raise ValueError(
+                f"candidates_sample_rate must be in [0, 1], got {self.candidates_sample_rate}"
+            )
+        if not self.monitor_interval_s >= 0:
+            raise ValueError(f"monitor_interval_s must be >= 0, got {self.monitor_interval_s}")
+        if self.flush_rows < 1 or self.max_buffered_rows < self.flush_rows:
+            raise ValueError(
+                f"need 1 <= flush_rows <= max_buffered_rows, got {self.flush_rows} and "
+                f"{self.max_buffered_rows}"
+            )
+        if not self.flush_interval_s > 0:
+            raise ValueError(f"flush_interval_s must be > 0, got {self.flush_interval_s}")
+        if self.retention_days is not None and self.retention_days < 1:
+            raise ValueError(f"retention_days must be >= 1, got {self.retention_days}")
+
+    def path(self, base_dir: Path) -> Path:
+        """The log directory: ``dir`` resolved against ``base_dir``."""
+        path = Path(self.dir)
+        return path if path.is_absolute() else Path(base_dir) / path
+
+    def open(self, log_dir: Path) -> ServiceLog:
+        """A :class:`~mlsd.monitoring.logs.ServiceLog` writing into ``log_dir``."""
+        from mlsd.monitoring.logs import ServiceLog
+
+        return ServiceLog(
+            log_dir,
+            flush_rows=self.flush_rows,
+            flush_interval_s=self.flush_interval_s,
+            retention_days=self.retention_days,
+            max_buffered_rows=self.max_buffered_rows,
+        )
 
 
 # Candidate sources: each ``[retrieval.<name>]`` table mirrors its retriever's constructor (the
@@ -253,6 +310,9 @@ class FeedConfig:
     feature_store: FeatureStoreSection = field(default_factory=FeatureStoreSection)
     retrieval: RetrievalSection = field(default_factory=RetrievalSection)
     ranking: RankingSection = field(default_factory=lambda: RankingSection())
+    service_log: ServiceLogSection = field(default_factory=ServiceLogSection)
+    monitoring: MonitoringSection = field(default_factory=MonitoringSection)
+    experiments: ExperimentsSection = field(default_factory=ExperimentsSection)
 
     def __post_init__(self) -> None:
         sources = self.retrieval.sources
@@ -294,6 +354,13 @@ def load_feed_config(path: Path | None = None) -> FeedConfig:
             ),
             retrieval=_retrieval_section(raw.get("retrieval", {}), path),
             ranking=_ranking_section(raw.get("ranking", {}), path),
+            service_log=_section(
+                ServiceLogSection, raw.get("service_log", {}), path, "service_log"
+            ),
+            monitoring=MonitoringSection.from_mapping(raw.get("monitoring", {}), where=str(path)),
+            experiments=ExperimentsSection.from_mapping(
+                raw.get("experiments", {}), where=f"{path}: [experiments]"
+            ),
         )
     except CrossSectionError as exc:
         raise ValueError(f"{path}: {exc}") from exc

@@ -174,7 +174,8 @@ def test_batch_path_answers_what_the_online_path_answers(recommender: FeedRecomm
         online = recommender.recommend(
             RecommendRequest(user, k=10, now=now, allow_precomputed=False)
         )
-        assert online.path == "online" and not online.fallbacks
+        assert online.path == "online"
+        assert not online.fallbacks
         assert items.tolist() == [r.item_id for r in online.items], user
         np.testing.assert_allclose(scores, [r.score for r in online.items], rtol=1e-6)
     assert recommender.recommend_many([], k=10) == []

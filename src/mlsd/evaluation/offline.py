@@ -156,6 +156,8 @@ class TrainedRankers:
         calibrator: maps the chosen ranker's scores to click probabilities.
         rows: the ranker rows (all windows).
         validation: the last window's targets.
+        valid_data: the held-out users' ranker rows the rankers were scored and the
+            calibrator fitted on (what a reference profile of the ranker's inputs describes).
     """
 
     quotas: dict[str, Quota]
@@ -167,6 +169,7 @@ class TrainedRankers:
     calibrator: Calibrator
     rows: Rows
     validation: EvalTask
+    valid_data: RankingData | None = None
 
 
 @dataclass(frozen=True)
@@ -459,8 +462,9 @@ class _Run:
             prior_corrected(fitted[chosen].predict(valid_data.features), keep), valid_data.label
         )
         return TrainedRankers(
-            quotas, vocabulary, layout, fitted, scores, chosen, calibrator, rows, windows[-1].task
-        )
+            quotas, vocabulary, layout, fitted, scores, chosen, calibrator, rows, windows[-1].task,
+            valid_data,
+        )  # fmt: skip
 
     def _evaluate(
         self, windows: list[_LabelWindow], target: _LabelWindow, items: pd.DataFrame

@@ -19,6 +19,15 @@ Errors: invalid input (``k`` outside [1, ``MLSD_MAX_K``], malformed JSON, unknow
 model raises anything else, or no model is loaded, the ``fallback`` answers with path
 ``fallback:popular`` and ``"model"`` in ``fallbacks``; only without a fallback is it a 503.
 
+Log: with a :class:`~mlsd.monitoring.logs.ServiceLog`, each recommendation request is a
+``requests`` row (its ``request_id``, as in the response; status, latency, path, model version,
+fallbacks; a 422 or 503 that answered instead too) and each item shown an ``exposures`` row
+(position from 0, score, candidate source); each accepted feedback event is a ``feedback`` row
+at the time the service received it, with the ``request_id`` the client names
+(``EventIn.request_id``), which attributes a click to its exposure. Logging is an append to
+memory (the log writes in its own thread) and never fails a request; the app closes the log at
+shutdown.
+
 Reload: ``load_model()`` runs under a lock (two reloads never interleave) while requests keep
 using the current model; the new model then replaces the reference in one assignment. Each
 request reads the reference once, so in-flight requests finish on the model they started with.
@@ -36,9 +45,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Annotated, Protocol, cast, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast, runtime_checkable
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
@@ -56,6 +66,7 @@ from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendRes
 from mlsd.serving.schemas import (
     INT64_MAX,
     INT64_MIN,
+    NOW_MAX,
     AcceptedOut,
     EventIn,
     HistoryOut,
@@ -66,6 +77,12 @@ from mlsd.serving.schemas import (
     StatusOut,
     UserSampleOut,
 )
+
+if TYPE_CHECKING:
+    from mlsd.monitoring.alerts import AlertRule
+    from mlsd.monitoring.logs import ServiceLog
+    from mlsd.monitoring.monitor import MonitorResult
+    from mlsd.monitoring.profile import ReferenceProfile
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +157,14 @@ class RecommendService:
         *,
         settings: ServiceSettings,
         fallback: Recommender | None = None,
+        log: ServiceLog | None = None,
     ) -> None:
         self.settings = settings
         self.fallback = fallback
+        self.log = log
         self.metrics = ServiceMetrics()
+        if log is not None:
+            self.metrics.watch_log(log)
         self.last_load_error: str | None = None
         self._load_model = load_model
         self._model: Recommender | None = None
@@ -221,6 +242,32 @@ class RecommendService:
         self.metrics.observe(result)
         return result
 
+    def answer(self, request: RecommendRequest) -> tuple[str, RecommendResult]:
+        """:meth:`recommend` under a new request id, logged (a 422 or 503 too, then raised)."""
+        request_id = uuid.uuid4().hex
+        request = replace(request, request_id=request_id)
+        ts = time.time()
+        start = time.perf_counter()
+        try:
+            result = self.recommend(request)
+        except (BadRequestError, ServiceUnavailableError) as exc:
+            status = 422 if isinstance(exc, BadRequestError) else 503
+            latency_ms = (time.perf_counter() - start) * 1000.0
+            self._log(_log_failure, request_id, ts, request, status, latency_ms)
+            raise
+        self._log(_log_answer, request_id, ts, request, result)
+        return request_id, result
+
+    def _log(self, write: Callable[..., None], *args: Any) -> None:
+        """``write(log, *args)`` when there is a log; a failure there never fails the request."""
+        if self.log is None:
+            return
+        try:
+            write(self.log, *args)
+        except Exception:
+            logger.exception("the service log refused a row")
+            self.metrics.errors.labels("log").inc()
+
     def _from_fallback(self, request: RecommendRequest, *, model_loaded: bool) -> RecommendResult:
         why = "the model failed" if model_loaded else "no model is loaded"
         if self.fallback is None:
@@ -248,11 +295,14 @@ class RecommendService:
         raise ServiceUnavailableError("no model or fallback could read the history; retry later")
 
     def record_events(self, events: list[dict[str, object]]) -> int:
-        """Send feedback to the model (also to the fallback, best effort); returns accepted."""
+        """Send feedback to the model (also to the fallback, best effort) and to the log;
+        returns the events the model accepted. ``request_id`` goes to the log only."""
         model = self.current()
         target = model if model is not None else self.fallback
         if target is None:
             raise ServiceUnavailableError("no model is loaded to record events; retry later")
+        logged = events
+        events = [{k: v for k, v in e.items() if k != "request_id"} for e in events]
         try:
             accepted = target.record_events(events)
         except ValueError as exc:
@@ -265,6 +315,7 @@ class RecommendService:
                 self.fallback.record_events(events)
             except Exception:
                 logger.exception("the fallback could not record events")
+        self._log(_log_feedback, logged, time.time())
         self.metrics.events.inc(accepted)
         return accepted
 
@@ -276,6 +327,63 @@ class RecommendService:
                 except Exception:
                     logger.exception("sample_users failed on %s", type(source).__name__)
         return []
+
+
+def _log_answer(
+    log: ServiceLog, request_id: str, ts: float, request: RecommendRequest, result: RecommendResult
+) -> None:
+    version = result.model_version
+    log.log_request(
+        request_id, ts, request.user_id, version, path=result.path,
+        latency_ms=result.stage_ms.get("total", float("nan")), status=200, k=request.k,
+        fallbacks=result.fallbacks, experiment=result.experiment, arm=result.arm,
+    )  # fmt: skip
+    if result.items:
+        log.log_exposures(
+            request_id, ts, request.user_id, version,
+            [i.item_id for i in result.items], [i.score for i in result.items],
+            sources=[i.source for i in result.items], path=result.path,
+            experiment=result.experiment, arm=result.arm,
+        )  # fmt: skip
+    # The ranker's rows, for drift monitoring: the model attaches them to a sampled share of
+    # its online answers (FeedRecommender's candidates_sample_rate, [service_log] in the TOML).
+    rows = result.candidates
+    if rows is not None and result.path == "online":
+        numeric, categorical = rows.feature_columns()
+        log.log_candidates(
+            request_id, ts, request.user_id, version, rows.item_ids, rows.scores, numeric,
+            categorical,
+        )  # fmt: skip
+
+
+def _log_failure(
+    log: ServiceLog,
+    request_id: str,
+    ts: float,
+    request: RecommendRequest,
+    status: int,
+    latency_ms: float,
+) -> None:
+    log.log_request(
+        request_id, ts, request.user_id, "", path="", latency_ms=latency_ms, status=status,
+        k=request.k,
+    )  # fmt: skip
+
+
+def _log_feedback(log: ServiceLog, events: list[dict[str, object]], received: float) -> None:
+    """One ``feedback`` row per event at ``received``, the service's clock (like requests and
+    exposures, so one time window cuts all tables alike; the event's own ``ts`` goes to the
+    model)."""
+    for event in events:
+        request_id = event.get("request_id")
+        log.log_feedback(
+            received,
+            cast(int, event["user_id"]),
+            cast(int, event["item_id"]),
+            str(event["event"]),
+            value=cast(float, event.get("value", 1.0)),
+            request_id=request_id if isinstance(request_id, str) else "",
+        )
 
 
 # ---------------------------------------------------------------- dependencies
@@ -323,6 +431,10 @@ def _check_k(settings: ServiceSettings, k: int | None, loc: tuple[str, ...]) -> 
 
 K = Annotated[int, Depends(resolve_k)]
 UserId = Annotated[int, PathParam(ge=INT64_MIN, le=INT64_MAX)]
+Now = Annotated[
+    float | None,
+    Query(ge=0, le=NOW_MAX, description="request time, Unix seconds (default: the clock)"),
+]
 
 
 # ---------------------------------------------------------------- routes
@@ -332,11 +444,16 @@ router = APIRouter()
 
 @router.get("/v1/recommendations/{user_id}", response_model=RecommendationsOut)
 def recommend_for_user(
-    service: ServiceDep, user_id: UserId, k: K, explain: bool = False, precomputed: bool = True
+    service: ServiceDep,
+    user_id: UserId,
+    k: K,
+    explain: bool = False,
+    precomputed: bool = True,
+    now: Now = None,
 ) -> RecommendationsOut:
     """Top-k items for a known user (an unknown one gets the model's cold-start answer)."""
-    request = RecommendRequest(user_id, k, explain=explain, allow_precomputed=precomputed)
-    return _answer(service.recommend(request), user_id)
+    request = RecommendRequest(user_id, k, explain=explain, allow_precomputed=precomputed, now=now)
+    return _answer(*service.answer(request), user_id)
 
 
 @router.post("/v1/recommendations", response_model=RecommendationsOut)
@@ -349,8 +466,9 @@ def recommend(service: ServiceDep, body: RecommendIn) -> RecommendationsOut:
         recent_items=tuple(body.recent_items),
         explain=body.explain,
         allow_precomputed=body.allow_precomputed,
+        now=body.now,
     )
-    return _answer(service.recommend(request), body.user_id)
+    return _answer(*service.answer(request), body.user_id)
 
 
 @router.post("/v1/events", response_model=AcceptedOut)
@@ -427,9 +545,9 @@ data-path>``; recommendation rows are ``tr.rec``, history entries ``li.hist``, s
 ``tr.stage``."""
 
 
-def _answer(result: RecommendResult, user_id: int | None) -> RecommendationsOut:
+def _answer(request_id: str, result: RecommendResult, user_id: int | None) -> RecommendationsOut:
     return RecommendationsOut(
-        request_id=uuid.uuid4().hex,
+        request_id=request_id,
         user_id=user_id,
         model_version=result.model_version,
         path=result.path,
@@ -439,11 +557,136 @@ def _answer(result: RecommendResult, user_id: int | None) -> RecommendationsOut:
             for i in result.items
         ],
         stage_ms=result.stage_ms,
+        experiment=result.experiment,
+        arm=result.arm,
     )
 
 
 def _unix_seconds(ts: datetime) -> float:
     return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
+
+
+# ---------------------------------------------------------------- in-service monitoring
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """The service's own monitor: every ``interval_s`` it runs
+    :func:`~mlsd.monitoring.monitor.run_monitor` over the last ``window`` of its service log and
+    publishes the result as ``mlsd_monitor_*`` gauges on ``/metrics``
+    (:class:`~mlsd.serving.metrics.MonitorGauges`).
+
+    Attributes:
+        rules: the alert rules (``[[monitoring.alerts]]``); one firing gauge each.
+        window: the span each pass looks back over (``[monitoring].window``).
+        interval_s: seconds between passes (``[service_log].monitor_interval_s``), > 0.
+        profile_path: the reference profile; ``None``: the serving model's own
+            (``reference_profile_path``, which a feed model has), looked up on every pass so a
+            reload brings its profile along.
+        psi_threshold: PSI above which a feature counts as drifted.
+    """
+
+    rules: tuple[AlertRule, ...]
+    window: timedelta = timedelta(hours=1)
+    interval_s: float = 60.0
+    profile_path: Path | None = None
+    psi_threshold: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0:
+            raise ValueError(f"monitor interval_s must be > 0, got {self.interval_s}")
+        if not self.window > timedelta(0):
+            raise ValueError(f"monitor window must be positive, got {self.window}")
+
+
+@runtime_checkable
+class ProfiledRecommender(Protocol):
+    """A model that knows the reference profile of its training data (a feed model does)."""
+
+    @property
+    def reference_profile_path(self) -> Path | None: ...
+
+
+class ServiceMonitor:
+    """Monitoring passes over the service log in a daemon thread; each sets the gauges.
+
+    A pass without a known reference profile does nothing. A failing pass is logged and
+    counted (``mlsd_model_errors_total{operation="monitor"}``); the next one runs as planned.
+    Passes read Parquet through DuckDB off the request threads, so serving only shares the CPU.
+    """
+
+    def __init__(self, service: RecommendService, log_dir: Path, settings: MonitorSettings) -> None:
+        self.service = service
+        self.log_dir = Path(log_dir)
+        self.settings = settings
+        self.gauges = service.metrics.monitor_gauges(settings.rules)
+        self.last_result: MonitorResult | None = None
+        self._profile: tuple[Path, ReferenceProfile] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def profile_path(self) -> Path | None:
+        """The settings' profile, else the serving model's, else ``None``."""
+        if self.settings.profile_path is not None:
+            return self.settings.profile_path
+        model = self.service.current()
+        return model.reference_profile_path if isinstance(model, ProfiledRecommender) else None
+
+    def run_once(self, *, now: datetime | None = None) -> MonitorResult | None:
+        """One pass over ``[now - window, now)`` (``now``: the wall clock), published on the
+        gauges; ``None`` (and the gauges unchanged) when no reference profile is known."""
+        from mlsd.monitoring.monitor import run_monitor
+
+        path = self.profile_path()
+        if path is None:
+            logger.debug("no reference profile known; monitoring pass skipped")
+            return None
+        profile = self._load_profile(path)
+        end = now if now is not None else datetime.now(UTC)
+        result = run_monitor(
+            self.log_dir,
+            profile,
+            start=end - self.settings.window,
+            end=end,
+            rules=self.settings.rules,
+            psi_threshold=self.settings.psi_threshold,
+        )
+        self.gauges.update(result)
+        self.last_result = result
+        for alert in result.fired:
+            logger.warning("monitoring alert fired: %s", alert.describe())
+        return result
+
+    def _load_profile(self, path: Path) -> ReferenceProfile:
+        from mlsd.monitoring.profile import ReferenceProfile
+
+        cached = self._profile
+        if cached is None or cached[0] != path:  # a reload brought another model's profile
+            cached = (path, ReferenceProfile.load(path))
+            self._profile = cached
+        return cached[1]
+
+    def start(self) -> None:
+        """Run a pass every ``interval_s`` (the first one after an interval) until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="mlsd-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (waits for a pass in progress)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.interval_s):
+            try:
+                self.run_once()
+            except Exception:
+                logger.exception("monitoring pass over %s failed", self.log_dir)
+                self.service.metrics.errors.labels("monitor").inc()
 
 
 # ---------------------------------------------------------------- the app
@@ -454,6 +697,8 @@ def create_app(
     *,
     settings: ServiceSettings,
     fallback: Recommender | None = None,
+    log: ServiceLog | None = None,
+    monitor: MonitorSettings | None = None,
 ) -> FastAPI:
     """The service app; ``load_model()`` runs at startup (off the event loop) and on reload.
 
@@ -461,16 +706,31 @@ def create_app(
         load_model: returns a ready-to-serve model; may raise (then the fallback serves).
         settings: e.g. ``ServiceSettings.from_env()``.
         fallback: answers when the model fails or is missing, e.g. a ``PopularRecommender``.
+        log: where requests, exposures and feedback are logged (closed at shutdown).
+        monitor: with a ``log``, monitor it in the background (:class:`ServiceMonitor`, on
+            ``app.state.monitor``; started after the model loads, stopped at shutdown).
     """
-    service = RecommendService(load_model, settings=settings, fallback=fallback)
+    service = RecommendService(load_model, settings=settings, fallback=fallback, log=log)
+    watcher = None
+    if monitor is not None and log is not None:
+        watcher = ServiceMonitor(service, log.log_dir, monitor)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(service.ensure_loaded)
-        yield
+        if watcher is not None:
+            watcher.start()
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                await run_in_threadpool(watcher.stop)
+            if log is not None:
+                await run_in_threadpool(log.close)
 
     app = FastAPI(title="mlsd recommendations", lifespan=lifespan)
     app.state.service = service
+    app.state.monitor = watcher
     app.include_router(router)
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
     app.add_exception_handler(ServiceUnavailableError, _status_handler(503))

@@ -9,6 +9,7 @@ directory written by training (:func:`mlsd.systems.feed.package.package_model`):
       ranking/         the ranker, its calibrator, feature vocabulary and layout
       snapshot.npz     per-item and per-user counts as of training (ranker inputs the online
                        store does not hold), item categories for re-ranking
+      reference_profile.json  the ranker's inputs and scores at training time (monitoring)
 
 Every stage has a deadline (checked when it ends: Python cannot pre-empt a call) and a fallback,
 so a failed or slow dependency degrades the answer instead of failing the request:
@@ -18,6 +19,10 @@ so a failed or slow dependency degrades the answer instead of failing the reques
 - a candidate source raising → its candidates are dropped (``"source:<name>"``);
 - ranker failure, or the request already over its budget → the merged order (``"ranker"``);
 - no candidate at all → a precomputed list of any version, then the most popular items.
+
+For monitoring, an online answer whose ranker ran carries the ranker's rows of the request
+(:class:`~mlsd.serving.recommender.CandidateRows`: references, no copies) for a sampled share
+``candidates_sample_rate`` of requests; the service logs them as its ``candidates`` table.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +55,7 @@ from mlsd.models.ranking.candidates import (
 from mlsd.models.retrieval.merge import Quota, merge_candidates
 from mlsd.serving.precomputed import PrecomputedStore
 from mlsd.serving.recommender import (
+    CandidateRows,
     Path_,
     Recommendation,
     RecommendRequest,
@@ -64,6 +71,7 @@ FloatArray = npt.NDArray[np.float64]
 
 MODEL_JSON = "model.json"
 SNAPSHOT = "snapshot.npz"
+REFERENCE_PROFILE = "reference_profile.json"
 FORMAT_VERSION = 1
 
 
@@ -138,6 +146,8 @@ class FeedModel:
     ranking: RankingBundle
     rerank: RerankConfig
     snapshot: Snapshot
+    reference_profile: Path | None = None
+    """The training-time profile of the ranker's inputs (None: the model has none)."""
 
     @classmethod
     def load(cls, path: Path) -> FeedModel:
@@ -158,6 +168,13 @@ class FeedModel:
             raise ValueError(f"{path / SNAPSHOT}: unreadable snapshot ({err})") from err
         rerank_raw = dict(meta.get("rerank", {}))
         rerank_raw["blocklist"] = frozenset(rerank_raw.get("blocklist", ()))
+        profile = meta.get("reference_profile")
+        if profile is not None and not (path / profile).is_file():
+            # Serving does not need it: the model serves, its traffic is not drift-checked.
+            logger.warning(
+                "%s: reference profile %r is missing; no drift monitoring", path, profile
+            )
+            profile = None
         return cls(
             version=str(meta["version"]),
             sources={name: load_source(path / "sources" / name) for name in meta["sources"]},
@@ -166,6 +183,7 @@ class FeedModel:
             ranking=RankingBundle.load(path / "ranking"),
             rerank=RerankConfig(**rerank_raw),
             snapshot=snapshot,
+            reference_profile=None if profile is None else path / profile,
         )
 
 
@@ -194,6 +212,8 @@ class FeedRecommender:
         precomputed: batch predictions in Redis (``None``: always online).
         deadlines: stage budgets.
         max_age_s: a precomputed list older than this is not served as fresh.
+        candidates_sample_rate: share of online answers that carry the ranker's rows
+            (``RecommendResult.candidates``), in [0, 1].
     """
 
     def __init__(
@@ -204,14 +224,25 @@ class FeedRecommender:
         precomputed: PrecomputedStore | None = None,
         deadlines: Deadlines | None = None,
         max_age_s: float | None = 86_400.0,
+        candidates_sample_rate: float = 0.0,
     ) -> None:
+        if not 0.0 <= candidates_sample_rate <= 1.0:
+            raise ValueError(
+                f"candidates_sample_rate must be in [0, 1], got {candidates_sample_rate}"
+            )
         self.model = model
         self.version = model.version
         self.features = features
         self.precomputed = precomputed
         self.deadlines = deadlines or Deadlines()
         self.max_age_s = max_age_s
+        self.candidates_sample_rate = candidates_sample_rate
         self._healthy_features = True
+
+    @property
+    def reference_profile_path(self) -> Path | None:
+        """The model's reference profile (what the service's monitor compares traffic with)."""
+        return self.model.reference_profile
 
     def warm_up(self) -> FeedRecommender:
         """Load the item cache and run the path once (lazy imports, first-call allocations),
@@ -262,7 +293,7 @@ class FeedRecommender:
         pairs = candidate_columns([uid], merged, scored)
         clock.lap("merge")
         item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
-        probs, ages = self._rank(request, user, pairs, clock, fallbacks)
+        probs, ages, features = self._rank(request, user, pairs, clock, fallbacks)
         clock.lap("ranking")
         final = rerank(
             item_ids,
@@ -282,7 +313,13 @@ class FeedRecommender:
             source = "?" if row is None else str(claimed[row])
             reasons = self._reasons(row, pairs) if request.explain and row is not None else ()
             items.append(Recommendation(int(i), float(s), source, reasons))
-        return self._result(items, "online", clock, fallbacks)
+        candidates = None
+        if features is not None and random.random() < self.candidates_sample_rate:
+            layout = self.model.ranking.layout
+            candidates = CandidateRows(
+                item_ids, probs, features, layout.numeric, layout.categorical
+            )
+        return self._result(items, "online", clock, fallbacks, candidates)
 
     def recommend_many(
         self, user_ids: Sequence[int], *, k: int, now: float | None = None
@@ -454,14 +491,15 @@ class FeedRecommender:
         pairs: Mapping[str, npt.NDArray[Any]],
         clock: _Clock,
         fallbacks: list[str],
-    ) -> tuple[FloatArray, FloatArray]:
-        """Calibrated click probabilities (the merged order on failure) and item ages."""
+    ) -> tuple[FloatArray, FloatArray, pd.DataFrame | None]:
+        """Calibrated click probabilities (the merged order on failure), item ages and the
+        ranker's features (``None`` when the ranker did not run)."""
         item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
         merged_order = 1.0 - np.arange(len(item_ids)) / max(len(item_ids), 1)
         ages = np.full(len(item_ids), np.nan)
         if self.features is None or clock.total() > self.deadlines.total_ms:
             fallbacks.append("ranker:deadline")
-            return merged_order, ages
+            return merged_order, ages, None
         bundle = self.model.ranking
         try:
             now = pd.Timestamp(
@@ -487,8 +525,8 @@ class FeedRecommender:
         except Exception:
             logger.exception("ranking failed; serving the merged order")
             fallbacks.append("ranker")
-            return merged_order, ages
-        return np.asarray(probs, dtype=np.float64), ages
+            return merged_order, ages, None
+        return np.asarray(probs, dtype=np.float64), ages, features
 
     def _degraded(
         self, request: RecommendRequest, clock: _Clock, fallbacks: list[str]
@@ -527,10 +565,13 @@ class FeedRecommender:
         path: Path_,
         clock: _Clock,
         fallbacks: list[str],
+        candidates: CandidateRows | None = None,
     ) -> RecommendResult:
         stage_ms = dict(clock.stage_ms)
         stage_ms["total"] = clock.total()
-        return RecommendResult(items, path, self.version, stage_ms, tuple(fallbacks))
+        return RecommendResult(
+            items, path, self.version, stage_ms, tuple(fallbacks), candidates=candidates
+        )
 
 
 def _row(values: npt.ArrayLike, width: int, *, fill: float = -1) -> npt.NDArray[Any]:

@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlsd.serving.recommender import Recommender, RecommendResult
+
+if TYPE_CHECKING:
+    from mlsd.monitoring.alerts import AlertRule
+    from mlsd.monitoring.logs import ServiceLog
+    from mlsd.monitoring.monitor import MonitorResult
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 """Histogram buckets in seconds: 0.5 ms to 1 s, where a recommendation's stages live."""
@@ -53,6 +62,7 @@ class ServiceMetrics:
         )
         self.reloads = Counter("mlsd_model_reloads", "Reloads", ["outcome"], registry=r)
         self.events = Counter("mlsd_events_accepted", "Feedback events accepted", registry=r)
+        self._monitor: MonitorGauges | None = None
 
     def observe(self, result: RecommendResult) -> None:
         self.responses.labels(result.path).inc()
@@ -66,6 +76,75 @@ class ServiceMetrics:
         if old is not None and old.version != new.version:
             self.model_info.remove(old.version)
         self.model_info.labels(new.version).set(1)
+
+    def watch_log(self, log: ServiceLog) -> None:
+        """Export the service log's counters (rows written and dropped, write errors)."""
+        self.registry.register(_LogCollector(log))
+
+    def monitor_gauges(self, rules: Sequence[AlertRule]) -> MonitorGauges:
+        """The in-service monitor's gauges on this registry (created on the first call)."""
+        if self._monitor is None:
+            self._monitor = MonitorGauges(self.registry, rules)
+        return self._monitor
+
+
+class MonitorGauges:
+    """The latest monitoring pass as gauges: ``mlsd_monitor_<metric>`` for every metric of
+    :data:`mlsd.monitoring.alerts.METRICS` (NaN when the window had no data for it) and
+    ``mlsd_monitor_alert_firing{rule=...}`` (1 fired, 0 ok or no data) for every rule."""
+
+    def __init__(self, registry: CollectorRegistry, rules: Sequence[AlertRule]) -> None:
+        from mlsd.monitoring.alerts import METRICS
+
+        self.metrics = {
+            name: Gauge(f"mlsd_monitor_{name}", f"Monitoring window: {meaning}", registry=registry)
+            for name, meaning in METRICS.items()
+        }
+        self.alert_firing = Gauge(
+            "mlsd_monitor_alert_firing", "1 when the alert rule fired on the last monitoring pass",
+            ["rule"], registry=registry,
+        )  # fmt: skip
+        self.last_run = Gauge(
+            "mlsd_monitor_last_run_timestamp_seconds", "End of the last monitored window (Unix s)",
+            registry=registry,
+        )  # fmt: skip
+        self.run_seconds = Gauge(
+            "mlsd_monitor_run_seconds", "Wall time of the last monitoring pass", registry=registry
+        )
+        for gauge in self.metrics.values():
+            gauge.set(math.nan)
+        for rule in rules:
+            self.alert_firing.labels(rule.name).set(0)
+
+    def update(self, result: MonitorResult) -> None:
+        """Publish one pass (:func:`mlsd.monitoring.monitor.run_monitor`'s result)."""
+        for name, gauge in self.metrics.items():
+            gauge.set(result.metrics.get(name, math.nan))
+        for outcome in result.outcomes:
+            self.alert_firing.labels(outcome.rule.name).set(1.0 if outcome.fired else 0.0)
+        self.last_run.set(result.end.timestamp())
+        self.run_seconds.set(result.seconds)
+
+
+class _LogCollector(Collector):
+    """The service log's own counters, read when ``/metrics`` is scraped."""
+
+    def __init__(self, log: ServiceLog) -> None:
+        self.log = log
+
+    def collect(self) -> Iterator[Metric]:
+        log = self.log
+        yield CounterMetricFamily(
+            "mlsd_log_written_rows", "Rows the service log wrote", value=log.written_rows
+        )
+        yield CounterMetricFamily(
+            "mlsd_log_dropped_rows",
+            "Rows the service log lost (buffer full, failed write, closed)",
+            value=log.dropped_rows,
+        )
+        yield CounterMetricFamily(
+            "mlsd_log_write_errors", "Failed writes of the service log", value=log.write_errors
+        )
 
 
 class RequestMetricsMiddleware:

@@ -20,7 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # the protocol module stays import-light: only annotations name these
+    import numpy as np
+    import numpy.typing as npt
+    import pandas as pd
 
 Path_ = Literal["precomputed", "online", "fallback:precomputed", "fallback:popular"]
 PATHS: tuple[Path_, ...] = ("precomputed", "online", "fallback:precomputed", "fallback:popular")
@@ -38,6 +43,8 @@ class RecommendRequest:
         explain: also return the main reasons for each item.
         now: the request time, epoch seconds (``None``: the wall clock).
         allow_precomputed: serve a fresh precomputed list when one exists.
+        request_id: the service's id of the request (it assigns anonymous visitors to
+            experiment arms).
     """
 
     user_id: int | None
@@ -47,6 +54,7 @@ class RecommendRequest:
     explain: bool = False
     now: float | None = None
     allow_precomputed: bool = True
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,55 @@ class RecommendResult:
     model_version: str
     stage_ms: dict[str, float] = field(default_factory=dict)
     fallbacks: tuple[str, ...] = ()
+    experiment: str = ""
+    """The online experiment that routed the request ("" when none)."""
+    arm: str = ""
+    """The experiment arm that answered ("" when none)."""
+    candidates: CandidateRows | None = field(default=None, repr=False, compare=False)
+    """The ranker's inputs and scores for this request's candidates, set only by an online
+    answer whose ranker ran, for a sampled share of requests (the service logs them)."""
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateRows:
+    """Every candidate the ranker scored for one request, with the ranker's inputs.
+
+    The arrays are references to what the request path computed, not copies: read them, never
+    write to them. The columns are extracted only when logged (:meth:`feature_columns`).
+
+    Attributes:
+        item_ids: ``(n,)`` candidate ids, in the ranker's row order.
+        scores: ``(n,)`` calibrated click probabilities (what the re-ranker was given).
+        features: ``(n, len(numeric) + len(categorical))`` the ranker's frame
+            (:func:`~mlsd.models.ranking.candidates.ranker_frame`): float numeric columns and
+            int categorical codes.
+        numeric, categorical: the ranker's feature names (its ``FeatureLayout``), which are the
+            reference profile's names and the log's ``f_<name>`` / ``c_<name>`` columns.
+    """
+
+    item_ids: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float64]
+    features: pd.DataFrame
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+
+    def feature_columns(
+        self,
+    ) -> tuple[dict[str, npt.NDArray[np.float64]], dict[str, npt.NDArray[np.int64]]]:
+        """(numeric name → ``(n,)`` values, categorical name → ``(n,)`` codes).
+
+        One conversion of the whole frame (~30 µs for 100 rows × 33 columns, 6x faster than
+        column by column); the values are views into it."""
+        names = [*self.numeric, *self.categorical]
+        same_order = list(self.features.columns) == names  # what ranker_frame builds
+        frame = self.features if same_order else self.features[names]
+        matrix = frame.to_numpy(dtype="float64")
+        k = len(self.numeric)
+        codes = matrix[:, k:].astype("int64")
+        return (
+            {name: matrix[:, j] for j, name in enumerate(self.numeric)},
+            {name: codes[:, j] for j, name in enumerate(self.categorical)},
+        )
 
 
 @runtime_checkable

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlsd.serving.recommender import Path_
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+NOW_MAX = 32_503_680_000.0
+"""The latest request time accepted (year 3000, Unix seconds): simulations set ``now``."""
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
@@ -28,6 +30,8 @@ class RecommendationsOut(BaseModel):
     fallbacks: list[str] = Field(description="dependencies that failed on the way")
     items: list[ItemOut]
     stage_ms: dict[str, float] = Field(description="milliseconds per stage; 'total': all of it")
+    experiment: str = Field("", description="the online experiment that routed the request")
+    arm: str = Field("", description="the experiment arm that answered")
 
 
 class RecommendIn(BaseModel):
@@ -39,6 +43,9 @@ class RecommendIn(BaseModel):
     recent_items: list[Int64] = Field(default_factory=list, max_length=1000)
     explain: bool = False
     allow_precomputed: bool = True
+    now: float | None = Field(
+        None, ge=0, le=NOW_MAX, description="request time, Unix seconds (default: the clock)"
+    )
 
 
 class EventIn(BaseModel):
@@ -49,6 +56,9 @@ class EventIn(BaseModel):
     event: str = Field(min_length=1, max_length=64, examples=["click"])
     value: float = Field(1.0, allow_inf_nan=False)
     ts: datetime | None = Field(None, description="ISO 8601 or Unix seconds; default: now")
+    request_id: str | None = Field(
+        None, max_length=64, description="the request_id of the recommendation that showed it"
+    )
 
 
 class AcceptedOut(BaseModel):

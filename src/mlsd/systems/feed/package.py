@@ -5,6 +5,11 @@ One function, :func:`package_model`: the ranking stage is trained as of the end 
 events and exported in its serving form, and the counts the ranker reads but the online store
 does not hold are snapshotted. The result is a directory of safe files (JSON, npz, LightGBM
 text, torch weights, Faiss index files): what the registry stores and serving loads.
+
+The directory also holds ``reference_profile.json`` (:mod:`mlsd.monitoring.profile`): the
+ranker's inputs and calibrated scores on its held-out rows, with the training-time label
+metrics, so the profile that live traffic is compared against travels with the model through
+the registry (``model.json``'s ``reference_profile`` names it).
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import pandas as pd
 
 from mlsd.config import FeedConfig
 from mlsd.data.schema import read_info
+from mlsd.evaluation.metrics import expected_calibration_error
 from mlsd.evaluation.offline import TrainedRankers, train_pipeline
 from mlsd.evaluation.retrieval import catalog_as_of, load_dataset
 from mlsd.features.batch import feature_config_for
+from mlsd.models.ranking.bundle import RankingBundle
 from mlsd.models.retrieval.base import RetrievalData
 from mlsd.models.retrieval.export import export_source
-from mlsd.serving.feed import FORMAT_VERSION, MODEL_JSON, SNAPSHOT
+from mlsd.monitoring.profile import ReferenceProfile
+from mlsd.serving.feed import FORMAT_VERSION, MODEL_JSON, REFERENCE_PROFILE, SNAPSHOT
 
 
 def package_model(
@@ -57,6 +65,9 @@ def package_model(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     bundle.save(out / "ranking")
+    profile = reference_profile(bundle, trained)
+    if profile is not None:
+        profile.save(out / REFERENCE_PROFILE)
     events, users, items = load_dataset(dataset_dir)
     cutoff = events["ts"].max() + pd.Timedelta(microseconds=1)
     train = RetrievalData(events, users, catalog_as_of(items, events, cutoff), cutoff)
@@ -81,9 +92,39 @@ def package_model(
         "dataset": {"name": info.name, "content_hash": info.content_hash},
         "trained_until": cutoff.isoformat(),
         "source_fit_seconds": fit_seconds,
+        "reference_profile": REFERENCE_PROFILE if profile is not None else None,
     }
     (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return out, trained
+
+
+def reference_profile(bundle: RankingBundle, trained: TrainedRankers) -> ReferenceProfile | None:
+    """The ranker's inputs and calibrated scores on its held-out rows (``None`` without any).
+
+    Features are the ranker's view (:func:`~mlsd.models.ranking.candidates.ranker_frame`: the
+    values the service logs as ``f_<name>``/``c_<name>``). Label metrics: ``ctr`` (the rows'
+    click rate), ``ndcg_at_10`` (the chosen ranker's on its held-out users) and ``ece`` of
+    the calibrated scores; the calibrator was fitted on these rows, so that ECE is in-sample.
+    """
+    valid = trained.valid_data
+    if valid is None or len(valid.features) == 0:
+        return None
+    y_score = bundle.probabilities(valid.features)
+    y_true = valid.label
+    chosen = next((s for s in trained.scores if s.name == trained.chosen), None)
+    label_metrics = {
+        "ctr": float(y_true.mean()),
+        "ece": expected_calibration_error(y_true, np.clip(y_score, 0.0, 1.0), n_bins=10),
+    }
+    if chosen is not None:
+        label_metrics["ndcg_at_10"] = chosen.valid_ndcg  # NaN (not computable) is left out
+    return ReferenceProfile.build(
+        valid.features,
+        y_score,
+        numeric=valid.schema.numeric,
+        categorical=valid.schema.categorical,
+        label_metrics=label_metrics,
+    )
 
 
 def _write_snapshot(

@@ -4,7 +4,8 @@ The service (:mod:`mlsd.serving.app`) asks a loader for the model at start-up an
 ``POST /admin/reload``; with ``--registry``, the loader downloads and verifies the current
 ``champion`` and builds a :class:`~mlsd.serving.feed.FeedRecommender` over it, so promoting a
 version and reloading swaps it in without a restart. The popularity recommender of the dataset
-answers when the model cannot.
+answers when the model cannot. Requests, exposures and feedback go to the service log
+(``[service_log]`` of the config, ``--log-dir``; :mod:`mlsd.monitoring.logs`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import typer
 
 from mlsd.config import FeedConfig, load_feed_config
 from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
+from mlsd.systems.feed.logs_commands import LogDir
 from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
 
 if TYPE_CHECKING:  # kept out of the CLI's import time
+    from mlsd.evaluation.experiments import Experiment
+    from mlsd.features.online import OnlineFeatures
+    from mlsd.serving.app import MonitorSettings
     from mlsd.serving.recommender import Recommender
 
 
@@ -33,16 +38,17 @@ def feed_loader(
     base_dir: Path,
     alias: str = "champion",
     redis_url: str | None = None,
+    features: OnlineFeatures | None = None,
 ) -> Callable[[], Recommender]:
-    """A function that loads the model (a directory, or the registry's ``alias``) afresh."""
-    from mlsd.features.batch import feature_config_for
-    from mlsd.features.online import OnlineFeatures
+    """A function that loads the model (a directory, or the registry's ``alias``) afresh.
+
+    ``features``: the online feature reader to use (default: a new one on the dataset's
+    store); loaders of several models share one, so feedback is written once."""
     from mlsd.serving.feed import FeedModel, FeedRecommender
     from mlsd.serving.precomputed import PrecomputedStore
 
-    feature_config = feature_config_for(dataset, **vars(feed.features))
-    repo = feed.feature_store.repo_path(dataset)
-    features = OnlineFeatures(repo, feature_config)
+    if features is None:
+        features = online_features(dataset, feed)
     precomputed = None
     if redis_url is not None:
         import redis
@@ -61,7 +67,70 @@ def feed_loader(
             attempt = len(list(downloads.iterdir()))
             path = registry.download(alias, downloads / f"v{champion}-{attempt}")
         model = FeedModel.load(path)
-        return FeedRecommender(model, features=features, precomputed=precomputed).warm_up()
+        return FeedRecommender(
+            model,
+            features=features,
+            precomputed=precomputed,
+            candidates_sample_rate=feed.service_log.candidates_sample_rate,
+        ).warm_up()
+
+    return load
+
+
+def online_features(dataset: Path, feed: FeedConfig) -> OnlineFeatures:
+    """The online feature reader of ``dataset``'s feature store."""
+    from mlsd.features.batch import feature_config_for
+    from mlsd.features.online import OnlineFeatures
+
+    config = feature_config_for(dataset, **vars(feed.features))
+    return OnlineFeatures(feed.feature_store.repo_path(dataset), config)
+
+
+POPULAR_ALIAS = "popular"
+"""An experiment arm with this alias serves the dataset's most popular items (the baseline)."""
+
+
+def experiment_loader(
+    dataset: Path,
+    feed: FeedConfig,
+    experiment: Experiment,
+    *,
+    model_dir: Path | None,
+    registry_uri: str | None,
+    base_dir: Path,
+    redis_url: str | None = None,
+) -> Callable[[], Recommender]:
+    """A loader of every arm of ``experiment`` behind one
+    :class:`~mlsd.serving.experiment.ExperimentRecommender`.
+
+    An arm's ``alias`` names a registry alias (``champion``, ``challenger``, ...), or
+    ``popular`` for the popularity baseline. With ``model_dir`` every registry alias loads
+    that directory instead (an A/B test of the baseline against one model)."""
+    from mlsd.serving.experiment import ExperimentRecommender
+    from mlsd.serving.popular import PopularRecommender
+
+    features = online_features(dataset, feed)
+    loaders = {
+        arm.name: feed_loader(
+            dataset,
+            feed,
+            model_dir=model_dir,
+            registry_uri=registry_uri,
+            base_dir=base_dir,
+            alias=arm.alias,
+            redis_url=redis_url,
+            features=features,
+        )
+        for arm in experiment.arms
+        if arm.alias != POPULAR_ALIAS
+    }
+
+    def load() -> Recommender:
+        arms: dict[str, Recommender] = {name: make() for name, make in loaders.items()}
+        for arm in experiment.arms:
+            if arm.alias == POPULAR_ALIAS:
+                arms[arm.name] = PopularRecommender.from_dataset(dataset)
+        return ExperimentRecommender(experiment, arms)
 
     return load
 
@@ -81,6 +150,15 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
+    log_dir: LogDir = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not write the service log.")] = False,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            "--experiment",
+            help="Run this [experiments] entry (default: its `active` one; 'none': no experiment).",
+        ),
+    ] = None,
 ) -> None:
     """Step 6: serve recommendations, events, metrics and the UI (FastAPI under uvicorn)."""
     from mlsd.serving.app import ServiceSettings, create_app
@@ -88,19 +166,72 @@ def serve(
     from mlsd.serving.popular import PopularRecommender
 
     feed = load_feed_config(config)
-    load = feed_loader(
-        dataset,
-        feed,
-        model_dir=model,
-        registry_uri=registry_uri,
-        base_dir=base_dir,
-        redis_url=redis_url,
-    )
+    log = None
+    if feed.service_log.enabled and not no_log:
+        log = feed.service_log.open(log_dir or feed.service_log.path(base_dir))
+    running = _experiment(feed, experiment)
+    if running is None:
+        load = feed_loader(
+            dataset,
+            feed,
+            model_dir=model,
+            registry_uri=registry_uri,
+            base_dir=base_dir,
+            redis_url=redis_url,
+        )
+    else:
+        load = experiment_loader(
+            dataset,
+            feed,
+            running,
+            model_dir=model,
+            registry_uri=registry_uri,
+            base_dir=base_dir,
+            redis_url=redis_url,
+        )
+        arms = ", ".join(f"{a.name} ({a.alias}, {a.weight:g})" for a in running.arms)
+        console.print(f"experiment {running.name}: {arms}")
     web = create_app(
-        load, settings=ServiceSettings.from_env(), fallback=PopularRecommender.from_dataset(dataset)
+        load,
+        settings=ServiceSettings.from_env(),
+        fallback=PopularRecommender.from_dataset(dataset),
+        log=log,
+        monitor=monitor_settings(feed, model),
     )
     console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
+    if log is not None:
+        console.print(f"service log: {log.log_dir}")
     run_server(web, host, port)
+
+
+def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSettings | None:
+    """The service's monitor: ``[monitoring]``'s rules and window every
+    ``[service_log].monitor_interval_s`` (``None`` when that is 0).
+
+    The reference profile is ``model_dir``'s when it has one, else the serving model's own,
+    looked up on every pass (a registry champion's travels in its model directory).
+    """
+    from mlsd.serving.app import MonitorSettings
+    from mlsd.serving.feed import REFERENCE_PROFILE
+
+    if feed.service_log.monitor_interval_s <= 0:
+        return None
+    profile = None if model_dir is None else Path(model_dir) / REFERENCE_PROFILE
+    return MonitorSettings(
+        rules=tuple(feed.monitoring.alerts),
+        window=feed.monitoring.window_delta,
+        interval_s=feed.service_log.monitor_interval_s,
+        profile_path=profile if profile is not None and profile.is_file() else None,
+        psi_threshold=feed.monitoring.psi_threshold,
+    )
+
+
+def _experiment(feed: FeedConfig, name: str | None) -> Experiment | None:
+    if name == "none":
+        return None
+    if name is None:
+        return feed.experiments.active_experiment
+    return feed.experiments.get(name)
 
 
 @app.command("batch-predict")

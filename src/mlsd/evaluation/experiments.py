@@ -1,0 +1,795 @@
+"""Online A/B experiments: deterministic assignment, the statistics, and the report over the log.
+
+**Assignment.** A unit (a user, or one request of an anonymous user) goes to an arm by hashing
+``"{experiment}:{salt}:{user_id}"`` with BLAKE2b into [0, 1) and cutting that interval by the
+arms' cumulative weights. The hash, unlike Python's ``hash``, is the same in every process and
+on every replica, so a user sees one arm for the whole experiment; a new salt reshuffles users
+independently of the old split (so consecutive experiments do not inherit each other's users).
+
+**Unit of analysis.** Users are randomised, not exposures, and the exposures of one user are
+correlated (a user who likes the feed clicks on many items). A per-exposure two-proportion
+z-test treats them as independent, underestimates the variance of the CTR and rejects a true
+null far more often than ``alpha`` once users see several items. The report therefore shows it
+for completeness only; the **decision** uses the CTR as a ratio of per-user sums,
+``sum(clicks) / sum(exposures)``, whose variance comes from the delta method over users
+(Deng et al., "Applying the Delta Method in Metric Analytics", KDD 2018)::
+
+    Var(R) ≈ (Var(c) - 2 R Cov(c, e) + R² Var(e)) / (n · mean(e)²)
+
+with ``c``, ``e`` the per-user clicks and exposures. Per-user metrics (clicks per user, the
+share of users with a click) are already at the randomisation unit, so Welch's t-test and the
+two-proportion z-test on users are valid for them as they are.
+
+**Sample-ratio mismatch.** Users per arm are compared with the configured weights by a
+chi-squared goodness-of-fit test; p < 0.001 flags a broken assignment or logging path, in which
+case no other number of the report should be trusted.
+
+**The log.** :func:`experiment_report` reads the service log written by
+:mod:`mlsd.monitoring.logs` (``<log_dir>/<table>/date=YYYY-MM-DD/*.parquet``, tables
+``requests``, ``exposures`` and ``feedback``) with DuckDB. A click belongs to an exposure when a
+``click`` event carries its request id and item, or, for a click without a request id, to the
+latest exposure of that item to that user in the 1800 s before the click.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from scipy import stats
+
+__all__ = [
+    "Arm",
+    "ArmComparison",
+    "ArmSummary",
+    "Comparison",
+    "EmptyLogError",
+    "Estimate",
+    "Experiment",
+    "ExperimentReport",
+    "ExperimentsSection",
+    "SRMResult",
+    "analyse_units",
+    "experiment_report",
+    "mean_ci",
+    "power",
+    "ratio_ci",
+    "ratio_delta_test",
+    "read_units",
+    "sample_size",
+    "srm_test",
+    "two_proportion_ztest",
+    "welch_ttest",
+    "wilson_ci",
+]
+
+SRM_THRESHOLD = 0.001
+"""p-value below which the sample-ratio-mismatch check flags the split."""
+CLICK_WINDOW_S = 1800
+"""A click without a request id belongs to an exposure of the item at most this long before."""
+
+
+# --- Assignment --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: its name in the log, the registry alias it serves, its share of the traffic."""
+
+    name: str
+    alias: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named experiment whose first arm is the control."""
+
+    name: str
+    salt: str
+    arms: tuple[Arm, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.arms) < 2:
+            raise ValueError(
+                f"experiment {self.name!r} needs at least 2 arms, has {len(self.arms)}"
+            )
+        names = [arm.name for arm in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r} has duplicate arm names {names}")
+        bad = [arm.name for arm in self.arms if not (arm.weight > 0 and math.isfinite(arm.weight))]
+        if bad:
+            raise ValueError(f"experiment {self.name!r}: arm(s) {bad} need a positive weight")
+
+    @property
+    def weights(self) -> npt.NDArray[np.float64]:
+        """(n_arms,) traffic shares, normalised to sum to 1."""
+        weights = np.array([arm.weight for arm in self.arms], dtype=np.float64)
+        shares: npt.NDArray[np.float64] = weights / weights.sum()
+        return shares
+
+    def assign(self, user_id: int | None, *, request_id: str | None = None) -> Arm:
+        """The arm of a user; an anonymous user (``None`` or negative id) by its request id."""
+        return self.arms[int(self._indices([_unit_key(user_id, request_id)])[0])]
+
+    def assign_many(
+        self, user_ids: npt.ArrayLike, *, request_ids: Sequence[str] | None = None
+    ) -> npt.NDArray[np.object_]:
+        """(n,) arm names of ``user_ids``; negative ids are anonymous and need ``request_ids``."""
+        users = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        if request_ids is not None and len(request_ids) != users.size:
+            raise ValueError(f"{len(request_ids)} request ids for {users.size} user ids")
+        requests: Sequence[str | None] = request_ids or [None] * users.size
+        keys = [_unit_key(int(u), r) for u, r in zip(users.tolist(), requests, strict=True)]
+        names = np.array([arm.name for arm in self.arms], dtype=object)
+        return names[self._indices(keys)]
+
+    def _indices(self, keys: Iterable[str]) -> npt.NDArray[np.intp]:
+        prefix = f"{self.name}:{self.salt}:"
+        unit = np.fromiter((_hash_unit(prefix + key) for key in keys), dtype=np.float64, count=-1)
+        bounds = np.cumsum(self.weights)
+        bounds[-1] = 1.0  # rounding must not leave a sliver of [0, 1) unassigned
+        return np.searchsorted(bounds, unit, side="right")
+
+
+def _unit_key(user_id: int | None, request_id: str | None) -> str:
+    if user_id is not None and user_id >= 0:
+        return str(user_id)
+    if not request_id:
+        raise ValueError("an anonymous user (no user id) is assigned by request id; pass one")
+    return f"request:{request_id}"
+
+
+def _hash_unit(key: str) -> float:
+    """``key`` hashed to [0, 1): the top 53 bits of an 8-byte BLAKE2b, over 2**53.
+
+    53 bits are what a float64 holds exactly; dividing all 64 would round the largest values
+    up to 1.0, past the last arm.
+    """
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 11) / 2.0**53
+
+
+@dataclass(frozen=True)
+class ExperimentsSection:
+    """``[experiments]`` of a system TOML: the defined experiments and the one the service runs.
+
+    ```toml
+    [experiments]
+    active = "ranker-ab"          # omit to run none
+
+    [[experiments.experiment]]
+    name = "ranker-ab"
+    salt = "2025-01"
+    arms = [
+      { name = "control", alias = "champion", weight = 0.5 },
+      { name = "treatment", alias = "challenger", weight = 0.5 },
+    ]
+    ```
+    """
+
+    experiments: tuple[Experiment, ...] = ()
+    active: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.experiments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment names must be unique, got {names}")
+        if self.active is not None and self.active not in names:
+            raise ValueError(f"active = {self.active!r} is not a defined experiment {names}")
+
+    def get(self, name: str) -> Experiment:
+        """The experiment called ``name``."""
+        for experiment in self.experiments:
+            if experiment.name == name:
+                return experiment
+        known = [e.name for e in self.experiments]
+        raise ValueError(f"no experiment {name!r}; defined: {known or 'none'}")
+
+    @property
+    def active_experiment(self) -> Experiment | None:
+        return None if self.active is None else self.get(self.active)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], *, where: str) -> ExperimentsSection:
+        """Parse the ``[experiments]`` table; errors name ``where`` and the key at fault."""
+        unknown = sorted(set(raw) - {"active", "experiment"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; known: active, experiment")
+        tables = raw.get("experiment", [])
+        if not isinstance(tables, list):
+            raise ValueError(f"{where}.experiment: expected [[experiments.experiment]] tables")
+        experiments = tuple(
+            _experiment(table, f"{where}.experiment[{i}]") for i, table in enumerate(tables)
+        )
+        active = raw.get("active")
+        if active is not None and not isinstance(active, str):
+            raise ValueError(f"{where}.active: expected an experiment name, got {active!r}")
+        try:
+            return cls(experiments=experiments, active=active)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+
+
+def _experiment(table: Any, where: str) -> Experiment:
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{where}: expected a table, got {table!r}")
+    unknown = sorted(set(table) - {"name", "salt", "arms"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: name, salt, arms")
+    name, salt = (_string(table, key, where) for key in ("name", "salt"))
+    arms_raw = table.get("arms")
+    if not isinstance(arms_raw, list) or len(arms_raw) < 2:
+        raise ValueError(f"{where}.arms: expected a list of at least 2 arms, got {arms_raw!r}")
+    arms = []
+    for j, arm in enumerate(arms_raw):
+        at = f"{where}.arms[{j}]"
+        if not isinstance(arm, Mapping) or set(arm) - {"name", "alias", "weight"}:
+            raise ValueError(f"{at}: expected {{name, alias, weight}}, got {arm!r}")
+        weight = arm.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            raise ValueError(f"{at}.weight: expected a positive number, got {weight!r}")
+        arms.append(Arm(_string(arm, "name", at), _string(arm, "alias", at), float(weight)))
+    names = [arm.name for arm in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}.arms: arm names must be unique, got {names}")
+    return Experiment(name=name, salt=salt, arms=tuple(arms))
+
+
+def _string(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}.{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+# --- Statistics --------------------------------------------------------------------------------
+#
+# Every two-sample function takes the control first and reports treatment − control.
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its confidence interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Treatment vs control: the difference, its CI, the test statistic and the p-value."""
+
+    control: float
+    treatment: float
+    difference: float
+    low: float
+    high: float
+    statistic: float
+    p_value: float
+    alpha: float
+
+    @property
+    def relative_lift(self) -> float:
+        """``difference / control`` (NaN when the control is 0)."""
+        return self.difference / self.control if self.control else math.nan
+
+    @property
+    def significant(self) -> bool:
+        return bool(self.p_value < self.alpha)
+
+
+_NORMAL = NormalDist()  # the stdlib's is exact to ~1e-15 and far cheaper per call than scipy's
+
+
+def _z(alpha: float, *, two_sided: bool = True) -> float:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return _NORMAL.inv_cdf(1 - alpha / 2 if two_sided else 1 - alpha)
+
+
+def _normal_comparison(
+    control: float, treatment: float, se_test: float, se_ci: float, alpha: float
+) -> Comparison:
+    difference = treatment - control
+    statistic = difference / se_test if se_test > 0 else math.nan
+    p_value = 2 * _NORMAL.cdf(-abs(statistic)) if se_test > 0 else math.nan
+    half = _z(alpha) * se_ci
+    return Comparison(
+        control, treatment, difference, difference - half, difference + half,
+        statistic, p_value, alpha,
+    )  # fmt: skip
+
+
+def two_proportion_ztest(
+    successes_control: int,
+    trials_control: int,
+    successes_treatment: int,
+    trials_treatment: int,
+    *,
+    alpha: float = 0.05,
+) -> Comparison:
+    """Two-sided z-test of two proportions: pooled SE for the test, unpooled (Wald) for the CI."""
+    if min(trials_control, trials_treatment) <= 0:
+        raise ValueError("two_proportion_ztest needs at least one trial in each group")
+    p_c, p_t = successes_control / trials_control, successes_treatment / trials_treatment
+    pooled = (successes_control + successes_treatment) / (trials_control + trials_treatment)
+    inv_n = 1 / trials_control + 1 / trials_treatment
+    se_test = math.sqrt(pooled * (1 - pooled) * inv_n)
+    se_ci = math.sqrt(p_c * (1 - p_c) / trials_control + p_t * (1 - p_t) / trials_treatment)
+    return _normal_comparison(p_c, p_t, se_test, se_ci, alpha)
+
+
+def welch_ttest(
+    x_control: npt.ArrayLike, x_treatment: npt.ArrayLike, *, alpha: float = 0.05
+) -> Comparison:
+    """Welch's unequal-variance t-test of two means, with the Welch–Satterthwaite CI."""
+    a = np.asarray(x_control, dtype=np.float64).reshape(-1)
+    b = np.asarray(x_treatment, dtype=np.float64).reshape(-1)
+    if min(a.size, b.size) < 2:
+        raise ValueError("welch_ttest needs at least 2 values in each group")
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    difference = float(b.mean() - a.mean())
+    if se == 0:  # both groups constant: no test
+        nan = math.nan
+        return Comparison(float(a.mean()), float(b.mean()), difference, nan, nan, nan, nan, alpha)
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    statistic = difference / se
+    half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+    p_value = float(2 * stats.t.sf(abs(statistic), df))
+    return Comparison(
+        float(a.mean()), float(b.mean()), difference, difference - half, difference + half,
+        statistic, p_value, alpha,
+    )  # fmt: skip
+
+
+def _ratio_mean_var(numerators: npt.ArrayLike, denominators: npt.ArrayLike) -> tuple[float, float]:
+    """``sum(num) / sum(den)`` over units and its delta-method variance."""
+    c = np.asarray(numerators, dtype=np.float64).reshape(-1)
+    e = np.asarray(denominators, dtype=np.float64).reshape(-1)
+    if c.size != e.size or c.size < 2 or e.sum() <= 0:
+        raise ValueError("a ratio metric needs >= 2 units with matching arrays and exposures")
+    ratio = c.sum() / e.sum()
+    cov = np.cov(c, e, ddof=1)
+    var = (cov[0, 0] - 2 * ratio * cov[0, 1] + ratio**2 * cov[1, 1]) / (c.size * e.mean() ** 2)
+    return float(ratio), float(max(var, 0.0))
+
+
+def ratio_ci(
+    numerators: npt.ArrayLike, denominators: npt.ArrayLike, *, alpha: float = 0.05
+) -> Estimate:
+    """A ratio metric over units (e.g. CTR = clicks / exposures per user) with its delta CI."""
+    ratio, var = _ratio_mean_var(numerators, denominators)
+    half = _z(alpha) * math.sqrt(var)
+    return Estimate(ratio, ratio - half, ratio + half)
+
+
+def ratio_delta_test(
+    numerators_control: npt.ArrayLike,
+    denominators_control: npt.ArrayLike,
+    numerators_treatment: npt.ArrayLike,
+    denominators_treatment: npt.ArrayLike,
+    *,
+    alpha: float = 0.05,
+) -> Comparison:
+    """z-test of a ratio metric between arms, its variance by the delta method over units.
+
+    Args:
+        numerators_control: (n_control,) per-unit numerators, e.g. clicks.
+        denominators_control: (n_control,) per-unit denominators, e.g. exposures.
+        numerators_treatment, denominators_treatment: the same for the treatment arm.
+    """
+    r_c, v_c = _ratio_mean_var(numerators_control, denominators_control)
+    r_t, v_t = _ratio_mean_var(numerators_treatment, denominators_treatment)
+    se = math.sqrt(v_c + v_t)
+    return _normal_comparison(r_c, r_t, se, se, alpha)
+
+
+def mean_ci(values: npt.ArrayLike, *, alpha: float = 0.05) -> Estimate:
+    """Mean with its Student-t confidence interval."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size < 2:
+        mean = float(x.mean()) if x.size else math.nan
+        return Estimate(mean, math.nan, math.nan)
+    half = float(stats.t.ppf(1 - alpha / 2, x.size - 1)) * x.std(ddof=1) / math.sqrt(x.size)
+    return Estimate(float(x.mean()), float(x.mean() - half), float(x.mean() + half))
+
+
+def wilson_ci(successes: int, trials: int, *, alpha: float = 0.05) -> Estimate:
+    """A proportion with its Wilson score interval (sound for small counts and p near 0)."""
+    if trials <= 0:
+        return Estimate(math.nan, math.nan, math.nan)
+    z, p = _z(alpha), successes / trials
+    centre = (p + z**2 / (2 * trials)) / (1 + z**2 / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / (1 + z**2 / trials)
+    return Estimate(p, centre - half, centre + half)
+
+
+@dataclass(frozen=True)
+class SRMResult:
+    """Sample-ratio mismatch: observed vs expected units per arm, chi-squared test."""
+
+    observed: tuple[int, ...]
+    expected: tuple[float, ...]
+    statistic: float
+    p_value: float
+    threshold: float
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.p_value < self.threshold)
+
+
+def srm_test(
+    counts: npt.ArrayLike, weights: npt.ArrayLike, *, threshold: float = SRM_THRESHOLD
+) -> SRMResult:
+    """Chi-squared goodness of fit of units per arm to the configured weights."""
+    observed = np.asarray(counts, dtype=np.float64).reshape(-1)
+    shares = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if observed.size != shares.size or observed.size < 2 or (shares <= 0).any():
+        raise ValueError("srm_test needs >= 2 arms, one positive weight per count")
+    expected = observed.sum() * shares / shares.sum()
+    if observed.sum() == 0:
+        statistic, p_value = math.nan, math.nan
+    else:
+        statistic = float(((observed - expected) ** 2 / expected).sum())
+        p_value = float(stats.chi2.sf(statistic, observed.size - 1))
+    return SRMResult(
+        tuple(int(c) for c in observed), tuple(float(e) for e in expected),
+        statistic, p_value, threshold,
+    )  # fmt: skip
+
+
+def _rates(baseline_ctr: float, mde: float) -> tuple[float, float]:
+    treated = baseline_ctr * (1 + mde)
+    if not 0 < baseline_ctr < 1 or not 0 < treated < 1 or mde == 0:
+        raise ValueError(
+            f"need 0 < baseline_ctr < 1 and a non-zero relative mde keeping the treated rate "
+            f"in (0, 1); got baseline_ctr={baseline_ctr}, mde={mde}"
+        )
+    return baseline_ctr, treated
+
+
+def sample_size(
+    baseline_ctr: float,
+    mde: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    two_sided: bool = True,
+) -> int:
+    """Units per arm for the two-proportion z-test to detect a relative lift ``mde``.
+
+    The normal approximation ``n = (z_α √(2 p̄ q̄) + z_β √(p₁q₁ + p₂q₂))² / (p₂ − p₁)²`` with
+    ``p₂ = p₁ (1 + mde)``. It counts independent Bernoulli units: with several correlated
+    exposures per user, read ``baseline_ctr`` as a per-user rate (or inflate ``n`` by the design
+    effect).
+
+    >>> sample_size(0.05, 0.05, alpha=0.05, power=0.8)
+    122124
+    """
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1), got {power}")
+    p1, p2 = _rates(baseline_ctr, mde)
+    pooled = (p1 + p2) / 2
+    z_alpha, z_beta = _z(alpha, two_sided=two_sided), _NORMAL.inv_cdf(power)
+    spread = z_alpha * math.sqrt(2 * pooled * (1 - pooled)) + z_beta * math.sqrt(
+        p1 * (1 - p1) + p2 * (1 - p2)
+    )
+    return math.ceil(spread**2 / (p2 - p1) ** 2)
+
+
+def power(
+    baseline_ctr: float,
+    mde: float,
+    *,
+    n_per_arm: int,
+    alpha: float = 0.05,
+    two_sided: bool = True,
+) -> float:
+    """Power of the two-proportion z-test with ``n_per_arm`` units (inverse of sample_size)."""
+    if n_per_arm < 1:
+        raise ValueError(f"n_per_arm must be >= 1, got {n_per_arm}")
+    p1, p2 = _rates(baseline_ctr, mde)
+    pooled = (p1 + p2) / 2
+    se_null = math.sqrt(2 * pooled * (1 - pooled) / n_per_arm)
+    se_alt = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n_per_arm)
+    z_alpha, delta = _z(alpha, two_sided=two_sided), abs(p2 - p1)
+    result = _NORMAL.cdf((delta - z_alpha * se_null) / se_alt)
+    if two_sided:  # rejecting in the wrong direction also counts as a rejection
+        result += _NORMAL.cdf((-delta - z_alpha * se_null) / se_alt)
+    return float(result)
+
+
+# --- The report over the service log --------------------------------------------------------
+
+
+class EmptyLogError(ValueError):
+    """The log holds no traffic of the experiment in the window."""
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """One arm's traffic and metrics; ``users`` counts units (anonymous requests count once)."""
+
+    name: str
+    alias: str
+    weight: float
+    users: int
+    requests: int
+    exposures: int
+    clicks: int
+    ctr: Estimate
+    conversion: Estimate
+    clicks_per_user: Estimate
+
+
+@dataclass(frozen=True)
+class ArmComparison:
+    """An arm vs the control. The decision is ``ctr`` (delta method over users)."""
+
+    arm: str
+    control: str
+    ctr: Comparison | None
+    ctr_per_exposure: Comparison | None
+    conversion: Comparison | None
+    clicks_per_user: Comparison | None
+
+    @property
+    def significant(self) -> bool:
+        return self.ctr is not None and self.ctr.significant
+
+
+@dataclass(frozen=True)
+class ExperimentReport:
+    """Per-arm metrics, each arm vs the control, and the SRM check."""
+
+    experiment: str
+    salt: str
+    resalted: bool
+    alpha: float
+    arms: tuple[ArmSummary, ...]
+    comparisons: tuple[ArmComparison, ...]
+    srm: SRMResult
+    unknown_arm_users: int = 0
+    window: tuple[str | None, str | None] = field(default=(None, None))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN becomes ``None``)."""
+        out = asdict(self)
+        for comparison, raw in zip(self.comparisons, out["comparisons"], strict=True):
+            raw["significant"] = comparison.significant
+            for key in ("ctr", "ctr_per_exposure", "conversion", "clicks_per_user"):
+                value = getattr(comparison, key)
+                if value is not None:
+                    raw[key]["relative_lift"] = value.relative_lift
+        out["srm"]["flagged"] = self.srm.flagged
+        out["decision_metric"] = "ctr (delta method over users)"
+        result: dict[str, Any] = _json_safe(out)
+        return result
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def analyse_units(
+    units: pd.DataFrame, experiment: Experiment, *, alpha: float = 0.05
+) -> tuple[tuple[ArmSummary, ...], tuple[ArmComparison, ...], SRMResult]:
+    """Per-arm summaries, comparisons with the first arm and SRM from one row per unit.
+
+    Args:
+        units: columns ``arm``, ``requests``, ``exposures``, ``clicks``; one row per unit.
+    """
+    groups = dict(list(units.groupby("arm", sort=False)))
+    empty = units.iloc[:0]
+    per_arm = [groups.get(arm.name, empty) for arm in experiment.arms]
+    summaries = tuple(
+        _summary(arm, frame, alpha) for arm, frame in zip(experiment.arms, per_arm, strict=True)
+    )
+    control = per_arm[0]
+    comparisons = tuple(
+        _compare(experiment.arms[0].name, arm.name, control, frame, alpha)
+        for arm, frame in zip(experiment.arms[1:], per_arm[1:], strict=True)
+    )
+    srm = srm_test([len(frame) for frame in per_arm], experiment.weights)
+    return summaries, comparisons, srm
+
+
+def _summary(arm: Arm, frame: pd.DataFrame, alpha: float) -> ArmSummary:
+    clicks, exposures = frame["clicks"].to_numpy(), frame["exposures"].to_numpy()
+    try:
+        ctr = ratio_ci(clicks, exposures, alpha=alpha)
+    except ValueError:  # fewer than 2 users or no exposures
+        value = clicks.sum() / exposures.sum() if exposures.sum() else math.nan
+        ctr = Estimate(float(value), math.nan, math.nan)
+    return ArmSummary(
+        name=arm.name,
+        alias=arm.alias,
+        weight=arm.weight,
+        users=len(frame),
+        requests=int(frame["requests"].sum()),
+        exposures=int(exposures.sum()),
+        clicks=int(clicks.sum()),
+        ctr=ctr,
+        conversion=wilson_ci(int((clicks > 0).sum()), len(frame), alpha=alpha),
+        clicks_per_user=mean_ci(clicks, alpha=alpha),
+    )
+
+
+def _compare(
+    control_name: str, name: str, control: pd.DataFrame, treated: pd.DataFrame, alpha: float
+) -> ArmComparison:
+    def attempt(test: Any, *args: Any) -> Comparison | None:
+        try:
+            return test(*args, alpha=alpha)  # type: ignore[no-any-return]
+        except ValueError:  # an arm too small for this test
+            return None
+
+    c_clicks, c_exp = control["clicks"].to_numpy(), control["exposures"].to_numpy()
+    t_clicks, t_exp = treated["clicks"].to_numpy(), treated["exposures"].to_numpy()
+    per_exposure = (int(c_clicks.sum()), int(c_exp.sum()), int(t_clicks.sum()), int(t_exp.sum()))
+    per_user = (int((c_clicks > 0).sum()), len(c_clicks), int((t_clicks > 0).sum()), len(t_clicks))
+    return ArmComparison(
+        arm=name,
+        control=control_name,
+        ctr=attempt(ratio_delta_test, c_clicks, c_exp, t_clicks, t_exp),
+        ctr_per_exposure=attempt(two_proportion_ztest, *per_exposure),
+        conversion=attempt(two_proportion_ztest, *per_user),
+        clicks_per_user=attempt(welch_ttest, c_clicks, t_clicks),
+    )
+
+
+_EMPTY_TABLES = {
+    "requests": "SELECT ''::VARCHAR AS request_id, NULL::TIMESTAMPTZ AS ts, 0::BIGINT AS user_id,"
+    " ''::VARCHAR AS experiment, ''::VARCHAR AS arm WHERE false",
+    "exposures": "SELECT ''::VARCHAR AS request_id, NULL::TIMESTAMPTZ AS ts, 0::BIGINT AS user_id,"
+    " 0::BIGINT AS item_id, ''::VARCHAR AS experiment, ''::VARCHAR AS arm WHERE false",
+    "feedback": "SELECT NULL::TIMESTAMPTZ AS ts, 0::BIGINT AS user_id, 0::BIGINT AS item_id,"
+    " ''::VARCHAR AS event, ''::VARCHAR AS request_id WHERE false",
+}
+
+_UNITS_SQL = f"""
+WITH req AS (
+    SELECT request_id, user_id, arm FROM requests WHERE experiment = $experiment
+    UNION
+    SELECT request_id, user_id, arm FROM exposures WHERE experiment = $experiment
+),
+clicks AS (SELECT request_id, user_id, item_id, ts FROM feedback WHERE event = 'click'),
+unnamed AS (SELECT * FROM clicks WHERE request_id = '' AND user_id >= 0),
+by_time AS (  -- a click without request id: the latest exposure of the item before it
+    SELECT e.request_id, e.item_id
+    FROM unnamed c ASOF JOIN (SELECT * FROM exposures SEMI JOIN unnamed USING (user_id, item_id)) e
+      ON c.user_id = e.user_id AND c.item_id = e.item_id AND c.ts >= e.ts
+    WHERE c.ts <= e.ts + INTERVAL {CLICK_WINDOW_S} SECOND
+),
+clicked AS (
+    SELECT request_id, item_id FROM clicks WHERE request_id <> ''
+    UNION SELECT request_id, item_id FROM by_time
+),
+per_request AS (
+    SELECT e.request_id, e.arm, count(*) AS exposures, count(k.item_id) AS clicks
+    FROM exposures e LEFT JOIN clicked k USING (request_id, item_id)
+    WHERE e.experiment = $experiment
+    GROUP BY e.request_id, e.arm
+)
+SELECT r.user_id, CASE WHEN r.user_id >= 0 THEN '' ELSE r.request_id END AS anonymous_request,
+       r.arm, count(DISTINCT r.request_id) AS requests,
+       coalesce(sum(p.exposures), 0)::BIGINT AS exposures,
+       coalesce(sum(p.clicks), 0)::BIGINT AS clicks
+FROM req r LEFT JOIN per_request p USING (request_id, arm)
+GROUP BY ALL
+"""
+
+
+def _view(root: Path, table: str, start: datetime | None, end: datetime | None) -> str:
+    """SQL of ``table`` in [start, end), pruned by date partition; empty when never written."""
+    if not any((root / table).glob("date=*/*.parquet")):
+        return _EMPTY_TABLES[table]
+    where = ["TRUE"]
+    for bound, op, day_op in ((start, ">=", ">="), (end, "<", "<=")):
+        if bound is not None:
+            utc = bound.astimezone(UTC) if bound.tzinfo else bound.replace(tzinfo=UTC)
+            where += [f"date {day_op} DATE '{utc:%Y-%m-%d}'", f"ts {op} TIMESTAMPTZ '{utc}'"]
+    glob = str(root / table / "date=*" / "*.parquet").replace("'", "''")
+    return (
+        f"SELECT * EXCLUDE (date) FROM read_parquet('{glob}', hive_partitioning=true, "
+        f"union_by_name=true) WHERE {' AND '.join(where)}"
+    )
+
+
+def read_units(
+    log_dir: Path | str,
+    experiment_name: str,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> pd.DataFrame:
+    """One row per (unit, logged arm) of an experiment's requests in ``[start, end)``.
+
+    Clicks count up to ``CLICK_WINDOW_S`` after ``end``.
+
+    Returns:
+        columns ``user_id`` (-1 anonymous), ``anonymous_request`` (the request id that is the
+        unit of an anonymous user, else ""), ``arm``, ``requests``, ``exposures``, ``clicks``.
+    """
+    import duckdb
+
+    root = Path(log_dir)
+    late = None if end is None else end + timedelta(seconds=CLICK_WINDOW_S)
+    bounds = {"requests": (start, end), "exposures": (start, end), "feedback": (start, late)}
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        for table, (first, last) in bounds.items():
+            con.execute(f"CREATE TEMP VIEW {table} AS {_view(root, table, first, last)}")
+        return con.execute(_UNITS_SQL, {"experiment": experiment_name}).df()
+
+
+def experiment_report(
+    log_dir: Path | str,
+    experiment: Experiment,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    resalt: str | None = None,
+    alpha: float = 0.05,
+) -> ExperimentReport:
+    """The experiment's report from the service log in ``[start, end)``.
+
+    Args:
+        log_dir: root of the service log.
+        experiment: the experiment as configured; its first arm is the control.
+        resalt: reassign the logged units with this salt instead of using the logged arm; when
+            every arm served the same model this is an A/A test on real traffic.
+
+    Raises:
+        EmptyLogError: no traffic of the experiment in the window.
+    """
+    units = read_units(log_dir, experiment.name, start=start, end=end)
+    if units.empty:
+        window = f" between {start or 'the start'} and {end or 'the end'}"
+        raise EmptyLogError(
+            f"{log_dir}: no requests of experiment {experiment.name!r}{window}; check "
+            "--log-dir, the experiment name and the window"
+        )
+    run = experiment
+    if resalt is not None:
+        run = Experiment(experiment.name, resalt, experiment.arms)
+        requests = units["anonymous_request"].tolist()
+        units = units.assign(arm=run.assign_many(units["user_id"], request_ids=requests))
+    units = units.groupby(["user_id", "anonymous_request", "arm"], as_index=False)[
+        ["requests", "exposures", "clicks"]
+    ].sum()
+    known = units["arm"].isin([arm.name for arm in experiment.arms])
+    arms, comparisons, srm = analyse_units(units[known], experiment, alpha=alpha)
+    return ExperimentReport(
+        experiment=experiment.name,
+        salt=run.salt,
+        resalted=resalt is not None,
+        alpha=alpha,
+        arms=arms,
+        comparisons=comparisons,
+        srm=srm,
+        unknown_arm_users=int((~known).sum()),
+        window=(
+            None if start is None else start.isoformat(),
+            None if end is None else end.isoformat(),
+        ),
+    )

@@ -1,0 +1,799 @@
+"""The service log: what the feed service served and what users did, as date-partitioned Parquet.
+
+Four append-only tables (:data:`SCHEMAS` holds their fixed columns)::
+
+    <log_dir>/<table>/date=YYYY-MM-DD/part-<pid>-<uuid>.parquet
+
+``requests`` (one row per request), ``exposures`` (one row per item shown), ``candidates``
+(every scored candidate of a sampled request, with the ranker's inputs as ``f_<name>`` float32
+and ``c_<name>`` int32 columns) and ``feedback`` (clicks, views, ratings). Timestamps are
+``timestamp[us, tz=UTC]``; strings are ``""`` when not applicable, never null.
+
+Writing (:class:`ServiceLog`) sits in the request path of a service that targets a p99 of
+10 ms, so a ``log_*`` call only appends one tuple to an in-memory buffer under a lock (a few
+microseconds). A daemon thread turns a buffer into Arrow and writes one part file per date
+when it holds ``flush_rows`` rows or ``flush_interval_s`` has passed: every flush is a new
+file (that is the rotation), written to a dot-named ``.tmp`` file and ``os.replace``\\ d into
+place, so a reader never sees a partial file and several processes can share one ``log_dir``
+(part names carry the pid and a UUID); create the log in each worker after a fork. A failed
+write (disk full, permissions) or a value that does not fit its column is logged and its rows
+counted in :attr:`ServiceLog.dropped_rows`; it never raises into the request path::
+
+    with ServiceLog("logs/feed", retention_days=30) as log:
+        log.log_request(rid, time.time(), user_id, "ranker:7", path="online",
+                        latency_ms=4.2, status=200, k=20)
+        log.log_exposures(rid, ts, user_id, "ranker:7", item_ids, scores, path="online")
+
+Reading goes through DuckDB with Hive partition pruning on ``date``:
+:func:`read_table` returns one table (an empty, correctly typed one when nothing was logged)
+and :func:`summarize` computes the service and click-through figures in SQL, so it stays a
+matter of seconds at 10M exposures.
+
+Click attribution: a ``feedback`` row with event ``"click"`` counts for the exposure with the
+same ``(request_id, item_id)``; a click without a request id (``""``) counts for the latest
+exposure of the same ``(user_id, item_id)`` at most ``attribution_window_s`` before it. An
+exposure is clicked or not: two clicks on it count once, so CTR = clicked / exposures.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REQUESTS = "requests"
+EXPOSURES = "exposures"
+CANDIDATES = "candidates"
+FEEDBACK = "feedback"
+TABLES = (REQUESTS, EXPOSURES, CANDIDATES, FEEDBACK)
+
+NUMERIC_PREFIX = "f_"
+"""Candidates column prefix of a numeric ranker feature (float32)."""
+CATEGORICAL_PREFIX = "c_"
+"""Candidates column prefix of a categorical ranker feature (int32 code)."""
+ANONYMOUS_USER = -1
+DEFAULT_ATTRIBUTION_WINDOW_S = 1800.0
+
+_TS = pa.timestamp("us", tz="UTC")
+SCHEMAS: dict[str, pa.Schema] = {
+    REQUESTS: pa.schema(
+        [
+            ("request_id", pa.string()),
+            ("ts", _TS),
+            ("user_id", pa.int64()),
+            ("model_version", pa.string()),
+            ("experiment", pa.string()),
+            ("arm", pa.string()),
+            ("path", pa.string()),
+            ("fallbacks", pa.string()),
+            ("latency_ms", pa.float32()),
+            ("status", pa.int16()),
+            ("k", pa.int16()),
+        ]
+    ),
+    EXPOSURES: pa.schema(
+        [
+            ("request_id", pa.string()),
+            ("ts", _TS),
+            ("user_id", pa.int64()),
+            ("item_id", pa.int64()),
+            ("position", pa.int16()),
+            ("score", pa.float32()),
+            ("model_version", pa.string()),
+            ("experiment", pa.string()),
+            ("arm", pa.string()),
+            ("path", pa.string()),
+            ("source", pa.string()),
+        ]
+    ),
+    CANDIDATES: pa.schema(
+        [
+            ("request_id", pa.string()),
+            ("ts", _TS),
+            ("user_id", pa.int64()),
+            ("item_id", pa.int64()),
+            ("model_version", pa.string()),
+            ("score", pa.float32()),
+        ]
+    ),
+    FEEDBACK: pa.schema(
+        [
+            ("ts", _TS),
+            ("user_id", pa.int64()),
+            ("item_id", pa.int64()),
+            ("event", pa.string()),
+            ("value", pa.float64()),
+            ("request_id", pa.string()),
+        ]
+    ),
+}
+"""The fixed columns of each table, in file order (candidates add their feature columns)."""
+
+# Columns with one value per log call; the other columns hold one value per item.
+_PER_CALL: dict[str, tuple[str, ...]] = {
+    REQUESTS: tuple(SCHEMAS[REQUESTS].names),
+    EXPOSURES: ("request_id", "ts", "user_id", "model_version", "experiment", "arm", "path"),
+    CANDIDATES: ("request_id", "ts", "user_id", "model_version"),
+    FEEDBACK: tuple(SCHEMAS[FEEDBACK].names),
+}
+_DAY_US = 86_400_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_POSITIONS = np.arange(4096, dtype=np.int16)
+_POSITIONS.flags.writeable = False
+_WARN_EVERY_S = 10.0
+_RETENTION_EVERY_S = 600.0
+
+Timestamp = float | datetime
+"""UNIX seconds (``time.time()``) or a datetime (naive means UTC)."""
+ItemColumn = npt.NDArray[Any] | str | list[str]
+_Chunk = tuple[tuple[Any, ...], int, dict[str, ItemColumn]]
+_NO_ITEMS: dict[str, ItemColumn] = {}
+
+logger = logging.getLogger(__name__)
+
+
+def to_micros(ts: Timestamp) -> int:
+    """Microseconds since the UNIX epoch of UNIX seconds or a datetime (naive means UTC)."""
+    if isinstance(ts, datetime):
+        aware = ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+        return (aware - _EPOCH) // timedelta(microseconds=1)
+    return round(ts * 1_000_000)
+
+
+class _Buffer:
+    __slots__ = ("chunks", "rows")
+
+    def __init__(self) -> None:
+        self.chunks: list[_Chunk] = []
+        self.rows = 0
+
+
+class ServiceLog:
+    """Thread-safe, append-only writer of the four service log tables under ``log_dir``.
+
+    Args:
+        log_dir: Root directory; created on the first write.
+        flush_rows: A table's buffer is written once it holds this many rows.
+        flush_interval_s: Every buffer is written at least this often (seconds).
+        retention_days: Delete date partitions older than this many days (None keeps all).
+        max_buffered_rows: Rows a table may hold while a write is slow or failing; further
+            rows are dropped (and counted) rather than exhausting memory.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        *,
+        flush_rows: int = 5_000,
+        flush_interval_s: float = 2.0,
+        retention_days: int | None = None,
+        max_buffered_rows: int = 1_000_000,
+    ) -> None:
+        if flush_rows < 1 or flush_interval_s <= 0 or max_buffered_rows < flush_rows:
+            raise ValueError(
+                "ServiceLog needs flush_rows >= 1, flush_interval_s > 0 and max_buffered_rows >= "
+                f"flush_rows, got {flush_rows}, {flush_interval_s} and {max_buffered_rows}"
+            )
+        if retention_days is not None and retention_days < 0:
+            raise ValueError(f"retention_days must be >= 0 or None, got {retention_days}")
+        self.log_dir = Path(log_dir)
+        self.flush_rows = flush_rows
+        self.flush_interval_s = flush_interval_s
+        self.retention_days = retention_days
+        self.max_buffered_rows = max_buffered_rows
+        self.dropped_rows = 0
+        """Rows lost to a failed write, a full buffer or a call after :meth:`close`."""
+        self.written_rows = 0
+        self.write_errors = 0
+        self._buffers = {name: _Buffer() for name in TABLES}
+        self._last_drop_warning = -_WARN_EVERY_S
+        self._lock = threading.Lock()  # guards the buffers and the counters
+        self._write_lock = threading.Lock()  # one writer at a time: flush() waits for it
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mlsd-service-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    def log_request(
+        self,
+        request_id: str,
+        ts: Timestamp,
+        user_id: int | None,
+        model_version: str,
+        *,
+        path: str,
+        latency_ms: float,
+        status: int,
+        k: int,
+        experiment: str = "",
+        arm: str = "",
+        fallbacks: Sequence[str] | str = "",
+    ) -> None:
+        """One ``requests`` row; ``user_id`` None is an anonymous visitor (-1)."""
+        joined = fallbacks if isinstance(fallbacks, str) else ",".join(fallbacks)
+        uid = ANONYMOUS_USER if user_id is None else user_id
+        row = (request_id, to_micros(ts), uid, model_version, experiment, arm, path, joined,
+               latency_ms, status, k)  # fmt: skip
+        self._append(REQUESTS, row, 1, _NO_ITEMS)
+
+    def log_exposures(
+        self,
+        request_id: str,
+        ts: Timestamp,
+        user_id: int | None,
+        model_version: str,
+        item_ids: npt.ArrayLike,
+        scores: npt.ArrayLike,
+        *,
+        positions: npt.ArrayLike | None = None,
+        sources: Sequence[str] | str = "",
+        experiment: str = "",
+        arm: str = "",
+        path: str = "online",
+    ) -> None:
+        """One ``exposures`` row per item shown, in display order (``positions`` default 0..n-1).
+
+        ``sources`` names the retrieval source of each item, or one string for all of them.
+        Raises ValueError when the per-item arguments differ in length (a caller bug).
+        """
+        items = np.array(item_ids, dtype=np.int64)
+        n = len(items)
+        columns: dict[str, ItemColumn] = {
+            "item_id": items,
+            "score": np.array(scores, dtype=np.float32),
+            "position": _POSITIONS[:n] if positions is None else np.array(positions, np.int16),
+            "source": sources if isinstance(sources, str) else list(sources),
+        }
+        _check_lengths(EXPOSURES, n, columns)
+        uid = ANONYMOUS_USER if user_id is None else user_id
+        row = (request_id, to_micros(ts), uid, model_version, experiment, arm, path)
+        self._append(EXPOSURES, row, n, columns)
+
+    def log_candidates(
+        self,
+        request_id: str,
+        ts: Timestamp,
+        user_id: int | None,
+        model_version: str,
+        item_ids: npt.ArrayLike,
+        scores: npt.ArrayLike,
+        numeric: Mapping[str, npt.ArrayLike],
+        categorical: Mapping[str, npt.ArrayLike],
+    ) -> None:
+        """Every scored candidate of a (sampled) request with the ranker's input features.
+
+        Args:
+            item_ids, scores: (n_candidates,) ids and predictions.
+            numeric: feature name → (n_candidates,) values, stored as ``f_<name>`` float32.
+            categorical: feature name → (n_candidates,) codes, stored as ``c_<name>`` int32.
+        """
+        items = np.array(item_ids, dtype=np.int64)
+        columns: dict[str, ItemColumn] = {
+            "item_id": items,
+            "score": np.array(scores, dtype=np.float32),
+        }
+        for name, values in numeric.items():
+            columns[NUMERIC_PREFIX + name] = np.array(values, dtype=np.float32)
+        for name, values in categorical.items():
+            columns[CATEGORICAL_PREFIX + name] = np.array(values, dtype=np.int32)
+        _check_lengths(CANDIDATES, len(items), columns)
+        uid = ANONYMOUS_USER if user_id is None else user_id
+        self._append(
+            CANDIDATES, (request_id, to_micros(ts), uid, model_version), len(items), columns
+        )
+
+    def log_feedback(
+        self,
+        ts: Timestamp,
+        user_id: int | None,
+        item_id: int,
+        event: str,
+        *,
+        value: float = 1.0,
+        request_id: str = "",
+    ) -> None:
+        """One ``feedback`` row (a click, view, rating...); ``request_id`` "" when unknown."""
+        uid = ANONYMOUS_USER if user_id is None else user_id
+        self._append(
+            FEEDBACK, (to_micros(ts), uid, item_id, event, value, request_id), 1, _NO_ITEMS
+        )
+
+    def _append(
+        self, table: str, row: tuple[Any, ...], n: int, items: dict[str, ItemColumn]
+    ) -> None:
+        with self._lock:
+            buffer = self._buffers[table]
+            if self._closed or buffer.rows >= self.max_buffered_rows:
+                self._drop(table, n)
+                return
+            buffer.chunks.append((row, n, items))
+            buffer.rows += n
+            full = buffer.rows >= self.flush_rows
+        if full:
+            self._wake.set()
+
+    def _drop(self, table: str, n: int) -> None:
+        # Called under the lock; warns at most every _WARN_EVERY_S so a burst cannot flood logs.
+        self.dropped_rows += n
+        now = time.monotonic()
+        if now - self._last_drop_warning >= _WARN_EVERY_S:
+            self._last_drop_warning = now
+            why = "the log is closed" if self._closed else "its buffer is full"
+            logger.warning(
+                "service log: dropping %s rows under %s: %s (%d dropped so far)",
+                table, self.log_dir, why, self.dropped_rows,
+            )  # fmt: skip
+
+    # -- flushing -------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every buffered row now (waits for a write in progress); never raises."""
+        self._write(only_full=False)
+
+    def close(self) -> None:
+        """Stop the writer thread and write what is left; later calls do nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        self._write(only_full=False)
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> ServiceLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        next_flush = time.monotonic() + self.flush_interval_s
+        next_retention = time.monotonic()
+        while not self._stop.is_set():
+            self._wake.wait(timeout=max(0.0, next_flush - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            now = time.monotonic()
+            due = now >= next_flush
+            self._write(only_full=not due)
+            if due:
+                next_flush = time.monotonic() + self.flush_interval_s
+            if self.retention_days is not None and now >= next_retention:
+                next_retention = now + _RETENTION_EVERY_S
+                try:
+                    apply_retention(self.log_dir, self.retention_days)
+                except Exception:
+                    logger.exception("service log: retention under %s failed", self.log_dir)
+
+    def _write(self, *, only_full: bool) -> None:
+        with self._write_lock:
+            taken: dict[str, _Buffer] = {}
+            with self._lock:
+                for name, buffer in self._buffers.items():
+                    if buffer.rows and (not only_full or buffer.rows >= self.flush_rows):
+                        taken[name] = buffer
+                        self._buffers[name] = _Buffer()
+            for name, buffer in taken.items():
+                self._write_table(name, buffer.chunks)
+
+    def _write_table(self, table: str, chunks: list[_Chunk]) -> None:
+        try:
+            parts = _partitions(table, chunks)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            # A value that does not fit the schema (say k = 40000 in int16) costs only its call.
+            good = [chunk for chunk in chunks if _converts(table, chunk)]
+            self._count_failure(table, sum(c[1] for c in chunks) - sum(c[1] for c in good),
+                                "a value does not fit the schema")  # fmt: skip
+            parts = _partitions(table, good) if good else []
+        for part in parts:
+            try:
+                write_part(self.log_dir, table, part)
+            except Exception as exc:  # disk full, permissions...
+                self._count_failure(table, part.num_rows, f"{type(exc).__name__}: {exc}")
+            else:
+                with self._lock:
+                    self.written_rows += part.num_rows
+
+    def _count_failure(self, table: str, n_rows: int, why: str) -> None:
+        with self._lock:
+            self.write_errors += 1
+            self.dropped_rows += n_rows
+        logger.error(
+            "service log: could not write %d %s rows under %s (%s); dropped",
+            n_rows, table, self.log_dir, why,
+        )  # fmt: skip
+
+
+def _converts(table: str, chunk: _Chunk) -> bool:
+    try:
+        _to_arrow(table, [chunk])
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def _check_lengths(table: str, n: int, columns: Mapping[str, ItemColumn]) -> None:
+    for name, values in columns.items():
+        if not isinstance(values, str) and len(values) != n:
+            raise ValueError(f"{table}: {name} has {len(values)} values for {n} items")
+
+
+def _partitions(table: str, chunks: list[_Chunk]) -> list[pa.Table]:
+    """The buffered calls of one table as Arrow tables, one per UTC date of their ``ts``."""
+    data = _to_arrow(table, chunks)
+    ts_index = _PER_CALL[table].index("ts")
+    days = np.array([chunk[0][ts_index] for chunk in chunks], dtype=np.int64) // _DAY_US
+    if days.min() == days.max():
+        return [data]
+    row_days = np.repeat(days, [chunk[1] for chunk in chunks])
+    return [data.filter(pa.array(row_days == day)) for day in np.unique(days)]
+
+
+def _to_arrow(table: str, chunks: list[_Chunk]) -> pa.Table:
+    schema = SCHEMAS[table]
+    counts = np.array([chunk[1] for chunk in chunks], dtype=np.int64)
+    repeat = (
+        None if counts.sum() == len(chunks) else pa.array(np.repeat(np.arange(len(chunks)), counts))
+    )
+    columns: dict[str, pa.Array] = {}
+    for j, name in enumerate(_PER_CALL[table]):
+        values = pa.array([chunk[0][j] for chunk in chunks], type=schema.field(name).type)
+        columns[name] = values if repeat is None else values.take(repeat)
+    names = [name for name in schema.names if name not in columns]
+    seen = dict.fromkeys(name for chunk in chunks for name in chunk[2])  # first-seen order
+    names += [name for name in seen if name not in names]
+    fields = [
+        schema.field(name) if name in schema.names else _feature_field(name) for name in names
+    ]
+    for item_field in fields:
+        columns[item_field.name] = _item_column(item_field, chunks)
+    out_fields = [schema.field(name) for name in schema.names] + [
+        f for f in fields if f.name not in schema.names
+    ]
+    out_schema = pa.schema(out_fields)
+    return pa.Table.from_arrays([columns[f.name] for f in out_schema], schema=out_schema)
+
+
+def _feature_field(name: str) -> pa.Field:
+    if name.startswith(NUMERIC_PREFIX):
+        return pa.field(name, pa.float32())
+    return pa.field(name, pa.int32())
+
+
+def _item_column(item_field: pa.Field, chunks: list[_Chunk]) -> pa.Array:
+    """One per-item column over all calls; a call without this feature contributes nulls."""
+    parts = [chunk[2].get(item_field.name) for chunk in chunks]
+    if pa.types.is_string(item_field.type):
+        strings: list[str] = []
+        for part, chunk in zip(parts, chunks, strict=True):
+            strings.extend(
+                [part] * chunk[1] if isinstance(part, str) else (part or [""] * chunk[1])
+            )
+        return pa.array(strings, type=item_field.type)
+    if all(isinstance(part, np.ndarray) for part in parts):
+        return pa.array(np.concatenate(parts), type=item_field.type)  # type: ignore[arg-type]
+    arrays = [
+        pa.nulls(chunk[1], item_field.type) if part is None else pa.array(part, item_field.type)
+        for part, chunk in zip(parts, chunks, strict=True)
+    ]
+    return pa.concat_arrays(arrays)
+
+
+def write_part(log_dir: Path, table: str, data: pa.Table) -> Path:
+    """Write rows of one UTC date atomically as a new part file; returns its path."""
+    first = data.column("ts")[0].as_py()
+    part_dir = log_dir / table / f"date={first:%Y-%m-%d}"
+    part_dir.mkdir(parents=True, exist_ok=True)
+    name = f"part-{os.getpid()}-{uuid.uuid4().hex}.parquet"
+    tmp = part_dir / f".{name}.tmp"  # neither matches *.parquet nor is visible to readers
+    try:
+        pq.write_table(data, tmp, compression="zstd")
+        os.replace(tmp, part_dir / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return part_dir / name
+
+
+def apply_retention(log_dir: Path, retention_days: int, *, today: date | None = None) -> list[Path]:
+    """Delete every table's date partitions older than ``retention_days`` before ``today`` (UTC).
+
+    Returns the deleted partition directories. Safe to run from several processes at once.
+    """
+    oldest = (today or datetime.now(UTC).date()) - timedelta(days=retention_days)
+    deleted = []
+    for table in TABLES:
+        for partition in sorted((Path(log_dir) / table).glob("date=*")):
+            try:
+                day = date.fromisoformat(partition.name.removeprefix("date="))
+            except ValueError:
+                continue  # not ours: leave it
+            if day < oldest:
+                shutil.rmtree(partition, ignore_errors=True)
+                deleted.append(partition)
+    return deleted
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def read_table(
+    log_dir: str | os.PathLike[str],
+    table: str,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """The rows of one table with ``start <= ts < end`` (naive datetimes mean UTC), unordered.
+
+    Nothing logged yet gives an empty table with the contract schema. Columns keep the
+    contract types; ``candidates`` adds its feature columns.
+    """
+    if table not in SCHEMAS:
+        raise ValueError(f"unknown service log table {table!r}: expected one of {TABLES}")
+    with _connect() as con:
+        _create_view(con, Path(log_dir), table, start, end)
+        available = [row[0] for row in con.sql(f"DESCRIBE {table}").fetchall()]
+        wanted = list(columns) if columns is not None else available
+        missing = [name for name in wanted if name not in available]
+        if missing:
+            raise ValueError(
+                f"service log table {table!r} under {log_dir} has no column(s) {missing}; "
+                f"it has {available}"
+            )
+        data = con.sql(
+            f"SELECT {', '.join(_quote(n) for n in wanted)} FROM {table}"
+        ).to_arrow_table()
+    known = SCHEMAS[table]
+    return data.cast(
+        pa.schema([known.field(f.name) if f.name in known.names else f for f in data.schema])
+    )
+
+
+def _connect() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")  # timestamps come back as timestamp[us, tz=UTC]
+    con.execute("SET enable_progress_bar = false")  # it would garble `mlsd feed logs --json`
+    return con
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def _create_view(
+    con: duckdb.DuckDBPyConnection,
+    log_dir: Path,
+    table: str,
+    start: datetime | None,
+    end: datetime | None,
+) -> None:
+    """A view named ``table`` over its part files in [start, end), pruned by date partition."""
+    root = log_dir / table
+    if not any(root.glob("date=*/*.parquet")):
+        con.register(f"_empty_{table}", SCHEMAS[table].empty_table())
+        con.execute(f"CREATE TEMP VIEW {table} AS SELECT * FROM _empty_{table}")
+        return
+    where = ["TRUE"]
+    if start is not None:
+        first = _utc(start)
+        where += [f"date >= DATE '{first:%Y-%m-%d}'", f"ts >= TIMESTAMPTZ '{first.isoformat()}'"]
+    if end is not None:
+        last = _utc(end)
+        where += [f"date <= DATE '{last:%Y-%m-%d}'", f"ts < TIMESTAMPTZ '{last.isoformat()}'"]
+    pattern = str(root / "date=*" / "*.parquet").replace("'", "''")
+    con.execute(
+        f"CREATE TEMP VIEW {table} AS SELECT * EXCLUDE (date) FROM read_parquet('{pattern}', "
+        f"hive_partitioning = true, union_by_name = true) WHERE {' AND '.join(where)}"
+    )
+
+
+@dataclass(frozen=True)
+class CtrStats:
+    """Exposures and clicked exposures of one group."""
+
+    exposures: int
+    clicks: int
+
+    @property
+    def ctr(self) -> float | None:
+        return self.clicks / self.exposures if self.exposures else None
+
+
+@dataclass(frozen=True)
+class LogSummary:
+    """What the service did over a window of its log; rates are None when nothing was seen."""
+
+    start: datetime | None
+    end: datetime | None
+    requests: int
+    first_request: datetime | None
+    last_request: datetime | None
+    error_rate: float | None
+    """Share of requests with status >= 500."""
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+    path_share: Mapping[str, float]
+    fallback_rate: float | None
+    """Share of requests that used any fallback."""
+    users: int
+    """Distinct known users (anonymous visitors excluded) in requests and exposures."""
+    exposures: int
+    clicks: int
+    """Clicked exposures (see the module docstring for the attribution)."""
+    ctr_by_arm: Mapping[tuple[str, str], CtrStats]
+    """(experiment, arm) → CTR; ("", "") is traffic outside any experiment."""
+    ctr_by_model: Mapping[str, CtrStats]
+    events: Mapping[str, int]
+    """Feedback rows per event type."""
+    attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S
+
+    @property
+    def ctr(self) -> float | None:
+        return self.clicks / self.exposures if self.exposures else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: datetimes as ISO 8601 strings, the CTR groups as lists of records."""
+
+        def iso(ts: datetime | None) -> str | None:
+            return None if ts is None else ts.isoformat()
+
+        def group(stats: CtrStats) -> dict[str, Any]:
+            return {"exposures": stats.exposures, "clicks": stats.clicks, "ctr": stats.ctr}
+
+        return {
+            "start": iso(self.start),
+            "end": iso(self.end),
+            "requests": self.requests,
+            "first_request": iso(self.first_request),
+            "last_request": iso(self.last_request),
+            "error_rate": self.error_rate,
+            "latency_p50_ms": self.latency_p50_ms,
+            "latency_p95_ms": self.latency_p95_ms,
+            "latency_p99_ms": self.latency_p99_ms,
+            "path_share": dict(self.path_share),
+            "fallback_rate": self.fallback_rate,
+            "users": self.users,
+            "exposures": self.exposures,
+            "clicks": self.clicks,
+            "ctr": self.ctr,
+            "ctr_by_arm": [
+                {"experiment": experiment, "arm": arm, **group(stats)}
+                for (experiment, arm), stats in self.ctr_by_arm.items()
+            ],
+            "ctr_by_model": [
+                {"model_version": version, **group(stats)}
+                for version, stats in self.ctr_by_model.items()
+            ],
+            "events": dict(self.events),
+            "attribution_window_s": self.attribution_window_s,
+        }
+
+
+_REQUESTS_SQL = """
+SELECT count(*),
+       avg(CASE WHEN status >= 500 THEN 1.0 ELSE 0.0 END),
+       quantile_cont(latency_ms::DOUBLE, [0.5, 0.95, 0.99]),
+       avg(CASE WHEN fallbacks <> '' OR starts_with(path, 'fallback:') THEN 1.0 ELSE 0.0 END),
+       min(ts), max(ts)
+FROM requests
+"""
+_USERS_SQL = f"""
+SELECT count(DISTINCT user_id) FROM (
+    SELECT user_id FROM requests UNION ALL SELECT user_id FROM exposures
+) WHERE user_id <> {ANONYMOUS_USER}
+"""
+# Clicked exposures: by (request_id, item_id), else the latest exposure of (user_id, item_id)
+# at most the window before a click without request id (an ASOF join, over only the exposures
+# of clicked (user, item) pairs: sorting all of them made it 5x slower at 10M rows), then one
+# pass of GROUPING SETS for the overall, per-arm and per-model counts.
+_CTR_SQL = f"""
+WITH clicks AS (SELECT request_id, user_id, item_id, ts FROM feedback WHERE event = 'click'),
+direct AS (SELECT request_id, item_id FROM clicks WHERE request_id <> ''),
+unnamed AS (SELECT * FROM clicks WHERE request_id = '' AND user_id <> {ANONYMOUS_USER}),
+candidates AS (
+    SELECT request_id, user_id, item_id, ts
+    FROM exposures SEMI JOIN unnamed USING (user_id, item_id)
+),
+windowed AS (
+    SELECT e.request_id, e.item_id
+    FROM unnamed c
+    ASOF JOIN candidates e ON c.user_id = e.user_id AND c.item_id = e.item_id AND c.ts >= e.ts
+    WHERE epoch_us(c.ts) - epoch_us(e.ts) <= $window_us
+),
+clicked AS (SELECT * FROM direct UNION SELECT * FROM windowed)
+SELECT GROUPING(experiment, arm, model_version) AS level, experiment, arm, model_version,
+       count(*) AS exposures, count(k.item_id) AS clicks
+FROM exposures e LEFT JOIN clicked k USING (request_id, item_id)
+GROUP BY GROUPING SETS ((), (experiment, arm), (model_version))
+ORDER BY level, experiment, arm, model_version
+"""
+
+
+def summarize(
+    log_dir: str | os.PathLike[str],
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S,
+) -> LogSummary:
+    """Service and click-through figures of the requests and exposures in [start, end).
+
+    Clicks are looked for up to ``attribution_window_s`` after ``end``. All in DuckDB SQL.
+    """
+    root = Path(log_dir)
+    with _connect() as con:
+        for table in (REQUESTS, EXPOSURES):
+            _create_view(con, root, table, start, end)
+        late = None if end is None else _utc(end) + timedelta(seconds=attribution_window_s)
+        _create_view(con, root, FEEDBACK, start, late)
+        [row] = con.execute(_REQUESTS_SQL).fetchall()  # an aggregate has exactly one row
+        n_requests, error_rate, latencies, fallback_rate, first, last = row
+        paths = con.sql(
+            "SELECT path, count(*) FROM requests GROUP BY path ORDER BY 2 DESC"
+        ).fetchall()
+        [(n_users,)] = con.execute(_USERS_SQL).fetchall()
+        events = con.sql("SELECT event, count(*) FROM feedback GROUP BY event ORDER BY 2 DESC")
+        event_counts = {str(event): int(count) for event, count in events.fetchall()}
+        params = {"window_us": round(attribution_window_s * 1_000_000)}
+        groups = con.execute(_CTR_SQL, params).fetchall()
+    overall = CtrStats(0, 0)
+    by_arm: dict[tuple[str, str], CtrStats] = {}
+    by_model: dict[str, CtrStats] = {}
+    for level, experiment, arm, version, n_exposures, n_clicks in groups:
+        stats = CtrStats(int(n_exposures), int(n_clicks))
+        if level == 0b111:
+            overall = stats
+        elif level == 0b001:
+            by_arm[(experiment, arm)] = stats
+        else:
+            by_model[version] = stats
+    p50, p95, p99 = latencies if latencies is not None else (None, None, None)
+    return LogSummary(
+        start=None if start is None else _utc(start),
+        end=None if end is None else _utc(end),
+        requests=int(n_requests),
+        first_request=first,
+        last_request=last,
+        error_rate=error_rate,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        latency_p99_ms=p99,
+        path_share={str(path): count / n_requests for path, count in paths},
+        fallback_rate=fallback_rate,
+        users=int(n_users),
+        exposures=overall.exposures,
+        clicks=overall.clicks,
+        ctr_by_arm=by_arm,
+        ctr_by_model=by_model,
+        events=event_counts,
+        attribution_window_s=attribution_window_s,
+    )

@@ -1,0 +1,304 @@
+"""One monitoring run: a window of the service log against the reference profile, then the alerts.
+
+What is read (the log layout is :mod:`mlsd.monitoring.logs`'s:
+``<log_dir>/<table>/date=YYYY-MM-DD/part-*.parquet``), all through DuckDB so that nothing of
+size "exposures" ever becomes a Python object:
+
+- ``candidates`` (sampled ranker inputs): feature and prediction drift. The window's rows are
+  counted, and a seeded reservoir sample of at most ``max_candidate_rows`` (50k) is compared
+  with the profile (:func:`mlsd.monitoring.drift.compare`); at 50k rows the PSI and KS
+  estimates are within a few thousandths of the full-window values.
+- ``requests``: ``latency_p99_ms``, ``error_rate`` (status >= 500), ``fallback_rate`` (a
+  fallback used, or a ``fallback:`` path).
+- ``exposures`` + ``feedback``: the label metrics, once labels exist, i.e. once the window
+  has any feedback row. An exposure is clicked when a ``click`` has its ``(request_id,
+  item_id)``, or, for a click without a request id, when it is the latest exposure of the same
+  ``(user_id, item_id)`` at most ``attribution_window_s`` before the click (an ASOF join; the
+  attribution of ``mlsd feed logs``). Then ``ctr`` and ``ctr_drop`` (``1 - ctr / reference
+  ctr``), ``ndcg_at_10`` of each served list against its clicks (mean over requests with at
+  least one click: a list with no click has no ideal ordering) and ``ece`` of the served score
+  against clicks (10 equal-width bins; only when every score lies in [0, 1], i.e. the service
+  serves calibrated probabilities).
+
+A window is ``[start, end)``; clicks are looked for up to ``attribution_window_s`` after
+``end``. A rule with its own ``window`` is checked on ``[end - window, end)``.
+
+:attr:`MonitorResult.metrics` is a flat ``{name: value}`` dict (names of
+:data:`mlsd.monitoring.alerts.METRICS`), what a ``/metrics`` endpoint publishes as gauges.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from mlsd.monitoring.alerts import AlertRule, FiredAlert, RuleOutcome, check, parse_window
+from mlsd.monitoring.drift import PSI_MAJOR, DriftReport, compare
+from mlsd.monitoring.profile import ReferenceProfile
+
+TABLES = ("requests", "exposures", "candidates", "feedback")
+MAX_CANDIDATE_ROWS = 50_000
+ATTRIBUTION_WINDOW_S = 1800.0
+NDCG_K = 10
+ECE_BINS = 10
+ANONYMOUS_USER = -1
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    """A monitoring run.
+
+    Attributes:
+        start, end: the window ``[start, end)``, UTC.
+        counts: rows of each log table in the window (``feedback`` incl. the attribution lag).
+        metrics: alertable metrics that had data (see the module docstring).
+        drift: the drift table; ``None`` when the window has no candidate rows.
+        outcomes: every rule, fired or not (``"no data"`` when its metric is absent).
+        reference_metrics: the profile's training-time label metrics, for comparison.
+        window_metrics: rule window (e.g. ``"1d"``) → its metrics, for rules with their own.
+        seconds: wall time of the run.
+    """
+
+    log_dir: str
+    start: datetime
+    end: datetime
+    counts: Mapping[str, int]
+    metrics: Mapping[str, float]
+    drift: DriftReport | None
+    outcomes: tuple[RuleOutcome, ...]
+    reference_metrics: Mapping[str, float] = field(default_factory=dict)
+    window_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def fired(self) -> list[FiredAlert]:
+        return [
+            FiredAlert(o.rule, o.value) for o in self.outcomes if o.fired and o.value is not None
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "log_dir": self.log_dir,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "seconds": round(self.seconds, 3),
+            "counts": dict(self.counts),
+            "metrics": dict(self.metrics),
+            "reference_metrics": dict(self.reference_metrics),
+            "window_metrics": {k: dict(v) for k, v in self.window_metrics.items()},
+            "alerts": [o.to_dict() for o in self.outcomes],
+            "fired": [o.rule.name for o in self.outcomes if o.fired],
+            "drift": None if self.drift is None else self.drift.to_dict(),
+        }
+
+
+def run_monitor(
+    log_dir: Path,
+    profile: ReferenceProfile,
+    *,
+    start: datetime,
+    end: datetime,
+    rules: Sequence[AlertRule],
+    psi_threshold: float = PSI_MAJOR,
+    max_candidate_rows: int = MAX_CANDIDATE_ROWS,
+    attribution_window_s: float = ATTRIBUTION_WINDOW_S,
+    seed: int = 0,
+) -> MonitorResult:
+    """Compute the window's metrics from the log, compare with ``profile``, check ``rules``.
+
+    Args:
+        log_dir: the service log root (a missing table means no data, not an error).
+        start, end: the window ``[start, end)``; naive datetimes are UTC.
+        rules: alert rules; one with its own ``window`` looks at ``[end - window, end)``.
+    """
+    began = time.perf_counter()
+    start, end = _utc(start), _utc(end)
+    if not start < end:
+        raise ValueError(f"monitoring window: start {start} is not before end {end}")
+    window = _Window(Path(log_dir), profile, psi_threshold, max_candidate_rows,
+                     attribution_window_s, seed)  # fmt: skip
+    counts, metrics, drift = window.measure(start, end)
+    by_window: dict[str, dict[str, float]] = {}
+    outcomes: list[RuleOutcome] = []
+    for rule in rules:
+        if rule.window is None:
+            outcomes += check([rule], metrics)
+            continue
+        if rule.window not in by_window:
+            _, by_window[rule.window], _ = window.measure(end - parse_window(rule.window), end)
+        outcomes += check([rule], by_window[rule.window])
+    return MonitorResult(
+        log_dir=str(log_dir),
+        start=start,
+        end=end,
+        counts=counts,
+        metrics=metrics,
+        drift=drift,
+        outcomes=tuple(outcomes),
+        reference_metrics=dict(profile.label_metrics),
+        window_metrics=by_window,
+        seconds=time.perf_counter() - began,
+    )
+
+
+@dataclass(frozen=True)
+class _Window:
+    log_dir: Path
+    profile: ReferenceProfile
+    psi_threshold: float
+    max_candidate_rows: int
+    attribution_window_s: float
+    seed: int
+
+    def measure(
+        self, start: datetime, end: datetime
+    ) -> tuple[dict[str, int], dict[str, float], DriftReport | None]:
+        late = end + timedelta(seconds=self.attribution_window_s)
+        with duckdb.connect() as con:
+            con.execute("SET TimeZone = 'UTC'").fetchall()
+            present = {
+                table: _create_view(
+                    con, self.log_dir, table, start, late if table == "feedback" else end
+                )
+                for table in TABLES
+            }
+            counts = {
+                t: _scalar(con, f"SELECT count(*) FROM {t}") if present[t] else 0 for t in TABLES
+            }
+            metrics: dict[str, float] = {}
+            drift = None
+            if counts["candidates"]:
+                drift = compare(self.profile, self._sample(con), psi_threshold=self.psi_threshold)
+                metrics.update(drift.metrics())
+            if counts["requests"]:
+                metrics.update(_request_metrics(con))
+            if counts["exposures"] and counts["feedback"]:
+                metrics.update(self._label_metrics(con))
+        return counts, metrics, drift
+
+    def _sample(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
+        sql = (
+            f"SELECT * FROM (SELECT * FROM candidates) "
+            f"USING SAMPLE reservoir({int(self.max_candidate_rows)} ROWS) REPEATABLE ({self.seed})"
+        )
+        return con.sql(sql).to_arrow_table()
+
+    def _label_metrics(self, con: duckdb.DuckDBPyConnection) -> dict[str, float]:
+        window_us = int(self.attribution_window_s * 1_000_000)
+        con.execute(_CLICKED_SQL.replace("$window_us", str(window_us))).fetchall()
+        n, low, high = _row(con, "SELECT count(*), min(score), max(score) FROM exposures")
+        clicks = _scalar(con, "SELECT count(*) FROM clicked")
+        out: dict[str, float] = {"ctr": clicks / n}
+        reference = self.profile.label_metrics.get("ctr")
+        if reference:
+            out["ctr_drop"] = 1.0 - out["ctr"] / reference
+        per_request = con.execute(_NDCG_SQL).fetchnumpy()
+        if len(per_request["dcg"]):
+            out["ndcg_at_10"] = _mean_ndcg(per_request["dcg"], per_request["n_clicks"])
+        if low is not None and high is not None and low >= 0.0 and high <= 1.0:
+            shown = con.execute(_ECE_SQL.format(table="exposures")).fetchnumpy()
+            clicked = con.execute(_ECE_SQL.format(table="clicked")).fetchnumpy()
+            score_sum = np.zeros(ECE_BINS)
+            score_sum[shown["bin"].astype(np.int64)] = shown["score_sum"]
+            click_sum = np.zeros(ECE_BINS)
+            click_sum[clicked["bin"].astype(np.int64)] = clicked["n"]
+            out["ece"] = float(np.abs(score_sum - click_sum).sum() / n)
+        return out
+
+
+def _create_view(
+    con: duckdb.DuckDBPyConnection, log_dir: Path, table: str, start: datetime, end: datetime
+) -> bool:
+    """A view ``table`` over ``[start, end)`` of the table's part files; False if none exist."""
+    root = log_dir / table
+    if not any(root.glob("date=*/*.parquet")):
+        return False
+    pattern = str(root / "**" / "*.parquet").replace("'", "''")
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * EXCLUDE (date) FROM read_parquet("
+        f"'{pattern}', hive_partitioning = true, union_by_name = true) "
+        f"WHERE date >= DATE '{start:%Y-%m-%d}' AND date <= DATE '{end:%Y-%m-%d}' "
+        f"AND ts >= TIMESTAMPTZ '{start.isoformat()}' AND ts < TIMESTAMPTZ '{end.isoformat()}'"
+    ).fetchall()
+    return True
+
+
+def _request_metrics(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
+    p99, error_rate, fallback_rate = _row(con, _REQUESTS_SQL)
+    return {
+        "latency_p99_ms": float(p99),
+        "error_rate": float(error_rate),
+        "fallback_rate": float(fallback_rate),
+    }
+
+
+def _mean_ndcg(dcg: np.ndarray[Any, Any], n_clicks: np.ndarray[Any, Any]) -> float:
+    discounts = 1.0 / np.log2(np.arange(NDCG_K) + 2.0)
+    ideal = np.concatenate([[0.0], np.cumsum(discounts)])  # ideal[m]: m clicks on top
+    idcg = ideal[np.minimum(n_clicks.astype(np.int64), NDCG_K)]
+    return float(np.mean(dcg.astype(float) / idcg))
+
+
+def _row(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...]:
+    """The single row of an aggregate (fetched to the end, so the connection is free again)."""
+    (row,) = con.execute(sql).fetchall()
+    return tuple(row)
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+    return int(_row(con, sql)[0])
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+_REQUESTS_SQL = """
+SELECT quantile_cont(latency_ms::DOUBLE, 0.99),
+       avg(CASE WHEN status >= 500 THEN 1.0 ELSE 0.0 END),
+       avg(CASE WHEN fallbacks <> '' OR starts_with(path, 'fallback:') THEN 1.0 ELSE 0.0 END)
+FROM requests
+"""
+# The clicked exposures (a few % of the window's): by (request_id, item_id), else the latest
+# exposure of (user_id, item_id) at most the window before a click without a request id (an
+# ASOF join, over only the exposures of the pairs such clicks name). Every other label metric
+# aggregates this small table or one scan of exposures, so no 10M-row join is materialised.
+_CLICKED_SQL = f"""
+CREATE OR REPLACE TEMP TABLE clicked AS
+WITH clicks AS (SELECT request_id, user_id, item_id, ts FROM feedback WHERE event = 'click'),
+direct AS (SELECT DISTINCT request_id, item_id FROM clicks WHERE request_id <> ''),
+anonymous AS (
+    SELECT user_id, item_id, ts FROM clicks WHERE request_id = '' AND user_id <> {ANONYMOUS_USER}
+),
+named AS (
+    SELECT e.request_id, e.user_id, e.item_id, e.ts FROM exposures e
+    SEMI JOIN (SELECT DISTINCT user_id, item_id FROM anonymous) p
+        ON e.user_id = p.user_id AND e.item_id = p.item_id
+),
+windowed AS (
+    SELECT DISTINCT e.request_id, e.item_id
+    FROM anonymous c
+    ASOF JOIN named e ON c.user_id = e.user_id AND c.item_id = e.item_id AND c.ts >= e.ts
+    WHERE epoch_us(c.ts) - epoch_us(e.ts) <= $window_us
+),
+keys AS (SELECT * FROM direct UNION SELECT * FROM windowed)
+SELECT e.request_id, e.position, e.score::DOUBLE AS score FROM exposures e
+SEMI JOIN keys k ON e.request_id = k.request_id AND e.item_id = k.item_id
+"""
+_NDCG_SQL = f"""
+SELECT sum(CASE WHEN position < {NDCG_K} THEN 1.0 / log2(position + 2.0) ELSE 0.0 END) AS dcg,
+       count(*) AS n_clicks
+FROM clicked GROUP BY request_id
+"""
+_ECE_SQL = (
+    f"SELECT least(floor(score * {ECE_BINS}), {ECE_BINS - 1})::INTEGER AS bin, count(*) AS n, "
+    "sum(score::DOUBLE) AS score_sum FROM {table} GROUP BY bin"
+)

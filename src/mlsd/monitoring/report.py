@@ -1,0 +1,66 @@
+"""The monitoring run as one self-contained HTML page (drift table, plots, alerts) and JSON.
+
+Plots are matplotlib PNGs embedded as data URIs by the offline report's helper
+(:mod:`mlsd.evaluation.report`), so the page is a single file that opens anywhere. It shows
+the alerts first (what fired and why), then the drift table sorted by PSI, the reference vs
+live histograms of the most drifted features (the bins PSI is computed on, so what you see is
+what was measured), and the prediction's distribution.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from mlsd.evaluation.report import _fmt, _png
+from mlsd.monitoring.drift import FeatureDrift
+from mlsd.monitoring.monitor import MonitorResult
+
+TEMPLATE = "monitor.html.j2"
+N_PLOTTED = 6
+"""Histograms drawn for the most drifted features."""
+
+
+def plot_histogram(row: FeatureDrift) -> str:
+    """Reference vs live share of each bin of one feature, as a PNG data URI."""
+    figure, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(row.bins) + 1.5), 3.0))
+    x = np.arange(len(row.bins))
+    ax.bar(x - 0.2, row.reference_shares, width=0.4, label="reference", color="#8aa")
+    ax.bar(x + 0.2, row.live_shares, width=0.4, label="live", color="#d64")
+    ax.set_xticks(x, row.bins, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("share of rows")
+    ax.set_title(f"{row.name}: PSI {_fmt(row.psi)}", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(figure)
+
+
+def render_html(result: MonitorResult) -> str:
+    """The report page as one HTML string."""
+    env = Environment(
+        loader=PackageLoader("mlsd.monitoring", "templates"),
+        autoescape=select_autoescape(default=True),
+    )
+    drift = result.drift
+    ranked = drift.ranked() if drift is not None else []
+    plots = [(row.name, plot_histogram(row)) for row in ranked[:N_PLOTTED] if row.n_live]
+    prediction = None
+    if drift is not None and drift.prediction is not None and drift.prediction.n_live:
+        prediction = plot_histogram(drift.prediction)
+    return env.get_template(TEMPLATE).render(
+        r=result, ranked=ranked, plots=plots, prediction_plot=prediction, fmt=_fmt
+    )
+
+
+def write_report(result: MonitorResult, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``out_dir/monitor.json`` and ``out_dir/monitor.html``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "monitor.json"
+    json_path.write_text(json.dumps(result.to_dict(), indent=2))
+    html_path = out / "monitor.html"
+    html_path.write_text(render_html(result))
+    return json_path, html_path

@@ -1,0 +1,169 @@
+"""``mlsd feed monitor``: a window of the service log against the training-time reference profile.
+
+Prints the drift table and every alert rule's outcome; exits 1 when a rule fires (naming the
+rules and their values), 0 when none does, 2 on bad input (a missing or malformed profile or
+config, a bad window or time). Rules and the default window come from the ``[monitoring]``
+table of ``--config`` (see :mod:`mlsd.monitoring.alerts`), else the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import duckdb
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mlsd.monitoring.alerts import MonitoringSection, parse_window
+from mlsd.monitoring.monitor import MonitorResult, run_monitor
+from mlsd.monitoring.profile import ReferenceProfile
+from mlsd.systems.feed.commands import app, console
+
+err_console = Console(stderr=True)
+N_SHOWN = 15
+"""Drift table rows printed (the most drifted first); the JSON and HTML have them all."""
+
+
+class BadInputError(ValueError):
+    """A user error: printed as one line, exit code 2."""
+
+
+@app.command("monitor")
+def monitor(
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="Service log directory.")],
+    reference: Annotated[
+        Path, typer.Option("--reference", help="Reference profile JSON written at training.")
+    ],
+    window: Annotated[
+        str | None,
+        typer.Option("--window", help="Window length, e.g. 30m, 1h, 1d (default: config, 1h)."),
+    ] = None,
+    end: Annotated[
+        str | None,
+        typer.Option("--end", help="Window end, ISO 8601 (naive = UTC; default: now)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="System TOML whose [monitoring] holds the alert rules."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write monitor.json and monitor.html here.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON instead of tables.")
+    ] = False,
+) -> None:
+    """Compare a live window with the reference profile and check the alert rules."""
+    try:
+        section = _section(config)
+        length = parse_window(window if window is not None else section.window)
+        until = _parse_end(end)
+        if not log_dir.is_dir():
+            raise BadInputError(f"{log_dir}: log directory not found")
+        profile = ReferenceProfile.load(reference)
+        result = run_monitor(
+            log_dir,
+            profile,
+            start=until - length,
+            end=until,
+            rules=section.alerts,
+            psi_threshold=section.psi_threshold,
+        )
+    except (ValueError, OSError, duckdb.Error) as exc:  # bad input, or a log DuckDB cannot read
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(2) from exc
+    if out is not None:
+        from mlsd.monitoring.report import write_report
+
+        json_path, html_path = write_report(result, out)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print(result)
+        if out is not None:
+            console.print(f"wrote {json_path} and {html_path}")
+    fired = result.fired
+    if fired:
+        err_console.print(
+            f"[bold red]{len(fired)} alert(s) fired:[/] "
+            + escape("; ".join(alert.describe() for alert in fired)),
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+
+
+def _section(config: Path | None) -> MonitoringSection:
+    if config is None:
+        return MonitoringSection()
+    try:
+        with config.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise BadInputError(f"{config}: config file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInputError(f"{config}: not valid TOML ({exc})") from exc
+    table = raw.get("monitoring", {})
+    if not isinstance(table, dict):
+        raise BadInputError(f"{config}: [monitoring] must be a table")
+    return MonitoringSection.from_mapping(table, where=str(config))
+
+
+def _parse_end(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise BadInputError(
+            f"--end {text!r}: expected an ISO 8601 time such as 2024-03-01T12:00"
+        ) from exc
+    return ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def _print(result: MonitorResult) -> None:
+    counts = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
+    console.print(f"window {result.start.isoformat()} → {result.end.isoformat()} ({counts})")
+    drift = result.drift
+    if drift is None:
+        console.print("no candidate rows in the window: feature and prediction drift not measured")
+    else:
+        table = Table(title="drift (most drifted first)", title_justify="left")
+        for column in ("feature", "kind", "test", "statistic", "p-value", "PSI", "live rows", ""):
+            table.add_column(column, justify="left" if column in ("feature", "kind") else "right")
+        rows = [drift.prediction] if drift.prediction is not None else []
+        for row in [*rows, *drift.ranked()[:N_SHOWN]]:
+            table.add_row(
+                escape(row.name),
+                row.kind,
+                row.test,
+                f"{row.statistic:.4f}",
+                f"{row.p_value:.3g}",
+                f"{row.psi:.4f}",
+                f"{row.n_live:,}",
+                "[red]drifted[/]" if row.drifted else "",
+            )
+        console.print(table)
+        if drift.missing:
+            console.print(f"[yellow]missing from the log:[/] {', '.join(drift.missing)}")
+    alerts = Table(title="alerts", title_justify="left")
+    for column in ("rule", "metric", "condition", "value", "status"):
+        alerts.add_column(column)
+    for o in result.outcomes:
+        style = {"fired": "[bold red]", "ok": "[green]", "no data": "[dim]"}[o.status]
+        value = "—" if o.value is None else f"{o.value:.4g}"
+        condition = f"{o.rule.op} {o.rule.threshold:g}" + (
+            f" ({o.rule.window})" if o.rule.window else ""
+        )
+        alerts.add_row(
+            escape(o.rule.name), o.rule.metric, condition, value, f"{style}{o.status}[/]"
+        )
+    console.print(alerts)

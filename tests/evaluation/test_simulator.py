@@ -1,0 +1,367 @@
+"""The user simulator against the real service (uvicorn on loopback), the world and the oracle."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pytest
+
+from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.data.sources.world import World
+from mlsd.evaluation.simulator import (
+    OracleConfig,
+    OraclePreferences,
+    Preferences,
+    WorldPreferences,
+    log_examination,
+    simulate,
+)
+from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.popular import PopularRecommender
+from mlsd.serving.recommender import RecommendRequest, RecommendResult
+from tests.serving.test_app import running_server
+
+DRIFT_AT = "2024-01-16"
+BEFORE_DRIFT = "2024-01-15T23:00:00"  # 300 requests at 12 s cross DRIFT_AT an hour in
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("simulator") / "world"
+    config = WorldConfig(
+        n_users=500, n_items=200, n_events=20_000, days=30, drift_at=DRIFT_AT, seed=7
+    )
+    synthesize(config, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(world_dir: Path) -> World:
+    return World.load(world_dir)
+
+
+class RecordingModel:
+    """A real PopularRecommender that also keeps every event the service hands it."""
+
+    def __init__(self, inner: PopularRecommender) -> None:
+        self.inner = inner
+        self.version = inner.version
+        self.events: list[dict[str, object]] = []
+        self._lock = threading.Lock()
+
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        return self.inner.recommend(request)
+
+    def record_events(self, events: Sequence[Mapping[str, object]]) -> int:
+        with self._lock:
+            self.events.extend(dict(e) for e in events)
+        return self.inner.record_events(events)
+
+    def history(self, user_id: int, n: int = 20) -> list[int]:
+        return self.inner.history(user_id, n)
+
+    def ready(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def served(world_dir: Path) -> Iterator[tuple[str, RecordingModel]]:
+    """A fresh service (popularity on the world's data) on a free port; (url, model)."""
+    model = RecordingModel(PopularRecommender.from_dataset(world_dir, version="popular:test"))
+    app = create_app(lambda: model, settings=ServiceSettings())
+    with running_server(app) as url:
+        yield url, model
+
+
+class Spy:
+    """Preferences that delegate and remember the users and times they were asked about."""
+
+    def __init__(self, inner: Preferences) -> None:
+        self.inner, self.name = inner, inner.name
+        self.users: list[int] = []
+        self.times: list[int] = []
+
+    def population(self, ts_us: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        return self.inner.population(ts_us)
+
+    def click_probability(
+        self, user_ids: npt.ArrayLike, item_ids: npt.ArrayLike, ts_us: npt.ArrayLike
+    ) -> npt.NDArray[np.float64]:
+        self.users.extend(np.asarray(user_ids).tolist())
+        self.times.extend(np.asarray(ts_us).tolist())
+        return self.inner.click_probability(user_ids, item_ids, ts_us)
+
+
+class Constant:
+    """Every user clicks every examined item with probability ``p``; the world's users."""
+
+    def __init__(self, world: World, p: float) -> None:
+        self.name, self.p = "constant", p
+        self.world = WorldPreferences(world)
+
+    def population(self, ts_us: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        return self.world.population(ts_us)
+
+    def click_probability(
+        self, user_ids: npt.ArrayLike, item_ids: npt.ArrayLike, ts_us: npt.ArrayLike
+    ) -> npt.NDArray[np.float64]:
+        return np.full(len(np.asarray(user_ids)), self.p)
+
+
+def _us(iso: str) -> int:
+    return int(pd.Timestamp(iso, tz="UTC").value) // 1_000
+
+
+# ---------------------------------------------------------------- end to end over HTTP
+
+
+@pytest.mark.integration
+def test_simulation_drives_the_real_service(
+    served: tuple[str, RecordingModel], world: World
+) -> None:
+    url, model = served
+    spy = Spy(WorldPreferences(world))
+    result = simulate(
+        url,
+        spy,
+        n_users=100,
+        n_requests=300,
+        start_ts=BEFORE_DRIFT,
+        seconds_per_request=12.0,
+        seed=1,
+        concurrency=2,
+        progress=False,
+    )
+    assert (result.requests, result.answered, result.errors) == (300, 300, 0)
+    assert result.exposures == 3000  # 200 items: every user still has 10 unseen ones
+    assert set(result.by_model_version) == {"popular:test"}
+    assert set(result.by_path) == {"fallback:popular"}
+    assert set(result.by_arm) == {"-"}
+    assert result.by_model_version["popular:test"] == result.total
+
+    # Every view and click reached the model through POST /v1/events, and was accepted.
+    views = [(e["user_id"], e["item_id"]) for e in model.events if e["event"] == "view"]
+    clicks = [(e["user_id"], e["item_id"]) for e in model.events if e["event"] == "click"]
+    assert len(views) == result.exposures
+    assert len(clicks) == result.clicks
+    assert set(clicks) <= set(views)
+    assert result.events_sent == result.events_accepted == result.exposures + result.clicks
+    assert result.event_errors == 0
+
+    # The simulated clock: request i at start + 12 s * i, crossing drift_at; events carry it.
+    start = _us(BEFORE_DRIFT)
+    assert sorted(set(spy.times)) == [start + 12_000_000 * i for i in range(300)]
+    seconds = [float(e["ts"]) for e in model.events]  # type: ignore[arg-type]
+    assert start / 1e6 <= min(seconds)
+    assert max(seconds) < start / 1e6 + 3600
+    assert len(set(spy.users)) <= 100
+    assert result.start == "2024-01-15T23:00:00Z"
+    assert result.end == "2024-01-16T00:00:00Z"
+
+    # Clicks are Bernoulli draws of the expected probabilities: within 4 binomial sigmas.
+    assert result.expected_clicks > 10
+    assert abs(result.clicks - result.expected_clicks) <= 4 * math.sqrt(result.expected_clicks)
+    assert 0 < result.latency_ms["p50"] <= result.latency_ms["p99"] <= result.latency_ms["max"]
+    total = json.loads(json.dumps(result.to_dict()))["total"]
+    assert total["exposures"] == 3000
+    assert total["expected_ctr"] == pytest.approx(result.expected_clicks / 3000)
+
+
+@pytest.mark.integration
+def test_clicks_attribute_to_logged_exposures(
+    world_dir: Path, world: World, tmp_path: Path
+) -> None:
+    from mlsd.monitoring.logs import EXPOSURES, FEEDBACK, ServiceLog, read_table
+
+    model = PopularRecommender.from_dataset(world_dir, version="popular:test")
+    log = ServiceLog(tmp_path / "log")
+    app = create_app(lambda: model, settings=ServiceSettings(), fallback=None, log=log)
+    with running_server(app) as url:  # the app closes (flushes) the log at shutdown
+        result = simulate(
+            url, Constant(world, 0.3), n_users=50, n_requests=80, start_ts=DRIFT_AT, progress=False
+        )
+    exposures = read_table(tmp_path / "log", EXPOSURES).to_pandas()
+    feedback = read_table(tmp_path / "log", FEEDBACK).to_pandas()
+    assert len(exposures) == result.exposures == 800
+    assert (feedback["event"] == "view").sum() == result.exposures
+    clicks = feedback[feedback["event"] == "click"]
+    assert len(clicks) == result.clicks > 0
+    # Each event names the request that showed the item: exact attribution in the log.
+    shown = set(zip(exposures["request_id"], exposures["item_id"], strict=True))
+    assert set(zip(clicks["request_id"], clicks["item_id"], strict=True)) <= shown
+    by_position = exposures.merge(clicks, on=["request_id", "item_id"])["position"]
+    assert np.bincount(by_position, minlength=10).tolist() == result.clicks_by_position
+
+
+@pytest.mark.integration
+def test_clicks_fall_with_position_as_examined(
+    served: tuple[str, RecordingModel], world: World
+) -> None:
+    url, _ = served
+    p = 0.6
+    result = simulate(
+        url, Constant(world, p), n_users=200, n_requests=300, start_ts=DRIFT_AT, progress=False
+    )
+    exam = np.array([log_examination(i) for i in range(10)])
+    assert np.allclose(result.expected_clicks_by_position, 300 * p * exam)
+    clicks = np.array(result.clicks_by_position)
+    sigma = np.sqrt(300 * p * exam)
+    assert (np.abs(clicks - 300 * p * exam) <= 4 * sigma + 1).all()
+    assert clicks[:3].sum() > 1.5 * clicks[-3:].sum()  # expected ratio 2.1/0.90 = 2.3
+
+    # A custom examination model: nobody looks past the third item.
+    top3 = simulate(
+        url,
+        Constant(world, p),
+        n_users=50,
+        n_requests=60,
+        start_ts=DRIFT_AT,
+        examination=lambda pos: 1.0 if pos < 3 else 0.0,
+        send_views=False,
+        progress=False,
+    )
+    assert top3.clicks > 0
+    assert top3.clicks_by_position[3:] == [0] * 7
+    assert top3.events_sent == top3.clicks  # clicks only
+
+
+@pytest.mark.integration
+def test_failures_are_counted_not_raised(world: World) -> None:
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    result = simulate(
+        dead, WorldPreferences(world), n_users=5, n_requests=4, start_ts=DRIFT_AT, progress=False
+    )
+    assert (result.answered, result.errors) == (0, 4)
+    assert result.errors_by_kind == {"ConnectError": 4}
+    assert result.events_sent == 0
+    assert result.latency_ms == {}
+
+    def broken() -> PopularRecommender:
+        raise RuntimeError("no model")
+
+    app = create_app(broken, settings=ServiceSettings())  # no fallback: every request is a 503
+    with running_server(app) as url:
+        result = simulate(
+            url, WorldPreferences(world), n_users=5, n_requests=6, start_ts=DRIFT_AT, progress=False
+        )
+    assert result.errors_by_kind == {"http 503": 6}
+    assert result.exposures == 0
+
+
+def test_arguments_are_checked(world: World) -> None:
+    with pytest.raises(ValueError, match="n_users"):
+        simulate("http://x", WorldPreferences(world), n_users=0, n_requests=1, start_ts=DRIFT_AT)
+
+
+# ---------------------------------------------------------------- the world and its drift
+
+
+def test_world_drift_changes_click_probabilities(world: World) -> None:
+    rng = np.random.default_rng(0)
+    users = rng.integers(1, 501, 2000)
+    items = rng.integers(1, 201, 2000)
+    drift = _us(DRIFT_AT)
+    natural = WorldPreferences(world)
+    just_before = natural.click_probability(users, items, np.full(2000, drift - 1))
+    at_drift = natural.click_probability(users, items, np.full(2000, drift))
+    assert np.mean(np.abs(just_before - at_drift)) > 0.1 * just_before.mean()
+
+    # force_regime pins the regime whatever the clock; the clock's own regime agrees with it.
+    after = WorldPreferences(world, force_regime="after")
+    before = WorldPreferences(world, force_regime="before")
+    early = np.full(2000, drift - 7 * 86_400_000_000)
+    assert np.allclose(after.click_probability(users, items, drift), at_drift)
+    assert np.allclose(before.click_probability(users, items, drift - 1), just_before)
+    assert np.allclose(
+        before.click_probability(users, items, early),
+        natural.click_probability(users, items, early),
+    )
+    assert not np.allclose(
+        after.click_probability(users, items, early), before.click_probability(users, items, early)
+    )
+    assert after.name == "world (after drift)"
+
+    # Unknown ids are never clicked; probabilities are probabilities.
+    probs = natural.click_probability([1, 999, 2], [1, 1, 999], drift)
+    assert probs[0] > 0
+    assert probs[1] == probs[2] == 0.0
+    assert ((just_before > 0) & (just_before < 1)).all()
+
+
+def test_after_drift_needs_a_drifting_world(tmp_path: Path) -> None:
+    synthesize(WorldConfig(n_users=50, n_items=30, n_events=500, days=5), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="no drift_at"):
+        WorldPreferences.from_dataset(tmp_path, force_regime="after")
+
+
+def test_feature_drift_shifts_who_is_active(tmp_path: Path) -> None:
+    config = WorldConfig(
+        n_users=300,
+        n_items=50,
+        n_events=2_000,
+        days=10,
+        drift_at="2024-01-05",
+        drift_kind="feature",
+    )
+    synthesize(config, tmp_path, progress=False)
+    prefs = WorldPreferences.from_dataset(tmp_path)
+    ids, w_before = prefs.population(_us("2024-01-04"))
+    _, w_after = prefs.population(_us("2024-01-06"))
+    assert ids.tolist() == list(range(1, 301))
+    assert not np.allclose(w_before, w_after)
+
+
+# ---------------------------------------------------------------- the oracle on real data
+
+
+@pytest.fixture(scope="module")
+def ml100k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mlsd.data.sources.movielens import import_movielens
+    from tests.conftest import dataset_path  # skips, naming MLSD_DATA_DIR, when it is absent
+
+    out = tmp_path_factory.mktemp("ml100k")
+    import_movielens(
+        "movielens-100k", source=dataset_path("movielens-100k"), out=out, progress=False
+    )
+    return out
+
+
+@pytest.mark.dataset
+def test_oracle_on_movielens_100k(ml100k: Path) -> None:
+    import time
+
+    began = time.perf_counter()
+    oracle = OraclePreferences.from_dataset(ml100k, OracleConfig(target_ctr=0.05))
+    assert time.perf_counter() - began < 10.0  # seconds on a shared 2-core machine
+    events = pd.read_parquet(ml100k / "events.parquet")
+
+    # Users are drawn by their event counts.
+    ids, weights = oracle.population(0)
+    assert len(ids) == 943
+    assert weights.sum() == len(events)
+
+    # Calibration: the oracle's own top-10, users weighted by activity, averages the target.
+    top = oracle.top_items(ids, 10)
+    probs = oracle.click_probability(np.repeat(ids, 10), top.ravel(), 0).reshape(-1, 10)
+    assert ((probs > 0) & (probs < 1)).all()
+    assert abs(weights @ probs.mean(axis=1) / weights.sum() - 0.05) < 0.002
+    assert (np.diff(probs, axis=1) <= 1e-12).all()  # monotone: better scores, likelier clicks
+
+    # A user's test-period items (the last 20% of time) beat random items on average.
+    test = events[events["ts"] >= events["ts"].quantile(0.8)]
+    p_test = oracle.click_probability(test["user_id"], test["item_id"], 0)
+    rng = np.random.default_rng(0)
+    p_random = oracle.click_probability(test["user_id"], rng.choice(oracle.item_ids_, len(test)), 0)
+    assert ((p_test > 0) & (p_test < 1)).all()
+    assert p_test.mean() > 2 * p_random.mean()
+    assert oracle.click_probability([1, 10**9], [10**9, 1], 0).tolist() == [0.0, 0.0]

@@ -1,0 +1,120 @@
+"""Alert rules: evaluation, "no data", windows and the [monitoring] TOML table."""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import timedelta
+
+import pytest
+
+from mlsd.monitoring.alerts import (
+    DEFAULT_RULES,
+    AlertRule,
+    MonitoringSection,
+    check,
+    evaluate,
+    parse_window,
+)
+
+
+def test_rules_fire_on_their_side_of_the_threshold() -> None:
+    rules = [
+        AlertRule("drift", "feature_psi_max", ">", 0.2),
+        AlertRule("ks", "ks_pvalue_min", "<", 0.01),
+        AlertRule("ctr", "ctr_drop", ">", 0.2),
+    ]
+    fired = evaluate(rules, {"feature_psi_max": 0.31, "ks_pvalue_min": 0.02, "ctr_drop": 0.2})
+    assert [(a.rule.name, a.value) for a in fired] == [("drift", 0.31)]  # 0.2 is not > 0.2
+    assert fired[0].describe() == "drift: feature_psi_max = 0.31 > 0.2"
+    assert [a.rule.name for a in evaluate(rules, {"ks_pvalue_min": 0.001})] == ["ks"]
+
+
+def test_a_metric_without_data_never_fires() -> None:
+    rules = [AlertRule("ctr", "ctr_drop", ">", 0.2), AlertRule("p99", "latency_p99_ms", ">", 1.0)]
+    outcomes = check(rules, {"latency_p99_ms": float("nan")})
+    assert [(o.status, o.value) for o in outcomes] == [("no data", None), ("no data", None)]
+    assert evaluate(rules, {}) == []
+    assert check(rules, {"ctr_drop": 0.1})[0].status == "ok"
+
+
+def test_windows() -> None:
+    assert parse_window("1h") == timedelta(hours=1)
+    assert parse_window("30m") == timedelta(minutes=30)
+    assert parse_window("1.5d") == timedelta(hours=36)
+    for bad in ("", "1y", "-1h", "0h", "h"):
+        with pytest.raises(ValueError, match="positive duration"):
+            parse_window(bad)
+
+
+def test_defaults_cover_every_kind_of_alert() -> None:
+    section = MonitoringSection()
+    assert section.window_delta == timedelta(hours=1)
+    assert section.alerts == DEFAULT_RULES
+    assert {r.metric for r in DEFAULT_RULES} == {
+        "feature_psi_max", "prediction_psi", "latency_p99_ms", "error_rate", "fallback_rate",
+        "ctr_drop",
+    }  # fmt: skip
+
+
+TOML = """
+[monitoring]
+window = "2h"
+
+[[monitoring.alerts]]
+name = "drift"
+metric = "feature_psi_max"
+op = ">"
+threshold = 0.2
+
+[[monitoring.alerts]]
+name = "daily ctr"
+metric = "ctr_drop"
+op = ">"
+threshold = 1
+window = "1d"
+"""
+
+
+def test_from_toml() -> None:
+    raw = tomllib.loads(TOML)["monitoring"]
+    section = MonitoringSection.from_mapping(raw, where="feed.toml")
+    assert section.window == "2h"
+    assert section.alerts == (
+        AlertRule("drift", "feature_psi_max", ">", 0.2),
+        AlertRule("daily ctr", "ctr_drop", ">", 1.0, window="1d"),
+    )
+    assert MonitoringSection.from_mapping({}, where="x").alerts == DEFAULT_RULES
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ('metric = "feature_psi_max"', "#1 ('drift').metric: metric 'psi' is unknown"),
+        ('op = ">"', "#1 ('drift').op: op '>=': expected '>' or '<'"),
+        ("threshold = 0.2", "#1 ('drift').threshold: expected a number, got '0.2'"),
+        ('name = "drift"', "#1: unknown key(s) [] / missing key(s) ['name']"),
+        ('window = "2h"', "[monitoring].window: window '2 hours'"),
+    ],
+)
+def test_bad_rules_name_the_toml_key(edit: str, message: str) -> None:
+    replacement = {
+        'metric = "feature_psi_max"': 'metric = "psi"',
+        'op = ">"': 'op = ">="',
+        "threshold = 0.2": 'threshold = "0.2"',
+        'name = "drift"': "",
+        'window = "2h"': 'window = "2 hours"',
+    }[edit]
+    raw = tomllib.loads(TOML.replace(edit, replacement, 1))["monitoring"]
+    with pytest.raises(ValueError, match=r"^configs/feed\.toml: ") as info:
+        MonitoringSection.from_mapping(raw, where="configs/feed.toml")
+    assert message in str(info.value)
+
+
+def test_unknown_keys_and_duplicate_names() -> None:
+    with pytest.raises(ValueError, match=r"\[monitoring\] has unknown key\(s\) windw"):
+        MonitoringSection.from_mapping({"windw": "1h"}, where="f.toml")
+    rule = {"name": "a", "metric": "ctr", "op": "<", "threshold": 0.01}
+    with pytest.raises(ValueError, match=r"names \['a'\] more than once"):
+        MonitoringSection.from_mapping({"alerts": [rule, rule]}, where="f.toml")
+    with pytest.raises(ValueError, match="unknown key"):
+        MonitoringSection.from_mapping({"alerts": [{**rule, "severity": 1}]}, where="f.toml")

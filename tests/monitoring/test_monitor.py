@@ -1,0 +1,221 @@
+"""run_monitor on small service logs written with pyarrow in the log contract's layout."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlsd.monitoring.alerts import DEFAULT_RULES, AlertRule
+from mlsd.monitoring.monitor import run_monitor
+from mlsd.monitoring.profile import ReferenceProfile
+from mlsd.monitoring.report import write_report
+
+TS = pa.timestamp("us", tz="UTC")
+START = datetime(2024, 3, 1, 10, tzinfo=UTC)
+END = START + timedelta(hours=1)
+TYPES: dict[str, pa.DataType] = {
+    "request_id": pa.string(), "ts": TS, "user_id": pa.int64(), "item_id": pa.int64(),
+    "model_version": pa.string(), "experiment": pa.string(), "arm": pa.string(),
+    "path": pa.string(), "fallbacks": pa.string(), "latency_ms": pa.float32(),
+    "status": pa.int16(), "k": pa.int16(), "position": pa.int16(), "score": pa.float32(),
+    "source": pa.string(), "event": pa.string(), "value": pa.float64(),
+}  # fmt: skip
+COLUMNS = {
+    "requests": ["request_id", "ts", "user_id", "model_version", "experiment", "arm", "path",
+                 "fallbacks", "latency_ms", "status", "k"],
+    "exposures": ["request_id", "ts", "user_id", "item_id", "position", "score", "model_version",
+                  "experiment", "arm", "path", "source"],
+    "candidates": ["request_id", "ts", "user_id", "item_id", "model_version", "score"],
+    "feedback": ["ts", "user_id", "item_id", "event", "value", "request_id"],
+}  # fmt: skip
+DEFAULTS: dict[str, Any] = {
+    "model_version": "ranker:1", "experiment": "", "arm": "", "path": "online", "fallbacks": "",
+    "status": 200, "k": 10, "source": "ranker", "value": 1.0, "user_id": 1, "item_id": 1,
+    "score": 0.05,
+}  # fmt: skip
+
+
+def write_log(log_dir: Path, table: str, rows: pd.DataFrame) -> None:
+    """Write ``rows`` as ``<log_dir>/<table>/date=YYYY-MM-DD/part-<pid>-<uuid>.parquet``."""
+    rows = rows.copy()
+    for column in COLUMNS[table]:
+        if column not in rows:
+            rows[column] = DEFAULTS[column]
+    extra = [c for c in rows.columns if c.startswith(("f_", "c_"))]
+    fields = [pa.field(c, TYPES[c]) for c in COLUMNS[table]]
+    fields += [pa.field(c, pa.float32() if c.startswith("f_") else pa.int32()) for c in extra]
+    schema = pa.schema(fields)
+    rows["ts"] = pd.to_datetime(rows["ts"], utc=True)
+    for day, part in rows.groupby(rows["ts"].dt.strftime("%Y-%m-%d")):
+        directory = log_dir / table / f"date={day}"
+        directory.mkdir(parents=True, exist_ok=True)
+        data = pa.Table.from_pandas(part[schema.names], schema=schema, preserve_index=False)
+        pq.write_table(data, directory / f"part-{os.getpid()}-{uuid.uuid4().hex}.parquet")
+
+
+def profile(ctr: float = 0.1) -> ReferenceProfile:
+    rng = np.random.default_rng(0)
+    n = 10_000
+    frame = pd.DataFrame({"events_7d": rng.normal(5.0, 1.0, n), "category": rng.integers(1, 5, n)})
+    return ReferenceProfile.build(
+        frame,
+        rng.uniform(0.0, 0.2, n),
+        numeric=["events_7d"],
+        categorical=["category"],
+        label_metrics={"ctr": ctr},
+    )
+
+
+def candidates(n: int, *, shift: float, start: datetime, seed: int = 1) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "request_id": [f"c{i}" for i in range(n)],
+            "ts": [start + timedelta(seconds=float(s)) for s in rng.uniform(0, 3599, n)],
+            "f_events_7d": rng.normal(5.0 + shift, 1.0, n),
+            "c_category": rng.integers(1, 5, n),
+            "score": rng.uniform(0.0, 0.2, n) + shift / 10,
+        }
+    )
+
+
+def service_log(log_dir: Path, *, shift: float = 0.0) -> Path:
+    """One hour of traffic from START: 100 requests, 10 of them with 10 exposures, 3 clicks."""
+    write_log(log_dir, "candidates", candidates(3_000, shift=shift, start=START))
+    # the hour before: wildly different rows that a window filter must leave out
+    write_log(log_dir, "candidates", candidates(500, shift=50.0, start=START - timedelta(hours=1)))
+    write_log(
+        log_dir,
+        "requests",
+        pd.DataFrame(
+            {
+                "request_id": [f"r{i}" for i in range(100)],
+                "ts": [START + timedelta(seconds=30 * i) for i in range(100)],
+                "latency_ms": np.arange(1, 101, dtype=float),  # p99 = 99.01 (linear)
+                "status": [500, 503] + [200] * 98,  # error rate 0.02
+                "fallbacks": ["ann"] * 4 + [""] * 96,
+                "path": ["online"] * 4 + ["fallback:popular"] + ["online"] * 95,  # fallbacks: 5%
+            }
+        ),
+    )
+    exposures = pd.DataFrame(
+        {
+            "request_id": [f"r{i}" for i in range(10) for _ in range(10)],
+            "ts": [START + timedelta(seconds=30 * i) for i in range(10) for _ in range(10)],
+            "user_id": [i for i in range(10) for _ in range(10)],
+            "item_id": [100 + p for _ in range(10) for p in range(10)],
+            "position": [p for _ in range(10) for p in range(10)],
+        }
+    )
+    write_log(log_dir, "exposures", exposures)
+    write_log(
+        log_dir,
+        "feedback",
+        pd.DataFrame(
+            {  # r0: clicks at positions 0 and 2; r1: an anonymous-request click at position 9,
+                # 60 s later; user 2's click 1900 s after its exposure is attributed to nothing
+                "ts": [START + timedelta(seconds=s) for s in (5, 6, 90, 60 + 1900)],
+                "user_id": [0, 0, 1, 2],
+                "item_id": [100, 102, 109, 100],
+                "event": ["click"] * 4,
+                "request_id": ["r0", "r0", "", ""],
+            }
+        ),
+    )
+    return log_dir
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return service_log(tmp_path_factory.mktemp("log"))
+
+
+def test_service_and_label_metrics_by_hand(log_dir: Path) -> None:
+    result = run_monitor(log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES)
+    m = result.metrics
+    assert result.counts == {"requests": 100, "exposures": 100, "candidates": 3_000, "feedback": 4}
+    assert m["latency_p99_ms"] == pytest.approx(np.quantile(np.arange(1, 101), 0.99))
+    assert m["error_rate"] == pytest.approx(0.02)
+    assert m["fallback_rate"] == pytest.approx(0.05)
+    assert m["ctr"] == pytest.approx(3 / 100)
+    assert m["ctr_drop"] == pytest.approx(1 - 0.03 / 0.1)
+    ndcg_r0 = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    ndcg_r1 = (1 / math.log2(11)) / 1.0
+    assert m["ndcg_at_10"] == pytest.approx((ndcg_r0 + ndcg_r1) / 2, rel=1e-6)
+    assert m["ece"] == pytest.approx(abs(100 * 0.05 - 3) / 100, rel=1e-6)  # one bin, scores 0.05
+    fired = {a.rule.name: a.value for a in result.fired}
+    assert set(fired) == {"error rate", "ctr drop"}  # 0.05 fallbacks is not > 0.05
+    assert m["feature_psi_max"] < 0.1  # the drifted rows of the hour before are outside
+
+
+def test_drift_in_the_window_fires(tmp_path: Path) -> None:
+    log_dir = tmp_path / "log"
+    write_log(log_dir, "candidates", candidates(3_000, shift=1.5, start=START))
+    rules = [r for r in DEFAULT_RULES if "drift" in r.name]
+    result = run_monitor(log_dir, profile(), start=START, end=END, rules=rules)
+    assert {a.rule.name for a in result.fired} == {"feature drift", "prediction drift"}
+    assert result.drift is not None
+    assert result.drift.ranked()[0].name == "events_7d"
+    no_data = [o.rule.metric for o in run_monitor(
+        log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES).outcomes
+        if o.status == "no data"]  # fmt: skip
+    assert set(no_data) == {"latency_p99_ms", "error_rate", "fallback_rate", "ctr_drop"}
+
+
+def test_empty_log_is_no_data_not_an_error(tmp_path: Path) -> None:
+    result = run_monitor(tmp_path, profile(), start=START, end=END, rules=DEFAULT_RULES)
+    assert result.metrics == {}
+    assert result.drift is None
+    assert {o.status for o in result.outcomes} == {"no data"}
+    with pytest.raises(ValueError, match="not before"):
+        run_monitor(tmp_path, profile(), start=END, end=START, rules=())
+
+
+def test_a_rule_with_its_own_window(log_dir: Path) -> None:
+    late = END + timedelta(hours=3)  # the default window [late - 1h, late) is empty
+    rules = [
+        AlertRule("errors now", "error_rate", ">", 0.01),
+        AlertRule("errors today", "error_rate", ">", 0.01, window="1d"),
+    ]
+    result = run_monitor(log_dir, profile(), start=late - timedelta(hours=1), end=late, rules=rules)
+    assert [o.status for o in result.outcomes] == ["no data", "fired"]
+    assert result.window_metrics["1d"]["error_rate"] == pytest.approx(0.02)
+
+
+def test_report_files(log_dir: Path, tmp_path: Path) -> None:
+    result = run_monitor(log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES)
+    json_path, html_path = write_report(result, tmp_path / "out")
+    saved = json.loads(json_path.read_text())
+    assert saved["fired"] == ["error rate", "ctr drop"]
+    assert saved["metrics"]["ctr"] == pytest.approx(0.03)
+    assert [f["name"] for f in saved["drift"]["features"]] == ["events_7d", "category"]
+    html = html_path.read_text()
+    assert html.count("data:image/png;base64,") == 3  # 2 features + the prediction
+    assert "ctr drop" in html
+    assert "events_7d" in html
+
+
+@pytest.mark.slow
+def test_drift_alert_on_the_simulated_world(tmp_path: Path) -> None:
+    """bench/drift.py's protocol on 2 seeds: the alert fires in the first window after an
+    injected drift, and not in the same window of the world without drift."""
+    bench = importlib.import_module("bench.drift")  # bench/ is scripts, not a typed package
+    for seed in (0, 1):
+        drifted = bench.run_world(seed, drift=True, size=bench.WorldSize(), root=tmp_path)
+        stable = bench.run_world(seed, drift=False, size=bench.WorldSize(), root=tmp_path)
+        assert drifted["fired"], drifted
+        assert drifted["most_drifted"] == "category_affinity"  # tastes moved off the history
+        assert not stable["fired"], stable
+        assert stable["feature_psi_max"] < drifted["feature_psi_max"] / 2

@@ -1,0 +1,133 @@
+"""The reference profile: decile bins, samples, code counts and the JSON round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlsd.monitoring.profile import (
+    SAMPLE_SIZE,
+    NumericProfile,
+    ReferenceProfile,
+    bin_index,
+    bin_shares,
+)
+
+
+def rows(n: int = 20_000, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "events_7d": rng.normal(5.0, 1.0, n),
+            "seen_recently": (rng.random(n) < 0.3).astype(float),  # 70% zeros: a mass point
+            "constant": np.full(n, 2.0),
+            "category": rng.choice([1, 2, 3], size=n, p=[0.5, 0.3, 0.2]),
+        }
+    )
+    return frame, rng.random(n) * 0.2
+
+
+def build(seed: int = 0) -> ReferenceProfile:
+    frame, scores = rows()
+    return ReferenceProfile.build(
+        frame,
+        scores,
+        numeric=["events_7d", "seen_recently", "constant"],
+        categorical=["category"],
+        label_metrics={"ctr": 0.05, "ndcg_at_10": 0.3, "ece": float("nan")},
+        seed=seed,
+    )
+
+
+def test_decile_bins_hold_a_tenth_each() -> None:
+    profile = build().numeric["events_7d"]
+    assert len(profile.edges) == 9
+    assert np.allclose(profile.shares, 0.1, atol=1e-3)
+    assert profile.mean == pytest.approx(5.0, abs=0.05)
+    assert profile.std == pytest.approx(1.0, abs=0.05)
+    assert len(profile.sample) == SAMPLE_SIZE
+
+
+def test_ties_and_constant_columns() -> None:
+    profile = build()
+    binary = profile.numeric["seen_recently"]
+    assert binary.edges == (0.0, 1.0)  # every decile is 0 or 1: two edges after dedup
+    assert binary.shares[0] == pytest.approx(0.7, abs=0.02)  # the zeros in (-inf, 0]
+    assert binary.shares[2] == 0.0
+    constant = profile.numeric["constant"]
+    assert constant.edges == (2.0,)
+    assert constant.shares == (1.0, 0.0)  # a larger live value would land in the empty bin
+
+
+def test_bins_are_right_closed() -> None:
+    edges = np.array([0.0, 1.0])
+    assert bin_index(edges, np.array([-1.0, 0.0, 0.5, 1.0, 1.5])).tolist() == [0, 0, 1, 1, 2]
+    assert bin_shares(edges, np.array([0.0, 0.0, 2.0, 2.0])).tolist() == [0.5, 0.0, 0.5]
+
+
+def test_float32_rounding_keeps_values_on_their_edge() -> None:
+    profile = NumericProfile.build([0.1] * 50 + [0.2] * 50)
+    logged = np.array([0.1], dtype=np.float32).astype(np.float64)  # what the log hands back
+    assert bin_index(profile.edges, logged).tolist() == [0]
+
+
+def test_categorical_counts_and_label_metrics() -> None:
+    profile = build()
+    counts = profile.categorical["category"].counts
+    assert set(counts) == {1, 2, 3}
+    assert sum(counts.values()) == 20_000
+    assert profile.categorical["category"].shares()[1] == pytest.approx(0.5, abs=0.02)
+    assert profile.label_metrics == {"ctr": 0.05, "ndcg_at_10": 0.3}  # NaN ece is left out
+    assert profile.prediction.max <= 0.2
+
+
+def test_the_seed_fixes_the_sample() -> None:
+    assert build(seed=1).numeric["events_7d"].sample == build(seed=1).numeric["events_7d"].sample
+    assert build(seed=1).numeric["events_7d"].sample != build(seed=2).numeric["events_7d"].sample
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    profile = build()
+    path = profile.save(tmp_path / "profile.json")
+    assert ReferenceProfile.load(path) == profile
+    assert json.loads(path.read_text())["format"] == 1
+
+
+def test_empty_column_profiles_to_one_bin() -> None:
+    profile = NumericProfile.build([float("nan")] * 3)
+    assert profile.n == 0
+    assert profile.edges == ()
+    assert profile.shares == (1.0,)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "not valid JSON"),
+        ('{"format": 99}', "format 99"),
+        ('{"format": 1, "numeric": {}}', "missing key"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_malformed_profiles_name_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        ReferenceProfile.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_profile_and_bad_rows(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not found"):
+        ReferenceProfile.load(tmp_path / "absent.json")
+    frame, scores = rows(100)
+    with pytest.raises(ValueError, match="missing feature columns"):
+        ReferenceProfile.build(frame, scores, numeric=["nope"])
+    with pytest.raises(ValueError, match="100 rows but 3 scores"):
+        ReferenceProfile.build(frame, scores[:3], numeric=["events_7d"])
+    with pytest.raises(ValueError, match="unknown"):
+        ReferenceProfile.build(frame, scores, numeric=["events_7d"], label_metrics={"auc": 0.7})

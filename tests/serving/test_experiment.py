@@ -1,0 +1,103 @@
+"""Experiments in the service: each request goes to its user's arm, and the log says which."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.evaluation.experiments import Arm, Experiment, experiment_report
+from mlsd.monitoring.logs import EXPOSURES, REQUESTS, ServiceLog, read_table
+from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.experiment import ExperimentRecommender
+from mlsd.serving.popular import PopularRecommender
+from mlsd.serving.recommender import RecommendRequest
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    from fastapi.testclient import TestClient
+
+EXPERIMENT = Experiment(
+    "ranker-ab", "s1", (Arm("control", "popular", 1.0), Arm("treatment", "champion", 1.0))
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("experiment") / "synthetic"
+    synthesize(WorldConfig(n_users=200, n_items=100, n_events=10_000, days=10), out, progress=False)
+    return out
+
+
+def arms(world: Path) -> dict[str, PopularRecommender]:
+    """Two real models that answer differently: all-time vs last-day popularity."""
+    return {
+        "control": PopularRecommender.from_dataset(world, version="popular:all"),
+        "treatment": PopularRecommender.from_dataset(world, days=1.0, version="popular:1d"),
+    }
+
+
+def test_each_user_is_served_by_the_arm_the_experiment_assigns(world: Path) -> None:
+    models = arms(world)
+    routed = ExperimentRecommender(EXPERIMENT, models)
+    assert routed.version == "control=popular:all,treatment=popular:1d"
+    for user in range(60):
+        result = routed.recommend(RecommendRequest(user, k=5))
+        arm = EXPERIMENT.assign(user).name
+        assert (result.experiment, result.arm) == ("ranker-ab", arm)
+        assert result.model_version == models[arm].version
+        expected = models[arm].recommend(RecommendRequest(user, k=5))
+        assert [r.item_id for r in result.items] == [r.item_id for r in expected.items]
+    # An anonymous visitor is assigned by the request id: the same id, the same arm.
+    visitor = RecommendRequest(None, k=5, recent_items=(1, 2), request_id="abc")
+    assert routed.recommend(visitor).arm == EXPERIMENT.assign(None, request_id="abc").name
+
+
+def test_every_arm_needs_a_model(world: Path) -> None:
+    models = arms(world)
+    with pytest.raises(ValueError, match="missing \\['treatment'\\]"):
+        ExperimentRecommender(EXPERIMENT, {"control": models["control"]})
+    with pytest.raises(ValueError, match="unknown \\['extra'\\]"):
+        ExperimentRecommender(EXPERIMENT, {**models, "extra": models["control"]})
+
+
+def test_feedback_reaches_each_arm_once(world: Path) -> None:
+    models = arms(world)
+    routed = ExperimentRecommender(EXPERIMENT, models)
+    assert routed.record_events([{"user_id": 7, "item_id": 3, "event": "click"}]) == 1
+    assert models["control"].history(7)[:1] == [3]
+    assert models["treatment"].history(7)[:1] == [3]
+
+
+def test_the_service_answers_and_logs_each_request_with_its_arm(
+    world: Path, tmp_path: Path
+) -> None:
+    log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
+    routed = ExperimentRecommender(EXPERIMENT, arms(world))
+    app = create_app(lambda: routed, settings=ServiceSettings(), log=log)
+    answered = {}
+    with TestClient(app) as client:
+        for user in range(80):
+            body = client.get(f"/v1/recommendations/{user}", params={"k": 3}).json()
+            answered[user] = body["arm"]
+            assert body["experiment"] == "ranker-ab"
+            if user % 4 == 0:  # a click on the first item, tied to its request
+                item = body["items"][0]["item_id"]
+                event = {"user_id": user, "item_id": item, "event": "click"}
+                client.post("/v1/events", json=[{**event, "request_id": body["request_id"]}])
+    log.close()
+    assert answered == {u: EXPERIMENT.assign(u).name for u in range(80)}
+    requests = read_table(tmp_path / "log", REQUESTS).to_pandas()
+    assert dict(zip(requests["user_id"], requests["arm"], strict=True)) == answered
+    exposures = read_table(tmp_path / "log", EXPOSURES).to_pandas()
+    assert set(exposures["experiment"]) == {"ranker-ab"}
+    assert len(exposures) == 3 * 80
+    # The report reads the arms back from the log: every user once, the clicks by arm.
+    report = experiment_report(tmp_path / "log", EXPERIMENT)
+    users = {a.name: a.users for a in report.arms}
+    assert users == {
+        arm: sum(1 for a in answered.values() if a == arm) for arm in ("control", "treatment")
+    }
+    assert sum(a.clicks for a in report.arms) == 20

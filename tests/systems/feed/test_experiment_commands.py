@@ -1,0 +1,124 @@
+"""``mlsd feed experiment report|size`` through typer's CliRunner on a hand-written log."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlsd.cli import app
+from mlsd.evaluation.experiments import power, sample_size
+from mlsd.systems.feed import experiment_commands
+from mlsd.systems.feed.experiment_commands import parse_time
+from tests.evaluation.test_experiments import SECTION, write_small_log
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    """The small log of the evaluation tests and a config defining ``ranker-ab`` (active)."""
+    write_small_log(tmp_path / "logs")
+    config = tmp_path / "feed.toml"
+    config.write_text("[ranking]\nrankers = ['logistic']\n" + SECTION)
+    return tmp_path / "logs", config
+
+
+def test_report_json_holds_the_hand_checked_numbers(setup: tuple[Path, Path]) -> None:
+    assert experiment_commands.experiment_app is not None  # importing registered the group
+    log_dir, config = setup
+    args = ["feed", "experiment", "report", "--log-dir", str(log_dir), "--config", str(config)]
+    result = runner.invoke(app, [*args, "--until", "2025-03-01T18:00", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["experiment"] == "ranker-ab"  # the active experiment by default
+    assert [arm["users"] for arm in data["arms"]] == [2, 3]
+    assert [arm["ctr"]["value"] for arm in data["arms"]] == [0.25, 0.6]
+    assert data["comparisons"][0]["ctr_per_exposure"]["statistic"] == pytest.approx(1.05)
+    assert data["srm"]["statistic"] == pytest.approx(0.2)
+    assert data["window"] == [None, "2025-03-01T18:00:00+00:00"]
+
+    result = runner.invoke(app, [*args, "--experiment", "ranker-ab"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "treatment vs control" in out
+    assert "CTR, delta method: decision" in out
+    assert "CTR, z per exposure: naive" in out
+    assert "0.2000 [-0.1136, 0.5136]" in out  # control CTR and its delta-method CI
+    assert "p = 0.655 → ok" in out  # the SRM verdict
+    assert max(len(line) for line in out.splitlines()) <= 80  # fits a terminal
+
+
+def test_report_resalt_is_labelled(setup: tuple[Path, Path]) -> None:
+    log_dir, config = setup
+    result = runner.invoke(
+        app,
+        ["feed", "experiment", "report", "--log-dir", str(log_dir), "--config", str(config),
+         "--resalt", "aa-1", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["resalted"] is True
+    assert data["salt"] == "aa-1"
+    assert sum(arm["users"] for arm in data["arms"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--experiment", "nope"], "no experiment 'nope'"),
+        (["--since", "2030-01-01"], "no requests of experiment 'ranker-ab'"),
+        (["--since", "yesterday"], "'yesterday' is not a time"),
+    ],
+)
+def test_report_bad_input_exits_2(setup: tuple[Path, Path], extra: list[str], message: str) -> None:
+    log_dir, config = setup
+    args = ["feed", "experiment", "report", "--log-dir", str(log_dir), "--config", str(config)]
+    result = runner.invoke(app, [*args, *extra])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_report_on_an_empty_log_dir_and_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(SECTION)
+    args = ["feed", "experiment", "report", "--log-dir", str(tmp_path / "empty")]
+    result = runner.invoke(app, [*args, "--config", str(config)])
+    assert result.exit_code == 2
+    assert "no requests of experiment 'ranker-ab'" in result.stderr
+
+    config.write_text(SECTION.replace("weight = 1 }", "weight = -1 }", 1))
+    result = runner.invoke(app, [*args, "--config", str(config)])
+    assert result.exit_code == 2
+    assert "[experiments].experiment[0].arms[0].weight: expected a positive number" in (
+        result.stderr.replace("\n", "")
+    )
+
+
+def test_size_prints_users_per_arm() -> None:
+    args = ["feed", "experiment", "size", "--baseline-ctr", "0.05", "--mde", "0.05"]
+    result = runner.invoke(app, [*args, "--alpha", "0.05", "--power", "0.8", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["users_per_arm"] == sample_size(0.05, 0.05) == 122124
+    assert data["achieved_power"] == pytest.approx(power(0.05, 0.05, n_per_arm=122124))
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0
+    assert "users per arm: 122,124" in result.stdout
+
+    result = runner.invoke(app, ["feed", "experiment", "size", "--baseline-ctr", "0", "--mde", "1"])
+    assert result.exit_code == 2
+    assert "baseline_ctr" in result.stderr
+
+
+def test_parse_time_forms() -> None:
+    now = datetime(2025, 3, 2, 12, tzinfo=UTC)
+    assert parse_time("24h", now=now) == now - timedelta(hours=24)
+    assert parse_time("30m", now=now) == now - timedelta(minutes=30)
+    assert parse_time("2025-03-01") == datetime(2025, 3, 1, tzinfo=UTC)
+    assert parse_time("2025-03-01T12:00+01:00").utcoffset() == timedelta(hours=1)

@@ -1,0 +1,113 @@
+"""``mlsd feed monitor`` on small logs: the drift table, exit codes 0/1/2, JSON and HTML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import mlsd.systems.feed.monitor_commands  # noqa: F401  (registers the command on the feed app)
+from mlsd.cli import run
+from tests.monitoring.test_monitor import END, START, candidates, profile, service_log, write_log
+
+DRIFT_ONLY = """
+[monitoring]
+window = "1h"
+
+[[monitoring.alerts]]
+name = "feature drift"
+metric = "feature_psi_max"
+op = ">"
+threshold = 0.2
+
+[[monitoring.alerts]]
+name = "prediction drift"
+metric = "prediction_psi"
+op = ">"
+threshold = 0.2
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("monitor")
+    stable = service_log(root / "stable")
+    drifted = root / "drifted"
+    write_log(drifted, "candidates", candidates(2_000, shift=1.5, start=START))
+    config = root / "feed.toml"
+    config.write_text(DRIFT_ONLY)
+    return {
+        "stable": stable,
+        "drifted": drifted,
+        "profile": profile().save(root / "profile.json"),
+        "config": config,
+        "root": root,
+    }
+
+
+def args(setup: dict[str, Path], log: str, *extra: str) -> list[str]:
+    return ["feed", "monitor", "--log-dir", str(setup[log]), "--reference",
+            str(setup["profile"]), "--end", END.isoformat(), *extra]  # fmt: skip
+
+
+def test_no_alert_exits_0(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(args(setup, "stable", "--config", str(setup["config"]))) == 0
+    out = capsys.readouterr().out
+    assert "events_7d" in out
+    assert "candidates 3,000" in out
+    assert "feature drift" in out
+    assert "fired" not in out
+
+
+def test_fired_alerts_exit_1_and_are_named(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(args(setup, "drifted", "--config", str(setup["config"]))) == 1
+    captured = capsys.readouterr()
+    assert "2 alert(s) fired" in captured.err
+    assert "feature drift: feature_psi_max = " in captured.err
+    assert "prediction drift: prediction_psi = " in captured.err
+    assert "drifted" in captured.out
+
+
+def test_default_rules_json_and_report(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = setup["root"] / "report"
+    assert run(args(setup, "stable", "--json", "--out", str(out_dir))) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["fired"] == ["error rate", "ctr drop"]
+    assert result["start"] == START.isoformat()
+    assert (out_dir / "monitor.html").stat().st_size > 1000
+    assert json.loads((out_dir / "monitor.json").read_text())["fired"] == result["fired"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--window", "an hour"], "window 'an hour'"),
+        (["--end", "yesterday"], "--end 'yesterday'"),
+        (["--config", "absent.toml"], "absent.toml: config file not found"),
+    ],
+)
+def test_bad_options_exit_2(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert run(args(setup, "stable", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_files_exit_2(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    bad_profile = setup["root"] / "bad.json"
+    bad_profile.write_text('{"format": 1}')
+    command = ["feed", "monitor", "--log-dir", str(setup["stable"]), "--reference"]
+    assert run([*command, str(bad_profile)]) == 2
+    assert f"{bad_profile}: malformed reference profile" in capsys.readouterr().err
+    bad_config = setup["root"] / "bad.toml"
+    bad_config.write_text(DRIFT_ONLY.replace('op = ">"', 'op = "=>"', 1))
+    assert run(args(setup, "stable", "--config", str(bad_config))) == 2
+    assert "[[monitoring.alerts]] #1 ('feature drift').op" in capsys.readouterr().err
+    assert run([*command[:3], str(setup["root"] / "nowhere"), *command[4:],
+                str(setup["profile"])]) == 2  # fmt: skip
+    assert "log directory not found" in capsys.readouterr().err
