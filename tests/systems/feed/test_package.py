@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
+from mlsd.config import load_feed_config
 from mlsd.models.ranking.bundle import RankingBundle
+from mlsd.monitoring.alerts import DEFAULT_RULES
 from mlsd.monitoring.profile import LABEL_METRICS, ReferenceProfile
 from mlsd.serving.feed import MODEL_JSON, REFERENCE_PROFILE, FeedModel
+from mlsd.systems.feed.serve import monitor_settings
 from tests.serving.test_feed import served
 
 __all__ = ["served"]  # the module fixture: a trained, packaged model on a synthetic world
@@ -54,3 +59,20 @@ def test_the_model_finds_its_profile_and_serves_without_one(served: Served, tmp_
     meta.pop("reference_profile")  # a model packaged before profiles existed
     (copy / MODEL_JSON).write_text(json.dumps(meta))
     assert FeedModel.load(copy).reference_profile is None
+
+
+def test_serve_monitors_with_the_configured_rules_and_the_models_profile(served: Served) -> None:
+    feed = load_feed_config()  # configs/feed.toml
+    settings = monitor_settings(feed, served[1])
+    assert settings is not None
+    assert settings.rules == DEFAULT_RULES  # written out in [[monitoring.alerts]]
+    assert settings.window == timedelta(hours=1)
+    assert settings.interval_s == feed.service_log.monitor_interval_s == 60.0
+    assert settings.profile_path == served[1] / REFERENCE_PROFILE
+    registry = monitor_settings(feed, None)
+    assert registry is not None
+    assert registry.profile_path is None  # the serving model's own, found on each pass
+    off = dataclasses.replace(
+        feed, service_log=dataclasses.replace(feed.service_log, monitor_interval_s=0.0)
+    )
+    assert monitor_settings(off, served[1]) is None
