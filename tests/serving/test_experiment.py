@@ -53,6 +53,7 @@ def test_each_user_is_served_by_the_arm_the_experiment_assigns(world: Path) -> N
     # An anonymous visitor is assigned by the request id: the same id, the same arm.
     visitor = RecommendRequest(None, k=5, recent_items=(1, 2), request_id="abc")
     assert routed.recommend(visitor).arm == EXPERIMENT.assign(None, request_id="abc").name
+    assert routed.reference_profile_path is None  # popularity models carry no profile
 
 
 def test_every_arm_needs_a_model(world: Path) -> None:

@@ -26,7 +26,15 @@ fallbacks; a 422 or 503 that answered instead too) and each item shown an ``expo
 at the time the service received it, with the ``request_id`` the client names
 (``EventIn.request_id``), which attributes a click to its exposure. Logging is an append to
 memory (the log writes in its own thread) and never fails a request; the app closes the log at
-shutdown.
+shutdown. A sampled share of online answers also logs the ranker's inputs of every scored
+candidate (``candidates``), what the drift monitor compares with the model's reference profile.
+Answers routed by an experiment (:mod:`mlsd.serving.experiment`) carry its name and arm, in the
+response and in every log row.
+
+Monitoring: with ``monitor`` settings, a :class:`ServiceMonitor` thread runs
+:func:`mlsd.monitoring.monitor.run_monitor` over the last window of the log every
+``interval_s`` and publishes the results as ``mlsd_monitor_*`` gauges and
+``mlsd_monitor_alert_firing{rule}`` on ``/metrics``.
 
 Reload: ``load_model()`` runs under a lock (two reloads never interleave) while requests keep
 using the current model; the new model then replaces the reference in one assignment. Each

@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from mlsd.evaluation.experiments import Experiment
 from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
@@ -70,3 +71,13 @@ class ExperimentRecommender:
 
     def ready(self) -> bool:
         return all(model.ready() for model in self.arms.values())
+
+    @property
+    def reference_profile_path(self) -> Path | None:
+        """The first arm's (the control's) training-time profile, else any arm's: the
+        service's drift monitor compares the live traffic with it."""
+        for arm in self.experiment.arms:
+            path = getattr(self.arms[arm.name], "reference_profile_path", None)
+            if isinstance(path, Path):
+                return path
+        return None
