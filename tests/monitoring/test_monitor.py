@@ -143,7 +143,9 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_service_and_label_metrics_by_hand(log_dir: Path) -> None:
-    result = run_monitor(log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES)
+    result = run_monitor(
+        log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES, reference_ctr=0.1
+    )
     m = result.metrics
     assert result.counts == {"requests": 100, "exposures": 100, "candidates": 3_000, "feedback": 4}
     assert m["latency_p99_ms"] == pytest.approx(np.quantile(np.arange(1, 101), 0.99))
@@ -195,7 +197,9 @@ def test_a_rule_with_its_own_window(log_dir: Path) -> None:
 
 
 def test_report_files(log_dir: Path, tmp_path: Path) -> None:
-    result = run_monitor(log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES)
+    result = run_monitor(
+        log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES, reference_ctr=0.1
+    )
     json_path, html_path = write_report(result, tmp_path / "out")
     saved = json.loads(json_path.read_text())
     assert saved["fired"] == ["error rate", "ctr drop"]
@@ -219,3 +223,14 @@ def test_drift_alert_on_the_simulated_world(tmp_path: Path) -> None:
         assert drifted["most_drifted"] == "category_affinity"  # tastes moved off the history
         assert not stable["fired"], stable
         assert stable["feature_psi_max"] < drifted["feature_psi_max"] / 2
+
+
+def test_ctr_drop_needs_a_served_reference_ctr(log_dir: Path) -> None:
+    # The profile's ctr is the candidates' base rate, another scale than served lists' CTR:
+    # without a served reference there is no ctr_drop, so its rule reports no data.
+    result = run_monitor(log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES)
+    assert "ctr_drop" not in result.metrics
+    assert result.metrics["ctr"] == pytest.approx(0.03)
+    assert "ctr drop" not in {a.rule.name for a in result.fired}
+    with pytest.raises(ValueError, match="reference_ctr"):
+        run_monitor(log_dir, profile(), start=START, end=END, rules=(), reference_ctr=2.0)

@@ -14,8 +14,12 @@ size "exposures" ever becomes a Python object:
   has any feedback row. An exposure is clicked when a ``click`` has its ``(request_id,
   item_id)``, or, for a click without a request id, when it is the latest exposure of the same
   ``(user_id, item_id)`` at most ``attribution_window_s`` before the click (an ASOF join; the
-  attribution of ``mlsd feed logs``). Then ``ctr`` and ``ctr_drop`` (``1 - ctr / reference
-  ctr``), ``ndcg_at_10`` of each served list against its clicks (mean over requests with at
+  attribution of ``mlsd feed logs``). Then ``ctr`` and ``ctr_drop`` (``1 - ctr /
+  reference_ctr``; only with a ``reference_ctr``: the CTR of served lists in a period known to
+  be good, e.g. the champion's first day from ``mlsd feed logs``. The profile's ``ctr`` is the
+  base rate of the ranker's candidates, a different scale: served lists are the top of the
+  candidates, and clicks there also depend on position),
+  ``ndcg_at_10`` of each served list against its clicks (mean over requests with at
   least one click: a list with no click has no ideal ordering) and ``ece`` of the served score
   against clicks (10 equal-width bins; only when every score lies in [0, 1], i.e. the service
   serves calibrated probabilities).
@@ -111,6 +115,7 @@ def run_monitor(
     max_candidate_rows: int = MAX_CANDIDATE_ROWS,
     attribution_window_s: float = ATTRIBUTION_WINDOW_S,
     seed: int = 0,
+    reference_ctr: float | None = None,
 ) -> MonitorResult:
     """Compute the window's metrics from the log, compare with ``profile``, check ``rules``.
 
@@ -118,13 +123,17 @@ def run_monitor(
         log_dir: the service log root (a missing table means no data, not an error).
         start, end: the window ``[start, end)``; naive datetimes are UTC.
         rules: alert rules; one with its own ``window`` looks at ``[end - window, end)``.
+        reference_ctr: the served CTR ``ctr_drop`` is measured against (``None``: no
+            ``ctr_drop``; see the module docstring).
     """
+    if reference_ctr is not None and not 0.0 < reference_ctr <= 1.0:
+        raise ValueError(f"reference_ctr must be in (0, 1], got {reference_ctr}")
     began = time.perf_counter()
     start, end = _utc(start), _utc(end)
     if not start < end:
         raise ValueError(f"monitoring window: start {start} is not before end {end}")
     window = _Window(Path(log_dir), profile, psi_threshold, max_candidate_rows,
-                     attribution_window_s, seed)  # fmt: skip
+                     attribution_window_s, seed, reference_ctr)  # fmt: skip
     counts, metrics, drift = window.measure(start, end)
     by_window: dict[str, dict[str, float]] = {}
     outcomes: list[RuleOutcome] = []
@@ -157,6 +166,7 @@ class _Window:
     max_candidate_rows: int
     attribution_window_s: float
     seed: int
+    reference_ctr: float | None = None
 
     def measure(
         self, start: datetime, end: datetime
@@ -197,9 +207,8 @@ class _Window:
         n, low, high = _row(con, "SELECT count(*), min(score), max(score) FROM exposures")
         clicks = _scalar(con, "SELECT count(*) FROM clicked")
         out: dict[str, float] = {"ctr": clicks / n}
-        reference = self.profile.label_metrics.get("ctr")
-        if reference:
-            out["ctr_drop"] = 1.0 - out["ctr"] / reference
+        if self.reference_ctr:
+            out["ctr_drop"] = 1.0 - out["ctr"] / self.reference_ctr
         per_request = con.execute(_NDCG_SQL).fetchnumpy()
         if len(per_request["dcg"]):
             out["ndcg_at_10"] = _mean_ndcg(per_request["dcg"], per_request["n_clicks"])

@@ -75,7 +75,8 @@ def test_default_rules_json_and_report(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out_dir = setup["root"] / "report"
-    assert run(args(setup, "stable", "--json", "--out", str(out_dir))) == 1
+    extra = ("--json", "--out", str(out_dir), "--reference-ctr", "0.1")
+    assert run(args(setup, "stable", *extra)) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["fired"] == ["error rate", "ctr drop"]
     assert result["start"] == START.isoformat()

@@ -58,6 +58,13 @@ def monitor(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the result as JSON instead of tables.")
     ] = False,
+    reference_ctr: Annotated[
+        float | None,
+        typer.Option(
+            "--reference-ctr",
+            help="Served CTR of a known-good period; ctr_drop is measured against it.",
+        ),
+    ] = None,
 ) -> None:
     """Compare a live window with the reference profile and check the alert rules."""
     try:
@@ -74,6 +81,7 @@ def monitor(
             end=until,
             rules=section.alerts,
             psi_threshold=section.psi_threshold,
+            reference_ctr=reference_ctr,
         )
     except (ValueError, OSError, duckdb.Error) as exc:  # bad input, or a log DuckDB cannot read
         err_console.print(
