@@ -118,3 +118,12 @@ def test_unknown_keys_and_duplicate_names() -> None:
         MonitoringSection.from_mapping({"alerts": [rule, rule]}, where="f.toml")
     with pytest.raises(ValueError, match="unknown key"):
         MonitoringSection.from_mapping({"alerts": [{**rule, "severity": 1}]}, where="f.toml")
+
+
+def test_reference_ctr_is_a_ctr() -> None:
+    assert MonitoringSection.from_mapping({}, where="x").reference_ctr is None
+    section = MonitoringSection.from_mapping({"reference_ctr": 0.04}, where="x")
+    assert section.reference_ctr == 0.04
+    for bad in (0, 1.5, "0.05", True):
+        with pytest.raises(ValueError, match=r"x: \[monitoring\].reference_ctr"):
+            MonitoringSection.from_mapping({"reference_ctr": bad}, where="x")

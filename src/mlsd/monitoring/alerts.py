@@ -113,9 +113,16 @@ class MonitoringSection:
     window: str = "1h"
     alerts: tuple[AlertRule, ...] = DEFAULT_RULES
     psi_threshold: float = 0.25
+    reference_ctr: float | None = None
+    """The served CTR of a known-good period, what ``ctr_drop`` compares with (``None``: the
+    ``ctr_drop`` rule has no data)."""
 
     def __post_init__(self) -> None:
         parse_window(self.window)
+        if self.reference_ctr is not None and not 0.0 < self.reference_ctr <= 1.0:
+            raise ValueError(
+                f"[monitoring].reference_ctr must be in (0, 1], got {self.reference_ctr}"
+            )
 
     @property
     def window_delta(self) -> timedelta:
@@ -129,12 +136,23 @@ class MonitoringSection:
             raw: the table (``window``, ``psi_threshold``, ``alerts``: a list of tables).
             where: the file the table came from, e.g. ``"configs/feed.toml"``.
         """
-        unknown = sorted(set(raw) - {"window", "alerts", "psi_threshold"})
+        unknown = sorted(set(raw) - {"window", "alerts", "psi_threshold", "reference_ctr"})
         if unknown:
             raise ValueError(
                 f"{where}: [monitoring] has unknown key(s) {', '.join(unknown)}; "
-                "known keys: window, psi_threshold, alerts"
+                "known keys: window, psi_threshold, reference_ctr, alerts"
             )
+        reference_ctr = raw.get("reference_ctr")
+        if reference_ctr is not None and (
+            isinstance(reference_ctr, bool)
+            or not isinstance(reference_ctr, int | float)
+            or not 0.0 < reference_ctr <= 1.0
+        ):
+            raise ValueError(
+                f"{where}: [monitoring].reference_ctr: expected a CTR in (0, 1], "
+                f"got {reference_ctr!r}"
+            )
+        ctr = None if reference_ctr is None else float(reference_ctr)
         window = raw.get("window", cls.window)
         try:
             parse_window(window)
@@ -147,7 +165,7 @@ class MonitoringSection:
             )
         alerts = raw.get("alerts")
         if alerts is None:
-            return cls(window=window, psi_threshold=float(psi_threshold))
+            return cls(window=window, psi_threshold=float(psi_threshold), reference_ctr=ctr)
         if not isinstance(alerts, list):
             raise ValueError(
                 f"{where}: [monitoring].alerts must be [[monitoring.alerts]] tables, got {alerts!r}"
@@ -160,7 +178,9 @@ class MonitoringSection:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"{where}: [[monitoring.alerts]] names {duplicates} more than once")
-        return cls(window=window, alerts=rules, psi_threshold=float(psi_threshold))
+        return cls(
+            window=window, alerts=rules, psi_threshold=float(psi_threshold), reference_ctr=ctr
+        )
 
 
 def _rule(entry: Any, where: str) -> AlertRule:

@@ -592,6 +592,7 @@ class MonitorSettings:
             (``reference_profile_path``, which a feed model has), looked up on every pass so a
             reload brings its profile along.
         psi_threshold: PSI above which a feature counts as drifted.
+        reference_ctr: the served CTR ``ctr_drop`` compares with (``[monitoring]``).
     """
 
     rules: tuple[AlertRule, ...]
@@ -599,6 +600,7 @@ class MonitorSettings:
     interval_s: float = 60.0
     profile_path: Path | None = None
     psi_threshold: float = 0.25
+    reference_ctr: float | None = None
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
@@ -658,6 +660,7 @@ class ServiceMonitor:
             end=end,
             rules=self.settings.rules,
             psi_threshold=self.settings.psi_threshold,
+            reference_ctr=self.settings.reference_ctr,
         )
         self.gauges.update(result)
         self.last_result = result

@@ -81,7 +81,7 @@ def monitor(
             end=until,
             rules=section.alerts,
             psi_threshold=section.psi_threshold,
-            reference_ctr=reference_ctr,
+            reference_ctr=reference_ctr if reference_ctr is not None else section.reference_ctr,
         )
     except (ValueError, OSError, duckdb.Error) as exc:  # bad input, or a log DuckDB cannot read
         err_console.print(
