@@ -82,7 +82,7 @@ class ServiceLogSection:
     flush_interval_s: float = 2.0
     retention_days: int | None = 30
     max_buffered_rows: int = 1_000_000
-    candidates_sample_rate: float = 0.1
+    candidates_sample_rate: float = 0.02
     """Share of online requests whose ranker rows (every scored candidate with its features)
     go to the ``candidates`` table, what drift monitoring reads; 0 logs none."""
     monitor_interval_s: float = 60.0

@@ -274,5 +274,6 @@ from mlsd.systems.feed import logs_commands as _logs_commands  # noqa: E402, F40
 from mlsd.systems.feed import monitor_commands as _monitor_commands  # noqa: E402, F401
 from mlsd.systems.feed import ranking as _ranking  # noqa: E402, F401
 from mlsd.systems.feed import registry_commands as _registry_commands  # noqa: E402, F401
+from mlsd.systems.feed import retrain as _retrain  # noqa: E402, F401
 from mlsd.systems.feed import serve as _serve  # noqa: E402, F401
 from mlsd.systems.feed import simulate_commands as _simulate_commands  # noqa: E402, F401

@@ -20,7 +20,8 @@ from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
 from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
 
 if TYPE_CHECKING:
-    from mlsd.evaluation.offline import OfflineReport
+    from mlsd.evaluation.offline import OfflineReport, TrainedRankers
+    from mlsd.serving.registry import ModelRegistry
 
 ProtocolName = Literal["temporal", "random-per-user"]
 
@@ -45,6 +46,21 @@ def train(
 
     feed = load_feed_config(config)
     path, trained = package_model(dataset, out, feed, progress=True)
+    console.print(scores_table(trained))
+    console.print(f"model written to {path}")
+    if register:
+        version = register_model(path, trained, open_registry(registry_uri, base_dir))
+        console.print(f"registered as version {version}")
+        if promote:
+            result = open_registry(registry_uri, base_dir).promote(version)
+            verdict = "promoted to champion" if result.accepted else "NOT promoted"
+            console.print(f"version {version} {verdict}: {result.reason}")
+        else:
+            console.print(f"promote it with: mlsd feed promote --version {version}")
+
+
+def scores_table(trained: TrainedRankers) -> Table:
+    """Each ranker's held-out scores (the chosen one marked): the offline evaluation of a run."""
     table = Table(title="rankers on held-out users of the label windows", title_justify="left")
     for column in ("ranker", "ndcg@10", "AUC", "grouped AUC", "log loss", "fit s"):
         table.add_column(column, justify="left" if column == "ranker" else "right")
@@ -58,32 +74,31 @@ def train(
             f"{score.valid_log_loss:.4f}",
             f"{score.fit_seconds:.2f}",
         )
-    console.print(table)
-    console.print(f"model written to {path}")
-    if register:
-        chosen = next(s for s in trained.scores if s.name == trained.chosen)
-        meta = json.loads((path / "model.json").read_text())
-        version = open_registry(registry_uri, base_dir).register(
-            path,
-            params={
-                "ranker": trained.chosen,
-                "sources": ",".join(meta["sources"]),
-                "n_candidates": meta["n_candidates"],
-                "dataset": meta["dataset"]["name"],
-            },
-            metrics={"ndcg@10": chosen.valid_ndcg, "auc": chosen.valid_auc},
-            tags={
-                "model_version": meta["version"],
-                "dataset_hash": meta["dataset"]["content_hash"],
-            },
-        )
-        console.print(f"registered as version {version}")
-        if promote:
-            result = open_registry(registry_uri, base_dir).promote(version)
-            verdict = "promoted to champion" if result.accepted else "NOT promoted"
-            console.print(f"version {version} {verdict}: {result.reason}")
-        else:
-            console.print(f"promote it with: mlsd feed promote --version {version}")
+    return table
+
+
+def register_model(path: Path, trained: TrainedRankers, registry: ModelRegistry) -> int:
+    """Log a packaged model directory with its chosen ranker's held-out scores; return the version.
+
+    The gate metric (``ndcg@10``) is the chosen ranker's NDCG@10 on the held-out users of the
+    last label window, which is what :meth:`ModelRegistry.promote` compares with the champion's.
+    """
+    chosen = next(s for s in trained.scores if s.name == trained.chosen)
+    meta = json.loads((path / "model.json").read_text())
+    return registry.register(
+        path,
+        params={
+            "ranker": trained.chosen,
+            "sources": ",".join(meta["sources"]),
+            "n_candidates": meta["n_candidates"],
+            "dataset": meta["dataset"]["name"],
+        },
+        metrics={"ndcg@10": chosen.valid_ndcg, "auc": chosen.valid_auc},
+        tags={
+            "model_version": meta["version"],
+            "dataset_hash": meta["dataset"]["content_hash"],
+        },
+    )
 
 
 @app.command("evaluate")

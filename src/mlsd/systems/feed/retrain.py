@@ -1,0 +1,172 @@
+"""``mlsd feed retrain``: train → evaluate → gated promotion → reload, the closed loop's last step.
+
+One command a scheduler (or an alert handler) runs when the data has moved on::
+
+    mlsd feed retrain --dataset data/world --config configs/feed-demo.toml --base-dir run \\
+        --materialize --reload-url http://127.0.0.1:8000
+
+Steps, each printed as it runs:
+
+1. **features** (``--materialize``): load the online store with the dataset's features as of its
+   last event, so the service reads fresh user and item features (the Feast repository is
+   generated and applied first only when the dataset has none yet; re-applying it under a
+   running service is not needed to refresh values).
+2. **train**: :func:`mlsd.systems.feed.package.package_model`, the same function
+   ``mlsd feed train`` calls, writes a new model directory (``--out``, default
+   ``<base-dir>/models/retrain-<UTC time>``).
+3. **evaluate + register**: the chosen ranker's held-out NDCG@10 (the last label window of the
+   temporal protocol) is logged with the model in the MLflow registry
+   (:func:`mlsd.systems.feed.ranking.register_model`).
+4. **gate**: :meth:`mlsd.serving.registry.ModelRegistry.promote` makes the new version the
+   champion only if its NDCG@10 is no worse than the champion's (within the registry's
+   tolerance); ``--force`` overrides a refusal, as ``mlsd feed promote --force`` does.
+   Note what the gate compares: each version's score on the data it was trained on. After a
+   drift, the champion's number describes a world that no longer exists, so the gate is a
+   sanity check (the new model is not broken), not a head-to-head on the same data.
+5. **reload** (``--reload-url``): ``POST <url>/admin/reload`` with ``Authorization: Bearer
+   $MLSD_ADMIN_TOKEN``; a service started with ``--registry`` (the default) swaps the new
+   champion in without a restart. Skipped when the gate refused.
+
+Exit codes: 0 the new version is the champion (and the service reloaded it, if asked); 1 the
+gate refused it (the champion and the service are unchanged; the version stays registered);
+2 the reload failed or could not be attempted (no token, service unreachable, a 4xx/5xx).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from mlsd.config import FeedConfig, load_feed_config
+from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
+from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
+
+ADMIN_TOKEN_ENV = "MLSD_ADMIN_TOKEN"
+EXIT_REFUSED = 1
+EXIT_RELOAD_FAILED = 2
+
+
+class ReloadError(RuntimeError):
+    """``POST /admin/reload`` could not be made or did not succeed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What ``/admin/reload`` answered: the version served before and after."""
+
+    old_version: str | None
+    new_version: str
+
+
+@app.command("retrain")
+def retrain(
+    dataset: DatasetDir,
+    config: ConfigFile = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Model directory to write (default: BASE/models/retrain-…)."),
+    ] = None,
+    materialize: Annotated[
+        bool,
+        typer.Option("--materialize", help="Load the online store from the dataset first."),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even if the gate refuses the new version.")
+    ] = False,
+    reload_url: Annotated[
+        str | None,
+        typer.Option(
+            "--reload-url",
+            help="Base URL of a running service to reload (POST /admin/reload, bearer token "
+            f"from ${ADMIN_TOKEN_ENV}).",
+        ),
+    ] = None,
+    registry_uri: RegistryUri = None,
+    base_dir: BaseDir = Path(),
+) -> None:
+    """Retrain on the dataset, register, promote through the quality gate, reload the service.
+
+    Exits 0 when promoted (and reloaded), 1 when the gate refuses, 2 when the reload fails.
+    """
+    from mlsd.systems.feed.package import package_model
+    from mlsd.systems.feed.ranking import register_model, scores_table
+
+    feed = load_feed_config(config)
+    if reload_url is not None and not os.environ.get(ADMIN_TOKEN_ENV):
+        # Checked before minutes of training, not after.
+        raise ValueError(
+            f"--reload-url needs the service's admin token in ${ADMIN_TOKEN_ENV}; export it "
+            "(the value the service was started with) or drop --reload-url"
+        )
+    if materialize:
+        console.rule("[bold]1/5 features")
+        refresh_features(dataset, config, feed)
+    console.rule("[bold]2/5 train")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    model_dir = out if out is not None else base_dir / "models" / f"retrain-{stamp}"
+    path, trained = package_model(dataset, model_dir, feed, progress=True)
+    console.print(f"model written to {path}")
+    console.rule("[bold]3/5 evaluate + register")
+    console.print(scores_table(trained))
+    registry = open_registry(registry_uri, base_dir)
+    version = register_model(path, trained, registry)
+    console.print(f"registered as version {version} in {registry.tracking_uri}")
+    console.rule("[bold]4/5 gate")
+    result = registry.promote(version, force=force)
+    if not result.accepted:
+        console.print(
+            f"[red]refused[/]: version {version} stays out; champion remains "
+            f"v{result.previous_champion} ({escape(result.reason)}); --force overrides"
+        )
+        raise typer.Exit(EXIT_REFUSED)
+    how = "accepted (forced)" if result.forced else "accepted"
+    console.print(f"[green]{how}[/]: version {version} is the champion ({escape(result.reason)})")
+    if reload_url is None:
+        console.print("no --reload-url: a running service picks it up on POST /admin/reload")
+        return
+    console.rule("[bold]5/5 reload")
+    try:
+        reloaded = reload_service(reload_url, os.environ[ADMIN_TOKEN_ENV])
+    except ReloadError as exc:
+        console.print(f"[red]reload failed[/]: {escape(str(exc))}")
+        raise typer.Exit(EXIT_RELOAD_FAILED) from exc
+    console.print(
+        f"[green]reloaded[/] {reload_url}: {reloaded.old_version} -> {reloaded.new_version}"
+    )
+
+
+def refresh_features(dataset: Path, config: Path | None, feed: FeedConfig) -> None:
+    """Materialize the dataset's features as of its last event (apply the repo if it is new)."""
+    from mlsd.features.store import STORE_YAML
+    from mlsd.systems.feed.commands import features_apply, features_materialize
+
+    if not (feed.feature_store.repo_path(dataset) / STORE_YAML).is_file():
+        features_apply(dataset=dataset, config=config, repo=None, online_store=None)
+    features_materialize(dataset=dataset, config=config, repo=None, as_of=None, online_store=None)
+
+
+def reload_service(base_url: str, token: str, *, timeout_s: float = 300.0) -> Reloaded:
+    """``POST <base_url>/admin/reload`` with the bearer ``token``; the versions before and after.
+
+    The timeout is generous: the service downloads, verifies and warms up the model in the call.
+
+    Raises:
+        ReloadError: the service is unreachable or answered anything but 200.
+    """
+    import httpx
+
+    url = base_url.rstrip("/") + "/admin/reload"
+    try:
+        response = httpx.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise ReloadError(f"POST {url}: {type(exc).__name__}: {exc}; is the service up?") from exc
+    if response.status_code != 200:
+        raise ReloadError(f"POST {url} answered {response.status_code}: {response.text[:500]}")
+    body = response.json()
+    return Reloaded(old_version=body.get("old_version"), new_version=str(body["new_version"]))
