@@ -48,6 +48,8 @@ def test_each_user_is_served_by_the_arm_the_experiment_assigns(world: Path) -> N
         arm = EXPERIMENT.assign(user).name
         assert (result.experiment, result.arm) == ("ranker-ab", arm)
         assert result.model_version == models[arm].version
+        # The baseline arm serves popularity by design: not counted as a fallback.
+        assert result.path == ("popular" if arm == "control" else "fallback:popular")
         expected = models[arm].recommend(RecommendRequest(user, k=5))
         assert [r.item_id for r in result.items] == [r.item_id for r in expected.items]
     # An anonymous visitor is assigned by the request id: the same id, the same arm.

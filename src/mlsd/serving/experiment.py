@@ -24,6 +24,10 @@ from pathlib import Path
 from mlsd.evaluation.experiments import Experiment
 from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
 
+POPULAR_ALIAS = "popular"
+"""An arm with this alias serves the dataset's most popular items (the baseline). Its answers
+take the path ``"popular"``: by design, not a fallback (the fallback-rate alert ignores them)."""
+
 
 class ExperimentRecommender:
     """The arms of ``experiment`` behind one :class:`Recommender`.
@@ -44,6 +48,7 @@ class ExperimentRecommender:
             )
         self.experiment = experiment
         self.arms = dict(arms)
+        self._baseline = {arm.name: arm.alias == POPULAR_ALIAS for arm in experiment.arms}
         self.version = ",".join(f"{name}={self.arms[name].version}" for name in names)
 
     def arm_for(self, request: RecommendRequest) -> str:
@@ -54,6 +59,8 @@ class ExperimentRecommender:
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         arm = self.arm_for(request)
         result = self.arms[arm].recommend(request)
+        if self._baseline[arm] and result.path == "fallback:popular" and not result.fallbacks:
+            result = replace(result, path="popular")
         return replace(result, experiment=self.experiment.name, arm=arm)
 
     def record_events(self, events: Sequence[Mapping[str, object]]) -> int:

@@ -10,7 +10,8 @@ Paths a response can take (``RecommendResult.path``):
 - ``"online"``: computed per request;
 - ``"fallback:precomputed"``: the online path failed or ran out of time, a precomputed list
   (even of another version or older) answered;
-- ``"fallback:popular"``: nothing else was available; the most popular items.
+- ``"fallback:popular"``: nothing else was available; the most popular items;
+- ``"popular"``: the most popular items by design (the baseline arm of an experiment).
 
 ``fallbacks`` names each dependency that failed on the way (e.g. ``"features"`` when the
 feature store was down and defaults were used), so a degraded answer always says so.
@@ -27,8 +28,14 @@ if TYPE_CHECKING:  # the protocol module stays import-light: only annotations na
     import numpy.typing as npt
     import pandas as pd
 
-Path_ = Literal["precomputed", "online", "fallback:precomputed", "fallback:popular"]
-PATHS: tuple[Path_, ...] = ("precomputed", "online", "fallback:precomputed", "fallback:popular")
+Path_ = Literal["precomputed", "online", "fallback:precomputed", "fallback:popular", "popular"]
+PATHS: tuple[Path_, ...] = (
+    "precomputed",
+    "online",
+    "fallback:precomputed",
+    "fallback:popular",
+    "popular",
+)
 
 
 @dataclass(frozen=True)

@@ -86,10 +86,6 @@ def online_features(dataset: Path, feed: FeedConfig) -> OnlineFeatures:
     return OnlineFeatures(feed.feature_store.repo_path(dataset), config)
 
 
-POPULAR_ALIAS = "popular"
-"""An experiment arm with this alias serves the dataset's most popular items (the baseline)."""
-
-
 def experiment_loader(
     dataset: Path,
     feed: FeedConfig,
@@ -106,7 +102,7 @@ def experiment_loader(
     An arm's ``alias`` names a registry alias (``champion``, ``challenger``, ...), or
     ``popular`` for the popularity baseline. With ``model_dir`` every registry alias loads
     that directory instead (an A/B test of the baseline against one model)."""
-    from mlsd.serving.experiment import ExperimentRecommender
+    from mlsd.serving.experiment import POPULAR_ALIAS, ExperimentRecommender
     from mlsd.serving.popular import PopularRecommender
 
     features = online_features(dataset, feed)
