@@ -44,7 +44,6 @@ import json
 import math
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,6 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-import httpx
 import pyarrow.compute as pc
 
 from mlsd.data.schema import read_info
@@ -72,6 +70,7 @@ from mlsd.evaluation.experiments import (
 )
 from mlsd.evaluation.simulator import SimulationResult, WorldPreferences, simulate
 from mlsd.monitoring.logs import read_table
+from mlsd.serving.process import ServiceFailedError, free_port, mlsd_command, running_service
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("ab", "aa", "skew")
@@ -163,13 +162,6 @@ def write_config(base: Path, experiment: Experiment, path: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @contextlib.contextmanager
 def service(ctx: Context, experiment: Experiment, name: str) -> Iterator[tuple[str, Path]]:
     """``mlsd feed serve`` running ``experiment``; yields (URL, log dir); stopped on exit."""
@@ -180,37 +172,16 @@ def service(ctx: Context, experiment: Experiment, name: str) -> Iterator[tuple[s
     url = f"http://127.0.0.1:{port}"
     args = ["feed", "serve", "--dataset", str(dataset), "--config", str(config)]
     args += ["--model", str(cfg.model), "--log-dir", str(log_dir), "--port", str(port)]
-    output = (cfg.out / f"serve-{name}.log").open("w")
-    command = [sys.executable, "-c", "from mlsd.cli import main; main()", *args]
-    proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    log(f"[{name}] serving {experiment.name} (salt {experiment.salt}) on {url}, pid {proc.pid}")
+    log(f"[{name}] serving {experiment.name} (salt {experiment.salt}) on {url}")
+    began = time.perf_counter()
     try:
-        began = time.perf_counter()
-        wait_ready(proc, url, output.name)
-        log(f"[{name}] ready in {time.perf_counter() - began:.0f} s")
-        yield url, log_dir
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        output.close()
-
-
-def wait_ready(
-    proc: subprocess.Popen[bytes], url: str, output: str, timeout_s: float = 300
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"the service exited with {proc.returncode}; see {output}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise BenchError(f"the service at {url} was not ready within {timeout_s:.0f} s; see {output}")
+        with running_service(
+            mlsd_command(*args), url=url, output=cfg.out / f"serve-{name}.log", stop_timeout_s=20
+        ):
+            log(f"[{name}] ready in {time.perf_counter() - began:.0f} s")
+            yield url, log_dir
+    except ServiceFailedError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def wait_for_log(log_dir: Path, result: SimulationResult, since: datetime) -> None:

@@ -54,18 +54,18 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlsd.serving.process import ServiceFailedError, free_port, running_service
 
 CONFIG = Path("configs/feed-demo.toml")
 TARGET_P99_RATIO = 1.10
@@ -146,24 +146,6 @@ def warm_users(world: Path) -> list[int]:
 # ---------------------------------------------------------------- the two services
 
 
-def free_port() -> int:
-    """A free loopback port below the ephemeral range, which other processes' outgoing
-    connections cannot take while the service loads its model."""
-    for port in random.sample(range(20_000, 32_768), 200):
-        with socket.socket() as sock, contextlib.suppress(OSError):
-            sock.bind(("127.0.0.1", port))
-            return port
-    sys.exit("no free port in 20000-32767 on 127.0.0.1")
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
-
-
 def serve_popular(dataset: Path, port: int, log_dir: Path | None) -> None:
     """``--serve-popular``: the app with the world's popularity model (answers in well under a
     millisecond, so the log's share of the latency is as large as it can be)."""
@@ -195,24 +177,15 @@ def service(built: dict[str, Any], model: str, log_dir: Path | None, out: Path) 
         command = [sys.executable, __file__, "--serve-popular", built["world"], "--port", str(port)]
         command += [] if log_dir is None else ["--log-dir", str(log_dir)]
     log(f"  {' '.join(command)}")
-    with out.open("w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
-        while not ready(port):
-            if proc.poll() is not None or time.perf_counter() - start > 900:
-                tail = out.read_text(errors="replace").splitlines()[-30:]
-                sys.exit("the service did not become ready:\n" + "\n".join(tail))
-            time.sleep(0.25)
-        log(f"  ready on port {port} after {time.perf_counter() - start:.1f} s")
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with running_service(
+            command, url=f"http://127.0.0.1:{port}", output=out, ready_timeout_s=900
+        ):
+            log(f"  ready on port {port} after {time.perf_counter() - start:.1f} s")
+            yield port
+    except ServiceFailedError as exc:
+        sys.exit(str(exc))
 
 
 # ---------------------------------------------------------------- open-loop load

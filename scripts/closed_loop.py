@@ -19,12 +19,11 @@ What happens, on a simulated world whose tastes drift at ``drift_at`` (T0):
    simulated day before T0 → CTR before.
 5. **after drift**: the same service, users with the post-drift tastes, over the day after T0
    → CTR after drift. ``mlsd feed monitor`` over that phase's window fires the alert.
-   The ``ctr_drop`` baseline is the CTR the monitor measured in the before-drift window: the
-   profile's training-time CTR is the base rate of the organic exposures in the dataset, a
-   different quantity from the CTR of served top-k lists under position bias, so the demo
-   writes ``OUT/reference_profile.json`` = the training profile (if the model has one) with
-   that live baseline. Feature and prediction drift rules take part once the service logs the
-   ranker's inputs.
+   The ``ctr_drop`` baseline (``--reference-ctr``) is the CTR the monitor measured in the
+   before-drift window: the profile's training-time CTR is the base rate of the ranker's
+   candidates, a different quantity from the CTR of served top-k lists under position bias.
+   The feature and prediction drift rules compare the logged ranker inputs with the model's
+   training profile (``OUT/reference_profile.json``).
 6. **fresh data**: the service's dataset gets the world's full event log (T0 + 7 days of
    post-drift events) and the online store is re-materialized (the running service reads it
    at once) → an extra phase measures the old model on fresh features, which separates what
@@ -49,8 +48,6 @@ import math
 import os
 import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -78,12 +75,16 @@ from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.data.sources.world import World
 from mlsd.evaluation.simulator import SimulationResult, WorldPreferences, simulate
 from mlsd.monitoring.profile import NumericProfile, ReferenceProfile
+from mlsd.serving.process import ServiceFailedError, free_port, mlsd_command, running_service
 from mlsd.serving.registry import ModelRegistry, RegistryConfig
 from mlsd.systems.feed import retrain as _retrain  # noqa: F401  (registers `mlsd feed retrain`)
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("before drift", "after drift", "fresh features", "after retraining")
 PROFILE = "reference_profile.json"
+OBSERVED_CHECK = "observed CTR after retraining > after drift (informative: click draws are noisy)"
+"""Reported, not required for success: at small sizes the click draws can reverse a real gain
+that the expected CTR (the true click probability of what was served) shows."""
 Z95 = 1.959964
 
 
@@ -233,47 +234,24 @@ def write_events_info(full: Path, out: Path, n_events: int, ts: Any) -> None:
 # ---------------------------------------------------------------- the service
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @contextmanager
 def service(cfg: DemoConfig, dataset: Path, token: str) -> Iterator[str]:
     """``mlsd feed serve`` on the registry's champion in a subprocess; yields its URL; stops it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-c", "from mlsd.cli import main; main()", "feed", "serve"]
-    args += ["--dataset", str(dataset), "--config", str(cfg.config), "--base-dir", str(cfg.out)]
-    args += ["--port", str(port), "--log-dir", str(cfg.out / "service-log")]
+    args = ["feed", "serve", "--dataset", str(dataset), "--config", str(cfg.config)]
+    args += ["--base-dir", str(cfg.out), "--port", str(port)]
+    args += ["--log-dir", str(cfg.out / "service-log")]
     env = {**os.environ, "MLSD_ADMIN_TOKEN": token}
     env.pop("MLSD_TRACKING_URI", None)  # the registry is OUT's SQLite file
-    log = (cfg.out / "serve.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise PhaseError(f"the service exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise PhaseError(f"the service was not ready within 180 s; see {log.name}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        with running_service(
+            mlsd_command(*args), url=url, output=cfg.out / "serve.log", env=env,
+            ready_timeout_s=180, stop_timeout_s=20,
+        ):  # fmt: skip
+            yield url
+    except ServiceFailedError as exc:
+        raise PhaseError(str(exc)) from exc
 
 
 def wait_for_log(log_dir: Path, requests: int, start: datetime, timeout_s: float = 30.0) -> None:
@@ -321,36 +299,33 @@ def simulate_phase(
 
 
 def monitor_window(
-    cfg: DemoConfig, phase: Phase, reference: Path, out: Path
+    cfg: DemoConfig, phase: Phase, reference: Path, out: Path, reference_ctr: float | None = None
 ) -> tuple[int, dict[str, Any]]:
     """``mlsd feed monitor`` over a phase's wall-clock window; (exit code, monitor.json)."""
     # The log's tables are stamped with the service's clock, so a phase is its wall-clock span.
     start = datetime.fromisoformat(phase.wall_start) - timedelta(seconds=0.5)
     end = datetime.fromisoformat(phase.wall_end) + timedelta(seconds=0.5)
     seconds = math.ceil((end - start).total_seconds())
+    baseline = [] if reference_ctr is None else ["--reference-ctr", str(reference_ctr)]
     code = run(["feed", "monitor", "--log-dir", str(cfg.out / "service-log"),
                 "--reference", str(reference), "--window", f"{seconds}s",
-                "--end", end.isoformat(), "--out", str(out)])  # fmt: skip
+                "--end", end.isoformat(), "--out", str(out), *baseline])  # fmt: skip
     if code not in (0, 1):
         raise PhaseError(f"mlsd feed monitor failed with exit code {code}")
     return code, json.loads((out / "monitor.json").read_text())
 
 
-def reference_profile(model_dir: Path, live_ctr: float | None, path: Path) -> Path:
-    """The model's training profile with ``live_ctr`` as the CTR baseline, written to ``path``.
+def reference_profile(model_dir: Path, path: Path) -> Path:
+    """The model's training profile, copied to ``path``.
 
-    Until training writes ``<model dir>/reference_profile.json`` the profile holds only label
-    metrics, and the feature and prediction drift rules report "no data".
+    A model without one (trained before training wrote profiles) gets an empty profile: the
+    feature and prediction drift rules then report "no data".
     """
     source = model_dir / PROFILE
     if source.is_file():
-        profile = ReferenceProfile.load(source)
-    else:
-        profile = ReferenceProfile(numeric={}, categorical={}, prediction=NumericProfile.build([]))
-    metrics = dict(profile.label_metrics)
-    if live_ctr is not None:
-        metrics["ctr"] = live_ctr
-    return dataclasses.replace(profile, label_metrics=metrics).save(path)
+        return ReferenceProfile.load(source).save(path)
+    empty = ReferenceProfile(numeric={}, categorical={}, prediction=NumericProfile.build([]))
+    return empty.save(path)
 
 
 def gate_verdict(registry: ModelRegistry) -> dict[str, Any]:
@@ -420,16 +395,16 @@ def closed_loop(cfg: DemoConfig, report: Report) -> None:
         report.phases.append(after)
         # The ctr_drop baseline: the live CTR of the before-drift window, as the monitor sees it.
         initial = out / "models" / "initial"
-        training = reference_profile(initial, None, out / "reference-training.json")
-        _, seen = monitor_window(cfg, before, training, out / "monitor-training-reference")
+        reference = reference_profile(initial, out / PROFILE)
+        _, seen = monitor_window(cfg, before, reference, out / "monitor-training-reference")
         live_ctr = seen["metrics"].get("ctr")
         if live_ctr is None:
             raise PhaseError("the monitor saw no clicks in the before-drift window")
-        reference = reference_profile(initial, float(live_ctr), out / PROFILE)
+        baseline = float(live_ctr)
         # The same reference on the before-drift window: which rules fire without drift.
-        _, quiet = monitor_window(cfg, before, reference, out / "monitor-before-drift")
+        _, quiet = monitor_window(cfg, before, reference, out / "monitor-before-drift", baseline)
         report.alerts_before = list(quiet["fired"])
-        code, result = monitor_window(cfg, after, reference, out / "monitor-after-drift")
+        code, result = monitor_window(cfg, after, reference, out / "monitor-after-drift", baseline)
         report.alerts_fired = list(result["fired"])
         report.monitor = {"metrics": result["metrics"], "reference": result["reference_metrics"]}
         print(f"\n[monitor] exit {code}; fired: {report.alerts_fired or 'none'}", flush=True)
@@ -457,7 +432,7 @@ def closed_loop(cfg: DemoConfig, report: Report) -> None:
         ),
         "expected CTR after drift < before": after.expected_ctr < before.expected_ctr,
         "expected CTR after retraining > after drift": retrained.expected_ctr > after.expected_ctr,
-        "CTR after retraining > after drift": retrained.ctr > after.ctr,
+        OBSERVED_CHECK: retrained.ctr > after.ctr,
         "a new version serves after retraining": retrained.model_version != after.model_version,
     }
 
@@ -565,12 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"alerts fired after drift: {', '.join(report.alerts_fired) or 'none'}; "
           f"before drift: {', '.join(report.alerts_before) or 'none'}")  # fmt: skip
     for name, ok in report.checks.items():
-        print(f"{'ok  ' if ok else 'FAIL'} {name}")
+        print(f"{'ok  ' if ok else 'note' if name == OBSERVED_CHECK else 'FAIL'} {name}")
     print(f"report: {html_path}\njson:   {json_path}\ntotal {report.seconds['total']:.0f} s")
     if report.error:
         print(f"FAILED: {report.error}", file=sys.stderr)
         return 1
-    return 0 if all(report.checks.values()) else 1
+    return 0 if all(ok for name, ok in report.checks.items() if name != OBSERVED_CHECK) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,767 @@
+"""Serving benchmark: the feed service under open-loop load, online and precomputed paths.
+
+Prints one JSON document (progress goes to stderr). Everything runs as separate processes on
+loopback, as in production:
+
+1. **Build** a feed system on a simulated catalog (1M items by default) with the project's CLI,
+   exactly as ``make demo`` does (``mlsd data synth`` → validate → split → ``mlsd feed features
+   apply/materialize`` → ``mlsd feed train --config configs/feed-demo.toml``; no registry: the
+   service gets ``--model``). Each step's wall and CPU seconds and peak memory are reported.
+   The build is cached under ``--cache`` keyed by its parameters and the config's hash; a failed
+   build stops with its command, time and output tail and resumes at that step next time.
+2. **Batch prediction** into a throwaway ``redis-server`` (``bench/batch_predict.py``'s):
+   ``mlsd feed batch-predict --users N``, users/s as the command reports it.
+3. **The service**: ``mlsd feed serve --model --redis --port --base-dir RUN`` in its own process
+   (its service log goes to the run directory), ready when ``/readyz`` answers 200 from a socket
+   that process holds (a port another process answers on is not mistaken for ours).
+4. **Load** from another process (this file with ``--load-worker``, a minimal HTTP/1.1 client on
+   asyncio streams over keep-alive connections): ``GET /v1/recommendations/{user}?k=10&
+   precomputed=`` sent at times ``i / rate`` whatever the answers (open loop), at most
+   ``--max-inflight`` at once; a request that finds no free connection within ``--timeout`` is
+   an error (``late``), as is a timeout or a non-200. Latency is the answer's arrival minus the
+   SCHEDULED send time (no coordinated omission); requests without an answer count as infinitely
+   slow, so a percentile they reach is ``null``. After each phase the harness waits until
+   ``/readyz`` is fast again: requests the client gave up on still run in the server's threads.
+
+Phases, each after ``--warmup`` seconds at the same rate: the precomputed path at ``--rate``
+(users batch-predict wrote; every answer should say path ``precomputed``), the online path
+at ``--rate`` (``precomputed=false``; users with events plus ``--unknown-frac`` unknown ids),
+then the online path at each of ``--max-rate-steps`` until one fails and ``--bisect`` rates
+between: the highest rate with p99 <= 50 ms and < 0.1% errors is the maximum throughput. Each
+phase reports p50/p95/p99/max latency, offered and achieved requests/s, errors by kind, the
+answers' ``path`` and ``fallbacks``, p50/p99 of each stage of their ``stage_ms``, the CPU
+cores used by the server, Redis and the load generator, and the client's lag behind its
+schedule: a reader can tell whether the client or the machine distorted the result.
+
+Targets (2 CPU cores): online p99 <= 10 ms at 200 requests/s with 0 errors; precomputed p99
+<= 3 ms; batch prediction >= 2,000 users/s. Latencies depend on what else the machine runs:
+the load average at the start and the end is reported. httpx (``--client httpx``) measured
+about 2 ms of client CPU per request against ~0.3 ms for the raw client, and fell behind its
+schedule on a busy machine, hence the raw client by default.
+
+    .venv/bin/python bench/serving.py --out serving.json      # 1M items, 20K users, 4M events
+    # the build: ~50 min once (cached; train is 45 of them); then ~8 min per run
+    .venv/bin/python bench/serving.py --items 20000 --users 5000 --events 500000 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+CONFIG = Path("configs/feed-demo.toml")
+TARGETS = {"online_p99_ms": 10.0, "precomputed_p99_ms": 3.0, "batch_users_per_s": 2_000.0}
+MAX_THROUGHPUT_P99_MS = 50.0
+MAX_ERRORS = 0.001
+PERCENTILES = (50, 95, 99, 100)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- open-loop load (worker side)
+
+
+def schedule(rate: float, seconds: float, *, poisson: bool = False, seed: int = 0) -> np.ndarray:
+    """Send times in seconds from the start for ``rate`` requests/s over ``seconds``: evenly
+    spaced, or a Poisson process (exponential gaps) with ``poisson``."""
+    n = round(rate * seconds)
+    if not poisson:
+        return np.arange(n, dtype=np.float64) / rate
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=2 * n + 100)
+    times: np.ndarray = np.cumsum(gaps) - gaps[0]
+    return times[times < seconds]
+
+
+class Sender(Protocol):
+    async def get(self, target: str) -> tuple[int, bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+class RawSender:
+    """HTTP/1.1 GETs over keep-alive asyncio streams; a connection is used by one request at a
+    time (the caller bounds concurrency) and dropped after any error or cancellation."""
+
+    IDLE_S = 3.0  # uvicorn closes a keep-alive connection idle for 5 s: never reuse one that old
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self._idle:
+            reader, writer, since = self._idle.pop()
+            if time.monotonic() - since < self.IDLE_S:
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def get(self, target: str) -> tuple[int, bytes]:
+        reader, writer = await self._connection()
+        try:
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            if found is None:
+                raise ValueError(f"response without Content-Length: {head[:200]!r}")
+            body = await reader.readexactly(int(found.group(1)))
+        except BaseException:
+            writer.close()
+            raise
+        if re.search(rb"(?i)\r\nconnection:\s*close", head):
+            writer.close()
+        else:
+            self._idle.append((reader, writer, time.monotonic()))
+        return int(head[9:12]), body
+
+    async def close(self) -> None:
+        for _, writer, _ in self._idle:
+            writer.close()
+
+
+class HttpxSender:
+    """The same through ``httpx.AsyncClient`` (to compare the client's own overhead)."""
+
+    def __init__(self, host: str, port: int, connections: int) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.client = httpx.AsyncClient(base_url=f"http://{host}:{port}", limits=limits)
+
+    async def get(self, target: str) -> tuple[int, bytes]:
+        response = await self.client.get(target)
+        return response.status_code, response.content
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def drive(spec: dict[str, Any]) -> dict[str, Any]:
+    """Send the schedule in ``spec`` open loop; one record per request (offsets in seconds)."""
+    host, port = spec["host"], spec["port"]
+    sender: Sender = (
+        RawSender(host, port)
+        if spec["client"] == "raw"
+        else HttpxSender(host, port, spec["max_inflight"])
+    )
+    send_at = schedule(spec["rate"], spec["seconds"], poisson=spec["poisson"], seed=spec["seed"])
+    users = np.random.default_rng(spec["seed"]).choice(spec["users"], size=len(send_at))
+    slots = asyncio.Semaphore(spec["max_inflight"])
+    timeout = spec["timeout"]
+    records: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+
+    async def one(at: float, user: int) -> None:
+        # the client's own lag (event loop busy or starved of CPU), not the wait for a connection
+        record: dict[str, Any] = {"at": at, "lag_ms": (loop.time() - start - at) * 1e3}
+        records.append(record)
+        try:
+            await asyncio.wait_for(slots.acquire(), start + at + timeout - loop.time())
+        except TimeoutError:
+            record["error"] = "late"
+            return
+        try:
+            target = f"/v1/recommendations/{user}?k={spec['k']}&precomputed={spec['precomputed']}"
+            status, body = await asyncio.wait_for(
+                sender.get(target), start + at + timeout - loop.time()
+            )
+            record["done"] = loop.time() - start
+            record["latency_ms"] = (record["done"] - at) * 1e3
+            if status != 200:
+                record["error"] = f"status {status}"
+            else:
+                answer = json.loads(body)
+                record["path"], record["stage_ms"] = answer["path"], answer["stage_ms"]
+                record["fallbacks"] = answer["fallbacks"]
+        except TimeoutError:
+            record["error"] = "timeout"
+        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            record["error"] = type(exc).__name__
+        finally:
+            slots.release()
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    tasks = []
+    for at, user in zip(send_at.tolist(), users.tolist(), strict=True):
+        delay = start + at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(at, user)))
+    await asyncio.gather(*tasks)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    await sender.close()
+    return {"records": records, "client_cpu_s": cpu, "client_wall_s": wall}
+
+
+def load_worker() -> None:
+    """``--load-worker``: read a spec (JSON) on stdin, drive it, write the records on stdout."""
+    spec = json.loads(sys.stdin.read())
+    print(json.dumps(asyncio.run(drive(spec))))
+
+
+# ---------------------------------------------------------------- the report of one phase
+
+
+def percentiles_ms(values: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/max of ``values`` (ms); ``inf`` (no answer) makes a percentile ``None``."""
+    if not values:
+        return {}
+    # nearest rank, not interpolation: an infinite value (no answer) stays out of the others
+    points = np.percentile(np.asarray(values, dtype=np.float64), PERCENTILES, method="inverted_cdf")
+    names = ("p50", "p95", "p99", "max")
+    return {
+        n: (round(float(v), 3) if np.isfinite(v) else None)
+        for n, v in zip(names, points, strict=True)
+    }
+
+
+def summarize(records: list[dict[str, Any]], warmup: float, seconds: float) -> dict[str, Any]:
+    """Latency, throughput, errors, paths and stages of the requests scheduled after ``warmup``."""
+    measured = [r for r in records if r["at"] >= warmup]
+    latencies = [r["latency_ms"] if "path" in r else float("inf") for r in measured]
+    ok = [r for r in measured if "path" in r]
+    window = seconds - warmup
+    completed = sum(1 for r in ok if warmup <= r["done"] < seconds)
+    stages: dict[str, list[float]] = {}
+    for r in ok:
+        for stage, ms in r["stage_ms"].items():
+            stages.setdefault(stage, []).append(ms)
+    lags = [r["lag_ms"] for r in measured if "lag_ms" in r]
+    return {
+        "requests": len(measured),
+        "offered_rps": round(len(measured) / window, 1),
+        "achieved_rps": round(completed / window, 1),
+        "latency_ms": percentiles_ms(latencies),
+        "errors": len(measured) - len(ok),
+        "error_kinds": dict(Counter(r["error"] for r in measured if "error" in r)),
+        "paths": dict(Counter(r["path"] for r in ok)),
+        "fallbacks": dict(Counter(f for r in ok for f in r["fallbacks"])),
+        "stage_ms": {
+            s: {k: v for k, v in percentiles_ms(ms).items() if k in ("p50", "p99")}
+            for s, ms in stages.items()
+        },
+        "client_lag_ms": {k: v for k, v in percentiles_ms(lags).items() if k != "p95"},
+    }
+
+
+def passes(phase: dict[str, Any], p99_ms: float, error_rate: float) -> bool:
+    p99 = phase["latency_ms"].get("p99")
+    return p99 is not None and p99 <= p99_ms and phase["errors"] <= error_rate * phase["requests"]
+
+
+# ---------------------------------------------------------------- build
+
+
+def run_step(name: str, command: list[str], log_path: Path) -> dict[str, float]:
+    """Run one CLI step (output to ``log_path``): its wall and CPU seconds and peak memory, or
+    exit with a JSON report of the failure (command, seconds, the output's tail)."""
+    log(f"  {name}: {' '.join(command)}")
+    start = time.perf_counter()
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own rusage
+    seconds = time.perf_counter() - start
+    code = proc.returncode = os.waitstatus_to_exitcode(status)
+    cost = {
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
+    }
+    if code != 0:
+        why = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+        fail(
+            f"build step {name!r} failed ({why}) after {seconds:.1f} s",
+            {"step": name, "command": command, **cost, **tail(log_path)},
+        )
+    log(f"  {name}: {cost}")
+    return cost
+
+
+def build(args: argparse.Namespace) -> dict[str, Any]:
+    """The world and the model, from the cache when built there before (per step)."""
+    config_hash = hashlib.sha256(CONFIG.read_bytes()).hexdigest()[:10]
+    key = f"items{args.items}-users{args.users}-events{args.events}-seed{args.seed}"
+    root = args.cache / key
+    world, model = root / "world", root / f"model-{config_hash}"
+    done_path = root / f"steps-{config_hash}.json"
+    saved = json.loads(done_path.read_text()) if done_path.exists() else {}
+    done: dict[str, dict[str, float]] = {  # an early version saved bare seconds
+        n: cost if isinstance(cost, dict) else {"seconds": cost} for n, cost in saved.items()
+    }
+    mlsd = str(Path(sys.executable).with_name("mlsd"))
+    feature = ["--dataset", str(world), "--config", str(CONFIG)]
+    steps = {
+        "synth": [
+            *("data", "synth", "--items", str(args.items), "--users", str(args.users)),
+            *("--events", str(args.events), "--seed", str(args.seed), "--days", "60"),
+            *("--drift-at", "2024-02-15", "--out", str(world)),
+        ],
+        "validate": ["data", "validate", str(world)],
+        "split": ["data", "split", str(world), "--val-frac", "0.1", "--test-frac", "0.1"],
+        "features_apply": ["feed", "features", "apply", *feature],
+        "features_materialize": ["feed", "features", "materialize", *feature],
+        "train": ["feed", "train", *feature, "--out", str(model)],
+    }
+    missing = [name for name in steps if name not in done]
+    if missing and args.skip_build:
+        sys.exit(f"--skip-build: {root} lacks the steps {missing}; run once without --skip-build")
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"build in {root} ({'cached' if not missing else 'to run: ' + ', '.join(missing)})")
+    for name in missing:
+        if name == "synth":
+            shutil.rmtree(world, ignore_errors=True)
+        done[name] = run_step(name, [mlsd, *steps[name]], root / f"{name}.log")
+        done_path.write_text(json.dumps(done, indent=2))
+    return {
+        "dir": str(root),
+        "world": str(world),
+        "model": str(model),
+        "cached_steps": [n for n in steps if n not in missing],
+        "steps": {n: done[n] for n in steps},
+        "total_seconds": round(sum(d["seconds"] for d in done.values()), 1),
+    }
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+
+
+def fail(message: str, detail: dict[str, Any]) -> None:
+    """Print the failure as the JSON document (the reader gets where and why) and exit 1."""
+    print(json.dumps({"benchmark": "serving", "failed": message, **detail}, indent=2))
+    sys.exit(1)
+
+
+def batch_predict(
+    built: dict[str, Any], redis_url: str, n_users: int, run_dir: Path
+) -> dict[str, Any]:
+    command = [
+        str(Path(sys.executable).with_name("mlsd")),
+        *("feed", "batch-predict", "--dataset", built["world"], "--config", str(CONFIG)),
+        *("--model", built["model"], "--redis", redis_url, "--users", str(n_users)),
+    ]
+    seconds = run_step("batch_predict", command, run_dir / "batch_predict.log")["seconds"]
+    text = (run_dir / "batch_predict.log").read_text()
+    found = re.search(r"([\d,]+) users written for model (\S+) \(([\d,.]+) users/s\)", text)
+    if found is None:
+        fail("batch-predict printed no rate", {"output": text.splitlines()[-20:]})
+    assert found is not None
+    rate = float(found.group(3).replace(",", ""))
+    return {
+        "users": int(found.group(1).replace(",", "")),
+        "model_version": found.group(2),
+        "users_per_s": rate,
+        "wall_seconds_with_model_load": seconds,
+        "target_users_per_s": TARGETS["batch_users_per_s"],
+        "met": rate >= TARGETS["batch_users_per_s"],
+    }
+
+
+@contextlib.contextmanager
+def service(
+    built: dict[str, Any],
+    redis_url: str,
+    port: int,
+    run_dir: Path,
+    *,
+    wait_s: float,
+    extra: Sequence[str] = (),
+) -> Iterator[tuple[Server, float]]:
+    """``mlsd feed serve`` in its own process, yielded once ``/readyz`` answers 200."""
+    command = [
+        str(Path(sys.executable).with_name("mlsd")),
+        *("feed", "serve", "--dataset", built["world"], "--config", str(CONFIG)),
+        *("--model", built["model"], "--redis", redis_url, "--port", str(port)),
+        *("--base-dir", str(run_dir)),  # where the service writes its log: not the repository
+        *extra,
+    ]
+    log_path = run_dir / "serve.log"
+    log(f"  serve: {' '.join(command)} (log: {log_path})")
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
+    try:
+        start = time.perf_counter()
+        # uvicorn binds after the model loaded: until then another process could answer here
+        while not (_ready(port) and listens(proc.pid, port)):
+            if proc.poll() is not None or time.perf_counter() - start > wait_s:
+                fail("the service did not become ready", {"command": command, **tail(log_path)})
+            time.sleep(0.25)
+        yield Server(proc, port, log_path), time.perf_counter() - start
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            fail(f"the service exited ({self.proc.returncode})", tail(self.log_path))
+
+
+def tail(log_path: Path, lines: int = 40) -> dict[str, Any]:
+    return {
+        "log": str(log_path),
+        "output": log_path.read_text(errors="replace").splitlines()[-lines:],
+    }
+
+
+def service_port() -> int:
+    """A free loopback port below the ephemeral range (32768+), where outgoing connections of
+    other processes cannot take it while the service loads its model."""
+    rng = np.random.default_rng()
+    for port in rng.integers(20_000, 32_768, size=200).tolist():
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock,
+            contextlib.suppress(OSError),
+        ):
+            sock.bind(("127.0.0.1", port))
+            return int(port)
+    sys.exit("no free port in 20000-32767 on 127.0.0.1")
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the listening socket of ``port`` (/proc/net/tcp)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:  # 0A: LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return False
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process (``/proc/<pid>/stat``), 0 without one."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_pid() -> int | None:
+    """The ``redis-server`` this process started (a child of ours), found through /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            comm, rest = stat.read_text().rsplit(")", 1)
+            if comm.endswith("(redis-server") and int(rest.split()[1]) == os.getpid():
+                return int(stat.parent.name)
+    return None
+
+
+# ---------------------------------------------------------------- phases
+
+
+def request_users(
+    world: Path, n_precomputed: int, unknown_frac: float, seed: int
+) -> dict[str, Any]:
+    """User ids to draw from: ``online`` (warm users, those with events, plus unknown ids in
+    the proportion ``unknown_frac``) and ``precomputed`` (the users batch-predict wrote: the
+    first ``n_precomputed`` of users.parquet, the order the command reads)."""
+    import pyarrow.parquet as pq
+
+    all_users = pq.read_table(world / "users.parquet", columns=["user_id"])["user_id"].to_numpy()
+    with_events = pq.read_table(world / "events.parquet", columns=["user_id"])["user_id"]
+    warm = np.unique(with_events.to_numpy())
+    rng = np.random.default_rng(seed)
+    warm = rng.choice(warm, size=min(len(warm), 50_000), replace=False)
+    n_unknown = round(len(warm) * unknown_frac / (1.0 - unknown_frac))
+    unknown = int(all_users.max()) + 1 + np.arange(n_unknown)
+    return {
+        "online": np.concatenate([warm, unknown]).tolist(),
+        "precomputed": all_users[:n_precomputed].tolist(),
+        "n_warm": len(warm),
+        "n_unknown": n_unknown,
+    }
+
+
+def load_phase(
+    args: argparse.Namespace,
+    server: Server,
+    pids: dict[str, int | None],
+    users: list[int],
+    *,
+    rate: float,
+    seconds: float,
+    precomputed: bool,
+) -> dict[str, Any]:
+    """One open-loop run from a separate process: ``--warmup`` seconds, then ``seconds``."""
+    spec = {
+        **{"host": "127.0.0.1", "port": server.port, "client": args.client, "k": args.k},
+        **{"rate": rate, "seconds": args.warmup + seconds, "poisson": args.poisson},
+        **{"max_inflight": args.max_inflight, "timeout": args.timeout, "seed": args.seed},
+        **{"users": users, "precomputed": "true" if precomputed else "false"},
+    }
+    log(
+        f"  {'precomputed' if precomputed else 'online'} path at {rate:g} requests/s, "
+        f"{args.warmup:g} s warm-up + {seconds:g} s"
+    )
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    wall0 = time.perf_counter()
+    worker = subprocess.run(
+        [sys.executable, __file__, "--load-worker"],
+        input=json.dumps(spec),
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    wall = time.perf_counter() - wall0
+    server.check_alive()
+    out = json.loads(worker.stdout)
+    phase: dict[str, Any] = {"rate": rate, "seconds": seconds, "precomputed": precomputed}
+    phase |= summarize(out["records"], args.warmup, args.warmup + seconds)
+    phase["cpu_cores"] = {
+        **{name: round((cpu_seconds(pid) - cpu0[name]) / wall, 3) for name, pid in pids.items()},
+        "load_generator": round(out["client_cpu_s"] / out["client_wall_s"], 3),
+    }
+    phase["drain_seconds"] = drain(server, args.timeout)
+    log(
+        f"    latency {phase['latency_ms']}, errors {phase['error_kinds']}, "
+        f"achieved {phase['achieved_rps']}/s, paths {phase['paths']}, "
+        f"fallbacks {phase['fallbacks']}, cpu {phase['cpu_cores']}, "
+        f"client lag {phase['client_lag_ms']}, drained in {phase['drain_seconds']} s"
+    )
+    return phase
+
+
+def drain(server: Server, timeout: float, max_seconds: float = 300.0) -> float | None:
+    """Seconds until ``/readyz`` answers within 50 ms three times in a row: a request the client
+    gave up on still runs in the server's thread pool, and the next phase must not pay for it
+    (``None``: still busy after ``max_seconds``)."""
+    start = time.perf_counter()
+    quiet = 0
+    while quiet < 3:
+        if time.perf_counter() - start > max_seconds:
+            return None
+        sent = time.perf_counter()
+        quiet = quiet + 1 if _ready(server.port) and time.perf_counter() - sent < 0.05 else 0
+        time.sleep(0.2)
+    return round(time.perf_counter() - start, 1)
+
+
+def precomputed_path(
+    args: argparse.Namespace, server: Server, pids: dict[str, int | None], users: list[int]
+) -> dict[str, Any]:
+    """``precomputed=true`` at ``--rate`` for users batch-predict wrote: every answer should
+    say path ``precomputed``."""
+    phase = load_phase(
+        args, server, pids, users, rate=args.rate, seconds=args.duration, precomputed=True
+    )
+    phase["target_p99_ms"] = TARGETS["precomputed_p99_ms"]
+    phase["all_precomputed"] = set(phase["paths"]) == {"precomputed"}
+    met = passes(phase, TARGETS["precomputed_p99_ms"], 0.0)
+    phase["met"] = met and phase["all_precomputed"]
+    return phase
+
+
+def online_path(
+    args: argparse.Namespace, server: Server, pids: dict[str, int | None], users: list[int]
+) -> dict[str, Any]:
+    """``precomputed=false`` at ``--rate``: the request path end to end."""
+    phase = load_phase(
+        args, server, pids, users, rate=args.rate, seconds=args.duration, precomputed=False
+    )
+    phase["target_p99_ms"] = TARGETS["online_p99_ms"]
+    phase["met"] = passes(phase, TARGETS["online_p99_ms"], 0.0)
+    return phase
+
+
+def max_throughput(
+    args: argparse.Namespace, server: Server, pids: dict[str, int | None], users: list[int]
+) -> dict[str, Any]:
+    """The online path at each rate of ``--max-rate-steps`` until one fails the criterion, then
+    ``--bisect`` rates halfway between the best pass (or 0) and the lowest failure."""
+    curve: list[dict[str, Any]] = []
+
+    def step(rate: float) -> bool:
+        phase = load_phase(
+            args, server, pids, users, rate=rate, seconds=args.step_duration, precomputed=False
+        )
+        phase["passed"] = passes(phase, MAX_THROUGHPUT_P99_MS, MAX_ERRORS)
+        curve.append(phase)
+        return bool(phase["passed"])
+
+    best, worst = 0.0, None
+    for rate in args.max_rate_steps:
+        if not step(rate):
+            worst = rate
+            break
+        best = rate
+    for _ in range(args.bisect if worst is not None else 0):
+        middle = round((best + worst) / 2)  # type: ignore[operator]
+        if middle in (0, best, worst):
+            break
+        best, worst = (middle, worst) if step(middle) else (best, middle)
+    curve.sort(key=lambda p: p["rate"])
+    passed = [p["rate"] for p in curve if p["passed"]]
+    return {
+        "criterion": f"p99 <= {MAX_THROUGHPUT_P99_MS:g} ms, errors < {MAX_ERRORS:.1%}",
+        "max_rate": max(passed) if passed else None,
+        "curve": [
+            {
+                k: p[k]
+                for k in (
+                    *("rate", "requests", "achieved_rps", "latency_ms", "errors", "error_kinds"),
+                    *("passed", "paths", "fallbacks", "stage_ms"),
+                    *("cpu_cores", "client_lag_ms", "drain_seconds"),
+                )
+            }
+            for p in curve
+        ],
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit and the files changed since (the request path may be edited between runs);
+    ``--no-optional-locks``: reading the status must not write the index."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", "--no-optional-locks", *argv], capture_output=True, text=True)
+        return done.stdout.rstrip()
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines()]
+    return {"commit": git("rev-parse", "HEAD"), "changed_in_src": changed}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "benchmark": "serving",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "code": code_version(),
+    }
+    built = build(args)
+    report["build"] = built
+    if args.build_only:
+        return report
+    from batch_predict import redis_server  # the other benchmark's throwaway Redis
+
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=built["dir"]))
+    with redis_server() as client:
+        url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
+        n_batch = min(args.batch_users, args.users)
+        report["batch_predict"] = batch_predict(built, url, n_batch, run_dir)
+        users = request_users(Path(built["world"]), n_batch, args.unknown_frac, args.seed)
+        with service(
+            built, url, service_port(), run_dir, wait_s=args.ready_timeout, extra=args.serve_args
+        ) as (server, ready_s):
+            report["service"] = {"ready_seconds": round(ready_s, 1), "log": str(run_dir)}
+            pids = {"server": server.proc.pid, "redis": redis_pid()}
+            report["load"] = {
+                "client": args.client,
+                "arrivals": "poisson" if args.poisson else "uniform",
+                "warmup_s": args.warmup,
+                "max_inflight": args.max_inflight,
+                "timeout_s": args.timeout,
+                "k": args.k,
+                "users": {"warm": users["n_warm"], "unknown": users["n_unknown"]},
+            }
+            # the cheap path first: an overloaded online phase leaves the server a backlog
+            report["precomputed"] = precomputed_path(args, server, pids, users["precomputed"])
+            report["online"] = online_path(args, server, pids, users["online"])
+            if args.max_rate_steps:
+                report["max_throughput"] = max_throughput(args, server, pids, users["online"])
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--events", type=int, default=4_000_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "mlsd-bench-serving"
+    )
+    parser.add_argument("--skip-build", action="store_true", help="use the cache or stop")
+    parser.add_argument("--build-only", action="store_true", help="stop after the build")
+    parser.add_argument(
+        "--batch-users", type=int, default=10_000, help="users batch-predict writes"
+    )
+    parser.add_argument("--rate", type=float, default=200.0, help="requests/s of the two paths")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per path")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds sent before measuring")
+    parser.add_argument(
+        "--max-rate-steps",
+        type=lambda s: [float(x) for x in s.split(",") if x],
+        default=[10.0, 25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0],
+        help="online rates to step through, comma-separated ('' skips the search)",
+    )
+    parser.add_argument("--step-duration", type=float, default=15.0, help="seconds per rate step")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--unknown-frac", type=float, default=0.02, help="unknown user ids")
+    parser.add_argument("--max-inflight", type=int, default=64, help="connections (and requests)")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds a request may take")
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
+    parser.add_argument("--poisson", action="store_true", help="Poisson arrivals, not uniform")
+    parser.add_argument("--bisect", type=int, default=2, help="rates tried after a failure")
+    parser.add_argument("--ready-timeout", type=float, default=900.0, help="service start, s")
+    parser.add_argument(
+        "--serve-args", type=str.split, default=[], help="more serve options, e.g. '--no-log'"
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.load_worker:
+        load_worker()
+        return
+    if not CONFIG.exists():
+        sys.exit(f"{CONFIG} not found: run from the repository root")
+    document = json.dumps(run(args), indent=2)
+    if args.out is not None:
+        args.out.write_text(document + "\n")
+    print(document)
+
+
+if __name__ == "__main__":
+    main()
