@@ -234,3 +234,11 @@ def test_ctr_drop_needs_a_served_reference_ctr(log_dir: Path) -> None:
     assert "ctr drop" not in {a.rule.name for a in result.fired}
     with pytest.raises(ValueError, match="reference_ctr"):
         run_monitor(log_dir, profile(), start=START, end=END, rules=(), reference_ctr=2.0)
+
+
+def test_one_duckdb_thread_gives_the_same_result(log_dir: Path) -> None:
+    # The service's own monitor runs on one thread, leaving the other core to requests.
+    many = run_monitor(log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES)
+    one = run_monitor(log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES, threads=1)
+    assert one.metrics == pytest.approx(many.metrics)
+    assert one.counts == many.counts

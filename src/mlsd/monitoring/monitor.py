@@ -116,6 +116,7 @@ def run_monitor(
     attribution_window_s: float = ATTRIBUTION_WINDOW_S,
     seed: int = 0,
     reference_ctr: float | None = None,
+    threads: int | None = None,
 ) -> MonitorResult:
     """Compute the window's metrics from the log, compare with ``profile``, check ``rules``.
 
@@ -125,6 +126,8 @@ def run_monitor(
         rules: alert rules; one with its own ``window`` looks at ``[end - window, end)``.
         reference_ctr: the served CTR ``ctr_drop`` is measured against (``None``: no
             ``ctr_drop``; see the module docstring).
+        threads: DuckDB threads (``None``: all cores). Inside the service, 1 leaves the other
+            cores to the requests.
     """
     if reference_ctr is not None and not 0.0 < reference_ctr <= 1.0:
         raise ValueError(f"reference_ctr must be in (0, 1], got {reference_ctr}")
@@ -133,7 +136,7 @@ def run_monitor(
     if not start < end:
         raise ValueError(f"monitoring window: start {start} is not before end {end}")
     window = _Window(Path(log_dir), profile, psi_threshold, max_candidate_rows,
-                     attribution_window_s, seed, reference_ctr)  # fmt: skip
+                     attribution_window_s, seed, reference_ctr, threads)  # fmt: skip
     counts, metrics, drift = window.measure(start, end)
     by_window: dict[str, dict[str, float]] = {}
     outcomes: list[RuleOutcome] = []
@@ -167,12 +170,16 @@ class _Window:
     attribution_window_s: float
     seed: int
     reference_ctr: float | None = None
+    threads: int | None = None
 
     def measure(
         self, start: datetime, end: datetime
     ) -> tuple[dict[str, int], dict[str, float], DriftReport | None]:
         late = end + timedelta(seconds=self.attribution_window_s)
-        with duckdb.connect() as con:
+        config: dict[str, str | bool | int | float | list[str]] = {}
+        if self.threads is not None:
+            config["threads"] = self.threads
+        with duckdb.connect(config=config) as con:
             con.execute("SET TimeZone = 'UTC'").fetchall()
             present = {
                 table: _create_view(

@@ -661,6 +661,7 @@ class ServiceMonitor:
             rules=self.settings.rules,
             psi_threshold=self.settings.psi_threshold,
             reference_ctr=self.settings.reference_ctr,
+            threads=1,  # the other core keeps answering requests
         )
         self.gauges.update(result)
         self.last_result = result
