@@ -8,15 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlsd.cli import run
 from mlsd.config import load_feed_config
-from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.evaluation.retrieval import load_dataset
 from mlsd.features.batch import feature_config_for
 from mlsd.features.online import OnlineFeatures
 from mlsd.serving.feed import FeedModel, FeedRecommender
 from mlsd.serving.recommender import RecommendRequest
 from mlsd.systems.feed.package import package_model
+from tests.feed_world import materialized_world
 
 CONFIG = """
 [retrieval]
@@ -44,17 +43,7 @@ n_estimators = 40
 def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(world, model directory, config): trained, packaged, feature store materialized."""
     root = tmp_path_factory.mktemp("feed")
-    world = root / "world"
-    synthesize(
-        WorldConfig(n_users=300, n_items=120, n_events=30_000, days=30, seed=4),
-        world,
-        progress=False,
-    )
-    config = root / "feed.toml"
-    config.write_text(CONFIG)
-    for step in ("apply", "materialize"):
-        args = ["feed", "features", step, "--dataset", str(world), "--config", str(config)]
-        assert run(args) == 0
+    world, config = materialized_world(root, CONFIG, seed=4)
     model, _ = package_model(world, root / "model", load_feed_config(config), version="v-test")
     return world, model, config
 

@@ -10,7 +10,6 @@ import pytest
 
 from mlsd.cli import run
 from mlsd.config import load_feed_config
-from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.registry import ModelRegistry, RegistryConfig
@@ -18,6 +17,7 @@ from mlsd.systems.feed import retrain as retrain_module
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.retrain import ReloadError, reload_service
 from mlsd.systems.feed.serve import feed_loader
+from tests.feed_world import materialized_world
 from tests.serving.test_app import running_server
 from tests.systems.feed.test_serve import CONFIG, TOKEN
 
@@ -28,18 +28,7 @@ assert retrain_module.retrain is not None  # importing the module registers the 
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(world with its online store, config, a packaged model directory)."""
     root = tmp_path_factory.mktemp("retrain")
-    world = root / "world"
-    synthesize(
-        WorldConfig(n_users=300, n_items=120, n_events=30_000, days=30, seed=8),
-        world,
-        progress=False,
-    )
-    config = root / "feed.toml"
-    config.write_text(CONFIG)
-    for step in ("apply", "materialize"):
-        assert (
-            run(["feed", "features", step, "--dataset", str(world), "--config", str(config)]) == 0
-        )
+    world, config = materialized_world(root, CONFIG, seed=8)
     model, _ = package_model(world, root / "champion", load_feed_config(config), version="old")
     return world, config, model
 

@@ -12,14 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlsd.cli import run
 from mlsd.config import load_feed_config
-from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.registry import ModelRegistry, RegistryConfig
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import feed_loader
+from tests.feed_world import materialized_world
 from tests.serving.test_app import running_server
 
 TOKEN = "s3cret"
@@ -43,18 +42,7 @@ ranker_windows = 1
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(world, config, three model directories' parent)."""
     root = tmp_path_factory.mktemp("serve")
-    world = root / "world"
-    synthesize(
-        WorldConfig(n_users=300, n_items=120, n_events=30_000, days=30, seed=6),
-        world,
-        progress=False,
-    )
-    config = root / "feed.toml"
-    config.write_text(CONFIG)
-    for step in ("apply", "materialize"):
-        assert (
-            run(["feed", "features", step, "--dataset", str(world), "--config", str(config)]) == 0
-        )
+    world, config = materialized_world(root, CONFIG, seed=6)
     base, _ = package_model(world, root / "models" / "m1", load_feed_config(config), version="m1")
     for name in ("m2", "m3"):  # the same model under other versions: what serves is visible
         copy = root / "models" / name
