@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -86,49 +85,10 @@ def load_average() -> list[float]:
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    """The world and the model, each step from the cache when it was built there before."""
-    config_hash = hashlib.sha256(CONFIG.read_bytes()).hexdigest()[:10]
-    root = args.cache / f"items{args.items}-users{args.users}-events{args.events}-seed{args.seed}"
-    world, model = root / "world", root / f"model-{config_hash}"
-    done_path = root / f"steps-{config_hash}.json"
-    done: dict[str, Any] = json.loads(done_path.read_text()) if done_path.exists() else {}
-    feature = ["--dataset", str(world), "--config", str(CONFIG)]
-    steps = {
-        "synth": [
-            *("data", "synth", "--items", str(args.items), "--users", str(args.users)),
-            *("--events", str(args.events), "--seed", str(args.seed), "--days", "60"),
-            *("--drift-at", "2024-02-15", "--out", str(world)),
-        ],
-        "validate": ["data", "validate", str(world)],
-        "split": ["data", "split", str(world), "--val-frac", "0.1", "--test-frac", "0.1"],
-        "features_apply": ["feed", "features", "apply", *feature],
-        "features_materialize": ["feed", "features", "materialize", *feature],
-        "train": ["feed", "train", *feature, "--out", str(model)],
-    }
-    missing = [name for name in steps if name not in done]
-    root.mkdir(parents=True, exist_ok=True)
-    log(f"build in {root} ({'cached' if not missing else 'to run: ' + ', '.join(missing)})")
-    for name in missing:
-        if name == "synth":
-            shutil.rmtree(world, ignore_errors=True)
-        command = [mlsd(), *steps[name]]
-        log(f"  {name}: {' '.join(command)}")
-        start = time.perf_counter()
-        with (root / f"{name}.log").open("w") as out:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
-        if code != 0:
-            tail = (root / f"{name}.log").read_text(errors="replace").splitlines()[-30:]
-            sys.exit(f"build step {name} failed (exit {code}):\n" + "\n".join(tail))
-        done[name] = {"seconds": round(time.perf_counter() - start, 1)}
-        done_path.write_text(json.dumps(done, indent=2))
-    seconds = {n: c["seconds"] if isinstance(c, dict) else c for n, c in done.items()}
-    return {
-        "dir": str(root),
-        "cached_steps": [n for n in steps if n not in missing],
-        "step_seconds": {n: round(float(seconds[n]), 1) for n in steps},
-        "world": str(world),
-        "model": str(model),
-    }
+    """The world and the model: bench/serving.py's cached build (same steps, same cache)."""
+    from serving import build as build_system  # the sibling benchmark, as it imports its own
+
+    return build_system(argparse.Namespace(**vars(args), skip_build=False))
 
 
 def mlsd() -> str:
