@@ -21,9 +21,11 @@ Prints one JSON document (progress goes to stderr). Two parts:
    followed by a ``POST /v1/events`` click naming the request (not timed), so the feedback
    table is written too. Rounds alternate off / on, each after ``--warmup`` untimed seconds, so
    drift of the machine's load hits both modes alike; each mode's figure is the median of its
-   rounds' p99. Also measured in process: the request path's cost of logging one answer
-   (``ServiceLog.log_request`` + ``log_exposures`` of 10 items, µs) and the log thread's cost
-   of writing rows.
+   rounds' p99. ``--writer`` picks what writes the log: a child process (``process``, the
+   default of ``[service_log] writer``) or a thread of the service (``thread``). Also measured
+   in process, for both writers: the calling thread's time to log one answer (``log_request``
+   + ``log_exposures`` of 10 items, µs) and the service process's CPU per answer until it is
+   written.
    Target: median p99 with the log < 1.1 x without.
 2. **Monitor time** (``monitor``). ``--exposures`` (10M) exposures of ``--k`` items per request
    over ``--days`` days are generated in the service log layout under /tmp, with their
@@ -40,6 +42,7 @@ Latencies are noisy on a shared machine: the load average is reported at the sta
 
     .venv/bin/python bench/monitoring.py --out monitoring.json   # ~15 min once built
     .venv/bin/python bench/monitoring.py --runs feed:40,popular:200 --skip-monitor
+    .venv/bin/python bench/monitoring.py --runs popular:200 --skip-monitor --writer thread
     .venv/bin/python bench/monitoring.py --rounds 1 --duration 5 --exposures 200000  # smoke
 """
 
@@ -64,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from mlsd.config import ServiceLogSection
 from mlsd.serving.process import ServiceFailedError, free_port, running_service
 
 CONFIG = Path("configs/feed-demo.toml")
@@ -106,35 +110,43 @@ def warm_users(world: Path) -> list[int]:
 # ---------------------------------------------------------------- the two services
 
 
-def serve_popular(dataset: Path, port: int, log_dir: Path | None) -> None:
+def serve_popular(dataset: Path, port: int, log_dir: Path | None, writer: str) -> None:
     """``--serve-popular``: the app with the world's popularity model (answers in well under a
     millisecond, so the log's share of the latency is as large as it can be)."""
     import uvicorn
 
-    from mlsd.config import ServiceLogSection
     from mlsd.serving.app import ServiceSettings, create_app
     from mlsd.serving.popular import PopularRecommender
 
     model = PopularRecommender.from_dataset(dataset, version="popular:bench")
-    service_log = None if log_dir is None else ServiceLogSection().open(log_dir)
+    section = ServiceLogSection(writer=writer)  # type: ignore[arg-type]
+    service_log = None if log_dir is None else section.open(log_dir)
     app = create_app(lambda: model, settings=ServiceSettings(), log=service_log)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 @contextlib.contextmanager
-def service(built: dict[str, Any], model: str, log_dir: Path | None, out: Path) -> Iterator[int]:
+def service(
+    built: dict[str, Any], model: str, log_dir: Path | None, out: Path, writer: str
+) -> Iterator[int]:
     """The service in its own process (``model`` "feed": ``mlsd feed serve --model`` with
-    ``--log-dir`` or ``--no-log``; "popular": :func:`serve_popular`); yields its port once
-    ``/readyz`` answers 200, stops it (the app flushes the log) on exit."""
+    ``--log-dir`` or ``--no-log``; "popular": :func:`serve_popular`), its log written by
+    ``writer`` ([service_log] writer); yields its port once ``/readyz`` answers 200, stops it
+    (the app flushes the log) on exit."""
     port = free_port()
     if model == "feed":
+        config = CONFIG
+        if writer != ServiceLogSection().writer:  # the demo config has no [service_log]
+            config = out.with_suffix(".toml")
+            config.write_text(f'{CONFIG.read_text()}\n[service_log]\nwriter = "{writer}"\n')
         command = [
-            *(mlsd(), "feed", "serve", "--dataset", built["world"], "--config", str(CONFIG)),
+            *(mlsd(), "feed", "serve", "--dataset", built["world"], "--config", str(config)),
             *("--model", built["model"], "--port", str(port)),
             *(("--no-log",) if log_dir is None else ("--log-dir", str(log_dir))),
         ]
     else:
-        command = [sys.executable, __file__, "--serve-popular", built["world"], "--port", str(port)]
+        command = [sys.executable, __file__, "--serve-popular", built["world"], "--port", str(port),
+                   "--writer", writer]  # fmt: skip
         command += [] if log_dir is None else ["--log-dir", str(log_dir)]
     log(f"  {' '.join(command)}")
     start = time.perf_counter()
@@ -254,16 +266,24 @@ def percentiles_ms(latencies: np.ndarray) -> dict[str, float | None]:
 # ---------------------------------------------------------------- part 1: logging overhead
 
 
-def append_cost(log_dir: Path, n: int = 50_000, k: int = 10) -> dict[str, float]:
-    """In-process cost of logging one answer of ``k`` items (the request path's share), and of
-    turning the buffered rows into files (the log thread's share)."""
-    from mlsd.monitoring.logs import ServiceLog
-
+def append_cost(log_dir: Path, writer: str, n: int = 50_000, k: int = 10) -> dict[str, Any]:
+    """In-process cost of logging one answer of ``k`` items with ``writer`` ("thread" or
+    "process"): the calling thread's time per answer, and the CPU time of the whole serving
+    process per answer from the first call until everything is written (for "thread": the
+    calls plus the log thread's conversion and writing; for "process": the calls plus the
+    queue's pickling; the writer process's CPU is not the service's)."""
     items, scores, sources = list(range(k)), [0.5] * k, ["als"] * k
-    service_log = ServiceLog(
-        log_dir, flush_rows=10**9, flush_interval_s=3600, max_buffered_rows=10**9
+    section = ServiceLogSection(
+        writer=writer,  # type: ignore[arg-type]
+        flush_rows=20_000,
+        flush_interval_s=3600,
+        max_buffered_rows=10**9,
+        retention_days=None,
     )
+    service_log = section.open(log_dir)
     try:
+        service_log.flush()  # the writer process has started
+        cpu = time.process_time()
         start = time.perf_counter()
         for i in range(n):
             now = time.time()
@@ -272,16 +292,17 @@ def append_cost(log_dir: Path, n: int = 50_000, k: int = 10) -> dict[str, float]
             service_log.log_exposures(str(i), now, i, "m:1", items, scores, sources=sources,
                                       path="online")  # fmt: skip
         append_s = time.perf_counter() - start
-        start = time.perf_counter()
         service_log.flush()
-        write_s = time.perf_counter() - start
+        cpu = time.process_time() - cpu
     finally:
         service_log.close()
     return {
+        "writer": writer,
         "answers": n,
         "items_per_answer": k,
         "append_us_per_answer": round(append_s / n * 1e6, 2),
-        "write_ms_per_10k_rows": round(write_s / (n * (1 + k)) * 1e7, 2),
+        "service_cpu_us_per_answer": round(cpu / n * 1e6, 2),
+        "written_rows": service_log.written_rows,
     }
 
 
@@ -299,9 +320,11 @@ def log_contents(log_dir: Path) -> dict[str, Any]:
 def measure_overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     built = build(args)
     users = warm_users(Path(built["world"]))
-    cost = append_cost(work / "append-cost")
-    log(f"in process: {cost['append_us_per_answer']:.1f} us to log an answer of 10 items, "
-        f"{cost['write_ms_per_10k_rows']:.1f} ms to write 10k rows")  # fmt: skip
+    cost = {w: append_cost(work / f"append-cost-{w}", w) for w in ("thread", "process")}
+    for w, c in cost.items():
+        log(f"in process, {w} writer: {c['append_us_per_answer']:.1f} us per answer of 10 items "
+            f"in the calling thread, {c['service_cpu_us_per_answer']:.1f} us of the service's "
+            "CPU")  # fmt: skip
     runs = {}
     for model, rate in args.runs:
         runs[f"{model}@{rate:g}"] = compare_modes(args, built, users, model, rate, work)
@@ -332,8 +355,8 @@ def compare_modes(
     log_dir = work / f"service-log-{model}-{rate:g}"
     rounds: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     with (
-        service(built, model, None, work / f"serve-{model}-off.log") as port_off,
-        service(built, model, log_dir, work / f"serve-{model}-on.log") as port_on,
+        service(built, model, None, work / f"serve-{model}-off.log", args.writer) as port_off,
+        service(built, model, log_dir, work / f"serve-{model}-on.log", args.writer) as port_on,
     ):
         for r in range(args.rounds):
             for mode, port in (("off", port_off), ("on", port_on)):
@@ -361,6 +384,7 @@ def compare_modes(
     return {
         "model": model,
         "rate": rate,
+        "writer": args.writer,
         "p99_ms_by_round": {m: [x["latency_ms"]["p99"] for x in rs] for m, rs in rounds.items()},
         "median_p50_ms": median("p50"),
         "median_p99_ms": p99,
@@ -654,6 +678,9 @@ def parse_args() -> argparse.Namespace:
     part1.add_argument("--rounds", type=int, default=3, help="rounds per mode (off, on)")
     part1.add_argument("--clicks-per-s", type=float, default=4.0, help="clicks sent per second")
     part1.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    part1.add_argument("--writer", choices=("process", "thread"), default="process",
+                       help="what writes the log: a child process (the default of "
+                       "[service_log] writer) or a thread of the service")  # fmt: skip
     part2 = parser.add_argument_group("monitor time")
     part2.add_argument("--skip-monitor", action="store_true")
     part2.add_argument("--exposures", type=int, default=10_000_000)
@@ -687,11 +714,9 @@ def parse_runs(text: str) -> list[tuple[str, float]]:
 def main() -> None:
     args = parse_args()
     if args.candidate_frac is None:
-        from mlsd.config import ServiceLogSection
-
         args.candidate_frac = ServiceLogSection().candidates_sample_rate
     if args.serve_popular is not None:
-        serve_popular(args.serve_popular, args.port, args.log_dir)
+        serve_popular(args.serve_popular, args.port, args.log_dir, args.writer)
         return
     if not CONFIG.exists():
         sys.exit(f"{CONFIG} not found: run from the repository root")

@@ -19,6 +19,7 @@ from mlsd.models.retrieval.ease import EASERetriever
 from mlsd.models.retrieval.implicit_mf import ALSRetriever, BPRRetriever
 from mlsd.models.retrieval.popularity import PopularityRetriever
 from mlsd.models.retrieval.segment_popularity import SegmentPopularityRetriever
+from mlsd.monitoring.log_process import ProcessServiceLog
 from tests.conftest import REPO
 
 
@@ -251,12 +252,17 @@ def test_service_log_section(tmp_path: Path) -> None:
     text = '[service_log]\ndir = "/var/log/mlsd"\nflush_rows = 100\nflush_interval_s = 1\n'
     section = load_feed_config(_write(tmp_path, text)).service_log
     assert section.path(tmp_path) == Path("/var/log/mlsd")
+    assert section.writer == "process"
     log = section.open(tmp_path / "log")
     try:
+        assert isinstance(log, ProcessServiceLog)
         assert (log.flush_rows, log.flush_interval_s, log.retention_days) == (100, 1.0, 30)
     finally:
         log.close()
+    threaded = load_feed_config(_write(tmp_path, '[service_log]\nwriter = "thread"\n'))
+    assert threaded.service_log.writer == "thread"
     for bad, message in [
+        ('writer = "fork"', "writer"),
         ("flush_rows = 0", "flush_rows"),
         ("flush_interval_s = 0", "flush_interval_s"),
         ("rotate = true", "unknown key"),

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from mlsd.evaluation.stages import RankerFactory
     from mlsd.models.ranking.base import Ranker
     from mlsd.models.retrieval.base import Retriever
-    from mlsd.monitoring.logs import ServiceLog
+    from mlsd.monitoring.logs import LogWriter
 
 DEFAULT_FEED_CONFIG = Path("configs/feed.toml")
 DEFAULT_BASELINES = ("popularity", "ease", "als", "bpr")
@@ -73,7 +73,7 @@ class FeatureStoreSection:
 @dataclass(frozen=True)
 class ServiceLogSection:
     """``[service_log]``: where ``mlsd feed serve`` logs requests, exposures and feedback, and
-    how (the arguments of :class:`mlsd.monitoring.logs.ServiceLog`)."""
+    how (the arguments of :class:`mlsd.monitoring.logs.ServiceLog`, and which process writes)."""
 
     enabled: bool = True
     dir: str = "service-log"
@@ -85,6 +85,9 @@ class ServiceLogSection:
     candidates_sample_rate: float = 0.02
     """Share of online requests whose ranker rows (every scored candidate with its features)
     go to the ``candidates`` table, what drift monitoring reads; 0 logs none."""
+    writer: Literal["process", "thread"] = "process"
+    """``"process"``: a child process writes the log (:mod:`mlsd.monitoring.log_process`), so
+    no flush runs beside the requests; ``"thread"``: a thread of the service writes it."""
     monitor_interval_s: float = 60.0
     """Seconds between the service's monitoring passes over the last ``[monitoring].window``
     (``mlsd_monitor_*`` gauges on ``/metrics``); 0 turns the in-service monitor off."""
@@ -111,17 +114,21 @@ class ServiceLogSection:
         path = Path(self.dir)
         return path if path.is_absolute() else Path(base_dir) / path
 
-    def open(self, log_dir: Path) -> ServiceLog:
-        """A :class:`~mlsd.monitoring.logs.ServiceLog` writing into ``log_dir``."""
+    def open(self, log_dir: Path) -> LogWriter:
+        """The log writing into ``log_dir``: a :class:`~mlsd.monitoring.log_process.
+        ProcessServiceLog` or a :class:`~mlsd.monitoring.logs.ServiceLog` (``writer``)."""
+        from mlsd.monitoring.log_process import ProcessServiceLog
         from mlsd.monitoring.logs import ServiceLog
 
-        return ServiceLog(
-            log_dir,
-            flush_rows=self.flush_rows,
-            flush_interval_s=self.flush_interval_s,
-            retention_days=self.retention_days,
-            max_buffered_rows=self.max_buffered_rows,
-        )
+        options: dict[str, Any] = {
+            "flush_rows": self.flush_rows,
+            "flush_interval_s": self.flush_interval_s,
+            "retention_days": self.retention_days,
+            "max_buffered_rows": self.max_buffered_rows,
+        }
+        if self.writer == "process":
+            return ProcessServiceLog(log_dir, **options)
+        return ServiceLog(log_dir, **options)
 
 
 # Candidate sources: each ``[retrieval.<name>]`` table mirrors its retriever's constructor (the

@@ -44,11 +44,12 @@ import shutil
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import duckdb
 import numpy as np
@@ -155,6 +156,29 @@ def to_micros(ts: Timestamp) -> int:
     return round(ts * 1_000_000)
 
 
+def check_log_options(
+    *,
+    flush_rows: int = 5_000,
+    flush_interval_s: float = 2.0,
+    retention_days: int | None = None,
+    max_buffered_rows: int = 1_000_000,
+) -> dict[str, Any]:
+    """:class:`ServiceLog`'s options with their defaults; ValueError names an invalid one."""
+    if flush_rows < 1 or flush_interval_s <= 0 or max_buffered_rows < flush_rows:
+        raise ValueError(
+            "ServiceLog needs flush_rows >= 1, flush_interval_s > 0 and max_buffered_rows >= "
+            f"flush_rows, got {flush_rows}, {flush_interval_s} and {max_buffered_rows}"
+        )
+    if retention_days is not None and retention_days < 0:
+        raise ValueError(f"retention_days must be >= 0 or None, got {retention_days}")
+    return {
+        "flush_rows": flush_rows,
+        "flush_interval_s": flush_interval_s,
+        "retention_days": retention_days,
+        "max_buffered_rows": max_buffered_rows,
+    }
+
+
 class _Buffer:
     __slots__ = ("chunks", "rows")
 
@@ -163,53 +187,51 @@ class _Buffer:
         self.rows = 0
 
 
-class ServiceLog:
-    """Thread-safe, append-only writer of the four service log tables under ``log_dir``.
+class LogWriter(ABC):
+    """The writing side of the service log: the ``log_*`` calls of the request path.
 
-    Args:
-        log_dir: Root directory; created on the first write.
-        flush_rows: A table's buffer is written once it holds this many rows.
-        flush_interval_s: Every buffer is written at least this often (seconds).
-        retention_days: Delete date partitions older than this many days (None keeps all).
-        max_buffered_rows: Rows a table may hold while a write is slow or failing; further
-            rows are dropped (and counted) rather than exhausting memory.
+    Each call checks and packs its arguments into one chunk (the per-call values and the
+    per-item columns) and hands it to :meth:`_append`; :class:`ServiceLog` buffers chunks and
+    writes them from a thread of this process, :class:`mlsd.monitoring.log_process.
+    ProcessServiceLog` sends them to a writer process.
     """
 
-    def __init__(
-        self,
-        log_dir: str | os.PathLike[str],
-        *,
-        flush_rows: int = 5_000,
-        flush_interval_s: float = 2.0,
-        retention_days: int | None = None,
-        max_buffered_rows: int = 1_000_000,
-    ) -> None:
-        if flush_rows < 1 or flush_interval_s <= 0 or max_buffered_rows < flush_rows:
-            raise ValueError(
-                "ServiceLog needs flush_rows >= 1, flush_interval_s > 0 and max_buffered_rows >= "
-                f"flush_rows, got {flush_rows}, {flush_interval_s} and {max_buffered_rows}"
-            )
-        if retention_days is not None and retention_days < 0:
-            raise ValueError(f"retention_days must be >= 0 or None, got {retention_days}")
-        self.log_dir = Path(log_dir)
-        self.flush_rows = flush_rows
-        self.flush_interval_s = flush_interval_s
-        self.retention_days = retention_days
-        self.max_buffered_rows = max_buffered_rows
-        self.dropped_rows = 0
+    log_dir: Path
+
+    @property
+    @abstractmethod
+    def written_rows(self) -> int:
+        """Rows written to part files so far."""
+
+    @property
+    @abstractmethod
+    def dropped_rows(self) -> int:
         """Rows lost to a failed write, a full buffer or a call after :meth:`close`."""
-        self.written_rows = 0
-        self.write_errors = 0
-        self._buffers = {name: _Buffer() for name in TABLES}
-        self._last_drop_warning = -_WARN_EVERY_S
-        self._lock = threading.Lock()  # guards the buffers and the counters
-        self._write_lock = threading.Lock()  # one writer at a time: flush() waits for it
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="mlsd-service-log", daemon=True)
-        self._thread.start()
-        atexit.register(self.close)
+
+    @property
+    @abstractmethod
+    def write_errors(self) -> int:
+        """Failed part-file writes so far."""
+
+    @abstractmethod
+    def _append(
+        self, table: str, row: tuple[Any, ...], n: int, items: dict[str, ItemColumn]
+    ) -> None:
+        """Take one chunk: ``row`` the per-call values, ``n`` rows, ``items`` their columns."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Write every row logged so far now; never raises."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Write what is left and stop; later calls do nothing, later rows are dropped."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- the hot path -------------------------------------------------------------------------
 
@@ -317,6 +339,65 @@ class ServiceLog:
             FEEDBACK, (to_micros(ts), uid, item_id, event, value, request_id), 1, _NO_ITEMS
         )
 
+
+class ServiceLog(LogWriter):
+    """Thread-safe, append-only writer of the four service log tables under ``log_dir``.
+
+    Args:
+        log_dir: Root directory; created on the first write.
+        flush_rows: A table's buffer is written once it holds this many rows.
+        flush_interval_s: Every buffer is written at least this often (seconds).
+        retention_days: Delete date partitions older than this many days (None keeps all).
+        max_buffered_rows: Rows a table may hold while a write is slow or failing; further
+            rows are dropped (and counted) rather than exhausting memory.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        *,
+        flush_rows: int = 5_000,
+        flush_interval_s: float = 2.0,
+        retention_days: int | None = None,
+        max_buffered_rows: int = 1_000_000,
+    ) -> None:
+        check_log_options(
+            flush_rows=flush_rows,
+            flush_interval_s=flush_interval_s,
+            retention_days=retention_days,
+            max_buffered_rows=max_buffered_rows,
+        )
+        self.log_dir = Path(log_dir)
+        self.flush_rows = flush_rows
+        self.flush_interval_s = flush_interval_s
+        self.retention_days = retention_days
+        self.max_buffered_rows = max_buffered_rows
+        self._dropped = 0
+        self._written = 0
+        self._errors = 0
+        self._buffers = {name: _Buffer() for name in TABLES}
+        self._last_drop_warning = -_WARN_EVERY_S
+        self._lock = threading.Lock()  # guards the buffers and the counters
+        self._write_lock = threading.Lock()  # one writer at a time: flush() waits for it
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mlsd-service-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    @property
+    def written_rows(self) -> int:
+        return self._written
+
+    @property
+    def dropped_rows(self) -> int:
+        return self._dropped
+
+    @property
+    def write_errors(self) -> int:
+        return self._errors
+
     def _append(
         self, table: str, row: tuple[Any, ...], n: int, items: dict[str, ItemColumn]
     ) -> None:
@@ -333,14 +414,14 @@ class ServiceLog:
 
     def _drop(self, table: str, n: int) -> None:
         # Called under the lock; warns at most every _WARN_EVERY_S so a burst cannot flood logs.
-        self.dropped_rows += n
+        self._dropped += n
         now = time.monotonic()
         if now - self._last_drop_warning >= _WARN_EVERY_S:
             self._last_drop_warning = now
             why = "the log is closed" if self._closed else "its buffer is full"
             logger.warning(
                 "service log: dropping %s rows under %s: %s (%d dropped so far)",
-                table, self.log_dir, why, self.dropped_rows,
+                table, self.log_dir, why, self._dropped,
             )  # fmt: skip
 
     # -- flushing -------------------------------------------------------------------------------
@@ -360,12 +441,6 @@ class ServiceLog:
         self._thread.join()
         self._write(only_full=False)
         atexit.unregister(self.close)
-
-    def __enter__(self) -> ServiceLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _run(self) -> None:
         next_flush = time.monotonic() + self.flush_interval_s
@@ -414,12 +489,12 @@ class ServiceLog:
                 self._count_failure(table, part.num_rows, f"{type(exc).__name__}: {exc}")
             else:
                 with self._lock:
-                    self.written_rows += part.num_rows
+                    self._written += part.num_rows
 
     def _count_failure(self, table: str, n_rows: int, why: str) -> None:
         with self._lock:
-            self.write_errors += 1
-            self.dropped_rows += n_rows
+            self._errors += 1
+            self._dropped += n_rows
         logger.error(
             "service log: could not write %d %s rows under %s (%s); dropped",
             n_rows, table, self.log_dir, why,

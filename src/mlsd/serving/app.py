@@ -19,13 +19,14 @@ Errors: invalid input (``k`` outside [1, ``MLSD_MAX_K``], malformed JSON, unknow
 model raises anything else, or no model is loaded, the ``fallback`` answers with path
 ``fallback:popular`` and ``"model"`` in ``fallbacks``; only without a fallback is it a 503.
 
-Log: with a :class:`~mlsd.monitoring.logs.ServiceLog`, each recommendation request is a
+Log: with a :class:`~mlsd.monitoring.logs.LogWriter`, each recommendation request is a
 ``requests`` row (its ``request_id``, as in the response; status, latency, path, model version,
 fallbacks; a 422 or 503 that answered instead too) and each item shown an ``exposures`` row
 (position from 0, score, candidate source); each accepted feedback event is a ``feedback`` row
 at the time the service received it, with the ``request_id`` the client names
-(``EventIn.request_id``), which attributes a click to its exposure. Logging is an append to
-memory (the log writes in its own thread) and never fails a request; the app closes the log at
+(``EventIn.request_id``), which attributes a click to its exposure. Logging packs one chunk per
+call (a child process writes the files by default, :mod:`mlsd.monitoring.log_process`) and
+never fails a request; the app closes the log at
 shutdown. A sampled share of online answers also logs the ranker's inputs of every scored
 candidate (``candidates``), what the drift monitor compares with the model's reference profile.
 Answers routed by an experiment (:mod:`mlsd.serving.experiment`) carry its name and arm, in the
@@ -88,7 +89,7 @@ from mlsd.serving.schemas import (
 
 if TYPE_CHECKING:
     from mlsd.monitoring.alerts import AlertRule
-    from mlsd.monitoring.logs import ServiceLog
+    from mlsd.monitoring.logs import LogWriter
     from mlsd.monitoring.monitor import MonitorResult
     from mlsd.monitoring.profile import ReferenceProfile
 
@@ -165,7 +166,7 @@ class RecommendService:
         *,
         settings: ServiceSettings,
         fallback: Recommender | None = None,
-        log: ServiceLog | None = None,
+        log: LogWriter | None = None,
     ) -> None:
         self.settings = settings
         self.fallback = fallback
@@ -338,7 +339,7 @@ class RecommendService:
 
 
 def _log_answer(
-    log: ServiceLog, request_id: str, ts: float, request: RecommendRequest, result: RecommendResult
+    log: LogWriter, request_id: str, ts: float, request: RecommendRequest, result: RecommendResult
 ) -> None:
     version = result.model_version
     log.log_request(
@@ -365,7 +366,7 @@ def _log_answer(
 
 
 def _log_failure(
-    log: ServiceLog,
+    log: LogWriter,
     request_id: str,
     ts: float,
     request: RecommendRequest,
@@ -378,7 +379,7 @@ def _log_failure(
     )  # fmt: skip
 
 
-def _log_feedback(log: ServiceLog, events: list[dict[str, object]], received: float) -> None:
+def _log_feedback(log: LogWriter, events: list[dict[str, object]], received: float) -> None:
     """One ``feedback`` row per event at ``received``, the service's clock (like requests and
     exposures, so one time window cuts all tables alike; the event's own ``ts`` goes to the
     model)."""
@@ -709,7 +710,7 @@ def create_app(
     *,
     settings: ServiceSettings,
     fallback: Recommender | None = None,
-    log: ServiceLog | None = None,
+    log: LogWriter | None = None,
     monitor: MonitorSettings | None = None,
 ) -> FastAPI:
     """The service app; ``load_model()`` runs at startup (off the event loop) and on reload.

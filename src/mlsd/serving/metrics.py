@@ -23,7 +23,7 @@ from mlsd.serving.recommender import Recommender, RecommendResult
 
 if TYPE_CHECKING:
     from mlsd.monitoring.alerts import AlertRule
-    from mlsd.monitoring.logs import ServiceLog
+    from mlsd.monitoring.logs import LogWriter
     from mlsd.monitoring.monitor import MonitorResult
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -77,7 +77,7 @@ class ServiceMetrics:
             self.model_info.remove(old.version)
         self.model_info.labels(new.version).set(1)
 
-    def watch_log(self, log: ServiceLog) -> None:
+    def watch_log(self, log: LogWriter) -> None:
         """Export the service log's counters (rows written and dropped, write errors)."""
         self.registry.register(_LogCollector(log))
 
@@ -129,7 +129,7 @@ class MonitorGauges:
 class _LogCollector(Collector):
     """The service log's own counters, read when ``/metrics`` is scraped."""
 
-    def __init__(self, log: ServiceLog) -> None:
+    def __init__(self, log: LogWriter) -> None:
         self.log = log
 
     def collect(self) -> Iterator[Metric]:
