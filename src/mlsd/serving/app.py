@@ -398,7 +398,12 @@ def _log_feedback(log: LogWriter, events: list[dict[str, object]], received: flo
 # ---------------------------------------------------------------- dependencies
 
 
-def get_service(request: Request) -> RecommendService:
+# The dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in the thread pool,
+# and each such hop (a queue put, a thread wake-up, the GIL handed over and back) cost more than
+# the popularity model's whole answer; these only read attributes.
+
+
+async def get_service(request: Request) -> RecommendService:
     return cast(RecommendService, request.app.state.service)
 
 
@@ -406,7 +411,7 @@ ServiceDep = Annotated[RecommendService, Depends(get_service)]
 _bearer = HTTPBearer(auto_error=False, description="MLSD_ADMIN_TOKEN")
 
 
-def require_admin(
+async def require_admin(
     service: ServiceDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -422,7 +427,7 @@ def require_admin(
         raise HTTPException(403, "wrong admin token")
 
 
-def resolve_k(service: ServiceDep, k: Annotated[int | None, Query(ge=1)] = None) -> int:
+async def resolve_k(service: ServiceDep, k: Annotated[int | None, Query(ge=1)] = None) -> int:
     """``k`` or MLSD_DEFAULT_K; more than MLSD_MAX_K is a 422 like any validation error."""
     return _check_k(service.settings, k, ("query", "k"))
 
