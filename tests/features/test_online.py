@@ -145,32 +145,39 @@ def test_the_item_cache_equals_the_store(sqlite_repo: Path, config: FeatureConfi
     assert got.items["item_known"].sum() == n
 
 
-def test_the_item_cache_is_refreshed_in_the_background_after_its_ttl(
+def test_the_item_cache_is_refreshed_in_the_background_after_a_materialization(
     request: pytest.FixtureRequest, tmp_path: Path, world: Path, config: FeatureConfig
 ) -> None:
     repo = make_repo(request, tmp_path, world, config, "sqlite")
     item_ids = np.arange(0, 100, dtype=np.int64)
-    stale = OnlineFeatures(repo, config, item_cache_ttl_s=3600.0)
-    fresh = OnlineFeatures(repo, config, item_cache_ttl_s=0.0)
-    before = stale.get_online_features(0, item_ids, now=AS_OF).items["item_events_30d"]
-    fresh.get_online_features(0, item_ids, now=AS_OF)
+    unchecked = OnlineFeatures(repo, config, item_cache_check_s=3600.0)  # never looks
+    watching = OnlineFeatures(repo, config, item_cache_check_s=0.0)  # looks at every request
+    expiring = OnlineFeatures(repo, config, item_cache_ttl_s=0.0, item_cache_check_s=3600.0)
+    before = unchecked.get_online_features(0, item_ids, now=AS_OF).items["item_events_30d"]
+    for online in (watching, expiring):
+        online.get_online_features(0, item_ids, now=AS_OF)
+    for _ in range(3):  # nothing changed: the watcher reads nothing again
+        watching.get_online_features(0, item_ids, now=AS_OF)
+    assert watching._refresher is None
     later = AS_OF + pd.Timedelta(days=3)
     materialize(world, repo, as_of=later, config=config)
     want = batch.stored_item_features(
         world, pd.DataFrame({"item_id": item_ids, "ts": later}), config
-    )
-    assert not np.array_equal(before, want["item_events_30d"].to_numpy())
-    cached = stale.get_online_features(0, item_ids, now=later).items["item_events_30d"]
-    np.testing.assert_array_equal(cached, before)  # still within its ttl
-    # Past its ttl, a request is served from the old cache while it is re-read in the background.
-    served = fresh.get_online_features(0, item_ids, now=later).items["item_events_30d"]
-    np.testing.assert_array_equal(served, before)
-    fresh.wait_for_refresh(timeout=30)
-    refreshed = fresh.get_online_features(0, item_ids, now=later).items["item_events_30d"]
-    np.testing.assert_array_equal(refreshed, want["item_events_30d"].to_numpy())
-    stale.refresh_item_cache()  # on demand
-    on_demand = stale.get_online_features(0, item_ids, now=later).items["item_events_30d"]
-    np.testing.assert_array_equal(on_demand, want["item_events_30d"].to_numpy())
+    )["item_events_30d"].to_numpy()
+    assert not np.array_equal(before, want)
+    cached = unchecked.get_online_features(0, item_ids, now=later).items["item_events_30d"]
+    np.testing.assert_array_equal(cached, before)  # it did not look at the registry
+    # The registry changed (or the ttl passed): a request is served from the old cache while
+    # the new one is read in the background.
+    for online in (watching, expiring):
+        served = online.get_online_features(0, item_ids, now=later).items["item_events_30d"]
+        np.testing.assert_array_equal(served, before)
+        online.wait_for_refresh(timeout=30)
+        refreshed = online.get_online_features(0, item_ids, now=later).items["item_events_30d"]
+        np.testing.assert_array_equal(refreshed, want)
+    unchecked.refresh_item_cache()  # on demand
+    on_demand = unchecked.get_online_features(0, item_ids, now=later).items["item_events_30d"]
+    np.testing.assert_array_equal(on_demand, want)
 
 
 def test_the_matrix_broadcasts_the_user_in_the_given_order() -> None:
