@@ -21,6 +21,7 @@ from mlsd.evaluation.simulator import (
     OraclePreferences,
     Preferences,
     WorldPreferences,
+    _schedule_users,
     log_examination,
     simulate,
 )
@@ -116,6 +117,33 @@ class Constant:
         return np.full(len(np.asarray(user_ids)), self.p)
 
 
+class TwoKinds:
+    """50 heavy users (activity 10, ids 1-50) and 50 light ones (activity 1, ids 51-100)."""
+
+    name = "two kinds"
+
+    def population(self, ts_us: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        return np.arange(1, 101), np.r_[np.full(50, 10.0), np.full(50, 1.0)]
+
+    def click_probability(
+        self, user_ids: npt.ArrayLike, item_ids: npt.ArrayLike, ts_us: npt.ArrayLike
+    ) -> npt.NDArray[np.float64]:
+        return np.zeros(len(np.asarray(user_ids)))
+
+
+def test_requests_per_user_are_proportional_to_activity_whatever_the_panel() -> None:
+    """Heavy users make 10/11 of the requests, as they make 10/11 of a world's visits: the panel
+    is drawn uniformly, not by activity (which would weight a heavy user twice, ~0.99)."""
+    ts = np.arange(400, dtype=np.int64) * 1_000_000
+    shares = [
+        float(np.mean(_schedule_users(TwoKinds(), 20, ts, np.random.default_rng(seed)) <= 50))
+        for seed in range(60)
+    ]
+    assert np.mean(shares) == pytest.approx(10 / 11, abs=0.02)
+    everyone = _schedule_users(TwoKinds(), 100, ts, np.random.default_rng(0))
+    assert np.mean(everyone <= 50) == pytest.approx(10 / 11, abs=0.04)
+
+
 def _us(iso: str) -> int:
     return int(pd.Timestamp(iso, tz="UTC").value) // 1_000
 
@@ -147,13 +175,15 @@ def test_simulation_drives_the_real_service(
     assert set(result.by_arm) == {"-"}
     assert result.by_model_version["popular:test"] == result.total
 
-    # Every view and click reached the model through POST /v1/events, and was accepted.
+    # Every view and click reached the model through POST /v1/events, and was accepted. A view
+    # is an examined item: sum_p 1/log2(p + 2) = 4.54 of the 10 shown, on average.
     views = [(e["user_id"], e["item_id"]) for e in model.events if e["event"] == "view"]
     clicks = [(e["user_id"], e["item_id"]) for e in model.events if e["event"] == "click"]
-    assert len(views) == result.exposures
+    examined = sum(log_examination(p) for p in range(10)) * 300
+    assert abs(len(views) - examined) < 5 * math.sqrt(0.5 * examined)
     assert len(clicks) == result.clicks
-    assert set(clicks) <= set(views)
-    assert result.events_sent == result.events_accepted == result.exposures + result.clicks
+    assert set(clicks) <= set(views)  # only an examined item is clicked
+    assert result.events_sent == result.events_accepted == len(views) + result.clicks
     assert result.event_errors == 0
 
     # The simulated clock: request i at start + 12 s * i, crossing drift_at; events carry it.
@@ -186,7 +216,13 @@ def test_clicks_attribute_to_logged_exposures(
     app = create_app(lambda: model, settings=ServiceSettings(), fallback=None, log=log)
     with running_server(app) as url:  # the app closes (flushes) the log at shutdown
         result = simulate(
-            url, Constant(world, 0.3), n_users=50, n_requests=80, start_ts=DRIFT_AT, progress=False
+            url,
+            Constant(world, 0.3),
+            n_users=50,
+            n_requests=80,
+            start_ts=DRIFT_AT,
+            progress=False,
+            views="shown",
         )
     exposures = read_table(tmp_path / "log", EXPOSURES).to_pandas()
     feedback = read_table(tmp_path / "log", FEEDBACK).to_pandas()

@@ -10,14 +10,8 @@ import pyarrow as pa
 import pytest
 from scipy import stats
 
-from mlsd.monitoring.drift import (
-    PSI_EPSILON,
-    categorical_test,
-    compare,
-    ks_test,
-    psi,
-)
-from mlsd.monitoring.profile import CategoricalProfile, ReferenceProfile
+from mlsd.monitoring.drift import categorical_test, compare, ks_test
+from mlsd.monitoring.profile import PSI_EPSILON, CategoricalProfile, ReferenceProfile, psi
 
 
 def test_psi_by_hand() -> None:
@@ -128,3 +122,28 @@ def test_no_score_column_means_no_prediction_metric() -> None:
     report = compare(reference(), live(100).drop(columns=["score"]))
     assert report.prediction is None
     assert "prediction_psi" not in report.metrics()
+
+
+def test_a_trending_feature_is_reported_but_neither_drifted_nor_alerting() -> None:
+    """A feature that moved within the reference window itself (a clock) moves on after it:
+    its PSI is reported as ``trending_psi_max``, not as ``feature_psi_max``."""
+    rng = np.random.default_rng(3)
+    n = 20_000
+    times = np.sort(rng.uniform(0.0, 3.0, n))
+    frame = pd.DataFrame({"age": 20.0 + times, "x": rng.normal(5.0, 1.0, n)})
+    profile = ReferenceProfile.build(frame, rng.random(n), numeric=["age", "x"], times=times)
+    later = pd.DataFrame(
+        {"f_age": 24.0 + rng.uniform(0, 1, 5_000), "f_x": rng.normal(5.0, 1.0, 5_000)}
+    )
+    by_name = {r.name: r for r in compare(profile, later).features}
+    assert by_name["age"].trending
+    assert by_name["age"].psi > 5.0
+    assert not by_name["age"].drifted
+    assert not by_name["x"].trending
+    metrics = compare(profile, later).metrics()
+    assert metrics["trending_psi_max"] == by_name["age"].psi
+    assert metrics["feature_psi_max"] == by_name["x"].psi < 0.05
+    assert metrics["n_drifted_features"] == 0
+    # A stationary feature that shifts still drifts and alerts.
+    shifted = later.assign(f_x=later["f_x"] + 1.0)
+    assert compare(profile, shifted).metrics()["feature_psi_max"] > 0.25

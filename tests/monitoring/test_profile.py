@@ -131,3 +131,34 @@ def test_missing_profile_and_bad_rows(tmp_path: Path) -> None:
         ReferenceProfile.build(frame, scores[:3], numeric=["events_7d"])
     with pytest.raises(ValueError, match="unknown"):
         ReferenceProfile.build(frame, scores, numeric=["events_7d"], label_metrics={"auc": 0.7})
+
+
+def clock_rows(n: int = 20_000, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Rows over three days: ``age_days`` grows with the time (a clock), ``events_7d`` does not."""
+    rng = np.random.default_rng(seed)
+    times = np.sort(rng.uniform(0.0, 3.0, n))  # days
+    frame = pd.DataFrame(
+        {"age_days": 20.0 + times + rng.normal(0.0, 0.1, n), "events_7d": rng.normal(5, 1, n)}
+    )
+    return frame, rng.random(n), (times * 86_400e6).astype(np.int64)
+
+
+def test_time_psi_marks_a_feature_that_follows_the_calendar(tmp_path: Path) -> None:
+    frame, scores, times = clock_rows()
+    profile = ReferenceProfile.build(frame, scores, numeric=["age_days", "events_7d"], times=times)
+    age, events = profile.numeric["age_days"], profile.numeric["events_7d"]
+    assert age.time_psi > 5.0  # the later half sits in the upper bins only
+    assert age.trending
+    assert events.time_psi < 0.01  # same distribution in both halves, up to noise
+    assert not events.trending
+    loaded = ReferenceProfile.load(profile.save(tmp_path / "p.json"))
+    assert loaded.numeric["age_days"].time_psi == pytest.approx(age.time_psi)
+    # Without times (or in a profile written before time PSI existed): unknown, not trending.
+    untimed = ReferenceProfile.build(frame, scores, numeric=["age_days"])
+    assert np.isnan(untimed.numeric["age_days"].time_psi)
+    assert not untimed.numeric["age_days"].trending
+    raw = json.loads((tmp_path / "p.json").read_text())
+    del raw["numeric"]["age_days"]["time_psi"]
+    assert not ReferenceProfile.from_dict(raw).numeric["age_days"].trending
+    with pytest.raises(ValueError, match="times"):
+        ReferenceProfile.build(frame, scores, numeric=["age_days"], times=times[:10])

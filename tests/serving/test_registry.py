@@ -12,6 +12,7 @@ import pytest
 
 from mlsd.serving.registry import (
     CorruptArtifactError,
+    HeadToHead,
     ModelRegistry,
     RegistryConfig,
     verify_model_dir,
@@ -95,6 +96,47 @@ def test_tolerance_accepts_slightly_worse(store: Path, tmp_path: Path) -> None:
     assert registry.promote(2).accepted  # 0.28 >= 0.30 - 0.02
     with pytest.raises(ValueError, match="no version or alias '9'"):
         registry.promote(9)
+
+
+def test_a_head_to_head_decides_over_the_stored_values(store: Path, tmp_path: Path) -> None:
+    """The stored values are each version's score on its own window; a head-to-head on one
+    window overrides them both ways, and is recorded on the candidate version."""
+    registry = _registry(store, "head-to-head")
+    first, second, third = register_three(registry, tmp_path)  # stored 0.30, 0.28, 0.33
+    registry.promote(first)
+    window = "held-out users of [t1, t2)"
+
+    # Stored: 0.28 < 0.30 - 0.005 would refuse; on the same window the candidate is better.
+    better = registry.promote(second, head_to_head=HeadToHead(first, 0.25, 0.20, window))
+    assert (better.accepted, better.forced, better.head_to_head) == (True, False, True)
+    assert (better.candidate_value, better.champion_value) == (0.25, 0.20)
+    assert "head to head on held-out users of [t1, t2)" in better.reason
+    assert registry.champion() == second
+
+    # Stored: 0.33 > 0.28 would accept; on the same window the candidate is worse.
+    worse = registry.promote(third, head_to_head=HeadToHead(second, 0.19, 0.25, window))
+    assert (worse.accepted, worse.head_to_head) == (False, True)
+    assert registry.champion() == second
+    # Within the tolerance (0.005) on the same window: accepted.
+    close = registry.promote(third, head_to_head=HeadToHead(second, 0.246, 0.25, window))
+    assert close.accepted
+    assert registry.champion() == third
+
+    recorded = {i.version: i.head_to_head for i in registry.versions()}
+    assert recorded[first] is None
+    assert recorded[second] is not None
+    assert recorded[second]["candidate_value"] == 0.25
+    assert recorded[second]["accepted"] is True
+    assert recorded[third] is not None
+    assert recorded[third]["candidate_value"] == 0.246  # the last gate it went through
+
+    # A head-to-head measured against a champion that is no longer the champion is stale.
+    with pytest.raises(ValueError, match="champion is now v3"):
+        registry.promote(first, head_to_head=HeadToHead(second, 0.9, 0.1, window))
+    # Without one, promote compares the stored values and says so.
+    stored = registry.promote(second)
+    assert not stored.head_to_head
+    assert "stored values, each on its own validation window" in stored.reason
 
 
 def test_download_verifies_the_manifest(store: Path, tmp_path: Path) -> None:

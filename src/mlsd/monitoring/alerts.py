@@ -31,8 +31,9 @@ Op = Literal[">", "<"]
 Status = Literal["fired", "ok", "no data"]
 
 METRICS: dict[str, str] = {
-    "feature_psi_max": "largest PSI over the monitored features",
+    "feature_psi_max": "largest PSI over the monitored features (time-trending ones apart)",
     "n_drifted_features": "features whose PSI exceeds the drift threshold",
+    "trending_psi_max": "largest PSI over the features that moved with time in the reference",
     "ks_pvalue_min": "smallest Kolmogorov–Smirnov p-value over the numeric features",
     "prediction_psi": "PSI of the ranker's score",
     "prediction_ks_pvalue": "Kolmogorov–Smirnov p-value of the ranker's score",

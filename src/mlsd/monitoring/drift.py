@@ -4,11 +4,11 @@ Three views of "has this column changed?", each answering a different question:
 
 - **PSI** (population stability index) over the reference bins,
   ``sum_i (live_i - ref_i) * ln(live_i / ref_i)`` on bin shares, with shares floored at
-  :data:`PSI_EPSILON` so an empty bin costs a large but finite amount. It measures *how much*
-  the distribution moved and does not grow with the sample size, which makes it the statistic
-  to alert on. The usual reading (credit scoring, where it comes from): < 0.1 stable,
-  0.1–0.25 a moderate shift worth a look (:data:`PSI_MODERATE`), > 0.25 a major shift
-  (:data:`PSI_MAJOR`, the default ``drifted`` flag).
+  :data:`~mlsd.monitoring.profile.PSI_EPSILON` so an empty bin costs a large but finite
+  amount. It measures *how much* the distribution moved and does not grow with the sample
+  size, which makes it the statistic to alert on. The usual reading (credit scoring, where it
+  comes from): < 0.1 stable, 0.1–0.25 a moderate shift worth a look (:data:`PSI_MODERATE`),
+  > 0.25 a major shift (:data:`PSI_MAJOR`, the default ``drifted`` flag).
 - **Kolmogorov–Smirnov** (numeric columns): the two-sample test of the live values against the
   profile's stored reference sample (``scipy.stats.ks_2samp``). Its p-value answers "could
   both come from one distribution?"; with tens of thousands of live rows even a harmless shift
@@ -43,10 +43,9 @@ from mlsd.monitoring.profile import (
     ReferenceProfile,
     bin_shares,
     finite,
+    psi,
 )
 
-PSI_EPSILON = 1e-4
-"""Floor of a bin share in PSI: an empty bin contributes about ``share * ln(share / 1e-4)``."""
 PSI_MODERATE = 0.1
 PSI_MAJOR = 0.25
 NUMERIC_PREFIX = "f_"
@@ -55,17 +54,6 @@ PREDICTION_COLUMN = "score"
 OTHER = "other"
 
 LiveFrame: TypeAlias = pd.DataFrame | pa.Table
-
-
-def psi(
-    reference_shares: npt.ArrayLike, live_shares: npt.ArrayLike, *, epsilon: float = PSI_EPSILON
-) -> float:
-    """Population stability index of two share vectors over the same bins (each sums to 1)."""
-    ref = np.maximum(np.asarray(reference_shares, dtype=np.float64), epsilon)
-    live = np.maximum(np.asarray(live_shares, dtype=np.float64), epsilon)
-    if ref.shape != live.shape:
-        raise ValueError(f"psi: {ref.shape} reference bins vs {live.shape} live bins")
-    return float(np.sum((live - ref) * np.log(live / ref)))
 
 
 def ks_test(reference_sample: npt.ArrayLike, live: npt.ArrayLike) -> tuple[float, float]:
@@ -133,8 +121,12 @@ class FeatureDrift:
         test: ``"ks"`` (statistic = D) or ``"chi2"`` (statistic = chi-squared).
         psi: over the reference bins (numeric) or categories (categorical); NaN with no rows.
         n_live: live rows with a finite value.
-        drifted: ``psi > psi_threshold`` of :func:`compare`.
+        drifted: ``psi > psi_threshold`` of :func:`compare`, and not ``trending``.
         bins, reference_shares, live_shares: the histograms behind PSI, for plots.
+        trending: the reference itself moved with time (its profile's ``time_psi`` is above
+            :data:`~mlsd.monitoring.profile.TREND_PSI`): the feature is a function of the
+            calendar, so its PSI grows with the time since training whatever the world does;
+            reported, never ``drifted``.
     """
 
     name: str
@@ -148,6 +140,7 @@ class FeatureDrift:
     bins: tuple[str, ...]
     reference_shares: tuple[float, ...]
     live_shares: tuple[float, ...]
+    trending: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -159,6 +152,7 @@ class FeatureDrift:
             "psi": _json(self.psi),
             "n_live": self.n_live,
             "drifted": self.drifted,
+            "trending": self.trending,
             "bins": list(self.bins),
             "reference_shares": list(self.reference_shares),
             "live_shares": list(self.live_shares),
@@ -186,12 +180,19 @@ class DriftReport:
         return sorted(self.features, key=lambda r: -r.psi if math.isfinite(r.psi) else math.inf)
 
     def metrics(self) -> dict[str, float]:
-        """Alertable summaries; a metric without data is left out (see ``alerts.evaluate``)."""
+        """Alertable summaries; a metric without data is left out (see ``alerts.evaluate``).
+
+        ``feature_psi_max`` is over the features that are not time-trending (see
+        :class:`FeatureDrift`); ``trending_psi_max`` is the largest PSI of those that are.
+        """
         out: dict[str, float] = {}
-        psis = [r.psi for r in self.features if math.isfinite(r.psi)]
+        psis = [r.psi for r in self.features if math.isfinite(r.psi) and not r.trending]
         if psis:
             out["feature_psi_max"] = max(psis)
             out["n_drifted_features"] = float(sum(r.drifted for r in self.features))
+        trending = [r.psi for r in self.features if math.isfinite(r.psi) and r.trending]
+        if trending:
+            out["trending_psi_max"] = max(trending)
         pvalues = [r.p_value for r in self.features if r.test == "ks" and math.isfinite(r.p_value)]
         if pvalues:
             out["ks_pvalue_min"] = min(pvalues)
@@ -278,6 +279,7 @@ def _numeric_row(
     live_shares = bin_shares(reference.edges, x)
     value = psi(reference.shares, live_shares) if len(x) and reference.n else math.nan
     statistic, p_value = ks_test(reference.sample, x)
+    trending = kind == "numeric" and reference.trending
     return FeatureDrift(
         name=name,
         kind=kind,
@@ -286,10 +288,11 @@ def _numeric_row(
         p_value=p_value,
         psi=value,
         n_live=len(x),
-        drifted=value > psi_threshold,
+        drifted=value > psi_threshold and not trending,
         bins=bin_labels(reference.edges),
         reference_shares=reference.shares,
         live_shares=tuple(float(s) for s in live_shares),
+        trending=trending,
     )
 
 

@@ -12,7 +12,13 @@ leak training data:
 - per categorical feature: the count of every code (for chi-squared and PSI on categories);
 - the prediction (the ranker's score) profiled like a numeric feature;
 - training-time label metrics when known (``ctr``, ``ndcg_at_10``, ``ece``), the baseline of
-  the live label metrics.
+  the live label metrics;
+- when the rows' times are given, per numeric feature its **time PSI**: the PSI of the later
+  half of the rows (by time) against the earlier half, over the profile's bins. A feature whose
+  distribution moves that much *within* the reference window is a function of the calendar
+  (e.g. "days since the item's first event" when most items were first seen when the data
+  began), so it will keep moving after it whatever happens to the world; :mod:`.drift` reports
+  such a feature as time-trending instead of counting it as drifted.
 
 Bins are right-closed: with inner edges ``e_0 < ... < e_{m-1}`` the bins are ``(-inf, e_0]``,
 ``(e_0, e_1]``, ..., ``(e_{m-1}, inf)``, so :func:`bin_index` is one ``searchsorted``.
@@ -42,7 +48,12 @@ FloatArray = npt.NDArray[np.float64]
 
 PROFILE_FORMAT = 1
 N_BINS = 10
+PSI_EPSILON = 1e-4
+"""Floor of a bin share in PSI: an empty bin contributes about ``share * ln(share / 1e-4)``."""
 SAMPLE_SIZE = 5_000
+TREND_PSI = 0.25
+"""A time PSI above this (a major shift between the two halves of the reference window) marks a
+feature as moving with the calendar."""
 LABEL_METRICS = ("ctr", "ndcg_at_10", "ece")
 """Training-time label metrics a profile may carry: click-through (base) rate, NDCG@10 on the
 validation users, expected calibration error of the score against clicks."""
@@ -71,6 +82,40 @@ def bin_shares(edges: Sequence[float] | FloatArray, values: FloatArray) -> Float
     return out
 
 
+def psi(
+    reference_shares: npt.ArrayLike, live_shares: npt.ArrayLike, *, epsilon: float = PSI_EPSILON
+) -> float:
+    """Population stability index of two share vectors over the same bins (each sums to 1)."""
+    ref = np.maximum(np.asarray(reference_shares, dtype=np.float64), epsilon)
+    live = np.maximum(np.asarray(live_shares, dtype=np.float64), epsilon)
+    if ref.shape != live.shape:
+        raise ValueError(f"psi: {ref.shape} reference bins vs {live.shape} live bins")
+    return float(np.sum((live - ref) * np.log(live / ref)))
+
+
+def time_psi(
+    edges: Sequence[float] | FloatArray, values: npt.ArrayLike, times: npt.ArrayLike
+) -> float:
+    """PSI of the later half of ``values`` (by ``times``) against the earlier half, over the
+    bins ``edges``; NaN when a half is empty or all times are equal.
+
+    Values are rounded to float32 and non-finite ones dropped, as in :meth:`NumericProfile.build`.
+    """
+    x = np.asarray(values, dtype=np.float64).astype(np.float32).astype(np.float64).ravel()
+    t = np.asarray(times, dtype=np.float64).ravel()
+    if len(x) != len(t):
+        raise ValueError(f"time_psi: {len(x)} values but {len(t)} times")
+    keep = np.isfinite(x) & np.isfinite(t)
+    x, t = x[keep], t[keep]
+    if len(x) < 2:
+        return math.nan
+    middle = np.median(t)
+    late = t > middle
+    if not late.any() or late.all():
+        return math.nan
+    return psi(bin_shares(edges, x[~late]), bin_shares(edges, x[late]))
+
+
 @dataclass(frozen=True)
 class NumericProfile:
     """One numeric column at reference time.
@@ -80,6 +125,7 @@ class NumericProfile:
         shares: ``(len(edges) + 1,)`` reference share of each bin; sums to 1.
         n: finite reference values; ``mean``/``std``/``min``/``max`` describe them.
         sample: a uniform sample of at most :data:`SAMPLE_SIZE` reference values, for KS.
+        time_psi: :func:`time_psi` of the reference values (NaN when their times are unknown).
     """
 
     edges: tuple[float, ...]
@@ -90,6 +136,12 @@ class NumericProfile:
     min: float
     max: float
     sample: tuple[float, ...]
+    time_psi: float = math.nan
+
+    @property
+    def trending(self) -> bool:
+        """Whether the feature moves with the calendar: a time PSI above :data:`TREND_PSI`."""
+        return math.isfinite(self.time_psi) and self.time_psi > TREND_PSI
 
     @classmethod
     def build(
@@ -99,11 +151,13 @@ class NumericProfile:
         n_bins: int = N_BINS,
         sample_size: int = SAMPLE_SIZE,
         rng: np.random.Generator | None = None,
+        times: npt.ArrayLike | None = None,
     ) -> NumericProfile:
         """Profile ``values`` (non-finite values are ignored).
 
         Values are rounded to float32 first, the precision of the service log, so a value on an
         edge (e.g. a mean of exactly 0.1) falls in the same bin at reference and at live time.
+        ``times`` (one per value, any monotone unit) gives the profile its ``time_psi``.
         """
         x = finite(np.asarray(values, dtype=np.float64).astype(np.float32))
         if len(x) == 0:
@@ -113,6 +167,7 @@ class NumericProfile:
         edges = np.unique(quantiles)  # sorted, ties merged; a constant column keeps one edge
         rng = rng if rng is not None else np.random.default_rng(0)
         sample = x if len(x) <= sample_size else rng.choice(x, size=sample_size, replace=False)
+        trend = math.nan if times is None else time_psi(edges, values, times)
         return cls(
             edges=tuple(float(e) for e in edges),
             shares=tuple(float(s) for s in bin_shares(edges, x)),
@@ -122,6 +177,7 @@ class NumericProfile:
             min=float(x.min()),
             max=float(x.max()),
             sample=tuple(float(v) for v in np.sort(sample)),
+            time_psi=trend,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +190,7 @@ class NumericProfile:
             "min": _json_float(self.min),
             "max": _json_float(self.max),
             "sample": list(self.sample),
+            "time_psi": _json_float(self.time_psi),
         }
 
     @classmethod
@@ -149,6 +206,7 @@ class NumericProfile:
             shares=shares,
             n=int(raw["n"]),
             sample=tuple(float(v) for v in raw["sample"]),
+            time_psi=math.nan if raw.get("time_psi") is None else float(raw["time_psi"]),
             **stats,
             **bounds,
         )
@@ -209,6 +267,7 @@ class ReferenceProfile:
         numeric: Sequence[str],
         categorical: Sequence[str] = (),
         label_metrics: Mapping[str, float] | None = None,
+        times: npt.ArrayLike | None = None,
         n_bins: int = N_BINS,
         sample_size: int = SAMPLE_SIZE,
         seed: int = 0,
@@ -220,6 +279,8 @@ class ReferenceProfile:
             y_score: ``(len(rows),)`` the ranker's prediction on each row.
             numeric, categorical: the ranker's feature columns (its ``FeatureSchema``).
             label_metrics: training-time values of some of :data:`LABEL_METRICS`.
+            times: ``(len(rows),)`` each row's time (e.g. epoch µs of its request), for the
+                numeric features' ``time_psi``; ``None`` leaves it NaN.
             seed: seeds the KS samples, so the same rows give the same profile.
         """
         missing = [c for c in (*numeric, *categorical) if c not in rows.columns]
@@ -231,10 +292,14 @@ class ReferenceProfile:
         unknown = sorted(set(label_metrics or {}) - set(LABEL_METRICS))
         if unknown:
             raise ValueError(f"label_metrics: unknown {unknown}; known: {list(LABEL_METRICS)}")
+        if times is not None and len(np.asarray(times).ravel()) != len(rows):
+            raise ValueError(f"reference rows: {len(rows)} rows but {len(np.ravel(times))} times")
         rng = np.random.default_rng(seed)
 
         def profile(values: npt.ArrayLike) -> NumericProfile:
-            return NumericProfile.build(values, n_bins=n_bins, sample_size=sample_size, rng=rng)
+            return NumericProfile.build(
+                values, n_bins=n_bins, sample_size=sample_size, rng=rng, times=times
+            )
 
         return cls(
             numeric={c: profile(rows[c].to_numpy(np.float64)) for c in numeric},

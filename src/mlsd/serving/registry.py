@@ -16,7 +16,10 @@ an ``MLmodel`` file nobody reads. Stored layout of one version (its ``source``):
 Where the state lives:
 
 * the version tags ``mlsd.gate_metric``, ``mlsd.gate_value`` and ``mlsd.manifest_sha256`` (so
-  promotion needs no run, and a rewritten ``manifest.json`` is caught too);
+  promotion needs no run, and a rewritten ``manifest.json`` is caught too); the stored gate
+  value is the version's score on its own validation window, so :meth:`ModelRegistry.promote`
+  also takes a :class:`HeadToHead` (both models scored on the same data), which retraining
+  uses: after the data moved, stored values from different windows do not compare;
 * the alias ``champion`` on the registered model;
 * the registered-model tag ``mlsd.champion_history``: JSON list of earlier champions, oldest
   first; promote() pushes the outgoing champion, rollback() pops it.
@@ -41,7 +44,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -55,6 +58,8 @@ SERVING_PACKAGES = ("mlsd", "numpy", "torch", "lightgbm", "onnxruntime")
 GATE_METRIC_TAG = "mlsd.gate_metric"
 GATE_VALUE_TAG = "mlsd.gate_value"
 MANIFEST_TAG = "mlsd.manifest_sha256"
+HEAD_TO_HEAD_TAG = "mlsd.head_to_head"
+"""Version tag: JSON of the head-to-head its promotion was gated on (see :class:`HeadToHead`)."""
 HISTORY_TAG = "mlsd.champion_history"
 MAX_HISTORY = 50
 _REMOTE_SCHEMES = ("http://", "https://", "databricks")
@@ -82,8 +87,35 @@ class RegistryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadToHead:
+    """The gate metric of a candidate and of the champion measured on the same data.
+
+    The stored value of a version is its score on the validation window of *its own* training
+    data, so two stored values compare two windows; after the data moved (a drift), the
+    champion's describes a world that is gone. A head-to-head scores both models on one window
+    (e.g. the candidate's, the newest) and lets the gate compare like with like.
+
+    Attributes:
+        champion_version: the champion that was scored; promotion refuses a head-to-head made
+            against another champion (the alias moved meanwhile).
+        candidate_value, champion_value: the gate metric of each on ``data``.
+        data: what both were scored on, for the reason line (e.g. "held-out users of
+            [2024-01-28, 2024-01-31)").
+    """
+
+    champion_version: int
+    candidate_value: float
+    champion_value: float
+    data: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Promotion:
-    """The outcome of :meth:`ModelRegistry.promote`; ``forced`` means force overrode a refusal."""
+    """The outcome of :meth:`ModelRegistry.promote`; ``forced`` means force overrode a refusal.
+
+    ``head_to_head`` says whether the values were measured on the same data (a
+    :class:`HeadToHead`) or are the versions' stored values, each on its own window.
+    """
 
     version: int
     accepted: bool
@@ -93,17 +125,21 @@ class Promotion:
     candidate_value: float
     champion_value: float | None
     previous_champion: int | None
+    head_to_head: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class VersionInfo:
-    """One registered version; ``created`` is UTC."""
+    """One registered version; ``created`` is UTC; ``head_to_head`` the comparison its
+    promotion was gated on (:class:`HeadToHead` fields + ``metric``, ``tolerance``,
+    ``accepted``), when it was gated on one."""
 
     version: int
     gate_metric: str | None
     gate_value: float | None
     aliases: tuple[str, ...]
     created: datetime
+    head_to_head: Mapping[str, Any] | None = None
 
 
 class ModelRegistry:
@@ -169,12 +205,34 @@ class ModelRegistry:
         )
         return int(mv.version)
 
-    def promote(self, version: int, *, force: bool = False) -> Promotion:
-        """Point the champion alias at ``version`` if it passes the gate (or ``force``)."""
+    def promote(
+        self, version: int, *, force: bool = False, head_to_head: HeadToHead | None = None
+    ) -> Promotion:
+        """Point the champion alias at ``version`` if it passes the gate (or ``force``).
+
+        The gate: the candidate's gate metric is no worse than the champion's minus
+        ``gate_tolerance``. With ``head_to_head``, the values compared are both models' on the
+        same data (what ``mlsd feed retrain`` measures); without, the versions' stored values,
+        each measured on its own training data's validation window — comparable only while
+        the data has not moved (``mlsd feed promote`` without a dataset).
+
+        Raises:
+            ValueError: ``head_to_head`` scored another version than the current champion.
+        """
         metric, tolerance = self.config.gate_metric, self.config.gate_tolerance
-        candidate = self._gate_value(version)
         current = self.champion()
-        champion_value = None if current is None else self._gate_value(current)
+        compared = head_to_head is not None and current not in (None, version)
+        champion_value: float | None
+        if head_to_head is not None and compared:
+            if head_to_head.champion_version != current:
+                raise ValueError(
+                    f"the head-to-head scored v{head_to_head.champion_version}, but the "
+                    f"champion is now v{current}; measure it again against v{current}"
+                )
+            candidate, champion_value = head_to_head.candidate_value, head_to_head.champion_value
+        else:
+            candidate = self._gate_value(version)
+            champion_value = None if current is None else self._gate_value(current)
         if current is None:
             accepted, why = True, "no champion yet"
         elif current == version:
@@ -183,11 +241,22 @@ class ModelRegistry:
             assert champion_value is not None
             # The epsilon keeps a candidate exactly at the tolerance from failing on rounding.
             accepted = candidate >= champion_value - tolerance - 1e-12
+            basis = (
+                f"head to head on {head_to_head.data}"
+                if head_to_head is not None and compared
+                else "stored values, each on its own validation window"
+            )
             why = (
                 f"{metric} {candidate:.4f} vs champion v{current} {champion_value:.4f}, "
-                f"tolerance {tolerance:g}"
+                f"tolerance {tolerance:g}; {basis}"
             )
         forced = force and not accepted
+        if head_to_head is not None and compared:
+            record = {**dataclasses.asdict(head_to_head), "metric": metric,
+                      "tolerance": tolerance, "accepted": accepted}  # fmt: skip
+            self._client.set_model_version_tag(
+                self.config.model_name, str(version), HEAD_TO_HEAD_TAG, json.dumps(record)
+            )
         if accepted or forced:
             if current is not None and current != version:
                 self._set_history([*self._history(), current])
@@ -203,6 +272,7 @@ class ModelRegistry:
             candidate_value=candidate,
             champion_value=champion_value,
             previous_champion=current,
+            head_to_head=compared,
         )
 
     def rollback(self) -> int:
@@ -253,6 +323,9 @@ class ModelRegistry:
                 gate_value=float(mv.tags[GATE_VALUE_TAG]) if GATE_VALUE_TAG in mv.tags else None,
                 aliases=tuple(sorted(aliases.get(int(mv.version), []))),
                 created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC),
+                head_to_head=(
+                    json.loads(mv.tags[HEAD_TO_HEAD_TAG]) if HEAD_TO_HEAD_TAG in mv.tags else None
+                ),
             )
             for mv in found
         ]

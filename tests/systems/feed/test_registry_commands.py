@@ -33,6 +33,7 @@ def test_promote_refuse_force_and_rollback(store: Path, capsys: pytest.CaptureFi
     assert "refused" in out
     assert "0.2800" in out
     assert "0.3000" in out
+    assert "stored values, each on its own validation window" in out  # says what it compared
 
     assert run(["feed", "promote", "--version", "2", "--force", *where]) == 0
     out = capsys.readouterr().out

@@ -157,7 +157,7 @@ def _print(result: MonitorResult) -> None:
                 f"{row.p_value:.3g}",
                 f"{row.psi:.4f}",
                 f"{row.n_live:,}",
-                "[red]drifted[/]" if row.drifted else "",
+                "[red]drifted[/]" if row.drifted else "[yellow]trending[/]" if row.trending else "",
             )
         console.print(table)
         if drift.missing:

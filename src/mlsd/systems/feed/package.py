@@ -6,10 +6,30 @@ events and exported in its serving form, and the counts the ranker reads but the
 does not hold are snapshotted. The result is a directory of safe files (JSON, npz, LightGBM
 text, torch weights, Faiss index files): what the registry stores and serving loads.
 
-The directory also holds ``reference_profile.json`` (:mod:`mlsd.monitoring.profile`): the
-ranker's inputs and calibrated scores on its held-out rows, with the training-time label
-metrics, so the profile that live traffic is compared against travels with the model through
-the registry (``model.json``'s ``reference_profile`` names it).
+The directory also holds ``reference_profile.json`` (:mod:`mlsd.monitoring.profile`), the
+distribution live traffic is compared against; it travels with the model through the registry
+(``model.json``'s ``reference_profile`` names it). It profiles the ranker's inputs *as the
+service will compute them for requests*, not the training rows, because the two are different
+populations (measured on the closed-loop demo, where a profile of the training rows made the
+feature-drift rule fire on undrifted traffic, PSI 1–4 on the user's activity and recency
+features):
+
+- a training row is a (user, candidate) pair *as of the label window's start* ``t1``: one
+  instant for every row, picked by the calendar (most users are mid-way between two visits,
+  a day since their last event), one group per user active in the window, with the candidate
+  sources fitted before ``t1``;
+- a served row is a pair *as of a request*: users open the feed at the start of a session
+  (more than ``session_gap_s`` after their previous event), as often as they are active, and
+  the service scores them with the sources and snapshot counts of the *packaged* model.
+
+So :func:`reference_profile` replays requests: the session starts of the last label window
+(:func:`request_moments`, sampled) go through the packaged model's own sources, merge and
+snapshot, with the store features from the events strictly before each moment
+(:func:`served_rows`, checked against the online path feature by feature in the tests). The
+profile also gets each row's moment, which flags the features whose distribution moves within
+the window itself (:attr:`~mlsd.monitoring.profile.NumericProfile.trending`: e.g.
+``item_age_days`` when most items were first seen when the data began, which makes it a clock).
+Label metrics stay those of the held-out training rows.
 """
 
 from __future__ import annotations
@@ -23,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from mlsd.config import FeedConfig
@@ -30,12 +51,14 @@ from mlsd.data.schema import read_info
 from mlsd.evaluation.metrics import expected_calibration_error
 from mlsd.evaluation.offline import TrainedRankers, train_pipeline
 from mlsd.evaluation.retrieval import catalog_as_of, load_dataset
-from mlsd.features.batch import feature_config_for
-from mlsd.models.ranking.bundle import RankingBundle
+from mlsd.features.batch import feature_config_for, stored_user_features, training_features
+from mlsd.models.ranking.candidates import SourceLists, candidate_columns, ranker_frame
 from mlsd.models.retrieval.base import RetrievalData
 from mlsd.models.retrieval.export import export_source
+from mlsd.models.retrieval.merge import merge_candidates
 from mlsd.monitoring.profile import ReferenceProfile
-from mlsd.serving.feed import FORMAT_VERSION, MODEL_JSON, REFERENCE_PROFILE, SNAPSHOT
+from mlsd.serving.feed import FORMAT_VERSION, MODEL_JSON, REFERENCE_PROFILE, SNAPSHOT, FeedModel
+from mlsd.serving.sources import UserQuery, candidates_many
 
 
 def package_model(
@@ -65,9 +88,6 @@ def package_model(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     bundle.save(out / "ranking")
-    profile = reference_profile(bundle, trained)
-    if profile is not None:
-        profile.save(out / REFERENCE_PROFILE)
     events, users, items = load_dataset(dataset_dir)
     cutoff = events["ts"].max() + pd.Timedelta(microseconds=1)
     train = RetrievalData(events, users, catalog_as_of(items, events, cutoff), cutoff)
@@ -92,23 +112,51 @@ def package_model(
         "dataset": {"name": info.name, "content_hash": info.content_hash},
         "trained_until": cutoff.isoformat(),
         "source_fit_seconds": fit_seconds,
-        "reference_profile": REFERENCE_PROFILE if profile is not None else None,
+        "reference_profile": None,
     }
     (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    # The profile replays requests through the model as written, so it comes last.
+    profile = reference_profile(out, trained, dataset_dir, events=events)
+    if profile is not None:
+        profile.save(out / REFERENCE_PROFILE)
+        meta["reference_profile"] = REFERENCE_PROFILE
+        (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return out, trained
 
 
-def reference_profile(bundle: RankingBundle, trained: TrainedRankers) -> ReferenceProfile | None:
-    """The ranker's inputs and calibrated scores on its held-out rows (``None`` without any).
+PROFILE_MAX_ROWS = 100_000
+"""At most this many served rows go into the reference profile (request moments are sampled,
+seeded, to stay under it)."""
+
+
+def reference_profile(
+    model_dir: Path,
+    trained: TrainedRankers,
+    dataset_dir: Path,
+    *,
+    events: pd.DataFrame,
+    max_rows: int = PROFILE_MAX_ROWS,
+    seed: int = 0,
+) -> ReferenceProfile | None:
+    """The packaged model's ranker inputs and calibrated scores as served, at the request
+    moments of the last label window (``None`` when training held no rows out).
 
     Features are the ranker's view (:func:`~mlsd.models.ranking.candidates.ranker_frame`: the
-    values the service logs as ``f_<name>``/``c_<name>``). Label metrics: ``ctr`` (the rows'
-    click rate), ``ndcg_at_10`` (the chosen ranker's on its held-out users) and ``ece`` of
-    the calibrated scores; the calibrator was fitted on these rows, so that ECE is in-sample.
+    values the service logs as ``f_<name>``/``c_<name>``) of :func:`served_rows`. Label
+    metrics, of the held-out rows: ``ctr`` (their click rate), ``ndcg_at_10`` (the chosen
+    ranker's) and ``ece`` of the calibrated scores; the calibrator was fitted on these rows,
+    so that ECE is in-sample.
+
+    Args:
+        model_dir: the model directory, sources and snapshot written (``model.json`` too).
+        trained: its ranking stage's training (held-out rows, the window's start).
+        dataset_dir, events: the data it was trained on (``events``: ``user_id`` and ``ts``).
     """
     valid = trained.valid_data
     if valid is None or len(valid.features) == 0:
         return None
+    model = FeedModel.load(model_dir)
+    bundle = model.ranking
     y_score = bundle.probabilities(valid.features)
     y_true = valid.label
     chosen = next((s for s in trained.scores if s.name == trained.chosen), None)
@@ -118,13 +166,105 @@ def reference_profile(bundle: RankingBundle, trained: TrainedRankers) -> Referen
     }
     if chosen is not None:
         label_metrics["ndcg_at_10"] = chosen.valid_ndcg  # NaN (not computable) is left out
+    moments = request_moments(
+        events,
+        start=trained.validation.train.cutoff,
+        session_gap_s=bundle.feature_config.session_gap_s,
+        limit=max(1, max_rows // max(model.n_candidates, 1)),
+        seed=seed,
+    )
+    features, times = valid.features, None
+    if len(moments):
+        features, times = served_rows(model, dataset_dir, moments)
+        y_score = bundle.probabilities(features)
     return ReferenceProfile.build(
-        valid.features,
+        features,
         y_score,
         numeric=valid.schema.numeric,
         categorical=valid.schema.categorical,
         label_metrics=label_metrics,
+        times=times,
     )
+
+
+def request_moments(
+    events: pd.DataFrame, *, start: pd.Timestamp, session_gap_s: int, limit: int, seed: int = 0
+) -> pd.DataFrame:
+    """``user_id``, ``ts`` of up to ``limit`` session starts at or after ``start`` (sampled,
+    seeded, in time order).
+
+    A session starts at an event more than ``session_gap_s`` after the user's previous event
+    (the online store's session rule), or at the user's first event: the moment a user opens
+    the feed, when the service answers a request. Users weigh by their visits, as in traffic.
+    """
+    frame = events[["user_id", "ts"]].sort_values(["user_id", "ts"], kind="stable")
+    previous = frame.groupby("user_id")["ts"].shift()
+    gap = (frame["ts"] - previous).dt.total_seconds()
+    starts = frame[(previous.isna() | (gap > session_gap_s)) & (frame["ts"] >= start)]
+    if len(starts) > limit:
+        keep = np.random.default_rng(seed).choice(len(starts), size=limit, replace=False)
+        starts = starts.iloc[np.sort(keep)]
+    return starts.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+def served_rows(
+    model: FeedModel, dataset_dir: Path, moments: pd.DataFrame
+) -> tuple[pd.DataFrame, npt.NDArray[np.int64]]:
+    """The ranker's features of what ``model`` would score for each (user, moment): its own
+    candidate sources, merge and snapshot, with the store's features from the events strictly
+    before the moment (what :meth:`FeedRecommender.recommend_many
+    <mlsd.serving.feed.FeedRecommender.recommend_many>` does online, computed offline).
+    The sources were fitted on all the events, the moments' later ones included: fine for a
+    distribution of inputs (what the service will see), not for scoring the rows.
+
+    Returns:
+        The ranker frame (one row per candidate) and each row's moment, epoch µs.
+    """
+    bundle, width = model.ranking, model.n_candidates
+    config = bundle.feature_config
+    user_ids = moments["user_id"].to_numpy(np.int64)
+    now_us = moments["ts"].to_numpy("datetime64[us]").astype(np.int64)
+    users = stored_user_features(dataset_dir, moments[["user_id", "ts"]], config)
+    queries = []
+    for row, user_id in enumerate(user_ids):
+        recent = np.asarray(users["recent_item_ids"].iloc[row], dtype=np.int64)
+        stamps = np.asarray(users["recent_ts"].iloc[row], dtype=np.int64)
+        keep = recent >= 0  # stored newest first; sources read oldest → newest
+        attributes = {a: str(users[a].iloc[row]) for a in config.user_attributes if a in users}
+        queries.append(UserQuery(int(user_id), recent[keep][::-1], stamps[keep][::-1],
+                                 attributes, int(now_us[row] // 1_000_000)))  # fmt: skip
+    excludes = [np.unique(q.history) for q in queries]
+    found = {
+        name: candidates_many(source, queries, width, excludes=excludes)
+        for name, source in model.sources.items()
+    }
+    lists = SourceLists(
+        {n: _padded([i for i, _ in answers], width, -1) for n, answers in found.items()},
+        {n: _padded([s for _, s in answers], width, -np.inf) for n, answers in found.items()},
+    )
+    merged = merge_candidates(dict(lists.items), model.quotas, width)
+    pairs = candidate_columns(user_ids, merged, lists)
+    owner = np.repeat(np.arange(len(user_ids)), (merged.item_ids >= 0).sum(axis=1))
+    label_ts = pd.to_datetime(now_us[owner], unit="us", utc=True)
+    rows = pd.DataFrame({"user_id": pairs["user_id"], "item_id": pairs["item_id"]})
+    rows["label_ts"] = label_ts
+    stored = training_features(dataset_dir, rows, config, progress=False)
+    extras = model.snapshot.extras(
+        pairs["user_id"], pairs["item_id"].astype(np.int64), now_us[owner] / 1e6
+    )
+    stored = stored.drop(columns=["user_id", "item_id", "label_ts"])
+    frame = pd.concat([pd.DataFrame(pairs), stored, pd.DataFrame(extras)], axis=1)
+    features, _ = ranker_frame(frame, bundle.layout, bundle.vocabulary, config)
+    return features, now_us[owner]
+
+
+def _padded(rows: list[npt.NDArray[Any]], width: int, fill: float) -> npt.NDArray[Any]:
+    """Ragged per-user lists as one ``(n_users, width)`` array padded with ``fill``."""
+    dtype = np.int64 if fill == -1 else np.float64
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    for r, values in enumerate(rows):
+        out[r, : min(len(values), width)] = np.asarray(values)[:width]
+    return out
 
 
 def _write_snapshot(

@@ -1,5 +1,8 @@
 """``mlsd feed promote|rollback|versions``: the champion model in the MLflow registry.
 
+``promote`` gates on the versions' stored NDCG@10 (each on its own training data's validation
+window); ``mlsd feed retrain`` gates head to head on the newest window instead.
+
 Settings are :class:`~mlsd.serving.registry.RegistryConfig` defaults, with the tracking URI taken
 from ``--registry-uri``, else the environment variable ``MLSD_TRACKING_URI``, else
 ``sqlite:///mlflow.db`` (relative paths resolve against ``--base-dir``, default the current
@@ -48,7 +51,13 @@ def promote(
     registry_uri: RegistryUri = None,
     base_dir: BaseDir = Path(),
 ) -> None:
-    """Make a version the champion if its gate metric is no worse than the champion's."""
+    """Make a version the champion if its gate metric is no worse than the champion's.
+
+    Compares the stored values: each version's NDCG@10 on the validation window of its own
+    training data. That is a fair test only while the data has not moved; after a drift the
+    champion's value describes the old world, and ``mlsd feed retrain`` (which scores both
+    models head to head on the new data's window) is the command to gate with.
+    """
     registry = open_registry(registry_uri, base_dir)
     result = registry.promote(version, force=force)
     if result.forced:

@@ -17,12 +17,18 @@ Steps, each printed as it runs:
 3. **evaluate + register**: the chosen ranker's held-out NDCG@10 (the last label window of the
    temporal protocol) is logged with the model in the MLflow registry
    (:func:`mlsd.systems.feed.ranking.register_model`).
-4. **gate**: :meth:`mlsd.serving.registry.ModelRegistry.promote` makes the new version the
-   champion only if its NDCG@10 is no worse than the champion's (within the registry's
-   tolerance); ``--force`` overrides a refusal, as ``mlsd feed promote --force`` does.
-   Note what the gate compares: each version's score on the data it was trained on. After a
-   drift, the champion's number describes a world that no longer exists, so the gate is a
-   sanity check (the new model is not broken), not a head-to-head on the same data.
+4. **gate**, head to head: the champion is downloaded from the registry and both rankers score
+   the *same* rows, the new model's held-out users of its last label window (the newest data),
+   with the same metric (:func:`head_to_head`); :meth:`ModelRegistry.promote
+   <mlsd.serving.registry.ModelRegistry.promote>` makes the new version the champion only if
+   its NDCG@10 there is no worse than the champion's (within the registry's tolerance), and
+   records both values on the version (tag ``mlsd.head_to_head``). ``--force`` overrides a
+   refusal, as ``mlsd feed promote --force`` does. Why not the stored values: each version's
+   stored NDCG@10 is measured on the validation window of its own training data, so after a
+   drift the champion's describes a world that no longer exists. What the head-to-head holds
+   fixed is the candidate rows (the new model's candidate sources as of the window's start),
+   so it compares the rankers; a champion trained on part of that window (its
+   ``trained_until`` after the window's start) would be favoured, which the reason line says.
 5. **reload** (``--reload-url``): ``POST <url>/admin/reload`` with ``Authorization: Bearer
    $MLSD_ADMIN_TOKEN``; a service started with ``--registry`` (the default) swaps the new
    champion in without a restart. Skipped when the gate refused.
@@ -34,18 +40,29 @@ gate refused it (the champion and the service are unchanged; the version stays r
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import numpy as np
+import pandas as pd
 import typer
 from rich.markup import escape
 
 from mlsd.config import FeedConfig, load_feed_config
+from mlsd.serving.registry import HeadToHead, ModelRegistry
 from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
 from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
+
+if TYPE_CHECKING:
+    from mlsd.evaluation.offline import TrainedRankers
+    from mlsd.models.ranking.base import FloatArray, IntArray
+    from mlsd.models.ranking.bundle import RankingBundle
 
 ADMIN_TOKEN_ENV = "MLSD_ADMIN_TOKEN"
 EXIT_REFUSED = 1
@@ -94,6 +111,7 @@ def retrain(
 
     Exits 0 when promoted (and reloaded), 1 when the gate refuses, 2 when the reload fails.
     """
+    from mlsd.models.ranking.bundle import RankingBundle
     from mlsd.systems.feed.package import package_model
     from mlsd.systems.feed.ranking import register_model, scores_table
 
@@ -118,7 +136,20 @@ def retrain(
     version = register_model(path, trained, registry)
     console.print(f"registered as version {version} in {registry.tracking_uri}")
     console.rule("[bold]4/5 gate")
-    result = registry.promote(version, force=force)
+    try:
+        comparison = head_to_head(registry, trained, RankingBundle.load(path / "ranking"))
+    except ValueError as exc:
+        if not force:
+            raise
+        console.print(f"[yellow]no head-to-head[/] ({escape(str(exc))}); --force promotes")
+        comparison = None
+    if comparison is not None:
+        console.print(
+            f"head to head on {escape(comparison.data)}: {registry.config.gate_metric} "
+            f"v{version} {comparison.candidate_value:.4f} vs champion "
+            f"v{comparison.champion_version} {comparison.champion_value:.4f}"
+        )
+    result = registry.promote(version, force=force, head_to_head=comparison)
     if not result.accepted:
         console.print(
             f"[red]refused[/]: version {version} stays out; champion remains "
@@ -139,6 +170,74 @@ def retrain(
     console.print(
         f"[green]reloaded[/] {reload_url}: {reloaded.old_version} -> {reloaded.new_version}"
     )
+
+
+def _ndcg_at_10(labels: FloatArray, scores: FloatArray, groups: IntArray) -> float:
+    from mlsd.evaluation.scoring import group_ndcg
+
+    return group_ndcg(labels, scores, groups, k=10)
+
+
+GATE_SCORERS: dict[str, Callable[[FloatArray, FloatArray, IntArray], float]] = {
+    "ndcg@10": _ndcg_at_10,
+}
+"""Gate metric → how to compute it on held-out rows (labels, ranker scores, user groups), the
+way training scores its rankers (:func:`mlsd.evaluation.offline.train_pipeline`)."""
+
+
+def head_to_head(
+    registry: ModelRegistry, trained: TrainedRankers, candidate: RankingBundle
+) -> HeadToHead | None:
+    """The champion's ranker and ``candidate`` scored on ``trained``'s held-out rows.
+
+    ``trained`` is the candidate's training (:func:`~mlsd.systems.feed.package.package_model`):
+    its held-out users of the last label window, with their candidates, features as of the
+    window's start and clicks in the window. Each ranker reads the rows through its own
+    layout and vocabulary; the gate metric is computed the same way for both. ``None`` when
+    there is no champion.
+
+    Raises:
+        ValueError: the gate metric has no scorer here, there are no held-out rows, or the
+            champion reads a column the rows lack (another set of candidate sources).
+    """
+    from mlsd.models.ranking.bundle import RankingBundle
+    from mlsd.models.ranking.candidates import ranker_frame
+
+    champion = registry.champion()
+    if champion is None:
+        return None
+    metric = registry.config.gate_metric
+    if metric not in GATE_SCORERS:
+        raise ValueError(f"no head-to-head scorer for the gate metric {metric!r}; "
+                         f"known: {sorted(GATE_SCORERS)}")  # fmt: skip
+    valid = trained.valid_data
+    if valid is None or len(valid.features) == 0:
+        raise ValueError("the new model has no held-out rows to compare the champion on")
+    held_out = np.isin(trained.rows.data.groups, np.unique(valid.groups))
+    pairs = trained.rows.pairs.iloc[np.flatnonzero(held_out)].reset_index(drop=True)
+    with tempfile.TemporaryDirectory(prefix="mlsd-champion-") as tmp:
+        model_dir = registry.download(champion, Path(tmp) / "champion")
+        incumbent = RankingBundle.load(model_dir / "ranking")
+        trained_until = json.loads((model_dir / "model.json").read_text()).get("trained_until")
+    score = GATE_SCORERS[metric]
+    values = []
+    for bundle in (candidate, incumbent):
+        missing = [c for c in bundle.layout.numeric + bundle.layout.categorical
+                   if c not in pairs.columns and not c.startswith("affinity_mean_")]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"the champion v{champion} reads columns the new rows lack ({missing[:5]}): "
+                "its candidate sources differ, so the rankers cannot score the same rows; "
+                "--force promotes without the gate"
+            )
+        features, _ = ranker_frame(pairs, bundle.layout, bundle.vocabulary, bundle.feature_config)
+        values.append(score(valid.label, bundle.ranker.predict(features), valid.groups))
+    start = trained.validation.train.cutoff
+    end = candidate.metadata.get("label_window", [None, None])[1]
+    data = f"the new model's held-out users of [{start.isoformat()}, {end})"
+    if trained_until is not None and pd.Timestamp(trained_until) > start:
+        data += f" (the champion trained until {trained_until}, on part of it)"
+    return HeadToHead(champion, values[0], values[1], data)
 
 
 def refresh_features(dataset: Path, config: Path | None, feed: FeedConfig) -> None:
