@@ -484,7 +484,7 @@ def plot_phases(phases: list[Phase]) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from mlsd.evaluation.report import _png
+    from mlsd.evaluation.report import png_data_uri
 
     figure, ax = plt.subplots(figsize=(7.0, 3.4))
     x = np.arange(len(phases))
@@ -497,7 +497,7 @@ def plot_phases(phases: list[Phase]) -> str:
     ax.set_ylabel("clicks per exposure")
     ax.set_title("simulated CTR through the closed loop", fontsize=9)
     ax.legend(fontsize=7)
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def render_html(report: Report) -> str:

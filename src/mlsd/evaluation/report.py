@@ -40,7 +40,8 @@ PUBLISHED = {
 """Published numbers shown beside the random-per-user protocol, by dataset name."""
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_number(value: Any, digits: int = 3) -> str:
+    """A float with ``digits`` decimals ("—" when not finite); anything else as ``str``."""
     if isinstance(value, float):
         return "—" if not math.isfinite(value) else f"{value:.{digits}f}"
     return str(value)
@@ -50,11 +51,12 @@ def _cell(row: Any, segment: str, metric: str, *, ci: bool = False) -> str:
     estimate = row.metrics.get(segment, {}).get(metric)
     if estimate is None:
         return "—"
-    text = _fmt(estimate.mean, 4)
+    text = format_number(estimate.mean, 4)
     return f"{text} [{estimate.low:.3f}, {estimate.high:.3f}]" if ci else text
 
 
-def _png(figure: Figure) -> str:
+def png_data_uri(figure: Figure) -> str:
+    """The figure as a PNG ``data:`` URI for a self-contained HTML report; closes it."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)
@@ -78,7 +80,7 @@ def _plot_vs_k(report: OfflineReport) -> str:
         ax.set_title(f"{metric}@k")
         ax.set_xlabel("k")
     axes[0].legend(fontsize=7)
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def _plot_deciles(report: OfflineReport) -> str:
@@ -91,7 +93,7 @@ def _plot_deciles(report: OfflineReport) -> str:
     ax.set_ylabel(f"ndcg@{report.ks[0]}")
     ax.set_xlabel("user activity bucket (d1 = least active warm users)")
     ax.legend(fontsize=7)
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def _plot_calibration(report: OfflineReport) -> str:
@@ -103,7 +105,7 @@ def _plot_calibration(report: OfflineReport) -> str:
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("fraction positive")
     ax.legend(fontsize=7)
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def render_html(report: OfflineReport) -> str:
@@ -120,7 +122,7 @@ def render_html(report: OfflineReport) -> str:
     }
     published = PUBLISHED.get(report.dataset) if report.protocol_name == "random-per-user" else None
     return template.render(
-        r=report, plots=plots, metrics=METRICS, cell=_cell, fmt=_fmt, published=published
+        r=report, plots=plots, metrics=METRICS, cell=_cell, fmt=format_number, published=published
     )
 
 

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from mlsd.evaluation.report import _fmt, _png
+from mlsd.evaluation.report import format_number, png_data_uri
 from mlsd.monitoring.drift import FeatureDrift
 from mlsd.monitoring.monitor import MonitorResult
 
@@ -33,9 +33,9 @@ def plot_histogram(row: FeatureDrift) -> str:
     ax.bar(x + 0.2, row.live_shares, width=0.4, label="live", color="#d64")
     ax.set_xticks(x, row.bins, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("share of rows")
-    ax.set_title(f"{row.name}: PSI {_fmt(row.psi)}", fontsize=9)
+    ax.set_title(f"{row.name}: PSI {format_number(row.psi)}", fontsize=9)
     ax.legend(fontsize=7)
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def render_html(result: MonitorResult) -> str:
@@ -51,7 +51,7 @@ def render_html(result: MonitorResult) -> str:
     if drift is not None and drift.prediction is not None and drift.prediction.n_live:
         prediction = plot_histogram(drift.prediction)
     return env.get_template(TEMPLATE).render(
-        r=result, ranked=ranked, plots=plots, prediction_plot=prediction, fmt=_fmt
+        r=result, ranked=ranked, plots=plots, prediction_plot=prediction, fmt=format_number
     )
 
 
