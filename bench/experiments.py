@@ -69,7 +69,7 @@ from mlsd.evaluation.experiments import (
     wilson_ci,
 )
 from mlsd.evaluation.simulator import SimulationResult, WorldPreferences, simulate
-from mlsd.monitoring.logs import read_table
+from mlsd.monitoring.log_reader import read_table
 from mlsd.serving.process import ServiceFailedError, free_port, mlsd_command, running_service
 
 REPO = Path(__file__).resolve().parents[1]

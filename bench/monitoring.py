@@ -307,7 +307,8 @@ def append_cost(log_dir: Path, writer: str, n: int = 50_000, k: int = 10) -> dic
 
 
 def log_contents(log_dir: Path) -> dict[str, Any]:
-    from mlsd.monitoring.logs import TABLES, read_table
+    from mlsd.monitoring.log_reader import read_table
+    from mlsd.monitoring.logs import TABLES
 
     files = list(log_dir.rglob("*.parquet"))
     return {

@@ -292,7 +292,7 @@ def service(cfg: DemoConfig, dataset: Path, token: str) -> Iterator[str]:
 
 def wait_for_log(log_dir: Path, requests: int, start: datetime, timeout_s: float = 30.0) -> None:
     """Wait until the service log holds the phase's request rows (it flushes every ~2 s)."""
-    from mlsd.monitoring.logs import read_table
+    from mlsd.monitoring.log_reader import read_table
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -209,7 +209,8 @@ def test_simulation_drives_the_real_service(
 def test_clicks_attribute_to_logged_exposures(
     world_dir: Path, world: World, tmp_path: Path
 ) -> None:
-    from mlsd.monitoring.logs import EXPOSURES, FEEDBACK, ServiceLog, read_table
+    from mlsd.monitoring.log_reader import read_table
+    from mlsd.monitoring.logs import EXPOSURES, FEEDBACK, ServiceLog
 
     model = PopularRecommender.from_dataset(world_dir, version="popular:test")
     log = ServiceLog(tmp_path / "log")

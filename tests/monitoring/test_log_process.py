@@ -18,7 +18,8 @@ import pytest
 
 from mlsd.config import ServiceLogSection
 from mlsd.monitoring.log_process import ProcessServiceLog
-from mlsd.monitoring.logs import TABLES, LogWriter, ServiceLog, read_table
+from mlsd.monitoring.log_reader import read_table
+from mlsd.monitoring.logs import TABLES, LogWriter, ServiceLog
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 

@@ -21,15 +21,8 @@ from mlsd.features.batch import feature_config_for
 from mlsd.features.online import OnlineFeatures
 from mlsd.monitoring.alerts import AlertRule
 from mlsd.monitoring.drift import compare
-from mlsd.monitoring.logs import (
-    CANDIDATES,
-    EXPOSURES,
-    FEEDBACK,
-    REQUESTS,
-    ServiceLog,
-    read_table,
-    summarize,
-)
+from mlsd.monitoring.log_reader import read_table, summarize
+from mlsd.monitoring.logs import CANDIDATES, EXPOSURES, FEEDBACK, REQUESTS, ServiceLog
 from mlsd.monitoring.profile import ReferenceProfile
 from mlsd.serving.app import MonitorSettings, ServiceMonitor, ServiceSettings, create_app
 from mlsd.serving.feed import FeedModel, FeedRecommender

@@ -9,7 +9,8 @@ import pytest
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.evaluation.experiments import Arm, Experiment, experiment_report
-from mlsd.monitoring.logs import EXPOSURES, REQUESTS, ServiceLog, read_table
+from mlsd.monitoring.log_reader import read_table
+from mlsd.monitoring.logs import EXPOSURES, REQUESTS, ServiceLog
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.experiment import ExperimentRecommender
 from mlsd.serving.popular import PopularRecommender

@@ -46,14 +46,13 @@ import pyarrow as pa
 
 from mlsd.monitoring.alerts import AlertRule, FiredAlert, RuleOutcome, check, parse_window
 from mlsd.monitoring.drift import PSI_MAJOR, DriftReport, compare
+from mlsd.monitoring.log_reader import DEFAULT_ATTRIBUTION_WINDOW_S, connect, create_view
+from mlsd.monitoring.logs import ANONYMOUS_USER, TABLES
 from mlsd.monitoring.profile import ReferenceProfile
 
-TABLES = ("requests", "exposures", "candidates", "feedback")
 MAX_CANDIDATE_ROWS = 50_000
-ATTRIBUTION_WINDOW_S = 1800.0
 NDCG_K = 10
 ECE_BINS = 10
-ANONYMOUS_USER = -1
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def run_monitor(
     rules: Sequence[AlertRule],
     psi_threshold: float = PSI_MAJOR,
     max_candidate_rows: int = MAX_CANDIDATE_ROWS,
-    attribution_window_s: float = ATTRIBUTION_WINDOW_S,
+    attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S,
     seed: int = 0,
     reference_ctr: float | None = None,
     threads: int | None = None,
@@ -176,13 +175,9 @@ class _Window:
         self, start: datetime, end: datetime
     ) -> tuple[dict[str, int], dict[str, float], DriftReport | None]:
         late = end + timedelta(seconds=self.attribution_window_s)
-        config: dict[str, str | bool | int | float | list[str]] = {}
-        if self.threads is not None:
-            config["threads"] = self.threads
-        with duckdb.connect(config=config) as con:
-            con.execute("SET TimeZone = 'UTC'").fetchall()
+        with connect(threads=self.threads) as con:
             present = {
-                table: _create_view(
+                table: create_view(
                     con, self.log_dir, table, start, late if table == "feedback" else end
                 )
                 for table in TABLES
@@ -228,23 +223,6 @@ class _Window:
             click_sum[clicked["bin"].astype(np.int64)] = clicked["n"]
             out["ece"] = float(np.abs(score_sum - click_sum).sum() / n)
         return out
-
-
-def _create_view(
-    con: duckdb.DuckDBPyConnection, log_dir: Path, table: str, start: datetime, end: datetime
-) -> bool:
-    """A view ``table`` over ``[start, end)`` of the table's part files; False if none exist."""
-    root = log_dir / table
-    if not any(root.glob("date=*/*.parquet")):
-        return False
-    pattern = str(root / "**" / "*.parquet").replace("'", "''")
-    con.execute(
-        f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * EXCLUDE (date) FROM read_parquet("
-        f"'{pattern}', hive_partitioning = true, union_by_name = true) "
-        f"WHERE date >= DATE '{start:%Y-%m-%d}' AND date <= DATE '{end:%Y-%m-%d}' "
-        f"AND ts >= TIMESTAMPTZ '{start.isoformat()}' AND ts < TIMESTAMPTZ '{end.isoformat()}'"
-    ).fetchall()
-    return True
 
 
 def _request_metrics(con: duckdb.DuckDBPyConnection) -> dict[str, float]:

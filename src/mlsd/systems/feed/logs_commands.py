@@ -18,7 +18,7 @@ from mlsd.config import load_feed_config
 from mlsd.systems.feed.commands import ConfigFile, app, console
 
 if TYPE_CHECKING:
-    from mlsd.monitoring.logs import LogSummary
+    from mlsd.monitoring.log_reader import LogSummary
 
 LogDir = Annotated[
     Path | None,
@@ -76,7 +76,7 @@ def logs(
     """Step 7: summarise the service log (requests, latency, paths, feedback, CTR per model and
     arm); no window: all of it."""
     from mlsd.monitoring.alerts import parse_window
-    from mlsd.monitoring.logs import summarize
+    from mlsd.monitoring.log_reader import summarize
 
     root = log_dir or load_feed_config(config).service_log.path(base_dir)
     if not root.is_dir():
