@@ -9,7 +9,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,31 @@ class StubModel:
 
 
 MakeClient = Callable[..., TestClient]
+
+
+@dataclass
+class FastModel(StubModel):
+    """A StubModel with a fast path: ``fast`` "answer" (path ``precomputed``), "none", "raise"
+    or "bad"; records which request ids each path saw."""
+
+    fast: str = "answer"
+    fast_ids: list[str | None] = field(default_factory=list)
+    thread_ids: list[str | None] = field(default_factory=list)
+
+    async def recommend_fast(self, request: RecommendRequest) -> RecommendResult | None:
+        self.fast_ids.append(request.request_id)
+        if self.fast == "raise":
+            raise RuntimeError("redis went away")
+        if self.fast == "bad":
+            raise ValueError("no such context key")
+        if self.fast == "none":
+            return None
+        answer = self.inner.recommend(request)
+        return replace(answer, path="precomputed", model_version=self.version)
+
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        self.thread_ids.append(request.request_id)
+        return super().recommend(request)
 
 
 @pytest.fixture
@@ -232,6 +257,46 @@ def test_model_exception_without_fallback_is_503(
 
 
 # ---------------------------------------------------------------- events, history, users
+
+
+def test_a_fast_answer_skips_the_thread_pool(
+    make_client: MakeClient, popular: PopularRecommender
+) -> None:
+    model = FastModel(popular)
+    client = make_client(lambda: model)
+    got = client.get("/v1/recommendations/5", params={"k": 4}).json()
+    posted = client.post("/v1/recommendations", json={"user_id": 6, "k": 4}).json()
+    assert (got["path"], posted["path"]) == ("precomputed", "precomputed")
+    assert model.fast_ids == [got["request_id"], posted["request_id"]]
+    assert model.thread_ids == []  # recommend() never ran
+    want = popular.recommend(RecommendRequest(5, k=4))
+    assert [i["item_id"] for i in got["items"]] == [r.item_id for r in want.items]
+    samples = metric_samples(client.get("/metrics").text)
+    assert samples["mlsd_recommend_responses_total", frozenset({("path", "precomputed")})] == 2
+
+
+@pytest.mark.parametrize("fast", ["none", "raise"])
+def test_without_a_fast_answer_the_thread_path_answers_the_same_request(
+    make_client: MakeClient, popular: PopularRecommender, fast: str
+) -> None:
+    model = FastModel(popular, fast=fast)
+    client = make_client(lambda: model)
+    answer = client.get("/v1/recommendations/5").json()
+    assert answer["path"] == "online"
+    assert model.fast_ids == model.thread_ids == [answer["request_id"]]
+    samples = metric_samples(client.get("/metrics").text)
+    failed = samples.get(("mlsd_model_errors_total", frozenset({("operation", "recommend_fast")})))
+    assert failed == (1.0 if fast == "raise" else None)
+
+
+def test_a_bad_request_on_the_fast_path_is_422(
+    make_client: MakeClient, popular: PopularRecommender
+) -> None:
+    model = FastModel(popular, fast="bad")
+    response = make_client(lambda: model).get("/v1/recommendations/5")
+    assert response.status_code == 422
+    assert "no such context key" in response.json()["detail"]
+    assert model.thread_ids == []
 
 
 def test_events_reach_the_history(client: TestClient) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from mlsd.monitoring.logs import EXPOSURES, REQUESTS, ServiceLog
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.experiment import ExperimentRecommender
 from mlsd.serving.popular import PopularRecommender
-from mlsd.serving.recommender import RecommendRequest
+from mlsd.serving.recommender import RecommendRequest, RecommendResult
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
@@ -57,6 +60,42 @@ def test_each_user_is_served_by_the_arm_the_experiment_assigns(world: Path) -> N
     visitor = RecommendRequest(None, k=5, recent_items=(1, 2), request_id="abc")
     assert routed.recommend(visitor).arm == EXPERIMENT.assign(None, request_id="abc").name
     assert routed.reference_profile_path is None  # popularity models carry no profile
+
+
+class ThreadOnly:
+    """A real model behind the plain Recommender protocol: no fast path."""
+
+    def __init__(self, inner: PopularRecommender) -> None:
+        self.inner, self.version = inner, inner.version
+
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        return self.inner.recommend(request)
+
+    def record_events(self, events: Sequence[Mapping[str, object]]) -> int:
+        return self.inner.record_events(events)
+
+    def history(self, user_id: int, n: int = 20) -> list[int]:
+        return self.inner.history(user_id, n)
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_the_fast_path_answers_as_the_arm_would(world: Path) -> None:
+    models = arms(world)
+    routed = ExperimentRecommender(EXPERIMENT, models)
+    mixed = ExperimentRecommender(
+        EXPERIMENT, {"control": models["control"], "treatment": ThreadOnly(models["treatment"])}
+    )
+    for user in range(40):
+        request = RecommendRequest(user, k=5, request_id=f"r{user}")
+        fast = asyncio.run(routed.recommend_fast(request))
+        assert fast is not None
+        slow = routed.recommend(request)  # same arm, items, path and tags; other timings
+        assert replace(fast, stage_ms={}) == replace(slow, stage_ms={})
+        arm = EXPERIMENT.assign(user).name
+        partly = asyncio.run(mixed.recommend_fast(request))
+        assert (partly is None) == (arm == "treatment")  # that arm's model has no fast path
 
 
 def test_every_arm_needs_a_model(world: Path) -> None:

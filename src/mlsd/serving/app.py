@@ -41,6 +41,12 @@ Reload: ``load_model()`` runs under a lock (two reloads never interleave) while 
 using the current model; the new model then replaces the reference in one assignment. Each
 request reads the reference once, so in-flight requests finish on the model they started with.
 A loader that raises leaves the old model serving (the reload answers 500 with the error).
+
+Threads: a model may block on I/O, so ``recommend`` runs in the thread pool. A model that is a
+:class:`~mlsd.serving.recommender.FastRecommender` is first asked on the event loop (the
+popularity model always answers there; a thread hand-off costs more than its whole answer),
+and only a request it declines goes to the pool. The dependencies are ``async`` for the same
+reason: a plain ``def`` dependency is one more round trip through the pool per request.
 """
 
 from __future__ import annotations
@@ -71,7 +77,12 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 
 from mlsd.serving.metrics import RequestMetricsMiddleware, ServiceMetrics
-from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
+from mlsd.serving.recommender import (
+    FastRecommender,
+    Recommender,
+    RecommendRequest,
+    RecommendResult,
+)
 from mlsd.serving.schemas import (
     INT64_MAX,
     INT64_MIN,
@@ -233,8 +244,11 @@ class RecommendService:
 
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         """Ask the model, or the fallback when it fails; ``stage_ms["total"]`` is added."""
-        model = self.current()  # read once: a reload meanwhile does not touch this request
         start = time.perf_counter()
+        return self._observed(self._recommend(request), start)
+
+    def _recommend(self, request: RecommendRequest) -> RecommendResult:
+        model = self.current()  # read once: a reload meanwhile does not touch this request
         result = None
         if model is not None:
             try:
@@ -246,26 +260,67 @@ class RecommendService:
                 self.metrics.errors.labels("recommend").inc()
         if result is None:
             result = self._from_fallback(request, model_loaded=model is not None)
+        return result
+
+    def _observed(self, result: RecommendResult, start: float) -> RecommendResult:
         total_ms = (time.perf_counter() - start) * 1000.0
         result = replace(result, stage_ms={**result.stage_ms, "total": total_ms})
         self.metrics.observe(result)
         return result
 
-    def answer(self, request: RecommendRequest) -> tuple[str, RecommendResult]:
-        """:meth:`recommend` under a new request id, logged (a 422 or 503 too, then raised)."""
-        request_id = uuid.uuid4().hex
-        request = replace(request, request_id=request_id)
-        ts = time.time()
-        start = time.perf_counter()
+    @staticmethod
+    def identify(request: RecommendRequest) -> RecommendRequest:
+        """The request under a new request id (what the response and the log call it)."""
+        return replace(request, request_id=uuid.uuid4().hex)
+
+    async def answer_fast(self, request: RecommendRequest) -> tuple[str, RecommendResult] | None:
+        """The model's answer on the event loop when it has one for this request
+        (:class:`~mlsd.serving.recommender.FastRecommender`), logged; ``None`` sends the
+        request to :meth:`answer` (so does a fast path that fails: it is counted and logged).
+        ``request`` carries its id (:meth:`identify`)."""
+        model = self.current()
+        if not isinstance(model, FastRecommender):
+            return None
+        ts, start = time.time(), time.perf_counter()
         try:
-            result = self.recommend(request)
+            result = await model.recommend_fast(request)
+        except ValueError as exc:
+            self._log_failed(request, ts, start, BadRequestError(str(exc)))
+            raise BadRequestError(str(exc)) from exc
+        except Exception:
+            logger.exception("the fast path of %s failed; answering in a thread", model.version)
+            self.metrics.errors.labels("recommend_fast").inc()
+            return None
+        if result is None:
+            return None
+        return self._logged(request, ts, self._observed(result, start))
+
+    def answer(self, request: RecommendRequest) -> tuple[str, RecommendResult]:
+        """:meth:`recommend`, logged (a 422 or 503 too, then raised); a request without an
+        id gets one (:meth:`identify`)."""
+        if request.request_id is None:
+            request = self.identify(request)
+        ts, start = time.time(), time.perf_counter()
+        try:
+            result = self._observed(self._recommend(request), start)
         except (BadRequestError, ServiceUnavailableError) as exc:
-            status = 422 if isinstance(exc, BadRequestError) else 503
-            latency_ms = (time.perf_counter() - start) * 1000.0
-            self._log(_log_failure, request_id, ts, request, status, latency_ms)
+            self._log_failed(request, ts, start, exc)
             raise
+        return self._logged(request, ts, result)
+
+    def _logged(
+        self, request: RecommendRequest, ts: float, result: RecommendResult
+    ) -> tuple[str, RecommendResult]:
+        request_id = cast(str, request.request_id)
         self._log(_log_answer, request_id, ts, request, result)
         return request_id, result
+
+    def _log_failed(
+        self, request: RecommendRequest, ts: float, start: float, error: Exception
+    ) -> None:
+        status = 422 if isinstance(error, BadRequestError) else 503
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        self._log(_log_failure, cast(str, request.request_id), ts, request, status, latency_ms)
 
     def _log(self, write: Callable[..., None], *args: Any) -> None:
         """``write(log, *args)`` when there is a log; a failure there never fails the request."""
@@ -398,9 +453,7 @@ def _log_feedback(log: LogWriter, events: list[dict[str, object]], received: flo
 # ---------------------------------------------------------------- dependencies
 
 
-# The dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in the thread pool,
-# and each such hop (a queue put, a thread wake-up, the GIL handed over and back) cost more than
-# the popularity model's whole answer; these only read attributes.
+# Async, so FastAPI does not run them in the thread pool (see the module docstring).
 
 
 async def get_service(request: Request) -> RecommendService:
@@ -456,8 +509,19 @@ Now = Annotated[
 router = APIRouter()
 
 
+async def _respond(
+    service: RecommendService, request: RecommendRequest, user_id: int | None
+) -> RecommendationsOut:
+    """The fast path on the event loop when the model has one, else the thread pool."""
+    request = service.identify(request)
+    answered = await service.answer_fast(request)
+    if answered is None:
+        answered = await run_in_threadpool(service.answer, request)
+    return _answer(*answered, user_id)
+
+
 @router.get("/v1/recommendations/{user_id}", response_model=RecommendationsOut)
-def recommend_for_user(
+async def recommend_for_user(
     service: ServiceDep,
     user_id: UserId,
     k: K,
@@ -467,11 +531,11 @@ def recommend_for_user(
 ) -> RecommendationsOut:
     """Top-k items for a known user (an unknown one gets the model's cold-start answer)."""
     request = RecommendRequest(user_id, k, explain=explain, allow_precomputed=precomputed, now=now)
-    return _answer(*service.answer(request), user_id)
+    return await _respond(service, request, user_id)
 
 
 @router.post("/v1/recommendations", response_model=RecommendationsOut)
-def recommend(service: ServiceDep, body: RecommendIn) -> RecommendationsOut:
+async def recommend(service: ServiceDep, body: RecommendIn) -> RecommendationsOut:
     """Top-k items for a user, or for an anonymous visitor from ``recent_items``."""
     request = RecommendRequest(
         user_id=body.user_id,
@@ -482,7 +546,7 @@ def recommend(service: ServiceDep, body: RecommendIn) -> RecommendationsOut:
         allow_precomputed=body.allow_precomputed,
         now=body.now,
     )
-    return _answer(*service.answer(request), body.user_id)
+    return await _respond(service, request, body.user_id)
 
 
 @router.post("/v1/events", response_model=AcceptedOut)

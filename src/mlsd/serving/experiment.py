@@ -22,7 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from mlsd.evaluation.experiments import Experiment
-from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
+from mlsd.serving.recommender import (
+    FastRecommender,
+    Recommender,
+    RecommendRequest,
+    RecommendResult,
+)
 
 POPULAR_ALIAS = "popular"
 """An arm with this alias serves the dataset's most popular items (the baseline). Its answers
@@ -58,7 +63,18 @@ class ExperimentRecommender:
 
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         arm = self.arm_for(request)
-        result = self.arms[arm].recommend(request)
+        return self._tag(arm, self.arms[arm].recommend(request))
+
+    async def recommend_fast(self, request: RecommendRequest) -> RecommendResult | None:
+        """The arm's fast answer, when its model has one for this request."""
+        arm = self.arm_for(request)
+        model = self.arms[arm]
+        if not isinstance(model, FastRecommender):
+            return None
+        result = await model.recommend_fast(request)
+        return None if result is None else self._tag(arm, result)
+
+    def _tag(self, arm: str, result: RecommendResult) -> RecommendResult:
         if self._baseline[arm] and result.path == "fallback:popular" and not result.fallbacks:
             result = replace(result, path="popular")
         return replace(result, experiment=self.experiment.name, arm=arm)

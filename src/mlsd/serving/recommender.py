@@ -160,3 +160,20 @@ class Recommender(Protocol):
     def ready(self) -> bool:
         """Whether every dependency needed for the online path answered recently."""
         ...
+
+
+@runtime_checkable
+class FastRecommender(Protocol):
+    """A model that can answer some requests without a thread.
+
+    The service runs :meth:`Recommender.recommend` in its thread pool, because a model may
+    block on I/O (the feature store, Redis). Handing a request to a worker thread and back
+    costs a few hundred microseconds of wake-ups and GIL hand-offs, more than a precomputed or
+    popular answer itself, so the service first awaits ``recommend_fast`` on its event loop.
+    """
+
+    async def recommend_fast(self, request: RecommendRequest) -> RecommendResult | None:
+        """The answer, computed with no blocking call (in-memory work, or awaited I/O);
+        ``None`` when this request needs :meth:`Recommender.recommend` (the service then
+        calls it with the same request)."""
+        ...
