@@ -246,3 +246,32 @@ def test_batch_predictions_are_served_as_the_precomputed_path(
     assert served.recommend(RecommendRequest(4, k=10, allow_precomputed=False)).path == "online"
     miss = served.recommend(RecommendRequest(6, k=10))  # no list for this user
     assert miss.path == "online"
+
+
+@pytest.mark.integration
+def test_batch_predict_writes_what_each_request_answers(
+    recommender: FeedRecommender, redis_server: str
+) -> None:
+    # Chunks of 2 through the two-thread pipeline (prepare one chunk while the previous one
+    # is ranked and written): each stored list is the online answer at the batch's time.
+    import redis
+
+    from mlsd.serving.feed import batch_predict
+    from mlsd.serving.precomputed import PrecomputedStore
+
+    host, port = redis_server.split(":")
+    store = PrecomputedStore(redis.Redis(host=host, port=int(port)), prefix="test:feed:chunks")
+    users = [3, 4, 5, 11, 12, 40, 10_000_000]
+    now = 1_900_000_000.0
+    written, _ = batch_predict(recommender, store, users, k=10, chunk=2, now=now)
+    assert written == len(users)
+    found = store.lookup_many(users, model_version=recommender.version)
+    for user, hit in zip(users, found, strict=True):
+        assert hit.result is not None, user
+        online = recommender.recommend(
+            RecommendRequest(user, k=10, now=now, allow_precomputed=False)
+        )
+        assert hit.result.item_ids.tolist() == [r.item_id for r in online.items], user
+        np.testing.assert_allclose(hit.result.scores, [r.score for r in online.items], rtol=1e-6)
+    with pytest.raises(ValueError, match="chunk"):
+        batch_predict(recommender, store, users, k=10, chunk=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlsd.evaluation.metrics import intra_list_diversity_score
-from mlsd.serving.rerank import PAD_ID, RerankConfig, SeenItems, rerank, rerank_lists
+from mlsd.serving.rerank import PAD_ID, RerankConfig, SeenItems, rerank, rerank_lists, rows_isin
 
 # Item id -> category for ids 0..9: three of category 0, three of 1, two of 2, two unknown.
 CATEGORIES = np.array([0, 0, 0, 1, 1, 1, 2, 2, -1, -1])
@@ -160,6 +160,92 @@ def test_greedy_selection_matches_textbook_mmr(seed: int) -> None:
     shown = rerank(ids, scores, k=k, config=config, item_categories=categories, item_age_days=ages)
     expected = _reference_mmr(ids, scores, k=k, config=config, categories=categories, ages=ages)
     np.testing.assert_array_equal(shown.item_ids, expected)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RerankConfig(),
+        RerankConfig(blocklist=frozenset({4, 7})),
+        RerankConfig(freshness_weight=0.3, freshness_half_life_days=5.0),
+    ],
+)
+def test_rerank_lists_without_list_rules_is_each_request_sorted(config: RerankConfig) -> None:
+    # The batch fast path (pure relevance, no cap) works on the whole matrix at once: padding
+    # anywhere in a row, tied scores (the earlier candidate first), rows left empty by the
+    # filters, a constant row; each row must be exactly what its own request gets.
+    rng = np.random.default_rng(5)
+    n, width = 40, 12
+    items = np.stack([rng.choice(50, width, replace=False) for _ in range(n)])
+    scores = np.round(rng.random((n, width)), 1)  # many ties
+    ages = rng.uniform(-1, 30, size=(n, width))
+    ages[rng.random((n, width)) < 0.2] = np.nan
+    holes = rng.random((n, width)) < 0.15
+    items[holes], scores[holes] = PAD_ID, -np.inf
+    scores[3] = np.where(items[3] != PAD_ID, 0.5, -np.inf)
+    seen: list[SeenItems] = [rng.choice(50, rng.integers(0, 8), replace=False) for _ in range(n)]
+    seen[5], seen[6] = set(items[5].tolist()), {int(items[6, 0]), 10**15}
+    categories = rng.integers(-1, 4, size=50)
+    for k in (1, 5, width + 3):
+        batch = rerank_lists(
+            items, scores, k=k, config=config, item_categories=categories,
+            item_age_days=ages, seen=seen,
+        )  # fmt: skip
+        assert batch.item_ids.shape == batch.scores.shape == (n, k)
+        for row in range(n):
+            single = rerank(
+                items[row], scores[row], k=k, config=config, item_categories=categories,
+                item_age_days=ages[row], seen=seen[row],
+            )  # fmt: skip
+            m = len(single.item_ids)
+            np.testing.assert_array_equal(batch.item_ids[row, :m], single.item_ids)
+            np.testing.assert_array_equal(batch.scores[row, :m], single.scores)
+            assert (batch.item_ids[row, m:] == PAD_ID).all()
+            assert np.isneginf(batch.scores[row, m:]).all()
+    assert (batch.item_ids[5] == PAD_ID).all()
+
+
+def test_rerank_lists_fast_path_rejects_what_a_request_rejects() -> None:
+    config = RerankConfig()
+    items = np.array([[1, 2, 3], [4, 5, 4]])
+    scores = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="item 4 twice"):
+        rerank_lists(items, scores, k=2, config=config, item_categories=CATEGORIES)
+    items = np.array([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match=r"scores\[1\] is nan"):
+        rerank_lists(
+            items, np.array([[0.0, 1.0, 2.0], [0.0, np.nan, 1.0]]), k=2, config=config,
+            item_categories=CATEGORIES,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="padding is -1"):
+        rerank_lists(items - 3, scores, k=2, config=config, item_categories=CATEGORIES)
+    with pytest.raises(ValueError, match="integer ids"):
+        rerank_lists(items + 0.5, scores, k=2, config=config, item_categories=CATEGORIES)
+    with pytest.raises(ValueError, match="needs item_age_days"):
+        rerank_lists(
+            items, scores, k=2, config=RerankConfig(freshness_weight=0.1),
+            item_categories=CATEGORIES,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("high", [60, 1 << 62])
+def test_rows_isin_is_isin_row_by_row(high: int) -> None:
+    # Small ids pack (row, id) into one key; ids too wide for that are ranked first.
+    rng = np.random.default_rng(6)
+    values = rng.integers(-1, high, size=(30, 20), dtype=np.int64)
+    sets: list[SeenItems] = [
+        np.concatenate([rng.choice(values[r], rng.integers(0, 6)), rng.integers(0, high, 3)])
+        for r in range(30)
+    ]
+    sets[0], sets[1] = [], set(values[1, :4].tolist())
+    got = rows_isin(values, sets)
+    for row in range(30):
+        want = np.isin(values[row], np.fromiter(sets[row], dtype=np.int64))
+        np.testing.assert_array_equal(got[row], want)
+    assert not rows_isin(values, [[] for _ in range(30)]).any()
+    assert rows_isin(np.zeros((2, 0), np.int64), [[1], [2]]).shape == (2, 0)
+    with pytest.raises(ValueError, match="rows"):
+        rows_isin(values, sets[:-1])
 
 
 def test_rerank_lists_pads_rows_and_matches_single_requests() -> None:

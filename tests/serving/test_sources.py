@@ -36,6 +36,8 @@ from mlsd.serving.sources import (
     FactorSource,
     TwoTowerSource,
     UserQuery,
+    candidates_many,
+    candidates_matrix,
     load_source,
 )
 
@@ -181,6 +183,69 @@ def test_excluded_items_never_appear(
         assert len(items) == min(K, len(catalog) - len(exclude))  # the catalog has enough
         assert len(set(items.tolist())) == len(items)
         assert (np.diff(scores) <= SCORE_TOL).all()
+
+
+def assert_batch_is_the_single_answer(
+    source: CandidateSource, queries: list[UserQuery], excludes: list[IntArray], k: int
+) -> None:
+    """Batch prediction's answers (padded rows, and the per-query lists) are, query by query,
+    what a request gets: same items in the same order and bit-equal scores."""
+    ids, scores = candidates_matrix(source, queries, k, excludes=excludes)
+    assert ids.shape == scores.shape == (len(queries), k)
+    assert ids.dtype == np.int64
+    assert scores.dtype == np.float32
+    listed = candidates_many(source, queries, k, excludes=excludes)
+    for row, (query, exclude) in enumerate(zip(queries, excludes, strict=True)):
+        want_items, want_scores = source.candidates(query, k, exclude=exclude)
+        m = len(want_items)
+        np.testing.assert_array_equal(ids[row, :m], want_items)
+        np.testing.assert_array_equal(scores[row, :m], want_scores)
+        assert (ids[row, m:] == PAD_ITEM).all()
+        assert np.isneginf(scores[row, m:]).all()
+        np.testing.assert_array_equal(listed[row][0], want_items)
+        np.testing.assert_array_equal(listed[row][1], want_scores)
+
+
+def test_batched_candidates_are_the_single_query_answers(
+    exported: tuple[str, Retriever, Path], data: RetrievalData
+) -> None:
+    # Users with and without history, extra excludes of several lengths (so vector-index
+    # sources search several widths), an anonymous and an unknown user.
+    _, _, path = exported
+    source = load_source(path)
+    catalog = data.items["item_id"].to_numpy()
+    rng = np.random.default_rng(2)
+    queries, excludes = [], []
+    for i, user in enumerate(sample_users(data, n=25)):
+        query, seen = query_of(data, user)
+        queries.append(query)
+        excludes.append(np.union1d(seen, rng.choice(catalog, i % 7 * 5, replace=False)))
+    empty = np.empty(0, dtype=np.int64)
+    for user_id in (None, COLD_USER):
+        queries.append(UserQuery(user_id, empty, empty, {}, int(data.cutoff.timestamp())))
+        excludes.append(empty)
+    assert_batch_is_the_single_answer(source, queries, excludes, K)
+    assert_batch_is_the_single_answer(source, queries, excludes, len(catalog) + 5)  # runs out
+    ids, scores = candidates_matrix(source, queries[:3], 0, excludes=excludes[:3])
+    assert ids.shape == scores.shape == (3, 0)
+    with pytest.raises(ValueError, match="exclude lists"):
+        candidates_matrix(source, queries, K, excludes=excludes[:-1])
+
+
+def test_hnsw_batch_searches_each_request_width(data: RetrievalData, tmp_path: Path) -> None:
+    # An approximate index may answer a wider search differently (HNSW's efSearch follows
+    # the width): the batch must search each user at the width their request searches.
+    retriever = ALSRetriever(factors=16, iterations=5, num_threads=1).fit(data)
+    source = load_source(export_source(retriever, tmp_path / "als", index="hnsw"))
+    assert isinstance(source, FactorSource)
+    rng = np.random.default_rng(3)
+    catalog = data.items["item_id"].to_numpy()
+    queries, excludes = [], []
+    for i, user in enumerate(sample_users(data, n=30, idle=False)):
+        query, seen = query_of(data, user)
+        queries.append(query)
+        excludes.append(np.union1d(seen, rng.choice(catalog, i % 5 * 3, replace=False)))
+    assert_batch_is_the_single_answer(source, queries, excludes, 20)
 
 
 def test_no_pickle_in_the_artifact(exported: tuple[str, Retriever, Path]) -> None:

@@ -14,6 +14,11 @@ scores to [0, 1] (so ``mmr_lambda`` and ``freshness_weight`` mean the same thing
 ranker's score scale: logits, probabilities or inner products); add the freshness boost; pick
 greedily by maximal marginal relevance (MMR) under the per-category cap.
 
+:func:`rerank_lists` does the same for a batch of users (offline evaluation, batch
+prediction); without list-level rules (``mmr_lambda`` 1, no category cap) it filters, normalises
+and sorts all rows at once, with :func:`rows_isin` (one sort for every row's seen items, where
+``np.isin`` needs a call per row), element for element what :func:`rerank` computes.
+
 Similarity between two items is 1 if they share a category and 0 otherwise, with category -1
 (unknown) one shared category, as in :func:`mlsd.evaluation.metrics.intra_list_diversity_score`,
 so the offline diversity metric measures exactly what this stage optimises.
@@ -165,6 +170,34 @@ def _is_in(ids: IntArray, sorted_ids: IntArray) -> npt.NDArray[np.bool_]:
         return np.zeros(ids.shape, dtype=bool)
     found = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
     return np.asarray(sorted_ids[found] == ids)
+
+
+def rows_isin(values: npt.NDArray[np.integer], sets: Sequence[SeenItems]) -> npt.NDArray[np.bool_]:
+    """``np.isin(values[r], sets[r])`` for every row ``r`` of a ``(n, w)`` id matrix, with one
+    sort for all rows (``np.isin`` per row is a few numpy calls per row, most of the work on
+    a batch of short rows): each ``(row, id)`` pair becomes one int64 key, ids ranked among
+    those present when ``n x id range`` would not fit in 62 bits."""
+    n, width = values.shape
+    if len(sets) != n:
+        raise ValueError(f"rows_isin: {n} rows but {len(sets)} sets")
+    members = [_as_id_array(s) for s in sets]
+    lengths = np.fromiter((len(m) for m in members), dtype=np.int64, count=n)
+    if values.size == 0 or not lengths.any():
+        return np.zeros(values.shape, dtype=bool)
+    flat, ids = np.concatenate(members), values.reshape(-1).astype(np.int64, copy=False)
+    low = min(int(ids.min()), int(flat.min()))
+    span = max(int(ids.max()), int(flat.max())) - low + 1
+    if n * span < 1 << 62:
+        codes, member_codes = ids - low, flat - low
+    else:
+        _, inverse = np.unique(np.concatenate([ids, flat]), return_inverse=True)
+        codes, member_codes = inverse[: len(ids)], inverse[len(ids) :]
+        span = int(inverse.max()) + 1
+    keys = np.repeat(np.arange(n, dtype=np.int64), width) * span + codes
+    owner = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    member_keys = np.sort(owner * span + member_codes)
+    found = np.minimum(np.searchsorted(member_keys, keys), len(member_keys) - 1)
+    return np.asarray(member_keys[found] == keys).reshape(values.shape)
 
 
 def _relevance(scores: FloatArray, ages: FloatArray | None, config: RerankConfig) -> FloatArray:
@@ -323,6 +356,8 @@ def rerank_lists(
     if seen is not None and len(seen) != ids.shape[0]:
         raise ValueError(f"seen has {len(seen)} users, item_ids has {ids.shape[0]}")
     k = _check_k(k)
+    if config.mmr_lambda == 1.0 and config.max_per_category is None:
+        return _sorted_lists(ids, values, k, config, ages, seen)
     out_ids = np.full((ids.shape[0], k), PAD_ID, dtype=np.int64)
     out_scores = np.full((ids.shape[0], k), -np.inf, dtype=np.float64)
     for row in range(ids.shape[0]):  # rerank drops the padding, whatever its scores
@@ -337,4 +372,58 @@ def rerank_lists(
         )
         out_ids[row, : len(shown.item_ids)] = shown.item_ids
         out_scores[row, : len(shown.scores)] = shown.scores
+    return Reranked(out_ids, out_scores)
+
+
+def _sorted_lists(
+    item_ids: npt.NDArray[np.integer],
+    values: FloatArray,
+    k: int,
+    config: RerankConfig,
+    ages: FloatArray | None,
+    seen: Sequence[SeenItems] | None,
+) -> Reranked:
+    """:func:`rerank_lists` without list-level interaction (``mmr_lambda`` 1, no category
+    cap), all rows at once: the checks, filters, normalisation and stable sort of
+    :func:`rerank`'s fast path, element for element, on the whole matrix (the dropped cells
+    sort last)."""
+    if item_ids.size and not np.issubdtype(item_ids.dtype, np.integer):
+        raise ValueError(f"item_ids must hold integer ids, got dtype {item_ids.dtype}")
+    ids: IntArray = item_ids.astype(np.int64, copy=False)
+    if ids.size and ids.min() < PAD_ID:
+        raise ValueError(f"item_ids holds {ids.min()}; ids are >= 0 and padding is {PAD_ID}")
+    real = ids != PAD_ID
+    bad = real & ~np.isfinite(values)
+    if bad.any():
+        row, position = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(
+            f"scores[{position}] is {values[row, position]}; real candidates need finite"
+        )
+    ordered = np.sort(np.where(real, ids, PAD_ID), axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != PAD_ID)
+    if repeated.any():
+        item = ordered[:, 1:][repeated][0]
+        raise ValueError(f"item_ids lists item {item} twice; deduplicate the candidates")
+    keep = real
+    if config.blocklist:
+        keep &= ~_is_in(ids, config.blocked_ids)
+    if seen is not None:
+        keep &= ~rows_isin(ids, seen)
+    low = np.where(keep, values, np.inf).min(axis=1, keepdims=True, initial=np.inf)
+    high = np.where(keep, values, -np.inf).max(axis=1, keepdims=True, initial=-np.inf)
+    spread = high > low
+    with np.errstate(invalid="ignore", divide="ignore"):  # rows without a kept candidate
+        relevance = np.where(spread, (values - low) / np.where(spread, high - low, 1.0), 1.0)
+    if config.freshness_weight > 0.0:
+        if ages is None:
+            raise ValueError("RerankConfig.freshness_weight > 0 needs item_age_days")
+        half_lives = np.maximum(ages, 0.0) / config.freshness_half_life_days
+        relevance = relevance + np.nan_to_num(config.freshness_weight * 0.5**half_lives, nan=0.0)
+    order = np.argsort(np.where(keep, -relevance, np.inf), axis=1, kind="stable")[:, :k]
+    shown = np.take_along_axis(keep, order, axis=1)
+    out_ids = np.full((ids.shape[0], k), PAD_ID, dtype=np.int64)
+    out_scores = np.full((ids.shape[0], k), -np.inf, dtype=np.float64)
+    width = order.shape[1]
+    out_ids[:, :width] = np.where(shown, np.take_along_axis(ids, order, axis=1), PAD_ID)
+    out_scores[:, :width] = np.where(shown, np.take_along_axis(values, order, axis=1), -np.inf)
     return Reranked(out_ids, out_scores)

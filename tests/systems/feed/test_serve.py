@@ -151,3 +151,26 @@ def test_a_corrupt_artifact_is_refused_and_the_old_model_keeps_serving(
         after = http.get("/v1/recommendations/3").json()
         assert after["model_version"] == "m1"
         assert after["path"] == "online"
+
+
+@pytest.mark.integration
+def test_batch_predict_command_writes_every_user_and_reports_its_cost(
+    setup: tuple[Path, Path, Path], redis_server: str
+) -> None:
+    import redis
+    from typer.testing import CliRunner
+
+    from mlsd.cli import app
+
+    world, config, root = setup
+    model = root / "models" / "m1"
+    url = f"redis://{redis_server}/3"
+    args = ["feed", "batch-predict", "--dataset", str(world), "--config", str(config)]
+    args += ["--model", str(model), "--redis", url, "--users", "7", "--chunk", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "7 users written for model m1" in result.output
+    assert "ms per user" in result.output
+    client = redis.Redis.from_url(url)
+    assert sum(1 for _ in client.scan_iter("mlsd:feed:top:*")) == 7
+    client.flushdb()

@@ -7,7 +7,10 @@ JSON sidecar, so serving never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -22,6 +25,23 @@ BOOSTER_TXT = "booster.txt"
 FORMAT_VERSION = 1
 SERIAL_ROWS = 20_000
 """Fewer rows than this are scored on one thread (see :meth:`LightGBMRanker.predict`)."""
+
+_PREDICT_THREADS: ContextVar[int | None] = ContextVar("lightgbm_predict_threads", default=None)
+
+
+@contextlib.contextmanager
+def predict_threads(n: int) -> Iterator[None]:
+    """Score on ``n`` threads whatever the row count, within this block of this thread (a
+    batch job that runs the ranker beside other work gives it one core). Threads change the
+    work split, never a row's score."""
+    if n < 1:
+        raise ValueError(f"predict_threads needs n >= 1, got {n}")
+    token = _PREDICT_THREADS.set(n)
+    try:
+        yield
+    finally:
+        _PREDICT_THREADS.reset(token)
+
 
 Objective = Literal["binary", "lambdarank"]
 # Early stopping watches the first metric: logloss for binary (smoother than AUC on a small
@@ -176,8 +196,9 @@ class LightGBMRanker(Ranker):
         """``(n,)`` raw margins, in the schema's column order whatever the frame's order."""
         self.schema_.check(features, name="LightGBMRanker.predict")
         # One thread below SERIAL_ROWS: a request's few hundred rows score in ~0.6 ms on one
-        # thread and ~6 ms with OpenMP waking a second one on a busy 2-core machine.
-        threads = 1 if len(features) < SERIAL_ROWS else self.num_threads
+        # thread and ~6 ms with OpenMP waking a second one on a busy 2-core machine. Unless
+        # the caller says otherwise (predict_threads).
+        threads = _PREDICT_THREADS.get() or (1 if len(features) < SERIAL_ROWS else self.num_threads)
         scores = self.booster_.predict(
             _matrix(features, self.schema_), raw_score=True, num_threads=threads
         )
