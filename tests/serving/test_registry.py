@@ -124,11 +124,12 @@ def test_a_head_to_head_decides_over_the_stored_values(store: Path, tmp_path: Pa
 
     recorded = {i.version: i.head_to_head for i in registry.versions()}
     assert recorded[first] is None
-    assert recorded[second] is not None
-    assert recorded[second]["candidate_value"] == 0.25
-    assert recorded[second]["accepted"] is True
-    assert recorded[third] is not None
-    assert recorded[third]["candidate_value"] == 0.246  # the last gate it went through
+    second_gate, third_gate = recorded[second], recorded[third]
+    assert second_gate is not None
+    assert second_gate["candidate_value"] == 0.25
+    assert second_gate["accepted"] is True
+    assert third_gate is not None
+    assert third_gate["candidate_value"] == 0.246  # the last gate it went through
 
     # A head-to-head measured against a champion that is no longer the champion is stale.
     with pytest.raises(ValueError, match="champion is now v3"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import numpy as np
 import pytest
 
@@ -240,7 +243,7 @@ def test_rows_isin_is_isin_row_by_row(high: int) -> None:
     sets[0], sets[1] = [], set(values[1, :4].tolist())
     got = rows_isin(values, sets)
     for row in range(30):
-        want = np.isin(values[row], np.fromiter(sets[row], dtype=np.int64))
+        want = np.isin(values[row], np.array(list(cast(Iterable[int], sets[row])), np.int64))
         np.testing.assert_array_equal(got[row], want)
     assert not rows_isin(values, [[] for _ in range(30)]).any()
     assert rows_isin(np.zeros((2, 0), np.int64), [[1], [2]]).shape == (2, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any, cast
 from unittest import mock
 
 import numpy as np
@@ -20,9 +21,9 @@ def test_predict_threads_sets_the_threads_not_the_scores() -> None:
     asked: list[int] = []
     predict = ranker.booster_.predict
 
-    def spy(*args: object, **kwargs: object) -> np.ndarray:
+    def spy(*args: Any, **kwargs: Any) -> np.ndarray:
         asked.append(int(kwargs["num_threads"]))
-        return predict(*args, **kwargs)
+        return cast(np.ndarray, predict(*args, **kwargs))
 
     with mock.patch.object(ranker.booster_, "predict", side_effect=spy):
         default = ranker.predict(rows)  # large: the ranker's own threads
