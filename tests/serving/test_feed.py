@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -228,13 +229,11 @@ def test_a_corrupt_model_directory_is_a_clear_error(
 def test_batch_predictions_are_served_as_the_precomputed_path(
     recommender: FeedRecommender, redis_server: str
 ) -> None:
-    import redis
 
     from mlsd.serving.feed import batch_predict
     from mlsd.serving.precomputed import PrecomputedStore
 
-    host, port = redis_server.split(":")
-    store = PrecomputedStore(redis.Redis(host=host, port=int(port)), prefix="test:feed")
+    store = PrecomputedStore.from_url(f"redis://{redis_server}/0", prefix="test:feed")
     written, rate = batch_predict(recommender, store, [3, 4, 5], k=10)
     assert written == 3
     assert rate > 0
@@ -246,6 +245,14 @@ def test_batch_predictions_are_served_as_the_precomputed_path(
     assert served.recommend(RecommendRequest(4, k=10, allow_precomputed=False)).path == "online"
     miss = served.recommend(RecommendRequest(6, k=10))  # no list for this user
     assert miss.path == "online"
+    # On the event loop: the same list, and None wherever the thread path must answer.
+    fast = asyncio.run(served.recommend_fast(RecommendRequest(4, k=10)))
+    assert fast is not None
+    assert fast.path == "precomputed"
+    assert [(r.item_id, r.score) for r in fast.items] == [(r.item_id, r.score) for r in hit.items]
+    for declined in (RecommendRequest(4, k=10, allow_precomputed=False), RecommendRequest(6)):
+        assert asyncio.run(served.recommend_fast(declined)) is None
+    assert asyncio.run(recommender.recommend_fast(RecommendRequest(4, k=10))) is None  # no store
 
 
 @pytest.mark.integration

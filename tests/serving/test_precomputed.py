@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 import struct
@@ -235,3 +236,43 @@ def test_20k_users_in_chunks(
     last = found[-1].result
     assert last is not None
     np.testing.assert_array_equal(last.item_ids, ids[-1][ids[-1] != PAD_ID])
+
+
+@pytest.mark.integration
+def test_the_async_lookup_judges_as_the_sync_one(redis_server: str) -> None:
+    store = PrecomputedStore.from_url(
+        f"redis://{redis_server}/0", prefix=f"test:{uuid.uuid4().hex[:10]}", ttl_s=600
+    )
+    assert store.can_await
+    users, ids, scores = make_batch(5, 8)
+    store.write(users, ids, scores, model_version=VERSION, computed_at=T0)
+    asks = [
+        (int(users[0]), VERSION, None),  # hit
+        (int(users[2]), "other", None),  # stale_version
+        (int(users[3]), VERSION, 60.0),  # too_old
+        (10**9, VERSION, None),  # missing
+    ]
+
+    async def both() -> list[tuple[Lookup, Lookup]]:
+        out = []
+        for user, version, max_age in asks:
+            fast = await store.lookup_async(user, model_version=version, max_age_s=max_age)
+            out.append((fast, store.lookup(user, model_version=version, max_age_s=max_age)))
+        return out
+
+    for _ in range(2):  # a second event loop gets a client of its own
+        for fast, slow in asyncio.run(both()):
+            assert fast.reason == slow.reason
+            if slow.result is not None:
+                assert fast.result is not None
+                np.testing.assert_array_equal(fast.result.item_ids, slow.result.item_ids)
+    assert [f.reason for f, _ in asyncio.run(both())] == [
+        "hit", "stale_version", "too_old", "missing"
+    ]  # fmt: skip
+
+
+def test_a_store_without_a_url_cannot_be_awaited() -> None:
+    store = PrecomputedStore(redis.Redis(port=1))
+    assert not store.can_await
+    with pytest.raises(RuntimeError, match="from_url"):
+        asyncio.run(store.lookup_async(1, model_version=VERSION))

@@ -53,7 +53,7 @@ from mlsd.models.ranking.candidates import (
 )
 from mlsd.models.ranking.gbdt import predict_threads
 from mlsd.models.retrieval.merge import Quota, merge_candidates
-from mlsd.serving.precomputed import PrecomputedStore
+from mlsd.serving.precomputed import Precomputed, PrecomputedStore
 from mlsd.serving.recommender import (
     CandidateRows,
     Path_,
@@ -301,6 +301,26 @@ class FeedRecommender:
 
     # -- the protocol ------------------------------------------------------------------------
 
+    async def recommend_fast(self, request: RecommendRequest) -> RecommendResult | None:
+        """A fresh precomputed list read on the event loop (an asyncio Redis client), or
+        ``None``: no list, a stale one, Redis failing, or a request that cannot take one;
+        :meth:`recommend` then answers (and looks again: a miss costs one more GET)."""
+        store = self.precomputed
+        if not request.allow_precomputed or request.user_id is None or request.k < 1:
+            return None
+        if store is None or not store.can_await:
+            return None
+        clock = _Clock()
+        try:
+            found = await store.lookup_async(
+                request.user_id, model_version=self.version, max_age_s=self.max_age_s
+            )
+        except Exception:  # Redis down: the thread path records the fallback
+            return None
+        served = self._served(found.result, request.k)
+        clock.lap("precomputed")
+        return None if served is None else self._result(served, "precomputed", clock, [])
+
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         if request.k < 1:
             raise ValueError(f"k must be >= 1, got {request.k}")
@@ -493,12 +513,15 @@ class FeedRecommender:
         except Exception:  # Redis down: the online path answers
             fallbacks.append("precomputed")
             return None
-        hit = found.result
+        return self._served(found.result, request.k)
+
+    @staticmethod
+    def _served(hit: Precomputed | None, k: int) -> list[Recommendation] | None:
         if hit is None or len(hit.item_ids) == 0:
             return None
         return [
             Recommendation(int(i), float(s), "precomputed")
-            for i, s in zip(hit.item_ids[: request.k], hit.scores[: request.k], strict=False)
+            for i, s in zip(hit.item_ids[:k], hit.scores[:k], strict=False)
         ]
 
     def _user(self, user_id: int | None, fallbacks: list[str]) -> dict[str, np.ndarray]:

@@ -41,6 +41,7 @@ store's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import struct
@@ -48,11 +49,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
 import redis
+import redis.asyncio as aioredis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -160,7 +162,13 @@ class PrecomputedStore:
     """
 
     def __init__(
-        self, client: redis.Redis, *, prefix: str = "mlsd:feed:top", ttl_s: int = 86_400
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "mlsd:feed:top",
+        ttl_s: int = 86_400,
+        async_url: str | None = None,
+        socket_timeout: float | None = None,
     ) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError(
@@ -174,6 +182,23 @@ class PrecomputedStore:
         self.client = client
         self.prefix = prefix
         self.ttl_s = int(ttl_s)
+        self.async_url = async_url
+        self.socket_timeout = socket_timeout
+        self._async: tuple[asyncio.AbstractEventLoop, aioredis.Redis] | None = None
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, socket_timeout: float | None = None, **options: Any
+    ) -> PrecomputedStore:
+        """A store on ``url`` (``redis://host:port/db``) that can also be read from an event
+        loop (:meth:`lookup_async`); ``options``: ``prefix``, ``ttl_s``."""
+        client = redis.Redis.from_url(url, socket_timeout=socket_timeout)
+        return cls(client, async_url=url, socket_timeout=socket_timeout, **options)
+
+    @property
+    def can_await(self) -> bool:
+        """Whether :meth:`lookup_async` works (the store knows its URL)."""
+        return self.async_url is not None
 
     def key(self, user_id: int) -> str:
         """The Redis key of one user's list."""
@@ -278,6 +303,31 @@ class PrecomputedStore:
         value = self.client.get(self.key(user_id))
         now = time.time() if now is None else now
         return self._judge(user_id, value, model_version, max_age_s, now)
+
+    async def lookup_async(
+        self,
+        user_id: int,
+        *,
+        model_version: str | None,
+        max_age_s: float | None = None,
+        now: float | None = None,
+    ) -> Lookup:
+        """:meth:`lookup` through an asyncio client, for a caller on an event loop.
+
+        The client is made on the first call from each event loop (its connections belong to
+        that loop). Raises ``RuntimeError`` when the store has no URL (see :meth:`from_url`)."""
+        value = await self._async_client().get(self.key(user_id))
+        now = time.time() if now is None else now
+        return self._judge(user_id, value, model_version, max_age_s, now)
+
+    def _async_client(self) -> aioredis.Redis:
+        if self.async_url is None:
+            raise RuntimeError("this PrecomputedStore has no URL: build it with from_url()")
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            client = aioredis.Redis.from_url(self.async_url, socket_timeout=self.socket_timeout)
+            self._async = (loop, client)
+        return self._async[1]
 
     def read(
         self,

@@ -15,11 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from fastapi import FastAPI
 
 from mlsd.cli import run
 from mlsd.config import load_feed_config
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.feed import FeedRecommender, batch_predict
 from mlsd.serving.popular import PopularRecommender
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import feed_loader
@@ -120,7 +122,23 @@ def test_redis_down_degrades_without_errors_and_recovers(
     app = create_app(
         load, settings=ServiceSettings(), fallback=PopularRecommender.from_dataset(world)
     )
-    answers: list[tuple[float, int, list[str]]] = []
+    answers, back = outage(app, server)
+    statuses = {status for _, status, _, _ in answers}
+    assert statuses == {200}, "a request failed while Redis was down"
+    degraded = [t for t, _, _, fallbacks in answers if "features" in fallbacks]
+    assert degraded, "no response said it fell back while Redis was down"
+    healthy_again = [t for t, _, _, fallbacks in answers if t > back and not fallbacks]
+    assert healthy_again, "the service did not recover"
+    assert healthy_again[0] - back <= 1.0  # recovered within a second of Redis returning
+
+
+Answer = tuple[float, int, str, list[str]]
+
+
+def outage(app: FastAPI, server: RedisProcess) -> tuple[list[Answer], float]:
+    """Requests for user 5 every 10 ms while Redis stops for a second and starts again:
+    (time, status, path, fallbacks) of each answer, and when Redis was back."""
+    answers: list[Answer] = []
     stop = threading.Event()
 
     def stream(base_url: str) -> None:
@@ -128,7 +146,8 @@ def test_redis_down_degrades_without_errors_and_recovers(
             while not stop.is_set():
                 response = http.get("/v1/recommendations/5", params={"k": 10})
                 body = response.json()
-                answers.append((time.monotonic(), response.status_code, body.get("fallbacks", [])))
+                answers.append((time.monotonic(), response.status_code, body.get("path", ""),
+                                body.get("fallbacks", [])))  # fmt: skip
                 time.sleep(0.01)
 
     with running_server(app) as base_url:
@@ -142,10 +161,37 @@ def test_redis_down_degrades_without_errors_and_recovers(
         time.sleep(1.5)
         stop.set()
         worker.join(timeout=10)
-    statuses = {status for _, status, _ in answers}
-    assert statuses == {200}, "a request failed while Redis was down"
-    degraded = [t for t, _, fallbacks in answers if "features" in fallbacks]
-    assert degraded, "no response said it fell back while Redis was down"
-    healthy_again = [t for t, _, fallbacks in answers if t > back and not fallbacks]
-    assert healthy_again, "the service did not recover"
-    assert healthy_again[0] - back <= 1.0  # recovered within a second of Redis returning
+    return answers, back
+
+
+def test_precomputed_lists_survive_a_redis_outage_and_return(
+    stack: tuple[Path, Path, RedisProcess],
+) -> None:
+    """Lists read on the event loop (an asyncio client) while Redis goes away and comes back:
+    the online path answers meanwhile, and the lists are served again within a second."""
+    world, config, server = stack
+    url = f"redis://127.0.0.1:{server.port}/1"
+    load = feed_loader(
+        world,
+        load_feed_config(config),
+        model_dir=world.parent / "model",
+        registry_uri=None,
+        base_dir=world.parent,
+        redis_url=url,
+    )
+    model = load()
+    assert isinstance(model, FeedRecommender)
+    assert model.precomputed is not None
+    assert batch_predict(model, model.precomputed, [5], k=10)[0] == 1
+    app = create_app(
+        load, settings=ServiceSettings(), fallback=PopularRecommender.from_dataset(world)
+    )
+    answers, back = outage(app, server)
+    assert {status for _, status, _, _ in answers} == {200}
+    assert answers[0][2] == "precomputed"
+    down = [fallbacks for _, _, path, fallbacks in answers if path != "precomputed"]
+    assert down, "no answer came from the online path while Redis was down"
+    assert all("precomputed" in fallbacks for fallbacks in down)
+    again = [t for t, _, path, _ in answers if t > back and path == "precomputed"]
+    assert again, "precomputed lists were not served after Redis returned"
+    assert again[0] - back <= 1.0

@@ -51,9 +51,7 @@ def feed_loader(
         features = online_features(dataset, feed)
     precomputed = None
     if redis_url is not None:
-        import redis
-
-        precomputed = PrecomputedStore(redis.Redis.from_url(redis_url, socket_timeout=0.05))
+        precomputed = PrecomputedStore.from_url(redis_url, socket_timeout=0.05)
     downloads = Path(tempfile.mkdtemp(prefix="mlsd-models-"))
 
     def load() -> Recommender:
