@@ -828,9 +828,18 @@ def _status_handler(status: int) -> Callable[[Request, Exception], Awaitable[Res
 
 
 def serve(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info"
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "info",
+    access_log: bool = False,
 ) -> None:
-    """Run the app under uvicorn until interrupted (one process; replicas scale it out)."""
+    """Run the app under uvicorn until interrupted (one process; replicas scale it out).
+
+    uvicorn's access log is off by default: a formatted line per request cost about 13% of
+    the service's CPU on the precomputed path, and the service log's ``requests`` table
+    already records every request."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)

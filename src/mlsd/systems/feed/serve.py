@@ -146,6 +146,9 @@ def serve(
     port: Annotated[int, typer.Option("--port")] = 8000,
     log_dir: LogDir = None,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not write the service log.")] = False,
+    access_log: Annotated[
+        bool, typer.Option("--access-log", help="Also print uvicorn's line per request.")
+    ] = False,
     experiment: Annotated[
         str | None,
         typer.Option(
@@ -195,7 +198,7 @@ def serve(
     console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
     if log is not None:
         console.print(f"service log: {log.log_dir}")
-    run_server(web, host, port)
+    run_server(web, host, port, access_log=access_log)
 
 
 def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSettings | None:
