@@ -6,19 +6,23 @@ and the Python parts of that hold the GIL. On a loaded two-core machine the OS c
 the writer while it holds the GIL, and then every request thread of the service waits for it:
 the median request does not notice, but p99 at 200 requests/s does (bench/monitoring.py).
 
-:class:`ProcessServiceLog` keeps the request path's side exactly as cheap as before (each
-``log_*`` call checks and packs its arguments into one chunk, as ``ServiceLog`` does) and puts
-the chunk on a bounded :mod:`multiprocessing` queue; the queue's feeder thread pickles it (a few
-microseconds) and a spawned child process feeds a plain ``ServiceLog``, which does all the
-buffering, conversion and writing with the same files, rotation and retention. The child
-publishes its counters (rows written, rows dropped, write errors) in shared memory, so
-``/metrics`` reports them as before.
+:class:`ProcessServiceLog` keeps the request path's side as cheap as before (each ``log_*``
+call checks and packs its arguments into one chunk, as ``ServiceLog`` does, and appends it to a
+list under a lock). One sender thread ships the list every ``send_interval_s`` (20 ms) as one
+pickled message over a pipe: per-call messages cost a thread wake-up, a pickle and a write per
+call, which measurably slowed the median request of a fast model; a batch costs them once per
+interval. A spawned child process feeds a plain ``ServiceLog``, which does all the buffering,
+conversion and writing with the same files, rotation and retention. The child publishes its
+counters (rows written, rows dropped, write errors) in shared memory, so ``/metrics`` reports
+them as before.
 
-Failure modes, none of which raises into the request path: the queue is full (the child is
-slow or gone) → the call's rows are dropped and counted; the child dies → a warning, and later
-rows are dropped once the queue fills; the serving process dies → the child notices within a
-second, writes what it holds and exits. :meth:`ProcessServiceLog.flush` returns once the child
-has written everything logged before the call (tests and shutdown rely on it).
+Failure modes, none of which raises into the request path: more than ``max_queued_calls``
+calls wait (the child is slow or gone) → the call's rows are dropped and counted; the child
+dies → an error, and the rows it never got are counted as dropped; the serving process dies →
+the child notices within a second, writes what it holds and exits.
+:meth:`ProcessServiceLog.flush` returns once the child has written everything logged before
+the call (tests and shutdown rely on it). Pickle crosses only the pipe between this process
+and the child it spawned, as in :mod:`multiprocessing` itself; nothing pickled is stored.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import atexit
 import logging
 import multiprocessing as mp
 import os
-import queue
+import pickle
 import threading
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
 from typing import Any
@@ -46,14 +51,18 @@ _STOP = "stop"
 _POLL_S = 0.5
 _WARN_EVERY_S = 10.0
 
+Message = tuple[Any, ...]
+"""A chunk ``(table, row, n, packed items)`` or a command ``(_FLUSH | _STOP, ticket)``."""
+
 
 class ProcessServiceLog(LogWriter):
     """The :class:`~mlsd.monitoring.logs.ServiceLog` API; a child process does the writing.
 
     Args:
         log_dir: Root directory of the log tables.
-        max_queued_calls: ``log_*`` calls the queue holds while the child catches up; further
-            calls are dropped (and counted) rather than blocking a request.
+        max_queued_calls: ``log_*`` calls that may wait for the child; further calls are
+            dropped (and counted) rather than blocking a request or exhausting memory.
+        send_interval_s: How often the sender thread ships the calls logged meanwhile.
         timeout_s: How long :meth:`flush` and :meth:`close` wait for the child.
         **options: ``ServiceLog``'s own options (``flush_rows``, ``flush_interval_s``,
             ``retention_days``, ``max_buffered_rows``), checked here, used by the child.
@@ -64,33 +73,44 @@ class ProcessServiceLog(LogWriter):
         log_dir: str | os.PathLike[str],
         *,
         max_queued_calls: int = 100_000,
+        send_interval_s: float = 0.02,
         timeout_s: float = 60.0,
         **options: Any,
     ) -> None:
         options = check_log_options(**options)
         if max_queued_calls < 1:
             raise ValueError(f"max_queued_calls must be >= 1, got {max_queued_calls}")
+        if not send_interval_s > 0:
+            raise ValueError(f"send_interval_s must be > 0, got {send_interval_s}")
         self.log_dir = Path(log_dir)
         self.flush_rows: int = options["flush_rows"]
         self.flush_interval_s: float = options["flush_interval_s"]
         self.retention_days: int | None = options["retention_days"]
         self.max_buffered_rows: int = options["max_buffered_rows"]
+        self.max_queued_calls = max_queued_calls
+        self.send_interval_s = send_interval_s
         self.timeout_s = timeout_s
         context = mp.get_context("spawn")  # the service runs threads: never fork it
-        self._queue: mp.Queue[tuple[Any, ...]] = context.Queue(maxsize=max_queued_calls)
+        receiver, self._pipe = context.Pipe(duplex=False)
         self._counters: SynchronizedArray[int] = context.Array("q", 4)
-        self._lock = threading.Lock()  # guards _closed, _flushes and _local_drops
+        self._lock = threading.Lock()  # guards everything below
+        self._pending: list[Message] = []
+        self._in_flight = 0  # calls taken by the sender, not yet written to the pipe
         self._closed = False
         self._flushes = 0
         self._local_drops = 0
         self._last_warning = -_WARN_EVERY_S
+        self._wake = threading.Event()
         self._process = context.Process(
             target=run_writer,
-            args=(str(self.log_dir), options, self._queue, self._counters),
+            args=(str(self.log_dir), options, receiver, self._counters),
             name="mlsd-service-log",
             daemon=True,
         )
         self._process.start()
+        receiver.close()  # the child's end
+        self._sender = threading.Thread(target=self._send_loop, name="mlsd-log-send", daemon=True)
+        self._sender.start()
         atexit.register(self.close)
 
     @property
@@ -114,14 +134,13 @@ class ProcessServiceLog(LogWriter):
         self, table: str, row: tuple[Any, ...], n: int, items: dict[str, ItemColumn]
     ) -> None:
         with self._lock:
-            if not self._closed:
-                try:
-                    self._queue.put_nowait((table, row, n, _pack(items)))
-                    return
-                except queue.Full:
-                    why = "its queue is full (the writer process is slow or gone)"
-            else:
+            if self._closed:
                 why = "the log is closed"
+            elif len(self._pending) + self._in_flight >= self.max_queued_calls:
+                why = "too many calls wait (the writer process is slow or gone)"
+            else:
+                self._pending.append((table, row, n, _pack(items)))
+                return
             self._local_drops += n
             now = time.monotonic()
             if now - self._last_warning < _WARN_EVERY_S:
@@ -140,8 +159,8 @@ class ProcessServiceLog(LogWriter):
                 return
             self._flushes += 1
             ticket = self._flushes
-        if not self._send((_FLUSH, ticket)):
-            return
+            self._pending.append((_FLUSH, ticket))
+        self._wake.set()
         deadline = time.monotonic() + self.timeout_s
         while self._counters[_FLUSHED] < ticket:
             if not self._process.is_alive():
@@ -159,33 +178,50 @@ class ProcessServiceLog(LogWriter):
             if self._closed:
                 return
             self._closed = True
-        if self._send((_STOP, 0)):
-            self._process.join(self.timeout_s)
+            self._pending.append((_STOP, 0))
+        self._wake.set()
+        self._sender.join(self.timeout_s)
+        self._process.join(self.timeout_s)
         if self._process.is_alive():
             logger.error("service log: the writer process under %s did not stop", self.log_dir)
             self._process.kill()
             self._process.join()
-            self._queue.cancel_join_thread()  # nobody reads the pipe any more
-        self._queue.close()
-        self._queue.join_thread()
+        self._pipe.close()
         atexit.unregister(self.close)
 
-    def _send(self, message: tuple[Any, ...]) -> bool:
-        try:
-            self._queue.put(message, timeout=self.timeout_s)
-        except queue.Full:
-            logger.error("service log: the writer process under %s stopped reading", self.log_dir)
-            return False
-        return True
+    def _send_loop(self) -> None:
+        """Ship what was logged every ``send_interval_s`` (at once after a flush or close)."""
+        while True:
+            self._wake.wait(self.send_interval_s)
+            self._wake.clear()
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._in_flight = len(batch)
+            if batch:
+                try:
+                    self._pipe.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+                except (OSError, ValueError):  # the child is gone: count what it never got
+                    calls = [m for m in batch if len(m) == 4]
+                    with self._lock:
+                        self._local_drops += sum(m[2] for m in calls)
+                    if not self._process.is_alive():
+                        logger.error("service log: the writer process under %s is gone",
+                                     self.log_dir)  # fmt: skip
+                with self._lock:
+                    self._in_flight = 0
+            if any(m[0] == _STOP for m in batch if len(m) == 2) or (
+                self._closed and not self._pending
+            ):
+                return
 
 
 def run_writer(
     log_dir: str,
     options: dict[str, Any],
-    calls: mp.Queue[tuple[Any, ...]],
+    calls: Connection,
     counters: SynchronizedArray[int],
 ) -> None:
-    """The child: feed every queued chunk to a :class:`ServiceLog` until told to stop or the
+    """The child: feed every shipped chunk to a :class:`ServiceLog` until told to stop or the
     parent is gone; then write what is left."""
     log = ServiceLog(log_dir, **options)
     parent = mp.parent_process()
@@ -197,23 +233,26 @@ def run_writer(
 
     try:
         while True:
-            try:
-                message = calls.get(timeout=_POLL_S)
-            except queue.Empty:
+            if not calls.poll(_POLL_S):
                 publish()
                 if parent is not None and not parent.is_alive():
                     return
                 continue
-            if len(message) == 2:
-                command, ticket = message
-                if command == _STOP:
-                    return
-                log.flush()
-                publish()
-                counters[_FLUSHED] = ticket
-                continue
-            table, row, n, items = message
-            log._append(table, row, n, _unpack(items))
+            try:
+                batch: list[Message] = pickle.loads(calls.recv_bytes())
+            except EOFError:  # the parent closed its end (or died)
+                return
+            for message in batch:
+                if len(message) == 2:
+                    command, ticket = message
+                    if command == _STOP:
+                        return
+                    log.flush()
+                    publish()
+                    counters[_FLUSHED] = ticket
+                    continue
+                table, row, n, items = message
+                log._append(table, row, n, _unpack(items))
             publish()
     finally:
         log.close()
