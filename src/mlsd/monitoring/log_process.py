@@ -209,9 +209,7 @@ class ProcessServiceLog(LogWriter):
                                      self.log_dir)  # fmt: skip
                 with self._lock:
                     self._in_flight = 0
-            if any(m[0] == _STOP for m in batch if len(m) == 2) or (
-                self._closed and not self._pending
-            ):
+            if any(m[0] == _STOP for m in batch if len(m) == 2):
                 return
 
 

@@ -285,8 +285,9 @@ class RecommendService:
         try:
             result = await model.recommend_fast(request)
         except ValueError as exc:
-            self._log_failed(request, ts, start, BadRequestError(str(exc)))
-            raise BadRequestError(str(exc)) from exc
+            error = BadRequestError(str(exc))
+            self._log_failed(request, ts, start, error)
+            raise error from exc
         except Exception:
             logger.exception("the fast path of %s failed; answering in a thread", model.version)
             self.metrics.errors.labels("recommend_fast").inc()

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -23,6 +23,7 @@ from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.feed import FeedRecommender, batch_predict
 from mlsd.serving.popular import PopularRecommender
+from mlsd.serving.recommender import Recommender
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import feed_loader
 from tests.serving.test_app import running_server
@@ -108,17 +109,23 @@ ranker_windows = 1
         server.stop()
 
 
-def test_redis_down_degrades_without_errors_and_recovers(
-    stack: tuple[Path, Path, RedisProcess],
-) -> None:
-    world, config, server = stack
-    load = feed_loader(
+def loader(world: Path, config: Path, redis_url: str | None = None) -> Callable[[], Recommender]:
+    """The service's loader of the stack's packaged model (``redis_url``: precomputed lists)."""
+    return feed_loader(
         world,
         load_feed_config(config),
         model_dir=world.parent / "model",
         registry_uri=None,
         base_dir=world.parent,
+        redis_url=redis_url,
     )
+
+
+def test_redis_down_degrades_without_errors_and_recovers(
+    stack: tuple[Path, Path, RedisProcess],
+) -> None:
+    world, config, server = stack
+    load = loader(world, config)
     app = create_app(
         load, settings=ServiceSettings(), fallback=PopularRecommender.from_dataset(world)
     )
@@ -170,15 +177,7 @@ def test_precomputed_lists_survive_a_redis_outage_and_return(
     """Lists read on the event loop (an asyncio client) while Redis goes away and comes back:
     the online path answers meanwhile, and the lists are served again within a second."""
     world, config, server = stack
-    url = f"redis://127.0.0.1:{server.port}/1"
-    load = feed_loader(
-        world,
-        load_feed_config(config),
-        model_dir=world.parent / "model",
-        registry_uri=None,
-        base_dir=world.parent,
-        redis_url=url,
-    )
+    load = loader(world, config, redis_url=f"redis://127.0.0.1:{server.port}/1")
     model = load()
     assert isinstance(model, FeedRecommender)
     assert model.precomputed is not None
