@@ -13,7 +13,9 @@ loopback, as in production:
    ``mlsd feed batch-predict --users N``, users/s as the command reports it.
 3. **The service**: ``mlsd feed serve --model --redis --port --base-dir RUN`` in its own process
    (its service log goes to the run directory), ready when ``/readyz`` answers 200 from a socket
-   that process holds (a port another process answers on is not mistaken for ours).
+   that process holds (a port another process answers on is not mistaken for ours). With
+   ``--replicas N``, N such processes share the port (``--reuse-port``: the kernel spreads the
+   connections), each with its own model, log directory and core; CPU is their sum.
 4. **Load** from another process (this file with ``--load-worker``, a minimal HTTP/1.1 client on
    asyncio streams over keep-alive connections): ``GET /v1/recommendations/{user}?k=10&
    precomputed=`` sent at times ``i / rate`` whatever the answers (open loop), at most
@@ -23,15 +25,16 @@ loopback, as in production:
    slow, so a percentile they reach is ``null``. After each phase the harness waits until
    ``/readyz`` is fast again: requests the client gave up on still run in the server's threads.
 
-Phases, each after ``--warmup`` seconds at the same rate: the precomputed path at ``--rate``
-(users batch-predict wrote; every answer should say path ``precomputed``), the online path
-at ``--rate`` (``precomputed=false``; users with events plus ``--unknown-frac`` unknown ids),
-then the online path at each of ``--max-rate-steps`` until one fails and ``--bisect`` rates
-between: the highest rate with p99 <= 50 ms and < 0.1% errors is the maximum throughput. Each
-phase reports p50/p95/p99/max latency, offered and achieved requests/s, errors by kind, the
-answers' ``path`` and ``fallbacks``, p50/p99 of each stage of their ``stage_ms``, the CPU
-cores used by the server, Redis and the load generator, and the client's lag behind its
-schedule: a reader can tell whether the client or the machine distorted the result.
+Phases (``--phases``, default all), each after ``--warmup`` seconds at the same rate: the
+precomputed path at ``--rate`` (users batch-predict wrote; every answer should say path
+``precomputed``), the online path at ``--rate`` (``precomputed=false``; users with events
+plus ``--unknown-frac`` unknown ids), then the online path at each of ``--max-rate-steps``
+until one fails and ``--bisect`` rates between: the highest rate with p99 <= 50 ms and < 0.1%
+errors is the maximum throughput. Each phase reports p50/p95/p99/max latency, offered and
+achieved requests/s, errors by kind, the answers' ``path`` and ``fallbacks``, p50/p99 of each
+stage of their ``stage_ms``, the CPU cores used by the server, Redis and the load generator, and
+the client's lag behind its schedule: a reader can tell whether the client or the machine
+distorted the result.
 
 Targets (2 CPU cores): online p99 <= 10 ms at 200 requests/s with 0 errors; precomputed p99
 <= 3 ms; batch prediction >= 2,000 users/s. Latencies depend on what else the machine runs:
@@ -399,45 +402,61 @@ def service(
     run_dir: Path,
     *,
     wait_s: float,
+    replicas: int = 1,
     extra: Sequence[str] = (),
 ) -> Iterator[tuple[Server, float]]:
-    """``mlsd feed serve`` in its own process, yielded once ``/readyz`` answers 200."""
-    command = [
-        str(Path(sys.executable).with_name("mlsd")),
-        *("feed", "serve", "--dataset", built["world"], "--config", str(CONFIG)),
-        *("--model", built["model"], "--redis", redis_url, "--port", str(port)),
-        *("--base-dir", str(run_dir)),  # where the service writes its log: not the repository
-        *extra,
-    ]
-    log_path = run_dir / "serve.log"
-    log(f"  serve: {' '.join(command)} (log: {log_path})")
-    with log_path.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
+    """``mlsd feed serve`` in its own process (``replicas`` > 1: that many, sharing the port
+    with ``--reuse-port``, each with its own log directory), yielded once ``/readyz`` answers
+    200 and every replica listens."""
+    procs: list[subprocess.Popen[bytes]] = []
+    log_paths: list[Path] = []
     try:
+        for replica in range(replicas):
+            base = run_dir if replicas == 1 else run_dir / f"replica-{replica}"
+            base.mkdir(parents=True, exist_ok=True)
+            command = [
+                str(Path(sys.executable).with_name("mlsd")),
+                *("feed", "serve", "--dataset", built["world"], "--config", str(CONFIG)),
+                *("--model", built["model"], "--redis", redis_url, "--port", str(port)),
+                *("--base-dir", str(base)),  # where the service writes its log: not the repo
+                *(["--reuse-port"] if replicas > 1 else []),
+                *extra,
+            ]
+            log_path = base / "serve.log"
+            log(f"  serve: {' '.join(command)} (log: {log_path})")
+            with log_path.open("w") as out:
+                procs.append(
+                    subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
+                )
+            log_paths.append(log_path)
         start = time.perf_counter()
-        # uvicorn binds after the model loaded: until then another process could answer here
-        while not (_ready(port) and listens(proc.pid, port)):
-            if proc.poll() is not None or time.perf_counter() - start > wait_s:
-                fail("the service did not become ready", {"command": command, **tail(log_path)})
+        # uvicorn listens after the model loaded: until then another process could answer here
+        while not (_ready(port) and all(listens(proc.pid, port) for proc in procs)):
+            for proc, log_path in zip(procs, log_paths, strict=True):
+                if proc.poll() is not None or time.perf_counter() - start > wait_s:
+                    fail("the service did not become ready", {"pid": proc.pid, **tail(log_path)})
             time.sleep(0.25)
-        yield Server(proc, port, log_path), time.perf_counter() - start
+        yield Server(procs, port, log_paths), time.perf_counter() - start
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @dataclasses.dataclass(frozen=True)
 class Server:
-    proc: subprocess.Popen[bytes]
+    procs: list[subprocess.Popen[bytes]]
     port: int
-    log_path: Path
+    log_paths: list[Path]
 
     def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            fail(f"the service exited ({self.proc.returncode})", tail(self.log_path))
+        for proc, log_path in zip(self.procs, self.log_paths, strict=True):
+            if proc.poll() is not None:
+                fail(f"the service exited ({proc.returncode})", tail(log_path))
 
 
 def tail(log_path: Path, lines: int = 40) -> dict[str, Any]:
@@ -481,22 +500,23 @@ def _ready(port: int) -> bool:
         return False
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of a process (``/proc/<pid>/stat``), 0 without one."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of these processes (``/proc/<pid>/stat``), summed."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def redis_pid() -> int | None:
+def redis_pids() -> list[int]:
     """The ``redis-server`` this process started (a child of ours), found through /proc."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             comm, rest = stat.read_text().rsplit(")", 1)
             if comm.endswith("(redis-server") and int(rest.split()[1]) == os.getpid():
-                return int(stat.parent.name)
-    return None
+                return [int(stat.parent.name)]
+    return []
 
 
 # ---------------------------------------------------------------- phases
@@ -528,7 +548,7 @@ def request_users(
 def load_phase(
     args: argparse.Namespace,
     server: Server,
-    pids: dict[str, int | None],
+    pids: dict[str, list[int]],
     users: list[int],
     *,
     rate: float,
@@ -590,7 +610,7 @@ def drain(server: Server, timeout: float, max_seconds: float = 300.0) -> float |
 
 
 def precomputed_path(
-    args: argparse.Namespace, server: Server, pids: dict[str, int | None], users: list[int]
+    args: argparse.Namespace, server: Server, pids: dict[str, list[int]], users: list[int]
 ) -> dict[str, Any]:
     """``precomputed=true`` at ``--rate`` for users batch-predict wrote: every answer should
     say path ``precomputed``."""
@@ -605,7 +625,7 @@ def precomputed_path(
 
 
 def online_path(
-    args: argparse.Namespace, server: Server, pids: dict[str, int | None], users: list[int]
+    args: argparse.Namespace, server: Server, pids: dict[str, list[int]], users: list[int]
 ) -> dict[str, Any]:
     """``precomputed=false`` at ``--rate``: the request path end to end."""
     phase = load_phase(
@@ -617,7 +637,7 @@ def online_path(
 
 
 def max_throughput(
-    args: argparse.Namespace, server: Server, pids: dict[str, int | None], users: list[int]
+    args: argparse.Namespace, server: Server, pids: dict[str, list[int]], users: list[int]
 ) -> dict[str, Any]:
     """The online path at each rate of ``--max-rate-steps`` until one fails the criterion, then
     ``--bisect`` rates halfway between the best pass (or 0) and the lowest failure."""
@@ -696,10 +716,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["batch_predict"] = batch_predict(built, url, n_batch, run_dir)
         users = request_users(Path(built["world"]), n_batch, args.unknown_frac, args.seed)
         with service(
-            built, url, service_port(), run_dir, wait_s=args.ready_timeout, extra=args.serve_args
+            built,
+            url,
+            service_port(),
+            run_dir,
+            wait_s=args.ready_timeout,
+            replicas=args.replicas,
+            extra=args.serve_args,
         ) as (server, ready_s):
-            report["service"] = {"ready_seconds": round(ready_s, 1), "log": str(run_dir)}
-            pids = {"server": server.proc.pid, "redis": redis_pid()}
+            report["service"] = {
+                "replicas": args.replicas,
+                "ready_seconds": round(ready_s, 1),
+                "log": str(run_dir),
+            }
+            pids = {"server": [p.pid for p in server.procs], "redis": redis_pids()}
             report["load"] = {
                 "client": args.client,
                 "arrivals": "poisson" if args.poisson else "uniform",
@@ -710,12 +740,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "users": {"warm": users["n_warm"], "unknown": users["n_unknown"]},
             }
             # the cheap path first: an overloaded online phase leaves the server a backlog
-            report["precomputed"] = precomputed_path(args, server, pids, users["precomputed"])
-            report["online"] = online_path(args, server, pids, users["online"])
-            if args.max_rate_steps:
+            if "precomputed" in args.phases:
+                report["precomputed"] = precomputed_path(args, server, pids, users["precomputed"])
+            if "online" in args.phases:
+                report["online"] = online_path(args, server, pids, users["online"])
+            if "max" in args.phases and args.max_rate_steps:
                 report["max_throughput"] = max_throughput(args, server, pids, users["online"])
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
+
+
+PHASES = ("precomputed", "online", "max")
+
+
+def phase_names(text: str) -> set[str]:
+    names = {x for x in text.split(",") if x}
+    if not names or names - set(PHASES):
+        raise argparse.ArgumentTypeError(f"{text!r}: phases are among {', '.join(PHASES)}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -741,6 +783,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[10.0, 25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0],
         help="online rates to step through, comma-separated ('' skips the search)",
     )
+    parser.add_argument(
+        "--phases",
+        type=phase_names,
+        default=set(PHASES),
+        help="which load phases run, comma-separated among precomputed,online,max (default all)",
+    )
     parser.add_argument("--step-duration", type=float, default=15.0, help="seconds per rate step")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--unknown-frac", type=float, default=0.02, help="unknown user ids")
@@ -750,6 +798,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poisson", action="store_true", help="Poisson arrivals, not uniform")
     parser.add_argument("--bisect", type=int, default=2, help="rates tried after a failure")
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="service start, s")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="service processes sharing the port (mlsd feed serve --reuse-port)",
+    )
     parser.add_argument(
         "--serve-args", type=str.split, default=[], help="more serve options, e.g. '--no-log'"
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import itertools
 import socket
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -23,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
-from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.app import FREEZE_AFTER_RELOAD_S, ServiceSettings, create_app, listen_socket
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
 
@@ -137,10 +140,12 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
 
 
 @contextmanager
-def running_server(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+def running_server(app: FastAPI, sock: socket.socket | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on ``sock`` (default: a free loopback port) in a thread;
+    yields its base URL."""
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -431,6 +436,98 @@ def test_failed_reload_keeps_the_old_model(
     assert client.get("/readyz").status_code == 200
     samples = metric_samples(client.get("/metrics").text)
     assert samples["mlsd_model_reloads_total", frozenset({("outcome", "error")})] == 1
+
+
+@dataclass
+class CyclicModel(StubModel):
+    """A StubModel in a reference cycle: only the cyclic garbage collector can free it."""
+
+    me: object = None
+
+
+def test_the_heap_is_frozen_after_a_load_and_a_replaced_model_is_still_freed(
+    make_client: MakeClient, popular: PopularRecommender
+) -> None:
+    loaded: list[weakref.ref[CyclicModel]] = []
+
+    def load() -> Recommender:
+        model = CyclicModel(popular, version=f"v{len(loaded) + 1}")
+        model.me = model
+        loaded.append(weakref.ref(model))
+        return model
+
+    try:
+        client = make_client(load)
+        assert gc.get_freeze_count() > 0  # full collections skip what start-up loaded
+        assert client.post("/admin/reload", headers=AUTH).status_code == 200
+        deadline = time.monotonic() + FREEZE_AFTER_RELOAD_S + 10
+        while (
+            loaded[0]() is not None or not gc.get_freeze_count()
+        ) and time.monotonic() < deadline:
+            gc.collect()  # what the cyclic collector does on its own, sooner
+            time.sleep(0.1)
+        assert loaded[0]() is None, "the replaced model outlived its reload"
+        assert loaded[1]() is not None
+        assert gc.get_freeze_count() > 0  # frozen again, with the new model
+    finally:
+        gc.unfreeze()
+
+
+def test_replicas_share_a_port_and_both_answer(popular: PopularRecommender) -> None:
+    first = listen_socket("127.0.0.1", 0, reuse_port=True)
+    port = first.getsockname()[1]
+    second = listen_socket("127.0.0.1", port, reuse_port=True)
+    apps = [
+        create_app(functools.partial(StubModel, popular, version=v), settings=ServiceSettings())
+        for v in ("replica-a", "replica-b")
+    ]
+    seen: set[str] = set()
+    with running_server(apps[0], first) as url, running_server(apps[1], second):
+        for _ in range(200):  # a new connection each time: the kernel picks a replica per one
+            body = httpx.get(f"{url}/v1/recommendations/5", timeout=10).json()
+            seen.add(body["model_version"])
+            if len(seen) == 2:
+                break
+    assert seen == {"replica-a", "replica-b"}
+
+
+def test_a_taken_port_is_refused_without_reuse_port() -> None:
+    with listen_socket("127.0.0.1", 0, reuse_port=True) as taken:
+        taken.listen()
+        with pytest.raises(OSError, match="in use"):
+            listen_socket("127.0.0.1", taken.getsockname()[1])
+
+
+def test_the_follower_reloads_on_a_change_and_outlives_a_failing_check(
+    popular: PopularRecommender,
+) -> None:
+    versions = itertools.count(1)
+    checks = iter([RuntimeError("registry unreachable"), True])
+
+    def changed() -> bool:
+        answer = next(checks, False)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    app = create_app(
+        lambda: StubModel(popular, version=f"v{next(versions)}"),
+        settings=ServiceSettings(),
+        follow=changed,
+        follow_interval_s=0.05,
+    )
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 10
+        version = client.get("/v1/recommendations/5").json()["model_version"]
+        while version != "v2" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            version = client.get("/v1/recommendations/5").json()["model_version"]
+        assert version == "v2"  # the check after the failed one reloaded
+        time.sleep(0.2)  # more checks: no change, no reload
+        assert client.get("/v1/recommendations/5").json()["model_version"] == "v2"
+        samples = metric_samples(client.get("/metrics").text)
+    assert samples["mlsd_model_errors_total", frozenset({("operation", "follow")})] == 1
+    assert samples["mlsd_model_reloads_total", frozenset({("outcome", "ok")})] == 2
 
 
 # ---------------------------------------------------------------- metrics and settings

@@ -294,10 +294,14 @@ class ModelRegistry:
 
     def champion(self) -> int | None:
         """The version holding the champion alias, or None."""
+        return self.alias_version(self.config.champion_alias)
+
+    def alias_version(self, alias: str) -> int | None:
+        """The version holding ``alias``, or None."""
         model = self._registered_model()
-        if model is None or self.config.champion_alias not in model.aliases:
+        if model is None or alias not in model.aliases:
             return None
-        return int(model.aliases[self.config.champion_alias])
+        return int(model.aliases[alias])
 
     def versions(self) -> list[VersionInfo]:
         """Every registered version, oldest first."""

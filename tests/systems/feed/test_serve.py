@@ -121,6 +121,47 @@ def test_registry_gate_serve_reload_under_load_and_rollback(
     assert 'mlsd_model_reloads_total{outcome="ok"}' in metrics
 
 
+def test_a_replica_following_the_champion_takes_a_promotion_and_a_rollback(
+    setup: tuple[Path, Path, Path],
+) -> None:
+    world, config, root = setup
+    base = root / "follow"  # a registry of its own: the other tests' promotions stay out
+    registry = ModelRegistry(RegistryConfig(), base)
+    models = root / "models"
+    v1 = registry.register(models / "m1", params={}, metrics={"ndcg@10": 0.30})
+    v3 = registry.register(models / "m3", params={}, metrics={"ndcg@10": 0.31})
+    assert registry.promote(v1).accepted
+    load = feed_loader(
+        world, load_feed_config(config), model_dir=None, registry_uri=None, base_dir=base
+    )
+    assert load.changed()  # nothing loaded yet
+    app = create_app(
+        load,
+        settings=ServiceSettings(admin_token=TOKEN),
+        fallback=PopularRecommender.from_dataset(world),
+        follow=load.changed,
+        follow_interval_s=0.2,
+    )
+
+    def serving(http: httpx.Client, want: str) -> str:
+        deadline = time.monotonic() + 30
+        while True:
+            version = http.get("/v1/recommendations/3", params={"k": 5}).json()["model_version"]
+            if version == want or time.monotonic() > deadline:
+                return str(version)
+            time.sleep(0.1)
+
+    with running_server(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as http:
+        assert serving(http, "m1") == "m1"
+        assert load.loaded_version == v1
+        assert registry.promote(v3).accepted  # no /admin/reload: the replica notices
+        assert serving(http, "m3") == "m3"
+        assert registry.rollback() == v1
+        assert serving(http, "m1") == "m1"
+        metrics = http.get("/metrics").text
+    assert 'mlsd_model_reloads_total{outcome="ok"} 3.0' in metrics  # start-up + 2 follows
+
+
 def test_a_corrupt_artifact_is_refused_and_the_old_model_keeps_serving(
     setup: tuple[Path, Path, Path],
 ) -> None:

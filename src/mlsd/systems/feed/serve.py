@@ -11,7 +11,6 @@ answers when the model cannot. Requests, exposures and feedback go to the servic
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -29,6 +28,71 @@ if TYPE_CHECKING:  # kept out of the CLI's import time
     from mlsd.serving.recommender import Recommender
 
 
+class ModelLoader:
+    """Loads the model (a directory, or the registry's ``alias``) afresh on each call, and
+    tells whether the registry has moved ``alias`` since (:meth:`changed`): what a replica
+    following the champion polls (``mlsd feed serve --follow-champion``).
+
+    ``features``: the online feature reader to use (default: a new one on the dataset's
+    store); loaders of several models share one, so feedback is written once."""
+
+    def __init__(
+        self,
+        dataset: Path,
+        feed: FeedConfig,
+        *,
+        model_dir: Path | None,
+        registry_uri: str | None,
+        base_dir: Path,
+        alias: str = "champion",
+        redis_url: str | None = None,
+        features: OnlineFeatures | None = None,
+    ) -> None:
+        from mlsd.serving.precomputed import PrecomputedStore
+
+        self.feed = feed
+        self.model_dir = model_dir
+        self.registry_uri, self.base_dir, self.alias = registry_uri, base_dir, alias
+        self.features = features if features is not None else online_features(dataset, feed)
+        self.precomputed = None
+        if redis_url is not None:
+            self.precomputed = PrecomputedStore.from_url(redis_url, socket_timeout=0.05)
+        self.downloads = Path(tempfile.mkdtemp(prefix="mlsd-models-"))
+        self.loaded_version: int | None = None
+        """The registry version the last successful call loaded (None: a directory)."""
+
+    def __call__(self) -> Recommender:
+        from mlsd.serving.feed import FeedModel, FeedRecommender
+
+        path, version = self.model_dir, None
+        if path is None:
+            registry = open_registry(self.registry_uri, self.base_dir)
+            version = registry.alias_version(self.alias)
+            if version is None:
+                raise ValueError(
+                    f"the registry has no {self.alias} yet: mlsd feed promote --version N"
+                )
+            attempt = len(list(self.downloads.iterdir()))
+            # The number, not the alias: the alias may move while this downloads.
+            path = registry.download(version, self.downloads / f"v{version}-{attempt}")
+        model = FeedRecommender(
+            FeedModel.load(path),
+            features=self.features,
+            precomputed=self.precomputed,
+            candidates_sample_rate=self.feed.service_log.candidates_sample_rate,
+        ).warm_up()
+        self.loaded_version = version
+        return model
+
+    def changed(self) -> bool:
+        """Whether the registry's ``alias`` names another version than the one loaded (never
+        for a model directory)."""
+        if self.model_dir is not None:
+            return False
+        registry = open_registry(self.registry_uri, self.base_dir)
+        return registry.alias_version(self.alias) != self.loaded_version
+
+
 def feed_loader(
     dataset: Path,
     feed: FeedConfig,
@@ -39,40 +103,18 @@ def feed_loader(
     alias: str = "champion",
     redis_url: str | None = None,
     features: OnlineFeatures | None = None,
-) -> Callable[[], Recommender]:
-    """A function that loads the model (a directory, or the registry's ``alias``) afresh.
-
-    ``features``: the online feature reader to use (default: a new one on the dataset's
-    store); loaders of several models share one, so feedback is written once."""
-    from mlsd.serving.feed import FeedModel, FeedRecommender
-    from mlsd.serving.precomputed import PrecomputedStore
-
-    if features is None:
-        features = online_features(dataset, feed)
-    precomputed = None
-    if redis_url is not None:
-        precomputed = PrecomputedStore.from_url(redis_url, socket_timeout=0.05)
-    downloads = Path(tempfile.mkdtemp(prefix="mlsd-models-"))
-
-    def load() -> Recommender:
-        if model_dir is not None:
-            path = model_dir
-        else:
-            registry = open_registry(registry_uri, base_dir)
-            champion = registry.champion()
-            if champion is None:
-                raise ValueError("the registry has no champion yet: mlsd feed promote --version N")
-            attempt = len(list(downloads.iterdir()))
-            path = registry.download(alias, downloads / f"v{champion}-{attempt}")
-        model = FeedModel.load(path)
-        return FeedRecommender(
-            model,
-            features=features,
-            precomputed=precomputed,
-            candidates_sample_rate=feed.service_log.candidates_sample_rate,
-        ).warm_up()
-
-    return load
+) -> ModelLoader:
+    """A :class:`ModelLoader` of the feed model (a directory, or the registry's ``alias``)."""
+    return ModelLoader(
+        dataset,
+        feed,
+        model_dir=model_dir,
+        registry_uri=registry_uri,
+        base_dir=base_dir,
+        alias=alias,
+        redis_url=redis_url,
+        features=features,
+    )
 
 
 def online_features(dataset: Path, feed: FeedConfig) -> OnlineFeatures:
@@ -93,15 +135,14 @@ def experiment_loader(
     registry_uri: str | None,
     base_dir: Path,
     redis_url: str | None = None,
-) -> Callable[[], Recommender]:
+) -> ExperimentLoader:
     """A loader of every arm of ``experiment`` behind one
     :class:`~mlsd.serving.experiment.ExperimentRecommender`.
 
     An arm's ``alias`` names a registry alias (``champion``, ``challenger``, ...), or
     ``popular`` for the popularity baseline. With ``model_dir`` every registry alias loads
     that directory instead (an A/B test of the baseline against one model)."""
-    from mlsd.serving.experiment import POPULAR_ALIAS, ExperimentRecommender
-    from mlsd.serving.popular import PopularRecommender
+    from mlsd.serving.experiment import POPULAR_ALIAS
 
     features = online_features(dataset, feed)
     loaders = {
@@ -119,14 +160,30 @@ def experiment_loader(
         if arm.alias != POPULAR_ALIAS
     }
 
-    def load() -> Recommender:
-        arms: dict[str, Recommender] = {name: make() for name, make in loaders.items()}
-        for arm in experiment.arms:
-            if arm.alias == POPULAR_ALIAS:
-                arms[arm.name] = PopularRecommender.from_dataset(dataset)
-        return ExperimentRecommender(experiment, arms)
+    return ExperimentLoader(experiment, loaders, dataset)
 
-    return load
+
+class ExperimentLoader:
+    """Every arm of an experiment loaded afresh on each call (see :func:`experiment_loader`);
+    :meth:`changed` when any arm's registry alias moved."""
+
+    def __init__(
+        self, experiment: Experiment, loaders: dict[str, ModelLoader], dataset: Path
+    ) -> None:
+        self.experiment, self.loaders, self.dataset = experiment, loaders, dataset
+
+    def __call__(self) -> Recommender:
+        from mlsd.serving.experiment import POPULAR_ALIAS, ExperimentRecommender
+        from mlsd.serving.popular import PopularRecommender
+
+        arms: dict[str, Recommender] = {name: load() for name, load in self.loaders.items()}
+        for arm in self.experiment.arms:
+            if arm.alias == POPULAR_ALIAS:
+                arms[arm.name] = PopularRecommender.from_dataset(self.dataset)
+        return ExperimentRecommender(self.experiment, arms)
+
+    def changed(self) -> bool:
+        return any(load.changed() for load in self.loaders.values())
 
 
 @app.command("serve")
@@ -149,6 +206,22 @@ def serve(
     access_log: Annotated[
         bool, typer.Option("--access-log", help="Also print uvicorn's line per request.")
     ] = False,
+    reuse_port: Annotated[
+        bool,
+        typer.Option(
+            "--reuse-port",
+            help="SO_REUSEPORT: replicas of this command share --port (one core each).",
+        ),
+    ] = False,
+    follow_champion: Annotated[
+        float,
+        typer.Option(
+            "--follow-champion",
+            min=0,
+            help="Every N seconds, reload when the registry's champion moved (0: only on "
+            "POST /admin/reload). For replicas: each follows on its own.",
+        ),
+    ] = 0.0,
     experiment: Annotated[
         str | None,
         typer.Option(
@@ -162,11 +235,14 @@ def serve(
     from mlsd.serving.app import serve as run_server
     from mlsd.serving.popular import PopularRecommender
 
+    if follow_champion > 0 and model is not None:
+        raise typer.BadParameter("needs the registry: drop --model", param_hint="--follow-champion")
     feed = load_feed_config(config)
     log = None
     if feed.service_log.enabled and not no_log:
         log = feed.service_log.open(log_dir or feed.service_log.path(base_dir))
     running = _experiment(feed, experiment)
+    load: ModelLoader | ExperimentLoader
     if running is None:
         load = feed_loader(
             dataset,
@@ -194,11 +270,13 @@ def serve(
         fallback=PopularRecommender.from_dataset(dataset),
         log=log,
         monitor=monitor_settings(feed, model),
+        follow=load.changed if follow_champion > 0 else None,
+        follow_interval_s=follow_champion,
     )
     console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
     if log is not None:
         console.print(f"service log: {log.log_dir}")
-    run_server(web, host, port, access_log=access_log)
+    run_server(web, host, port, access_log=access_log, reuse_port=reuse_port)
 
 
 def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSettings | None:
