@@ -55,6 +55,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -613,14 +614,27 @@ def precomputed_path(
     args: argparse.Namespace, server: Server, pids: dict[str, list[int]], users: list[int]
 ) -> dict[str, Any]:
     """``precomputed=true`` at ``--rate`` for users batch-predict wrote: every answer should
-    say path ``precomputed``."""
-    phase = load_phase(
-        args, server, pids, users, rate=args.rate, seconds=args.duration, precomputed=True
-    )
+    say path ``precomputed``. With ``--rounds N`` the phase runs N times and the round with
+    the median p99 is reported in full, beside every round's percentiles: one p99 of a few
+    thousand requests moves with whatever else the machine did in those seconds."""
+    rounds = [
+        load_phase(
+            args, server, pids, users, rate=args.rate, seconds=args.duration, precomputed=True
+        )
+        for _ in range(args.rounds)
+    ]
+    p99s = [r["latency_ms"]["p99"] for r in rounds]
+    ranked = sorted(range(len(rounds)), key=lambda i: math.inf if p99s[i] is None else p99s[i])
+    phase = dict(rounds[ranked[len(ranked) // 2]])
+    if len(rounds) > 1:
+        phase["rounds"] = [
+            {**r["latency_ms"], "errors": r["errors"], "achieved_rps": r["achieved_rps"]}
+            for r in rounds
+        ]
     phase["target_p99_ms"] = TARGETS["precomputed_p99_ms"]
-    phase["all_precomputed"] = set(phase["paths"]) == {"precomputed"}
+    phase["all_precomputed"] = all(set(r["paths"]) == {"precomputed"} for r in rounds)
     met = passes(phase, TARGETS["precomputed_p99_ms"], 0.0)
-    phase["met"] = met and phase["all_precomputed"]
+    phase["met"] = met and phase["all_precomputed"] and not any(r["errors"] for r in rounds)
     return phase
 
 
@@ -798,6 +812,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poisson", action="store_true", help="Poisson arrivals, not uniform")
     parser.add_argument("--bisect", type=int, default=2, help="rates tried after a failure")
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="service start, s")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="precomputed-path rounds; the median round's p99 is the result",
+    )
     parser.add_argument(
         "--replicas",
         type=int,

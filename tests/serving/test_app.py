@@ -502,7 +502,7 @@ def test_the_follower_reloads_on_a_change_and_outlives_a_failing_check(
     popular: PopularRecommender,
 ) -> None:
     versions = itertools.count(1)
-    checks = iter([RuntimeError("registry unreachable"), True])
+    checks: Iterator[bool | Exception] = iter([RuntimeError("registry unreachable"), True])
 
     def changed() -> bool:
         answer = next(checks, False)
