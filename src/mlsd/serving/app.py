@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, cast, runtime_checkable
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
@@ -735,7 +735,48 @@ class ProfiledRecommender(Protocol):
     def reference_profile_path(self) -> Path | None: ...
 
 
-class ServiceMonitor:
+class PeriodicTask:
+    """A daemon thread calling :meth:`run_once` every ``interval_s`` (the first call one
+    interval after :meth:`start`) until :meth:`stop`. A call that raises is logged and counted
+    (``mlsd_model_errors_total{operation=<operation>}``); the next one runs as planned."""
+
+    operation: ClassVar[str]
+    """The thread's name (``mlsd-<operation>``) and its errors' label."""
+
+    def __init__(self, service: RecommendService, interval_s: float) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.service, self.interval_s = service, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> object:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"mlsd-{self.operation}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (waits for a call in progress)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.run_once()
+            except Exception:
+                logger.exception("%s failed; again in %g s", self.operation, self.interval_s)
+                self.service.metrics.errors.labels(self.operation).inc()
+
+
+class ServiceMonitor(PeriodicTask):
     """Monitoring passes over the service log in a daemon thread; each sets the gauges.
 
     A pass without a known reference profile does nothing. A failing pass is logged and
@@ -743,15 +784,15 @@ class ServiceMonitor:
     Passes read Parquet through DuckDB off the request threads, so serving only shares the CPU.
     """
 
+    operation = "monitor"
+
     def __init__(self, service: RecommendService, log_dir: Path, settings: MonitorSettings) -> None:
-        self.service = service
+        super().__init__(service, settings.interval_s)
         self.log_dir = Path(log_dir)
         self.settings = settings
         self.gauges = service.metrics.monitor_gauges(settings.rules)
         self.last_result: MonitorResult | None = None
         self._profile: tuple[Path, ReferenceProfile] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def profile_path(self) -> Path | None:
         """The settings' profile, else the serving model's, else ``None``."""
@@ -796,33 +837,11 @@ class ServiceMonitor:
             self._profile = cached
         return cached[1]
 
-    def start(self) -> None:
-        """Run a pass every ``interval_s`` (the first one after an interval) until :meth:`stop`."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="mlsd-monitor", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread (waits for a pass in progress)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.interval_s):
-            try:
-                self.run_once()
-            except Exception:
-                logger.exception("monitoring pass over %s failed", self.log_dir)
-                self.service.metrics.errors.labels("monitor").inc()
-
 
 # ---------------------------------------------------------------- the app
 
 
-class ModelFollower:
+class ModelFollower(PeriodicTask):
     """Reloads the service's model whenever ``changed()`` says the model it would load is no
     longer the one serving (e.g. the registry's champion moved), checking every ``interval_s``
     in a thread: how a replica that shares its port with others (which ``POST /admin/reload``
@@ -830,41 +849,21 @@ class ModelFollower:
     logged and counted (``mlsd_model_errors_total{operation="follow"}``); the old model keeps
     serving and the next check tries again."""
 
+    operation = "follow"
+
     def __init__(
         self, service: RecommendService, changed: Callable[[], bool], interval_s: float
     ) -> None:
-        if not interval_s > 0:
-            raise ValueError(f"interval_s must be > 0, got {interval_s}")
-        self.service, self.changed, self.interval_s = service, changed, interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__(service, interval_s)
+        self.changed = changed
 
-    def check_once(self) -> bool:
+    def run_once(self) -> bool:
         """Reload if the model changed; whether it did."""
         if not self.changed():
             return False
         old, new = self.service.reload()
         logger.info("the model to serve changed: %s -> %s", old, new)
         return True
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="mlsd-follow", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check_once()
-            except Exception:
-                logger.exception("following the model failed; the old model keeps serving")
-                self.service.metrics.errors.labels("follow").inc()
 
 
 def create_app(

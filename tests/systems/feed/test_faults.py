@@ -25,7 +25,7 @@ from mlsd.serving.feed import FeedRecommender, batch_predict
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import Recommender
 from mlsd.systems.feed.package import package_model
-from mlsd.systems.feed.serve import feed_loader
+from mlsd.systems.feed.serve import ModelLoader
 from tests.serving.test_app import running_server
 
 pytestmark = pytest.mark.integration
@@ -111,7 +111,7 @@ ranker_windows = 1
 
 def loader(world: Path, config: Path, redis_url: str | None = None) -> Callable[[], Recommender]:
     """The service's loader of the stack's packaged model (``redis_url``: precomputed lists)."""
-    return feed_loader(
+    return ModelLoader(
         world,
         load_feed_config(config),
         model_dir=world.parent / "model",

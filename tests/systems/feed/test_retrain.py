@@ -22,7 +22,7 @@ from mlsd.serving.registry import ModelRegistry, RegistryConfig
 from mlsd.systems.feed import retrain as retrain_module
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.retrain import ReloadError, head_to_head, reload_service
-from mlsd.systems.feed.serve import feed_loader
+from mlsd.systems.feed.serve import ModelLoader
 from tests.feed_world import materialized_world
 from tests.serving.test_app import running_server
 from tests.systems.feed.test_serve import CONFIG, TOKEN
@@ -106,7 +106,7 @@ def test_a_better_model_is_promoted_head_to_head_and_the_running_service_reloads
     world, config = setup.world, setup.config
     registry = ModelRegistry(RegistryConfig(), tmp_path)
     old = champion_with(registry, setup.inverted, ndcg=0.99)
-    load = feed_loader(world, load_feed_config(config), model_dir=None, registry_uri=None,
+    load = ModelLoader(world, load_feed_config(config), model_dir=None, registry_uri=None,
                        base_dir=tmp_path)  # fmt: skip
     app = create_app(load, settings=ServiceSettings(admin_token=TOKEN))
     monkeypatch.setenv("MLSD_ADMIN_TOKEN", TOKEN)

@@ -17,7 +17,7 @@ from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.registry import ModelRegistry, RegistryConfig
 from mlsd.systems.feed.package import package_model
-from mlsd.systems.feed.serve import feed_loader
+from mlsd.systems.feed.serve import ModelLoader
 from tests.feed_world import materialized_world
 from tests.serving.test_app import running_server
 
@@ -66,7 +66,7 @@ def test_registry_gate_serve_reload_under_load_and_rollback(
     assert not refused.accepted  # the gate keeps a worse model out
     assert registry.champion() == v1
 
-    load = feed_loader(
+    load = ModelLoader(
         world,
         load_feed_config(config),
         model_dir=None,
@@ -131,7 +131,7 @@ def test_a_replica_following_the_champion_takes_a_promotion_and_a_rollback(
     v1 = registry.register(models / "m1", params={}, metrics={"ndcg@10": 0.30})
     v3 = registry.register(models / "m3", params={}, metrics={"ndcg@10": 0.31})
     assert registry.promote(v1).accepted
-    load = feed_loader(
+    load = ModelLoader(
         world, load_feed_config(config), model_dir=None, registry_uri=None, base_dir=base
     )
     assert load.changed()  # nothing loaded yet
@@ -171,7 +171,7 @@ def test_a_corrupt_artifact_is_refused_and_the_old_model_keeps_serving(
     registry = ModelRegistry(RegistryConfig(), base)
     good = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.3})
     assert registry.promote(good).accepted
-    load = feed_loader(world, load_feed_config(config), model_dir=None, registry_uri=None,
+    load = ModelLoader(world, load_feed_config(config), model_dir=None, registry_uri=None,
                        base_dir=base)  # fmt: skip
     app = create_app(load, settings=ServiceSettings(admin_token=TOKEN))
     bad_dir = root / "bad-model"

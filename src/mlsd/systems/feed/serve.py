@@ -93,30 +93,6 @@ class ModelLoader:
         return registry.alias_version(self.alias) != self.loaded_version
 
 
-def feed_loader(
-    dataset: Path,
-    feed: FeedConfig,
-    *,
-    model_dir: Path | None,
-    registry_uri: str | None,
-    base_dir: Path,
-    alias: str = "champion",
-    redis_url: str | None = None,
-    features: OnlineFeatures | None = None,
-) -> ModelLoader:
-    """A :class:`ModelLoader` of the feed model (a directory, or the registry's ``alias``)."""
-    return ModelLoader(
-        dataset,
-        feed,
-        model_dir=model_dir,
-        registry_uri=registry_uri,
-        base_dir=base_dir,
-        alias=alias,
-        redis_url=redis_url,
-        features=features,
-    )
-
-
 def online_features(dataset: Path, feed: FeedConfig) -> OnlineFeatures:
     """The online feature reader of ``dataset``'s feature store."""
     from mlsd.features.batch import feature_config_for
@@ -146,7 +122,7 @@ def experiment_loader(
 
     features = online_features(dataset, feed)
     loaders = {
-        arm.name: feed_loader(
+        arm.name: ModelLoader(
             dataset,
             feed,
             model_dir=model_dir,
@@ -244,7 +220,7 @@ def serve(
     running = _experiment(feed, experiment)
     load: ModelLoader | ExperimentLoader
     if running is None:
-        load = feed_loader(
+        load = ModelLoader(
             dataset,
             feed,
             model_dir=model,
@@ -342,7 +318,7 @@ def batch_predict_command(
     from mlsd.serving.precomputed import PrecomputedStore
 
     feed = load_feed_config(config)
-    load = feed_loader(dataset, feed, model_dir=model, registry_uri=registry_uri, base_dir=base_dir)
+    load = ModelLoader(dataset, feed, model_dir=model, registry_uri=registry_uri, base_dir=base_dir)
     recommender = load()
     if not isinstance(recommender, FeedRecommender):
         raise ValueError("batch-predict needs a feed model")
