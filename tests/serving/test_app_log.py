@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -379,6 +384,39 @@ def test_the_monitor_thread_runs_passes_and_stops_with_the_app(
         samples = metric_samples(client.get("/metrics").text)
         assert samples["mlsd_monitor_error_rate", frozenset()] == 0.0
     assert not [t for t in threading.enumerate() if t.name == "mlsd-monitor"]  # stopped
+
+
+def test_a_pass_runs_in_a_child_process_and_a_dead_child_is_replaced(
+    tmp_path: Path, feed_model: FeedRecommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def in_this_process(*_: object, **__: object) -> None:
+        raise AssertionError("the pass ran in the service's own process")
+
+    # The service's process has no working run_monitor; a pass in the child does not notice.
+    monkeypatch.setattr("mlsd.monitoring.monitor.run_monitor", in_this_process)
+    monkeypatch.setattr("mlsd.serving.monitor_pass.run_monitor", in_this_process)
+    log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
+    settings = MonitorSettings(rules=RULES, interval_s=3600.0)
+    app = create_app(lambda: feed_model, settings=ServiceSettings(), log=log, monitor=settings)
+    with TestClient(app) as client:
+        client.get("/v1/recommendations/3", params={"precomputed": False})
+        log.flush()
+        monitor = app.state.monitor
+        before = {p.pid for p in multiprocessing.active_children()}
+        first = monitor.run_once()
+        assert first is not None
+        assert first.counts["requests"] == 1
+        children = [p for p in multiprocessing.active_children() if p.pid not in before]
+        assert children, "no child process ran the pass"
+        for child in children:
+            os.kill(cast(int, child.pid), signal.SIGKILL)
+            child.join(timeout=10)
+        with pytest.raises(BrokenProcessPool):
+            monitor.run_once()
+        again = monitor.run_once()  # a new child
+        assert again is not None
+        assert again.counts["requests"] == 1
+    assert {p.pid for p in multiprocessing.active_children()} <= before  # stopped with the app
 
 
 def test_without_a_profile_the_monitor_does_nothing(

@@ -32,10 +32,11 @@ candidate (``candidates``), what the drift monitor compares with the model's ref
 Answers routed by an experiment (:mod:`mlsd.serving.experiment`) carry its name and arm, in the
 response and in every log row.
 
-Monitoring: with ``monitor`` settings, a :class:`ServiceMonitor` thread runs
+Monitoring: with ``monitor`` settings, a :class:`ServiceMonitor` thread has a child process run
 :func:`mlsd.monitoring.monitor.run_monitor` over the last window of the log every
-``interval_s`` and publishes the results as ``mlsd_monitor_*`` gauges and
-``mlsd_monitor_alert_firing{rule}`` on ``/metrics``.
+``interval_s`` (:mod:`mlsd.serving.monitor_pass`: not holding the service's GIL) and publishes
+the results as ``mlsd_monitor_*`` gauges and ``mlsd_monitor_alert_firing{rule}`` on
+``/metrics``.
 
 Reload: ``load_model()`` runs under a lock (two reloads never interleave) while requests keep
 using the current model; the new model then replaces the reference in one assignment. Each
@@ -56,12 +57,15 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
+import multiprocessing as mp
 import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -106,7 +110,6 @@ if TYPE_CHECKING:
     from mlsd.monitoring.alerts import AlertRule
     from mlsd.monitoring.logs import LogWriter
     from mlsd.monitoring.monitor import MonitorResult
-    from mlsd.monitoring.profile import ReferenceProfile
 
 logger = logging.getLogger(__name__)
 
@@ -777,11 +780,12 @@ class PeriodicTask:
 
 
 class ServiceMonitor(PeriodicTask):
-    """Monitoring passes over the service log in a daemon thread; each sets the gauges.
+    """Monitoring passes over the service log, started from a daemon thread and run in a
+    spawned child process (:mod:`mlsd.serving.monitor_pass` says why); each sets the gauges.
 
-    A pass without a known reference profile does nothing. A failing pass is logged and
-    counted (``mlsd_model_errors_total{operation="monitor"}``); the next one runs as planned.
-    Passes read Parquet through DuckDB off the request threads, so serving only shares the CPU.
+    A pass without a known reference profile does nothing. A failing pass (or a child that
+    died: the next pass starts a new one) is logged and counted
+    (``mlsd_model_errors_total{operation="monitor"}``); the next one runs as planned.
     """
 
     operation = "monitor"
@@ -792,7 +796,8 @@ class ServiceMonitor(PeriodicTask):
         self.settings = settings
         self.gauges = service.metrics.monitor_gauges(settings.rules)
         self.last_result: MonitorResult | None = None
-        self._profile: tuple[Path, ReferenceProfile] | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def profile_path(self) -> Path | None:
         """The settings' profile, else the serving model's, else ``None``."""
@@ -804,38 +809,47 @@ class ServiceMonitor(PeriodicTask):
     def run_once(self, *, now: datetime | None = None) -> MonitorResult | None:
         """One pass over ``[now - window, now)`` (``now``: the wall clock), published on the
         gauges; ``None`` (and the gauges unchanged) when no reference profile is known."""
-        from mlsd.monitoring.monitor import run_monitor
+        from mlsd.serving.monitor_pass import monitor_pass
 
         path = self.profile_path()
         if path is None:
             logger.debug("no reference profile known; monitoring pass skipped")
             return None
-        profile = self._load_profile(path)
         end = now if now is not None else datetime.now(UTC)
-        result = run_monitor(
-            self.log_dir,
-            profile,
-            start=end - self.settings.window,
-            end=end,
-            rules=self.settings.rules,
-            psi_threshold=self.settings.psi_threshold,
-            reference_ctr=self.settings.reference_ctr,
-            threads=1,  # the other core keeps answering requests
-        )
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+            pool = self._pool
+        try:
+            result = pool.submit(
+                monitor_pass,
+                self.log_dir,
+                Path(path),
+                start=end - self.settings.window,
+                end=end,
+                rules=self.settings.rules,
+                psi_threshold=self.settings.psi_threshold,
+                reference_ctr=self.settings.reference_ctr,
+            ).result()
+        except BrokenProcessPool:
+            with self._pool_lock:  # the child died: the next pass starts another
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False)
+            raise
         self.gauges.update(result)
         self.last_result = result
         for alert in result.fired:
             logger.warning("monitoring alert fired: %s", alert.describe())
         return result
 
-    def _load_profile(self, path: Path) -> ReferenceProfile:
-        from mlsd.monitoring.profile import ReferenceProfile
-
-        cached = self._profile
-        if cached is None or cached[0] != path:  # a reload brought another model's profile
-            cached = (path, ReferenceProfile.load(path))
-            self._profile = cached
-        return cached[1]
+    def stop(self) -> None:
+        """Stop the thread (waits for a pass in progress), then the child process."""
+        super().stop()
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- the app

@@ -1,0 +1,53 @@
+"""A monitoring pass as the service's child process runs it (``ServiceMonitor`` of the app).
+
+Why a process: a pass is DuckDB over the service log plus drift statistics in numpy and Python,
+and the Python parts hold the GIL. In the service's own process every request waits out those
+stretches (a 0.22 s pass over one minute's log at 200 requests/s stalled another thread up to
+4.6 ms at a time, the whole switch interval; at a 10M-exposure window a pass is seconds), so
+the pass runs in a spawned child and only its result (a :class:`MonitorResult`, pickled) comes
+back; serving then shares the CPU with it, not the interpreter. This module is what the child
+imports: the monitor and the profile, not the web service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from mlsd.monitoring.alerts import AlertRule
+from mlsd.monitoring.monitor import MonitorResult, run_monitor
+from mlsd.monitoring.profile import ReferenceProfile
+
+_PROFILES: dict[Path, tuple[int, ReferenceProfile]] = {}
+"""Profiles this process loaded, by path, with the file's mtime (a new model's is re-read)."""
+
+
+def monitor_pass(
+    log_dir: Path,
+    profile_path: Path,
+    *,
+    start: datetime,
+    end: datetime,
+    rules: Sequence[AlertRule],
+    psi_threshold: float,
+    reference_ctr: float | None,
+) -> MonitorResult:
+    """:func:`~mlsd.monitoring.monitor.run_monitor` over ``[start, end)`` of ``log_dir``
+    against the profile at ``profile_path``, on one DuckDB thread (the service has the other
+    core)."""
+    mtime = profile_path.stat().st_mtime_ns
+    cached = _PROFILES.get(profile_path)
+    if cached is None or cached[0] != mtime:
+        cached = (mtime, ReferenceProfile.load(profile_path))
+        _PROFILES[profile_path] = cached
+    return run_monitor(
+        log_dir,
+        cached[1],
+        start=start,
+        end=end,
+        rules=tuple(rules),
+        psi_threshold=psi_threshold,
+        reference_ctr=reference_ctr,
+        threads=1,
+    )
