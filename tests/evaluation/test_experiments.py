@@ -508,6 +508,15 @@ def test_report_on_a_hand_written_log(tmp_path: Path) -> None:
     assert data["srm"]["flagged"] is False
 
 
+def test_report_attribution_window(tmp_path: Path) -> None:
+    write_small_log(tmp_path)
+    end = DAY1 + timedelta(hours=6)
+    wide = experiment_report(tmp_path, AB, end=end, attribution_window_s=3 * 3600)
+    assert [arm.clicks for arm in wide.arms] == [1, 4]  # now r3/10, 2 h after it, counts
+    narrow = experiment_report(tmp_path, AB, end=end, attribution_window_s=30)
+    assert [arm.clicks for arm in narrow.arms] == [1, 2]  # r3/11, 60 s after it, does not
+
+
 def test_report_window_and_missing_feedback(tmp_path: Path) -> None:
     write_small_log(tmp_path, feedback=False)
     control, treatment = experiment_report(tmp_path, AB).arms

@@ -1,4 +1,5 @@
-"""Reading the service log: the summary's figures by hand, windows, an empty log, JSON."""
+"""Reading the service log: the click attribution, the summary's figures by hand, windows, an
+empty log, JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlsd.monitoring.log_reader import summarize
+from mlsd.monitoring.log_reader import ATTRIBUTED, connect, create_log_views, summarize
 from mlsd.monitoring.logs import ServiceLog
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -48,6 +49,42 @@ def write_small_log(log_dir: Path) -> None:
         log.log_feedback(at(1300), 3, 99, "click", request_id="r3")  # never shown: none
         log.log_feedback(at(1300), 3, 40, "view", request_id="r3")  # not a click
         log.log_feedback(at(1900), -1, 50, "click")  # anonymous, no request id: none
+
+
+def test_clicks_are_attributed_to_the_latest_exposure_within_the_lag(tmp_path: Path) -> None:
+    """The one attribution the summary, the monitor and the A/B report aggregate."""
+    with ServiceLog(tmp_path) as log:
+        for rid, seconds, user, items in (
+            ("r1", 0, 1, [10, 11, 12]),
+            ("r2", 600, 1, [10]),  # item 10 again, later
+            ("r3", 2900, 2, [30]),
+            ("r4", 3000, 1, [12]),  # at the window's end: outside it
+            ("r5", 100, None, [50]),  # an anonymous visitor
+        ):
+            log.log_exposures(rid, at(seconds), user, "m1", items, [0.5] * len(items))
+        log.log_feedback(at(60), 1, 11, "click")  # inside the window: r1/11
+        log.log_feedback(at(65), 1, 11, "click", request_id="r1")  # the same exposure again
+        log.log_feedback(at(50), 1, 12, "view", request_id="r1")  # not a click
+        log.log_feedback(at(700), 1, 10, "click")  # the later exposure r2/10, not r1/10
+        log.log_feedback(at(1801), 1, 12, "click")  # 1801 s after r1/12: after the lag
+        log.log_feedback(at(30), 1, 99, "click")  # an item never shown: no row
+        log.log_feedback(at(3200), 2, 30, "click")  # after the end, within the lag: r3/30
+        log.log_feedback(at(110), None, 50, "click")  # anonymous, no request id: nothing
+
+    def attributed(lag: float) -> dict[tuple[str, int], bool]:
+        with connect() as con:
+            create_log_views(con, tmp_path, at(0), at(3000), attribution_window_s=lag)
+            rows = con.sql(f"SELECT request_id, item_id, clicked FROM {ATTRIBUTED}").fetchall()
+        assert len(rows) == 6  # one row per exposure of the window
+        return {(rid, item): clicked for rid, item, clicked in rows}
+
+    assert attributed(1800) == {
+        ("r1", 10): False, ("r1", 11): True, ("r1", 12): False, ("r2", 10): True,
+        ("r3", 30): True, ("r5", 50): False,
+    }  # fmt: skip
+    assert attributed(1801)[("r1", 12)]  # a lag of 1801 s reaches it
+    assert not attributed(299)[("r3", 30)]  # the click at 3200 is 300 s after it
+    assert (summarize(tmp_path, start=at(0), end=at(3000)).clicks) == 3
 
 
 def test_summary_matches_hand_computed_figures(tmp_path: Path) -> None:

@@ -24,11 +24,11 @@ two-proportion z-test on users are valid for them as they are.
 chi-squared goodness-of-fit test; p < 0.001 flags a broken assignment or logging path, in which
 case no other number of the report should be trusted.
 
-**The log.** :func:`experiment_report` reads the service log written by
-:mod:`mlsd.monitoring.logs` (``<log_dir>/<table>/date=YYYY-MM-DD/*.parquet``, tables
-``requests``, ``exposures`` and ``feedback``) with DuckDB. A click belongs to an exposure when a
-``click`` event carries its request id and item, or, for a click without a request id, to the
-latest exposure of that item to that user in the 1800 s before the click.
+**The log.** :func:`experiment_report` reads the units of the service log with
+:func:`mlsd.evaluation.experiment_log.read_units`, whose clicks are the log's click attribution
+(:mod:`mlsd.monitoring.log_reader`): a ``click`` event with an exposure's request id and item,
+or, without a request id, on the latest exposure of that item to that user at most
+``attribution_window_s`` (1800 s) before the click.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -46,6 +46,9 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from scipy import stats
+
+from mlsd.evaluation.experiment_log import read_units
+from mlsd.monitoring.log_reader import DEFAULT_ATTRIBUTION_WINDOW_S
 
 __all__ = [
     "Arm",
@@ -74,8 +77,6 @@ __all__ = [
 
 SRM_THRESHOLD = 0.001
 """p-value below which the sample-ratio-mismatch check flags the split."""
-CLICK_WINDOW_S = 1800
-"""A click without a request id belongs to an exposure of the item at most this long before."""
 
 
 # --- Assignment --------------------------------------------------------------------------------
@@ -657,91 +658,6 @@ def _compare(
     )
 
 
-_EMPTY_TABLES = {
-    "requests": "SELECT ''::VARCHAR AS request_id, NULL::TIMESTAMPTZ AS ts, 0::BIGINT AS user_id,"
-    " ''::VARCHAR AS experiment, ''::VARCHAR AS arm WHERE false",
-    "exposures": "SELECT ''::VARCHAR AS request_id, NULL::TIMESTAMPTZ AS ts, 0::BIGINT AS user_id,"
-    " 0::BIGINT AS item_id, ''::VARCHAR AS experiment, ''::VARCHAR AS arm WHERE false",
-    "feedback": "SELECT NULL::TIMESTAMPTZ AS ts, 0::BIGINT AS user_id, 0::BIGINT AS item_id,"
-    " ''::VARCHAR AS event, ''::VARCHAR AS request_id WHERE false",
-}
-
-_UNITS_SQL = f"""
-WITH req AS (
-    SELECT request_id, user_id, arm FROM requests WHERE experiment = $experiment
-    UNION
-    SELECT request_id, user_id, arm FROM exposures WHERE experiment = $experiment
-),
-clicks AS (SELECT request_id, user_id, item_id, ts FROM feedback WHERE event = 'click'),
-unnamed AS (SELECT * FROM clicks WHERE request_id = '' AND user_id >= 0),
-by_time AS (  -- a click without request id: the latest exposure of the item before it
-    SELECT e.request_id, e.item_id
-    FROM unnamed c ASOF JOIN (SELECT * FROM exposures SEMI JOIN unnamed USING (user_id, item_id)) e
-      ON c.user_id = e.user_id AND c.item_id = e.item_id AND c.ts >= e.ts
-    WHERE c.ts <= e.ts + INTERVAL {CLICK_WINDOW_S} SECOND
-),
-clicked AS (
-    SELECT request_id, item_id FROM clicks WHERE request_id <> ''
-    UNION SELECT request_id, item_id FROM by_time
-),
-per_request AS (
-    SELECT e.request_id, e.arm, count(*) AS exposures, count(k.item_id) AS clicks
-    FROM exposures e LEFT JOIN clicked k USING (request_id, item_id)
-    WHERE e.experiment = $experiment
-    GROUP BY e.request_id, e.arm
-)
-SELECT r.user_id, CASE WHEN r.user_id >= 0 THEN '' ELSE r.request_id END AS anonymous_request,
-       r.arm, count(DISTINCT r.request_id) AS requests,
-       coalesce(sum(p.exposures), 0)::BIGINT AS exposures,
-       coalesce(sum(p.clicks), 0)::BIGINT AS clicks
-FROM req r LEFT JOIN per_request p USING (request_id, arm)
-GROUP BY ALL
-"""
-
-
-def _view(root: Path, table: str, start: datetime | None, end: datetime | None) -> str:
-    """SQL of ``table`` in [start, end), pruned by date partition; empty when never written."""
-    if not any((root / table).glob("date=*/*.parquet")):
-        return _EMPTY_TABLES[table]
-    where = ["TRUE"]
-    for bound, op, day_op in ((start, ">=", ">="), (end, "<", "<=")):
-        if bound is not None:
-            utc = bound.astimezone(UTC) if bound.tzinfo else bound.replace(tzinfo=UTC)
-            where += [f"date {day_op} DATE '{utc:%Y-%m-%d}'", f"ts {op} TIMESTAMPTZ '{utc}'"]
-    glob = str(root / table / "date=*" / "*.parquet").replace("'", "''")
-    return (
-        f"SELECT * EXCLUDE (date) FROM read_parquet('{glob}', hive_partitioning=true, "
-        f"union_by_name=true) WHERE {' AND '.join(where)}"
-    )
-
-
-def read_units(
-    log_dir: Path | str,
-    experiment_name: str,
-    *,
-    start: datetime | None = None,
-    end: datetime | None = None,
-) -> pd.DataFrame:
-    """One row per (unit, logged arm) of an experiment's requests in ``[start, end)``.
-
-    Clicks count up to ``CLICK_WINDOW_S`` after ``end``.
-
-    Returns:
-        columns ``user_id`` (-1 anonymous), ``anonymous_request`` (the request id that is the
-        unit of an anonymous user, else ""), ``arm``, ``requests``, ``exposures``, ``clicks``.
-    """
-    import duckdb
-
-    root = Path(log_dir)
-    late = None if end is None else end + timedelta(seconds=CLICK_WINDOW_S)
-    bounds = {"requests": (start, end), "exposures": (start, end), "feedback": (start, late)}
-    with duckdb.connect() as con:
-        con.execute("SET TimeZone = 'UTC'")
-        for table, (first, last) in bounds.items():
-            con.execute(f"CREATE TEMP VIEW {table} AS {_view(root, table, first, last)}")
-        return con.execute(_UNITS_SQL, {"experiment": experiment_name}).df()
-
-
 def experiment_report(
     log_dir: Path | str,
     experiment: Experiment,
@@ -750,6 +666,7 @@ def experiment_report(
     end: datetime | None = None,
     resalt: str | None = None,
     alpha: float = 0.05,
+    attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S,
 ) -> ExperimentReport:
     """The experiment's report from the service log in ``[start, end)``.
 
@@ -758,11 +675,15 @@ def experiment_report(
         experiment: the experiment as configured; its first arm is the control.
         resalt: reassign the logged units with this salt instead of using the logged arm; when
             every arm served the same model this is an A/A test on real traffic.
+        attribution_window_s: how long after an exposure a click without a request id counts
+            for it (clicks are read up to this long after ``end``).
 
     Raises:
         EmptyLogError: no traffic of the experiment in the window.
     """
-    units = read_units(log_dir, experiment.name, start=start, end=end)
+    units = read_units(
+        log_dir, experiment.name, start=start, end=end, attribution_window_s=attribution_window_s
+    )
     if units.empty:
         window = f" between {start or 'the start'} and {end or 'the end'}"
         raise EmptyLogError(

@@ -4,12 +4,15 @@ Every reader is a DuckDB view over a table's part files with Hive partition prun
 ``date`` (:func:`create_view`): :func:`read_table` returns one table (an empty, correctly typed
 one when nothing was logged), :func:`summarize` computes the service and click-through figures
 in SQL, so it stays a matter of seconds at 10M exposures, and the monitor
-(:mod:`mlsd.monitoring.monitor`) runs its own SQL on the same views.
+(:mod:`mlsd.monitoring.monitor`) and the A/B report (:mod:`mlsd.evaluation.experiment_log`) run
+their own SQL on the same views.
 
 Click attribution: a ``feedback`` row with event ``"click"`` counts for the exposure with the
 same ``(request_id, item_id)``; a click without a request id (``""``) counts for the latest
 exposure of the same ``(user_id, item_id)`` at most ``attribution_window_s`` before it. An
 exposure is clicked or not: two clicks on it count once, so CTR = clicked / exposures.
+:func:`create_log_views` defines it once, as the view :data:`ATTRIBUTED` of the window's
+exposures with a ``clicked`` flag, which the summary, the monitor and the A/B report aggregate.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import pyarrow as pa
 from mlsd.monitoring.logs import ANONYMOUS_USER, EXPOSURES, FEEDBACK, REQUESTS, SCHEMAS, TABLES
 
 DEFAULT_ATTRIBUTION_WINDOW_S = 1800.0
+ATTRIBUTED = "attributed_exposures"
+"""The view of :func:`create_log_views`: every exposure row with ``clicked`` (BOOLEAN)."""
 
 
 def read_table(
@@ -110,6 +115,64 @@ def create_view(
         f"'{pattern}', hive_partitioning = true, union_by_name = true) WHERE {' AND '.join(where)}"
     )
     return True
+
+
+# Clicked exposures: by (request_id, item_id), else the latest exposure of (user_id, item_id)
+# at most the window before a click without request id (an ASOF join, over only the exposures
+# of clicked (user, item) pairs: sorting all of them made it 5x slower at 10M rows). The keys
+# are distinct, so the LEFT JOIN keeps exactly the exposure rows (a duplicated row is clicked
+# twice, like it is shown twice). A click with a null request id, user or event matches nothing.
+_ATTRIBUTED_SQL = f"""
+WITH clicks AS (SELECT request_id, user_id, item_id, ts FROM feedback WHERE event = 'click'),
+direct AS (SELECT request_id, item_id FROM clicks WHERE request_id <> ''),
+unnamed AS (SELECT * FROM clicks WHERE request_id = '' AND user_id <> {ANONYMOUS_USER}),
+pair_exposures AS (
+    SELECT request_id, user_id, item_id, ts
+    FROM exposures SEMI JOIN unnamed USING (user_id, item_id)
+),
+windowed AS (
+    SELECT e.request_id, e.item_id
+    FROM unnamed c
+    ASOF JOIN pair_exposures e
+        ON c.user_id = e.user_id AND c.item_id = e.item_id AND c.ts >= e.ts
+    WHERE epoch_us(c.ts) - epoch_us(e.ts) <= {{window_us}}
+),
+clicked_keys AS (SELECT * FROM direct UNION SELECT * FROM windowed)
+SELECT e.*, k.item_id IS NOT NULL AS clicked
+FROM exposures e LEFT JOIN clicked_keys k USING (request_id, item_id)
+"""
+
+
+def attributed_exposures_sql(attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S) -> str:
+    """SQL of every row of the ``exposures`` view with ``clicked`` (see the module docstring),
+    over the ``exposures`` and ``feedback`` views of the connection it runs on (their windows
+    are the caller's: :func:`create_log_views`). The window is rounded to microseconds."""
+    return _ATTRIBUTED_SQL.format(window_us=round(attribution_window_s * 1_000_000))
+
+
+def create_log_views(
+    con: duckdb.DuckDBPyConnection,
+    log_dir: str | os.PathLike[str],
+    start: datetime | None,
+    end: datetime | None,
+    *,
+    attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S,
+    tables: Sequence[str] = (REQUESTS, EXPOSURES, FEEDBACK),
+) -> dict[str, bool]:
+    """The views of ``tables`` over ``[start, end)`` (:func:`create_view`), ``feedback``'s up to
+    ``attribution_window_s`` after ``end`` (a click comes after its exposure), and, with
+    ``exposures`` and ``feedback`` among them, the view :data:`ATTRIBUTED` of the window's
+    exposures with their ``clicked`` flag. Returns whether each table has part files."""
+    root = Path(log_dir)
+    sql = attributed_exposures_sql(attribution_window_s)
+    late = None if end is None else _utc(end) + timedelta(seconds=attribution_window_s)
+    present = {
+        table: create_view(con, root, table, start, late if table == FEEDBACK else end)
+        for table in tables
+    }
+    if EXPOSURES in present and FEEDBACK in present:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {ATTRIBUTED} AS {sql}")
+    return present
 
 
 @dataclass(frozen=True)
@@ -208,28 +271,11 @@ SELECT count(DISTINCT user_id) FROM (
     SELECT user_id FROM requests UNION ALL SELECT user_id FROM exposures
 ) WHERE user_id <> {ANONYMOUS_USER}
 """
-# Clicked exposures: by (request_id, item_id), else the latest exposure of (user_id, item_id)
-# at most the window before a click without request id (an ASOF join, over only the exposures
-# of clicked (user, item) pairs: sorting all of them made it 5x slower at 10M rows), then one
-# pass of GROUPING SETS for the overall, per-arm and per-model counts.
+# One pass of GROUPING SETS over the attributed exposures: overall, per arm, per model.
 _CTR_SQL = f"""
-WITH clicks AS (SELECT request_id, user_id, item_id, ts FROM feedback WHERE event = 'click'),
-direct AS (SELECT request_id, item_id FROM clicks WHERE request_id <> ''),
-unnamed AS (SELECT * FROM clicks WHERE request_id = '' AND user_id <> {ANONYMOUS_USER}),
-candidates AS (
-    SELECT request_id, user_id, item_id, ts
-    FROM exposures SEMI JOIN unnamed USING (user_id, item_id)
-),
-windowed AS (
-    SELECT e.request_id, e.item_id
-    FROM unnamed c
-    ASOF JOIN candidates e ON c.user_id = e.user_id AND c.item_id = e.item_id AND c.ts >= e.ts
-    WHERE epoch_us(c.ts) - epoch_us(e.ts) <= $window_us
-),
-clicked AS (SELECT * FROM direct UNION SELECT * FROM windowed)
 SELECT GROUPING(experiment, arm, model_version) AS level, experiment, arm, model_version,
-       count(*) AS exposures, count(k.item_id) AS clicks
-FROM exposures e LEFT JOIN clicked k USING (request_id, item_id)
+       count(*) AS exposures, count(*) FILTER (clicked) AS clicks
+FROM {ATTRIBUTED}
 GROUP BY GROUPING SETS ((), (experiment, arm), (model_version))
 ORDER BY level, experiment, arm, model_version
 """
@@ -246,12 +292,8 @@ def summarize(
 
     Clicks are looked for up to ``attribution_window_s`` after ``end``. All in DuckDB SQL.
     """
-    root = Path(log_dir)
     with connect() as con:
-        for table in (REQUESTS, EXPOSURES):
-            create_view(con, root, table, start, end)
-        late = None if end is None else _utc(end) + timedelta(seconds=attribution_window_s)
-        create_view(con, root, FEEDBACK, start, late)
+        create_log_views(con, log_dir, start, end, attribution_window_s=attribution_window_s)
         [row] = con.execute(_REQUESTS_SQL).fetchall()  # an aggregate has exactly one row
         n_requests, error_rate, latencies, fallback_rate, first, last = row
         paths = con.sql(
@@ -260,8 +302,7 @@ def summarize(
         [(n_users,)] = con.execute(_USERS_SQL).fetchall()
         events = con.sql("SELECT event, count(*) FROM feedback GROUP BY event ORDER BY 2 DESC")
         event_counts = {str(event): int(count) for event, count in events.fetchall()}
-        params = {"window_us": round(attribution_window_s * 1_000_000)}
-        groups = con.execute(_CTR_SQL, params).fetchall()
+        groups = con.execute(_CTR_SQL).fetchall()
     overall = CtrStats(0, 0)
     by_arm: dict[tuple[str, str], CtrStats] = {}
     by_model: dict[str, CtrStats] = {}

@@ -14,7 +14,8 @@ size "exposures" ever becomes a Python object:
   has any feedback row. An exposure is clicked when a ``click`` has its ``(request_id,
   item_id)``, or, for a click without a request id, when it is the latest exposure of the same
   ``(user_id, item_id)`` at most ``attribution_window_s`` before the click (an ASOF join; the
-  attribution of ``mlsd feed logs``). Then ``ctr`` and ``ctr_drop`` (``1 - ctr /
+  attribution of ``mlsd feed logs``, defined once by
+  :func:`mlsd.monitoring.log_reader.create_log_views`). Then ``ctr`` and ``ctr_drop`` (``1 - ctr /
   reference_ctr``; only with a ``reference_ctr``: the CTR of served lists in a period known to
   be good, e.g. the champion's first day from ``mlsd feed logs``. The profile's ``ctr`` is the
   base rate of the ranker's candidates, a different scale: served lists are the top of the
@@ -36,7 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,13 @@ import pyarrow as pa
 
 from mlsd.monitoring.alerts import AlertRule, FiredAlert, RuleOutcome, check, parse_window
 from mlsd.monitoring.drift import PSI_MAJOR, DriftReport, compare
-from mlsd.monitoring.log_reader import DEFAULT_ATTRIBUTION_WINDOW_S, connect, create_view
-from mlsd.monitoring.logs import ANONYMOUS_USER, TABLES
+from mlsd.monitoring.log_reader import (
+    ATTRIBUTED,
+    DEFAULT_ATTRIBUTION_WINDOW_S,
+    connect,
+    create_log_views,
+)
+from mlsd.monitoring.logs import TABLES
 from mlsd.monitoring.profile import ReferenceProfile
 
 MAX_CANDIDATE_ROWS = 50_000
@@ -174,14 +180,11 @@ class _Window:
     def measure(
         self, start: datetime, end: datetime
     ) -> tuple[dict[str, int], dict[str, float], DriftReport | None]:
-        late = end + timedelta(seconds=self.attribution_window_s)
         with connect(threads=self.threads) as con:
-            present = {
-                table: create_view(
-                    con, self.log_dir, table, start, late if table == "feedback" else end
-                )
-                for table in TABLES
-            }
+            present = create_log_views(
+                con, self.log_dir, start, end,
+                attribution_window_s=self.attribution_window_s, tables=TABLES,
+            )  # fmt: skip
             counts = {
                 t: _scalar(con, f"SELECT count(*) FROM {t}") if present[t] else 0 for t in TABLES
             }
@@ -204,8 +207,7 @@ class _Window:
         return con.sql(sql).to_arrow_table()
 
     def _label_metrics(self, con: duckdb.DuckDBPyConnection) -> dict[str, float]:
-        window_us = int(self.attribution_window_s * 1_000_000)
-        con.execute(_CLICKED_SQL.replace("$window_us", str(window_us))).fetchall()
+        con.execute(_CLICKED_SQL).fetchall()
         n, low, high = _row(con, "SELECT count(*), min(score), max(score) FROM exposures")
         clicks = _scalar(con, "SELECT count(*) FROM clicked")
         out: dict[str, float] = {"ctr": clicks / n}
@@ -261,31 +263,12 @@ SELECT quantile_cont(latency_ms::DOUBLE, 0.99),
        avg(CASE WHEN fallbacks <> '' OR starts_with(path, 'fallback:') THEN 1.0 ELSE 0.0 END)
 FROM requests
 """
-# The clicked exposures (a few % of the window's): by (request_id, item_id), else the latest
-# exposure of (user_id, item_id) at most the window before a click without a request id (an
-# ASOF join, over only the exposures of the pairs such clicks name). Every other label metric
-# aggregates this small table or one scan of exposures, so no 10M-row join is materialised.
+# The clicked exposures (a few % of the window's, attributed by the shared view). Every other
+# label metric aggregates this small table or one scan of exposures, so no 10M-row join is
+# materialised.
 _CLICKED_SQL = f"""
 CREATE OR REPLACE TEMP TABLE clicked AS
-WITH clicks AS (SELECT request_id, user_id, item_id, ts FROM feedback WHERE event = 'click'),
-direct AS (SELECT DISTINCT request_id, item_id FROM clicks WHERE request_id <> ''),
-anonymous AS (
-    SELECT user_id, item_id, ts FROM clicks WHERE request_id = '' AND user_id <> {ANONYMOUS_USER}
-),
-named AS (
-    SELECT e.request_id, e.user_id, e.item_id, e.ts FROM exposures e
-    SEMI JOIN (SELECT DISTINCT user_id, item_id FROM anonymous) p
-        ON e.user_id = p.user_id AND e.item_id = p.item_id
-),
-windowed AS (
-    SELECT DISTINCT e.request_id, e.item_id
-    FROM anonymous c
-    ASOF JOIN named e ON c.user_id = e.user_id AND c.item_id = e.item_id AND c.ts >= e.ts
-    WHERE epoch_us(c.ts) - epoch_us(e.ts) <= $window_us
-),
-keys AS (SELECT * FROM direct UNION SELECT * FROM windowed)
-SELECT e.request_id, e.position, e.score::DOUBLE AS score FROM exposures e
-SEMI JOIN keys k ON e.request_id = k.request_id AND e.item_id = k.item_id
+SELECT request_id, position, score::DOUBLE AS score FROM {ATTRIBUTED} WHERE clicked
 """
 _NDCG_SQL = f"""
 SELECT sum(CASE WHEN position < {NDCG_K} THEN 1.0 / log2(position + 2.0) ELSE 0.0 END) AS dcg,
