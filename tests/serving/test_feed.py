@@ -153,6 +153,81 @@ def test_serving_scores_match_the_offline_ranker(
     pd.testing.assert_frame_equal(x_online, x_offline, check_dtype=False, atol=1e-4)
 
 
+def test_the_request_path_scores_the_ranker_frame(
+    recommender: FeedRecommender, served: tuple[Path, Path, Path]
+) -> None:
+    # recommend() scores ranker_inputs' float block without building a DataFrame; the rows it
+    # logs (built from that block) and its probabilities must be, to the bit, ranker_frame's
+    # and the bundle's on that frame, the training path's functions.
+    from mlsd.models.ranking.candidates import (
+        SourceLists,
+        candidate_columns,
+        ranker_frame,
+        request_columns,
+    )
+    from mlsd.models.retrieval.merge import merge_candidates
+
+    model, bundle, features = recommender.model, recommender.model.ranking, recommender.features
+    assert features is not None
+    logged = FeedRecommender(model, features=features, candidates_sample_rate=1.0)
+    now = 1_900_000_123.5
+    pad = model.n_candidates
+
+    def row(values: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full((1, pad), fill, dtype=np.float64 if fill != -1 else np.int64)
+        out[0, : len(values)] = values
+        return out
+
+    for user in (11, 12, None):
+        request = RecommendRequest(user, k=10, now=now, allow_precomputed=False)
+        result = logged.recommend(request)
+        assert result.candidates is not None
+        stored = features.default_user() if user is None else features.user_features(user)
+        query = recommender._query(request, stored)
+        exclude = np.unique(query.history)
+        lists = {
+            name: source.candidates(query, pad, exclude=exclude)
+            for name, source in model.sources.items()
+        }
+        scored = SourceLists(
+            {n: row(i, -1) for n, (i, _) in lists.items()},
+            {n: row(s, -np.inf) for n, (_, s) in lists.items()},
+        )
+        merged = merge_candidates(scored.items, model.quotas, pad)
+        pairs = candidate_columns([-1 if user is None else user], merged, scored)
+        when = pd.Timestamp(now, unit="s", tz="UTC")
+        batch = features.features_for(stored, pairs["item_id"], now=when)
+        columns = request_columns(
+            pairs,
+            user=batch.user,
+            items=batch.items,
+            derived=batch.derived,
+            extras=model.snapshot.extras(user, pairs["item_id"], when.value / 1e9),
+            layout=bundle.layout,
+            config=bundle.feature_config,
+        )
+        frame, _ = ranker_frame(columns, bundle.layout, bundle.vocabulary, bundle.feature_config)
+        pd.testing.assert_frame_equal(result.candidates.features, frame, check_exact=True)
+        np.testing.assert_array_equal(result.candidates.item_ids, pairs["item_id"])
+        np.testing.assert_array_equal(result.candidates.scores, bundle.probabilities(frame))
+
+
+def test_snapshot_lookups_by_table_are_the_binary_searches(
+    recommender: FeedRecommender,
+) -> None:
+    snapshot = recommender.model.snapshot
+    ids = snapshot.item_ids
+    probe = np.concatenate([ids[::7], [ids.max() + 1, ids.max() + 10**6, -5], ids[:3] + 1])
+    extras = snapshot.extras(3, probe, 1.8e9)
+    users = snapshot._lookup(probe, ids, snapshot.item_users_all, 0.0)
+    created = snapshot._lookup(probe, ids, snapshot.item_created_days_ref, np.nan)
+    np.testing.assert_array_equal(extras["item_users_all"], users)
+    np.testing.assert_array_equal(
+        extras["item_created_days"],
+        np.where(np.isnan(created), -1.0, (1.8e9 - created) / 86_400),
+    )
+
+
 def test_batch_path_answers_what_the_online_path_answers(recommender: FeedRecommender) -> None:
     # Batch prediction runs every stage over many users at once (one store read, one index
     # search, one ranker call); each user's list must be the one a request at that time gets.

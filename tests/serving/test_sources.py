@@ -352,3 +352,30 @@ def test_two_tower_query_encoding_matches_the_training_code(
             got = source.user_vector(query)
             assert got is not None
             np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_covisitation_product_is_scipys_to_the_bit() -> None:
+    # The request path sums the history's rows with numpy; the offline scores (and so the
+    # ranker's inputs) come from scipy's sparse product, which must give the same float32 bits.
+    from mlsd.serving.sources import CovisitationSource, RankedItems
+
+    rng = np.random.default_rng(3)
+    n = 500
+    matrix = sp.random(n, n, density=0.05, format="csr", dtype=np.float32, random_state=4)
+    matrix.data = rng.random(matrix.nnz).astype(np.float32) ** 3  # spread the exponents
+    source = CovisitationSource(
+        np.arange(n, dtype=np.int64) * 7,
+        matrix,
+        RankedItems(np.arange(n, dtype=np.int64), np.ones(n, dtype=np.float32)),
+        last_n=20,
+        recency_decay=0.9,
+    )
+    for _ in range(200):
+        cols = np.sort(rng.choice(n, int(rng.integers(1, 21)), replace=False))
+        weights = rng.random(len(cols)).astype(np.float32)
+        targets, scores = source.history_product(cols, weights)
+        history = sp.csr_matrix((weights, cols, [0, len(cols)]), shape=(1, n))
+        expected = np.asarray((history @ matrix).toarray(), dtype=np.float32).ravel()
+        np.testing.assert_array_equal(targets, np.flatnonzero(matrix[cols].sum(axis=0) != 0))
+        assert scores.dtype == np.float32
+        np.testing.assert_array_equal(scores.view(np.int32), expected[targets].view(np.int32))

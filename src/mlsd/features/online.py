@@ -342,23 +342,26 @@ class OnlineFeatures:
     # --- users ---------------------------------------------------------------------------
 
     def _read_users(
-        self, user_ids: Sequence[int]
+        self, user_ids: Sequence[int], *, timestamps: bool = False
     ) -> tuple[dict[str, list[Any]], npt.NDArray[np.bool_], list[pd.Timestamp | None]]:
-        """Stored user features (``None`` when absent), known flags, dynamic-view timestamps."""
+        """Stored user features (``None`` when absent), known flags, and with ``timestamps``
+        the dynamic view's write times (what a push must beat; reads skip them)."""
         response = self._store.get_online_features(
             features=self._user_refs, entity_rows={"user_id": list(user_ids)}
         )
         values: dict[str, list[Any]] = response.to_dict()
-        names = list(response.proto.metadata.feature_names.val)
-        ts_index = names.index("last_event_ts")
         stored_ts: list[pd.Timestamp | None] = []
-        for ts, value in zip(
-            response.proto.results[ts_index].event_timestamps,
-            values["last_event_ts"],
-            strict=True,
-        ):
-            nanos = ts.seconds * 1_000_000_000 + ts.nanos
-            stored_ts.append(None if value is None else pd.Timestamp(nanos, unit="ns", tz="UTC"))
+        if timestamps:
+            names = list(response.proto.metadata.feature_names.val)
+            ts_index = names.index("last_event_ts")
+            for ts, value in zip(
+                response.proto.results[ts_index].event_timestamps,
+                values["last_event_ts"],
+                strict=True,
+            ):
+                nanos = ts.seconds * 1_000_000_000 + ts.nanos
+                stored = None if value is None else pd.Timestamp(nanos, unit="ns", tz="UTC")
+                stored_ts.append(stored)
         known = np.zeros(len(user_ids), dtype=bool)
         for feature in (*self._static, *self._dynamic):
             known |= np.fromiter((v is not None for v in values[feature.name]), dtype=bool)
@@ -470,7 +473,7 @@ class OnlineFeatures:
         frame = frame.assign(category_index=categories["category_index"])
 
         user_ids = frame["user_id"].unique().tolist()
-        values, _, stored_ts = self._read_users(user_ids)
+        values, _, stored_ts = self._read_users(user_ids, timestamps=True)
         rows = []
         for i, (user_id, group) in enumerate(frame.groupby("user_id", sort=False)):
             assert user_id == user_ids[i]

@@ -198,3 +198,29 @@ class RankerContract:
         features.loc[5, "cat"] = CAT_CARDINALITY
         with pytest.raises(ValueError, match="cat"):
             fitted.predict(features)
+
+    def test_predict_matrix_scores_what_predict_scores(self, fitted: Ranker) -> None:
+        # The request path hands rankers the float block (FeatureSchema.matrix), not a frame.
+        features = contract_data().test.features
+        expected = fitted.predict(features)
+        np.testing.assert_array_equal(
+            fitted.predict_matrix(SCHEMA.matrix(features), SCHEMA), expected
+        )
+        flipped = FeatureSchema(
+            tuple(reversed(SCHEMA.numeric)), SCHEMA.categorical, SCHEMA.cardinalities
+        )
+        np.testing.assert_array_equal(
+            fitted.predict_matrix(flipped.matrix(features), flipped), expected
+        )
+
+    @pytest.mark.parametrize(
+        ("column", "bad"),
+        [("x1", np.nan), ("x2", np.inf), ("cat", CAT_CARDINALITY), ("cat", -1.0), ("cat", 2.5)],
+    )
+    def test_predict_matrix_names_a_bad_value(
+        self, fitted: Ranker, column: str, bad: float
+    ) -> None:
+        matrix = SCHEMA.matrix(contract_data().test.features)
+        matrix[4, SCHEMA.columns.index(column)] = bad
+        with pytest.raises(ValueError, match=f"column '{column}' row 4"):
+            fitted.predict_matrix(matrix, SCHEMA)

@@ -295,3 +295,14 @@ def test_merged_retriever_checks_its_arguments() -> None:
         MergedRetriever({}, {})
     with pytest.raises(RuntimeError, match="not fitted"):
         _merged().recommend(np.array([1]), 5)
+
+
+def test_quotas_are_checked_by_type_on_every_merge() -> None:
+    # The merge caches its slot counts per quotas: a count 1, a fraction 1.0 and True differ.
+    lists = {"a": np.array([[1, 2, 3]]), "b": np.array([[4, 5, 6]])}
+    assert sorted(merge_candidates(lists, {"a": 1, "b": 2}, 3).source[0]) == [0, 1, 1]
+    assert sorted(merge_candidates(lists, {"a": 1.0, "b": 2}, 3).source[0]) == [0, 0, 0]
+    with pytest.raises(ValueError, match="quota"):
+        merge_candidates(lists, {"a": True}, 3)
+    with pytest.raises(ValueError, match="quota"):
+        merge_candidates(lists, {"a": [1]}, 3)  # type: ignore[dict-item]

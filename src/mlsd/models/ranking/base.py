@@ -16,8 +16,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -78,14 +79,7 @@ class FeatureSchema:
             numeric = features.to_numpy(dtype=np.float64)[:, : len(self.numeric)]
         else:
             numeric = features[list(self.numeric)].to_numpy(dtype=np.float64)
-        if not np.isfinite(numeric).all():  # one check over the block; the column on failure
-            for j, column in enumerate(self.numeric):
-                bad = ~np.isfinite(numeric[:, j])
-                if bad.any():
-                    row = int(np.flatnonzero(bad)[0])
-                    raise ValueError(
-                        f"{name}: column {column!r} row {row}: {numeric[row, j]} is not finite"
-                    )
+        self._check_finite(numeric, name)
         for column in self.categorical:
             codes = features[column].to_numpy()
             if not np.issubdtype(codes.dtype, np.integer):
@@ -97,6 +91,53 @@ class FeatureSchema:
                     f"{name}: column {column!r} row {row}: code {codes[row]} outside "
                     f"[0, {self.cardinalities[column]})"
                 )
+
+    def check_matrix(self, matrix: FloatArray, *, name: str = "features") -> None:
+        """:meth:`check` of a :meth:`matrix`-shaped block (``(n, len(columns))`` float64,
+        codes as floats), with the same errors: the request path scores such a block without
+        building a DataFrame, and a DataFrame's per-column checks cost ~20x more there."""
+        if matrix.ndim != 2 or matrix.shape[1] != len(self.columns):
+            raise ValueError(
+                f"{name}: a ({matrix.shape}) block, expected (n, {len(self.columns)}) columns"
+            )
+        k = len(self.numeric)
+        self._check_finite(matrix[:, :k], name)
+        if not self.categorical:
+            return
+        codes = matrix[:, k:]
+        bad = ~((codes >= 0) & (codes < self._code_limits) & (codes == np.floor(codes)))
+        if bad.any():  # NaN and inf fail every comparison: caught here as well
+            row, j = (int(i) for i in np.argwhere(bad)[0])
+            column = self.categorical[j]
+            raise ValueError(
+                f"{name}: column {column!r} row {row}: code {codes[row, j]} outside "
+                f"[0, {self.cardinalities[column]}) or not an integer"
+            )
+
+    @cached_property
+    def _code_limits(self) -> FloatArray:
+        return np.array([self.cardinalities[c] for c in self.categorical], dtype=np.float64)
+
+    def _check_finite(self, numeric: FloatArray, name: str) -> None:
+        if np.isfinite(numeric).all():  # one check over the block; the column on failure
+            return
+        for j, column in enumerate(self.numeric):
+            bad = ~np.isfinite(numeric[:, j])
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"{name}: column {column!r} row {row}: {numeric[row, j]} is not finite"
+                )
+
+    def frame(self, matrix: FloatArray, index: pd.Index | None = None) -> pd.DataFrame:
+        """A :meth:`matrix`-shaped block as the DataFrame it came from: numeric columns
+        float64, categorical codes int64."""
+        k = len(self.numeric)
+        # One DataFrame built at the end: column-by-column inserts cost ~0.2 ms each.
+        columns: dict[str, npt.NDArray[Any]] = dict(zip(self.numeric, matrix[:, :k].T, strict=True))
+        for j, column in enumerate(self.categorical):
+            columns[column] = matrix[:, k + j].astype(np.int64)
+        return pd.DataFrame(columns, index=index)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -187,6 +228,15 @@ class Ranker(ABC):
     @abstractmethod
     def predict(self, features: pd.DataFrame) -> FloatArray:
         """``(n,)`` float64 scores, higher = more likely engaged (same columns as at fit)."""
+
+    def predict_matrix(self, matrix: FloatArray, schema: FeatureSchema) -> FloatArray:
+        """:meth:`predict` of a ``schema.matrix``-shaped block (the request path's rows).
+
+        This default checks the block (the frame's int codes would hide a fractional one) and
+        builds the DataFrame; a ranker that scores a float matrix anyway (LightGBM) overrides
+        it to skip the frame."""
+        schema.check_matrix(matrix, name=f"{type(self).__name__}.predict")
+        return self.predict(schema.frame(matrix))
 
     @abstractmethod
     def save(self, path: Path) -> None:

@@ -25,7 +25,7 @@ import pandas as pd
 
 from mlsd.data.sampling import recalibrate_downsampled
 from mlsd.features.definitions import FeatureConfig
-from mlsd.models.ranking.base import FloatArray, Ranker
+from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.ranking.registry import load_ranker
@@ -62,6 +62,12 @@ class RankingBundle:
         """Click probabilities of candidate rows: ranker → downsampling correction →
         calibrator, the same chain the calibrator was fitted through."""
         scores = self.ranker.predict(features)
+        return self.calibrator.transform(prior_corrected(scores, self.negative_keep_rate))
+
+    def probabilities_matrix(self, matrix: FloatArray, schema: FeatureSchema) -> FloatArray:
+        """:meth:`probabilities` of a ``schema.matrix`` block (:func:`ranker_inputs`): the
+        request path, which skips the DataFrame when the ranker can."""
+        scores = self.ranker.predict_matrix(matrix, schema)
         return self.calibrator.transform(prior_corrected(scores, self.negative_keep_rate))
 
     def save(self, path: Path) -> Path:

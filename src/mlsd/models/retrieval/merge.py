@@ -18,6 +18,10 @@ NDCG meaningful on its own (and keeps a single source's order when the lists agr
 :func:`merge_by_segment` gives cold users (no event before the cutoff) quotas of their own;
 :func:`merged_entries` is the merge's set without its order, for fast quota searches.
 
+A request merges one user's lists, where numpy's per-call overhead is most of the cost: row-wise
+gathers index with a column of row numbers instead of ``np.take_along_axis`` (the same values,
+~10 µs less a call), and the slot counts of a set of quotas are computed once.
+
     merged = merge_candidates({"als": als_items, "popularity": pop_items},
                               {"als": 0.7, "popularity": 0.3}, k=200)
     merged.item_ids       # (n_users, 200)
@@ -26,6 +30,7 @@ NDCG meaningful on its own (and keeps a single source's order when the lists agr
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -192,7 +197,19 @@ def _checked(
                 f"candidates[{name!r}] has shape {lst.shape}; expected ({n_users}, L) like "
                 f"candidates[{names[0]!r}]"
             )
-    return names, lists, quota_counts([quotas.get(name, 0) for name in names], k)
+    given = tuple(quotas.get(name, 0) for name in names)
+    try:
+        counts = np.array(_quota_counts(k, *given), dtype=np.int64)
+    except TypeError:  # an unhashable quota: quota_counts says what is wrong with it
+        counts = quota_counts(given, k)
+    return names, lists, counts
+
+
+@functools.lru_cache(maxsize=64, typed=True)  # typed: a count 1 is not a fraction 1.0 or True
+def _quota_counts(k: int, *quotas: Quota) -> tuple[int, ...]:
+    """:func:`quota_counts`, once per quotas and ``k``: a request merges with the same ones,
+    and the checks and rounding cost more than the merge of one user's lists."""
+    return tuple(quota_counts(quotas, k).tolist())
 
 
 def merge_by_segment(
@@ -248,12 +265,13 @@ def _item_columns(lists: list[IntArray]) -> tuple[list[IntArray], int]:
         local = both - PAD_ITEM
         n_cols = top + 2
     else:
+        user = np.arange(both.shape[0])[:, None]  # indexing: take_along_axis costs 10 µs more
         order = np.argsort(both, axis=1, kind="stable")
-        ordered = np.take_along_axis(both, order, axis=1)
+        ordered = both[user, order]
         first = np.ones(ordered.shape, dtype=bool)
         first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
         local = np.empty_like(both)
-        np.put_along_axis(local, order, np.cumsum(first, axis=1) - 1, axis=1)
+        local[user, order] = np.cumsum(first, axis=1) - 1
         n_cols = width
     bounds = np.cumsum([lst.shape[1] for lst in lists])[:-1]
     return list(np.split(local, bounds, axis=1)), n_cols
@@ -280,7 +298,7 @@ def _claims(
         free = (lists[s] != PAD_ITEM) & ~taken[user, cols[s]]
         rank = np.cumsum(free, axis=1)
         take = free & (rank <= limit[:, None])
-        taken[np.broadcast_to(user, take.shape)[take], cols[s][take]] = True
+        taken[np.nonzero(take)[0], cols[s][take]] = True
         return take, rank
 
     passes: list[Claim] = []
@@ -309,10 +327,11 @@ def _merge_chunk(
     fused = np.full((n, n_cols), np.inf)  # best (rank - 0.5) / quota over the proposers
     for s, (lst, col) in enumerate(zip(lists, cols, strict=True)):
         real = lst != PAD_ITEM
-        where = (np.broadcast_to(user, lst.shape)[real], col[real])
+        row, entry = np.nonzero(real)  # row-major, as a boolean mask selects
+        where = (row, col[real])
         proposed[where] |= np.int64(1) << s
         if counts[s] > 0:
-            rank = np.broadcast_to(np.arange(lst.shape[1]) + 0.5, lst.shape)[real] / counts[s]
+            rank = (entry + 0.5) / counts[s]
             np.minimum.at(fused, where, rank)
 
     picks = [
@@ -326,10 +345,11 @@ def _merge_chunk(
     # earlier source. Unchosen entries (key inf) sort last whatever their fused rank.
     fused_key = np.where(np.isfinite(key), fused[user, every_col], np.inf)
     order = np.lexsort((key, fused_key, ~np.isfinite(key)), axis=1)[:, :k]
-    chosen = np.isfinite(np.take_along_axis(key, order, axis=1))
+    chosen = np.isfinite(key[user, order])
 
     def pick(arrays: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
-        return np.take_along_axis(np.concatenate(arrays, axis=1), order, axis=1)
+        picked: npt.NDArray[np.int64] = np.concatenate(arrays, axis=1)[user, order]
+        return picked
 
     width = order.shape[1]
     out.item_ids[rows, :width] = np.where(chosen, pick([lists[s] for s, _ in picks]), PAD_ITEM)

@@ -1,0 +1,144 @@
+"""Ranker rows: the request path's float block is the training frame, value for value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pytest
+
+from mlsd.features.definitions import FeatureConfig
+from mlsd.models.ranking.candidates import (
+    FeatureLayout,
+    Vocabulary,
+    _as_string,
+    ranker_frame,
+    ranker_inputs,
+)
+
+CONFIG = FeatureConfig(categories=("art", "books", "cars"), user_attributes=("region",))
+LAYOUT = FeatureLayout(
+    numeric=(
+        "events_30d",
+        "item_age_days",
+        "score_als",
+        "item_users_all",
+        "merged_position",
+        "affinity_mean_30d",
+    ),
+    categorical=("region", "category", "claimed_source"),
+)
+VOCABULARY = Vocabulary(
+    {
+        "region": ["north", "south"],
+        "category": ["art", "books", "unknown"],
+        "claimed_source": ["als", "popularity"],
+    }
+)
+
+
+def _factorized(vocabulary: Vocabulary, column: str, values: npt.ArrayLike) -> list[int]:
+    """The codes as the vocabulary gave them before its str fast path: factorize, then look
+    up each distinct value's string."""
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    table = {v: i + 1 for i, v in enumerate(vocabulary.values[column])}
+    names = [v if isinstance(v, str) else _as_string(v) for v in uniques]
+    lut = np.array([table.get(str(v), 0) for v in names] + [table.get("unknown", 0)])
+    return [int(c) for c in lut[codes]]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["art", "books", "nope", "art", "unknown"],
+        ["art", None, np.nan, "books", pd.NA],
+        [1, "art", 2.0, None],
+        [np.str_("art"), "books"],
+        [],
+    ],
+)
+def test_encode_gives_the_factorized_codes(values: list[Any]) -> None:
+    codes = VOCABULARY.encode({"category": np.array(values, dtype=object)})["category"]
+    assert codes.dtype == np.int64
+    assert codes.tolist() == _factorized(VOCABULARY, "category", values)
+
+
+def test_encode_reads_a_broadcast_value_once() -> None:
+    one = np.broadcast_to(np.array(["south"], dtype=object), (4,))
+    assert VOCABULARY.encode({"region": one})["region"].tolist() == [2, 2, 2, 2]
+    missing = np.broadcast_to(np.array([None], dtype=object), (3,))
+    assert VOCABULARY.encode({"region": missing})["region"].tolist() == [0, 0, 0]
+
+
+def _request(n: int, seed: int = 0) -> dict[str, npt.NDArray[Any]]:
+    rng = np.random.default_rng(seed)
+    return {
+        "item_id": np.arange(n, dtype=np.int64),
+        "events_30d": rng.integers(0, 50, n).astype(np.float32),
+        "item_age_days": np.where(rng.random(n) < 0.2, -1.0, rng.random(n) * 400),
+        "score_als": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n)),
+        "item_users_all": rng.integers(0, 1000, n).astype(np.float64),
+        "merged_position": np.log1p(np.arange(n)).astype(np.float32),
+        "cat_mean_30d": np.broadcast_to(rng.random((1, 3)).astype(np.float32), (n, 3)),
+        "category_index": rng.integers(-1, 3, n),
+        "region": np.broadcast_to(np.array(["south"], dtype=object), (n,)),
+        "category": rng.choice(np.array(["art", "books", "cars", None], dtype=object), n),
+        "claimed_source": rng.choice(np.array(["als", "popularity"], dtype=object), n),
+    }
+
+
+def test_ranker_inputs_are_the_ranker_frame_as_a_block() -> None:
+    columns = _request(300)
+    matrix, schema = ranker_inputs(columns, LAYOUT, VOCABULARY, CONFIG)
+    frame, frame_schema = ranker_frame(columns, LAYOUT, VOCABULARY, CONFIG)
+    assert schema == frame_schema
+    assert list(frame.columns) == [*LAYOUT.numeric, *LAYOUT.categorical]
+    assert (frame.dtypes[list(LAYOUT.numeric)] == np.float64).all()
+    assert (frame.dtypes[list(LAYOUT.categorical)] == np.int64).all()
+    np.testing.assert_array_equal(matrix, schema.matrix(frame))
+    pd.testing.assert_frame_equal(schema.frame(matrix), frame, check_exact=True)
+    schema.check(frame)
+    schema.check_matrix(matrix)
+
+
+def test_the_offline_frame_and_the_request_columns_give_the_same_block() -> None:
+    # Training reads a DataFrame (pair_features, category names, its own index); a request
+    # reads arrays: one function, so one block.
+    columns = _request(50, seed=1)
+    offline = pd.DataFrame(
+        {
+            name: list(values) if values.ndim > 1 else values
+            for name, values in columns.items()
+            if name != "category_index"
+        },
+        index=np.arange(100, 150),
+    )
+    offline["category"] = [
+        CONFIG.categories[i] if i >= 0 else None for i in columns["category_index"]
+    ]
+    columns["category"] = offline["category"].to_numpy(dtype=object)
+    matrix, _ = ranker_inputs(columns, LAYOUT, VOCABULARY, CONFIG)
+    frame, schema = ranker_frame(offline, LAYOUT, VOCABULARY, CONFIG)
+    assert list(frame.index) == list(range(100, 150))
+    np.testing.assert_array_equal(matrix, schema.matrix(frame))
+
+
+@pytest.mark.parametrize(
+    ("column", "bad", "message"),
+    [
+        ("score_als", np.inf, "is not finite"),
+        ("category", 4.0, "outside"),
+        ("region", -1.0, "outside"),
+        ("claimed_source", 0.5, "not an integer"),
+        ("claimed_source", np.nan, "outside"),
+    ],
+)
+def test_check_matrix_names_the_column_and_row(column: str, bad: float, message: str) -> None:
+    matrix, schema = ranker_inputs(_request(20), LAYOUT, VOCABULARY, CONFIG)
+    matrix[7, schema.columns.index(column)] = bad
+    with pytest.raises(ValueError, match=f"rows: column '{column}' row 7: .*{message}"):
+        schema.check_matrix(matrix, name="rows")
+    with pytest.raises(ValueError, match="expected"):
+        schema.check_matrix(matrix[:, 1:])
