@@ -398,16 +398,16 @@ def test_a_pass_runs_in_a_child_process_and_a_dead_child_is_replaced(
     log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
     settings = MonitorSettings(rules=RULES, interval_s=3600.0)
     app = create_app(lambda: feed_model, settings=ServiceSettings(), log=log, monitor=settings)
+    before = {p.pid for p in multiprocessing.active_children()}
     with TestClient(app) as client:
+        children = [p for p in multiprocessing.active_children() if p.pid not in before]
+        assert children, "the child did not start with the service"
         client.get("/v1/recommendations/3", params={"precomputed": False})
         log.flush()
         monitor = app.state.monitor
-        before = {p.pid for p in multiprocessing.active_children()}
         first = monitor.run_once()
         assert first is not None
         assert first.counts["requests"] == 1
-        children = [p for p in multiprocessing.active_children() if p.pid not in before]
-        assert children, "no child process ran the pass"
         for child in children:
             os.kill(cast(int, child.pid), signal.SIGKILL)
             child.join(timeout=10)
