@@ -128,12 +128,6 @@ class Snapshot:
             "user_events_all": self._lookup(users, self.user_ids, self.user_events_all, 0.0),
         }
 
-    def categories(self, item_ids: IntArray) -> IntArray:
-        out: IntArray = self._lookup(item_ids, self.item_ids, self.item_category, -1).astype(
-            np.int64
-        )
-        return out
-
     def _item_rows(self, item_ids: IntArray) -> IntArray:
         """Each item's row in ``item_ids``, -1 unknown: :meth:`_lookup`'s rows from a table
         indexed by id (two binary searches in a 1M-item snapshot cost ~70 µs a request)."""
@@ -155,9 +149,8 @@ class Snapshot:
     def dense_categories(self) -> IntArray:
         """Category code indexed by item id (what :func:`rerank` reads), -1 unknown; built
         once, since a per-request table would cost a catalog-sized allocation."""
-        top = int(self.item_ids.max(initial=-1)) + 1
-        out = np.full(top, -1, dtype=np.int64)
-        out[self.item_ids] = self.item_category
+        rows = self._dense_rows
+        out: IntArray = np.where(rows >= 0, self.item_category[rows], -1).astype(np.int64)
         return out
 
 
