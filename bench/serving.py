@@ -21,8 +21,9 @@ loopback, as in production:
    precomputed=`` sent at times ``i / rate`` whatever the answers (open loop), at most
    ``--max-inflight`` at once; a request that finds no free connection within ``--timeout`` is
    an error (``late``), as is a timeout or a non-200. Latency is the answer's arrival minus the
-   SCHEDULED send time (no coordinated omission); requests without an answer count as infinitely
-   slow, so a percentile they reach is ``null``. After each phase the harness waits until
+   SCHEDULED send time (no coordinated omission; a thread keeps the schedule, so the event
+   loop's millisecond timers do not make the client late); requests without an answer count as
+   infinitely slow, so a percentile they reach is ``null``. After each phase the harness waits until
    ``/readyz`` is fast again: requests the client gave up on still run in the server's threads.
 
 Phases (``--phases``, default all), each after ``--warmup`` seconds at the same rate: the
@@ -64,12 +65,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import uvloop
@@ -208,14 +210,30 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             slots.release()
 
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    launched = asyncio.Event()
+
+    def launch(at: float, user: int) -> None:
+        tasks.append(loop.create_task(one(at, user)))
+
+    def tick() -> None:
+        """The schedule in a thread: ``time.sleep`` wakes within tens of microseconds, while
+        the event loop's timers (``asyncio.sleep``) fire up to a millisecond late (epoll's
+        timeout is in whole milliseconds, rounded up), which every latency would include."""
+        for at, user in zip(send_at.tolist(), users.tolist(), strict=True):
+            delay = start + at - clock()
+            if delay > 0:
+                time.sleep(delay)
+            loop.call_soon_threadsafe(launch, at, user)
+        loop.call_soon_threadsafe(launched.set)
+
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    tasks = []
-    for at, user in zip(send_at.tolist(), users.tolist(), strict=True):
-        delay = start + at - clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(at, user)))
+    ticker = threading.Thread(target=tick, name="schedule", daemon=True)
+    ticker.start()
+    await launched.wait()
     await asyncio.gather(*tasks)
+    ticker.join()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     await sender.close()
     return {"records": records, "client_cpu_s": cpu, "client_wall_s": wall}
@@ -357,7 +375,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 
 
-def fail(message: str, detail: dict[str, Any]) -> None:
+def fail(message: str, detail: dict[str, Any]) -> NoReturn:
     """Print the failure as the JSON document (the reader gets where and why) and exit 1."""
     print(json.dumps({"benchmark": "serving", "failed": message, **detail}, indent=2))
     sys.exit(1)
@@ -578,7 +596,12 @@ def load_phase(
     )
     wall = time.perf_counter() - wall0
     server.check_alive()
-    out = json.loads(worker.stdout)
+    try:
+        out = json.loads(worker.stdout)
+    except json.JSONDecodeError as error:
+        dump = Path(tempfile.mkstemp(prefix="mlsd-load-worker-", suffix=".out")[1])
+        dump.write_text(worker.stdout)
+        fail("the load worker's output is not JSON", {"error": str(error), "output": str(dump)})
     phase: dict[str, Any] = {"rate": rate, "seconds": seconds, "precomputed": precomputed}
     phase |= summarize(out["records"], args.warmup, args.warmup + seconds)
     phase["cpu_cores"] = {

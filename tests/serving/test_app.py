@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -26,7 +27,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
-from mlsd.serving.app import FREEZE_AFTER_RELOAD_S, ServiceSettings, create_app, listen_socket
+from mlsd.serving.app import (
+    FREEZE_AFTER_RELOAD_S,
+    HotRoute,
+    ServiceSettings,
+    create_app,
+    listen_socket,
+)
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
 
@@ -259,6 +266,98 @@ def test_model_exception_without_fallback_is_503(
     response = client.get("/v1/recommendations/5")
     assert response.status_code == 503
     assert "no fallback is configured" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("target", "read"),
+    [
+        ("/v1/recommendations/5", RecommendRequest(5, 10)),
+        ("/v1/recommendations/-9223372036854775808?k=100", RecommendRequest(-(2**63), 100)),
+        (
+            "/v1/recommendations/7?k=3&explain=YES&precomputed=off&now=1700000000.5&utm=x",
+            RecommendRequest(7, 3, explain=True, allow_precomputed=False, now=1_700_000_000.5),
+        ),
+        ("/v1/recommendations/9223372036854775808", None),  # beyond int64
+        ("/v1/recommendations/0x10", None),
+        ("/v1/recommendations/1_000", None),
+        ("/v1/recommendations/5?k=0", None),
+        ("/v1/recommendations/5?k=101", None),
+        ("/v1/recommendations/5?k=%C2%B2", None),  # a superscript two: a digit, not an int
+        ("/v1/recommendations/5?k=3&k=4", None),
+        ("/v1/recommendations/5?explain=maybe", None),
+        ("/v1/recommendations/5?now=-1", None),
+        ("/v1/recommendations/5?now=1e9", None),
+        ("/v1/recommendations/5?now=99999999999", None),  # after year 3000
+        ("/v1/recommendations/5/more", None),
+        ("/v1/recommendations", None),
+    ],
+)
+def test_the_hot_route_reads_plain_requests_only(
+    target: str, read: RecommendRequest | None
+) -> None:
+    path, _, query = target.partition("?")
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": query.encode()}
+    hot = HotRoute(None, SimpleNamespace(settings=ServiceSettings()), None)  # type: ignore[arg-type]
+    assert hot._read(scope) == read
+    assert hot._read({**scope, "method": "POST"}) is None
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"k": 4},
+        {"k": 4, "explain": "true", "precomputed": "false", "now": 1_700_000_000},
+        {"k": 4, "explain": "on", "unknown": "ignored"},  # read by the hot route
+        {"k": ["4", "4"], "explain": ["no", "1"]},  # repeated: FastAPI takes the last
+    ],
+    ids=["k", "all", "words", "repeated"],
+)
+def test_the_hot_route_answers_as_the_declared_route(
+    make_client: MakeClient, popular: PopularRecommender, query: dict[str, Any]
+) -> None:
+    """A GET the hot route reads and one it leaves to FastAPI answer alike, and alike to the
+    POST route (FastAPI's all through), but for the request id and the timings."""
+    client = make_client(lambda: FastModel(popular))
+    got = client.get("/v1/recommendations/5", params=query)
+    assert got.status_code == 200, got.text
+    last = {name: value[-1] if isinstance(value, list) else value for name, value in query.items()}
+    words = {"true": True, "on": True, "1": True, "false": False, "no": False}
+    posted = client.post(
+        "/v1/recommendations",
+        json={
+            "user_id": 5,
+            "k": int(last["k"]),
+            "explain": words.get(str(last.get("explain", "false"))),
+            "allow_precomputed": words[str(last.get("precomputed", "true"))],
+            "now": last.get("now"),
+        },
+    )
+    assert posted.status_code == 200, posted.text
+    assert got.headers["content-type"] == posted.headers["content-type"] == "application/json"
+
+    def same(body: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in body.items() if k not in ("request_id", "stage_ms")}
+
+    assert same(got.json()) == same(posted.json())
+    assert got.json()["request_id"] != posted.json()["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        ("/v1/recommendations/5?k=abc", "k"),
+        ("/v1/recommendations/5?explain=maybe", "explain"),
+        ("/v1/recommendations/5?now=-1", "now"),
+        ("/v1/recommendations/0x10", "user_id"),
+    ],
+)
+def test_what_the_hot_route_leaves_gets_fastapis_422(
+    client: TestClient, target: str, field: str
+) -> None:
+    response = client.get(target)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"][-1] == field
 
 
 # ---------------------------------------------------------------- events, history, users
