@@ -68,7 +68,8 @@ from mlsd.evaluation.experiments import (
     sample_size,
     wilson_ci,
 )
-from mlsd.evaluation.simulator import SimulationResult, WorldPreferences, simulate
+from mlsd.evaluation.preferences import WorldPreferences
+from mlsd.evaluation.simulator import SimulationResult, simulate
 from mlsd.monitoring.log_reader import read_table
 from mlsd.serving.process import ServiceFailedError, free_port, mlsd_command, running_service
 

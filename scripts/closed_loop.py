@@ -92,7 +92,8 @@ from mlsd.data.schema import (
 )
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.data.sources.world import World
-from mlsd.evaluation.simulator import SimulationResult, WorldPreferences, simulate
+from mlsd.evaluation.preferences import WorldPreferences
+from mlsd.evaluation.simulator import SimulationResult, simulate
 from mlsd.monitoring.profile import NumericProfile, ReferenceProfile
 from mlsd.serving.process import ServiceFailedError, free_port, mlsd_command, running_service
 from mlsd.serving.registry import ModelRegistry, RegistryConfig

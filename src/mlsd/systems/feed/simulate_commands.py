@@ -2,7 +2,7 @@
 
 The users' preferences come from the dataset: the simulated world's ground truth when the
 directory holds one (``world.json`` + ``world.npz``, written by ``mlsd data synth``), else an
-oracle fitted on all of the dataset's events (see :mod:`mlsd.evaluation.simulator`). The
+oracle fitted on all of the dataset's events (see :mod:`mlsd.evaluation.preferences`). The
 simulated clock starts at ``--start`` (default: the dataset's last event) and advances
 ``--seconds-per-request`` per request; ``--after-drift`` uses a drifting world's post-drift
 tastes whatever the clock says.
@@ -20,7 +20,8 @@ from rich.table import Table
 from mlsd.systems.feed.commands import DatasetDir, app, console
 
 if TYPE_CHECKING:  # kept out of the CLI's import time
-    from mlsd.evaluation.simulator import GroupStats, Preferences, SimulationResult
+    from mlsd.evaluation.preferences import Preferences
+    from mlsd.evaluation.simulator import GroupStats, SimulationResult
 
 
 @app.command("simulate")
@@ -90,7 +91,7 @@ def simulate_command(
 def load_preferences(dataset: Path, *, after_drift: bool) -> Preferences:
     """The world's ground truth when ``dataset`` holds one, else an oracle fitted on it."""
     from mlsd.data.sources.world import WORLD_JSON
-    from mlsd.evaluation.simulator import OraclePreferences, WorldPreferences
+    from mlsd.evaluation.preferences import OraclePreferences, WorldPreferences
 
     if (dataset / WORLD_JSON).is_file():
         return WorldPreferences.from_dataset(dataset, force_regime="after" if after_drift else None)
