@@ -17,7 +17,7 @@ from mlsd.features.batch import (
     training_features,
 )
 from mlsd.features.definitions import FeatureConfig, feature_set
-from mlsd.features.derive import derive, item_arrays, user_arrays
+from mlsd.features.derive import _in_rows, derive, item_arrays, user_arrays
 
 CONFIG = FeatureConfig(history_len=4, windows_days=(1, 7), categories=("a", "b", "c"))
 NOW = int(pd.Timestamp("2024-03-01 12:34:56", tz="UTC").timestamp())  # a Friday
@@ -112,6 +112,61 @@ def test_per_row_users_and_times_are_not_mixed_up() -> None:
     assert list(out["category_affinity"]) == [0.0, 0.0, 0.0]  # 12 is b, 20 is a, 99 unknown
     assert list(out["seconds_since_last_event"]) == [10.0, 3620.0, 30.0]
     assert list(out["hour_of_day"]) == [12, 13, 12]
+
+
+def _users(m: int, seed: int) -> dict[str, np.ndarray]:
+    """``m`` users (one row each, as batch prediction reads them), a few cold."""
+    rng = np.random.default_rng(seed)
+    recent = rng.integers(0, 40, (m, CONFIG.history_len))
+    recent[rng.random((m, CONFIG.history_len)) < 0.3] = -1
+    known = (rng.random(m) < 0.8).astype(np.int64)
+    return {
+        "recent_item_ids": recent,
+        "recent_ts": np.where(recent >= 0, NOW - 600, 0),
+        "last_event_ts": np.where(known == 1, NOW - rng.integers(0, 9000, m), -1),
+        "session_events": rng.integers(0, 5, m),
+        "events_1d": rng.integers(0, 9, m).astype(np.float32),
+        "events_7d": rng.integers(0, 30, m).astype(np.float32),
+        "cat_count_1d": rng.integers(0, 4, (m, 3)).astype(np.float32),
+        "cat_count_7d": rng.integers(0, 9, (m, 3)).astype(np.float32),
+        "user_known": known,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_owners_give_what_the_repeated_user_rows_give(seed: int) -> None:
+    # Batch prediction passes each user once and the owner of every item row; the features
+    # must be derive's of the user rows repeated per item, to the bit.
+    rng = np.random.default_rng(seed)
+    users, n = _users(7, seed), 120
+    owner = np.sort(rng.integers(0, 7, n))
+    item_ids = rng.integers(0, 40, n)
+    item_ids[::5] = users["recent_item_ids"][owner[::5], 0]  # seen items (and a -1 pad)
+    items = {
+        "item_id": item_ids,
+        "item_first_ts": np.where(rng.random(n) < 0.2, 0, NOW - rng.integers(0, 10**6, n)),
+        "category_index": rng.integers(-1, 3, n),
+        "item_known": rng.integers(0, 2, n),
+    }
+    repeated = {name: value[owner] for name, value in users.items()}
+    want = derive(repeated, items, now_s=NOW, config=CONFIG)
+    got = derive(users, items, now_s=NOW, config=CONFIG, owner=owner)
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert got["seen_recently"].any()
+    assert not got["seen_recently"].all()
+
+
+def test_owned_lists_too_wide_to_offset_are_compared_row_by_row() -> None:
+    lists = np.array([[3, 2**61, -1], [7, 8, 9]])
+    owner = np.array([0, 0, 1, 1, 0])
+    values = np.array([2**61, 7, 8, 2**60, -1])
+    np.testing.assert_array_equal(
+        _in_rows(lists, owner, values), (lists[owner] == values[:, None]).any(axis=1)
+    )
+    assert _in_rows(lists, owner[:0], values[:0]).shape == (0,)
 
 
 def test_stored_arrays_pad_and_fill_defaults() -> None:

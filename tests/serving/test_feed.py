@@ -246,6 +246,39 @@ def test_batch_path_answers_what_the_online_path_answers(recommender: FeedRecomm
     assert recommender.recommend_many([], k=10) == []
 
 
+def test_batch_rows_are_each_requests_rows_to_the_bit(recommender: FeedRecommender) -> None:
+    # prepare_many builds the ranker rows of many users as one float block (user features
+    # repeated per candidate only where read); each user's rows must be, to the bit, those a
+    # request at that time scores and logs, and rank_many must score the block as the bundle
+    # scores its DataFrame.
+    from mlsd.serving.rerank import PAD_ID
+
+    model, bundle, features = recommender.model, recommender.model.ranking, recommender.features
+    logged = FeedRecommender(model, features=features, candidates_sample_rate=1.0)
+    now = 1_900_000_000  # whole seconds: the batch runs at one int time
+    users = [3, 4, 5, 11, 12, 40, 10_000_000]
+    batch = recommender.prepare_many(users, now=now)
+    assert batch.features.flags.c_contiguous
+    assert batch.features.shape == (
+        int((batch.candidates != PAD_ID).sum()),
+        len(batch.schema.columns),
+    )
+    owner = np.nonzero(batch.candidates != PAD_ID)[0]
+    frame = batch.frame
+    for row, user in enumerate(users):
+        request = RecommendRequest(user, k=10, now=now, allow_precomputed=False)
+        result = logged.recommend(request)
+        assert result.candidates is not None, user
+        mine = batch.candidates[row][batch.candidates[row] != PAD_ID]
+        np.testing.assert_array_equal(mine, result.candidates.item_ids)
+        pd.testing.assert_frame_equal(
+            frame[owner == row].reset_index(drop=True), result.candidates.features, check_exact=True
+        )
+    np.testing.assert_array_equal(
+        bundle.probabilities_matrix(batch.features, batch.schema), bundle.probabilities(frame)
+    )
+
+
 def test_anonymous_and_unknown_users_get_an_answer(recommender: FeedRecommender) -> None:
     anonymous = recommender.recommend(RecommendRequest(None, k=5, recent_items=[3, 4]))
     assert len(anonymous.items) == 5

@@ -49,6 +49,7 @@ def derive(
     *,
     now_s: Array | int,
     config: FeatureConfig,
+    owner: Array | None = None,
 ) -> dict[str, Array]:
     """The context and cross features of ``n`` (user, item) pairs at time ``now_s``.
 
@@ -63,6 +64,11 @@ def derive(
             ``item_known`` (0/1).
         now_s: the request (or label) time, epoch seconds: a scalar or (n,).
         config: the feature configuration the stored features were computed with.
+        owner: (n,) int64, batch prediction's many users: ``user`` has one row per user and
+            item row ``i`` belongs to user row ``owner[i]``. The result is derive's of the
+            user rows repeated per item (``user[name][owner]``), without repeating the
+            per-user lists: 500 users' 200 candidates each would copy ``recent_item_ids``
+            (rows x N) and the per-category counts 100K times.
 
     Returns:
         ``{name: (n,) array}`` for every context and cross feature, in definition order;
@@ -71,11 +77,30 @@ def derive(
     item_id = items["item_id"]
     n = len(item_id)
     now = np.asarray(now_s, dtype=np.int64)
+    longest = max(config.windows_days)
+    if owner is None:
+        affinity = _affinity(
+            user[f"cat_count_{longest}d"], user[f"events_{longest}d"], items["category_index"]
+        )
+        seen = (user["recent_item_ids"] == item_id[:, None]).any(axis=1)
+    else:
+        rows = np.asarray(owner, dtype=np.int64)
+        affinity = _affinity(
+            user[f"cat_count_{longest}d"],
+            user[f"events_{longest}d"],
+            items["category_index"],
+            owner=rows,
+        )
+        seen = _in_rows(user["recent_item_ids"], rows, item_id)
+        user = {
+            name: user[name][rows]
+            for name in ("last_event_ts", "session_events", "user_known")
+            if name in user
+        }
     last = user["last_event_ts"]
     since = now - last
     has_last = last != NEVER
     first = items["item_first_ts"]
-    longest = max(config.windows_days)
     out = {
         "hour_of_day": (now // SECONDS_PER_HOUR) % 24,
         "day_of_week": (now // SECONDS_PER_DAY + EPOCH_WEEKDAY) % 7,
@@ -92,27 +117,51 @@ def derive(
             np.maximum(now - first, 0) / SECONDS_PER_DAY,
             _DEFAULTS["item_age_days"],
         ),
-        "category_affinity": _affinity(
-            user[f"cat_count_{longest}d"], user[f"events_{longest}d"], items["category_index"]
-        ),
-        "seen_recently": (user["recent_item_ids"] == item_id[:, None]).any(axis=1),
+        "category_affinity": affinity,
+        "seen_recently": seen,
     }
     return {name: np.broadcast_to(out[name], (n,)).astype(dtype) for name, dtype in _DTYPES.items()}
 
 
-def _affinity(cat_count: Array, events: Array, category_index: Array) -> Array:
-    """Share of the user's events in each item's category: (rows x C), (rows,), (n,) -> (n,)."""
+def _affinity(
+    cat_count: Array, events: Array, category_index: Array, *, owner: Array | None = None
+) -> Array:
+    """Share of the user's events in each item's category: (rows x C), (rows,), (n,) -> (n,);
+    with ``owner`` (n,), item ``i``'s user is row ``owner[i]``."""
     n = len(category_index)
     if cat_count.shape[1] == 0:
         return np.zeros(n, dtype=np.float32)
     known = category_index >= 0
     column = np.where(known, category_index, 0)
-    if cat_count.shape[0] == 1:  # one user broadcast: index its one row
+    if owner is not None:
+        count, total = cat_count[owner, column], events[owner]
+    elif cat_count.shape[0] == 1:  # one user broadcast: index its one row
         count, total = cat_count[0, column], events[0]
     else:
         count, total = cat_count[np.arange(n), column], events
     share: Array = np.where(known & (total > 0), count / np.maximum(total, 1), 0.0)
     return share
+
+
+def _in_rows(lists: Array, owner: Array, values: Array) -> npt.NDArray[np.bool_]:
+    """``(lists[owner] == values[:, None]).any(axis=1)`` without the ``(n, width)`` copy: each
+    row's entries, offset by the row number times a span wider than every value, sorted once,
+    and each value looked up in its owner's span (padding included, as the comparison has it).
+    """
+    n = len(values)
+    if n == 0 or lists.size == 0:
+        return np.zeros(n, dtype=bool)
+    low = min(int(lists.min()), int(values.min()))
+    span = max(int(lists.max()), int(values.max())) - low + 1
+    if span * lists.shape[0] >= 2**62:  # too wide to offset: compare the repeated rows
+        found: npt.NDArray[np.bool_] = (lists[owner] == values[:, None]).any(axis=1)
+        return found
+    row = np.arange(lists.shape[0], dtype=np.int64)[:, None]
+    keys = np.sort((lists.astype(np.int64) - low + row * span).ravel())
+    wanted = values.astype(np.int64) - low + owner * span
+    pos = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    found = keys[pos] == wanted
+    return found
 
 
 def user_arrays(

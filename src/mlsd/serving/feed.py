@@ -27,7 +27,11 @@ For monitoring, an online answer whose ranker ran carries the ranker's rows of t
 The ranker scores its rows as one float block (``ranker_inputs``, what LightGBM reads), not
 as the DataFrame training builds from the same function: for a request's 200 rows, building and
 checking the frame cost ~1.8 ms of CPU, more than the 200 trees. Only a sampled request's rows
-become a frame, for the log.
+become a frame, for the log. Batch prediction scores the same block
+(:attr:`PreparedBatch.features`), built for all users of a chunk at once: each user's stored
+features are passed once with the owner of every candidate row (``derive`` and
+``request_columns`` repeat only the values the ranker reads, never a user's history or
+per-category lists), so each user's rows are, to the bit, the block its request scores.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -54,7 +58,6 @@ from mlsd.models.ranking.candidates import (
     CLAIMED_SOURCE,
     SourceLists,
     candidate_columns,
-    ranker_frame,
     ranker_inputs,
     request_columns,
 )
@@ -231,37 +234,24 @@ class PreparedBatch:
         user_ids: the users, in order.
         excludes: each user's seen items (never recommended), sorted.
         candidates: ``(n_users, n_candidates)`` merged candidates, padded with ``PAD_ID``.
-        features: the ranker's rows, one per non-padding cell of ``candidates`` (row-major).
+        features: the ranker's rows as :func:`ranker_inputs` gives them (one float64 block,
+            ``schema``'s columns), one per non-padding cell of ``candidates`` (row-major);
+            :attr:`frame` is the DataFrame of them.
+        schema: the block's columns.
         ages: ``(rows,)`` the candidates' ages in days (NaN unknown), for the freshness boost.
     """
 
     user_ids: list[int]
     excludes: list[IntArray]
     candidates: IntArray
-    features: pd.DataFrame
+    features: FloatArray
+    schema: FeatureSchema
     ages: FloatArray
 
-
-class _PerCandidate(Mapping[str, np.ndarray]):
-    """Users' feature rows repeated for each of their candidates, each feature on first read:
-    the features stages read are a few of the stored ones (``recent_ts`` or the per-category
-    counts of other windows would cost a copy per candidate for nothing)."""
-
-    def __init__(self, users: Mapping[str, np.ndarray], owner: IntArray) -> None:
-        self._users, self._owner = users, owner
-        self._rows: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        rows = self._rows.get(name)
-        if rows is None:
-            rows = self._rows[name] = self._users[name][self._owner]
-        return rows
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._users)
-
-    def __len__(self) -> int:
-        return len(self._users)
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The ranker's rows as the DataFrame :func:`ranker_frame` builds (training's form)."""
+        return self.schema.frame(self.features)
 
 
 class FeedRecommender:
@@ -445,25 +435,31 @@ class FeedRecommender:
         merged = merge_candidates(dict(scored.items), model.quotas, width)
         pairs = candidate_columns(np.asarray(user_ids, dtype=np.int64), merged, scored)
         item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
-        rows = _PerCandidate(users, np.nonzero(merged.item_ids != PAD_ID)[0])
+        owner = np.nonzero(merged.item_ids != PAD_ID)[0]  # each row's user
         items = self.features.item_features(item_ids)
-        derived = derive(rows, items, now_s=now_s, config=self.features.config)
+        derived = derive(users, items, now_s=now_s, config=self.features.config, owner=owner)
         frame = request_columns(
             pairs,
-            user=rows,
+            user=users,
             items=items,
             derived=derived,
             extras=model.snapshot.extras(pairs["user_id"], item_ids, float(now_s)),
             layout=bundle.layout,
             config=bundle.feature_config,
+            owner=owner,
         )
-        features, _ = ranker_frame(frame, bundle.layout, bundle.vocabulary, bundle.feature_config)
+        # The block the ranker reads, as a request scores it (the DataFrame of a chunk's 100K
+        # rows cost 0.02-0.06 ms of CPU per user to build, for nothing).
+        features, schema = ranker_inputs(
+            frame, bundle.layout, bundle.vocabulary, bundle.feature_config
+        )
         age = np.asarray(derived["item_age_days"], dtype=np.float64)
         return PreparedBatch(
             [int(u) for u in user_ids],
             excludes,
             merged.item_ids,
             features,
+            schema,
             np.where(age >= 0, age, np.nan),
         )
 
@@ -476,7 +472,8 @@ class FeedRecommender:
         model, candidates = self.model, batch.candidates
         real = candidates != PAD_ID  # one ranker row per cell, row by row
         scores = np.full(candidates.shape, -np.inf)
-        scores[real] = np.asarray(model.ranking.probabilities(batch.features), dtype=np.float64)
+        probs = model.ranking.probabilities_matrix(batch.features, batch.schema)
+        scores[real] = np.asarray(probs, dtype=np.float64)
         ages = None
         if model.rerank.freshness_weight > 0:
             ages = np.full(candidates.shape, np.nan)
@@ -712,11 +709,13 @@ def batch_predict(
     online store, retrieves and merges the candidates of a chunk and builds its ranker rows
     (:meth:`~FeedRecommender.prepare_many`) while the other scores the previous chunk on one
     LightGBM thread, re-ranks it and writes its lists in one pipelined round trip
-    (:meth:`~FeedRecommender.rank_many`). The two halves cost about the same (~1 ms of CPU
-    per user each at 1M items, 200 candidates, 200 trees). LightGBM, Faiss and most
-    numpy calls release the GIL; the rest of the two stages takes turns. One request path
-    for both answers means a precomputed list is what the online path would have said at
-    batch time.
+    (:meth:`~FeedRecommender.rank_many`). The two halves cost about the same at 1M items,
+    200 candidates, 200 trees (~1.0 ms of CPU per user each, measured one chunk at a time;
+    ~10% more when both run): preparing is mostly the HNSW search (~0.4), the online store
+    read and the co-visitation product; ranking is almost all LightGBM (~0.9). LightGBM,
+    Faiss and most numpy calls release the GIL; the rest of the two stages takes turns. One
+    request path for both answers means a precomputed list is what the online path would
+    have said at batch time.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 

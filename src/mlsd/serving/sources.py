@@ -379,8 +379,10 @@ class CovisitationSource:
             ),
             shape=(n, len(self.item_ids)),
         )
+        # Rows left in the product's column order: the row-at-a-time path's (np.unique) order
+        # does not matter, as _answer ranks by (score, id) and excludes by membership (sorting
+        # them cost ~0.03 ms of CPU per user).
         product = (history @ self.covisitation).tocsr()
-        product.sort_indices()  # the row-at-a-time path's column order (np.unique)
         out_ids = np.full((n, k), PAD_ID, dtype=np.int64)
         out_scores = np.full((n, k), -np.inf, dtype=np.float32)
         # Per row: a partition of ~1K scores is cheaper than one sort of every row's entries.

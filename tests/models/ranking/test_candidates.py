@@ -11,11 +11,13 @@ import pytest
 
 from mlsd.features.definitions import FeatureConfig
 from mlsd.models.ranking.candidates import (
+    _DICT_ROWS,
     FeatureLayout,
     Vocabulary,
     _as_string,
     ranker_frame,
     ranker_inputs,
+    request_columns,
 )
 
 CONFIG = FeatureConfig(categories=("art", "books", "cars"), user_attributes=("region",))
@@ -72,6 +74,26 @@ def test_encode_reads_a_broadcast_value_once() -> None:
     assert VOCABULARY.encode({"region": missing})["region"].tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("n", [_DICT_ROWS - 1, _DICT_ROWS, 5 * _DICT_ROWS])
+@pytest.mark.parametrize(
+    "pool",
+    [
+        ["art", "books", "cars"],
+        ["art", "books", "nope", "unknown"],
+        ["art", None, np.nan, pd.NA, 1, 2.0, np.str_("books")],
+    ],
+)
+def test_long_columns_are_factorized_to_the_same_codes(n: int, pool: list[Any]) -> None:
+    # Batch prediction's columns (100K rows) are factorized, a request's looked up value by
+    # value: the same codes either way.
+    rng = np.random.default_rng(n)
+    values = np.empty(n, dtype=object)
+    values[:] = [pool[i] for i in rng.integers(0, len(pool), n)]
+    codes = VOCABULARY.encode({"category": values})["category"]
+    assert codes.dtype == np.int64
+    assert codes.tolist() == _factorized(VOCABULARY, "category", values)
+
+
 def _request(n: int, seed: int = 0) -> dict[str, npt.NDArray[Any]]:
     rng = np.random.default_rng(seed)
     return {
@@ -101,6 +123,81 @@ def test_ranker_inputs_are_the_ranker_frame_as_a_block() -> None:
     pd.testing.assert_frame_equal(schema.frame(matrix), frame, check_exact=True)
     schema.check(frame)
     schema.check_matrix(matrix)
+
+
+def _row_major_block(columns: dict[str, npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
+    """ranker_inputs as it was first written: each column into a row-major block, then the
+    transforms on column selections and np.nan_to_num."""
+    k = len(LAYOUT.numeric)
+    matrix = np.empty((len(columns["item_id"]), k + len(LAYOUT.categorical)))
+    numeric = matrix[:, :k]
+    for j, column in enumerate(LAYOUT.numeric):
+        if column == "affinity_mean_30d":
+            means, index = columns["cat_mean_30d"], columns["category_index"]
+            numeric[:, j] = [m[i] if i >= 0 else 0.0 for m, i in zip(means, index, strict=True)]
+        else:
+            numeric[:, j] = columns[column]
+    values = numeric[:, LAYOUT.logged]
+    numeric[:, LAYOUT.logged] = np.where(values >= 0, np.log1p(np.maximum(values, 0.0)), -1.0)
+    numeric[:, LAYOUT.counts] = np.log1p(np.maximum(numeric[:, LAYOUT.counts], 0.0))
+    np.nan_to_num(numeric, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    codes = VOCABULARY.encode({c: columns[c] for c in LAYOUT.categorical})
+    for j, column in enumerate(LAYOUT.categorical):
+        matrix[:, k + j] = codes[column]
+    return matrix
+
+
+@pytest.mark.parametrize("n", [1, 300, 2_000])
+def test_ranker_inputs_is_the_row_major_block_to_the_bit(n: int) -> None:
+    # Built feature by feature and transposed once: the same bits (NaN and ±inf → 0, -0.0
+    # kept) in the same row-major layout LightGBM scored before.
+    columns = _request(n, seed=n)
+    columns["score_als"][: min(n, 3)] = [np.inf, -np.inf, -0.0][: min(n, 3)]
+    matrix, _ = ranker_inputs(columns, LAYOUT, VOCABULARY, CONFIG)
+    assert matrix.flags.c_contiguous
+    want = _row_major_block(columns)
+    np.testing.assert_array_equal(matrix.view(np.int64), want.view(np.int64))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_request_columns_of_owned_rows_are_the_repeated_user_rows(seed: int) -> None:
+    # Batch prediction passes each user once with the owner of every candidate row: the
+    # columns must be those of the user rows repeated per candidate.
+    rng = np.random.default_rng(seed)
+    m, n = 6, 90
+    owner = np.sort(rng.integers(0, m, n))
+    pairs = {"item_id": rng.integers(0, 50, n), "score_als": rng.normal(size=n)}
+    users = {
+        "events_30d": rng.integers(0, 9, m).astype(np.float32),
+        "cat_mean_30d": rng.random((m, 3)).astype(np.float32),
+        "region": rng.choice(np.array(["north", "south", None], dtype=object), m),
+    }
+    items = {
+        "category_index": rng.integers(-1, 4, n),  # 3: a category past the user's columns
+        "category": rng.choice(np.array(["art", "books"], dtype=object), n),
+        "claimed_source": rng.choice(np.array(["als", "popularity"], dtype=object), n),
+    }
+    derived = {"item_age_days": rng.random(n) * 9}
+    extras = {"item_users_all": rng.random(n), "merged_position": rng.random(n)}
+
+    def columns(user: dict[str, Any], owner: npt.NDArray[np.int64] | None) -> dict[str, Any]:
+        return request_columns(
+            pairs,
+            user=user,
+            items=items,
+            derived=derived,
+            extras=extras,
+            layout=LAYOUT,
+            config=CONFIG,
+            owner=owner,
+        )
+
+    want = columns({k: v[owner] for k, v in users.items()}, None)
+    got = columns(users, owner)
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        assert got[name].dtype == want[name].dtype, name
 
 
 def test_the_offline_frame_and_the_request_columns_give_the_same_block() -> None:

@@ -308,6 +308,7 @@ def batch_predict_command(
     ] = 500,
 ) -> None:
     """Step 6, offline path: top-K per user into Redis for the serving model version."""
+    import gc
     import time
 
     import pandas as pd
@@ -330,8 +331,17 @@ def batch_predict_command(
     ids = pd.read_parquet(Path(dataset) / USERS_FILE, columns=["user_id"])["user_id"]
     chosen = ids.to_numpy()[:users] if users is not None else ids.to_numpy()
     store = PrecomputedStore(redis.Redis.from_url(redis_url), ttl_s=ttl_s)
+    # The ~430K objects of the loaded model, Feast and the libraries live through the run:
+    # frozen, the collector's passes skip them (20K-item build: 0.009 instead of 0.054 ms of
+    # collection per user).
+    gc.freeze()
     cpu = time.process_time()  # every thread of this process
-    written, rate = batch_predict(recommender, store, list(chosen), k=k, chunk=chunk, progress=True)
+    try:
+        written, rate = batch_predict(
+            recommender, store, list(chosen), k=k, chunk=chunk, progress=True
+        )
+    finally:
+        gc.unfreeze()
     cpu_ms = (time.process_time() - cpu) * 1000 / max(written, 1)
     console.print(
         f"{written:,} users written for model {recommender.version} ({rate:,.0f} users/s)"
