@@ -240,9 +240,12 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_worker() -> None:
-    """``--load-worker``: read a spec (JSON) on stdin, drive it, write the records on stdout."""
+    """``--load-worker``: read a spec (JSON) on stdin, drive it, write the records (JSON) to
+    the spec's ``out`` file. Not stdout: that pipe was seen to lose whatever did not fit its
+    64 KiB buffer when the records were written after the event loop had run."""
     spec = json.loads(sys.stdin.read())
-    print(json.dumps(uvloop.run(drive(spec))))  # the client's overhead is in every latency
+    records = uvloop.run(drive(spec))  # the client's overhead is in every latency
+    Path(spec["out"]).write_text(json.dumps(records))
 
 
 # ---------------------------------------------------------------- the report of one phase
@@ -587,21 +590,13 @@ def load_phase(
     )
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     wall0 = time.perf_counter()
-    worker = subprocess.run(
-        [sys.executable, __file__, "--load-worker"],
-        input=json.dumps(spec),
-        stdout=subprocess.PIPE,
-        text=True,
-        check=True,
-    )
-    wall = time.perf_counter() - wall0
-    server.check_alive()
-    try:
-        out = json.loads(worker.stdout)
-    except json.JSONDecodeError as error:
-        dump = Path(tempfile.mkstemp(prefix="mlsd-load-worker-", suffix=".out")[1])
-        dump.write_text(worker.stdout)
-        fail("the load worker's output is not JSON", {"error": str(error), "output": str(dump)})
+    with tempfile.TemporaryDirectory(prefix="mlsd-load-") as tmp:
+        spec["out"] = str(Path(tmp) / "records.json")
+        command = [sys.executable, __file__, "--load-worker"]
+        subprocess.run(command, input=json.dumps(spec), text=True, check=True)
+        wall = time.perf_counter() - wall0
+        server.check_alive()
+        out = json.loads(Path(spec["out"]).read_text())
     phase: dict[str, Any] = {"rate": rate, "seconds": seconds, "precomputed": precomputed}
     phase |= summarize(out["records"], args.warmup, args.warmup + seconds)
     phase["cpu_cores"] = {
