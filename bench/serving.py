@@ -614,18 +614,31 @@ def load_phase(
 
 
 def drain(server: Server, timeout: float, max_seconds: float = 300.0) -> float | None:
-    """Seconds until ``/readyz`` answers within 50 ms three times in a row: a request the client
-    gave up on still runs in the server's thread pool, and the next phase must not pay for it
-    (``None``: still busy after ``max_seconds``)."""
+    """Seconds until an online request (an unknown user, ``precomputed=false``) is answered
+    within 50 ms three times in a row: a request the client gave up on still waits for, or
+    runs in, the model's threads, and the next phase must not pay for it. ``/readyz`` would not
+    tell: the event loop answers it while requests queue for the model. ``None``: still busy
+    after ``max_seconds``."""
     start = time.perf_counter()
     quiet = 0
     while quiet < 3:
         if time.perf_counter() - start > max_seconds:
             return None
         sent = time.perf_counter()
-        quiet = quiet + 1 if _ready(server.port) and time.perf_counter() - sent < 0.05 else 0
+        quiet = (
+            quiet + 1 if _online_answer(server.port) and time.perf_counter() - sent < 0.05 else 0
+        )
         time.sleep(0.2)
     return round(time.perf_counter() - start, 1)
+
+
+def _online_answer(port: int) -> bool:
+    target = f"http://127.0.0.1:{port}/v1/recommendations/-1?precomputed=false"
+    try:
+        with urllib.request.urlopen(target, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def precomputed_path(

@@ -11,6 +11,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -671,6 +672,46 @@ def test_settings_from_env() -> None:
         ServiceSettings.from_env({"MLSD_MAX_K": "lots"})
     with pytest.raises(ValueError, match="MLSD_DEFAULT_K must be in"):
         ServiceSettings.from_env({"MLSD_MAX_K": "5", "MLSD_DEFAULT_K": "10"})
+    assert ServiceSettings.from_env({"MLSD_MODEL_THREADS": "3"}).model_threads == 3
+    with pytest.raises(ValueError, match="MLSD_MODEL_THREADS must be at least 1, got 0"):
+        ServiceSettings.from_env({"MLSD_MODEL_THREADS": "0"})
+
+
+@dataclass
+class SlowModel(StubModel):
+    """A StubModel that holds each answer ``seconds`` and records the most held at once."""
+
+    seconds: float = 0.2
+    running: int = 0
+    most: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.seconds)
+            return super().recommend(request)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.integration
+def test_model_threads_bounds_the_answers_in_flight(popular: PopularRecommender) -> None:
+    """Eight requests at once, two model threads: two answers at a time, all eight answered."""
+    model = SlowModel(popular)
+    settings = ServiceSettings(model_threads=2)
+    with running_server(create_app(lambda: model, settings=settings)) as url:
+
+        def get(user: int) -> int:
+            return httpx.get(f"{url}/v1/recommendations/{user}", timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(get, range(8)))
+    assert statuses == [200] * 8
+    assert model.most == 2
 
 
 # ---------------------------------------------------------------- a real server
