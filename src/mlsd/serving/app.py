@@ -603,6 +603,10 @@ async def _respond(
     return _answer(*answered, user_id)
 
 
+HOT_PATH = "/v1/recommendations/{user_id}"
+"""The route :class:`HotRoute` answers first."""
+
+
 class HotRoute:
     """ASGI middleware: ``GET /v1/recommendations/{user_id}`` answered without FastAPI's
     per-request machinery, for the requests it can read at a glance.
@@ -621,7 +625,7 @@ class HotRoute:
     names the declared route in the scope, so its requests are counted under the same label.
     """
 
-    PREFIX = "/v1/recommendations/"
+    PREFIX = HOT_PATH.removesuffix("{user_id}")
     _INT = re.compile(r"-?[0-9]{1,19}")
     _K = re.compile(r"[0-9]{1,9}")
     _DECIMAL = re.compile(r"[0-9]{1,11}(\.[0-9]{1,9})?")
@@ -645,7 +649,7 @@ class HotRoute:
             body = (await _respond(self.service, request, request.user_id)).model_dump_json()
         except (BadRequestError, ServiceUnavailableError) as exc:
             status = 422 if isinstance(exc, BadRequestError) else 503
-            await JSONResponse({"detail": str(exc)}, status_code=status)(scope, receive, send)
+            await _error_response(status, exc)(scope, receive, send)
             return
         await Response(body, media_type="application/json")(scope, receive, send)
 
@@ -687,10 +691,6 @@ class HotRoute:
         return RecommendRequest(
             int(user), k, explain=explain, allow_precomputed=precomputed, now=now
         )
-
-
-HOT_PATH = "/v1/recommendations/{user_id}"
-"""The route :class:`HotRoute` answers first."""
 
 
 @router.get(HOT_PATH, response_model=RecommendationsOut)
@@ -1076,9 +1076,13 @@ def create_app(
 
 def _status_handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def handle(_: Request, exc: Exception) -> Response:
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        return _error_response(status, exc)
 
     return handle
+
+
+def _error_response(status: int, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
