@@ -78,19 +78,16 @@ def derive(
     n = len(item_id)
     now = np.asarray(now_s, dtype=np.int64)
     longest = max(config.windows_days)
-    if owner is None:
-        affinity = _affinity(
-            user[f"cat_count_{longest}d"], user[f"events_{longest}d"], items["category_index"]
-        )
+    rows = None if owner is None else np.asarray(owner, dtype=np.int64)
+    affinity = _affinity(
+        user[f"cat_count_{longest}d"],
+        user[f"events_{longest}d"],
+        items["category_index"],
+        owner=rows,
+    )
+    if rows is None:
         seen = (user["recent_item_ids"] == item_id[:, None]).any(axis=1)
     else:
-        rows = np.asarray(owner, dtype=np.int64)
-        affinity = _affinity(
-            user[f"cat_count_{longest}d"],
-            user[f"events_{longest}d"],
-            items["category_index"],
-            owner=rows,
-        )
         seen = _in_rows(user["recent_item_ids"], rows, item_id)
         user = {
             name: user[name][rows]
