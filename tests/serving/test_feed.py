@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -317,6 +318,43 @@ def test_a_broken_source_degrades_instead_of_failing(
     assert result.path == "online"
     assert "source:als" in result.fallbacks
     assert len(result.items) == 10
+
+
+def test_compiled_trees_serve_the_same_answers(
+    served: tuple[Path, Path, Path], recommender: FeedRecommender
+) -> None:
+    compiled = FeedRecommender(
+        FeedModel.load(served[1], compile_trees=True), features=recommender.features
+    )
+    for user in (7, 11, 10_000_000):  # warm users and an unknown one
+        request = RecommendRequest(user, k=20, now=4.0e9)
+        want, got = recommender.recommend(request), compiled.recommend(request)
+        assert got.path == want.path == "online"
+        assert [r.item_id for r in got.items] == [r.item_id for r in want.items]
+        np.testing.assert_allclose(
+            [r.score for r in got.items], [r.score for r in want.items], rtol=0, atol=1e-9
+        )
+
+
+def test_a_ranker_that_cannot_compile_serves_uncompiled(
+    served: tuple[Path, Path, Path],
+    recommender: FeedRecommender,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import lleaves
+
+    def refuse(self: object, *args: object, **kwargs: object) -> None:
+        raise ValueError("compiled trees differ from LightGBM by 1 (probe row 0)")
+
+    with mock.patch.object(lleaves.Model, "compile", refuse), caplog.at_level("WARNING"):
+        model = FeedModel.load(served[1], compile_trees=True)
+    assert "ranker not compiled, LightGBM scores it" in caplog.text
+    assert "probe row 0" in caplog.text
+    result = FeedRecommender(model, features=recommender.features).recommend(
+        RecommendRequest(7, k=5)
+    )
+    assert result.path == "online"
+    assert len(result.items) == 5
 
 
 def test_a_corrupt_model_directory_is_a_clear_error(

@@ -52,7 +52,7 @@ import pandas as pd
 
 from mlsd.features.derive import derive
 from mlsd.features.online import OnlineFeatures
-from mlsd.models.ranking.base import FeatureSchema
+from mlsd.models.ranking.base import FeatureSchema, Ranker
 from mlsd.models.ranking.bundle import RankingBundle
 from mlsd.models.ranking.candidates import (
     CLAIMED_SOURCE,
@@ -172,7 +172,10 @@ class FeedModel:
     """The training-time profile of the ranker's inputs (None: the model has none)."""
 
     @classmethod
-    def load(cls, path: Path) -> FeedModel:
+    def load(cls, path: Path, *, compile_trees: bool = False) -> FeedModel:
+        """Read a model directory; with ``compile_trees``, its ranker's trees become native
+        code (:meth:`Ranker.compile`: the same scores, ~8x faster per request). A ranker that
+        cannot be compiled serves as it is, with a warning."""
         path = Path(path)
         meta_path = path / MODEL_JSON
         if not meta_path.is_file():
@@ -197,16 +200,29 @@ class FeedModel:
                 "%s: reference profile %r is missing; no drift monitoring", path, profile
             )
             profile = None
+        ranking = RankingBundle.load(path / "ranking")
+        if compile_trees:
+            _compile_ranker(ranking.ranker, path / "ranking")
         return cls(
             version=str(meta["version"]),
             sources={name: load_source(path / "sources" / name) for name in meta["sources"]},
             quotas=dict(meta["quotas"]),
             n_candidates=int(meta["n_candidates"]),
-            ranking=RankingBundle.load(path / "ranking"),
+            ranking=ranking,
             rerank=RerankConfig(**rerank_raw),
             snapshot=snapshot,
             reference_profile=None if profile is None else path / profile,
         )
+
+
+def _compile_ranker(ranker: Ranker, where: Path) -> None:
+    start = time.perf_counter()
+    try:
+        ranker.compile()
+    except (ImportError, ValueError) as err:  # lleaves missing, or a mismatch on the probes
+        logger.warning("%s: ranker not compiled, LightGBM scores it (%s)", where, err)
+        return
+    logger.info("%s: ranker compiled in %.1f s", where, time.perf_counter() - start)
 
 
 class _Clock:

@@ -181,6 +181,22 @@ class RankerContract:
         assert type(loaded) is type(fitted)
         np.testing.assert_array_equal(loaded.predict(features), fitted.predict(features))
 
+    def test_compile_keeps_the_scores(self, fitted: Ranker, tmp_path: Path) -> None:
+        # What serving loads: a saved ranker, compiled (native trees where it has them).
+        features = contract_data().test.features
+        fitted.save(tmp_path)
+        loaded = load_ranker(tmp_path)
+        assert loaded.compile() is loaded
+        np.testing.assert_allclose(
+            loaded.predict(features), fitted.predict(features), rtol=0, atol=1e-9
+        )
+        np.testing.assert_allclose(
+            loaded.predict_matrix(SCHEMA.matrix(features), SCHEMA),
+            fitted.predict(features),
+            rtol=0,
+            atol=1e-9,
+        )
+
     def test_missing_column_is_named(self, fitted: Ranker) -> None:
         features = contract_data().test.features.drop(columns=["x2"])
         with pytest.raises(ValueError, match="x2"):

@@ -238,6 +238,12 @@ class Ranker(ABC):
         schema.check_matrix(matrix, name=f"{type(self).__name__}.predict")
         return self.predict(schema.frame(matrix))
 
+    def compile(self) -> Self:
+        """Ready the fitted ranker for many small ``predict`` calls with the same scores:
+        native code where the ranker has it (LightGBM's trees). This default changes nothing.
+        """
+        return self
+
     @abstractmethod
     def save(self, path: Path) -> None:
         """Write the fitted ranker to the directory ``path`` (safe formats only)."""

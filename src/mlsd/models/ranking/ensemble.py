@@ -131,6 +131,13 @@ class EnsembleRanker(Ranker):
         self.weights_ = {name: float(weights.get(name, 1.0)) for name in self.members_}
         return self
 
+    def compile(self) -> Self:
+        """Compile every member (:meth:`Ranker.compile`)."""
+        self._check_fitted()
+        for member in self.members_.values():
+            member.compile()
+        return self
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "members_"):
             raise RuntimeError("EnsembleRanker is not fitted; call fit(train) or load(dir)")

@@ -2,7 +2,9 @@
 
 Trees are the strong default for tabular ranking features: no scaling, interactions for free,
 and categorical codes split natively. The model is saved as LightGBM's own text format plus a
-JSON sidecar, so serving never unpickles anything.
+JSON sidecar, so serving never unpickles anything. A model loaded to serve can be compiled to
+native code (:meth:`LightGBMRanker.compile`, :mod:`mlsd.models.ranking.native`): the same
+scores, about 8x faster for a request's rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker, RankingData
+from mlsd.models.ranking.native import CompiledTrees, compile_booster
 
 RANKER_JSON = "ranker.json"
 BOOSTER_TXT = "booster.txt"
@@ -72,6 +75,7 @@ class LightGBMRanker(Ranker):
         schema_: the features it was fitted on.
         best_iteration_: rounds kept.
         evals_result_: validation metric per round (empty without ``valid``).
+        compiled_: the trees as native code once :meth:`compile` ran (else ``None``).
 
     ``predict`` returns raw margins (log-odds for ``binary``; for ``lambdarank`` only the order
     within a request is meaningful). Use :class:`~mlsd.models.ranking.calibration.Calibrator`
@@ -102,6 +106,7 @@ class LightGBMRanker(Ranker):
         self.early_stopping_rounds = early_stopping_rounds
         self.num_threads = num_threads
         self.seed = seed
+        self.compiled_: CompiledTrees | None = None
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments (JSON-safe)."""
@@ -188,6 +193,13 @@ class LightGBMRanker(Ranker):
             model_str=booster.model_to_string(num_iteration=self.best_iteration_)
         )
         self.schema_ = train.schema
+        self.compiled_ = None
+        return self
+
+    def compile(self) -> Self:
+        """Score with the trees compiled to native code from now on (checked against LightGBM
+        on probe rows; :func:`~mlsd.models.ranking.native.compile_booster`)."""
+        self.compiled_ = compile_booster(self.booster_, seed=self.seed)
         return self
 
     # --- scoring ---------------------------------------------------------------------------
@@ -212,6 +224,8 @@ class LightGBMRanker(Ranker):
         # the caller says otherwise (predict_threads).
         n = len(matrix)
         threads = _PREDICT_THREADS.get() or (1 if n < SERIAL_ROWS else self.num_threads)
+        if self.compiled_ is not None:
+            return self.compiled_.predict(matrix, threads=threads)
         scores = self.booster_.predict(matrix, raw_score=True, num_threads=threads)
         return np.asarray(scores, dtype=np.float64).reshape(n)
 

@@ -28,6 +28,16 @@ if TYPE_CHECKING:  # kept out of the CLI's import time
     from mlsd.serving.recommender import Recommender
 
 
+CompileTrees = Annotated[
+    bool,
+    typer.Option(
+        "--compile-trees/--no-compile-trees",
+        help="Compile the ranker's LightGBM trees to native code at load (lleaves): the same "
+        "scores, about 8x faster.",
+    ),
+]
+
+
 class ModelLoader:
     """Loads the model (a directory, or the registry's ``alias``) afresh on each call, and
     tells whether the registry has moved ``alias`` since (:meth:`changed`): what a replica
@@ -47,10 +57,12 @@ class ModelLoader:
         alias: str = "champion",
         redis_url: str | None = None,
         features: OnlineFeatures | None = None,
+        compile_trees: bool = True,
     ) -> None:
         from mlsd.serving.precomputed import PrecomputedStore
 
         self.feed = feed
+        self.compile_trees = compile_trees
         self.model_dir = model_dir
         self.registry_uri, self.base_dir, self.alias = registry_uri, base_dir, alias
         self.features = features if features is not None else online_features(dataset, feed)
@@ -76,7 +88,7 @@ class ModelLoader:
             # The number, not the alias: the alias may move while this downloads.
             path = registry.download(version, self.downloads / f"v{version}-{attempt}")
         model = FeedRecommender(
-            FeedModel.load(path),
+            FeedModel.load(path, compile_trees=self.compile_trees),
             features=self.features,
             precomputed=self.precomputed,
             candidates_sample_rate=self.feed.service_log.candidates_sample_rate,
@@ -111,6 +123,7 @@ def experiment_loader(
     registry_uri: str | None,
     base_dir: Path,
     redis_url: str | None = None,
+    compile_trees: bool = True,
 ) -> ExperimentLoader:
     """A loader of every arm of ``experiment`` behind one
     :class:`~mlsd.serving.experiment.ExperimentRecommender`.
@@ -131,6 +144,7 @@ def experiment_loader(
             alias=arm.alias,
             redis_url=redis_url,
             features=features,
+            compile_trees=compile_trees,
         )
         for arm in experiment.arms
         if arm.alias != POPULAR_ALIAS
@@ -205,6 +219,7 @@ def serve(
             help="Run this [experiments] entry (default: its `active` one; 'none': no experiment).",
         ),
     ] = None,
+    compile_trees: CompileTrees = True,
 ) -> None:
     """Step 6: serve recommendations, events, metrics and the UI (FastAPI under uvicorn)."""
     from mlsd.serving.app import ServiceSettings, create_app
@@ -227,6 +242,7 @@ def serve(
             registry_uri=registry_uri,
             base_dir=base_dir,
             redis_url=redis_url,
+            compile_trees=compile_trees,
         )
     else:
         load = experiment_loader(
@@ -237,6 +253,7 @@ def serve(
             registry_uri=registry_uri,
             base_dir=base_dir,
             redis_url=redis_url,
+            compile_trees=compile_trees,
         )
         arms = ", ".join(f"{a.name} ({a.alias}, {a.weight:g})" for a in running.arms)
         console.print(f"experiment {running.name}: {arms}")
@@ -306,6 +323,7 @@ def batch_predict_command(
     chunk: Annotated[
         int, typer.Option("--chunk", min=1, help="Users per batch through the ranker.")
     ] = 500,
+    compile_trees: CompileTrees = True,
 ) -> None:
     """Step 6, offline path: top-K per user into Redis for the serving model version."""
     import gc
@@ -319,7 +337,14 @@ def batch_predict_command(
     from mlsd.serving.precomputed import PrecomputedStore
 
     feed = load_feed_config(config)
-    load = ModelLoader(dataset, feed, model_dir=model, registry_uri=registry_uri, base_dir=base_dir)
+    load = ModelLoader(
+        dataset,
+        feed,
+        model_dir=model,
+        registry_uri=registry_uri,
+        base_dir=base_dir,
+        compile_trees=compile_trees,
+    )
     recommender = load()
     if not isinstance(recommender, FeedRecommender):
         raise ValueError("batch-predict needs a feed model")
