@@ -405,8 +405,8 @@ def test_batch_predictions_are_served_as_the_precomputed_path(
 def test_batch_predict_writes_what_each_request_answers(
     recommender: FeedRecommender, redis_server: str
 ) -> None:
-    # Chunks of 2 through the two-thread pipeline (prepare one chunk while the previous one
-    # is ranked and written): each stored list is the online answer at the batch's time.
+    # Chunks of 2, three worker threads taking chunks end to end at once: each stored list is
+    # the online answer at the batch's time, whichever thread wrote it.
     import redis
 
     from mlsd.serving.feed import batch_predict
@@ -416,7 +416,7 @@ def test_batch_predict_writes_what_each_request_answers(
     store = PrecomputedStore(redis.Redis(host=host, port=int(port)), prefix="test:feed:chunks")
     users = [3, 4, 5, 11, 12, 40, 10_000_000]
     now = 1_900_000_000.0
-    written, _ = batch_predict(recommender, store, users, k=10, chunk=2, now=now)
+    written, _ = batch_predict(recommender, store, users, k=10, chunk=2, workers=3, now=now)
     assert written == len(users)
     found = store.lookup_many(users, model_version=recommender.version)
     for user, hit in zip(users, found, strict=True):
@@ -428,3 +428,5 @@ def test_batch_predict_writes_what_each_request_answers(
         np.testing.assert_allclose(hit.result.scores, [r.score for r in online.items], rtol=1e-6)
     with pytest.raises(ValueError, match="chunk"):
         batch_predict(recommender, store, users, k=10, chunk=0)
+    with pytest.raises(ValueError, match="workers"):
+        batch_predict(recommender, store, users, k=10, workers=0)

@@ -323,6 +323,9 @@ def batch_predict_command(
     chunk: Annotated[
         int, typer.Option("--chunk", min=1, help="Users per batch through the ranker.")
     ] = 500,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Threads, each taking chunks end to end.")
+    ] = 2,
     compile_trees: CompileTrees = True,
 ) -> None:
     """Step 6, offline path: top-K per user into Redis for the serving model version."""
@@ -363,7 +366,7 @@ def batch_predict_command(
     cpu = time.process_time()  # every thread of this process
     try:
         written, rate = batch_predict(
-            recommender, store, list(chosen), k=k, chunk=chunk, progress=True
+            recommender, store, list(chosen), k=k, chunk=chunk, workers=workers, progress=True
         )
     finally:
         gc.unfreeze()
