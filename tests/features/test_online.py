@@ -328,3 +328,39 @@ def test_a_config_without_user_attributes_has_no_static_view(
     assert got.user["user_known"].tolist() == [1]
     assert "events_30d" not in got.user
     assert got.user["events_7d"][0] > 0
+
+
+def test_reads_equal_feasts_sdk_read_field_by_field(
+    fresh_repo: Path, world: Path, config: FeatureConfig
+) -> None:
+    # The request path reads through the online store's own online_read; Feast's
+    # get_online_features over the same views must give the same values, pushed rows too.
+    online = OnlineFeatures(fresh_repo, config)
+    user_id, window = active_user(world, AS_OF, AS_OF + pd.Timedelta(days=2))
+    online.push_events(window.iloc[:2])
+    events = pq.read_table(world / EVENTS_FILE).to_pandas()
+    users = [user_id, *events["user_id"].drop_duplicates().head(5).tolist(), UNKNOWN_ID]
+    items = [*events["item_id"].drop_duplicates().head(5).tolist(), UNKNOWN_ID]
+    store = open_store(fresh_repo)
+    features = feature_set(config)
+    user_names = {f.name for f in (*features.group("user_static"), *features.group("user_dynamic"))}
+    item_names = {f.name for f in features.group("item")}
+    for join_key, ids, declared in (("user_id", users, user_names), ("item_id", items, item_names)):
+        views = online._user_views if join_key == "user_id" else online._item_views
+        refs = [f"{view}:{name}" for view, names in views.items() for name in names]
+        expected = store.get_online_features(features=refs, entity_rows={join_key: ids}).to_dict()
+        got, written = online._read(views, join_key, ids)
+        assert set(got) == declared
+        for name in declared:
+            assert got[name] == expected[name], name
+        for times in written.values():
+            assert len(times) == len(ids)
+    # The write time a push must beat: the stored row's, as the SDK's response carries it.
+    response = store.get_online_features(
+        features=["user_dynamic:last_event_ts"], entity_rows={"user_id": [user_id]}
+    ).proto
+    columns = list(response.metadata.feature_names.val)
+    ts = response.results[columns.index("last_event_ts")].event_timestamps[0]
+    _, _, stored = online._read_users([user_id], timestamps=True)
+    assert stored[0] == pd.Timestamp(ts.seconds * 10**9 + ts.nanos, unit="ns", tz="UTC")
+    assert abs(stored[0] - window["ts"].iloc[1]) < pd.Timedelta(seconds=1)  # the push's newest

@@ -6,6 +6,7 @@ import functools
 import gc
 import itertools
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -675,6 +676,21 @@ def test_settings_from_env() -> None:
     assert ServiceSettings.from_env({"MLSD_MODEL_THREADS": "3"}).model_threads == 3
     with pytest.raises(ValueError, match="MLSD_MODEL_THREADS must be at least 1, got 0"):
         ServiceSettings.from_env({"MLSD_MODEL_THREADS": "0"})
+    with pytest.raises(ValueError, match="MLSD_GIL_SWITCH_MS must be a number, got 'fast'"):
+        ServiceSettings.from_env({"MLSD_GIL_SWITCH_MS": "fast"})
+    with pytest.raises(ValueError, match=r"MLSD_GIL_SWITCH_MS must be in \(0, 1000\], got 0"):
+        ServiceSettings.from_env({"MLSD_GIL_SWITCH_MS": "0"})
+
+
+def test_the_gil_switch_interval_is_set_for_the_process_only_when_asked() -> None:
+    before = sys.getswitchinterval()
+    try:
+        ServiceSettings.from_env({}).apply_to_process()
+        assert sys.getswitchinterval() == before
+        ServiceSettings.from_env({"MLSD_GIL_SWITCH_MS": "0.5"}).apply_to_process()
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
 
 
 @dataclass

@@ -1,13 +1,20 @@
 """The online path: read a request's features, and write new events to the online store.
 
-Reading (per request): ONE Feast ``get_online_features`` call for the user (views
-``user_static`` + ``user_dynamic``), the candidate items from an in-process cache of the whole
+Reading (per request): one online-store read of the user (a query per view, ``user_static``
+and ``user_dynamic``), the candidate items from an in-process cache of the whole
 ``item_history`` view, and the request-time features from :func:`mlsd.features.derive.derive`,
 the same function the batch path uses, so training and serving cannot drift apart::
 
     online = OnlineFeatures(repo_dir, config)
     batch = online.get_online_features(user_id=7, item_ids=candidates)
     x = batch.matrix(["item_events_7d", "category_affinity", "seconds_since_last_event"])
+
+Reads go through the online store's own ``online_read`` (Feast's provider API, the call
+``FeatureStore.get_online_features`` makes underneath) and turn its value protos into Python
+values here: what the SDK adds on top (resolving the feature references against the registry,
+deduplicating entities, building a response proto and a dict from it) cost 0.35 ms for one
+user against 0.14 ms for the read itself at 1M items, on a request path that has ~3 ms in
+all. The values are the same; a test compares the two reads field by field.
 
 Why a cache: Feast's Python SDK reads one entity in about 0.3 ms but 100 in about 6 ms, so
 hydrating 500 candidates per request through it would spend the whole latency budget. Items
@@ -35,6 +42,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,9 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import pyarrow.parquet as pq
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.type_map import feast_value_type_to_python_type
 
 from mlsd.data.schema import ContractError
 from mlsd.features import derive
@@ -70,7 +81,7 @@ _NUMPY_DTYPES: dict[str, type[np.generic]] = {
     "float32_list": np.float32,
 }
 _READ_BATCH = 1_000
-"""Items per Feast call when the cache is refreshed."""
+"""Items per online-store read when the cache is refreshed."""
 
 
 @dataclass
@@ -177,6 +188,17 @@ def _fail_fast(store: Any) -> None:
         client.set_retry(Retry(NoBackoff(), 0))
 
 
+def _python(value: ValueProto | None) -> Any:
+    """A stored value proto as Python (``None``: absent or null), as Feast's response has it."""
+    return None if value is None else feast_value_type_to_python_type(value)
+
+
+def _utc(ts: datetime) -> pd.Timestamp:
+    """An online store's write time as a UTC timestamp (a naive one is UTC, as in Feast)."""
+    stamp = pd.Timestamp(ts)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
 def _column(values: Sequence[Any], feature: Feature) -> np.ndarray:
     """A ``(len(values),)`` array of a scalar feature, ``None`` (not stored) → its default."""
     filled = [feature.default if v is None else v for v in values]
@@ -227,9 +249,18 @@ class OnlineFeatures:
         self._static = self.features.group("user_static")
         self._dynamic = self.features.group("user_dynamic")
         self._item_features = self.features.group("item")
-        self._user_refs = [f"{USER_STATIC_VIEW}:{f.name}" for f in self._static]
-        self._user_refs += [f"{USER_DYNAMIC_VIEW}:{f.name}" for f in self._dynamic]
-        self._item_refs = [f"{ITEM_VIEW}:{f.name}" for f in self._item_features]
+        user_views = {
+            USER_STATIC_VIEW: [f.name for f in self._static],
+            USER_DYNAMIC_VIEW: [f.name for f in self._dynamic],
+        }
+        # No user attributes: no static view in the repository.
+        self._user_views = {view: names for view, names in user_views.items() if names}
+        self._item_views = {ITEM_VIEW: [f.name for f in self._item_features]}
+        self._provider = self._store._get_provider()
+        self._views = {
+            name: self._store.get_feature_view(name)
+            for name in (*self._user_views, *self._item_views)
+        }
         self._category_index = {c: i for i, c in enumerate(config.categories)}
         self._items: _ItemTable | None = None
         self._refresh_lock = threading.Lock()
@@ -266,9 +297,7 @@ class OnlineFeatures:
         values: dict[str, list[Any]] = {f.name: [] for f in self._item_features}
         for start in range(0, len(ids), _READ_BATCH):
             chunk = ids[start : start + _READ_BATCH].tolist()
-            response = self._store.get_online_features(
-                features=self._item_refs, entity_rows={"item_id": chunk}
-            ).to_dict()
+            response, _ = self._read(self._item_views, "item_id", chunk)
             for name, column in values.items():
                 column.extend(response[name])
         self._items = self._item_table(ids, values, marker)
@@ -346,26 +375,40 @@ class OnlineFeatures:
     ) -> tuple[dict[str, list[Any]], npt.NDArray[np.bool_], list[pd.Timestamp | None]]:
         """Stored user features (``None`` when absent), known flags, and with ``timestamps``
         the dynamic view's write times (what a push must beat; reads skip them)."""
-        response = self._store.get_online_features(
-            features=self._user_refs, entity_rows={"user_id": list(user_ids)}
-        )
-        values: dict[str, list[Any]] = response.to_dict()
+        values, written = self._read(self._user_views, "user_id", user_ids)
         stored_ts: list[pd.Timestamp | None] = []
         if timestamps:
-            names = list(response.proto.metadata.feature_names.val)
-            ts_index = names.index("last_event_ts")
-            for ts, value in zip(
-                response.proto.results[ts_index].event_timestamps,
-                values["last_event_ts"],
-                strict=True,
-            ):
-                nanos = ts.seconds * 1_000_000_000 + ts.nanos
-                stored = None if value is None else pd.Timestamp(nanos, unit="ns", tz="UTC")
-                stored_ts.append(stored)
+            for ts, value in zip(written[USER_DYNAMIC_VIEW], values["last_event_ts"], strict=True):
+                stored_ts.append(None if value is None or ts is None else _utc(ts))
         known = np.zeros(len(user_ids), dtype=bool)
         for feature in (*self._static, *self._dynamic):
             known |= np.fromiter((v is not None for v in values[feature.name]), dtype=bool)
         return values, known, stored_ts
+
+    def _read(
+        self, views: Mapping[str, Sequence[str]], join_key: str, ids: Sequence[int]
+    ) -> tuple[dict[str, list[Any]], dict[str, list[datetime | None]]]:
+        """Feature name → the stored value of each id (``None``: not stored), and view name →
+        each row's write time, one online-store read per view (module docstring)."""
+        keys = [
+            EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=int(i))])
+            for i in ids
+        ]
+        values: dict[str, list[Any]] = {}
+        written: dict[str, list[datetime | None]] = {}
+        for view, names in views.items():
+            rows = self._provider.online_read(
+                config=self._store.config,
+                table=self._views[view],
+                entity_keys=keys,
+                requested_features=list(names),
+            )
+            for name in names:
+                values[name] = [
+                    _python(None if data is None else data.get(name)) for _, data in rows
+                ]
+            written[view] = [ts for ts, _ in rows]
+        return values, written
 
     def _user_arrays(
         self, values: dict[str, list[Any]], known: npt.ArrayLike

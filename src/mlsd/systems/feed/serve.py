@@ -257,9 +257,11 @@ def serve(
         )
         arms = ", ".join(f"{a.name} ({a.alias}, {a.weight:g})" for a in running.arms)
         console.print(f"experiment {running.name}: {arms}")
+    settings = ServiceSettings.from_env()
+    settings.apply_to_process()
     web = create_app(
         load,
-        settings=ServiceSettings.from_env(),
+        settings=settings,
         fallback=PopularRecommender.from_dataset(dataset),
         log=log,
         monitor=monitor_settings(feed, model),
