@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -109,17 +110,23 @@ class Sender(Protocol):
 
 class RawSender:
     """HTTP/1.1 GETs over keep-alive asyncio streams; a connection is used by one request at a
-    time (the caller bounds concurrency) and dropped after any error or cancellation."""
+    time (the caller bounds concurrency) and dropped after any error or cancellation.
+
+    Idle connections are reused oldest first, so the load spreads over every connection
+    opened (as over many clients) instead of riding the one or two most recent: with
+    ``--replicas`` the kernel assigns each connection to one replica, and a few busy
+    connections could put most of the load on one of them."""
 
     IDLE_S = 3.0  # uvicorn closes a keep-alive connection idle for 5 s: never reuse one that old
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self._idle: collections.deque[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]
+        self._idle = collections.deque()
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         while self._idle:
-            reader, writer, since = self._idle.pop()
+            reader, writer, since = self._idle.popleft()
             if time.monotonic() - since < self.IDLE_S:
                 return reader, writer
             writer.close()
@@ -726,6 +733,18 @@ def max_throughput(
     }
 
 
+def replica_requests(run_dir: Path, replicas: int) -> list[int]:
+    """Requests each replica logged over the whole run: the kernel spreads connections, not
+    requests, so the split shows how evenly the replicas shared the load."""
+    import pyarrow.dataset as ds
+
+    counts = []
+    for replica in range(replicas):
+        path = run_dir / f"replica-{replica}" / "service-log" / "requests"
+        counts.append(ds.dataset(path, partitioning="hive").count_rows() if path.is_dir() else 0)
+    return counts
+
+
 def code_version() -> dict[str, Any]:
     """The commit and the files changed since (the request path may be edited between runs);
     ``--no-optional-locks``: reading the status must not write the index."""
@@ -773,6 +792,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "replicas": args.replicas,
                 "ready_seconds": round(ready_s, 1),
                 "log": str(run_dir),
+                # the service's settings from the environment (MLSD_MODEL_THREADS, ...)
+                "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLSD_")},
             }
             pids = {"server": [p.pid for p in server.procs], "redis": redis_pids()}
             report["load"] = {
@@ -791,6 +812,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["online"] = online_path(args, server, pids, users["online"])
             if "max" in args.phases and args.max_rate_steps:
                 report["max_throughput"] = max_throughput(args, server, pids, users["online"])
+        if args.replicas > 1:  # the logs are complete once the replicas have stopped
+            report["service"]["requests_per_replica"] = replica_requests(run_dir, args.replicas)
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
