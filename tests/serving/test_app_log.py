@@ -416,6 +416,10 @@ def test_a_pass_runs_in_a_child_process_and_a_dead_child_is_replaced(
         again = monitor.run_once()  # a new child
         assert again is not None
         assert again.counts["requests"] == 1
+        # The child yields the cores to the service when they are contended.
+        from mlsd.serving.monitor_pass import NICE, niceness
+
+        assert monitor._child().submit(niceness).result() == os.nice(0) + NICE
     assert {p.pid for p in multiprocessing.active_children()} <= before  # stopped with the app
 
 

@@ -999,9 +999,13 @@ class ServiceMonitor(PeriodicTask):
         super().start()
 
     def _child(self) -> ProcessPoolExecutor:
+        from mlsd.serving.monitor_pass import lower_priority
+
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(
+                    1, mp_context=mp.get_context("spawn"), initializer=lower_priority
+                )
             return self._pool
 
     def stop(self) -> None:
