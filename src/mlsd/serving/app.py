@@ -77,7 +77,16 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, cast, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Protocol,
+    TypeVar,
+    cast,
+    runtime_checkable,
+)
 from urllib.parse import parse_qsl
 
 import anyio
@@ -190,24 +199,29 @@ class ServiceSettings:
             sys.setswitchinterval(self.gil_switch_ms / 1000)
 
 
-def _env_float(env: Mapping[str, str], name: str) -> float | None:
+_T = TypeVar("_T")
+
+
+def _env_value(
+    env: Mapping[str, str], name: str, convert: Callable[[str], _T], kind: str
+) -> _T | None:
+    """``convert`` of the variable ``name`` (``None``: unset or blank); a clear error naming it."""
     raw = env.get(name, "").strip()
     if not raw:
         return None
     try:
-        return float(raw)
+        return convert(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        raise ValueError(f"{name} must be {kind}, got {raw!r}") from None
+
+
+def _env_float(env: Mapping[str, str], name: str) -> float | None:
+    return _env_value(env, name, float, "a number")
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    value = _env_value(env, name, int, "an integer")
+    return default if value is None else value
 
 
 class ServiceUnavailableError(RuntimeError):
