@@ -257,6 +257,8 @@ class OnlineFeatures:
         self._user_views = {view: names for view, names in user_views.items() if names}
         self._item_views = {ITEM_VIEW: [f.name for f in self._item_features]}
         self._provider = self._store._get_provider()
+        # Looked up once: check_config above pins the views to this config, so a later apply
+        # of the same repository keeps their names and entities.
         self._views = {
             name: self._store.get_feature_view(name)
             for name in (*self._user_views, *self._item_views)
