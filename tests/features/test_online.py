@@ -364,3 +364,42 @@ def test_reads_equal_feasts_sdk_read_field_by_field(
     _, _, stored = online._read_users([user_id], timestamps=True)
     assert stored[0] == pd.Timestamp(ts.seconds * 10**9 + ts.nanos, unit="ns", tz="UTC")
     assert abs(stored[0] - window["ts"].iloc[1]) < pd.Timedelta(seconds=1)  # the push's newest
+
+
+def test_stored_values_convert_as_feast_converts_them() -> None:
+    """The fast path of ``_python`` (plain scalars and lists) and the kinds it hands to Feast
+    give what Feast's own conversion gives, type included."""
+    from feast.protos.feast.types.Value_pb2 import (
+        DoubleList,
+        FloatList,
+        Int64List,
+        Null,
+        StringList,
+    )
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    from feast.type_map import feast_value_type_to_python_type
+
+    from mlsd.features.online import _python
+
+    values = [
+        ValueProto(int64_val=7),
+        ValueProto(int32_val=-3),
+        ValueProto(double_val=0.25),
+        ValueProto(float_val=1.5),
+        ValueProto(string_val="comedy"),
+        ValueProto(bool_val=True),
+        ValueProto(bytes_val=b"\x00\x01"),
+        ValueProto(int64_list_val=Int64List(val=[3, 1, 2])),
+        ValueProto(double_list_val=DoubleList(val=[0.5])),
+        ValueProto(float_list_val=FloatList(val=[])),
+        ValueProto(string_list_val=StringList(val=["a", "b"])),
+        ValueProto(unix_timestamp_val=1_700_000_000),
+        ValueProto(null_val=Null.NULL),
+        ValueProto(),
+    ]
+    for value in values:
+        expected = feast_value_type_to_python_type(value)
+        got = _python(value)
+        assert got == expected, value
+        assert type(got) is type(expected), value
+    assert _python(None) is None

@@ -188,9 +188,28 @@ def _fail_fast(store: Any) -> None:
         client.set_retry(Retry(NoBackoff(), 0))
 
 
+_PLAIN_SCALARS = frozenset(
+    ("int64_val", "int32_val", "double_val", "float_val", "string_val", "bool_val", "bytes_val")
+)
+_PLAIN_LISTS = frozenset(f"{kind[:-4]}_list_val" for kind in _PLAIN_SCALARS)
+
+
 def _python(value: ValueProto | None) -> Any:
-    """A stored value proto as Python (``None``: absent or null), as Feast's response has it."""
-    return None if value is None else feast_value_type_to_python_type(value)
+    """A stored value proto as Python (``None``: absent or null), as Feast's response has it.
+
+    The plain scalars and lists (every feature mlsd stores but the timestamps) are read
+    directly: Feast's general conversion tries a dozen other kinds first, which cost ~0.06 ms
+    of CPU per user read (17 values) in batch prediction and the request path. The other kinds
+    (timestamps, maps, sets, JSON, nulls) go through Feast's function; a test holds the values
+    equal to Feast's own read."""
+    if value is None:
+        return None
+    kind = value.WhichOneof("val")
+    if kind in _PLAIN_SCALARS:
+        return getattr(value, kind)
+    if kind in _PLAIN_LISTS:
+        return list(getattr(value, kind).val)
+    return feast_value_type_to_python_type(value)
 
 
 def _utc(ts: datetime) -> pd.Timestamp:
