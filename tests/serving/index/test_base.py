@@ -23,6 +23,7 @@ from mlsd.serving.index import (
     HNSW_MAX_ITEMS,
     INDEX_BACKENDS,
     PAD_ID,
+    FlatConfig,
     FlatIndex,
     HNSWConfig,
     HNSWIndex,
@@ -31,6 +32,7 @@ from mlsd.serving.index import (
     MilvusIndex,
     VectorIndex,
     choose_index,
+    index_for_queries,
     l2_normalize,
     load_index,
     recall_at_k,
@@ -274,6 +276,54 @@ def test_choose_index_by_catalog_size() -> None:
     assert (custom.config.nprobe, custom.config.pq_m) == (4, 12)
     with pytest.raises(ValueError, match="n_items"):
         choose_index(0, 64)
+
+
+def _factor_like(n_items: int, dim: int, *, tail: bool, seed: int = 0) -> np.ndarray:
+    """Item vectors with ALS-like long-tailed norms (a few long, most near zero), or not."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n_items, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    if tail:
+        vectors *= (rng.pareto(1.2, size=n_items) ** 2 + 1e-3)[:, None].astype(np.float32)
+    return vectors
+
+
+def test_index_for_queries_takes_exact_tiers_where_the_queries_stop_early() -> None:
+    dim, n_items = 8, 4_000
+    items = _factor_like(n_items, dim, tail=True)
+    ids = np.arange(n_items, dtype=np.int64) * 7 + 3
+    users = np.random.default_rng(1).normal(size=(300, dim)).astype(np.float32)
+    tiers = FlatConfig(norm_tiers=True, first_tier=256)
+    index = index_for_queries(
+        ids, items, users, k=20, flat_max_items=500, max_scan=2_000, tiers=tiers
+    )
+    assert isinstance(index, FlatIndex)
+    assert index.config.norm_tiers
+    got, _ = index.search(users[:50], 20)
+    exact = ids[np.argsort(-(users[:50] @ items.T), axis=1, kind="stable")[:, :20]]
+    np.testing.assert_array_equal(got, exact)
+    # The same items without the tail: every query scans everything, so the size decides.
+    flat_norms = _factor_like(n_items, dim, tail=False)
+    graph = index_for_queries(
+        ids, flat_norms, users, k=20, flat_max_items=500, max_scan=2_000, tiers=tiers
+    )
+    assert isinstance(graph, HNSWIndex)
+    assert graph.ntotal == n_items
+
+
+def test_index_for_queries_keeps_small_catalogs_and_unknown_queries_by_size() -> None:
+    items = _factor_like(300, 4, tail=True)
+    ids = np.arange(300, dtype=np.int64)
+    small = index_for_queries(ids, items, items[:10])
+    assert type(small) is FlatIndex
+    assert not small.config.norm_tiers
+    assert small.ntotal == 300
+    no_queries = index_for_queries(ids, items, np.empty((0, 4), np.float32), flat_max_items=100)
+    assert isinstance(no_queries, HNSWIndex)
+    with pytest.raises(ValueError, match="item_embeddings of shape"):
+        index_for_queries(ids, items[:, 0], items[:10])
+    with pytest.raises(ValueError, match="norm_tiers=True"):
+        index_for_queries(ids, items, items[:10], flat_max_items=100, tiers=FlatConfig())
 
 
 def test_load_index_names_unknown_backends(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ JSON, ``.npz``, a vector index directory, a torch state dict::
     items, scores = source.candidates(query, 200, exclude=seen)
 
 Embedding-based sources (ALS, BPR, two-tower) put their item vectors in the index
-``choose_index`` picks for the catalog size (``index="auto"``), or the backend named.
+``choose_index`` picks for the catalog size (``index="auto"``), or the backend named. For
+ALS and BPR, whose user vectors are known, "auto" is ``index_for_queries``: exact norm-tiered
+search when a sample of the users proves it cheap (long-tailed item norms), else by size.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mlsd.models.retrieval.popularity import PopularityRetriever
 from mlsd.models.retrieval.segment_popularity import SegmentPopularityRetriever
 from mlsd.models.retrieval.topk import check_fitted
 from mlsd.models.retrieval.two_tower_train import TwoTowerRetriever
-from mlsd.serving.index import INDEX_BACKENDS, VectorIndex, choose_index
+from mlsd.serving.index import INDEX_BACKENDS, VectorIndex, choose_index, index_for_queries
 from mlsd.serving.sources import (
     COVISITATION_FILE,
     EASE_FILE,
@@ -103,8 +105,12 @@ def _factors(retriever: ALSRetriever | BPRRetriever, path: Path, index: str) -> 
     _write_npz(path / FACTORS_FILE, user_ids=retriever.interactions_.user_ids,
                user_factors=retriever.user_factors_, item_ids=item_ids,
                item_factors=item_factors)  # fmt: skip
-    vectors = make_index(index, len(item_ids), item_factors.shape[1])
-    vectors.build(item_ids, item_factors).save(path / INDEX_DIR)
+    if index == "auto":  # the user vectors are known: the index is chosen by searching them
+        vectors = index_for_queries(item_ids, item_factors, retriever.user_factors_)
+    else:
+        vectors = make_index(index, len(item_ids), item_factors.shape[1])
+        vectors.build(item_ids, item_factors)
+    vectors.save(path / INDEX_DIR)
     _write_fallback(path, retriever)
 
 
