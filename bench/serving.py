@@ -71,6 +71,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -311,26 +312,43 @@ def passes(phase: dict[str, Any], p99_ms: float, error_rate: float) -> bool:
 def run_step(name: str, command: list[str], log_path: Path) -> dict[str, float]:
     """Run one CLI step (output to ``log_path``): its wall and CPU seconds and peak memory, or
     exit with a JSON report of the failure (command, seconds, the output's tail)."""
-    log(f"  {name}: {' '.join(command)}")
+    return run_steps(name, [command], [log_path])[0]
+
+
+def run_steps(
+    name: str, commands: list[list[str]], log_paths: list[Path]
+) -> list[dict[str, float]]:
+    """:func:`run_step` for several processes at once (e.g. batch-prediction shards): each
+    one's wall seconds (from the common start), CPU seconds and peak memory."""
+    procs = []
     start = time.perf_counter()
-    with log_path.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
+    for command, log_path in zip(commands, log_paths, strict=True):
+        log(f"  {name}: {' '.join(command)}")
+        with log_path.open("w") as out:
+            procs.append(
+                subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
+            )
+    costs = []
+    for proc, command, log_path in zip(procs, commands, log_paths, strict=True):
         _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own rusage
-    seconds = time.perf_counter() - start
-    code = proc.returncode = os.waitstatus_to_exitcode(status)
-    cost = {
-        "seconds": round(seconds, 1),
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-        "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
-    }
-    if code != 0:
-        why = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-        fail(
-            f"build step {name!r} failed ({why}) after {seconds:.1f} s",
-            {"step": name, "command": command, **cost, **tail(log_path)},
-        )
-    log(f"  {name}: {cost}")
-    return cost
+        seconds = time.perf_counter() - start
+        code = proc.returncode = os.waitstatus_to_exitcode(status)
+        cost = {
+            "seconds": round(seconds, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
+        }
+        if code != 0:
+            for other in procs:
+                other.kill()
+            why = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+            fail(
+                f"build step {name!r} failed ({why}) after {seconds:.1f} s",
+                {"step": name, "command": command, **cost, **tail(log_path)},
+            )
+        log(f"  {name}: {cost}")
+        costs.append(cost)
+    return costs
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
@@ -392,34 +410,68 @@ def fail(message: str, detail: dict[str, Any]) -> NoReturn:
 
 
 def batch_predict(
-    built: dict[str, Any], redis_url: str, n_users: int, run_dir: Path
+    built: dict[str, Any], redis_url: str, n_users: int, run_dir: Path, shards: int
 ) -> dict[str, Any]:
-    command = [
+    """``mlsd feed batch-predict`` over the first ``n_users``: one process with two worker
+    threads (``shards`` 1), or ``shards`` processes at once (``--shard i/N --workers 1``),
+    each loading the model. The rate is the users over the time from the first shard's start
+    of prediction to the last one's end (model loads excluded, as in a one-process run)."""
+    base = [
         str(Path(sys.executable).with_name("mlsd")),
         *("feed", "batch-predict", "--dataset", built["world"], "--config", str(CONFIG)),
         *("--model", built["model"], "--redis", redis_url, "--users", str(n_users)),
     ]
-    seconds = run_step("batch_predict", command, run_dir / "batch_predict.log")["seconds"]
-    text = (run_dir / "batch_predict.log").read_text()
-    found = re.search(r"([\d,]+) users written for model (\S+) \(([\d,.]+) users/s\)", text)
-    if found is None:
-        fail("batch-predict printed no rate", {"output": text.splitlines()[-20:]})
-    assert found is not None
-    rate = float(found.group(3).replace(",", ""))
+    commands = (
+        [base]
+        if shards == 1
+        else [[*base, "--shard", f"{i}/{shards}", "--workers", "1"] for i in range(shards)]
+    )
+    logs = [run_dir / f"batch_predict-{i}.log" for i in range(len(commands))]
+    costs = run_steps("batch_predict", commands, logs)
+    parts = [_batch_output(path) for path in logs]
+    start = min(part["start"] for part in parts)
+    seconds = (max(part["end"] for part in parts) - start).total_seconds()
+    common = (min(p["end"] for p in parts) - max(p["start"] for p in parts)).total_seconds()
+    users = sum(part["users"] for part in parts)
+    rate = users / max(seconds, 1e-9)
     # CPU per user moves much less with the machine's load than users/s: 2,000 users/s on 2 cores
     # needs <= 1 ms per user whatever else runs.
-    cpu = re.search(r"CPU: ([\d.]+) ms per user \(([\d.]+) cores busy\)", text)
-    cpu_ms = None if cpu is None else float(cpu.group(1))
+    cpu_ms = sum(part["cpu_ms"] * part["users"] for part in parts) / max(users, 1)
+    return {
+        "users": users,
+        "model_version": parts[0]["model_version"],
+        "shards": shards,
+        "users_per_s": round(rate, 1),
+        "cpu_ms_per_user": round(cpu_ms, 3),
+        "users_per_s_on_2_free_cores_at_most": round(2000 / cpu_ms) if cpu_ms else None,
+        "per_shard": [{k: part[k] for k in ("users", "users_per_s", "cpu_ms")} for part in parts],
+        # The part of the run during which every shard predicted (1: they ran side by side).
+        "shards_overlap": round(max(common, 0.0) / max(seconds, 1e-9), 3),
+        "wall_seconds_with_model_load": max(cost["seconds"] for cost in costs),
+        "target_users_per_s": TARGETS["batch_users_per_s"],
+        "met": rate >= TARGETS["batch_users_per_s"],
+    }
+
+
+def _batch_output(path: Path) -> dict[str, Any]:
+    """What one batch-predict process printed: users, model version, rate, CPU per user and
+    the time window of its predictions."""
+    text = path.read_text()
+    found = re.search(r"([\d,]+) users written for model (\S+) \(([\d,.]+) users/s\)", text)
+    cpu = re.search(r"CPU: ([\d.]+) ms per user", text)
+    window = re.search(r"predicted from (\S+) to (\S+)", text)
+    if found is None or cpu is None or window is None:
+        fail("batch-predict printed no rate or window", {"output": text.splitlines()[-20:]})
+    assert found is not None
+    assert cpu is not None
+    assert window is not None
     return {
         "users": int(found.group(1).replace(",", "")),
         "model_version": found.group(2),
-        "users_per_s": rate,
-        "cpu_ms_per_user": cpu_ms,
-        "cores_busy": None if cpu is None else float(cpu.group(2)),
-        "users_per_s_on_2_free_cores_at_most": None if not cpu_ms else round(2000 / cpu_ms),
-        "wall_seconds_with_model_load": seconds,
-        "target_users_per_s": TARGETS["batch_users_per_s"],
-        "met": rate >= TARGETS["batch_users_per_s"],
+        "users_per_s": float(found.group(3).replace(",", "")),
+        "cpu_ms": float(cpu.group(1)),
+        "start": datetime.fromisoformat(window.group(1)),
+        "end": datetime.fromisoformat(window.group(2)),
     }
 
 
@@ -777,7 +829,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with redis_server() as client:
         url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
         n_batch = min(args.batch_users, args.users)
-        report["batch_predict"] = batch_predict(built, url, n_batch, run_dir)
+        report["batch_predict"] = batch_predict(built, url, n_batch, run_dir, args.batch_shards)
         users = request_users(Path(built["world"]), n_batch, args.unknown_frac, args.seed)
         with service(
             built,
@@ -841,6 +893,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--build-only", action="store_true", help="stop after the build")
     parser.add_argument(
         "--batch-users", type=int, default=10_000, help="users batch-predict writes"
+    )
+    parser.add_argument(
+        "--batch-shards",
+        type=int,
+        default=2,
+        help="batch-predict processes at once (--shard i/N, one thread each); 1: one process, "
+        "two threads",
     )
     parser.add_argument("--rate", type=float, default=200.0, help="requests/s of the two paths")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per path")

@@ -215,3 +215,37 @@ def test_batch_predict_command_writes_every_user_and_reports_its_cost(
     client = redis.Redis.from_url(url)
     assert sum(1 for _ in client.scan_iter("mlsd:feed:top:*")) == 7
     client.flushdb()
+
+
+@pytest.mark.integration
+def test_batch_predict_shards_split_the_users_between_them(
+    setup: tuple[Path, Path, Path], redis_server: str
+) -> None:
+    import redis
+    from typer.testing import CliRunner
+
+    from mlsd.cli import app
+
+    world, config, root = setup
+    url = f"redis://{redis_server}/4"
+    args = ["feed", "batch-predict", "--dataset", str(world), "--config", str(config)]
+    args += ["--model", str(root / "models" / "m1"), "--redis", url, "--users", "7"]
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    written: list[set[bytes]] = []
+    for shard in ("0/2", "1/2"):
+        before = set(client.scan_iter("mlsd:feed:top:*"))
+        result = CliRunner().invoke(app, [*args, "--shard", shard, "--workers", "1"])
+        assert result.exit_code == 0, result.output
+        assert f"shard {shard}: predicted from 20" in result.output
+        written.append(set(client.scan_iter("mlsd:feed:top:*")) - before)
+    assert [len(keys) for keys in written] == [4, 3]  # users 0, 2, 4, 6 and 1, 3, 5
+    sharded = written[0] | written[1]
+    client.flushdb()
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert set(client.scan_iter("mlsd:feed:top:*")) == sharded
+    client.flushdb()
+    for bad in ("2/2", "1", "-1/2", "a/b"):
+        refused = CliRunner().invoke(app, [*args, "--shard", bad])
+        assert refused.exit_code == 2, refused.output
+        assert "0 <= I < N" in refused.output
