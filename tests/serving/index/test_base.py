@@ -323,7 +323,7 @@ def test_index_for_queries_keeps_small_catalogs_and_unknown_queries_by_size() ->
     with pytest.raises(ValueError, match="item_embeddings of shape"):
         index_for_queries(ids, items[:, 0], items[:10])
     with pytest.raises(ValueError, match="norm_tiers=True"):
-        index_for_queries(ids, items, items[:10], flat_max_items=100, tiers=FlatConfig())
+        index_for_queries(ids, items, items[:10], tiers=FlatConfig())
 
 
 def test_load_index_names_unknown_backends(tmp_path: Path) -> None:

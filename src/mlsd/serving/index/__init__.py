@@ -153,6 +153,9 @@ def index_for_queries(
             its history's length).
         tiers: the tiered index's config (default ``FlatConfig(norm_tiers=True)``).
     """
+    config = tiers if tiers is not None else FlatConfig(norm_tiers=True)
+    if not config.norm_tiers:
+        raise ValueError("index_for_queries: tiers must have norm_tiers=True")
     ids = np.asarray(item_ids, dtype=np.int64)
     vectors = np.asarray(item_embeddings, dtype=np.float32)
     if vectors.ndim != 2:
@@ -166,9 +169,6 @@ def index_for_queries(
         return by_size.build(ids, vectors)
     rng = np.random.default_rng(seed)
     trial = known[rng.choice(len(known), min(sample, len(known)), replace=False)]
-    config = tiers if tiers is not None else FlatConfig(norm_tiers=True)
-    if not config.norm_tiers:
-        raise ValueError("index_for_queries: tiers must have norm_tiers=True")
     tiered = FlatIndex(config).build(ids, vectors)
     tiered.search(trial, min(k, n_items))
     if float(np.percentile(tiered.last_scanned_, 99)) <= max_scan:
