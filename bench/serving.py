@@ -10,21 +10,24 @@ loopback, as in production:
    The build is cached under ``--cache`` keyed by its parameters and the config's hash; a failed
    build stops with its command, time and output tail and resumes at that step next time.
 2. **Batch prediction** into a throwaway ``redis-server`` (``bench/batch_predict.py``'s):
-   ``mlsd feed batch-predict --users N``, users/s as the command reports it.
+   ``mlsd feed batch-predict --users N`` as ``--batch-shards`` processes at once (``--shard
+   i/N --workers 1``; 1: one process with two threads); users/s over the time from the first
+   shard's first prediction to the last one's last, with the shards' overlap.
 3. **The service**: ``mlsd feed serve --model --redis --port --base-dir RUN`` in its own process
    (its service log goes to the run directory), ready when ``/readyz`` answers 200 from a socket
    that process holds (a port another process answers on is not mistaken for ours). With
    ``--replicas N``, N such processes share the port (``--reuse-port``: the kernel spreads the
    connections), each with its own model, log directory and core; CPU is their sum.
 4. **Load** from another process (this file with ``--load-worker``, a minimal HTTP/1.1 client on
-   asyncio streams over keep-alive connections): ``GET /v1/recommendations/{user}?k=10&
-   precomputed=`` sent at times ``i / rate`` whatever the answers (open loop), at most
-   ``--max-inflight`` at once; a request that finds no free connection within ``--timeout`` is
-   an error (``late``), as is a timeout or a non-200. Latency is the answer's arrival minus the
-   SCHEDULED send time (no coordinated omission; a thread keeps the schedule, so the event
-   loop's millisecond timers do not make the client late); requests without an answer count as
-   infinitely slow, so a percentile they reach is ``null``. After each phase the harness waits until
-   ``/readyz`` is fast again: requests the client gave up on still run in the server's threads.
+   asyncio streams over ``--connections`` keep-alive connections opened first): ``GET
+   /v1/recommendations/{user}?k=10&precomputed=`` sent at times ``i / rate`` whatever the
+   answers (open loop), at most ``--max-inflight`` at once; a request that finds no free
+   connection within ``--timeout`` is an error (``late``), as is a timeout or a non-200. Latency
+   is the answer's arrival minus the SCHEDULED send time (no coordinated omission; a thread
+   keeps the schedule, so the event loop's millisecond timers do not make the client late);
+   requests without an answer count as infinitely slow, so a percentile they reach is ``null``.
+   After each phase the harness waits until ``/readyz`` is fast again: requests the client gave
+   up on still run in the server's threads.
 
 Phases (``--phases``, default all), each after ``--warmup`` seconds at the same rate: the
 precomputed path at ``--rate`` (users batch-predict wrote; every answer should say path
