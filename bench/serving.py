@@ -19,15 +19,15 @@ loopback, as in production:
    ``--replicas N``, N such processes share the port (``--reuse-port``: the kernel spreads the
    connections), each with its own model, log directory and core; CPU is their sum.
 4. **Load** from another process (this file with ``--load-worker``, a minimal HTTP/1.1 client on
-   asyncio streams over ``--connections`` keep-alive connections opened first): ``GET
-   /v1/recommendations/{user}?k=10&precomputed=`` sent at times ``i / rate`` whatever the
+   asyncio streams over ``--connections`` keep-alive connections opened first):
+   ``GET /v1/recommendations/{user}?k=10&precomputed=`` sent at times ``i / rate`` whatever the
    answers (open loop), at most ``--max-inflight`` at once; a request that finds no free
    connection within ``--timeout`` is an error (``late``), as is a timeout or a non-200. Latency
    is the answer's arrival minus the SCHEDULED send time (no coordinated omission; a thread
    keeps the schedule, so the event loop's millisecond timers do not make the client late);
    requests without an answer count as infinitely slow, so a percentile they reach is ``null``.
-   After each phase the harness waits until ``/readyz`` is fast again: requests the client gave
-   up on still run in the server's threads.
+   After each phase the harness waits until an online request is fast again (:func:`drain`):
+   requests the client gave up on still run in the server's threads.
 
 Phases (``--phases``, default all), each after ``--warmup`` seconds at the same rate: the
 precomputed path at ``--rate`` (users batch-predict wrote; every answer should say path
