@@ -726,12 +726,14 @@ def batch_predict(
     path: reads the online store, retrieves and merges its candidates, builds the ranker rows
     (:meth:`~FeedRecommender.prepare_many`), scores them on one thread, re-ranks
     (:meth:`~FeedRecommender.rank_many`) and writes the lists in one pipelined round trip.
-    Faiss, the compiled trees, SQLite, Redis I/O and most numpy calls release the GIL, so two
-    workers keep both cores busy: at 1M items, 200 candidates and 200 compiled trees, about
-    1.5 ms of CPU per user (mostly the HNSW search, ~0.4, the online store read and the
-    co-visitation product) and 1,100 users/s on 2 cores, against 780 users/s with one thread
-    preparing chunks and the other ranking them. One request path for both answers means a
-    precomputed list is what the online path would have said at batch time.
+    Faiss, the compiled trees, SQLite, Redis I/O and most numpy calls release the GIL; the
+    Python between them does not, so two workers keep about 1.75 of two cores busy: at 1M
+    items, 200 candidates and 200 compiled trees, about 1.2 ms of CPU per user (the candidate
+    sources ~0.4, the trees ~0.26, the online store read ~0.11) and 1,490 users/s, against
+    780 users/s (before the exact ALS search) with one thread preparing chunks and the other
+    ranking them. Processes share the GIL-bound part better: ``mlsd feed batch-predict
+    --shard I/N`` runs one per core (1,735-1,762 users/s for two). One request path for both
+    answers means a precomputed list is what the online path would have said at batch time.
     """
     from concurrent.futures import ThreadPoolExecutor
 
