@@ -20,6 +20,7 @@ from mlsd.serving.index import (
     VectorIndex,
     recall_at_k,
 )
+from mlsd.serving.index.base import PAD_ID
 from mlsd.serving.index.faiss_index import IDS_FILE, INDEX_FILE, default_nlist
 from tests.serving.index.test_base import DIM, VectorIndexContract, clustered
 
@@ -203,9 +204,42 @@ def test_norm_tiers_stop_early_and_stay_exact() -> None:
     got, expected = tiered.search(queries, 10), plain.search(queries, 10)
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-5)
-    assert tiered.tier_bounds_.tolist() == [0, 64, 320, 1344, 2000]
     assert np.median(tiered.last_scanned_) == 64  # the 40 long vectors settle most queries
     assert tiered.last_scanned_.max() <= len(ids)
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_norm_tiers_second_pass_reaches_exactly_the_items_that_could_score(k: int) -> None:
+    rng = np.random.default_rng(5)
+    n_items = 3_000
+    embeddings = rng.normal(size=(n_items, DIM)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings *= rng.lognormal(0.0, 1.5, size=n_items)[:, None].astype(np.float32)
+    ids = np.arange(n_items, dtype=np.int64) * 5 + 2
+    queries = rng.normal(size=(80, DIM)).astype(np.float32) * rng.uniform(0.1, 3, (80, 1))
+    queries[7] = 0.0  # scores 0 everywhere: the first pass settles it
+    exact = queries @ embeddings.T
+    tiered = FlatIndex(FlatConfig(norm_tiers=True, first_tier=32, build_threads=1))
+    tiered.build(ids, embeddings)
+    for width in (k, 100):  # 100: more than the first tier
+        got_ids, got_scores = tiered.search(queries, width)
+        best = -np.sort(-exact, axis=1)[:, :width]
+        np.testing.assert_allclose(got_scores, best, rtol=1e-5, atol=1e-5)
+        assert (got_ids != PAD_ID).all()
+        np.testing.assert_allclose(
+            np.take_along_axis(exact, (got_ids - 2) // 5, axis=1), got_scores, rtol=1e-5, atol=1e-5
+        )
+    # Each query stopped where the items left cannot beat its k-th score, and the second pass
+    # ran for some queries but not all (reaches differ, in steps of first_tier / 4).
+    tiered.search(queries, k)
+    scores = -np.sort(-exact, axis=1)[:, k - 1]
+    scanned = tiered.last_scanned_
+    rest = np.append(np.sort(np.linalg.norm(embeddings, axis=1))[::-1], 0.0)[scanned]
+    assert (np.linalg.norm(queries, axis=1) * rest <= scores * (1 + 1e-4) + 1e-6).all()
+    assert scanned[7] == 32
+    assert (scanned > 32).any()
+    assert np.median(scanned) < n_items / 4
+    assert ((scanned % 8 == 0) | (scanned == n_items)).all()
 
 
 def test_max_scan_bounds_the_scan() -> None:

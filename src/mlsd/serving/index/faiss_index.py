@@ -43,6 +43,8 @@ faiss: Any = _faiss
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "item_ids.npy"
+_BOUND_SLACK = 1e-5
+"""Relative margin on the norm bound of tiered search, for float32 rounding of the scores."""
 
 
 def _check_positive(owner: object, **values: int | None) -> None:
@@ -56,12 +58,15 @@ class FlatConfig:
     """Exact search: each query is scored against every item, or against tiers of items.
 
     Attributes:
-        norm_tiers: store the items by decreasing norm and scan them in tiers (``first_tier``
-            items, then 4x more each time); a query stops as soon as its k-th score is at least
-            ``|q| · (largest norm not scanned yet)``, which by Cauchy-Schwarz no later item can
-            beat. Still exact; fast when a few items have much larger norms than the rest, as
-            popular items do in ALS / matrix factorisation embeddings.
-        first_tier: items in the first tier.
+        norm_tiers: store the items by decreasing norm and search in two passes. Every query
+            scores the ``max(first_tier, k)`` longest items; its k-th score there, ``s``, rules
+            out by Cauchy-Schwarz every item with ``|q| · norm <= s``, so the second pass
+            scores only the items before that point (rounded up to ``first_tier / 4``; queries
+            with the same reach share one Faiss call). Still exact; fast when a few items have
+            much larger norms than the rest, as popular items do in ALS / matrix factorisation
+            embeddings. (On 1M ALS items of dimension 32, k = 241: 0.12 ms per query in
+            batches, against 0.17 ms for tiers of 4x growth that re-check the bound after each.)
+        first_tier: items every query scores in the first pass.
         max_scan: with ``norm_tiers``, scan at most the ``max_scan`` largest-norm items
             (``None``: all). Bounds the latency of the few queries without an early stop, at
             the price of exactness for them.
@@ -246,7 +251,7 @@ class FlatIndex(FaissIndex):
 
     With ``FlatConfig(norm_tiers=True)`` the items are stored by decreasing norm, and
     ``last_scanned_`` (``(n_q,)`` int64) tells how many items each query of the last search
-    scored before its top-k was proven (or ``max_scan`` was reached).
+    scored to prove its top k (or ``max_scan`` was reached).
     """
 
     backend = "flat"
@@ -255,8 +260,7 @@ class FlatIndex(FaissIndex):
 
     def __init__(self, config: FlatConfig | None = None) -> None:
         super().__init__(config)
-        self.tier_bounds_: IntArray = np.empty(0, dtype=np.int64)
-        self.tier_rest_norms_: npt.NDArray[np.float64] = np.empty(0)
+        self.neg_norms_: npt.NDArray[np.float64] = np.empty(0)
         self.last_scanned_: IntArray = np.empty(0, dtype=np.int64)
 
     def _make(self, n_items: int, dim: int) -> Any:
@@ -267,10 +271,10 @@ class FlatIndex(FaissIndex):
             order = np.argsort(-np.linalg.norm(item_embeddings, axis=1), kind="stable")
             item_ids, item_embeddings = item_ids[order], item_embeddings[order]
         super()._build(item_ids, item_embeddings)
-        self._set_tiers()
+        self._set_norms()
 
     def _after_load(self) -> None:
-        self._set_tiers()
+        self._set_norms()
 
     def _vectors(self) -> FloatArray:
         """The stored ``(ntotal, dim)`` vectors, a view into Faiss's memory (no copy)."""
@@ -278,53 +282,63 @@ class FlatIndex(FaissIndex):
         vectors: FloatArray = faiss.rev_swig_ptr(self.index_.get_xb(), n * dim).reshape(n, dim)
         return vectors
 
-    def _set_tiers(self) -> None:
+    def _set_norms(self) -> None:
         if not self.config.norm_tiers:
             return
         norms = np.linalg.norm(self._vectors(), axis=1).astype(np.float64)
         if (np.diff(norms) > 1e-6 * norms[0]).any():
             raise ValueError("FlatIndex(norm_tiers=True): stored vectors are not sorted by norm")
-        stop = min(len(norms), self.config.max_scan or len(norms))
-        bounds, size = [0], self.config.first_tier
-        while bounds[-1] < stop:
-            bounds.append(min(stop, bounds[-1] + size))
-            size *= 4
-        self.tier_bounds_ = np.array(bounds, dtype=np.int64)
-        # Largest norm left after each tier: the next item's, as they are sorted (0: none left).
-        self.tier_rest_norms_ = np.append(norms, 0.0)[self.tier_bounds_[1:]]
+        self.neg_norms_ = -norms
+
+    def _scan(
+        self, queries: FloatArray, start: int, end: int, k: int
+    ) -> tuple[FloatArray, IntArray]:
+        """Top ``k`` of the stored items ``[start, end)``: scores and positions (``-1``: none)."""
+        scores, pos = faiss.knn(
+            queries, self._vectors()[start:end], min(k, end - start), faiss.METRIC_INNER_PRODUCT
+        )
+        return scores, np.where(pos >= 0, pos + start, -1)
 
     def _search(self, queries: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
+        """Two passes (see :class:`FlatConfig`): the first tier for every query, then for each
+        query the items its first-tier k-th score cannot rule out, in groups of equal reach."""
         if not self.config.norm_tiers:
             return super()._search(queries, k)
         faiss.omp_set_num_threads(self.config.search_threads)
-        vectors, n_q = self._vectors(), len(queries)
-        best_scores = np.full((n_q, k), -np.inf, dtype=np.float32)
-        best_pos = np.full((n_q, k), -1, dtype=np.int64)
-        scanned = np.zeros(n_q, dtype=np.int64)
-        q_norms = np.linalg.norm(queries, axis=1).astype(np.float64)
-        active = np.arange(n_q)
-        for start, end, rest_norm in zip(
-            self.tier_bounds_[:-1], self.tier_bounds_[1:], self.tier_rest_norms_, strict=True
-        ):
-            scores, pos = faiss.knn(
-                queries[active],
-                vectors[start:end],
-                min(k, int(end - start)),
-                faiss.METRIC_INNER_PRODUCT,
+        stop = min(self.ntotal, self.config.max_scan or self.ntotal)
+        first = min(max(self.config.first_tier, k), stop)  # at least k: a k-th score to bound
+        scores, pos = self._scan(queries, 0, first, k)
+        if scores.shape[1] < k:  # fewer than k items in all: pad
+            pad = k - scores.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
+        reach = np.minimum(self._reach(queries, scores[:, k - 1]), stop)
+        step = max(1, self.config.first_tier // 4)
+        reach = np.where(reach > first, np.minimum(stop, -(-reach // step) * step), first)
+        for end in np.unique(reach[reach > first]).tolist():
+            rows = np.nonzero(reach == end)[0]
+            more_scores, more_pos = self._scan(queries[rows], first, end, k)
+            both = np.concatenate([scores[rows], more_scores], axis=1)
+            top = np.argsort(-both, axis=1, kind="stable")[:, :k]
+            scores[rows] = np.take_along_axis(both, top, axis=1)
+            pos[rows] = np.take_along_axis(
+                np.concatenate([pos[rows], more_pos], axis=1), top, axis=1
             )
-            merged_scores = np.concatenate([best_scores[active], scores], axis=1)
-            merged_pos = np.concatenate([best_pos[active], np.where(pos >= 0, pos + start, -1)], 1)
-            top = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
-            best_scores[active] = np.take_along_axis(merged_scores, top, axis=1)
-            best_pos[active] = np.take_along_axis(merged_pos, top, axis=1)
-            scanned[active] = end
-            # Keep the queries whose k-th score an unscanned item could still beat.
-            active = active[best_scores[active, k - 1] < q_norms[active] * rest_norm]
-            if len(active) == 0:
-                break
-        self.last_scanned_ = scanned
-        ids = np.where(best_pos >= 0, self.item_ids_[best_pos], PAD_ID).astype(np.int64)
-        return ids, best_scores
+        self.last_scanned_ = reach.astype(np.int64)
+        ids = np.where(pos >= 0, self.item_ids_[pos], PAD_ID).astype(np.int64)
+        return ids, scores
+
+    def _reach(self, queries: FloatArray, kth: FloatArray) -> IntArray:
+        """Per query, how many of the largest-norm items could score above ``kth``: those with
+        ``|q| · norm > kth`` (Cauchy-Schwarz), with a relative slack of :data:`_BOUND_SLACK`
+        for float32 rounding. A query of norm 0 scores 0 everywhere."""
+        q_norms = np.linalg.norm(queries, axis=1).astype(np.float64)
+        kth = kth.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            floor = np.where(q_norms > 0, kth / q_norms, np.where(kth >= 0, np.inf, -np.inf))
+            floor = np.where(np.isfinite(floor), floor - np.abs(floor) * _BOUND_SLACK, floor)
+        reach: IntArray = np.searchsorted(self.neg_norms_, -floor, side="left").astype(np.int64)
+        return reach
 
 
 class HNSWIndex(FaissIndex):
