@@ -10,9 +10,11 @@ loopback, as in production:
    The build is cached under ``--cache`` keyed by its parameters and the config's hash; a failed
    build stops with its command, time and output tail and resumes at that step next time.
 2. **Batch prediction** into a throwaway ``redis-server`` (``bench/batch_predict.py``'s):
-   ``mlsd feed batch-predict --users N`` as ``--batch-shards`` processes at once (``--shard
-   i/N --workers 1``; 1: one process with two threads); users/s over the time from the first
-   shard's first prediction to the last one's last, with the shards' overlap.
+   ``mlsd feed batch-predict --users N --processes P`` (``--batch-processes``, default 2: one
+   model load, P one-thread workers forked from it; 1: one process with two threads), as
+   ``--batch-shards`` such commands at once (``--shard i/N``, each loading the model); users/s
+   over the time from the first shard's first prediction to the last one's last, with the
+   shards' overlap.
 3. **The service**: ``mlsd feed serve --model --redis --port --base-dir RUN`` in its own process
    (its service log goes to the run directory), ready when ``/readyz`` answers 200 from a socket
    that process holds (a port another process answers on is not mistaken for ours). With
@@ -423,21 +425,27 @@ def fail(message: str, detail: dict[str, Any]) -> NoReturn:
 
 
 def batch_predict(
-    built: dict[str, Any], redis_url: str, n_users: int, run_dir: Path, shards: int
+    built: dict[str, Any],
+    redis_url: str,
+    n_users: int,
+    run_dir: Path,
+    shards: int,
+    processes: int,
 ) -> dict[str, Any]:
-    """``mlsd feed batch-predict`` over the first ``n_users``: one process with two worker
-    threads (``shards`` 1), or ``shards`` processes at once (``--shard i/N --workers 1``),
-    each loading the model. The rate is the users over the time from the first shard's start
-    of prediction to the last one's end (model loads excluded, as in a one-process run)."""
+    """``mlsd feed batch-predict`` over the first ``n_users``, ``shards`` commands at once
+    (``--shard i/N``, each loading the model), each forking ``processes`` one-thread workers
+    from its loaded model (``--processes``; 1: two worker threads in the process, or one when
+    there are several shards). The rate is the users over the time from the first shard's
+    start of prediction to the last one's end (model loads excluded, as in a one-process
+    run)."""
     base = [
         str(Path(sys.executable).with_name("mlsd")),
         *("feed", "batch-predict", "--dataset", built["world"], "--config", str(CONFIG)),
         *("--model", built["model"], "--redis", redis_url, "--users", str(n_users)),
+        *("--processes", str(processes), "--workers", "2" if shards == 1 else "1"),
     ]
     commands = (
-        [base]
-        if shards == 1
-        else [[*base, "--shard", f"{i}/{shards}", "--workers", "1"] for i in range(shards)]
+        [base] if shards == 1 else [[*base, "--shard", f"{i}/{shards}"] for i in range(shards)]
     )
     logs = [run_dir / f"batch_predict-{i}.log" for i in range(len(commands))]
     costs = run_steps("batch_predict", commands, logs)
@@ -454,6 +462,7 @@ def batch_predict(
         "users": users,
         "model_version": parts[0]["model_version"],
         "shards": shards,
+        "processes_per_shard": processes,
         "users_per_s": round(rate, 1),
         "cpu_ms_per_user": round(cpu_ms, 3),
         "users_per_s_on_2_free_cores_at_most": round(2000 / cpu_ms) if cpu_ms else None,
@@ -847,7 +856,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with redis_server() as client:
         url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
         n_batch = min(args.batch_users, args.users)
-        report["batch_predict"] = batch_predict(built, url, n_batch, run_dir, args.batch_shards)
+        report["batch_predict"] = batch_predict(
+            built, url, n_batch, run_dir, args.batch_shards, args.batch_processes
+        )
         users = request_users(Path(built["world"]), n_batch, args.unknown_frac, args.seed)
         with service(
             built,
@@ -916,9 +927,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-shards",
         type=int,
+        default=1,
+        help="batch-predict commands at once (--shard i/N), each loading the model",
+    )
+    parser.add_argument(
+        "--batch-processes",
+        type=int,
         default=2,
-        help="batch-predict processes at once (--shard i/N, one thread each); 1: one process, "
-        "two threads",
+        help="one-thread workers each batch-predict command forks from its loaded model "
+        "(--processes); 1: threads in the process",
     )
     parser.add_argument("--rate", type=float, default=200.0, help="requests/s of the two paths")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per path")

@@ -430,3 +430,43 @@ def test_batch_predict_writes_what_each_request_answers(
         batch_predict(recommender, store, users, k=10, chunk=0)
     with pytest.raises(ValueError, match="workers"):
         batch_predict(recommender, store, users, k=10, workers=0)
+
+
+@pytest.mark.integration
+def test_batch_predict_processes_write_what_each_request_answers(
+    recommender: FeedRecommender, redis_server: str
+) -> None:
+    # Two children forked from the loaded model, each on its own SQLite connection and Redis
+    # connection: every stored list is the online answer, and the parent still reads after.
+    import redis
+
+    from mlsd.serving.feed import batch_predict_processes
+    from mlsd.serving.precomputed import PrecomputedStore
+    from mlsd.serving.process import free_port
+
+    host, port = redis_server.split(":")
+    client = redis.Redis(host=host, port=int(port))
+    store = PrecomputedStore(client, prefix="test:feed:forked")
+    users = [3, 4, 5, 11, 12, 40, 10_000_000]
+    now = 1_900_000_000.0
+    recommender.recommend(RecommendRequest(3, k=10, now=now, allow_precomputed=False))
+    written, rate = batch_predict_processes(
+        recommender, store, users, k=10, processes=2, chunk=2, now=now
+    )
+    assert written == len(users)
+    assert rate > 0
+    found = store.lookup_many(users, model_version=recommender.version)
+    for user, hit in zip(users, found, strict=True):
+        assert hit.result is not None, user
+        online = recommender.recommend(
+            RecommendRequest(user, k=10, now=now, allow_precomputed=False)
+        )
+        assert online.path == "online"
+        assert hit.result.item_ids.tolist() == [r.item_id for r in online.items], user
+        np.testing.assert_allclose(hit.result.scores, [r.score for r in online.items], rtol=1e-6)
+    # A child that fails (here: no Redis to write to) fails the call, naming the worker.
+    nowhere = PrecomputedStore(redis.Redis(host=host, port=free_port()), prefix="test:feed:x")
+    with pytest.raises(RuntimeError, match=r"batch worker \d/2 .* exited with code 1"):
+        batch_predict_processes(recommender, nowhere, users, k=10, processes=2, now=now)
+    with pytest.raises(ValueError, match="processes"):
+        batch_predict_processes(recommender, store, users, k=10, processes=0)

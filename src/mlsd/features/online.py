@@ -287,6 +287,15 @@ class OnlineFeatures:
         self._refresh_lock = threading.Lock()
         self._refresher: threading.Thread | None = None
 
+    def after_fork(self) -> None:
+        """In a forked child: drop the online store's SQLite connection, which must not cross
+        ``fork()`` (sqlite.org/howtocorrupt.html, 2.6); the next read opens the child's own.
+        Redis connections need nothing: redis-py reconnects when it sees a new pid. Fork with
+        no item-cache refresh running (:meth:`wait_for_refresh`): its lock would stay held."""
+        online = self._provider.online_store
+        if getattr(online, "_conn", None) is not None:
+            online._conn = None
+
     # --- items ---------------------------------------------------------------------------
 
     def refresh_item_cache(self) -> int:

@@ -4,6 +4,7 @@ a real MLflow SQLite store and a real feature store (no mocks)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -244,6 +245,14 @@ def test_batch_predict_shards_split_the_users_between_them(
     client.flushdb()
     assert CliRunner().invoke(app, args).exit_code == 0
     assert set(client.scan_iter("mlsd:feed:top:*")) == sharded
+    client.flushdb()
+    # Forked from one load: the same users, and CPU counted over the children too.
+    forked = CliRunner().invoke(app, [*args, "--processes", "2"])
+    assert forked.exit_code == 0, forked.output
+    assert "7 users written" in forked.output
+    assert set(client.scan_iter("mlsd:feed:top:*")) == sharded
+    cpu_ms = float(re.search(r"CPU: ([\d.]+) ms per user", forked.output).group(1))  # type: ignore[union-attr]
+    assert cpu_ms > 0
     client.flushdb()
     for bad in ("2/2", "1", "-1/2", "a/b"):
         refused = CliRunner().invoke(app, [*args, "--shard", bad])
