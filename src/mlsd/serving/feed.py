@@ -729,13 +729,14 @@ def batch_predict(
     (:meth:`~FeedRecommender.rank_many`) and writes the lists in one pipelined round trip.
     Faiss, the compiled trees, SQLite, Redis I/O and most numpy calls release the GIL; the
     Python between them does not, so two workers keep about 1.75 of two cores busy: at 1M
-    items, 200 candidates and 200 compiled trees, about 1.2 ms of CPU per user (the candidate
-    sources ~0.4, the trees ~0.26, the online store read ~0.11) and 1,490 users/s, against
-    780 users/s (before the exact ALS search) with one thread preparing chunks and the other
-    ranking them. Processes share the GIL-bound part better: ``mlsd feed batch-predict
-    --shard I/N`` runs one per core (1,735-1,762 users/s for two). One request path for both
-    answers means a precomputed list is what the online path would have said at batch time.
-    :func:`batch_predict_processes` forks such processes from one loaded model.
+    items, 200 candidates and 200 compiled trees, about 1.2 ms of CPU per user and 1,490
+    users/s, against 780 users/s (before the exact ALS search) with one thread preparing
+    chunks and the other ranking them. Processes do not share a GIL:
+    :func:`batch_predict_processes` forks one-thread workers from one loaded model (about
+    1.0 ms of CPU per user: the candidate sources ~0.35, the trees ~0.26, the online-store
+    read ~0.12; 1,970-2,050 users/s on two cores), and ``mlsd feed batch-predict --shard
+    I/N`` splits the users among machines. One request path for both answers means a
+    precomputed list is what the online path would have said at batch time.
 
     ``on_chunk(n)`` is called after each chunk's ``n`` users are written.
     """

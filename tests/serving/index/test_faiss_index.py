@@ -247,6 +247,12 @@ def test_max_scan_bounds_the_scan() -> None:
     index = FlatIndex(FlatConfig(norm_tiers=True, first_tier=16, max_scan=100, build_threads=1))
     ids, _ = index.build(data.item_ids, data.item_embeddings).search(data.queries, 10)
     assert index.last_scanned_.max() <= 100
+    # Cut short, the search is no longer exact; whole, flat search is, tiered or not.
+    assert not index.exact
+    assert FlatIndex().exact
+    assert FlatIndex(FlatConfig(norm_tiers=True)).exact
+    assert not HNSWIndex().exact
+    assert not IVFIndex().exact
     longest = data.item_ids[np.argsort(-np.linalg.norm(data.item_embeddings, axis=1))[:100]]
     assert set(ids.ravel().tolist()) <= set(longest.tolist())
     with pytest.raises(ValueError, match="max_scan needs norm_tiers"):

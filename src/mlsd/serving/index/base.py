@@ -60,6 +60,13 @@ class VectorIndex(ABC):
         """Number of indexed items."""
         return self._ntotal
 
+    @property
+    def exact(self) -> bool:
+        """Whether :meth:`search` returns the true top ``k``, so that a search for fewer
+        items gives the first of a wider search's (up to equal scores). Approximate indexes
+        may answer a wider search differently."""
+        return False
+
     def build(self, item_ids: npt.ArrayLike, item_embeddings: npt.ArrayLike) -> Self:
         """Index ``item_embeddings`` under ``item_ids``, replacing anything indexed before.
 

@@ -263,6 +263,11 @@ class FlatIndex(FaissIndex):
         self.neg_norms_: npt.NDArray[np.float64] = np.empty(0)
         self.last_scanned_: IntArray = np.empty(0, dtype=np.int64)
 
+    @property
+    def exact(self) -> bool:
+        """True unless ``max_scan`` cuts the tiered scan short."""
+        return not (self.config.norm_tiers and self.config.max_scan is not None)
+
     def _make(self, n_items: int, dim: int) -> Any:
         return faiss.IndexFlatIP(dim)
 
