@@ -379,3 +379,35 @@ def test_covisitation_product_is_scipys_to_the_bit() -> None:
         np.testing.assert_array_equal(targets, np.flatnonzero(matrix[cols].sum(axis=0) != 0))
         assert scores.dtype == np.float32
         np.testing.assert_array_equal(scores.view(np.int32), expected[targets].view(np.int32))
+
+
+def test_covisitation_batch_recent_weights_are_each_querys() -> None:
+    # Repeated items (the newest event counts), ids outside the catalog, empty histories and
+    # histories longer than last_n: the batch's CSR rows are the per-query answers.
+    from mlsd.serving.sources import CovisitationSource, RankedItems
+
+    rng = np.random.default_rng(5)
+    n = 60
+    source = CovisitationSource(
+        np.arange(n, dtype=np.int64) * 3,
+        sp.identity(n, dtype=np.float32, format="csr"),
+        RankedItems(np.arange(n, dtype=np.int64), np.ones(n, dtype=np.float32)),
+        last_n=8,
+        recency_decay=0.7,
+    )
+    empty = np.empty(0, dtype=np.int64)
+    queries = []
+    for length in (0, 1, 5, 8, 30, 0, 12, 3):
+        history = rng.choice(np.arange(n + 10) * 3 + rng.integers(0, 2), length).astype(np.int64)
+        queries.append(UserQuery(None, history, np.arange(length, dtype=np.int64), {}, 0))
+    indptr, cols, weights = source.recent_weights_many(queries)
+    assert len(indptr) == len(queries) + 1
+    assert weights.dtype == np.float32
+    for row, query in enumerate(queries):
+        want_cols, want_weights = source.recent_weights(query)
+        np.testing.assert_array_equal(cols[indptr[row] : indptr[row + 1]], want_cols)
+        np.testing.assert_array_equal(weights[indptr[row] : indptr[row + 1]], want_weights)
+    assert (np.diff(indptr) <= 8).all()
+    assert np.diff(indptr).max() == 8
+    none, _, _ = source.recent_weights_many([UserQuery(None, empty, empty, {}, 0)] * 2)
+    np.testing.assert_array_equal(none, [0, 0, 0])
