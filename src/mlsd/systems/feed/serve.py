@@ -364,8 +364,8 @@ def batch_predict_command(
         str | None,
         typer.Option(
             "--shard",
-            help="I/N: only every N-th user from the I-th (0-based), so N processes or "
-            "machines share the users; run one per core with --workers 1.",
+            help="I/N: only every N-th user from the I-th (0-based), so N machines share the "
+            "users (on one machine, --processes shares one model load).",
         ),
     ] = None,
     compile_trees: CompileTrees = True,
