@@ -734,7 +734,7 @@ def batch_predict(
     chunks and the other ranking them. Processes do not share a GIL:
     :func:`batch_predict_processes` forks one-thread workers from one loaded model (about
     1.0 ms of CPU per user: the candidate sources ~0.35, the trees ~0.26, the online-store
-    read ~0.12; 1,970-2,050 users/s on two cores), and ``mlsd feed batch-predict --shard
+    read ~0.12; 1,860-2,060 users/s on two cores), and ``mlsd feed batch-predict --shard
     I/N`` splits the users among machines. One request path for both answers means a
     precomputed list is what the online path would have said at batch time.
 
