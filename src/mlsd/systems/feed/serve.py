@@ -322,7 +322,7 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
     if found is None or not 0 <= int(found.group(1)) < int(found.group(2)):
         raise typer.BadParameter(
-            f"{shard!r}: expected I/N with 0 <= I < N, e.g. 0/2 and 1/2 for two processes",
+            f"{shard!r}: expected I/N with 0 <= I < N, e.g. 0/2 and 1/2 for two machines",
             param_hint="--shard",
         )
     return int(found.group(1)), int(found.group(2))
