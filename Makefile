@@ -9,7 +9,7 @@ SRC    := src tests bench scripts
 DEMO_CONFIG := configs/feed-demo.toml
 DEMO_PORT := 8000
 # Servers that integration tests start on loopback (Debian packages; installed when running as root).
-APT_PACKAGES := redis-server chromium
+APT_PACKAGES := redis-server chromium nginx
 
 .PHONY: install system-deps lint typecheck test test-fast demo bench clean
 

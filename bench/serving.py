@@ -18,8 +18,11 @@ loopback, as in production:
 3. **The service**: ``mlsd feed serve --model --redis --port --base-dir RUN`` in its own process
    (its service log goes to the run directory), ready when ``/readyz`` answers 200 from a socket
    that process holds (a port another process answers on is not mistaken for ours). With
-   ``--replicas N``, N such processes share the port (``--reuse-port``: the kernel spreads the
-   connections), each with its own model, log directory and core; CPU is their sum.
+   ``--replicas N``, N such processes, each with its own model, log directory and core; CPU is
+   their sum. ``--balancer reuse-port`` (default): they share the port and the kernel spreads
+   the connections; ``nginx``: each listens on a port of its own behind nginx on the service
+   port (``mlsd.serving.balancer``: each request to the replica with the fewest in flight),
+   whose CPU is reported as ``balancer``.
 4. **Load** from another process (this file with ``--load-worker``, a minimal HTTP/1.1 client on
    asyncio streams over ``--connections`` keep-alive connections opened first):
    ``GET /v1/recommendations/{user}?k=10&precomputed=`` sent at times ``i / rate`` whatever the
@@ -82,6 +85,8 @@ from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import uvloop
+
+from mlsd.serving.balancer import Nginx
 
 CONFIG = Path("configs/feed-demo.toml")
 TARGETS = {"online_p99_ms": 10.0, "precomputed_p99_ms": 3.0, "batch_users_per_s": 2_000.0}
@@ -510,23 +515,28 @@ def service(
     *,
     wait_s: float,
     replicas: int = 1,
+    balancer: str = "reuse-port",
     extra: Sequence[str] = (),
 ) -> Iterator[tuple[Server, float]]:
-    """``mlsd feed serve`` in its own process (``replicas`` > 1: that many, sharing the port
-    with ``--reuse-port``, each with its own log directory), yielded once ``/readyz`` answers
-    200 and every replica listens."""
+    """``mlsd feed serve`` in its own process (``replicas`` > 1: that many, each with its own
+    log directory, sharing ``port`` with ``--reuse-port`` or behind nginx on it, each on a
+    port of its own), yielded once ``/readyz`` answers 200 on ``port`` and every replica
+    listens."""
     procs: list[subprocess.Popen[bytes]] = []
     log_paths: list[Path] = []
+    nginx = balancer == "nginx" and replicas > 1
+    ports = [service_port() for _ in range(replicas)] if nginx else [port] * replicas
+    front: Nginx | None = None
     try:
-        for replica in range(replicas):
+        for replica, replica_port in enumerate(ports):
             base = run_dir if replicas == 1 else run_dir / f"replica-{replica}"
             base.mkdir(parents=True, exist_ok=True)
             command = [
                 str(Path(sys.executable).with_name("mlsd")),
                 *("feed", "serve", "--dataset", built["world"], "--config", str(CONFIG)),
-                *("--model", built["model"], "--redis", redis_url, "--port", str(port)),
+                *("--model", built["model"], "--redis", redis_url, "--port", str(replica_port)),
                 *("--base-dir", str(base)),  # where the service writes its log: not the repo
-                *(["--reuse-port"] if replicas > 1 else []),
+                *(["--reuse-port"] if replicas > 1 and not nginx else []),
                 *extra,
             ]
             log_path = base / "serve.log"
@@ -538,13 +548,21 @@ def service(
             log_paths.append(log_path)
         start = time.perf_counter()
         # uvicorn listens after the model loaded: until then another process could answer here
-        while not (_ready(port) and all(listens(proc.pid, port) for proc in procs)):
+        while not all(
+            _ready(p) and listens(proc.pid, p) for proc, p in zip(procs, ports, strict=True)
+        ):
             for proc, log_path in zip(procs, log_paths, strict=True):
                 if proc.poll() is not None or time.perf_counter() - start > wait_s:
                     fail("the service did not become ready", {"pid": proc.pid, **tail(log_path)})
             time.sleep(0.25)
-        yield Server(procs, port, log_paths), time.perf_counter() - start
+        if nginx:
+            front = Nginx(("127.0.0.1", port), [("127.0.0.1", p) for p in ports], run_dir / "nginx")
+            front.start()
+        balancer_pids = front.pids() if front is not None else []
+        yield Server(procs, port, log_paths, balancer_pids), time.perf_counter() - start
     finally:
+        if front is not None:
+            front.stop()
         for proc in procs:
             proc.terminate()
         for proc in procs:
@@ -559,6 +577,7 @@ class Server:
     procs: list[subprocess.Popen[bytes]]
     port: int
     log_paths: list[Path]
+    balancer_pids: list[int] = dataclasses.field(default_factory=list)
 
     def check_alive(self) -> None:
         for proc, log_path in zip(self.procs, self.log_paths, strict=True):
@@ -867,16 +886,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             run_dir,
             wait_s=args.ready_timeout,
             replicas=args.replicas,
+            balancer=args.balancer,
             extra=args.serve_args,
         ) as (server, ready_s):
             report["service"] = {
                 "replicas": args.replicas,
+                "balancer": args.balancer if args.replicas > 1 else None,
                 "ready_seconds": round(ready_s, 1),
                 "log": str(run_dir),
                 # the service's settings from the environment (MLSD_MODEL_THREADS, ...)
                 "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLSD_")},
             }
             pids = {"server": [p.pid for p in server.procs], "redis": redis_pids()}
+            if server.balancer_pids:
+                pids["balancer"] = server.balancer_pids
             report["load"] = {
                 "client": args.client,
                 "arrivals": "poisson" if args.poisson else "uniform",
@@ -978,7 +1001,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--replicas",
         type=int,
         default=1,
-        help="service processes sharing the port (mlsd feed serve --reuse-port)",
+        help="service processes (mlsd feed serve), spread by --balancer",
+    )
+    parser.add_argument(
+        "--balancer",
+        choices=("reuse-port", "nginx"),
+        default="reuse-port",
+        help="how --replicas share the load: reuse-port (the kernel hashes connections to "
+        "replicas) or nginx (least_conn: each request to the replica with fewest in flight)",
     )
     parser.add_argument(
         "--serve-args", type=str.split, default=[], help="more serve options, e.g. '--no-log'"

@@ -6,6 +6,9 @@ The service (:mod:`mlsd.serving.app`) asks a loader for the model at start-up an
 version and reloading swaps it in without a restart. The popularity recommender of the dataset
 answers when the model cannot. Requests, exposures and feedback go to the service log
 (``[service_log]`` of the config, ``--log-dir``; :mod:`mlsd.monitoring.logs`).
+
+``mlsd feed balance`` runs nginx in front of replicas of the service
+(:mod:`mlsd.serving.balancer`).
 """
 
 from __future__ import annotations
@@ -440,3 +443,56 @@ def batch_predict_command(
     console.print(f"shard {part}/{parts}: predicted from {start.isoformat()} to {end.isoformat()}")
     # CPU per user moves much less than users/s with what else the machine runs.
     console.print(f"CPU: {cpu_ms:.2f} ms per user ({cpu_ms * rate / 1000:.2f} cores busy)")
+
+
+def _address(text: str) -> tuple[str, int]:
+    """``host:port`` → (host, port), or a clear error naming the value."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"{text!r} is not host:port (e.g. 127.0.0.1:8001)")
+    return host, int(port)
+
+
+@app.command("balance")
+def balance(
+    replicas: Annotated[
+        list[str],
+        typer.Option(
+            "--replica", help="A replica's host:port (repeat): each a `mlsd feed serve --port`."
+        ),
+    ],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    run_dir: Annotated[
+        Path,
+        typer.Option("--run-dir", help="nginx's configuration, pid, temporary files and log."),
+    ] = Path("nginx"),
+) -> None:
+    """Step 6: nginx in front of service replicas, each request to the one with the fewest in
+    flight (least_conn), over kept-alive connections; runs until stopped (Ctrl-C, SIGTERM)."""
+    import signal
+
+    from mlsd.serving.balancer import Nginx, NginxError
+
+    upstreams = [_address(text) for text in replicas]
+    front = Nginx((host, port), upstreams, run_dir.resolve())
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        front.start()
+    except NginxError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    shown = ", ".join(f"{h}:{p}" for h, p in upstreams)
+    console.print(f"balancing http://{host}:{port} over {shown} (config: {front.config_path})")
+    try:
+        code = front.wait()
+        console.print(f"[red]nginx exited ({code}); its log: {run_dir / 'error.log'}[/red]")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        front.stop()
