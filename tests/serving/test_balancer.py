@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ def test_config_sends_every_replica_least_conn_over_kept_connections(tmp_path: P
     # keep-alive to the replicas needs HTTP/1.1 and no "Connection: close" passed on
     assert "proxy_http_version 1.1;" in text
     assert 'proxy_set_header Connection "";' in text
-    # a request that reached a replica is never retried on another
+    # failed connections and timeouts go to another replica (nginx never resends a POST)
     assert "proxy_next_upstream error timeout;" in text
     assert str(tmp_path / "nginx.pid") in text
 
@@ -69,6 +70,7 @@ class _Replica(ThreadingHTTPServer):
         self.release = threading.Event()
         self.holding = threading.Event()
         self.peers: list[tuple[str, int]] = []  # the connection each request came on
+        self.posts = 0
         super().__init__(("127.0.0.1", 0), _Handler)
 
 
@@ -87,6 +89,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        """Take the request, then drop the connection without answering (a crash mid-request)."""
+        replica = self.server
+        assert isinstance(replica, _Replica)
+        replica.posts += 1
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
@@ -157,6 +167,21 @@ def test_replicas_get_requests_over_kept_connections(
         assert [_get(port, "/") for _ in range(40)] == ["a"] * 40
     assert len(replicas[0].peers) == 40
     assert len(set(replicas[0].peers)) == 1
+
+
+@pytest.mark.integration
+def test_a_post_that_reached_a_replica_is_not_sent_to_another(
+    nginx_binary: str, replicas: list[_Replica], tmp_path: Path
+) -> None:
+    """An event must not be counted twice: when the replica fails after taking a POST, the
+    client gets the error (502) and no other replica sees the request."""
+    port = _free_port()
+    with Nginx(("127.0.0.1", port), _upstreams(replicas), tmp_path):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/events", body=b"{}")
+        assert conn.getresponse().status == 502
+        conn.close()
+    assert sorted(r.posts for r in replicas) == [0, 1]
 
 
 @pytest.mark.integration

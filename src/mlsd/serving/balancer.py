@@ -52,9 +52,10 @@ def nginx_config(
     ``worker_priority``: the worker's nice value (-20 to 19; below 0 needs root), see
     :data:`WORKER_PRIORITY`.
 
-    A replica that refuses a connection or fails before answering is skipped for that request
-    (``proxy_next_upstream`` for connection errors and timeouts only: a request that reached a
-    replica is never sent twice) and left alone for ``fail_timeout``.
+    A replica that refuses or drops the connection, or sends no answer within
+    ``proxy_read_timeout``, is left alone for ``fail_timeout`` and the request goes to another
+    (``proxy_next_upstream error timeout``) if it is a GET: nginx never resends a POST (events,
+    admin calls) that reached a replica.
     """
     if not upstreams:
         raise ValueError("nginx_config needs at least one upstream replica")
@@ -168,7 +169,8 @@ class Nginx:
             raise NginxError(f"nginx refused {self.config_path}: {checked.stderr.strip()}")
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + self.start_timeout_s
-        while not _accepts(self.listen):
+        # the master listens before it forks the worker: wait for both (the worker's CPU counts)
+        while not (_accepts(self.listen) and len(self.pids()) > 1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 log = self.prefix / "error.log"
