@@ -525,7 +525,13 @@ def service(
     procs: list[subprocess.Popen[bytes]] = []
     log_paths: list[Path] = []
     nginx = balancer == "nginx" and replicas > 1
-    ports = [service_port() for _ in range(replicas)] if nginx else [port] * replicas
+    ports = [port] * replicas
+    if nginx:  # a port of its own for each replica, none of them nginx's
+        taken = {port}
+        for i in range(replicas):
+            while ports[i] in taken:
+                ports[i] = service_port()
+            taken.add(ports[i])
     front: Nginx | None = None
     try:
         for replica, replica_port in enumerate(ports):
