@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from mlsd.serving.process import stop_process
+
 __all__ = ["Nginx", "NginxError", "find_nginx", "nginx_config"]
 
 
@@ -208,12 +210,7 @@ class Nginx:
         if proc is None:
             return
         if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 5.0)
         if proc.stderr is not None:
             proc.stderr.close()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["ServiceFailedError", "free_port", "mlsd_command", "running_service"]
+__all__ = ["ServiceFailedError", "free_port", "mlsd_command", "running_service", "stop_process"]
 
 
 class ServiceFailedError(RuntimeError):
@@ -82,12 +82,17 @@ def running_service(
             time.sleep(0.25)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, stop_timeout_s)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL when ``proc`` has not exited after ``timeout_s``; reaped."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _tail(path: Path, lines: int = 30) -> str:
