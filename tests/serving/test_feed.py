@@ -14,6 +14,7 @@ from mlsd.config import load_feed_config
 from mlsd.evaluation.retrieval import load_dataset
 from mlsd.features.batch import feature_config_for
 from mlsd.features.online import OnlineFeatures
+from mlsd.models.ranking.gbdt import LightGBMRanker
 from mlsd.serving.feed import FeedModel, FeedRecommender
 from mlsd.serving.recommender import RecommendRequest
 from mlsd.systems.feed.package import package_model
@@ -33,6 +34,7 @@ iterations = 5
 
 [ranking]
 rankers = ["logistic", "lightgbm"]
+ranker = "lightgbm"  # the trees: what compiling changes
 n_candidates = 100
 ranker_windows = 1
 
@@ -320,13 +322,25 @@ def test_a_broken_source_degrades_instead_of_failing(
     assert len(result.items) == 10
 
 
+@pytest.mark.parametrize("inline", [False, True])
 def test_compiled_trees_serve_the_same_answers(
-    served: tuple[Path, Path, Path], recommender: FeedRecommender
+    served: tuple[Path, Path, Path], recommender: FeedRecommender, inline: bool
 ) -> None:
-    compiled = FeedRecommender(
-        FeedModel.load(served[1], compile_trees=True), features=recommender.features
-    )
-    for user in (7, 11, 10_000_000):  # warm users and an unknown one
+    model = FeedModel.load(served[1], compile_trees=True, inline_trees=inline)
+    trees = [
+        ranker.compiled_
+        for ranker in (
+            model.ranking.ranker,
+            *getattr(model.ranking.ranker, "members_", {}).values(),
+        )
+        if isinstance(ranker, LightGBMRanker)
+    ]
+    assert trees
+    assert all(compiled is not None and compiled.inline is inline for compiled in trees)
+    compiled = FeedRecommender(model, features=recommender.features)
+    users = [7, 11, 10_000_000]  # warm users and an unknown one
+    batch = compiled.recommend_many(users, k=20, now=4.0e9)
+    for row, user in enumerate(users):
         request = RecommendRequest(user, k=20, now=4.0e9)
         want, got = recommender.recommend(request), compiled.recommend(request)
         assert got.path == want.path == "online"
@@ -334,6 +348,7 @@ def test_compiled_trees_serve_the_same_answers(
         np.testing.assert_allclose(
             [r.score for r in got.items], [r.score for r in want.items], rtol=0, atol=1e-9
         )
+        assert batch[row][0].tolist() == [r.item_id for r in want.items]
 
 
 def test_a_ranker_that_cannot_compile_serves_uncompiled(

@@ -32,8 +32,10 @@ def booster() -> lgb.Booster:
     return lgb.train(params, data, num_boost_round=40)
 
 
-def test_compiled_scores_are_lightgbms_raw_scores(booster: lgb.Booster) -> None:
-    trees = compile_booster(booster)
+@pytest.mark.parametrize("inline", [False, True])
+def test_compiled_scores_are_lightgbms_raw_scores(booster: lgb.Booster, inline: bool) -> None:
+    trees = compile_booster(booster, inline=inline)
+    assert trees.inline is inline
     assert trees.max_abs_diff <= 1e-9
     assert trees.compile_seconds > 0
     rows = probe_rows(booster.model_to_string(), 4, 2000, seed=7)

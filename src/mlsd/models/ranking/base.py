@@ -238,10 +238,11 @@ class Ranker(ABC):
         schema.check_matrix(matrix, name=f"{type(self).__name__}.predict")
         return self.predict(schema.frame(matrix))
 
-    def compile(self) -> Self:
-        """Ready the fitted ranker for many small ``predict`` calls with the same scores:
-        native code where the ranker has it (LightGBM's trees). This default changes nothing.
-        """
+    def compile(self, *, inline: bool = False) -> Self:
+        """Ready the fitted ranker for many ``predict`` calls with the same scores: native
+        code where the ranker has it (LightGBM's trees; ``inline``: compiled for large blocks
+        of rows, as batch prediction scores, at a longer compile). This default changes
+        nothing."""
         return self
 
     @abstractmethod

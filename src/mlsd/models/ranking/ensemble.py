@@ -131,11 +131,11 @@ class EnsembleRanker(Ranker):
         self.weights_ = {name: float(weights.get(name, 1.0)) for name in self.members_}
         return self
 
-    def compile(self) -> Self:
+    def compile(self, *, inline: bool = False) -> Self:
         """Compile every member (:meth:`Ranker.compile`)."""
         self._check_fitted()
         for member in self.members_.values():
-            member.compile()
+            member.compile(inline=inline)
         return self
 
     def _check_fitted(self) -> None:

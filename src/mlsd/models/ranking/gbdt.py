@@ -196,10 +196,10 @@ class LightGBMRanker(Ranker):
         self.compiled_ = None
         return self
 
-    def compile(self) -> Self:
+    def compile(self, *, inline: bool = False) -> Self:
         """Score with the trees compiled to native code from now on (checked against LightGBM
         on probe rows; :func:`~mlsd.models.ranking.native.compile_booster`)."""
-        self.compiled_ = compile_booster(self.booster_, seed=self.seed)
+        self.compiled_ = compile_booster(self.booster_, seed=self.seed, inline=inline)
         return self
 
     # --- scoring ---------------------------------------------------------------------------

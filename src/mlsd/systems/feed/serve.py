@@ -62,11 +62,12 @@ class ModelLoader:
         redis_url: str | None = None,
         features: OnlineFeatures | None = None,
         compile_trees: bool = True,
+        inline_trees: bool = False,
     ) -> None:
         from mlsd.serving.precomputed import PrecomputedStore
 
         self.feed = feed
-        self.compile_trees = compile_trees
+        self.compile_trees, self.inline_trees = compile_trees, inline_trees
         self.model_dir = model_dir
         self.registry_uri, self.base_dir, self.alias = registry_uri, base_dir, alias
         self.features = features if features is not None else online_features(dataset, feed)
@@ -92,7 +93,7 @@ class ModelLoader:
             # The number, not the alias: the alias may move while this downloads.
             path = registry.download(version, self.downloads / f"v{version}-{attempt}")
         model = FeedRecommender(
-            FeedModel.load(path, compile_trees=self.compile_trees),
+            FeedModel.load(path, compile_trees=self.compile_trees, inline_trees=self.inline_trees),
             features=self.features,
             precomputed=self.precomputed,
             candidates_sample_rate=self.feed.service_log.candidates_sample_rate,
@@ -393,6 +394,7 @@ def batch_predict_command(
         registry_uri=registry_uri,
         base_dir=base_dir,
         compile_trees=compile_trees,
+        inline_trees=True,  # a chunk's ~100K rows: ~30% faster trees for ~4 s more compiling
     )
     recommender = load()
     if not isinstance(recommender, FeedRecommender):
