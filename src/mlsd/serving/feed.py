@@ -736,8 +736,8 @@ def batch_predict(
     users/s, against 780 users/s (before the exact ALS search) with one thread preparing
     chunks and the other ranking them. Processes do not share a GIL:
     :func:`batch_predict_processes` forks one-thread workers from one loaded model (about
-    1.0 ms of CPU per user: the candidate sources ~0.35, the trees ~0.26, the online-store
-    read ~0.12; 1,860-2,060 users/s on two cores), and ``mlsd feed batch-predict --shard
+    0.8-0.9 ms of CPU per user: the candidate sources ~0.3, the trees ~0.15 when compiled
+    with inlining, the online-store read ~0.13; 2,270-2,420 users/s on two cores), and ``mlsd feed batch-predict --shard
     I/N`` splits the users among machines. One request path for both answers means a
     precomputed list is what the online path would have said at batch time.
 
