@@ -738,8 +738,9 @@ def batch_predict(
     :func:`batch_predict_processes` forks one-thread workers from one loaded model (about
     0.8-0.9 ms of CPU per user: the candidate sources ~0.3, the trees ~0.15 when compiled
     with inlining, the online-store read ~0.13; 2,270-2,420 users/s on two quiet cores),
-    and ``mlsd feed batch-predict --shard I/N`` splits the users among machines. One request path for both answers means a
-    precomputed list is what the online path would have said at batch time.
+    and ``mlsd feed batch-predict --shard I/N`` splits the users among machines. One request
+    path for both answers means a precomputed list is what the online path would have said at
+    batch time.
 
     ``on_chunk(n)`` is called after each chunk's ``n`` users are written.
     """
