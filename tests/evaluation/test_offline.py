@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from mlsd.evaluation.offline import (
     train_pipeline,
 )
 from mlsd.evaluation.pipeline import PipelineConfig
+from mlsd.evaluation.quotas import MergeConfig
 from mlsd.evaluation.random_split import random_split_per_user
 from mlsd.evaluation.retrieval import ProtocolConfig, load_dataset, make_task
 from mlsd.evaluation.scoring import group_ndcg
 from mlsd.evaluation.stages import RankerFactory, SourceFactory, rank_lists, split_groups
 from mlsd.models.ranking.bundle import RankingBundle
+from mlsd.models.ranking.candidates import CLAIMED_SOURCE
 from mlsd.models.ranking.gbdt import LightGBMRanker
 from mlsd.models.ranking.logistic import LogisticRanker
 from mlsd.models.retrieval.covisitation import CovisitationRetriever
@@ -223,7 +226,30 @@ def test_train_pipeline_bundle_round_trips(world: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(probs, bundle.calibrator.transform(bundle.ranker.predict(features)))
     assert loaded.layout == bundle.layout
     assert loaded.feature_config == bundle.feature_config
+    assert loaded.quotas == bundle.quotas
+    assert loaded.cold_quotas == bundle.cold_quotas == trained.cold_quotas
     assert not list((tmp_path / "bundle").rglob("*.pkl"))
+
+
+def test_cold_users_candidates_are_merged_with_the_cold_quotas(world: Path) -> None:
+    # As in the retrieval harness: a user without events before the window's start gets the
+    # cold quotas (every source answers them with its fallback list).
+    merge = MergeConfig(tune=False, quotas={"covisitation": 1.0}, cold_quotas={"popularity": 1.0})
+    config = dataclasses.replace(PIPELINE_CONFIG, ranker_windows=1, merge=merge)
+    protocol = dataclasses.replace(FAST, val_frac=0.5)  # the last half has cold users
+    bundle, trained = train_pipeline(world, SOURCES, RANKERS, protocol=protocol, pipeline=config)
+    assert bundle.quotas == {"covisitation": 1.0}
+    assert bundle.cold_quotas == {"popularity": 1.0}
+    task = trained.validation
+    cold_users = set(task.user_ids[~task.warm].tolist())
+    assert 0 < len(cold_users) < len(task.user_ids)
+    pairs = trained.rows.pairs
+    claimed = pairs.groupby(pairs["user_id"].isin(cold_users))[CLAIMED_SOURCE].agg(set)
+    assert claimed[True] == {"popularity"}
+    assert "covisitation" in claimed[False]
+    # Tuned by segment (the default), the report says both.
+    report = evaluate_pipeline(world, SOURCES, RANKERS, protocol=FAST, pipeline=PIPELINE_CONFIG)
+    assert report.to_dict()["cold_quotas"] == report.cold_quotas
 
 
 def test_unknown_ranker_and_bad_bundle_are_clear_errors(world: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -485,3 +486,27 @@ def test_batch_predict_processes_write_what_each_request_answers(
         batch_predict_processes(recommender, nowhere, users, k=10, processes=2, now=now)
     with pytest.raises(ValueError, match="processes"):
         batch_predict_processes(recommender, store, users, k=10, processes=0)
+
+
+def test_a_user_without_history_is_merged_with_the_cold_quotas(
+    served: tuple[Path, Path, Path], recommender: FeedRecommender
+) -> None:
+    import dataclasses
+
+    model = FeedModel.load(served[1])
+    meta = json.loads((served[1] / "model.json").read_text())
+    assert model.quotas == meta["quotas"]
+    assert model.cold_quotas == meta["cold_quotas"]  # what training tuned (or None)
+    cold = dataclasses.replace(model, quotas={"covisitation": 1.0}, cold_quotas={"als": 1.0})
+    split = FeedRecommender(cold, features=recommender.features)
+    unknown, warm = 10_000_000, 7
+    answers = {
+        user: split.recommend(RecommendRequest(user, k=20, now=4.0e9)) for user in (unknown, warm)
+    }
+    # No history: every source answers with its fallback, and the cold quotas give ALS's.
+    assert {r.source for r in answers[unknown].items} == {"als"}
+    assert "covisitation" in {r.source for r in answers[warm].items}
+    # Batch prediction merges each user with the quotas a request would use.
+    batch = split.recommend_many([unknown, warm], k=20, now=4.0e9)
+    for row, user in enumerate((unknown, warm)):
+        assert batch[row][0].tolist() == [r.item_id for r in answers[user].items]

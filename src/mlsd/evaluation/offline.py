@@ -55,9 +55,8 @@ from mlsd.evaluation.retrieval import (
     _finite,
     load_dataset,
     make_task,
-    tune_quotas,
+    tune_segment_quotas,
 )
-from mlsd.evaluation.retrieval import SourceRun as _SourceRun
 from mlsd.evaluation.scoring import ListScorer, MethodScores, group_ndcg
 from mlsd.evaluation.stages import (
     RankerFactory,
@@ -117,6 +116,7 @@ class OfflineReport:
     quotas: dict[str, Quota]
     timings: dict[str, float]
     feature_importance: dict[str, float]
+    cold_quotas: dict[str, Quota] | None = None
 
     def method(self, name: str) -> MethodScores:
         for result in self.methods:
@@ -149,7 +149,9 @@ class TrainedRankers:
     """What the ranker windows produce: everything the pipeline needs after retrieval.
 
     Attributes:
-        quotas: the merge quotas (tuned on the last window).
+        quotas: the merge quotas (tuned on the last window); of warm users when
+            ``cold_quotas`` is set.
+        cold_quotas: the quotas of cold users (no event before the cutoff), or ``None``.
         vocabulary, layout: how candidate rows become ranker features.
         rankers: every fitted ranker; ``chosen`` names the pipeline's.
         scores: each ranker on the held-out users.
@@ -170,6 +172,7 @@ class TrainedRankers:
     rows: Rows
     validation: EvalTask
     valid_data: RankingData | None = None
+    cold_quotas: dict[str, Quota] | None = None
 
 
 @dataclass(frozen=True)
@@ -279,6 +282,7 @@ def train_pipeline(
         vocabulary=trained.vocabulary,
         layout=trained.layout,
         quotas=trained.quotas,
+        cold_quotas=trained.cold_quotas,
         feature_config=feature_config,
         negative_keep_rate=pipeline.negative_keep_rate,
         metadata={
@@ -360,12 +364,13 @@ class _Run:
         window: _LabelWindow,
         retrieved: Retrieved,
         quotas: Mapping[str, Quota],
+        cold_quotas: Mapping[str, Quota] | None,
         items: pd.DataFrame,
     ) -> pd.DataFrame:
         k = self.pipeline.n_candidates
         return window_frame(
             window.task.user_ids,
-            merge(retrieved, quotas, k),
+            merge(retrieved, quotas, k, cold=~window.task.warm, cold_quotas=cold_quotas),
             retrieved,
             dataset_dir=window.dataset_dir,
             train_events=window.task.train.events,
@@ -423,14 +428,14 @@ class _Run:
         last = len(windows) - 1
         retrieved = {last: self._retrieve(windows[last], bar, job, "ranker window")}
         with self.clock.stage("merge quota search"):
-            quotas = self._quotas(retrieved[last], windows[last].task)
+            quotas, cold_quotas = self._quotas(retrieved[last], windows[last].task)
         frames = []
         for i, window in enumerate(windows):
             if i not in retrieved:
                 retrieved[i] = self._retrieve(window, bar, job, "ranker window")
             bar.update(job, description=f"ranker window {i + 1}: features")
             with self.clock.stage("features (ranker windows)"):
-                frames.append(self._frame(window, retrieved.pop(i), quotas, items))
+                frames.append(self._frame(window, retrieved.pop(i), quotas, cold_quotas, items))
         rows, vocabulary, layout = to_rows(frames, self.feature_config)
         fit_data, valid_data = split_groups(
             rows.data, valid_frac=self.pipeline.ranker_valid_frac, seed=self.protocol.seed
@@ -463,7 +468,7 @@ class _Run:
         )
         return TrainedRankers(
             quotas, vocabulary, layout, fitted, scores, chosen, calibrator, rows, windows[-1].task,
-            valid_data,
+            valid_data, cold_quotas,
         )  # fmt: skip
 
     def _evaluate(
@@ -481,7 +486,7 @@ class _Run:
             test_retrieved = self._retrieve(target, bar, job, "test")
             bar.update(job, description="test: features")
             with self.clock.stage("features (test)"):
-                test_frame = self._frame(target, test_retrieved, quotas, items)
+                test_frame = self._frame(target, test_retrieved, quotas, trained.cold_quotas, items)
                 test_rows, _, _ = to_rows([test_frame], self.feature_config, vocabulary)
             bar.update(job, description="test: scoring")
             scorer = ListScorer(test, self.protocol, self.pipeline.ks, test_rows)
@@ -526,6 +531,7 @@ class _Run:
             quotas=dict(quotas),
             timings=dict(self.clock.seconds),
             feature_importance=_importance(chosen),
+            cold_quotas=None if trained.cold_quotas is None else dict(trained.cold_quotas),
         )
 
     def _choose(self, scores: list[RankerScores]) -> str:
@@ -537,17 +543,23 @@ class _Run:
             return scores[0].name
         return max(finite, key=lambda s: s.valid_ndcg).name
 
-    def _quotas(self, retrieved: Retrieved, val: EvalTask) -> dict[str, Quota]:
+    def _quotas(
+        self, retrieved: Retrieved, val: EvalTask
+    ) -> tuple[dict[str, Quota], dict[str, Quota] | None]:
+        """The merge quotas of warm (or all) users and of cold users (``None``: the same), as
+        the retrieval harness has them: tuned on ``val`` (recall), warm and cold users apart
+        with ``by_segment``, or the configured ones."""
         merge_config = self.pipeline.merge
         if not merge_config.tune:
             fixed = dict(merge_config.quotas)
-            return fixed or {name: 1.0 / len(self.sources) for name in self.sources}
+            quotas = fixed or {name: 1.0 / len(self.sources) for name in self.sources}
+            return quotas, dict(merge_config.cold_quotas) or None
         k = min(merge_config.tune_k, self.pipeline.n_candidates)
-        runs = {
-            name: _SourceRun(lst[:, :k], 0.0, 0.0) for name, lst in retrieved.lists.items.items()
-        }
-        quotas, _, _ = tune_quotas(runs, val.relevant, dataclasses.replace(merge_config, tune_k=k))
-        return dict(quotas)
+        lists = {name: lst[:, :k] for name, lst in retrieved.lists.items.items()}
+        quotas, cold_quotas, _ = tune_segment_quotas(
+            lists, val.relevant, val.warm, dataclasses.replace(merge_config, tune_k=k)
+        )
+        return dict(quotas), None if cold_quotas is None else dict(cold_quotas)
 
 
 @contextmanager

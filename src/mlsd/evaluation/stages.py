@@ -30,7 +30,7 @@ from mlsd.models.ranking.candidates import (
     ranking_data,
 )
 from mlsd.models.retrieval.base import PAD_ITEM, IntArray, RetrievalData, Retriever
-from mlsd.models.retrieval.merge import MergedCandidates, Quota, merge_candidates
+from mlsd.models.retrieval.merge import MergedCandidates, Quota, merge_by_segment
 
 SourceFactory = Callable[[], Retriever]
 RankerFactory = Callable[[], Ranker]
@@ -75,9 +75,17 @@ def retrieve(
     return Retrieved(SourceLists(items, scores), fit_s, rec_s)
 
 
-def merge(retrieved: Retrieved, quotas: Mapping[str, Quota], k: int) -> MergedCandidates:
-    """The merged candidates of :func:`retrieve`'s lists."""
-    return merge_candidates(retrieved.lists.items, quotas, k)
+def merge(
+    retrieved: Retrieved,
+    quotas: Mapping[str, Quota],
+    k: int,
+    *,
+    cold: npt.NDArray[np.bool_] | None = None,
+    cold_quotas: Mapping[str, Quota] | None = None,
+) -> MergedCandidates:
+    """The merged candidates of :func:`retrieve`'s lists; the ``cold`` rows with
+    ``cold_quotas`` when given (:func:`~mlsd.models.retrieval.merge.merge_by_segment`)."""
+    return merge_by_segment(retrieved.lists.items, quotas, k, cold=cold, cold_quotas=cold_quotas)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from mlsd.models.ranking.candidates import (
     request_columns,
 )
 from mlsd.models.ranking.gbdt import predict_threads
-from mlsd.models.retrieval.merge import Quota, merge_candidates
+from mlsd.models.retrieval.merge import Quota, merge_by_segment, merge_candidates
 from mlsd.serving.precomputed import Precomputed, PrecomputedStore
 from mlsd.serving.recommender import (
     CandidateRows,
@@ -170,6 +170,16 @@ class FeedModel:
     snapshot: Snapshot
     reference_profile: Path | None = None
     """The training-time profile of the ranker's inputs (None: the model has none)."""
+    cold_quotas: dict[str, Quota] | None = None
+    """The merge quotas of a user without history (None: ``quotas``), tuned apart on
+    validation: every source answers such a user with its fallback list, often the same one,
+    so the warm users' quotas would spend slots on duplicates."""
+
+    def quotas_for(self, query: UserQuery) -> dict[str, Quota]:
+        """The merge quotas of this request: :attr:`cold_quotas` when it has no history."""
+        if self.cold_quotas is not None and len(query.history) == 0:
+            return self.cold_quotas
+        return self.quotas
 
     @classmethod
     def load(
@@ -215,6 +225,7 @@ class FeedModel:
             rerank=RerankConfig(**rerank_raw),
             snapshot=snapshot,
             reference_profile=None if profile is None else path / profile,
+            cold_quotas=None if meta.get("cold_quotas") is None else dict(meta["cold_quotas"]),
         )
 
 
@@ -372,7 +383,7 @@ class FeedRecommender:
             {name: _row(items, width) for name, (items, _) in lists.items()},
             {name: _row(scores, width, fill=-np.inf) for name, (_, scores) in lists.items()},
         )
-        merged = merge_candidates(scored.items, self.model.quotas, width)
+        merged = merge_candidates(scored.items, self.model.quotas_for(query), width)
         uid = -1 if request.user_id is None else request.user_id
         pairs = candidate_columns([uid], merged, scored)
         clock.lap("merge")
@@ -451,7 +462,13 @@ class FeedRecommender:
             {name: ids for name, (ids, _) in lists.items()},
             {name: scores for name, (_, scores) in lists.items()},
         )
-        merged = merge_candidates(dict(scored.items), model.quotas, width)
+        merged = merge_by_segment(
+            dict(scored.items),
+            model.quotas,
+            width,
+            cold=np.array([len(q.history) == 0 for q in queries], dtype=bool),
+            cold_quotas=model.cold_quotas,
+        )
         pairs = candidate_columns(np.asarray(user_ids, dtype=np.int64), merged, scored)
         item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
         owner = np.nonzero(merged.item_ids != PAD_ID)[0]  # each row's user

@@ -43,7 +43,9 @@ class RankingBundle:
         ranker: the fitted ranker; ``ranker_name`` its key in the system's config.
         calibrator: ranker score → click probability.
         vocabulary, layout: how candidate rows become the ranker's features.
-        quotas: the merge quotas of the candidate sources.
+        quotas: the merge quotas of the candidate sources (of warm users when
+            ``cold_quotas`` is set).
+        cold_quotas: the quotas of cold users (no history), or ``None``: ``quotas``.
         feature_config: the feature step's configuration the rows were computed with.
         metadata: free JSON (dataset hash, metrics, protocol, ...).
     """
@@ -57,6 +59,7 @@ class RankingBundle:
     feature_config: FeatureConfig
     metadata: Mapping[str, Any] = field(default_factory=dict)
     negative_keep_rate: float = 1.0
+    cold_quotas: Mapping[str, Quota] | None = None
 
     def probabilities(self, features: pd.DataFrame) -> FloatArray:
         """Click probabilities of candidate rows: ranker → downsampling correction →
@@ -82,6 +85,7 @@ class RankingBundle:
             "format_version": FORMAT_VERSION,
             "ranker_name": self.ranker_name,
             "quotas": dict(self.quotas),
+            "cold_quotas": None if self.cold_quotas is None else dict(self.cold_quotas),
             "layout": self.layout.to_dict(),
             "feature_config": dataclasses.asdict(self.feature_config),
             "negative_keep_rate": self.negative_keep_rate,
@@ -123,6 +127,7 @@ class RankingBundle:
             feature_config=FeatureConfig(**raw_config),
             metadata=dict(meta.get("metadata", {})),
             negative_keep_rate=float(meta.get("negative_keep_rate", 1.0)),
+            cold_quotas=None if meta.get("cold_quotas") is None else dict(meta["cold_quotas"]),
         )
 
 
