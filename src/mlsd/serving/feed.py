@@ -62,7 +62,12 @@ from mlsd.models.ranking.candidates import (
     request_columns,
 )
 from mlsd.models.ranking.gbdt import predict_threads
-from mlsd.models.retrieval.merge import Quota, merge_by_segment, merge_candidates
+from mlsd.models.retrieval.merge import (
+    MergedCandidates,
+    Quota,
+    merge_by_segment,
+    merge_candidates,
+)
 from mlsd.serving.precomputed import Precomputed, PrecomputedStore
 from mlsd.serving.recommender import (
     CandidateRows,
@@ -175,11 +180,21 @@ class FeedModel:
     validation: every source answers such a user with its fallback list, often the same one,
     so the warm users' quotas would spend slots on duplicates."""
 
-    def quotas_for(self, query: UserQuery) -> dict[str, Quota]:
-        """The merge quotas of this request: :attr:`cold_quotas` when it has no history."""
-        if self.cold_quotas is not None and len(query.history) == 0:
-            return self.cold_quotas
-        return self.quotas
+    def merge(
+        self, lists: Mapping[str, IntArray], queries: Sequence[UserQuery]
+    ) -> MergedCandidates:
+        """Merge each query's row of the sources' ``(n, n_candidates)`` lists with its quotas:
+        :attr:`cold_quotas` for a query without history. One query (a request) takes one
+        merge; a batch merges its warm and cold rows apart."""
+        width = self.n_candidates
+        if len(queries) == 1:
+            no_history = len(queries[0].history) == 0
+            quotas = (
+                self.cold_quotas if no_history and self.cold_quotas is not None else self.quotas
+            )
+            return merge_candidates(lists, quotas, width)
+        cold = np.array([len(q.history) == 0 for q in queries], dtype=bool)
+        return merge_by_segment(lists, self.quotas, width, cold=cold, cold_quotas=self.cold_quotas)
 
     @classmethod
     def load(
@@ -383,7 +398,7 @@ class FeedRecommender:
             {name: _row(items, width) for name, (items, _) in lists.items()},
             {name: _row(scores, width, fill=-np.inf) for name, (_, scores) in lists.items()},
         )
-        merged = merge_candidates(scored.items, self.model.quotas_for(query), width)
+        merged = self.model.merge(scored.items, [query])
         uid = -1 if request.user_id is None else request.user_id
         pairs = candidate_columns([uid], merged, scored)
         clock.lap("merge")
@@ -462,13 +477,7 @@ class FeedRecommender:
             {name: ids for name, (ids, _) in lists.items()},
             {name: scores for name, (_, scores) in lists.items()},
         )
-        merged = merge_by_segment(
-            dict(scored.items),
-            model.quotas,
-            width,
-            cold=np.array([len(q.history) == 0 for q in queries], dtype=bool),
-            cold_quotas=model.cold_quotas,
-        )
+        merged = model.merge(dict(scored.items), queries)
         pairs = candidate_columns(np.asarray(user_ids, dtype=np.int64), merged, scored)
         item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
         owner = np.nonzero(merged.item_ids != PAD_ID)[0]  # each row's user

@@ -55,7 +55,6 @@ from mlsd.features.batch import feature_config_for, stored_user_features, traini
 from mlsd.models.ranking.candidates import SourceLists, candidate_columns, ranker_frame
 from mlsd.models.retrieval.base import RetrievalData
 from mlsd.models.retrieval.export import export_source
-from mlsd.models.retrieval.merge import merge_by_segment
 from mlsd.monitoring.profile import ReferenceProfile
 from mlsd.serving.feed import FORMAT_VERSION, MODEL_JSON, REFERENCE_PROFILE, SNAPSHOT, FeedModel
 from mlsd.serving.sources import UserQuery, candidates_many
@@ -243,10 +242,7 @@ def served_rows(
         {n: _padded([i for i, _ in answers], width, -1) for n, answers in found.items()},
         {n: _padded([s for _, s in answers], width, -np.inf) for n, answers in found.items()},
     )
-    cold = np.array([len(q.history) == 0 for q in queries], dtype=bool)
-    merged = merge_by_segment(
-        dict(lists.items), model.quotas, width, cold=cold, cold_quotas=model.cold_quotas
-    )
+    merged = model.merge(dict(lists.items), queries)
     pairs = candidate_columns(user_ids, merged, lists)
     owner = np.repeat(np.arange(len(user_ids)), (merged.item_ids >= 0).sum(axis=1))
     label_ts = pd.to_datetime(now_us[owner], unit="us", utc=True)
