@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from unittest import mock
@@ -491,8 +492,6 @@ def test_batch_predict_processes_write_what_each_request_answers(
 def test_a_user_without_history_is_merged_with_the_cold_quotas(
     served: tuple[Path, Path, Path], recommender: FeedRecommender
 ) -> None:
-    import dataclasses
-
     model = FeedModel.load(served[1])
     meta = json.loads((served[1] / "model.json").read_text())
     assert model.quotas == meta["quotas"]
