@@ -3,6 +3,7 @@ a real MLflow SQLite store and a real feature store (no mocks)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -161,6 +162,33 @@ def test_a_replica_following_the_champion_takes_a_promotion_and_a_rollback(
         assert serving(http, "m1") == "m1"
         metrics = http.get("/metrics").text
     assert 'mlsd_model_reloads_total{outcome="ok"} 3.0' in metrics  # start-up + 2 follows
+
+
+def test_the_loader_keeps_its_last_two_downloads_and_removes_them_when_it_goes(
+    setup: tuple[Path, Path, Path],
+) -> None:
+    world, config, root = setup
+    base = root / "downloads-registry"
+    registry = ModelRegistry(RegistryConfig(), base)
+    v1 = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.30})
+    v3 = registry.register(root / "models" / "m3", params={}, metrics={"ndcg@10": 0.31})
+    assert registry.promote(v1).accepted
+    feed = load_feed_config(config)
+    load = ModelLoader(world, feed, model_dir=None, registry_uri=None, base_dir=base,
+                       compile_trees=False)  # fmt: skip
+    served = [load().version]
+    assert registry.promote(v3).accepted
+    served += [load().version, load().version]
+    assert served == ["m1", "m3", "m3"]
+    downloads = load.downloads
+    assert sorted(p.name for p in downloads.iterdir()) == [f"v{v3}-1", f"v{v3}-2"]
+    del load
+    gc.collect()
+    assert not downloads.exists()
+    by_dir = ModelLoader(world, feed, model_dir=root / "models" / "m1", registry_uri=None,
+                         base_dir=base, compile_trees=False)  # fmt: skip
+    assert by_dir().version == "m1"
+    assert by_dir._downloads is None  # a model directory downloads nothing
 
 
 def test_a_corrupt_artifact_is_refused_and_the_old_model_keeps_serving(

@@ -14,7 +14,9 @@ answers when the model cannot. Requests, exposures and feedback go to the servic
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -42,13 +44,22 @@ CompileTrees = Annotated[
 ]
 
 
+KEPT_DOWNLOADS = 2
+"""Registry downloads a :class:`ModelLoader` keeps: the one it loads and the one before."""
+
+
 class ModelLoader:
     """Loads the model (a directory, or the registry's ``alias``) afresh on each call, and
     tells whether the registry has moved ``alias`` since (:meth:`changed`): what a replica
     following the champion polls (``mlsd feed serve --follow-champion``).
 
     ``features``: the online feature reader to use (default: a new one on the dataset's
-    store); loaders of several models share one, so feedback is written once."""
+    store); loaders of several models share one, so feedback is written once.
+
+    Registry downloads go to a temporary directory of the loader's own, made at the first
+    download. Each call keeps the newest :data:`KEPT_DOWNLOADS` downloads (the model it loads
+    and the one still serving in-flight requests) and deletes older ones, so a replica that
+    reloads every day does not fill its disk; the directory goes when the loader does."""
 
     def __init__(
         self,
@@ -74,7 +85,7 @@ class ModelLoader:
         self.precomputed = None
         if redis_url is not None:
             self.precomputed = PrecomputedStore.from_url(redis_url, socket_timeout=0.05)
-        self.downloads = Path(tempfile.mkdtemp(prefix="mlsd-models-"))
+        self._downloads: Path | None = None
         self.loaded_version: int | None = None
         """The registry version the last successful call loaded (None: a directory)."""
 
@@ -89,9 +100,8 @@ class ModelLoader:
                 raise ValueError(
                     f"the registry has no {self.alias} yet: mlsd feed promote --version N"
                 )
-            attempt = len(list(self.downloads.iterdir()))
             # The number, not the alias: the alias may move while this downloads.
-            path = registry.download(version, self.downloads / f"v{version}-{attempt}")
+            path = registry.download(version, self._download_dir(version))
         model = FeedRecommender(
             FeedModel.load(path, compile_trees=self.compile_trees, inline_trees=self.inline_trees),
             features=self.features,
@@ -100,6 +110,25 @@ class ModelLoader:
         ).warm_up()
         self.loaded_version = version
         return model
+
+    @property
+    def downloads(self) -> Path:
+        """The directory registry downloads go to (made on first use)."""
+        if self._downloads is None:
+            self._downloads = Path(tempfile.mkdtemp(prefix="mlsd-models-"))
+            weakref.finalize(self, shutil.rmtree, self._downloads, ignore_errors=True)
+        return self._downloads
+
+    def _download_dir(self, version: int) -> Path:
+        """A new directory for a download of ``version``, after deleting all but the newest
+        ``KEPT_DOWNLOADS - 1`` earlier ones."""
+        attempts = sorted(
+            (int(p.name.rsplit("-", 1)[1]), p) for p in self.downloads.glob("v*-*") if p.is_dir()
+        )
+        for _, old in attempts[: max(len(attempts) - (KEPT_DOWNLOADS - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+        attempt = attempts[-1][0] + 1 if attempts else 0
+        return self.downloads / f"v{version}-{attempt}"
 
     def changed(self) -> bool:
         """Whether the registry's ``alias`` names another version than the one loaded (never
