@@ -551,9 +551,7 @@ class _Run:
         with ``by_segment``, or the configured ones."""
         merge_config = self.pipeline.merge
         if not merge_config.tune:
-            fixed = dict(merge_config.quotas)
-            quotas = fixed or {name: 1.0 / len(self.sources) for name in self.sources}
-            return quotas, dict(merge_config.cold_quotas) or None
+            return merge_config.fixed(list(self.sources))
         k = min(merge_config.tune_k, self.pipeline.n_candidates)
         lists = {name: lst[:, :k] for name, lst in retrieved.lists.items.items()}
         quotas, cold_quotas, _ = tune_segment_quotas(

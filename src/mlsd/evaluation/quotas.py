@@ -72,6 +72,12 @@ class MergeConfig:
         quota_counts(list(self.quotas.values()), 1)  # checks the quota values
         quota_counts(list(self.cold_quotas.values()), 1)
 
+    def fixed(self, sources: Sequence[str]) -> tuple[dict[str, Quota], dict[str, Quota] | None]:
+        """The configured quotas of warm (or all) users, equal over ``sources`` when none are
+        given, and of cold users (``None``: the same), for ``tune = false``."""
+        quotas = dict(self.quotas) or {name: 1.0 / len(sources) for name in sources}
+        return quotas, dict(self.cold_quotas) or None
+
 
 def quota_grid(names: Sequence[str], step: float) -> list[dict[str, float]]:
     """Every split of ``1`` into fractions that are multiples of ``step``, over ``names``."""

@@ -305,8 +305,7 @@ def _merge_quotas(
     """Warm (or everyone's) and cold quotas: tuned on validation (sources fit before t1), or
     the configured ones; and the search's record."""
     if not merge.tune:
-        quotas = dict(merge.quotas) or {name: 1.0 / len(sources) for name in sources}
-        return quotas, dict(merge.cold_quotas) or None, None
+        return (*merge.fixed(list(sources)), None)
     val = make_task(events, users, items, cutoff=spec.t1, end=spec.t2, min_value=protocol.min_value)
     if len(val.user_ids) == 0:
         raise ValueError(f"no validation user has a relevant item in [{spec.t1}, {spec.t2})")
