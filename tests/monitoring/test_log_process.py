@@ -1,14 +1,18 @@
 """The service log written by a child process: same files as the in-process writer, flush and
-close semantics, drops counted when the writer is gone, and no writer outliving its parent."""
+close semantics, drops counted when the writer is gone, a killed writer replaced (with backoff
+and one error, not one per batch), and no writer outliving its parent."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -82,19 +86,82 @@ def test_close_writes_what_is_left_and_later_calls_are_dropped_and_counted(
 def test_a_dead_writer_costs_rows_never_a_request(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    log = ProcessServiceLog(tmp_path, max_queued_calls=4, timeout_s=2.0)
+    log = ProcessServiceLog(tmp_path, max_queued_calls=4)
     log.flush()  # the child runs
-    log._process.kill()
-    log._process.join()
-    start = time.monotonic()
+    log._writer.process.kill()
+    log._writer.process.join()
     with caplog.at_level(logging.WARNING):
-        for i in range(50):  # 4 calls wait, the rest are dropped; the 4 never arrive
+        start = time.monotonic()
+        for i in range(50):  # 4 calls wait, the rest are dropped
             log.log_feedback(T0, i, i, "click")
-        log.flush()
+        calls_s = time.monotonic() - start
+        log.flush()  # the waiting calls go to a new writer
         log.close()
-    assert time.monotonic() - start < 10.0
-    assert log.dropped_rows == 50
+    assert calls_s < 1.0
+    assert log.dropped_rows > 0
+    assert log.written_rows + log.dropped_rows == 50
+    assert read_table(tmp_path, "feedback").num_rows == log.written_rows
     assert "too many calls wait" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_killed_writer_is_replaced_with_backoff_and_one_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Children write only on flush, so a killed one has written nothing since the last flush
+    # and every row is either on disk or counted as dropped.
+    log = ProcessServiceLog(tmp_path, flush_rows=100_000, flush_interval_s=3600.0)
+    logged = 0
+    stop = threading.Event()
+
+    def keep_logging() -> None:  # a request every 2 ms, as a service under load
+        nonlocal logged
+        while not stop.is_set():
+            log.log_feedback(T0, logged, logged, "click")
+            logged += 1
+            time.sleep(0.002)
+
+    def wait_for(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 60.0
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=keep_logging)
+    sender.start()
+    try:
+        wait_for(lambda: logged >= 100, "rows")
+        log.flush()
+        first_pid = log._writer.process.pid
+        waits: list[float] = []
+        with caplog.at_level(logging.ERROR, logger="mlsd.monitoring.log_process"):
+            for _ in range(3):  # quick deaths in a row: restarts after 0, 1, 2 s
+                pid = log._writer.process.pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                killed = time.monotonic()
+                wait_for(lambda: log.writer_restarts == len(waits) + 1, "a new writer")
+                waits.append(time.monotonic() - killed)
+            after_restart = logged
+            wait_for(lambda: logged >= after_restart + 100, "rows after the restart")
+    finally:
+        stop.set()
+        sender.join()
+    log.flush()
+    assert log.writer_alive
+    assert log._writer.process.pid != first_pid
+    assert waits[0] < 1.0  # the first death costs no wait
+    assert waits[1] >= 1.0
+    assert waits[2] >= 2.0
+    # 3 s of batches failing every 20 ms and 3 deaths, one error: the rest are held back
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "died (exit code -9" in errors[0].getMessage()
+    written = set(read_table(tmp_path, "feedback").column("item_id").to_pylist())
+    assert set(range(after_restart, logged)) <= written  # the new writer writes again
+    assert len(written) == log.written_rows
+    assert log.written_rows + log.dropped_rows == logged
+    log.close()
 
 
 def test_invalid_options_fail_in_the_caller(tmp_path: Path) -> None:
@@ -114,7 +181,7 @@ def test_the_writer_outlives_no_parent_and_keeps_what_it_was_sent(tmp_path: Path
         for i in range(20):
             log.log_feedback(datetime(2024, 5, 1, tzinfo=UTC), i, i, "click")
         time.sleep(1.0)  # the queue's feeder thread has sent them
-        print(log._process.pid, flush=True)
+        print(log._writer.process.pid, flush=True)
         os._exit(0)  # no close, no atexit: the writer must notice alone
         """
     )

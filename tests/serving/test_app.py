@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 import schemathesis
 import uvicorn
@@ -38,6 +39,7 @@ from mlsd.serving.app import (
 )
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
+from mlsd.serving.schemas import NOW_MAX
 
 with warnings.catch_warnings():  # starlette 1.x would rather have httpx2 behind its TestClient
     warnings.simplefilter("ignore", UserWarning)
@@ -289,7 +291,7 @@ def test_model_exception_without_fallback_is_503(
         ("/v1/recommendations/5?explain=maybe", None),
         ("/v1/recommendations/5?now=-1", None),
         ("/v1/recommendations/5?now=1e9", None),
-        ("/v1/recommendations/5?now=99999999999", None),  # after year 3000
+        ("/v1/recommendations/5?now=99999999999", None),  # after NOW_MAX (2262)
         ("/v1/recommendations/5/more", None),
         ("/v1/recommendations", None),
     ],
@@ -433,6 +435,33 @@ def test_events_reach_the_history(client: TestClient) -> None:
 )
 def test_invalid_events_are_422(client: TestClient, events: object) -> None:
     assert client.post("/v1/events", json=events).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("ts", "bound"),
+    [("2300-01-01T00:00:00Z", "2262-01-01T00:00:00Z"), ("1600-01-01", "1970-01-01T00:00:00Z")],
+)
+def test_an_event_time_out_of_range_is_422_naming_its_row(
+    client: TestClient, ts: str, bound: str
+) -> None:
+    click = {"user_id": 8, "item_id": 93, "event": "click"}  # user 8: only this test's
+    response = client.post("/v1/events", json=[click, {**click, "ts": ts}, click])
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 1, "ts"]
+    assert bound in error["msg"]
+    assert 93 not in client.get("/v1/users/8/history").json()["items"]  # the batch was refused
+
+
+def test_event_times_at_the_bounds_are_accepted(client: TestClient) -> None:
+    events = [  # user 9: only this test's
+        {"user_id": 9, "item_id": 94, "event": "click", "ts": "2262-01-01T00:00:00Z"},
+        {"user_id": 9, "item_id": 95, "event": "click", "ts": 0},
+    ]
+    assert client.post("/v1/events", json=events).json() == {"accepted": 2}
+    assert client.get("/v1/users/9/history").json()["items"][:2] == [94, 95]
+    # The feature path converts ts so (mlsd.serving.feed.FeedRecommender.record_events).
+    assert pd.to_datetime(pd.Series([NOW_MAX]), unit="s", utc=True)[0].year == 2262
 
 
 def test_history_and_user_sample(client: TestClient, popular: PopularRecommender) -> None:

@@ -423,6 +423,35 @@ def test_a_pass_runs_in_a_child_process_and_a_dead_child_is_replaced(
     assert {p.pid for p in multiprocessing.active_children()} <= before  # stopped with the app
 
 
+def test_a_pass_that_hangs_is_abandoned_and_its_child_killed(
+    tmp_path: Path, popular: PopularRecommender
+) -> None:
+    # Reading a FIFO with no writer blocks, as a read from a stalled network mount would.
+    stalled = tmp_path / "profile.json"
+    os.mkfifo(stalled)
+    log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
+    settings = MonitorSettings(
+        rules=RULES, interval_s=3600.0, profile_path=stalled, pass_timeout_s=3.0
+    )
+    app = create_app(lambda: popular, settings=ServiceSettings(), log=log, monitor=settings)
+    before = {p.pid for p in multiprocessing.active_children()}
+    with TestClient(app):
+        monitor = app.state.monitor
+        children = [p for p in multiprocessing.active_children() if p.pid not in before]
+        assert children, "the child did not start with the service"
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"still running after 3 s; its child .* killed"):
+            monitor.run_once()
+        assert time.monotonic() - started < 15
+        # The pool's own thread may reap the child first: poll until it is seen gone.
+        deadline = time.monotonic() + 10
+        while any(child.is_alive() for child in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(child.is_alive() for child in children)
+        assert monitor._pool is None  # the next pass starts a new child
+    # The app stopped without waiting for the hung pass.
+
+
 def test_without_a_profile_the_monitor_does_nothing(
     tmp_path: Path, popular: PopularRecommender
 ) -> None:

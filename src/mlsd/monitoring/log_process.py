@@ -18,8 +18,13 @@ them as before.
 
 Failure modes, none of which raises into the request path: more than ``max_queued_calls``
 calls wait (the child is slow or gone) → the call's rows are dropped and counted; the child
-dies → an error, and the rows it never got are counted as dropped; the serving process dies →
-the child notices within a second, writes what it holds and exits.
+dies (the OOM killer picks the process holding the buffers) → the sender notices within
+``send_interval_s``, counts the rows the child held or never got as dropped, logs an error
+and starts a new child. A child that dies again within ``_STABLE_S`` of its start is restarted
+after 1, 2, 4 ... up to ``_MAX_RESTART_DELAY_S`` seconds, so one that cannot start does not
+spin; rows logged meanwhile are dropped and counted, and the error is logged at most every
+``_ERROR_EVERY_S``, so a writer that keeps dying cannot flood the service's own log either.
+The serving process dies → the child notices within a second, writes what it holds and exits.
 :meth:`ProcessServiceLog.flush` returns once the child has written everything logged before
 the call (tests and shutdown rely on it). Pickle crosses only the pipe between this process
 and the child it spawned, as in :mod:`multiprocessing` itself; nothing pickled is stored.
@@ -28,14 +33,16 @@ and the child it spawned, as in :mod:`multiprocessing` itself; nothing pickled i
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import multiprocessing as mp
 import os
 import pickle
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.sharedctypes import SynchronizedArray
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +57,33 @@ _FLUSH = "flush"
 _STOP = "stop"
 _POLL_S = 0.5
 _WARN_EVERY_S = 10.0
+_ERROR_EVERY_S = 30.0
+_STABLE_S = 60.0  # a child that lived this long did not die of starting: restart it at once
+_MAX_RESTART_DELAY_S = 30.0
 
 Message = tuple[Any, ...]
 """A chunk ``(table, row, n, packed items)`` or a command ``(_FLUSH | _STOP, ticket)``."""
+
+# Written by one child, read by the parent: no lock, because a child killed while holding the
+# lock of a synchronized array would block every later read of the parent.
+Counters = ctypes.Array[ctypes.c_int64]
+
+
+@dataclass
+class _Writer:
+    """One writer process, the parent's end of its pipe, its counters and what it was sent."""
+
+    process: BaseProcess
+    pipe: Connection
+    counters: Counters
+    started: float  # time.monotonic()
+    sent_rows: int = 0
+    sent_ticket: int = 0  # the last flush ticket sent
+    buried: bool = False  # its counters and losses are counted in the parent's totals
+
+    def lost_rows(self) -> int:
+        """Rows sent to this (stopped) writer that it neither wrote nor counted as dropped."""
+        return max(0, self.sent_rows - self.counters[_WRITTEN] - self.counters[_DROPPED])
 
 
 class ProcessServiceLog(LogWriter):
@@ -90,45 +121,70 @@ class ProcessServiceLog(LogWriter):
         self.max_queued_calls = max_queued_calls
         self.send_interval_s = send_interval_s
         self.timeout_s = timeout_s
-        context = mp.get_context("spawn")  # the service runs threads: never fork it
-        receiver, self._pipe = context.Pipe(duplex=False)
-        self._counters: SynchronizedArray[int] = context.Array("q", 4)
+        self._options = options
         self._lock = threading.Lock()  # guards everything below
         self._pending: list[Message] = []
         self._in_flight = 0  # calls taken by the sender, not yet written to the pipe
         self._closed = False
         self._flushes = 0
+        self._abandoned_ticket = 0  # flushes no writer will answer: it died first
         self._local_drops = 0
         self._last_warning = -_WARN_EVERY_S
+        self._gone = [0, 0, 0]  # rows written, rows dropped, write errors of buried writers
+        self._restarts = 0
+        # Only the sender thread touches these: restart backoff and error rate limit.
+        self._quick_failures = 0
+        self._restart_at = 0.0
+        self._last_error = -_ERROR_EVERY_S
+        self._suppressed_errors = 0
         self._wake = threading.Event()
-        self._process = context.Process(
-            target=run_writer,
-            args=(str(self.log_dir), options, receiver, self._counters),
-            name="mlsd-service-log",
-            daemon=True,
-        )
-        self._process.start()
-        receiver.close()  # the child's end
+        self._writer = self._start_writer(flushed=0)
         self._sender = threading.Thread(target=self._send_loop, name="mlsd-log-send", daemon=True)
         self._sender.start()
         atexit.register(self.close)
 
     @property
     def written_rows(self) -> int:
-        return int(self._counters[_WRITTEN])
+        return self._count(_WRITTEN)
 
     @property
     def dropped_rows(self) -> int:
-        return int(self._counters[_DROPPED]) + self._local_drops
+        return self._count(_DROPPED) + self._local_drops
 
     @property
     def write_errors(self) -> int:
-        return int(self._counters[_ERRORS])
+        return self._count(_ERRORS)
+
+    def _count(self, counter: int) -> int:
+        with self._lock:
+            writer = self._writer
+            return self._gone[counter] + (0 if writer.buried else int(writer.counters[counter]))
 
     @property
     def writer_alive(self) -> bool:
         """Whether the writer process runs."""
-        return self._process.is_alive()
+        return self._writer.process.is_alive()
+
+    @property
+    def writer_restarts(self) -> int:
+        """How many times a writer process that died was replaced."""
+        return self._restarts
+
+    def _start_writer(self, *, flushed: int) -> _Writer:
+        """Spawn a writer process; ``flushed`` is the last flush ticket answered so far."""
+        context = mp.get_context("spawn")  # the service runs threads: never fork it
+        receiver, pipe = context.Pipe(duplex=False)
+        counters = context.RawArray(ctypes.c_int64, 4)
+        counters[_FLUSHED] = flushed
+        process = context.Process(
+            target=run_writer,
+            args=(str(self.log_dir), self._options, receiver, counters),
+            name="mlsd-service-log",
+            daemon=True,
+        )
+        process.start()
+        receiver.close()  # the child's end
+        return _Writer(process, pipe, counters, started=time.monotonic())
 
     def _append(
         self, table: str, row: tuple[Any, ...], n: int, items: dict[str, ItemColumn]
@@ -162,9 +218,13 @@ class ProcessServiceLog(LogWriter):
             self._pending.append((_FLUSH, ticket))
         self._wake.set()
         deadline = time.monotonic() + self.timeout_s
-        while self._counters[_FLUSHED] < ticket:
-            if not self._process.is_alive():
-                logger.warning("service log: the writer process under %s is gone", self.log_dir)
+        while self._writer.counters[_FLUSHED] < ticket:
+            if self._abandoned_ticket >= ticket:
+                logger.warning(
+                    "service log: the writer process under %s died before it wrote the rows "
+                    "logged before this flush; they are counted as dropped",
+                    self.log_dir,
+                )
                 return
             if time.monotonic() > deadline:
                 logger.warning("service log: flush under %s timed out", self.log_dir)
@@ -173,7 +233,7 @@ class ProcessServiceLog(LogWriter):
 
     def close(self) -> None:
         """Let the child write what it holds and exit (``timeout_s`` at most, then it is
-        killed and the rows it held are lost); later calls do nothing."""
+        killed and the rows it held are counted as dropped); later calls do nothing."""
         with self._lock:
             if self._closed:
                 return
@@ -181,12 +241,14 @@ class ProcessServiceLog(LogWriter):
             self._pending.append((_STOP, 0))
         self._wake.set()
         self._sender.join(self.timeout_s)
-        self._process.join(self.timeout_s)
-        if self._process.is_alive():
+        writer = self._writer
+        writer.process.join(self.timeout_s)
+        if writer.process.is_alive():
             logger.error("service log: the writer process under %s did not stop", self.log_dir)
-            self._process.kill()
-            self._process.join()
-        self._pipe.close()
+            writer.process.kill()
+            writer.process.join()
+        self._bury(writer)
+        writer.pipe.close()
         atexit.unregister(self.close)
 
     def _send_loop(self) -> None:
@@ -197,27 +259,99 @@ class ProcessServiceLog(LogWriter):
             with self._lock:
                 batch, self._pending = self._pending, []
                 self._in_flight = len(batch)
+            if not self._writer.process.is_alive():
+                self._replace_writer()
             if batch:
-                try:
-                    self._pipe.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
-                except (OSError, ValueError):  # the child is gone: count what it never got
-                    calls = [m for m in batch if len(m) == 4]
-                    with self._lock:
-                        self._local_drops += sum(m[2] for m in calls)
-                    if not self._process.is_alive():
-                        logger.error("service log: the writer process under %s is gone",
-                                     self.log_dir)  # fmt: skip
+                self._send(batch)
                 with self._lock:
                     self._in_flight = 0
             if any(m[0] == _STOP for m in batch if len(m) == 2):
                 return
+
+    def _send(self, batch: list[Message]) -> None:
+        """Write one batch to the writer's pipe; if the writer is gone, count its rows dropped."""
+        writer = self._writer
+        rows = sum(m[2] for m in batch if len(m) == 4)
+        ticket = max((m[1] for m in batch if len(m) == 2 and m[0] == _FLUSH), default=0)
+        try:
+            writer.pipe.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, ValueError):  # it died: the next tick reports it and starts a new one
+            with self._lock:
+                self._local_drops += rows
+                self._abandoned_ticket = max(self._abandoned_ticket, ticket)
+            return
+        with self._lock:
+            writer.sent_rows += rows
+            writer.sent_ticket = max(writer.sent_ticket, ticket)
+
+    def _bury(self, writer: _Writer) -> int:
+        """Add a stopped writer's counters to the totals and count the rows it lost as
+        dropped (once per writer); returns those rows."""
+        with self._lock:
+            if writer.buried:
+                return 0
+            writer.buried = True
+            for counter in (_WRITTEN, _DROPPED, _ERRORS):
+                self._gone[counter] += int(writer.counters[counter])
+            lost = writer.lost_rows()
+            self._local_drops += lost
+            self._abandoned_ticket = max(self._abandoned_ticket, writer.sent_ticket)
+        return lost
+
+    def _replace_writer(self) -> None:
+        """Account for the dead writer and start a new one once its backoff has passed."""
+        dead, now = self._writer, time.monotonic()
+        if not dead.buried:
+            lost = self._bury(dead)
+            self._back_off(now, quick=now - dead.started < _STABLE_S)
+            self._report(
+                "service log: the writer process under %s died (exit code %s; -9 is SIGKILL, "
+                "e.g. the OOM killer); %d rows it held are counted as dropped; a new one starts "
+                "in %.0f s. If this repeats, check the machine's memory and the log directory",
+                self.log_dir, dead.process.exitcode, lost, self._restart_at - now,
+            )  # fmt: skip
+        if now < self._restart_at:
+            return
+        try:
+            writer = self._start_writer(flushed=int(dead.counters[_FLUSHED]))
+        except OSError as error:  # e.g. no memory to spawn: try again later
+            self._back_off(now, quick=True)
+            self._report(
+                "service log: could not start a writer process under %s (%s); rows are dropped "
+                "until one starts; next try in %.0f s",
+                self.log_dir, error, self._restart_at - now,
+            )  # fmt: skip
+            return
+        with self._lock:
+            self._writer = writer
+            self._restarts += 1
+        dead.pipe.close()
+
+    def _back_off(self, now: float, *, quick: bool) -> None:
+        """Restart at once after a writer that ran a while; after quick failures in a row
+        wait 1, 2, 4 ... up to ``_MAX_RESTART_DELAY_S`` seconds."""
+        self._quick_failures = self._quick_failures + 1 if quick else 0
+        delay = 0.0 if self._quick_failures <= 1 else 2.0 ** (self._quick_failures - 2)
+        self._restart_at = now + min(delay, _MAX_RESTART_DELAY_S)
+
+    def _report(self, message: str, *args: object) -> None:
+        """Log an error at most every ``_ERROR_EVERY_S``, with how many were held back."""
+        now = time.monotonic()
+        if now - self._last_error < _ERROR_EVERY_S:
+            self._suppressed_errors += 1
+            return
+        suppressed, self._suppressed_errors, self._last_error = self._suppressed_errors, 0, now
+        logger.error(
+            message + " (%d such errors not logged in the last %.0f s)",
+            *args, suppressed, _ERROR_EVERY_S,
+        )  # fmt: skip
 
 
 def run_writer(
     log_dir: str,
     options: dict[str, Any],
     calls: Connection,
-    counters: SynchronizedArray[int],
+    counters: Counters,
 ) -> None:
     """The child: feed every shipped chunk to a :class:`ServiceLog` until told to stop or the
     parent is gone; then write what is left."""

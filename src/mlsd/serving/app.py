@@ -661,7 +661,7 @@ class HotRoute:
     the one declared route (which also stays in the OpenAPI schema). Read here: a decimal
     ``user_id`` in int64 range; at most one each of ``k`` (decimal, 1 to ``MLSD_MAX_K``),
     ``explain`` and ``precomputed`` (pydantic's boolean words) and ``now`` (a plain decimal
-    number of seconds, 0 to year 3000); other query parameters are ignored, as FastAPI
+    number of seconds, 0 to ``NOW_MAX``); other query parameters are ignored, as FastAPI
     ignores them. Sits inside :class:`~mlsd.serving.metrics.RequestMetricsMiddleware`, and
     names the declared route in the scope, so its requests are counted under the same label.
     """
@@ -878,6 +878,9 @@ class MonitorSettings:
             reload brings its profile along.
         psi_threshold: PSI above which a feature counts as drifted.
         reference_ctr: the served CTR ``ctr_drop`` compares with (``[monitoring]``).
+        pass_timeout_s: a pass still running after this long (e.g. reading a log folder on a
+            stalled network mount) is abandoned: its child process is killed, the pass
+            counts as failed, and the next one starts a new child.
     """
 
     rules: tuple[AlertRule, ...]
@@ -886,10 +889,13 @@ class MonitorSettings:
     profile_path: Path | None = None
     psi_threshold: float = 0.25
     reference_ctr: float | None = None
+    pass_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
             raise ValueError(f"monitor interval_s must be > 0, got {self.interval_s}")
+        if not self.pass_timeout_s > 0:
+            raise ValueError(f"monitor pass_timeout_s must be > 0, got {self.pass_timeout_s}")
         if not self.window > timedelta(0):
             raise ValueError(f"monitor window must be positive, got {self.window}")
 
@@ -902,10 +908,17 @@ class ProfiledRecommender(Protocol):
     def reference_profile_path(self) -> Path | None: ...
 
 
+MAX_BACKOFF_S = 300.0
+"""The longest wait of a :class:`PeriodicTask` after calls that keep failing."""
+
+
 class PeriodicTask:
     """A daemon thread calling :meth:`run_once` every ``interval_s`` (the first call one
     interval after :meth:`start`) until :meth:`stop`. A call that raises is logged and counted
-    (``mlsd_model_errors_total{operation=<operation>}``); the next one runs as planned."""
+    (``mlsd_model_errors_total{operation=<operation>}``), and the wait before the next one
+    doubles with each failure in a row, up to :data:`MAX_BACKOFF_S` (or ``interval_s`` if
+    longer): a follower does not download and compile a broken champion every few seconds
+    in the serving process. A call that succeeds restores ``interval_s``."""
 
     operation: ClassVar[str]
     """The thread's name (``mlsd-<operation>``) and its errors' label."""
@@ -934,12 +947,22 @@ class PeriodicTask:
             self._thread.join()
             self._thread = None
 
+    def delay_s(self, failures: int) -> float:
+        """The wait before the next call after ``failures`` failed calls in a row."""
+        return min(self.interval_s * 2.0**failures, max(MAX_BACKOFF_S, self.interval_s))
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        failures = 0
+        while not self._stop.wait(self.delay_s(failures)):
             try:
                 self.run_once()
+                failures = 0
             except Exception:
-                logger.exception("%s failed; again in %g s", self.operation, self.interval_s)
+                failures += 1
+                logger.exception(
+                    "%s failed (%d in a row); again in %g s",
+                    self.operation, failures, self.delay_s(failures),
+                )  # fmt: skip
                 self.service.metrics.errors.labels(self.operation).inc()
 
 
@@ -991,13 +1014,16 @@ class ServiceMonitor(PeriodicTask):
                 rules=self.settings.rules,
                 psi_threshold=self.settings.psi_threshold,
                 reference_ctr=self.settings.reference_ctr,
-            ).result()
+            ).result(timeout=self.settings.pass_timeout_s)
         except BrokenProcessPool:
-            with self._pool_lock:  # the child died: the next pass starts another
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False)
+            self._drop_child(pool)  # the child died: the next pass starts another
             raise
+        except TimeoutError:
+            self._drop_child(pool, kill=True)
+            raise TimeoutError(
+                f"monitoring pass over {self.log_dir} still running after "
+                f"{self.settings.pass_timeout_s:g} s; its child process was killed"
+            ) from None
         self.gauges.update(result)
         self.last_result = result
         for alert in result.fired:
@@ -1011,6 +1037,20 @@ class ServiceMonitor(PeriodicTask):
 
         self._child().submit(ready)
         super().start()
+
+    def _drop_child(self, pool: ProcessPoolExecutor, *, kill: bool = False) -> None:
+        """Forget ``pool`` (the next pass starts another); ``kill`` its process first.
+
+        ``ProcessPoolExecutor`` can cancel only a task that has not started, so a running one
+        is ended by killing its process, found in the pool's ``_processes`` (no public API
+        names it)."""
+        with self._pool_lock:
+            if self._pool is pool:
+                self._pool = None
+        if kill:
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def _child(self) -> ProcessPoolExecutor:
         from mlsd.serving.monitor_pass import lower_priority
@@ -1040,7 +1080,8 @@ class ModelFollower(PeriodicTask):
     in a thread: how a replica that shares its port with others (which ``POST /admin/reload``
     cannot address one by one) takes a promotion or a rollback. A failed check or reload is
     logged and counted (``mlsd_model_errors_total{operation="follow"}``); the old model keeps
-    serving and the next check tries again."""
+    serving and the next check, later each time it fails again (:class:`PeriodicTask`), tries
+    again."""
 
     operation = "follow"
 

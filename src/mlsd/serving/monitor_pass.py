@@ -14,10 +14,15 @@ with 1M items at 200 requests/s, both replicas' passes stalled requests for up t
 online p99 of a 30 s run went from 11 to 190 ms); niced, the pass runs in the gaps the
 service leaves and still finishes within its interval. (``SCHED_IDLE`` was tried: a busy
 service starved the pass.)
+
+The child keeps the profile it last loaded (:func:`load_profile`), and only that one: each
+registry reload gives the model, and its profile, a new path, and a cache of every path ever
+seen grew a long-lived child by megabytes per reload.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from datetime import datetime
@@ -27,8 +32,16 @@ from mlsd.monitoring.alerts import AlertRule
 from mlsd.monitoring.monitor import MonitorResult, run_monitor
 from mlsd.monitoring.profile import ReferenceProfile
 
-_PROFILES: dict[Path, tuple[int, ReferenceProfile]] = {}
-"""Profiles this process loaded, by path, with the file's mtime (a new model's is re-read)."""
+
+def load_profile(profile_path: Path) -> ReferenceProfile:
+    """The profile at ``profile_path``, read again only when the path or the file's mtime
+    changed since the last call (a pass every interval would otherwise re-parse it)."""
+    return _read_profile(profile_path, profile_path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)  # the child monitors one model at a time
+def _read_profile(profile_path: Path, mtime_ns: int) -> ReferenceProfile:
+    return ReferenceProfile.load(profile_path)
 
 
 def monitor_pass(
@@ -44,14 +57,9 @@ def monitor_pass(
     """:func:`~mlsd.monitoring.monitor.run_monitor` over ``[start, end)`` of ``log_dir``
     against the profile at ``profile_path``, on one DuckDB thread (the service has the other
     core)."""
-    mtime = profile_path.stat().st_mtime_ns
-    cached = _PROFILES.get(profile_path)
-    if cached is None or cached[0] != mtime:
-        cached = (mtime, ReferenceProfile.load(profile_path))
-        _PROFILES[profile_path] = cached
     return run_monitor(
         log_dir,
-        cached[1],
+        load_profile(profile_path),
         start=start,
         end=end,
         rules=tuple(rules),

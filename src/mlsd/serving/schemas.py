@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlsd.serving.recommender import Path_
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-NOW_MAX = 32_503_680_000.0
-"""The latest request time accepted (year 3000, Unix seconds): simulations set ``now``."""
+NOW_MAX = 9_214_646_400.0
+"""The latest time accepted, Unix seconds (2262-01-01T00:00:00Z), for a request's ``now``
+(simulations set it) and an event's ``ts``: pandas' nanosecond timestamps, which the feature
+path converts both to, end in April 2262."""
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
@@ -55,7 +57,12 @@ class EventIn(BaseModel):
     item_id: Int64
     event: str = Field(min_length=1, max_length=64, examples=["click"])
     value: float = Field(1.0, allow_inf_nan=False)
-    ts: datetime | None = Field(None, description="ISO 8601 or Unix seconds; default: now")
+    ts: datetime | None = Field(
+        None,
+        ge=datetime.fromtimestamp(0, UTC),
+        le=datetime.fromtimestamp(NOW_MAX, UTC),  # the bounds of a request's ``now``
+        description="ISO 8601 or Unix seconds, 1970 to 2262 (UTC when no offset); default: now",
+    )
     request_id: str | None = Field(
         None, max_length=64, description="the request_id of the recommendation that showed it"
     )

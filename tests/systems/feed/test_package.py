@@ -1,4 +1,5 @@
-"""The packaged model directory carries the reference profile that monitoring compares with."""
+"""The packaged model directory carries the reference profile that monitoring compares with,
+and packaging replaces only a previous model directory, never other files or the dataset."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
+from mlsd.cli import run
 from mlsd.config import load_feed_config
 from mlsd.models.ranking.bundle import RankingBundle
 from mlsd.monitoring.alerts import DEFAULT_RULES
 from mlsd.monitoring.profile import LABEL_METRICS, ReferenceProfile
 from mlsd.serving.feed import MODEL_JSON, REFERENCE_PROFILE, FeedModel
+from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import monitor_settings
 from tests.serving.test_feed import served
 
@@ -76,3 +81,50 @@ def test_serve_monitors_with_the_configured_rules_and_the_models_profile(served:
         feed, service_log=dataclasses.replace(feed.service_log, monitor_interval_s=0.0)
     )
     assert monitor_settings(off, served[1]) is None
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["train", "retrain"])
+def test_a_folder_that_is_not_a_model_directory_is_refused_and_kept(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    world, _, config = served
+    out = tmp_path / "work"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "plan.md").write_text("keep me")
+    (out / "model.json").write_text("[]")  # a model.json, but not one packaging wrote
+    args = ["feed", command, "--dataset", str(world), "--out", str(out), "--config", str(config)]
+    if command == "retrain":
+        args += ["--base-dir", str(tmp_path)]
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out}" in err
+    assert "not a previous model directory" in err
+    assert (out / "notes" / "plan.md").read_text() == "keep me"
+    assert (out / "model.json").read_text() == "[]"
+    assert _files(tmp_path) == [out, out / "model.json", out / "notes", out / "notes" / "plan.md"]
+
+
+@pytest.mark.parametrize("where", ["the dataset", "inside it", "its parent"])
+def test_the_dataset_directory_is_refused_and_kept(served: Served, where: str) -> None:
+    world, _, config = served
+    out = {"the dataset": world, "inside it": world / "model", "its parent": world.parent}[where]
+    before = _files(world.parent)
+    with pytest.raises(ValueError, match="outside the dataset"):
+        package_model(world, out, load_feed_config(config))
+    assert _files(world.parent) == before
+
+
+def test_a_previous_model_directory_is_replaced(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world, model_dir, config = served
+    out = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (out / "stale.txt").write_text("from the previous model")
+    args = ["feed", "train", "--dataset", str(world), "--out", str(out), "--config", str(config)]
+    assert run(args) == 0, capsys.readouterr().err
+    assert not (out / "stale.txt").exists()  # the folder was replaced, not written over
+    assert FeedModel.load(out).version != FeedModel.load(model_dir).version == "v-test"

@@ -15,11 +15,12 @@ import httpx
 import pytest
 
 from mlsd.config import load_feed_config
+from mlsd.evaluation.experiments import Arm, Experiment
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.popular import PopularRecommender
-from mlsd.serving.registry import ModelRegistry, RegistryConfig
+from mlsd.serving.registry import CorruptArtifactError, ModelRegistry, RegistryConfig
 from mlsd.systems.feed.package import package_model
-from mlsd.systems.feed.serve import ModelLoader
+from mlsd.systems.feed.serve import ExperimentLoader, ModelLoader
 from tests.feed_world import materialized_world
 from tests.serving.test_app import running_server
 
@@ -164,7 +165,22 @@ def test_a_replica_following_the_champion_takes_a_promotion_and_a_rollback(
     assert 'mlsd_model_reloads_total{outcome="ok"} 3.0' in metrics  # start-up + 2 follows
 
 
-def test_the_loader_keeps_its_last_two_downloads_and_removes_them_when_it_goes(
+def register_corrupt(registry: ModelRegistry, base: Path, model: Path, version: str) -> int:
+    """Register a copy of ``model`` as ``version`` (better offline, so the gate takes it),
+    then tamper with the stored artifact: its manifest no longer matches."""
+    copy = base.parent / f"{base.name}-{version}"
+    shutil.copytree(model, copy)
+    meta = json.loads((copy / "model.json").read_text())
+    (copy / "model.json").write_text(json.dumps({**meta, "version": version}))
+    number = registry.register(copy, params={}, metrics={"ndcg@10": 0.9})
+    for stored in (base / "mlartifacts").rglob("model.json"):
+        if json.loads(stored.read_text()).get("version") == version:
+            (stored.parent / "ranking" / "calibrator.json").write_text("{}")
+            return number
+    raise AssertionError(f"no stored artifact of {version}")
+
+
+def test_the_loader_keeps_the_serving_download_and_the_new_one_and_no_failed_one(
     setup: tuple[Path, Path, Path],
 ) -> None:
     world, config, root = setup
@@ -182,6 +198,17 @@ def test_the_loader_keeps_its_last_two_downloads_and_removes_them_when_it_goes(
     assert served == ["m1", "m3", "m3"]
     downloads = load.downloads
     assert sorted(p.name for p in downloads.iterdir()) == [f"v{v3}-1", f"v{v3}-2"]
+
+    bad = register_corrupt(registry, base, root / "models" / "m2", "bad")
+    assert registry.promote(bad).accepted
+    for _ in range(2):  # a follower retries a broken champion
+        with pytest.raises(CorruptArtifactError, match=r"calibrator\.json"):
+            load()
+        # The failed download is gone; the serving model's stays (its profile is read).
+        assert [p.name for p in downloads.iterdir()] == [f"v{v3}-2"]
+    assert load.loaded_version == v3
+    assert load.changed()
+
     del load
     gc.collect()
     assert not downloads.exists()
@@ -189,6 +216,44 @@ def test_the_loader_keeps_its_last_two_downloads_and_removes_them_when_it_goes(
                          base_dir=base, compile_trees=False)  # fmt: skip
     assert by_dir().version == "m1"
     assert by_dir._downloads is None  # a model directory downloads nothing
+
+
+def test_an_experiment_arm_that_fails_to_load_leaves_every_arm_to_be_loaded_again(
+    setup: tuple[Path, Path, Path],
+) -> None:
+    world, config, root = setup
+    feed = load_feed_config(config)
+    registries = {arm: ModelRegistry(RegistryConfig(), root / f"arm-{arm}") for arm in "ab"}
+    for registry in registries.values():
+        first = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.3})
+        assert registry.promote(first).accepted
+    loaders = {
+        arm: ModelLoader(
+            world,
+            feed,
+            model_dir=None,
+            registry_uri=None,
+            base_dir=root / f"arm-{arm}",
+            compile_trees=False,
+        )
+        for arm in "ab"
+    }
+    experiment = Experiment("t", "salt", (Arm("a", "champion", 1.0), Arm("b", "champion", 1.0)))
+    load = ExperimentLoader(experiment, loaders, world)
+    load()
+    assert not load.changed()
+
+    newer = registries["a"].register(root / "models" / "m3", params={}, metrics={"ndcg@10": 0.4})
+    assert registries["a"].promote(newer).accepted
+    bad = register_corrupt(registries["b"], root / "arm-b", root / "models" / "m2", "bad-arm")
+    assert registries["b"].promote(bad).accepted
+    with pytest.raises(CorruptArtifactError, match=r"calibrator\.json"):
+        load()
+    # Arm a loaded its new champion, but the experiment kept serving the old one: a must
+    # still count as changed, or the follower would never load it again.
+    assert loaders["a"].loaded_version == 1
+    assert load.changed()
+    assert len(list(loaders["a"].downloads.iterdir())) == 1  # a's unused download is gone
 
 
 def test_a_corrupt_artifact_is_refused_and_the_old_model_keeps_serving(

@@ -71,8 +71,13 @@ def package_model(
     """Train on all of ``dataset_dir`` and write the model directory ``out`` (replaced).
 
     Returns the directory and the ranking stage's training details (held-out scores).
+
+    Raises:
+        ValueError: ``out`` is not safe to replace (:func:`check_model_out`); checked before
+            training and again before deleting.
     """
     dataset_dir, out = Path(dataset_dir), Path(out)
+    check_model_out(out, dataset_dir)
     feature_config = feature_config_for(dataset_dir, **vars(feed.features))
     bundle, trained = train_pipeline(
         dataset_dir,
@@ -83,6 +88,7 @@ def package_model(
         feature_config=feature_config,
         progress=progress,
     )
+    check_model_out(out, dataset_dir)  # again: the folder may have changed while training ran
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -122,6 +128,43 @@ def package_model(
         meta["reference_profile"] = REFERENCE_PROFILE
         (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return out, trained
+
+
+def check_model_out(out: Path, dataset_dir: Path) -> None:
+    """Refuse a model directory ``out`` that :func:`package_model` must not replace.
+
+    ``out`` may be missing, empty, or a previous model directory (it holds a ``model.json``
+    object with a ``format_version``); anything else would be deleted with all its files.
+    It may not be ``dataset_dir``, contain it or be inside it (paths resolved).
+
+    Raises:
+        ValueError: ``out`` is unsafe; the message names it and says what to pass instead.
+    """
+    target, dataset = Path(out).resolve(), Path(dataset_dir).resolve()
+    if target == dataset or target.is_relative_to(dataset) or dataset.is_relative_to(target):
+        raise ValueError(
+            f"--out {out}: is the dataset {dataset_dir}, inside it or contains it, and writing "
+            "the model replaces --out; pass a directory outside the dataset"
+        )
+    if not target.exists() or _is_model_dir(target):
+        return
+    if not target.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory; pass a model directory")
+    if any(target.iterdir()):
+        raise ValueError(
+            f"--out {out}: not empty and not a previous model directory (no {MODEL_JSON} "
+            "written by packaging), and replacing it would delete its files; pass a new or "
+            "empty directory"
+        )
+
+
+def _is_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds a ``model.json`` that :func:`package_model` wrote."""
+    try:
+        meta = json.loads((path / MODEL_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta
 
 
 PROFILE_MAX_ROWS = 100_000

@@ -112,7 +112,7 @@ def retrain(
     Exits 0 when promoted (and reloaded), 1 when the gate refuses, 2 when the reload fails.
     """
     from mlsd.models.ranking.bundle import RankingBundle
-    from mlsd.systems.feed.package import package_model
+    from mlsd.systems.feed.package import check_model_out, package_model
     from mlsd.systems.feed.ranking import register_model, scores_table
 
     feed = load_feed_config(config)
@@ -122,12 +122,13 @@ def retrain(
             f"--reload-url needs the service's admin token in ${ADMIN_TOKEN_ENV}; export it "
             "(the value the service was started with) or drop --reload-url"
         )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    model_dir = out if out is not None else base_dir / "models" / f"retrain-{stamp}"
+    check_model_out(model_dir, dataset)  # also before materializing and training
     if materialize:
         console.rule("[bold]1/5 features")
         refresh_features(dataset, config, feed)
     console.rule("[bold]2/5 train")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    model_dir = out if out is not None else base_dir / "models" / f"retrain-{stamp}"
     path, trained = package_model(dataset, model_dir, feed, progress=True)
     console.print(f"model written to {path}")
     console.rule("[bold]3/5 evaluate + register")

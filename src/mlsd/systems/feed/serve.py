@@ -44,10 +44,6 @@ CompileTrees = Annotated[
 ]
 
 
-KEPT_DOWNLOADS = 2
-"""Registry downloads a :class:`ModelLoader` keeps: the one it loads and the one before."""
-
-
 class ModelLoader:
     """Loads the model (a directory, or the registry's ``alias``) afresh on each call, and
     tells whether the registry has moved ``alias`` since (:meth:`changed`): what a replica
@@ -57,9 +53,13 @@ class ModelLoader:
     store); loaders of several models share one, so feedback is written once.
 
     Registry downloads go to a temporary directory of the loader's own, made at the first
-    download. Each call keeps the newest :data:`KEPT_DOWNLOADS` downloads (the model it loads
-    and the one still serving in-flight requests) and deletes older ones, so a replica that
-    reloads every day does not fill its disk; the directory goes when the loader does."""
+    download. A download that fails, or whose model fails to load, is deleted at once; a new
+    download deletes every earlier one but the serving model's (its reference profile is read
+    while it serves). So a replica that reloads every day, or retries a broken champion, keeps
+    at most two models on disk; the directory goes when the loader does.
+
+    A call is :meth:`prepare` then :meth:`commit`; :class:`ExperimentLoader` prepares every
+    arm before it commits any, so an arm that fails leaves none of them marked as loaded."""
 
     def __init__(
         self,
@@ -86,30 +86,66 @@ class ModelLoader:
         if redis_url is not None:
             self.precomputed = PrecomputedStore.from_url(redis_url, socket_timeout=0.05)
         self._downloads: Path | None = None
+        self._serving: Path | None = None  # the loaded model's download
+        self._pending: tuple[int | None, Path | None] | None = None
         self.loaded_version: int | None = None
-        """The registry version the last successful call loaded (None: a directory)."""
+        """The registry version the last committed call loaded (None: a directory)."""
 
     def __call__(self) -> Recommender:
+        model = self.prepare()
+        self.commit()
+        return model
+
+    def prepare(self) -> Recommender:
+        """Download (from the registry) and load the model, ready to serve, without marking it
+        loaded (:meth:`commit`, or :meth:`discard` to drop its download)."""
         from mlsd.serving.feed import FeedModel, FeedRecommender
 
-        path, version = self.model_dir, None
-        if path is None:
-            registry = open_registry(self.registry_uri, self.base_dir)
-            version = registry.alias_version(self.alias)
-            if version is None:
-                raise ValueError(
-                    f"the registry has no {self.alias} yet: mlsd feed promote --version N"
-                )
-            # The number, not the alias: the alias may move while this downloads.
-            path = registry.download(version, self._download_dir(version))
-        model = FeedRecommender(
-            FeedModel.load(path, compile_trees=self.compile_trees, inline_trees=self.inline_trees),
-            features=self.features,
-            precomputed=self.precomputed,
-            candidates_sample_rate=self.feed.service_log.candidates_sample_rate,
-        ).warm_up()
-        self.loaded_version = version
+        self.discard()
+        version: int | None = None
+        download: Path | None = None
+        try:
+            path = self.model_dir
+            if path is None:
+                registry = open_registry(self.registry_uri, self.base_dir)
+                version = registry.alias_version(self.alias)
+                if version is None:
+                    raise ValueError(
+                        f"the registry has no {self.alias} yet: mlsd feed promote --version N"
+                    )
+                download = self._download_dir(version)
+                # The number, not the alias: the alias may move while this downloads.
+                path = registry.download(version, download)
+            model = FeedRecommender(
+                FeedModel.load(
+                    path, compile_trees=self.compile_trees, inline_trees=self.inline_trees
+                ),
+                features=self.features,
+                precomputed=self.precomputed,
+                candidates_sample_rate=self.feed.service_log.candidates_sample_rate,
+            ).warm_up()
+        except BaseException:
+            if download is not None:
+                shutil.rmtree(download, ignore_errors=True)
+            raise
+        self._pending = (version, download)
         return model
+
+    def commit(self) -> None:
+        """Mark the model :meth:`prepare` gave as the loaded one."""
+        if self._pending is None:
+            raise RuntimeError("ModelLoader.commit: nothing prepared")
+        self.loaded_version, download = self._pending
+        self._serving = download if download is not None else self._serving
+        self._pending = None
+
+    def discard(self) -> None:
+        """Forget a prepared, uncommitted model and delete its download."""
+        if self._pending is not None:
+            _, download = self._pending
+            if download is not None:
+                shutil.rmtree(download, ignore_errors=True)
+            self._pending = None
 
     @property
     def downloads(self) -> Path:
@@ -120,13 +156,14 @@ class ModelLoader:
         return self._downloads
 
     def _download_dir(self, version: int) -> Path:
-        """A new directory for a download of ``version``, after deleting all but the newest
-        ``KEPT_DOWNLOADS - 1`` earlier ones."""
+        """A new directory for a download of ``version``, after deleting every earlier one but
+        the serving model's."""
         attempts = sorted(
             (int(p.name.rsplit("-", 1)[1]), p) for p in self.downloads.glob("v*-*") if p.is_dir()
         )
-        for _, old in attempts[: max(len(attempts) - (KEPT_DOWNLOADS - 1), 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+        for _, old in attempts:
+            if old != self._serving:
+                shutil.rmtree(old, ignore_errors=True)
         attempt = attempts[-1][0] + 1 if attempts else 0
         return self.downloads / f"v{version}-{attempt}"
 
@@ -200,7 +237,16 @@ class ExperimentLoader:
         from mlsd.serving.experiment import POPULAR_ALIAS, ExperimentRecommender
         from mlsd.serving.popular import PopularRecommender
 
-        arms: dict[str, Recommender] = {name: load() for name, load in self.loaders.items()}
+        arms: dict[str, Recommender] = {}
+        try:
+            for name, load in self.loaders.items():
+                arms[name] = load.prepare()
+        except BaseException:
+            for name in arms:
+                self.loaders[name].discard()
+            raise
+        for load in self.loaders.values():
+            load.commit()
         for arm in self.experiment.arms:
             if arm.alias == POPULAR_ALIAS:
                 arms[arm.name] = PopularRecommender.from_dataset(self.dataset)
