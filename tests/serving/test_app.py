@@ -38,7 +38,12 @@ from mlsd.serving.app import (
     listen_socket,
 )
 from mlsd.serving.popular import PopularRecommender
-from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
+from mlsd.serving.recommender import (
+    BadRequestError,
+    Recommender,
+    RecommendRequest,
+    RecommendResult,
+)
 from mlsd.serving.schemas import NOW_MAX
 
 with warnings.catch_warnings():  # starlette 1.x would rather have httpx2 behind its TestClient
@@ -105,7 +110,7 @@ class FastModel(StubModel):
         if self.fast == "raise":
             raise RuntimeError("redis went away")
         if self.fast == "bad":
-            raise ValueError("no such context key")
+            raise BadRequestError("no such context key")
         if self.fast == "none":
             return None
         answer = self.inner.recommend(request)
@@ -240,11 +245,26 @@ def test_malformed_body_is_422(client: TestClient, content: bytes) -> None:
     assert response.status_code == 422, response.text
 
 
-def test_model_value_error_is_422(make_client: MakeClient, popular: PopularRecommender) -> None:
-    client = make_client(lambda: StubModel(popular, fail=ValueError("unknown context key 'x'")))
+def test_a_model_bad_request_is_422(make_client: MakeClient, popular: PopularRecommender) -> None:
+    client = make_client(
+        lambda: StubModel(popular, fail=BadRequestError("unknown context key 'x'"))
+    )
     response = client.get("/v1/recommendations/5")
     assert response.status_code == 422
     assert response.json()["detail"] == "unknown context key 'x'"
+
+
+def test_a_models_own_value_error_is_its_failure_not_the_clients(
+    make_client: MakeClient, popular: PopularRecommender
+) -> None:
+    # e.g. the re-ranker's check of its inputs: a 422 would blame the client and hide it.
+    fail = ValueError("scores[3] is nan; real candidates need finite")
+    client = make_client(lambda: StubModel(popular, fail=fail))
+    response = client.get("/v1/recommendations/5", params={"k": 5})
+    assert response.status_code == 200, response.text
+    assert response.json()["path"] == "fallback:popular"
+    samples = metric_samples(client.get("/metrics").text)
+    assert samples["mlsd_model_errors_total", frozenset({("operation", "recommend")})] == 1
 
 
 def test_model_exception_falls_back_to_popular(

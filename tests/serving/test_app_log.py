@@ -32,7 +32,12 @@ from mlsd.monitoring.profile import ReferenceProfile
 from mlsd.serving.app import MonitorSettings, ServiceMonitor, ServiceSettings, create_app
 from mlsd.serving.feed import FeedModel, FeedRecommender
 from mlsd.serving.popular import PopularRecommender
-from mlsd.serving.recommender import Recommender, RecommendRequest, RecommendResult
+from mlsd.serving.recommender import (
+    BadRequestError,
+    Recommender,
+    RecommendRequest,
+    RecommendResult,
+)
 from tests.serving.test_app import metric_samples, running_server
 from tests.serving.test_feed import served
 
@@ -157,7 +162,7 @@ def test_fallback_and_failures_are_logged(
     # two more apps, each with a writer of its own, into the same log directory
     client, second = make_client(Model(popular, fail=RuntimeError("boom")), fallback=None)
     assert client.get("/v1/recommendations/5", params={"k": 2}).status_code == 503
-    client, third = make_client(Model(popular, fail=ValueError("bad context")))
+    client, third = make_client(Model(popular, fail=BadRequestError("bad context")))
     assert client.get("/v1/recommendations/5", params={"k": 2}).status_code == 422
     second.close()
     third.close()

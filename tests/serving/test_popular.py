@@ -9,7 +9,7 @@ import pytest
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.serving.popular import PopularRecommender, RecentItems
-from mlsd.serving.recommender import Recommender, RecommendRequest
+from mlsd.serving.recommender import BadRequestError, Recommender, RecommendRequest
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_explain_adds_reasons_only_when_asked(model: PopularRecommender) -> None
 
 
 def test_k_below_one_is_a_value_error(model: PopularRecommender) -> None:
-    with pytest.raises(ValueError, match="k must be at least 1"):
+    with pytest.raises(BadRequestError, match="k must be at least 1"):
         model.recommend(RecommendRequest(user_id=None, k=0))
 
 

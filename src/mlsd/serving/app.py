@@ -105,6 +105,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlsd.serving.metrics import RequestMetricsMiddleware, ServiceMetrics
 from mlsd.serving.recommender import (
+    BadRequestError,
     FastRecommender,
     Recommender,
     RecommendRequest,
@@ -226,10 +227,6 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 
 class ServiceUnavailableError(RuntimeError):
     """No model and no fallback could answer; a 503."""
-
-
-class BadRequestError(ValueError):
-    """The model rejected the request (it raised ``ValueError``); a 422."""
 
 
 @runtime_checkable
@@ -374,8 +371,8 @@ class RecommendService:
         if model is not None:
             try:
                 result = model.recommend(request)
-            except ValueError as exc:
-                raise BadRequestError(str(exc)) from exc
+            except BadRequestError:
+                raise
             except Exception:
                 logger.exception("model %s failed; answering from the fallback", model.version)
                 self.metrics.errors.labels("recommend").inc()
@@ -405,10 +402,9 @@ class RecommendService:
         ts, start = time.time(), time.perf_counter()
         try:
             result = await model.recommend_fast(request)
-        except ValueError as exc:
-            error = BadRequestError(str(exc))
-            self._log_failed(request, ts, start, error)
-            raise error from exc
+        except BadRequestError as exc:
+            self._log_failed(request, ts, start, exc)
+            raise
         except Exception:
             logger.exception("the fast path of %s failed; answering in a thread", model.version)
             self.metrics.errors.labels("recommend_fast").inc()
@@ -460,8 +456,8 @@ class RecommendService:
             raise ServiceUnavailableError(f"{why} and no fallback is configured; retry later")
         try:
             result = self.fallback.recommend(request)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from exc
+        except BadRequestError:
+            raise
         except Exception as exc:
             self.metrics.errors.labels("fallback").inc()
             raise ServiceUnavailableError(f"{why} and the fallback failed too: {exc}") from exc
@@ -491,8 +487,8 @@ class RecommendService:
         events = [{k: v for k, v in e.items() if k != "request_id"} for e in events]
         try:
             accepted = target.record_events(events)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from exc
+        except BadRequestError:
+            raise
         except Exception as exc:
             self.metrics.errors.labels("record_events").inc()
             raise ServiceUnavailableError(f"recording events failed: {exc}; retry") from exc

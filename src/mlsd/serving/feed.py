@@ -70,6 +70,7 @@ from mlsd.models.retrieval.merge import (
 )
 from mlsd.serving.precomputed import Precomputed, PrecomputedStore
 from mlsd.serving.recommender import (
+    BadRequestError,
     CandidateRows,
     Path_,
     Recommendation,
@@ -377,7 +378,7 @@ class FeedRecommender:
 
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         if request.k < 1:
-            raise ValueError(f"k must be >= 1, got {request.k}")
+            raise BadRequestError(f"k must be >= 1, got {request.k}")
         clock = _Clock()
         fallbacks: list[str] = []
         if request.allow_precomputed and request.user_id is not None:

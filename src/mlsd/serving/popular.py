@@ -32,7 +32,12 @@ import numpy as np
 import numpy.typing as npt
 
 from mlsd.data.schema import EVENTS_FILE, ContractError, read_info
-from mlsd.serving.recommender import Recommendation, RecommendRequest, RecommendResult
+from mlsd.serving.recommender import (
+    BadRequestError,
+    Recommendation,
+    RecommendRequest,
+    RecommendResult,
+)
 
 IntArray = npt.NDArray[np.int64]
 
@@ -201,10 +206,10 @@ class PopularRecommender:
         """The ``k`` most popular items the user has not interacted with, best first.
 
         An unknown or anonymous user gets the overall most popular items minus
-        ``request.recent_items``. Raises ``ValueError`` when ``k < 1``.
+        ``request.recent_items``. Raises :class:`BadRequestError` when ``k < 1``.
         """
         if request.k < 1:
-            raise ValueError(f"k must be at least 1, got {request.k}")
+            raise BadRequestError(f"k must be at least 1, got {request.k}")
         start = time.perf_counter()
         seen = set(request.recent_items)
         if request.user_id is not None:

@@ -134,12 +134,19 @@ class CandidateRows:
         )
 
 
+class BadRequestError(ValueError):
+    """A request the model cannot answer as asked: the client's mistake, a 422 with this
+    message. Any other exception a model raises, a plain ``ValueError`` included, is the
+    model's own failure: the service logs and counts it and asks the fallback."""
+
+
 @runtime_checkable
 class Recommender(Protocol):
     """A loaded model the service can ask.
 
     ``recommend`` must not raise for a dependency failure: it degrades (see the module
-    docstring) and says so in the result. It may raise ``ValueError`` for a bad request.
+    docstring) and says so in the result. It raises :class:`BadRequestError` for a bad
+    request.
     """
 
     version: str
