@@ -345,6 +345,7 @@ def monitor_window(
     seconds = math.ceil((end - start).total_seconds())
     baseline = [] if reference_ctr is None else ["--reference-ctr", str(reference_ctr)]
     code = run(["feed", "monitor", "--log-dir", str(cfg.out / "service-log"),
+                "--config", str(cfg.out / "feed.toml"),
                 "--reference", str(reference), "--window", f"{seconds}s",
                 "--end", end.isoformat(), "--out", str(out), *baseline])  # fmt: skip
     if code not in (0, 1):

@@ -82,3 +82,21 @@ def test_missing_directory_is_a_clear_error(
     code = run(["data", "validate", str(tmp_path / "nope")])
     assert code == 1
     assert "events.parquet: not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data", "import", "csv", "--bogus"], "No such option: --bogus"),
+        (["data", "import", "csv", "--out", "x"], "Missing option '--events'"),
+        (["feed", "serve", "--dataset", ".", "--port", "many"], "Invalid value for '--port'"),
+    ],
+)
+def test_a_usage_mistake_gets_the_usage_and_exit_2_not_an_internal_error(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Usage: mlsd" in err
+    assert "internal error" not in err

@@ -1,7 +1,8 @@
 """The ``mlsd`` command: ``mlsd <group> <command>``. Parse, call, print; no logic here.
 
-User errors (bad input files, bad options) print one line and exit 1, never a traceback;
-``MLSD_DEBUG=1`` shows the traceback of an unexpected error.
+User errors (bad input files, bad values) print one line and exit 1, never a traceback; a
+usage mistake (an unknown or missing option) prints the usage and exits 2; ``MLSD_DEBUG=1``
+shows the traceback of an unexpected error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,25 @@ app.add_typer(feed_app, name="feed")
 err_console = Console(stderr=True)
 
 
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class ``name``, and the one of the copy of click that recent Typer
+    releases bundle (``typer._click``), whose usage errors (an unknown option, a missing one)
+    are not click's own classes."""
+    modules: list[object] = [click.exceptions]
+    try:
+        from typer._click import exceptions as bundled  # Typer >= 0.20
+    except ImportError:  # an older Typer uses click itself
+        pass
+    else:
+        modules.append(bundled)
+    return tuple(getattr(m, name) for m in modules if isinstance(getattr(m, name, None), type))
+
+
+_EXIT = _click_exceptions("Exit")
+_CLICK_ERROR = _click_exceptions("ClickException")
+_ABORT = _click_exceptions("Abort")
+
+
 @app.command()
 def version() -> None:
     """Print the mlsd version."""
@@ -40,13 +60,15 @@ def version() -> None:
 def run(args: Sequence[str] | None = None) -> int:
     """Run the CLI on ``args`` and return its exit code (for tests and :func:`main`)."""
     try:
-        result = app(args=list(args) if args is not None else None, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return int(exc.exit_code)
-    except click.exceptions.Abort:
+        result = app(
+            args=list(args) if args is not None else None, prog_name="mlsd", standalone_mode=False
+        )
+    except _EXIT as exc:
+        return int(getattr(exc, "exit_code", 1))
+    except _CLICK_ERROR as exc:  # a usage error: the usage, the message, exit 2
+        getattr(exc, "show")()  # noqa: B009 (the two click copies share this method)
+        return int(getattr(exc, "exit_code", 2))
+    except _ABORT:
         err_console.print("aborted")
         return 130
     except (ValueError, OSError) as exc:

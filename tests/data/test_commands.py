@@ -100,7 +100,10 @@ def test_check_leakage_command_exit_codes(
 ) -> None:
     features, labels = _feature_tables(tmp_path, leaky=False)
     assert run(["data", "check-leakage", "--features", str(features), "--labels", str(labels)]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "checked 3 feature rows matched to a label" in out
+    assert "0 feature rows without a label and 0 labels without features" in out
+    assert "no leakage: 3 feature rows" in out
 
     features, labels = _feature_tables(tmp_path, leaky=True)
     assert run(["data", "check-leakage", "--features", str(features), "--labels", str(labels)]) == 1
@@ -108,3 +111,34 @@ def test_check_leakage_command_exit_codes(
     assert "mean_rating" in out
     assert "n_views" not in out.split("columns:")[1].split("\n")[0]
     assert "example row" in out
+
+
+def test_check_leakage_command_fails_when_feature_rows_match_no_label(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same wall-clock label time, once with a zone and once naive (read as UTC): no match.
+    features = tmp_path / "features.csv"
+    features.write_text(
+        "user_id,item_id,label_ts,n_views,feature_ts\n"
+        "1,5,2024-01-01T12:00:00+02:00,3,2024-01-01T09:00:00+02:00\n"
+    )
+    labels = tmp_path / "labels.csv"
+    labels.write_text("user_id,item_id,label_ts\n1,5,2024-01-01T12:00:00\n")
+    assert run(["data", "check-leakage", "--features", str(features), "--labels", str(labels)]) == 1
+    out = capsys.readouterr().out
+    assert "checked 0 feature rows" in out
+    assert "all 1 feature rows" in out
+    assert "time zone" in out
+    assert "no leakage" not in out
+
+    # One of two feature rows unmatched: the matched one is clean, the command still fails.
+    features.write_text(
+        "user_id,item_id,label_ts,n_views,feature_ts\n"
+        "1,5,2024-01-01T12:00:00Z,3,2024-01-01T09:00:00Z\n"
+        "2,5,2024-01-01T12:00:00Z,3,2024-01-01T09:00:00Z\n"
+    )
+    assert run(["data", "check-leakage", "--features", str(features), "--labels", str(labels)]) == 1
+    out = capsys.readouterr().out
+    assert "checked 1 feature rows" in out
+    assert "1 of 2 feature rows" in out
+    assert "no leakage" not in out

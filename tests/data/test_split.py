@@ -360,3 +360,23 @@ def test_ml100k_last_fifth_as_test_matches_design(
     assert in_test.user_id.nunique() == n_users
     assert in_test.user_id.drop_duplicates().isin(before.user_id).sum() == n_warm
     assert sum(result.stats[w]["n_events"] for w in ("train", "val", "test")) == 100_000
+
+
+def test_a_failed_window_write_keeps_the_old_file_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [(u, u % 7, _at(u * 0.3)) for u in range(100)]
+    directory = _write(tmp_path, _events(rows))
+    first = split_dataset(directory, spec=SPEC)
+    before = {p.name: p.read_bytes() for p in first.out.iterdir()}
+
+    def disk_full(
+        self: pq.ParquetWriter, table: pa.Table, row_group_size: int | None = None
+    ) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        split_dataset(directory, spec=SplitSpec(_at(5), _at(25)))
+
+    assert {p.name: p.read_bytes() for p in first.out.iterdir()} == before  # no .tmp either

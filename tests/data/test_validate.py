@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mlsd.cli import run
 from mlsd.data.schema import (
     EVENTS_FILE,
     EVENTS_SCHEMA,
+    INFO_FILE,
     QUARANTINE_FILE,
     ContractError,
     DatasetInfo,
@@ -233,3 +235,116 @@ def test_clean_in_place_check_leaves_files_untouched(tmp_path: Path) -> None:
 
     assert report.n_quarantined == 0
     assert (tmp_path / EVENTS_FILE).read_bytes() == before
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _with_events(directory: Path, **columns: object) -> None:
+    """Overwrite columns of ``events.parquet`` the way another tool might have written it."""
+    table = pq.read_table(directory / EVENTS_FILE).to_pandas().assign(**columns)
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), directory / EVENTS_FILE)
+
+
+@pytest.mark.parametrize("per_second", [1, 1_000, 1_000_000, 1_000_000_000])
+def test_auto_reads_epoch_integers_in_the_unit_their_magnitude_implies(
+    tmp_path: Path, per_second: int
+) -> None:
+    write_dataset(tmp_path, events=_good_events(), users=_users(), items=_items(), info=_info())
+    expected = pd.read_parquet(tmp_path / EVENTS_FILE)["ts"]
+    if per_second > 1:  # sub-second parts must survive too
+        expected = expected + pd.Timedelta(milliseconds=123)
+    epoch = (expected - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1) * per_second
+    if per_second > 1:
+        epoch = epoch + 123 * per_second // 1000
+    _with_events(tmp_path, ts=epoch.astype("int64"))
+
+    report = validate_dir(tmp_path)
+
+    assert (report.n_kept, report.n_quarantined) == (50, 0)
+    kept = pq.read_table(tmp_path / EVENTS_FILE)
+    assert kept.schema.field("ts").type == EVENTS_SCHEMA.field("ts").type  # rewritten as contract
+    assert kept.column("ts").to_pandas().tolist() == expected.tolist()
+    assert read_info(tmp_path).ts_min == expected.min().isoformat()
+
+
+def test_seconds_format_on_millisecond_values_is_refused_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    write_dataset(tmp_path, events=_good_events(), users=_users(), items=_items(), info=_info())
+    before = _snapshot(tmp_path)
+    events = _good_events().assign(ts=lambda f: f["ts"] * 1000)
+
+    with pytest.raises(ContractError) as error:
+        write_dataset(
+            tmp_path,
+            events=events,
+            users=_users(),
+            items=_items(),
+            info=_info(),
+            ts_format="unix",
+            input_files={"events": "clicks.csv"},
+        )
+
+    message = str(error.value)
+    assert message.startswith("clicks.csv: 50 of 50 rows fail the timestamp rules (column ts")
+    assert f"ts = '{T0 * 1000}'" in message  # a raw value, as given
+    assert "epoch milliseconds: use --ts-format unix_ms" in message
+    assert _snapshot(tmp_path) == before  # the previous dataset is byte-identical
+
+
+def test_in_place_validate_refuses_unparseable_timestamps_and_keeps_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_dataset(tmp_path, events=_good_events(), users=_users(), items=_items(), info=_info())
+    _with_events(tmp_path, ts=[f"13/09/2020 12:{i:02d}:00" for i in range(50)])
+    before = _snapshot(tmp_path)
+
+    assert run(["data", "validate", str(tmp_path)]) == 1
+
+    err = capsys.readouterr().err
+    assert "events.parquet: 50 of 50 rows fail the timestamp rules" in err
+    assert "--ts-format" in err
+    assert _snapshot(tmp_path) == before  # not emptied into the quarantine
+
+
+def test_a_failed_quarantine_write_leaves_the_events_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_dataset(tmp_path, events=_good_events(), users=_users(), items=_items(), info=_info())
+    table = pq.read_table(tmp_path / EVENTS_FILE).to_pandas()
+    polluted = pd.concat([table, table.iloc[[0]]], ignore_index=True)  # one duplicate to move
+    pq.write_table(pa.Table.from_pandas(polluted, preserve_index=False), tmp_path / EVENTS_FILE)
+    before = _snapshot(tmp_path)
+
+    def disk_full(table: pa.Table, where: str | Path, **kwargs: object) -> None:
+        Path(where).write_bytes(b"PAR1 half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        validate_dir(tmp_path)
+
+    # The duplicate is still in events.parquet, not lost between the two files; no .tmp left.
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_failed_dataset_json_write_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_dataset(tmp_path, events=_good_events(), users=_users(), items=_items(), info=_info())
+    old = (tmp_path / INFO_FILE).read_text()
+    _with_events(tmp_path, user_id=[1] * 49 + [42])  # an unknown user, so validate rewrites
+    write_text = Path.write_text
+
+    def disk_full(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        write_text(self, data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        validate_dir(tmp_path)
+
+    assert (tmp_path / INFO_FILE).read_text() == old
+    assert not list(tmp_path.glob("*.tmp"))

@@ -220,6 +220,16 @@ def test_feature_config_for_reads_categories_and_attributes(tmp_path: Path) -> N
     assert (config.history_len, config.event_types) == (7, ("view",))
 
 
+def test_feature_config_for_rejects_event_types_the_dataset_lacks(tmp_path: Path) -> None:
+    directory = _write(tmp_path, [*HAND_EVENTS, (1, 2, T0 - MIN, 1.0, "click")])
+    with pytest.raises(ValueError, match=r"event_types: \['clik'\] occur in no event") as info:
+        feature_config_for(directory, event_types=("view", "clik"))
+    assert "['click', 'view']" in str(info.value)  # the types that do exist
+    with pytest.raises(ValueError, match=r"event_types is empty"):
+        feature_config_for(directory, event_types=())
+    assert feature_config_for(directory, event_types=("click",)).event_types == ("click",)
+
+
 def test_rows_without_ids_or_times_are_rejected(hand_dir: Path) -> None:
     with pytest.raises(ValueError, match="label_ts"):
         training_features(hand_dir, pd.DataFrame({"user_id": [1], "item_id": [1]}), CONFIG)

@@ -108,7 +108,10 @@ def import_csv(
     sep: Annotated[str, typer.Option("--sep", help="Field separator; '\\t' for tabs.")] = ",",
     ts_format: Annotated[
         str,
-        typer.Option("--ts-format", help="unix, unix_ms, iso, or a strptime format like %Y-%m-%d."),
+        typer.Option(
+            "--ts-format",
+            help="unix, unix_ms, unix_us, unix_ns, iso, or a strptime format like %Y-%m-%d.",
+        ),
     ] = "unix",
     no_header: Annotated[
         bool,
@@ -259,17 +262,48 @@ def check_leakage(
         typer.Option("--key", help="Row key column (repeat); default user_id, item_id, label_ts."),
     ] = None,
 ) -> None:
-    """Exit 1 when any feature was computed at or after its label's timestamp."""
+    """Exit 1 when any feature was computed at or after its label's timestamp.
+
+    Also exits 1 when nothing was checked or some feature rows have no label: a check that
+    matched no rows proves nothing (typically keys or time zones that differ between the files).
+    """
     from mlsd.data.leakage import DEFAULT_KEYS, check_leakage_files
 
-    report = check_leakage_files(features, labels, keys=tuple(key) if key else DEFAULT_KEYS)
-    if report.ok:
-        console.print(f"no leakage: {report.n_rows:,} feature rows computed before their labels")
-        return
+    keys = tuple(key) if key else DEFAULT_KEYS
+    report = check_leakage_files(features, labels, keys=keys)
     console.print(
-        f"[bold red]leakage:[/] {report.n_leaky_rows:,} of {report.n_rows:,} rows use data at "
-        f"or after the label time; columns: {', '.join(report.leaky_columns)}",
+        f"checked {report.n_rows:,} feature rows matched to a label; "
+        f"{report.n_features_without_label:,} feature rows without a label and "
+        f"{report.n_labels_without_features:,} labels without features were not checked",
         highlight=False,
+        soft_wrap=True,
     )
-    console.print(f"example row: {report.example}", highlight=False)
-    raise typer.Exit(code=1)
+    if not report.ok:
+        console.print(
+            f"[bold red]leakage:[/] {report.n_leaky_rows:,} of {report.n_rows:,} rows use data "
+            f"at or after the label time; columns: {', '.join(report.leaky_columns)}",
+            highlight=False,
+        )
+        console.print(f"example row: {report.example}", highlight=False)
+        raise typer.Exit(code=1)
+    unmatched = report.n_features_without_label
+    if report.n_rows == 0 and not unmatched:
+        console.print(
+            f"[bold red]nothing checked:[/] {features} has no feature rows; point --features at "
+            "the table the model is trained on",
+            highlight=False,
+        )
+        raise typer.Exit(code=1)
+    if unmatched:
+        total = report.n_rows + unmatched
+        what = f"all {unmatched:,}" if report.n_rows == 0 else f"{unmatched:,} of {total:,}"
+        console.print(
+            f"[bold red]not checked:[/] {what} feature rows in {features} have no label in "
+            f"{labels} with the same {', '.join(keys)}, so their leakage is unknown. Make both "
+            "files use the same key columns and values, and the same time zone for timestamps "
+            "(naive times are read as UTC), then run again.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
+    console.print(f"no leakage: {report.n_rows:,} feature rows computed before their labels")

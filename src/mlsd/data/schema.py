@@ -12,6 +12,10 @@ A contract directory holds:
 - ``quarantine.parquet`` (only when rows were rejected): the rejected rows as strings, with
   ``file``, ``row`` (0-based position in the input) and ``reason``.
 
+Every file is written to a temporary name beside it and renamed over the old one
+(:func:`replace_atomically`), so a crash or a full disk mid-write leaves the previous file, never
+a truncated one, and no temporary file behind.
+
 Ids are int64 everywhere so joins and index arrays stay cheap at 100M events; a source whose ids
 are not integers gets dense ids and keeps its own in an ``external_id`` column.
 """
@@ -21,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,8 +115,25 @@ def read_info(directory: Path) -> DatasetInfo:
 
 
 def write_info(directory: Path, info: DatasetInfo) -> Path:
-    path = Path(directory) / INFO_FILE
-    path.write_text(info.to_json() + "\n")
+    """Write ``dataset.json`` atomically (see :func:`replace_atomically`)."""
+    text = info.to_json() + "\n"
+    return replace_atomically(Path(directory) / INFO_FILE, lambda tmp: tmp.write_text(text))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on ``path`` + ``.tmp``, then rename that over ``path``.
+
+    Readers see the old file or the new one, never a half-written one. If ``write`` (or the
+    rename) fails, the temporary file is removed, ``path`` is left as it was and the error
+    propagates.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -3,7 +3,9 @@
 This is the evaluation protocol of DESIGN.md: every user is cut at the same instants, so nothing
 the models see in train or validation happened after the events they are scored on. DuckDB
 streams over ``events.parquet`` (cut points, counts, filters), so a 100M-event file never sits in
-a pandas frame; each window is written with the source file's exact Arrow schema.
+a pandas frame; each window is written with the source file's exact Arrow schema, to a temporary
+file renamed into place, so a failed write leaves that file's previous version, never a truncated
+one, and no ``.tmp`` file.
 
 Cut points come from a :class:`SplitSpec` or from fractions, under one of two definitions
 (:data:`CUT_DEFINITIONS`):
@@ -24,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -37,7 +38,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlsd.data.schema import EVENTS_FILE, EVENTS_SCHEMA, ContractError, read_info
+from mlsd.data.schema import (
+    EVENTS_FILE,
+    EVENTS_SCHEMA,
+    ContractError,
+    read_info,
+    replace_atomically,
+)
 
 PROTOCOL = (
     "global temporal split (UTC): train ts < t1, validation t1 <= ts < t2, test ts >= t2; "
@@ -342,16 +349,21 @@ def _check_not_empty(path: Path, spec: SplitSpec, stats: dict[str, Any]) -> None
 def _write_window(
     con: duckdb.DuckDBPyConnection, path: Path, spec: SplitSpec, window: int, target: Path
 ) -> None:
-    """Stream one window to ``target`` with the source's exact schema (atomic rename)."""
+    """Stream one window to ``target`` with the source's exact schema (atomic rename).
+
+    A failed write leaves the previous ``target`` and no ``.tmp`` file behind.
+    """
     schema = pq.read_schema(path)
     query = f"SELECT * FROM read_parquet($path) WHERE {_window_sql(spec)[1][window]}"
     reader = con.sql(query, params={"path": str(path)}).to_arrow_reader(_BATCH_ROWS)
-    tmp = target.with_name(target.name + ".tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for batch in reader:
-            # DuckDB drops dictionary encoding and nullability flags; the cast restores them.
-            writer.write_table(pa.Table.from_batches([batch]).cast(schema))
-    os.replace(tmp, target)
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in reader:
+                # DuckDB drops dictionary encoding and nullability flags; the cast restores them.
+                writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+
+    replace_atomically(target, write)
 
 
 def split_dataset(
@@ -398,7 +410,6 @@ def split_dataset(
         "windows": stats,
     }
     paths["manifest"] = out / SPLIT_FILE
-    tmp = paths["manifest"].with_name(SPLIT_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, paths["manifest"])
+    text = json.dumps(manifest, indent=2) + "\n"
+    replace_atomically(paths["manifest"], lambda tmp: tmp.write_text(text))
     return SplitResult(spec, stats, paths, out, info.content_hash, cut)

@@ -7,12 +7,21 @@ events file is checked out of core rather than in a pandas frame.
 A row that breaks a rule goes to ``quarantine.parquet`` with the file it came from, its 0-based
 row number there, the first rule it broke (see :data:`REASONS`, in priority order) and the row
 itself as JSON: nothing the user gave is dropped silently.
+
+Timestamps: ``"auto"`` (what ``validate_dir`` uses) reads timestamp columns as they are, text as
+ISO 8601 and numbers as epoch time in the unit their magnitude implies (:func:`epoch_format`), so
+a file of epoch milliseconds is not read as seconds tens of millennia ahead. A wrong format shows as
+most rows failing the timestamp rules; then nothing is written and a :class:`ContractError` says
+which format the values look like, rather than a directory being emptied into the quarantine.
+
+Writes go through :func:`~mlsd.data.schema.replace_atomically`, quarantine first, so a failure
+part-way leaves each file whole and never drops a row from ``events.parquet`` before it is in
+``quarantine.parquet``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +42,7 @@ from mlsd.data.schema import (
     ContractError,
     DatasetInfo,
     content_hash,
+    replace_atomically,
     write_info,
 )
 
@@ -52,8 +62,37 @@ REASONS = (
 )
 """Quarantine reasons for events, in the order they are checked (a row gets the first)."""
 
-TS_FORMATS = ("auto", "unix", "unix_ms", "iso", "datetime")
+TS_FORMATS = ("auto", "unix", "unix_ms", "unix_us", "unix_ns", "iso", "datetime")
 """Named timestamp formats; any other string is a ``strptime`` format such as ``%Y-%m-%d``."""
+
+_EPOCH_SCALE = {"unix": 1.0, "unix_ms": 1e3, "unix_us": 1e6, "unix_ns": 1e9}
+"""Units of each epoch format per second."""
+
+_EPOCH_UNIT = {
+    "unix": "seconds",
+    "unix_ms": "milliseconds",
+    "unix_us": "microseconds",
+    "unix_ns": "nanoseconds",
+}
+
+_NUMERIC_TYPES = {
+    "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT",
+    "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE",
+}  # fmt: skip
+
+_TS_REASONS = ("bad_ts", "ts_out_of_range")
+
+_CONTRACT_DUCK_TYPES = {
+    "user_id": "BIGINT",
+    "item_id": "BIGINT",
+    "ts": "TIMESTAMP WITH TIME ZONE",
+    "event": "VARCHAR",
+    "value": "FLOAT",
+}
+"""``EVENTS_SCHEMA`` as DuckDB's ``DESCRIBE`` names the types."""
+
+MAX_BAD_TS_SHARE = 0.5
+"""Refuse, writing nothing, when more than this share of the events fail the timestamp rules."""
 
 _ROW = "__row"
 
@@ -263,20 +302,47 @@ def _int_id(col: str) -> str:
     )
 
 
-def _ts_expr(ts_format: str, col_type: str) -> str:
+def epoch_format(magnitude: float) -> str:
+    """The epoch format whose unit makes a typical ``abs(ts)`` of ``magnitude`` plausible.
+
+    Below 1e11 is seconds (1e11 s is the year 5138), below 1e14 milliseconds, below 1e17
+    microseconds, else nanoseconds. Each boundary is also 1973-03-03 in the next unit, so any
+    data from after 1973 is read in its own unit.
+    """
+    if magnitude < 1e11:
+        return "unix"
+    if magnitude < 1e14:
+        return "unix_ms"
+    if magnitude < 1e17:
+        return "unix_us"
+    return "unix_ns"
+
+
+def _median_magnitude(con: duckdb.DuckDBPyConnection, table: str, where: str = "TRUE") -> Any:
+    """Approximate median of ``abs(ts)`` over the rows whose ``ts`` is a number (else None)."""
+    row = con.execute(
+        f"SELECT approx_quantile(abs(TRY_CAST(ts AS DOUBLE)), 0.5) FROM {table} WHERE {where}"
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def _resolve_ts_format(con: duckdb.DuckDBPyConnection, ts_format: str, col_type: str) -> str:
+    """The concrete format of ``raw_events.ts``: ``auto`` decided by column type and magnitude."""
+    if ts_format != "auto":
+        return ts_format
+    upper = col_type.upper()
+    if upper.startswith(("TIMESTAMP", "DATE")):
+        return "datetime"
+    if upper in _NUMERIC_TYPES or upper.startswith("DECIMAL"):
+        magnitude = _median_magnitude(con, "raw_events")
+        return "unix" if magnitude is None else epoch_format(float(magnitude))
+    return "iso"
+
+
+def _ts_expr(fmt: str) -> str:
     """SQL turning raw ``ts`` into TIMESTAMPTZ, NULL when it does not parse."""
-    fmt = ts_format
-    if fmt == "auto":
-        upper = col_type.upper()
-        if upper.startswith(("TIMESTAMP", "DATE")):
-            fmt = "datetime"
-        elif upper in {"BIGINT", "INTEGER", "DOUBLE", "FLOAT", "HUGEINT", "UBIGINT", "SMALLINT"}:
-            fmt = "unix"
-        else:
-            fmt = "iso"
-    if fmt in {"unix", "unix_ms"}:
-        scale = "1000.0" if fmt == "unix_ms" else "1.0"
-        seconds = f"(TRY_CAST(ts AS DOUBLE) / {scale})"
+    if fmt in _EPOCH_SCALE:
+        seconds = f"(TRY_CAST(ts AS DOUBLE) / {_EPOCH_SCALE[fmt]!r})"
         # to_timestamp raises on values out of range, so bound them first.
         return f"CASE WHEN abs({seconds}) < 1e11 THEN to_timestamp({seconds}) END"
     if fmt in {"iso", "datetime"}:
@@ -313,7 +379,7 @@ def _events_sql(
     return f"""
         WITH c AS (
             SELECT *, {_int_id("user_id")} AS __user, {_int_id("item_id")} AS __item,
-                {_ts_expr(ts_format, columns["ts"])} AS __ts, {value} AS __value, {event} AS __event
+                {_ts_expr(ts_format)} AS __ts, {value} AS __value, {event} AS __event
             FROM raw_events
         ),
         r1 AS (
@@ -359,6 +425,7 @@ def _run(
         )
     event_cols = _columns(con, "raw_events")
     _require(event_cols, ("user_id", "item_id", "ts"), names["events"])
+    fmt = _resolve_ts_format(con, ts_format, event_cols["ts"])
     quarantine: list[pd.DataFrame] = [] if previous is None else [previous]
     for kind, key, present in (("users", "user_id", has_users), ("items", "item_id", has_items)):
         if present:
@@ -368,17 +435,78 @@ def _run(
                 f"CREATE TEMP VIEW {kind}_ok AS SELECT * FROM {kind}_checked WHERE __reason IS NULL"
             )
             quarantine.append(_quarantined(con, f"{kind}_checked", names[kind]))
-    sql = _events_sql(event_cols, ts_format, rules, (has_users, has_items))
+    sql = _events_sql(event_cols, fmt, rules, (has_users, has_items))
     con.execute(f"CREATE TEMP TABLE events_checked AS {sql}")
+    _check_timestamps(con, names["events"], ts_format, fmt, rules, in_place=in_place)
     quarantine.append(_quarantined(con, "events_checked", names["events"]))
 
     n_new = sum(len(frame) for frame in quarantine) - (0 if previous is None else len(previous))
-    if n_new or not in_place:  # a clean in-place check leaves the files (and their hash) alone
-        _write_clean(con, out, event_cols, has_users=has_users, has_items=has_items)
     frames = [frame for frame in quarantine if not frame.empty]
     table = pd.concat(frames, ignore_index=True) if frames else _empty_quarantine()
+    # Quarantine first: if writing the clean files then fails, no row is lost, only listed twice.
     _write_quarantine(out / QUARANTINE_FILE, table)
+    # A clean in-place check of files already in contract types leaves them (and the hash) alone.
+    if n_new or not in_place or not _in_contract_types(con, event_cols, has_users, has_items):
+        _write_clean(con, out, event_cols, has_users=has_users, has_items=has_items)
     return _finish(con, out, info, table)
+
+
+def _check_timestamps(
+    con: duckdb.DuckDBPyConnection,
+    file: str,
+    requested: str,
+    fmt: str,
+    rules: ValidationRules,
+    *,
+    in_place: bool,
+) -> None:
+    """Refuse when most events fail the timestamp rules: the format is wrong, not the rows."""
+    reasons = ", ".join(f"'{r}'" for r in _TS_REASONS)
+    where = f"__reason IN ({reasons})"
+    n_rows, n_bad = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE {where}) FROM events_checked"
+    ).fetchone() or (0, 0)
+    if n_bad <= MAX_BAD_TS_SHARE * n_rows:
+        return
+    sample_row = con.execute(
+        f"SELECT CAST(ts AS VARCHAR) FROM events_checked WHERE {where} ORDER BY {_ROW} LIMIT 1"
+    ).fetchone()
+    sample = None if sample_row is None else sample_row[0]
+    magnitude = _median_magnitude(con, "events_checked", where)
+    read_as = f"{fmt!r} (inferred by 'auto')" if requested == "auto" else repr(fmt)
+    if magnitude is not None and epoch_format(float(magnitude)) != fmt:
+        likely = epoch_format(float(magnitude))
+        hint = f"The values look like epoch {_EPOCH_UNIT[likely]}: use --ts-format {likely}."
+    elif magnitude is not None:
+        hint = (
+            f"They are numbers outside the plausible range {rules.ts_min} .. "
+            f"{rules.ts_max_or_now():%Y-%m-%d}; check the timestamp column holds epoch times "
+            "(e.g. not a duration or an id)."
+        )
+    else:
+        iso = "" if fmt in {"iso", "datetime"} else ", or --ts-format iso for ISO 8601 text"
+        hint = f"Pass a strptime format such as --ts-format '%d/%m/%Y %H:%M:%S'{iso}."
+    if in_place:
+        hint += (
+            " `mlsd data validate` reads the column as it is stored; re-import the source with "
+            "`mlsd data import csv ... --ts-format FORMAT` to read it differently."
+        )
+    raise ContractError(
+        f"{file}: {n_bad:,} of {n_rows:,} rows fail the timestamp rules (column ts, read as "
+        f"{read_as}), e.g. ts = {sample!r}; nothing was written. {hint}"
+    )
+
+
+def _in_contract_types(
+    con: duckdb.DuckDBPyConnection, event_cols: Mapping[str, str], has_users: bool, has_items: bool
+) -> bool:
+    """Whether the raw files already have the contract's column types (an untouched file does)."""
+    if any(event_cols.get(name) != kind for name, kind in _CONTRACT_DUCK_TYPES.items()):
+        return False
+    for kind, key, present in (("users", "user_id", has_users), ("items", "item_id", has_items)):
+        if present and _columns(con, f"raw_{kind}").get(key) != "BIGINT":
+            return False
+    return True
 
 
 def _write_clean(
@@ -428,10 +556,12 @@ def _quarantined(con: duckdb.DuckDBPyConnection, table: str, file: str) -> pd.Da
 
 def _copy(con: duckdb.DuckDBPyConnection, select: str, path: Path) -> None:
     """Write a query to Parquet atomically (a re-validated file may be the query's input)."""
-    tmp = path.with_suffix(".parquet.tmp")
-    literal = str(tmp).replace("'", "''")
-    con.execute(f"COPY ({select}) TO '{literal}' (FORMAT parquet, COMPRESSION zstd)")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        literal = str(tmp).replace("'", "''")
+        con.execute(f"COPY ({select}) TO '{literal}' (FORMAT parquet, COMPRESSION zstd)")
+
+    replace_atomically(path, write)
 
 
 def _empty_quarantine() -> pd.DataFrame:
@@ -452,7 +582,7 @@ def _write_quarantine(path: Path, table: pd.DataFrame) -> None:
         path.unlink(missing_ok=True)
         return
     arrow = pa.Table.from_pandas(table[list(QUARANTINE_SCHEMA.names)], preserve_index=False)
-    pq.write_table(arrow.cast(QUARANTINE_SCHEMA), path)
+    replace_atomically(path, lambda tmp: pq.write_table(arrow.cast(QUARANTINE_SCHEMA), tmp))
 
 
 def _finish(

@@ -77,7 +77,13 @@ def feature_config_for(
     ``user_attributes`` are the string columns of users.parquet except ``user_id``, columns
     named ``*_id`` (e.g. ``external_id``) and columns with more than
     :data:`MAX_ATTRIBUTE_VALUES` distinct values (ids, zip codes, free text).
+
+    Raises:
+        ValueError: ``event_types`` is empty or names a type that no event of events.parquet
+            has (a misspelling would silently empty every history feature).
     """
+    if event_types is not None:
+        _check_event_types(Path(dataset_dir), tuple(event_types))
     items = _read(Path(dataset_dir) / ITEMS_FILE, None)
     categories: tuple[str, ...] = ()
     if "category" in items.column_names:
@@ -99,6 +105,26 @@ def feature_config_for(
         user_attributes=attributes,
         event_types=event_types,
     )
+
+
+def _check_event_types(dataset_dir: Path, event_types: tuple[str, ...]) -> None:
+    """Every configured event type occurs in events.parquet (reads the ``event`` column only)."""
+    path = dataset_dir / EVENTS_FILE
+    column = _read(path, ["event"], dictionary=True)["event"]
+    existing = sorted(pc.unique(column).drop_null().to_pylist())
+    unknown = [t for t in dict.fromkeys(event_types) if t not in existing]
+    if unknown:
+        raise ValueError(
+            f"[features].event_types: {unknown} occur in no event of {path} (its event types: "
+            f"{existing}); history features count only the listed types, so a misspelled type "
+            "counts nothing. Fix the spelling, or remove event_types to count every event."
+        )
+    if not event_types:
+        raise ValueError(
+            "[features].event_types is empty, so no event would count and every history "
+            f"feature would be empty; list some of {existing} or remove event_types to count "
+            "every event."
+        )
 
 
 def stored_user_features(
@@ -519,14 +545,21 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
-def _read(path: Path, columns: list[str] | None, filters: Any = None) -> pa.Table:
+def _read(
+    path: Path, columns: list[str] | None, filters: Any = None, *, dictionary: bool = False
+) -> pa.Table:
     if not path.is_file():
         raise ContractError(
             f"{path}: not found. Is {path.parent} a dataset directory? Create one with "
             "`mlsd data import ...` or `mlsd data synth ...`."
         )
     try:
-        table: pa.Table = pq.read_table(path, columns=columns, filters=filters)
+        table: pa.Table = pq.read_table(
+            path,
+            columns=columns,
+            filters=filters,
+            read_dictionary=columns if dictionary else None,  # compact for repetitive strings
+        )
     except (pa.ArrowInvalid, KeyError) as exc:
         raise ContractError(f"{path}: cannot read columns {columns} ({exc})") from exc
     return table

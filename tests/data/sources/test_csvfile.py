@@ -182,3 +182,96 @@ def test_unnamed_column_may_not_take_a_contract_name(tmp_path: Path) -> None:
         import_csv(events, user_col="user", item_col="item", ts_col="ts", out=tmp_path / "o")
     with pytest.raises(ContractError, match="named for two roles"):
         import_csv(events, user_col="user", item_col="user", ts_col="ts", out=tmp_path / "o")
+
+
+def test_zero_padded_and_signed_ids_are_not_merged_with_plain_ones(tmp_path: Path) -> None:
+    events = write(
+        tmp_path / "e.csv",
+        "u,i,t\n007,1,1700000000\n7,1,1700000001\n+7,2,1700000002\n-0,2,1700000003\n0,2,1700000004\n",
+    )
+    report = import_csv(events, user_col="u", item_col="i", ts_col="t", out=tmp_path / "out")
+    assert (report.n_kept, report.n_quarantined) == (5, 0)
+    users = parquet(tmp_path / "out", "users")
+    assert users["external_id"].tolist() == ["007", "7", "+7", "-0", "0"]
+    assert users["user_id"].tolist() == [0, 1, 2, 3, 4]
+    assert read_info(tmp_path / "out").extra["dense_ids"] == {"user_id": True, "item_id": False}
+
+
+def test_plain_integer_ids_keep_their_values(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "u,i,t\n1,30,1700000000\n2,-5,1700000001\n30,0,1700000002\n")
+    import_csv(events, user_col="u", item_col="i", ts_col="t", out=tmp_path / "out")
+    assert parquet(tmp_path / "out", "events")["user_id"].tolist() == [1, 2, 30]
+    assert parquet(tmp_path / "out", "events")["item_id"].tolist() == [30, -5, 0]
+    assert read_info(tmp_path / "out").extra["dense_ids"] == {"user_id": False, "item_id": False}
+
+
+def test_a_zero_padded_key_in_the_users_file_is_not_joined_to_the_plain_id(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "u,i,t\n7,1,1700000000\n007,1,1700000001\n")
+    users = write(tmp_path / "people.csv", "u,country\n007,SE\n")
+    report = import_csv(
+        events, user_col="u", item_col="i", ts_col="t", users=users, out=tmp_path / "out"
+    )
+    table = parquet(tmp_path / "out", "users")
+    assert table[["user_id", "external_id", "country"]].values.tolist() == [[1, "007", "SE"]]
+    assert report.reasons == {"e.csv:unknown_user": 1}  # user "7" is not user "007"
+    assert parquet(tmp_path / "out", "events")["user_id"].tolist() == [1]
+
+
+def import_events(path: Path, tmp_path: Path) -> None:
+    import_csv(path, user_col="u", item_col="i", ts_col="t", out=tmp_path / "out")
+
+
+def test_a_row_with_too_many_fields_names_the_file_line_and_sep(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "u,i,t\n1,2,1700000000\n1,2,1700000001,x\n")
+    with pytest.raises(ContractError) as error:
+        import_events(events, tmp_path)
+    message = str(error.value)
+    assert f"{events}, line 3: 4 fields where the first row has 3" in message
+    assert "--sep" in message
+
+
+def test_an_empty_file_is_named(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "")
+    with pytest.raises(ContractError, match=r"e\.csv: the file is empty"):
+        import_events(events, tmp_path)
+
+
+def test_a_latin1_file_names_the_line_and_asks_for_utf8(tmp_path: Path) -> None:
+    events = tmp_path / "e.csv"
+    events.write_bytes("u,i,t\n1,2,1700000000\nj\u00e9r\u00f4me,2,1700000001\n".encode("latin-1"))
+    with pytest.raises(ContractError) as error:
+        import_events(events, tmp_path)
+    message = str(error.value)
+    assert f"{events}, line 3: not valid UTF-8 (byte 0xe9)" in message
+    assert "Re-encode it to UTF-8" in message
+
+
+@pytest.mark.parametrize(
+    ("sep", "flag"), [("\t", "--sep '\\t'"), (";", "--sep ';'"), ("|", "--sep '|'")]
+)
+def test_a_file_read_with_the_wrong_separator_says_which_it_looks_like(
+    tmp_path: Path, sep: str, flag: str
+) -> None:
+    events = write(tmp_path / "e.txt", f"u{sep}i{sep}t\n1{sep}2{sep}1700000000\n")
+    with pytest.raises(ContractError) as error:
+        import_events(events, tmp_path)
+    message = str(error.value)
+    assert f"{events}: no column 'u', 'i', 't'" in message
+    assert f"pass {flag}." in message
+
+
+def test_a_headerless_file_with_the_wrong_separator_says_which_it_looks_like(
+    tmp_path: Path,
+) -> None:
+    events = write(tmp_path / "u.data", "1\t2\t1700000000\n")
+    with pytest.raises(ContractError, match=r"u\.data: no column '1', '2'.*pass --sep '\\t'\."):
+        import_csv(
+            events, header=False, user_col="0", item_col="1", ts_col="2", out=tmp_path / "out"
+        )
+
+
+def test_an_events_file_with_only_a_header_is_refused(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "u,i,t\n")
+    with pytest.raises(ContractError, match=r"e\.csv: a header but no data rows"):
+        import_events(events, tmp_path)
+    assert not (tmp_path / "out").exists()

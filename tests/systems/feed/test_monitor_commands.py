@@ -72,8 +72,12 @@ def test_fired_alerts_exit_1_and_are_named(
 
 
 def test_default_rules_json_and_report(
-    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    setup: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/feed.toml here: the built-in rules
     out_dir = setup["root"] / "report"
     extra = ("--json", "--out", str(out_dir), "--reference-ctr", "0.1")
     assert run(args(setup, "stable", *extra)) == 1
@@ -82,6 +86,24 @@ def test_default_rules_json_and_report(
     assert result["start"] == START.isoformat()
     assert (out_dir / "monitor.html").stat().st_size > 1000
     assert json.loads((out_dir / "monitor.json").read_text())["fired"] == result["fired"]
+
+
+def test_without_config_the_rules_come_from_configs_feed_toml(
+    setup: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Like every feed command, no --config means configs/feed.toml (relative to the cwd).
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "feed.toml").write_text(DRIFT_ONLY.replace("0.2", "0.3"))
+    monkeypatch.chdir(tmp_path)
+    assert run(args(setup, "stable", "--json")) == 0  # the built-in "error rate" would fire
+    alerts = json.loads(capsys.readouterr().out)["alerts"]
+    assert [(a["name"], a["threshold"]) for a in alerts] == [
+        ("feature drift", 0.3),
+        ("prediction drift", 0.3),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,17 @@ a context column. Optional users/items files give attributes: their key column (
 ``item_key``, by default the events' ``user_col`` / ``item_col``) becomes the id and every other
 column an attribute.
 
-Ids: when every id (events and users/items file together) is an integer of at most 18 digits,
-ids are kept. Otherwise all ids of that kind get dense int64 ids 0, 1, ... in order of first
-appearance (events file first, then the users/items file), and ``users``/``items`` keep the
-original in ``external_id``; the mapping is shared, so events and attributes still join.
+Ids: when every id (events and users/items file together) is an integer of at most 18 digits
+written the way the integer prints (``30``, ``-5``; not ``007``, ``+7`` or ``-0``), ids are kept.
+Otherwise all ids of that kind get dense int64 ids 0, 1, ... in order of first appearance (events
+file first, then the users/items file), and ``users``/``items`` keep the original in
+``external_id``; the mapping is shared, so events and attributes still join. Parsing ``007`` and
+``7`` as integers would silently merge two users; the dense mapping keeps them apart.
+
+Files that pandas cannot read (rows with too many fields, an empty file, a file not in UTF-8) and
+an events file with a header but no rows are refused with a ContractError that names the file
+and, where pandas says, the line, and says what to do (``--sep``, re-encode to UTF-8): the CLI
+prints it as one line, so a raw pandas message would leave the user guessing which file broke.
 
 Files without a header row (``header=False``) name their columns by position: ``"0"``, ``"1"``...
 ``sep`` and ``header`` apply to every file of one import.
@@ -23,17 +30,26 @@ Example, MovieLens 100K's ``u.data`` (tab-separated, no header)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from pandas.errors import EmptyDataError, ParserError
 
 from mlsd.data.schema import ContractError, DatasetInfo
 from mlsd.data.validate import ValidationReport, write_dataset
 
 CONTRACT_COLUMNS = ("user_id", "item_id", "ts", "event", "value")
 DEFAULT_LICENCE = "unknown (bring-your-own data; check the terms of its owner)"
-_INTEGER_ID = r"[+-]?\d{1,18}"
+_CANONICAL_INTEGER_ID = r"0|-?[1-9][0-9]{0,17}"
+"""An id that is kept as an integer: exactly the strings ``s`` with ``str(int(s)) == s``, 18 digits
+at most (so it fits int64)."""
+_SEPARATOR_NAMES = {"\t": "tab", ";": "semicolon", "|": "pipe", ",": "comma"}
+_SEP_HINT = (
+    "Pass the file's separator with --sep (e.g. --sep ';', or --sep '\\t' for tabs), "
+    "and quote fields that contain it (and close every quote that is opened)."
+)
 
 
 @dataclass(frozen=True)
@@ -85,34 +101,102 @@ def read_delimited(path: Path, *, sep: str, header: bool) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"{path}: file not found; check the path.")
-    frame = pd.read_csv(
-        path,
-        sep=sep,
-        header=0 if header else None,
-        dtype=str,
-        keep_default_na=False,
-        na_values=[""],
-    )
+    try:
+        frame = pd.read_csv(
+            path,
+            sep=sep,
+            header=0 if header else None,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+        )
+    except ParserError as exc:
+        raise _parser_error(path, sep, exc) from exc
+    except EmptyDataError as exc:
+        raise ContractError(
+            f"{path}: the file is empty (no header, no rows); check the path or export it again."
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise _encoding_error(path) from exc
     frame.columns = [str(column) for column in frame.columns]
     return frame
 
 
-def require_columns(frame: pd.DataFrame, path: Path, columns: list[str]) -> None:
-    """Raise a ContractError naming the file, the missing columns and the ones it has."""
+def _parser_error(path: Path, sep: str, exc: ParserError) -> ContractError:
+    """A ContractError for rows pandas could not split: the file, the line and the --sep hint."""
+    detail = str(exc).strip().removeprefix("Error tokenizing data. C error: ")
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", detail)
+    if fields:
+        expected, line, saw = fields.groups()
+        return ContractError(
+            f"{path}, line {line}: {saw} fields where the first row has {expected} "
+            f"(separator {sep!r}). {_SEP_HINT}"
+        )
+    line_match = re.search(r"\bline (\d+)", detail)  # pandas' "row N" is not a line number
+    where = f"{path}, line {line_match.group(1)}" if line_match else str(path)
+    return ContractError(f"{where}: cannot be read with separator {sep!r} ({detail}). {_SEP_HINT}")
+
+
+def _encoding_error(path: Path) -> ContractError:
+    """A ContractError for a file that is not UTF-8, naming the first line that is not."""
+    where, byte = str(path), ""
+    with path.open("rb") as handle:  # a newline byte never occurs inside a UTF-8 character
+        for number, raw_line in enumerate(handle, start=1):
+            try:
+                raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                where, byte = f"{path}, line {number}", f" (byte 0x{raw_line[exc.start]:02x})"
+                break
+    return ContractError(
+        f"{where}: not valid UTF-8{byte}; the file is in another encoding (often Latin-1 or "
+        f"Windows-1252). Re-encode it to UTF-8, e.g. "
+        f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`, and import that."
+    )
+
+
+def _separator_hint(frame: pd.DataFrame, sep: str, header: bool) -> str:
+    """When a file read as one column looks split by another separator, say which and how."""
+    if len(frame.columns) != 1:
+        return ""
+    if header:
+        first = str(frame.columns[0])
+    else:
+        first = frame.iloc[0, 0] if len(frame) and isinstance(frame.iloc[0, 0], str) else ""
+    counts = {s: first.count(s) for s in _SEPARATOR_NAMES if s != sep and s in first}
+    if not counts:
+        return ""
+    guess = max(counts, key=counts.__getitem__)
+    flag = "'\\t'" if guess == "\t" else repr(guess)
+    row = "header" if header else "first row"
+    return (
+        f" The {row} {first!r} was read as one column with separator {sep!r} but looks "
+        f"{_SEPARATOR_NAMES[guess]}-separated: pass --sep {flag}."
+    )
+
+
+def require_columns(
+    frame: pd.DataFrame, path: Path, columns: list[str], *, sep: str = ",", header: bool = True
+) -> None:
+    """Raise a ContractError naming the file, the missing columns and the ones it has.
+
+    ``sep`` and ``header`` are how the file was read; they let the message point at a wrong
+    separator when the whole header landed in one column.
+    """
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise ContractError(
             f"{path}: no column {', '.join(map(repr, missing))}; the file has columns "
             f"{', '.join(map(repr, frame.columns))}. Pass the right column names (files read "
             "without a header name their columns by position: '0', '1', ...)."
+            + _separator_hint(frame, sep, header)
         )
 
 
 def _rename(
-    frame: pd.DataFrame, path: Path, columns: dict[str, str], reserved: set[str]
+    frame: pd.DataFrame, path: Path, columns: dict[str, str], reserved: set[str], spec: CsvSpec
 ) -> pd.DataFrame:
     """Rename source → contract columns; no other column may take a ``reserved`` name."""
-    require_columns(frame, path, list(columns))
+    require_columns(frame, path, list(columns), sep=spec.sep, header=spec.header)
     clashes = [c for c in frame.columns if c in reserved and c not in columns]
     if clashes:
         raise ContractError(
@@ -127,13 +211,16 @@ def _entity(path: Path | None, key: str, id_column: str, spec: CsvSpec) -> pd.Da
     if path is None:
         return None
     raw = read_delimited(path, sep=spec.sep, header=spec.header)
-    return _rename(raw, path, {key: id_column}, {id_column, "external_id"})
+    return _rename(raw, path, {key: id_column}, {id_column, "external_id"}, spec)
 
 
 def dense_ids(
     event_ids: pd.Series, entity: pd.DataFrame | None, id_column: str
 ) -> tuple[pd.Series, pd.DataFrame | None, bool]:
-    """Map non-integer ids to dense int64 ids shared by the events and the entity table.
+    """Map ids to dense int64 ids shared by events and entity table, unless all are integers.
+
+    Ids stay as they are only when each one is an integer written the way it prints (see
+    ``_CANONICAL_INTEGER_ID``); ``007`` next to ``7`` would otherwise become one id.
 
     Returns:
         The events' ids, the entity table (with ``external_id`` when mapped; built from the
@@ -142,7 +229,7 @@ def dense_ids(
     """
     entity_ids = entity[id_column] if entity is not None else pd.Series([], dtype=object)
     both = pd.concat([event_ids, entity_ids], ignore_index=True)
-    if both.dropna().str.fullmatch(_INTEGER_ID).all():
+    if both.dropna().str.fullmatch(_CANONICAL_INTEGER_ID).all():
         return event_ids, entity, False
     codes, uniques = pd.factorize(both)
     mapped = pd.Series(codes, dtype="Int64").mask(codes < 0)
@@ -158,7 +245,12 @@ def dense_ids(
 def read_csv_tables(spec: CsvSpec) -> CsvTables:
     """Read and rename the events (and optional users/items) files of one import."""
     raw = read_delimited(spec.events, sep=spec.sep, header=spec.header)
-    events = _rename(raw, spec.events, spec.event_columns(), set(CONTRACT_COLUMNS))
+    events = _rename(raw, spec.events, spec.event_columns(), set(CONTRACT_COLUMNS), spec)
+    if events.empty:
+        raise ContractError(
+            f"{spec.events}: a header but no data rows, so there are no events to import; "
+            "check that this is the right file and that it was exported in full."
+        )
     users = _entity(spec.users, spec.user_key or spec.user_col, "user_id", spec)
     items = _entity(spec.items, spec.item_key or spec.item_col, "item_id", spec)
     events["user_id"], users, dense_users = dense_ids(events["user_id"], users, "user_id")
@@ -203,7 +295,8 @@ def import_csv(
         name, licence: recorded in ``dataset.json``; ``name`` defaults to the events file stem.
 
     Raises:
-        ContractError: a file or a named column is missing.
+        ContractError: a file or a named column is missing, a file cannot be read (rows with too
+            many fields, empty, not UTF-8), or the events file has no data rows.
     """
     spec = CsvSpec(
         events=Path(events),

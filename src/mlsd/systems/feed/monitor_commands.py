@@ -3,13 +3,14 @@
 Prints the drift table and every alert rule's outcome; exits 1 when a rule fires (naming the
 rules and their values), 0 when none does, 2 on bad input (a missing or malformed profile or
 config, a bad window or time). Rules and the default window come from the ``[monitoring]``
-table of ``--config`` (see :mod:`mlsd.monitoring.alerts`), else the built-in defaults.
+table of ``--config``, else of ``configs/feed.toml`` like every feed command (see
+:func:`mlsd.config.load_feed_config`), else the built-in defaults of
+:mod:`mlsd.monitoring.alerts`.
 """
 
 from __future__ import annotations
 
 import json
-import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mlsd.config import load_feed_config
 from mlsd.monitoring.alerts import MonitoringSection, parse_window
 from mlsd.monitoring.monitor import MonitorResult, run_monitor
 from mlsd.monitoring.profile import ReferenceProfile
@@ -50,7 +52,11 @@ def monitor(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="System TOML whose [monitoring] holds the alert rules."),
+        typer.Option(
+            "--config",
+            help="System config whose [monitoring] holds the alert rules "
+            "(default configs/feed.toml).",
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Write monitor.json and monitor.html here.")
@@ -110,19 +116,8 @@ def monitor(
 
 
 def _section(config: Path | None) -> MonitoringSection:
-    if config is None:
-        return MonitoringSection()
-    try:
-        with config.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise BadInputError(f"{config}: config file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInputError(f"{config}: not valid TOML ({exc})") from exc
-    table = raw.get("monitoring", {})
-    if not isinstance(table, dict):
-        raise BadInputError(f"{config}: [monitoring] must be a table")
-    return MonitoringSection.from_mapping(table, where=str(config))
+    """``[monitoring]`` of the feed config, read as every feed command reads it."""
+    return load_feed_config(config).monitoring
 
 
 def _parse_end(text: str | None) -> datetime:
