@@ -237,6 +237,31 @@ def test_clean_in_place_check_leaves_files_untouched(tmp_path: Path) -> None:
     assert (tmp_path / EVENTS_FILE).read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("column", "arrow_type"),
+    [("ts", pa.timestamp("ms", tz="UTC")), ("event", pa.large_string())],
+)
+def test_a_clean_file_in_other_arrow_types_is_rewritten_so_split_takes_it(
+    tmp_path: Path, column: str, arrow_type: pa.DataType
+) -> None:
+    # DuckDB names timestamp[ms] and timestamp[us] alike, and large_string and string alike:
+    # left as it was, `mlsd data split` would refuse the file and send the user back here.
+    write_dataset(tmp_path, events=_good_events(), users=_users(), items=_items(), info=_info())
+    table = pq.read_table(tmp_path / EVENTS_FILE)
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, column, table.column(column).cast(arrow_type))
+    pq.write_table(table, tmp_path / EVENTS_FILE)
+
+    report = validate_dir(tmp_path)
+
+    assert report.n_quarantined == 0
+    assert (
+        pq.read_schema(tmp_path / EVENTS_FILE).field(column).type
+        == EVENTS_SCHEMA.field(column).type
+    )
+    assert run(["data", "split", str(tmp_path), "--val-frac", "0.1", "--test-frac", "0.1"]) == 0
+
+
 def _snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 

@@ -36,6 +36,7 @@ def no_model() -> Recommender:
 def test_the_wait_doubles_with_each_failure_up_to_the_cap() -> None:
     task = Flaky(RecommendService(no_model, settings=ServiceSettings()), 10.0, 0)
     assert [task.delay_s(n) for n in range(7)] == [10, 20, 40, 80, 160, MAX_BACKOFF_S, 300]
+    assert task.delay_s(5000) == MAX_BACKOFF_S  # days of failures do not overflow
     slow = Flaky(RecommendService(no_model, settings=ServiceSettings()), 900.0, 0)
     assert slow.delay_s(3) == 900.0  # never shorter than the interval
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 
@@ -97,6 +98,27 @@ class DatasetInfo:
     def from_dict(cls, raw: dict[str, Any]) -> DatasetInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def contract_mismatches(path: Path, required: pa.Schema) -> list[str]:
+    """How the Parquet file ``path`` departs from the contract's ``required`` columns, one
+    phrase per column (``"column 'ts' is timestamp[ms, tz=UTC], the contract says ..."``);
+    empty when it conforms. Arrow's types, not DuckDB's names for them, which do not tell a
+    millisecond from a microsecond timestamp, or ``large_string`` from ``string``.
+
+    Raises:
+        pyarrow.ArrowInvalid, OSError: ``path`` is not a readable Parquet file.
+    """
+    schema = pq.read_schema(path)
+    problems = []
+    for expected in required:
+        if expected.name not in schema.names:
+            problems.append(f"column {expected.name!r} is missing")
+        elif (found := schema.field(expected.name).type) != expected.type:
+            problems.append(
+                f"column {expected.name!r} is {found}, the contract says {expected.type}"
+            )
+    return problems
 
 
 def read_info(directory: Path) -> DatasetInfo:

@@ -42,6 +42,7 @@ from mlsd.data.schema import (
     EVENTS_FILE,
     EVENTS_SCHEMA,
     ContractError,
+    contract_mismatches,
     read_info,
     replace_atomically,
 )
@@ -209,18 +210,11 @@ def _events_path(dataset_dir: Path) -> Path:
             "with `mlsd data import ...` or `mlsd data synth ...`."
         )
     try:
-        schema = pq.read_schema(path)
+        problems = contract_mismatches(path, EVENTS_SCHEMA)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ContractError(f"{path}: not a readable Parquet file ({exc}); re-import it") from exc
-    for expected in EVENTS_SCHEMA:
-        if expected.name not in schema.names:
-            raise ContractError(f"{path}: column {expected.name!r} is missing; re-import it")
-        found = schema.field(expected.name).type
-        if found != expected.type:
-            raise ContractError(
-                f"{path}: column {expected.name!r} is {found}, the contract says {expected.type}; "
-                "re-import or run `mlsd data validate`"
-            )
+    if problems:
+        raise ContractError(f"{path}: {'; '.join(problems)}; re-import or run `mlsd data validate`")
     return path
 
 

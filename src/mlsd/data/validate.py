@@ -34,14 +34,18 @@ import pyarrow.parquet as pq
 
 from mlsd.data.schema import (
     EVENTS_FILE,
+    EVENTS_SCHEMA,
     INFO_FILE,
     ITEMS_FILE,
+    ITEMS_REQUIRED,
     QUARANTINE_FILE,
     QUARANTINE_SCHEMA,
     USERS_FILE,
+    USERS_REQUIRED,
     ContractError,
     DatasetInfo,
     content_hash,
+    contract_mismatches,
     replace_atomically,
     write_info,
 )
@@ -81,15 +85,6 @@ _NUMERIC_TYPES = {
 }  # fmt: skip
 
 _TS_REASONS = ("bad_ts", "ts_out_of_range")
-
-_CONTRACT_DUCK_TYPES = {
-    "user_id": "BIGINT",
-    "item_id": "BIGINT",
-    "ts": "TIMESTAMP WITH TIME ZONE",
-    "event": "VARCHAR",
-    "value": "FLOAT",
-}
-"""``EVENTS_SCHEMA`` as DuckDB's ``DESCRIBE`` names the types."""
 
 MAX_BAD_TS_SHARE = 0.5
 """Refuse, writing nothing, when more than this share of the events fail the timestamp rules."""
@@ -446,7 +441,7 @@ def _run(
     # Quarantine first: if writing the clean files then fails, no row is lost, only listed twice.
     _write_quarantine(out / QUARANTINE_FILE, table)
     # A clean in-place check of files already in contract types leaves them (and the hash) alone.
-    if n_new or not in_place or not _in_contract_types(con, event_cols, has_users, has_items):
+    if n_new or not in_place or not _in_contract_types(out, has_users, has_items):
         _write_clean(con, out, event_cols, has_users=has_users, has_items=has_items)
     return _finish(con, out, info, table)
 
@@ -497,16 +492,19 @@ def _check_timestamps(
     )
 
 
-def _in_contract_types(
-    con: duckdb.DuckDBPyConnection, event_cols: Mapping[str, str], has_users: bool, has_items: bool
-) -> bool:
-    """Whether the raw files already have the contract's column types (an untouched file does)."""
-    if any(event_cols.get(name) != kind for name, kind in _CONTRACT_DUCK_TYPES.items()):
-        return False
-    for kind, key, present in (("users", "user_id", has_users), ("items", "item_id", has_items)):
-        if present and _columns(con, f"raw_{kind}").get(key) != "BIGINT":
-            return False
-    return True
+def _in_contract_types(directory: Path, has_users: bool, has_items: bool) -> bool:
+    """Whether the dataset's files in ``directory`` already have the contract's column types
+    (an untouched file does); what :mod:`mlsd.data.split` will check too."""
+    files = (
+        (EVENTS_FILE, EVENTS_SCHEMA, True),
+        (USERS_FILE, USERS_REQUIRED, has_users),
+        (ITEMS_FILE, ITEMS_REQUIRED, has_items),
+    )
+    return not any(
+        contract_mismatches(directory / name, required)
+        for name, required, present in files
+        if present
+    )
 
 
 def _write_clean(

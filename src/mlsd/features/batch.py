@@ -30,6 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
@@ -108,22 +109,27 @@ def feature_config_for(
 
 
 def _check_event_types(dataset_dir: Path, event_types: tuple[str, ...]) -> None:
-    """Every configured event type occurs in events.parquet (reads the ``event`` column only)."""
+    """Every configured event type occurs in events.parquet (DuckDB streams its ``event``
+    column: a large file is not loaded to list its few distinct values)."""
     path = dataset_dir / EVENTS_FILE
-    column = _read(path, ["event"], dictionary=True)["event"]
-    existing = sorted(pc.unique(column).drop_null().to_pylist())
+    if not event_types:
+        raise ValueError(
+            "[features].event_types is empty, so no event would count and every history "
+            "feature would be empty; list the event types to count, or remove event_types "
+            "to count every event"
+        )
+    _require_file(path)
+    with duckdb.connect() as con:
+        rows = con.execute(
+            "SELECT DISTINCT event FROM read_parquet(?) WHERE event IS NOT NULL", [str(path)]
+        ).fetchall()
+    existing = sorted(str(row[0]) for row in rows)
     unknown = [t for t in dict.fromkeys(event_types) if t not in existing]
     if unknown:
         raise ValueError(
             f"[features].event_types: {unknown} occur in no event of {path} (its event types: "
             f"{existing}); history features count only the listed types, so a misspelled type "
             "counts nothing. Fix the spelling, or remove event_types to count every event."
-        )
-    if not event_types:
-        raise ValueError(
-            "[features].event_types is empty, so no event would count and every history "
-            f"feature would be empty; list some of {existing} or remove event_types to count "
-            "every event."
         )
 
 
@@ -545,21 +551,18 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
-def _read(
-    path: Path, columns: list[str] | None, filters: Any = None, *, dictionary: bool = False
-) -> pa.Table:
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise ContractError(
             f"{path}: not found. Is {path.parent} a dataset directory? Create one with "
             "`mlsd data import ...` or `mlsd data synth ...`."
         )
+
+
+def _read(path: Path, columns: list[str] | None, filters: Any = None) -> pa.Table:
+    _require_file(path)
     try:
-        table: pa.Table = pq.read_table(
-            path,
-            columns=columns,
-            filters=filters,
-            read_dictionary=columns if dictionary else None,  # compact for repetitive strings
-        )
+        table: pa.Table = pq.read_table(path, columns=columns, filters=filters)
     except (pa.ArrowInvalid, KeyError) as exc:
         raise ContractError(f"{path}: cannot read columns {columns} ({exc})") from exc
     return table

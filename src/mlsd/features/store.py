@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -45,7 +44,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlsd.data.schema import TS_TYPE, ContractError
+from mlsd.data.schema import TS_TYPE, ContractError, replace_atomically
 from mlsd.features.definitions import DType, Feature, FeatureConfig, FeatureSet, feature_set
 
 __all__ = [
@@ -409,9 +408,7 @@ def apply(repo_dir: Path) -> None:
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
     """Write atomically, so a reader never sees half a source."""
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
 
 Engine = Literal["direct", "feast"]

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from mlsd.backoff import backoff_s
 from mlsd.monitoring.logs import ItemColumn, LogWriter, ServiceLog, check_log_options
 
 logger = logging.getLogger(__name__)
@@ -331,8 +332,10 @@ class ProcessServiceLog(LogWriter):
         """Restart at once after a writer that ran a while; after quick failures in a row
         wait 1, 2, 4 ... up to ``_MAX_RESTART_DELAY_S`` seconds."""
         self._quick_failures = self._quick_failures + 1 if quick else 0
-        delay = 0.0 if self._quick_failures <= 1 else 2.0 ** (self._quick_failures - 2)
-        self._restart_at = now + min(delay, _MAX_RESTART_DELAY_S)
+        delay = 0.0
+        if self._quick_failures > 1:
+            delay = backoff_s(self._quick_failures - 2, base_s=1.0, cap_s=_MAX_RESTART_DELAY_S)
+        self._restart_at = now + delay
 
     def _report(self, message: str, *args: object) -> None:
         """Log an error at most every ``_ERROR_EVERY_S``, with how many were held back."""

@@ -103,6 +103,7 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mlsd.backoff import backoff_s
 from mlsd.serving.metrics import RequestMetricsMiddleware, ServiceMetrics
 from mlsd.serving.recommender import (
     BadRequestError,
@@ -945,7 +946,7 @@ class PeriodicTask:
 
     def delay_s(self, failures: int) -> float:
         """The wait before the next call after ``failures`` failed calls in a row."""
-        return min(self.interval_s * 2.0**failures, max(MAX_BACKOFF_S, self.interval_s))
+        return backoff_s(failures, base_s=self.interval_s, cap_s=MAX_BACKOFF_S)
 
     def _run(self) -> None:
         failures = 0

@@ -241,15 +241,15 @@ class ExperimentLoader:
         try:
             for name, load in self.loaders.items():
                 arms[name] = load.prepare()
+            for arm in self.experiment.arms:
+                if arm.alias == POPULAR_ALIAS:
+                    arms[arm.name] = PopularRecommender.from_dataset(self.dataset)
         except BaseException:
-            for name in arms:
-                self.loaders[name].discard()
+            for load in self.loaders.values():
+                load.discard()
             raise
         for load in self.loaders.values():
             load.commit()
-        for arm in self.experiment.arms:
-            if arm.alias == POPULAR_ALIAS:
-                arms[arm.name] = PopularRecommender.from_dataset(self.dataset)
         return ExperimentRecommender(self.experiment, arms)
 
     def changed(self) -> bool:
