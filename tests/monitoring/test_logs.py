@@ -23,6 +23,7 @@ from mlsd.monitoring.logs import (
     SCHEMAS,
     TABLES,
     ServiceLog,
+    Throttle,
     apply_retention,
 )
 
@@ -300,3 +301,12 @@ def test_bad_arguments_are_caller_errors(tmp_path: Path) -> None:
         log.log_exposures("r", at(0), 1, "m", [1, 2], [0.5])
     with pytest.raises(ValueError, match="flush_rows >= 1"):
         ServiceLog(tmp_path, flush_rows=0)
+
+
+def test_a_throttle_lets_one_event_through_per_interval_and_counts_the_rest() -> None:
+    throttle = Throttle(0.2)
+    assert throttle.ready() == 0  # the first one passes
+    assert [throttle.ready() for _ in range(5)] == [None] * 5
+    time.sleep(0.25)
+    assert throttle.ready() == 5  # the next one says how many were held back
+    assert throttle.ready() is None

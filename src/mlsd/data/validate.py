@@ -69,15 +69,16 @@ REASONS = (
 TS_FORMATS = ("auto", "unix", "unix_ms", "unix_us", "unix_ns", "iso", "datetime")
 """Named timestamp formats; any other string is a ``strptime`` format such as ``%Y-%m-%d``."""
 
-_EPOCH_SCALE = {"unix": 1.0, "unix_ms": 1e3, "unix_us": 1e6, "unix_ns": 1e9}
-"""Units of each epoch format per second."""
-
-_EPOCH_UNIT = {
-    "unix": "seconds",
-    "unix_ms": "milliseconds",
-    "unix_us": "microseconds",
-    "unix_ns": "nanoseconds",
+_EPOCHS = {
+    "unix": (1.0, "seconds"),
+    "unix_ms": (1e3, "milliseconds"),
+    "unix_us": (1e6, "microseconds"),
+    "unix_ns": (1e9, "nanoseconds"),
 }
+"""Each epoch format: its units per second and their name, smallest unit last."""
+
+_MAX_EPOCH_S = 1e11
+"""Epoch seconds this large or larger are not read as timestamps (1e11 s is the year 5138)."""
 
 _NUMERIC_TYPES = {
     "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT",
@@ -300,16 +301,14 @@ def _int_id(col: str) -> str:
 def epoch_format(magnitude: float) -> str:
     """The epoch format whose unit makes a typical ``abs(ts)`` of ``magnitude`` plausible.
 
-    Below 1e11 is seconds (1e11 s is the year 5138), below 1e14 milliseconds, below 1e17
-    microseconds, else nanoseconds. Each boundary is also 1973-03-03 in the next unit, so any
-    data from after 1973 is read in its own unit.
+    The first unit in which ``magnitude`` is below :data:`_MAX_EPOCH_S` seconds: below 1e11
+    is seconds, below 1e14 milliseconds, below 1e17 microseconds, else nanoseconds. Each
+    boundary is also 1973-03-03 in the next unit, so any data from after 1973 is read in its
+    own unit.
     """
-    if magnitude < 1e11:
-        return "unix"
-    if magnitude < 1e14:
-        return "unix_ms"
-    if magnitude < 1e17:
-        return "unix_us"
+    for fmt, (per_second, _) in _EPOCHS.items():
+        if magnitude / per_second < _MAX_EPOCH_S:
+            return fmt
     return "unix_ns"
 
 
@@ -336,10 +335,10 @@ def _resolve_ts_format(con: duckdb.DuckDBPyConnection, ts_format: str, col_type:
 
 def _ts_expr(fmt: str) -> str:
     """SQL turning raw ``ts`` into TIMESTAMPTZ, NULL when it does not parse."""
-    if fmt in _EPOCH_SCALE:
-        seconds = f"(TRY_CAST(ts AS DOUBLE) / {_EPOCH_SCALE[fmt]!r})"
+    if fmt in _EPOCHS:
+        seconds = f"(TRY_CAST(ts AS DOUBLE) / {_EPOCHS[fmt][0]!r})"
         # to_timestamp raises on values out of range, so bound them first.
-        return f"CASE WHEN abs({seconds}) < 1e11 THEN to_timestamp({seconds}) END"
+        return f"CASE WHEN abs({seconds}) < {_MAX_EPOCH_S!r} THEN to_timestamp({seconds}) END"
     if fmt in {"iso", "datetime"}:
         return "TRY_CAST(ts AS TIMESTAMPTZ)"
     escaped = fmt.replace("'", "''")
@@ -471,7 +470,7 @@ def _check_timestamps(
     read_as = f"{fmt!r} (inferred by 'auto')" if requested == "auto" else repr(fmt)
     if magnitude is not None and epoch_format(float(magnitude)) != fmt:
         likely = epoch_format(float(magnitude))
-        hint = f"The values look like epoch {_EPOCH_UNIT[likely]}: use --ts-format {likely}."
+        hint = f"The values look like epoch {_EPOCHS[likely][1]}: use --ts-format {likely}."
     elif magnitude is not None:
         hint = (
             f"They are numbers outside the plausible range {rules.ts_min} .. "

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from mlsd.backoff import backoff_s
-from mlsd.monitoring.logs import ItemColumn, LogWriter, ServiceLog, check_log_options
+from mlsd.monitoring.logs import ItemColumn, LogWriter, ServiceLog, Throttle, check_log_options
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +130,13 @@ class ProcessServiceLog(LogWriter):
         self._flushes = 0
         self._abandoned_ticket = 0  # flushes no writer will answer: it died first
         self._local_drops = 0
-        self._last_warning = -_WARN_EVERY_S
+        self._drop_warnings = Throttle(_WARN_EVERY_S)
         self._gone = [0, 0, 0]  # rows written, rows dropped, write errors of buried writers
         self._restarts = 0
         # Only the sender thread touches these: restart backoff and error rate limit.
         self._quick_failures = 0
         self._restart_at = 0.0
-        self._last_error = -_ERROR_EVERY_S
-        self._suppressed_errors = 0
+        self._errors = Throttle(_ERROR_EVERY_S)
         self._wake = threading.Event()
         self._writer = self._start_writer(flushed=0)
         self._sender = threading.Thread(target=self._send_loop, name="mlsd-log-send", daemon=True)
@@ -199,10 +198,8 @@ class ProcessServiceLog(LogWriter):
                 self._pending.append((table, row, n, _pack(items)))
                 return
             self._local_drops += n
-            now = time.monotonic()
-            if now - self._last_warning < _WARN_EVERY_S:
+            if self._drop_warnings.ready() is None:
                 return
-            self._last_warning = now
         logger.warning(
             "service log: dropping %s rows under %s: %s (%d dropped so far)",
             table, self.log_dir, why, self.dropped_rows,
@@ -339,11 +336,9 @@ class ProcessServiceLog(LogWriter):
 
     def _report(self, message: str, *args: object) -> None:
         """Log an error at most every ``_ERROR_EVERY_S``, with how many were held back."""
-        now = time.monotonic()
-        if now - self._last_error < _ERROR_EVERY_S:
-            self._suppressed_errors += 1
+        suppressed = self._errors.ready()
+        if suppressed is None:
             return
-        suppressed, self._suppressed_errors, self._last_error = self._suppressed_errors, 0, now
         logger.error(
             message + " (%d such errors not logged in the last %.0f s)",
             *args, suppressed, _ERROR_EVERY_S,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import shutil
 import threading
@@ -126,6 +127,30 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _POSITIONS = np.arange(4096, dtype=np.int16)
 _POSITIONS.flags.writeable = False
 _WARN_EVERY_S = 10.0
+
+
+class Throttle:
+    """Lets at most one event through every ``every_s`` seconds, so a burst of drops or of
+    failures cannot flood the service's own log; counts the ones it holds back.
+
+    Not thread-safe: call it under the caller's lock (or from one thread)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last = -math.inf
+        self._held = 0
+
+    def ready(self) -> int | None:
+        """``None``: hold this event back; else let it through, with the number held back since
+        the last one that was."""
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._held += 1
+            return None
+        held, self._held, self._last = self._held, 0, now
+        return held
+
+
 _RETENTION_EVERY_S = 600.0
 
 Timestamp = float | datetime
@@ -365,7 +390,7 @@ class ServiceLog(LogWriter):
         self._written = 0
         self._errors = 0
         self._buffers = {name: _Buffer() for name in TABLES}
-        self._last_drop_warning = -_WARN_EVERY_S
+        self._drop_warnings = Throttle(_WARN_EVERY_S)
         self._lock = threading.Lock()  # guards the buffers and the counters
         self._write_lock = threading.Lock()  # one writer at a time: flush() waits for it
         self._wake = threading.Event()
@@ -404,9 +429,7 @@ class ServiceLog(LogWriter):
     def _drop(self, table: str, n: int) -> None:
         # Called under the lock; warns at most every _WARN_EVERY_S so a burst cannot flood logs.
         self._dropped += n
-        now = time.monotonic()
-        if now - self._last_drop_warning >= _WARN_EVERY_S:
-            self._last_drop_warning = now
+        if self._drop_warnings.ready() is not None:
             why = "the log is closed" if self._closed else "its buffer is full"
             logger.warning(
                 "service log: dropping %s rows under %s: %s (%d dropped so far)",

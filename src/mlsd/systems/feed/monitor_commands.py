@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mlsd.config import load_feed_config
-from mlsd.monitoring.alerts import MonitoringSection, parse_window
+from mlsd.monitoring.alerts import parse_window
 from mlsd.monitoring.monitor import MonitorResult, run_monitor
 from mlsd.monitoring.profile import ReferenceProfile
 from mlsd.systems.feed.commands import app, console
@@ -74,7 +74,7 @@ def monitor(
 ) -> None:
     """Compare a live window with the reference profile and check the alert rules."""
     try:
-        section = _section(config)
+        section = load_feed_config(config).monitoring  # as every feed command reads it
         length = parse_window(window if window is not None else section.window)
         until = _parse_end(end)
         if not log_dir.is_dir():
@@ -113,11 +113,6 @@ def monitor(
             soft_wrap=True,
         )
         raise typer.Exit(1)
-
-
-def _section(config: Path | None) -> MonitoringSection:
-    """``[monitoring]`` of the feed config, read as every feed command reads it."""
-    return load_feed_config(config).monitoring
 
 
 def _parse_end(text: str | None) -> datetime:
