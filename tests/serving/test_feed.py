@@ -16,6 +16,7 @@ from mlsd.config import load_feed_config
 from mlsd.evaluation.retrieval import load_dataset
 from mlsd.features.batch import feature_config_for
 from mlsd.features.online import OnlineFeatures
+from mlsd.models.ranking.bundle import BUNDLE_JSON
 from mlsd.models.ranking.gbdt import LightGBMRanker
 from mlsd.serving.feed import FeedModel, FeedRecommender
 from mlsd.serving.recommender import RecommendRequest
@@ -493,7 +494,7 @@ def test_a_user_without_history_is_merged_with_the_cold_quotas(
     served: tuple[Path, Path, Path], recommender: FeedRecommender
 ) -> None:
     model = FeedModel.load(served[1])
-    meta = json.loads((served[1] / "model.json").read_text())
+    meta = json.loads((served[1] / "ranking" / BUNDLE_JSON).read_text())
     assert model.quotas == meta["quotas"]
     assert model.cold_quotas == meta["cold_quotas"]  # what training tuned (or None)
     cold = dataclasses.replace(model, quotas={"covisitation": 1.0}, cold_quotas={"als": 1.0})

@@ -4,9 +4,10 @@
 directory written by training (:func:`mlsd.systems.feed.package.package_model`)::
 
     model/
-      model.json       version, source order, merge quotas, candidates per request, re-ranking
+      model.json       version, source order, candidates per request, re-ranking
       sources/<name>/  each candidate source's serving artifact (mlsd.serving.sources)
-      ranking/         the ranker, its calibrator, feature vocabulary and layout
+      ranking/         the ranker, its calibrator, feature vocabulary and layout, and the merge
+                       quotas (warm and cold) its training rows were merged with
       snapshot.npz     per-item and per-user counts as of training (ranker inputs the online
                        store does not hold), item categories for re-ranking
       reference_profile.json  the ranker's inputs and scores at training time (monitoring)
@@ -235,13 +236,13 @@ class FeedModel:
         return cls(
             version=str(meta["version"]),
             sources={name: load_source(path / "sources" / name) for name in meta["sources"]},
-            quotas=dict(meta["quotas"]),
+            quotas=dict(ranking.quotas),  # the bundle's: the ranker was trained on that merge
             n_candidates=int(meta["n_candidates"]),
             ranking=ranking,
             rerank=RerankConfig(**rerank_raw),
             snapshot=snapshot,
             reference_profile=None if profile is None else path / profile,
-            cold_quotas=None if meta.get("cold_quotas") is None else dict(meta["cold_quotas"]),
+            cold_quotas=None if ranking.cold_quotas is None else dict(ranking.cold_quotas),
         )
 
 

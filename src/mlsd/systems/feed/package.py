@@ -107,8 +107,6 @@ def package_model(
         "format_version": FORMAT_VERSION,
         "version": version or f"{info.content_hash.split(':')[-1][:8]}-{uuid.uuid4().hex[:8]}",
         "sources": list(feed.retrieval.sources),
-        "quotas": dict(bundle.quotas),
-        "cold_quotas": None if bundle.cold_quotas is None else dict(bundle.cold_quotas),
         "n_candidates": feed.ranking.n_candidates,
         "rerank": {
             **dataclasses.asdict(feed.ranking.rerank),
