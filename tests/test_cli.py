@@ -62,6 +62,20 @@ def test_validate_with_bad_rows_exits_zero_and_quarantines(tmp_path: Path) -> No
     assert read_info(directory).n_events == 3
 
 
+def test_import_csv_prints_where_the_quarantined_rows_were(tmp_path: Path) -> None:
+    events = tmp_path / "clicks.csv"
+    events.write_text(f"u,i,t\n1,2,{T0}\n\n3,4,later\n")
+
+    result = _mlsd(
+        "data", "import", "csv", "--events", str(events), "--user-col", "u", "--item-col", "i",
+        "--ts-col", "t", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "out" / QUARANTINE_FILE) in result.stdout.replace("\n", "")
+    assert "clicks.csv, line 4: bad_ts" in result.stdout
+
+
 def test_unreadable_file_is_one_line_and_nonzero(tmp_path: Path) -> None:
     directory = _dataset(tmp_path / "ds")
     (directory / EVENTS_FILE).write_bytes(b"\x00garbage")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -188,7 +189,33 @@ def test_validate_dir_moves_injected_rows_and_is_idempotent(tmp_path: Path) -> N
         50: "unknown_user",
         51: "duplicate",
     }
+    assert quarantine["line"].isna().all()  # a Parquet file has rows, not lines
+    assert report.examples == [
+        "events.parquet, row 50: unknown_user",
+        "events.parquet, row 51: duplicate",
+    ]
     assert read_info(tmp_path).n_events == 50
+
+
+def test_validate_dir_keeps_a_quarantine_written_before_the_line_column(tmp_path: Path) -> None:
+    events = pd.concat([_good_events(), _good_events().iloc[[0]]], ignore_index=True)
+    write_dataset(
+        tmp_path, events=events, users=None, items=None, info=_info(),
+        input_lines={"events": np.arange(2, 53)},
+    )  # fmt: skip
+    assert _quarantine(tmp_path)[["row", "line"]].values.tolist() == [[50, 52]]
+    old = pq.read_table(tmp_path / QUARANTINE_FILE).drop(["line"])
+    pq.write_table(old, tmp_path / QUARANTINE_FILE)
+    table = pq.read_table(tmp_path / EVENTS_FILE).to_pandas()
+    polluted = pd.concat([table, table.iloc[[3]]], ignore_index=True)
+    pq.write_table(pa.Table.from_pandas(polluted, preserve_index=False), tmp_path / EVENTS_FILE)
+
+    report = validate_dir(tmp_path)
+
+    quarantine = _quarantine(tmp_path)
+    assert quarantine["reason"].tolist() == ["duplicate", "duplicate"]
+    assert quarantine["line"].isna().all()  # the old row's line was not recorded
+    assert report.examples == ["events.parquet, row 50: duplicate"]
 
 
 def test_missing_required_column_names_file_and_columns(tmp_path: Path) -> None:

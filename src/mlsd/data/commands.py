@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlsd.data.schema import DatasetInfo
+from mlsd.data.schema import QUARANTINE_FILE, DatasetInfo
 from mlsd.data.validate import ValidationReport
 
 app = typer.Typer(
@@ -53,6 +53,12 @@ def _print_report(report: ValidationReport, title: str) -> None:
     for reason, count in report.reasons.items():
         table.add_row(f"  {reason}", f"{count:,}")
     console.print(table)
+    if report.examples:
+        console.print(
+            f"quarantined rows (with their data): {report.out / QUARANTINE_FILE}; the first:"
+        )
+        for example in report.examples:
+            console.print(f"  {example}", markup=False, highlight=False)
 
 
 def _import_movielens(

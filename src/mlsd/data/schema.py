@@ -10,7 +10,8 @@ A contract directory holds:
   ``genres`` (``|``-separated), ``created_ts``.
 - ``dataset.json``: :class:`DatasetInfo`.
 - ``quarantine.parquet`` (only when rows were rejected): the rejected rows as strings, with
-  ``file``, ``row`` (0-based position in the input) and ``reason``.
+  ``file``, ``row`` (0-based position in the input), ``line`` (the 1-based line of a text input
+  the row started on, when known) and ``reason``.
 
 Every file is written to a temporary name beside it and renamed over the old one
 (:func:`replace_atomically`), so a crash or a full disk mid-write leaves the previous file, never
@@ -63,6 +64,7 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("file", pa.string()),
         pa.field("row", pa.int64()),
         pa.field("reason", pa.string()),
+        pa.field("line", pa.int64()),
         pa.field("data", pa.string()),
     ]
 )

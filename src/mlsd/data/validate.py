@@ -5,8 +5,9 @@ contract directory with :func:`validate_dir`. Both run the same rules in DuckDB,
 events file is checked out of core rather than in a pandas frame.
 
 A row that breaks a rule goes to ``quarantine.parquet`` with the file it came from, its 0-based
-row number there, the first rule it broke (see :data:`REASONS`, in priority order) and the row
-itself as JSON: nothing the user gave is dropped silently.
+row number there, the line of a text file it started on (when the loader knew it), the first rule
+it broke (see :data:`REASONS`, in priority order) and the row itself as JSON: nothing the user
+gave is dropped silently. The report lists the first few, so the user sees where to look.
 
 Timestamps: ``"auto"`` (what ``validate_dir`` uses) reads timestamp columns as they are, text as
 ISO 8601 and numbers as epoch time in the unit their magnitude implies (:func:`epoch_format`), so
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -125,6 +128,8 @@ class ValidationReport:
     reasons: dict[str, int] = field(default_factory=dict)
     """Quarantined rows per ``file:reason``, e.g. ``{"events.parquet:duplicate": 3}``."""
     info: DatasetInfo | None = None
+    examples: list[str] = field(default_factory=list)
+    """The first few rows this run quarantined, e.g. ``"ratings.csv, line 12: bad_ts"``."""
 
 
 def write_dataset(
@@ -136,6 +141,7 @@ def write_dataset(
     info: DatasetInfo,
     ts_format: str = "unix",
     input_files: Mapping[str, str] | None = None,
+    input_lines: Mapping[str, npt.NDArray[np.int64]] | None = None,
     rules: ValidationRules | None = None,
 ) -> ValidationReport:
     """Validate raw tables and write them as a contract directory.
@@ -151,6 +157,8 @@ def write_dataset(
         ts_format: one of :data:`TS_FORMATS` or a ``strptime`` format.
         input_files: names for the quarantine's ``file`` column, keyed by ``events``,
             ``users`` and ``items`` (defaults to the contract file names).
+        input_lines: per kind, the 1-based line of the input text file each row starts on
+            (one per row), for the quarantine's ``line`` column; a kind left out gets none.
         rules: what counts as plausible.
 
     Returns:
@@ -171,6 +179,7 @@ def write_dataset(
         info=info,
         ts_format=ts_format,
         names=names,
+        lines=input_lines or {},
         has_users=users is not None,
         has_items=items is not None,
         rules=rules or ValidationRules(),
@@ -218,6 +227,7 @@ def validate_dir(directory: Path, *, rules: ValidationRules | None = None) -> Va
         info=info,
         ts_format="auto",
         names={"events": EVENTS_FILE, "users": USERS_FILE, "items": ITEMS_FILE},
+        lines={},
         has_users=(directory / USERS_FILE).is_file(),
         has_items=(directory / ITEMS_FILE).is_file(),
         rules=rules or ValidationRules(),
@@ -406,6 +416,7 @@ def _run(
     info: DatasetInfo,
     ts_format: str,
     names: Mapping[str, str],
+    lines: Mapping[str, npt.NDArray[np.int64]],
     has_users: bool,
     has_items: bool,
     rules: ValidationRules,
@@ -428,21 +439,23 @@ def _run(
             con.execute(
                 f"CREATE TEMP VIEW {kind}_ok AS SELECT * FROM {kind}_checked WHERE __reason IS NULL"
             )
-            quarantine.append(_quarantined(con, f"{kind}_checked", names[kind]))
+            quarantine.append(_quarantined(con, f"{kind}_checked", names[kind], lines.get(kind)))
     sql = _events_sql(event_cols, fmt, rules, (has_users, has_items))
     con.execute(f"CREATE TEMP TABLE events_checked AS {sql}")
     _check_timestamps(con, names["events"], ts_format, fmt, rules, in_place=in_place)
-    quarantine.append(_quarantined(con, "events_checked", names["events"]))
+    quarantine.append(_quarantined(con, "events_checked", names["events"], lines.get("events")))
 
     n_new = sum(len(frame) for frame in quarantine) - (0 if previous is None else len(previous))
     frames = [frame for frame in quarantine if not frame.empty]
+    new = quarantine[1:] if previous is not None else quarantine
+    examples = [_where(row) for frame in new for row in frame.head(5).itertuples()][:5]
     table = pd.concat(frames, ignore_index=True) if frames else _empty_quarantine()
     # Quarantine first: if writing the clean files then fails, no row is lost, only listed twice.
     _write_quarantine(out / QUARANTINE_FILE, table)
     # A clean in-place check of files already in contract types leaves them (and the hash) alone.
     if n_new or not in_place or not _in_contract_types(out, has_users, has_items):
         _write_clean(con, out, event_cols, has_users=has_users, has_items=has_items)
-    return _finish(con, out, info, table)
+    return _finish(con, out, info, table, examples)
 
 
 def _check_timestamps(
@@ -539,7 +552,12 @@ def _write_clean(
         _copy(con, select, out / (USERS_FILE if kind == "users" else ITEMS_FILE))
 
 
-def _quarantined(con: duckdb.DuckDBPyConnection, table: str, file: str) -> pd.DataFrame:
+def _quarantined(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    file: str,
+    lines: npt.NDArray[np.int64] | None,
+) -> pd.DataFrame:
     raw = [c for c in _columns(con, table) if not c.startswith("__")]
     struct = ", ".join(f"{_q(c)}: {_q(c)}" for c in raw) or "'empty': NULL"
     frame: pd.DataFrame = con.execute(
@@ -548,7 +566,16 @@ def _quarantined(con: duckdb.DuckDBPyConnection, table: str, file: str) -> pd.Da
         f"FROM {table} WHERE __reason IS NOT NULL ORDER BY {_ROW}",
         [file],
     ).df()
-    return frame
+    line = pd.array([pd.NA] * len(frame), dtype="Int64")
+    if lines is not None and len(frame):
+        line = pd.array(lines[frame["row"].to_numpy()], dtype="Int64")
+    return frame.assign(line=line)
+
+
+def _where(row: Any) -> str:
+    """One quarantined row as the report lists it: the file, the line (else the row), why."""
+    at = f"line {row.line}" if not pd.isna(row.line) else f"row {row.row}"
+    return f"{row.file}, {at}: {row.reason}"
 
 
 def _copy(con: duckdb.DuckDBPyConnection, select: str, path: Path) -> None:
@@ -569,9 +596,12 @@ def _read_quarantine(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        return pq.read_table(path).to_pandas()
+        table = pq.read_table(path).to_pandas()
     except (pa.ArrowException, OSError) as exc:
         raise ContractError(f"{path}: cannot be read as Parquet ({exc}); move it aside.") from exc
+    if "line" not in table.columns:  # written before the column existed
+        table["line"] = pd.array([pd.NA] * len(table), dtype="Int64")
+    return table
 
 
 def _write_quarantine(path: Path, table: pd.DataFrame) -> None:
@@ -583,7 +613,11 @@ def _write_quarantine(path: Path, table: pd.DataFrame) -> None:
 
 
 def _finish(
-    con: duckdb.DuckDBPyConnection, out: Path, info: DatasetInfo, quarantine: pd.DataFrame
+    con: duckdb.DuckDBPyConnection,
+    out: Path,
+    info: DatasetInfo,
+    quarantine: pd.DataFrame,
+    examples: list[str],
 ) -> ValidationReport:
     events = str(out / EVENTS_FILE)
     n_events, n_users, n_items, ts_min, ts_max = con.execute(
@@ -607,6 +641,7 @@ def _finish(
         n_quarantined=int(sum(reasons.values())),
         reasons=reasons,
         info=info,
+        examples=examples,
     )
 
 

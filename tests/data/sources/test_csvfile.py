@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from mlsd.data.schema import ContractError, read_info
-from mlsd.data.sources.csvfile import import_csv
+from mlsd.data.sources.csvfile import import_csv, read_delimited, record_lines
 from mlsd.data.sources.movielens import import_movielens
 
 CONTRACT = ["user_id", "item_id", "ts", "value"]
@@ -135,7 +135,54 @@ def test_iso_timestamps_and_a_bad_row_reported_by_position(tmp_path: Path) -> No
     assert table["event"].tolist() == ["click", "view"]
     assert table["value"].tolist() == [1.0, 0.5]
     quarantine = parquet(tmp_path / "out", "quarantine")
-    assert quarantine[["file", "row", "reason"]].values.tolist() == [["clicks.tsv", 1, "bad_ts"]]
+    assert quarantine[["file", "row", "line", "reason"]].values.tolist() == [
+        ["clicks.tsv", 1, 3, "bad_ts"]
+    ]
+    assert report.examples == ["clicks.tsv, line 3: bad_ts"]
+
+
+def test_quarantined_rows_name_their_line_across_blank_lines_and_multiline_fields(
+    tmp_path: Path,
+) -> None:
+    events = write(
+        tmp_path / "e.csv",
+        "user,item,ts,note\n"  # line 1
+        "1,2,1700000000,a\n"  # 2
+        "\n"  # 3: blank, skipped
+        "4,5,noon,b\n"  # 4: bad ts
+        "   \n"  # 5: whitespace only, skipped
+        '6,7,1700000000,"two\nlines"\n'  # 6-7: one row
+        ",8,1700000000,c\n"  # 8: no user
+        "9,10,1700000000,d",  # 9, no final newline
+    )
+    report = import_csv(events, user_col="user", item_col="item", ts_col="ts", out=tmp_path / "o")
+    quarantine = parquet(tmp_path / "o", "quarantine")
+    assert quarantine[["row", "line", "reason"]].values.tolist() == [
+        [1, 4, "bad_ts"],
+        [3, 8, "null_user_id"],
+    ]
+    assert report.examples == ["e.csv, line 4: bad_ts", "e.csv, line 8: null_user_id"]
+    assert parquet(tmp_path / "o", "events")["note"].tolist() == ["a", "two\nlines", "d"]
+
+
+@pytest.mark.parametrize(
+    ("text", "sep", "header", "expected"),
+    [
+        ("a,b\n1,2\n3,4\n", ",", True, [2, 3]),
+        ("1\t2\n3\t4", "\t", False, [1, 2]),
+        ("a,b\r\n1,2\r\n\r\n3,4\r\n", ",", True, [2, 4]),
+        ('a,b\n"x\n\ny",2\n3,4\n', ",", True, [2, 5]),  # a blank line inside quotes is data
+        ("a::b\n1::2\n\n3::4\n", "::", True, None),  # the csv module cannot split on "::"
+    ],
+)
+def test_record_lines(
+    tmp_path: Path, text: str, sep: str, header: bool, expected: list[int] | None
+) -> None:
+    path = tmp_path / "f.txt"
+    path.write_bytes(text.encode())
+    n_rows = len(read_delimited(path, sep=sep, header=header)) if sep != "::" else 2
+    lines = record_lines(path, sep=sep, header=header, n_rows=n_rows)
+    assert (None if lines is None else lines.tolist()) == expected
 
 
 def test_strptime_timestamps(tmp_path: Path) -> None:

@@ -19,6 +19,10 @@ an events file with a header but no rows are refused with a ContractError that n
 and, where pandas says, the line, and says what to do (``--sep``, re-encode to UTF-8): the CLI
 prints it as one line, so a raw pandas message would leave the user guessing which file broke.
 
+Each file's line numbers are kept (:func:`record_lines`), so a quarantined row names the line
+of the file it came from, not only its position among the rows: blank lines and quoted fields
+that span lines make the two differ.
+
 Files without a header row (``header=False``) name their columns by position: ``"0"``, ``"1"``...
 ``sep`` and ``header`` apply to every file of one import.
 
@@ -30,10 +34,13 @@ Example, MovieLens 100K's ``u.data`` (tab-separated, no header)::
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from pandas.errors import EmptyDataError, ParserError
 
@@ -94,6 +101,8 @@ class CsvTables:
     input_files: dict[str, str]
     dense_ids: dict[str, bool]
     """Per id column, whether ids were mapped to dense ids."""
+    input_lines: dict[str, npt.NDArray[np.int64]]
+    """Per file kind, the line each row starts on (:func:`record_lines`), where known."""
 
 
 def read_delimited(path: Path, *, sep: str, header: bool) -> pd.DataFrame:
@@ -120,6 +129,42 @@ def read_delimited(path: Path, *, sep: str, header: bool) -> pd.DataFrame:
         raise _encoding_error(path) from exc
     frame.columns = [str(column) for column in frame.columns]
     return frame
+
+
+def record_lines(
+    path: Path, *, sep: str, header: bool, n_rows: int
+) -> npt.NDArray[np.int64] | None:
+    """The 1-based line of ``path`` on which each of its ``n_rows`` data rows starts, as
+    :func:`read_delimited` read them; ``None`` when that cannot be told.
+
+    pandas skips blank (and whitespace-only) lines and reads a quoted field across line breaks,
+    and does not report where a row began. When the file has exactly one line per row (the
+    common case, checked by counting its newlines), row ``i`` is on line ``i + 1`` (``i + 2``
+    after a header). Otherwise the file is read again with the :mod:`csv` module, which splits
+    records by the same rules and says where each one ends; if it does not find ``n_rows``
+    rows, as pandas did, the lines are unknown rather than guessed.
+    """
+    first = 2 if header else 1
+    n_lines, last = 0, b"\n"
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            n_lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    n_lines += last != b"\n"
+    if n_lines == n_rows + first - 1:
+        return np.arange(first, first + n_rows, dtype=np.int64)
+    if len(sep) != 1:  # the csv module splits on one character only
+        return None
+    starts: list[int] = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter=sep)
+        end = 0
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if record and (len(record) > 1 or record[0].strip()):
+                starts.append(start)
+    lines = np.asarray(starts[1:] if header else starts, dtype=np.int64)
+    return lines if len(lines) == n_rows else None
 
 
 def _parser_error(path: Path, sep: str, exc: ParserError) -> ContractError:
@@ -214,6 +259,14 @@ def _entity(path: Path | None, key: str, id_column: str, spec: CsvSpec) -> pd.Da
     return _rename(raw, path, {key: id_column}, {id_column, "external_id"}, spec)
 
 
+def _lines(
+    path: Path | None, frame: pd.DataFrame | None, spec: CsvSpec
+) -> npt.NDArray[np.int64] | None:
+    if path is None or frame is None:
+        return None
+    return record_lines(path, sep=spec.sep, header=spec.header, n_rows=len(frame))
+
+
 def dense_ids(
     event_ids: pd.Series, entity: pd.DataFrame | None, id_column: str
 ) -> tuple[pd.Series, pd.DataFrame | None, bool]:
@@ -256,12 +309,15 @@ def read_csv_tables(spec: CsvSpec) -> CsvTables:
     events["user_id"], users, dense_users = dense_ids(events["user_id"], users, "user_id")
     events["item_id"], items, dense_items = dense_ids(events["item_id"], items, "item_id")
     files = {"events": spec.events, "users": spec.users, "items": spec.items}
+    frames = {"events": events, "users": users, "items": items}
+    lines = {kind: _lines(path, frames[kind], spec) for kind, path in files.items()}
     return CsvTables(
         events=events,
         users=users,
         items=items,
         input_files={kind: path.name for kind, path in files.items() if path is not None},
         dense_ids={"user_id": dense_users, "item_id": dense_items},
+        input_lines={kind: found for kind, found in lines.items() if found is not None},
     )
 
 
@@ -327,4 +383,5 @@ def import_csv(
         info=info,
         ts_format=ts_format,
         input_files=tables.input_files,
+        input_lines=tables.input_lines,
     )
