@@ -142,6 +142,7 @@ def write_dataset(
     ts_format: str = "unix",
     input_files: Mapping[str, str] | None = None,
     input_lines: Mapping[str, npt.NDArray[np.int64]] | None = None,
+    input_values: Mapping[str, pd.Series] | None = None,
     rules: ValidationRules | None = None,
 ) -> ValidationReport:
     """Validate raw tables and write them as a contract directory.
@@ -159,6 +160,8 @@ def write_dataset(
             ``users`` and ``items`` (defaults to the contract file names).
         input_lines: per kind, the 1-based line of the input text file each row starts on
             (one per row), for the quarantine's ``line`` column; a kind left out gets none.
+        input_values: events columns the loader rewrote (e.g. ids made dense), as the input
+            had them, one per row: a quarantined row's ``data`` shows what the user wrote.
         rules: what counts as plausible.
 
     Returns:
@@ -180,6 +183,7 @@ def write_dataset(
         ts_format=ts_format,
         names=names,
         lines=input_lines or {},
+        values=input_values or {},
         has_users=users is not None,
         has_items=items is not None,
         rules=rules or ValidationRules(),
@@ -228,6 +232,7 @@ def validate_dir(directory: Path, *, rules: ValidationRules | None = None) -> Va
         ts_format="auto",
         names={"events": EVENTS_FILE, "users": USERS_FILE, "items": ITEMS_FILE},
         lines={},
+        values={},
         has_users=(directory / USERS_FILE).is_file(),
         has_items=(directory / ITEMS_FILE).is_file(),
         rules=rules or ValidationRules(),
@@ -417,6 +422,7 @@ def _run(
     ts_format: str,
     names: Mapping[str, str],
     lines: Mapping[str, npt.NDArray[np.int64]],
+    values: Mapping[str, pd.Series],
     has_users: bool,
     has_items: bool,
     rules: ValidationRules,
@@ -443,7 +449,8 @@ def _run(
     sql = _events_sql(event_cols, fmt, rules, (has_users, has_items))
     con.execute(f"CREATE TEMP TABLE events_checked AS {sql}")
     _check_timestamps(con, names["events"], ts_format, fmt, rules, in_place=in_place)
-    quarantine.append(_quarantined(con, "events_checked", names["events"], lines.get("events")))
+    events = _quarantined(con, "events_checked", names["events"], lines.get("events"))
+    quarantine.append(_as_given(events, values))
 
     n_new = sum(len(frame) for frame in quarantine) - (0 if previous is None else len(previous))
     frames = [frame for frame in quarantine if not frame.empty]
@@ -570,6 +577,22 @@ def _quarantined(
     if lines is not None and len(frame):
         line = pd.array(lines[frame["row"].to_numpy()], dtype="Int64")
     return frame.assign(line=line)
+
+
+def _as_given(quarantined: pd.DataFrame, values: Mapping[str, pd.Series]) -> pd.DataFrame:
+    """The quarantined rows' ``data`` with the values the loader rewrote put back."""
+    if quarantined.empty or not values:
+        return quarantined
+    rows = quarantined["row"].to_numpy()
+    data = [json.loads(text) for text in quarantined["data"]]
+    for column, given in values.items():
+        for record, value in zip(data, given.iloc[rows], strict=True):
+            record[column] = None if pd.isna(value) else value
+    text = [
+        json.dumps(record, default=str, ensure_ascii=False, separators=(",", ":"))
+        for record in data
+    ]
+    return quarantined.assign(data=text)
 
 
 def _where(row: Any) -> str:

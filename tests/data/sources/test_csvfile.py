@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -104,6 +105,19 @@ def test_a_missing_string_id_stays_missing_and_is_quarantined(tmp_path: Path) ->
     report = import_csv(events, user_col="u", item_col="i", ts_col="t", out=tmp_path / "out")
     assert (report.n_kept, report.reasons) == (1, {"e.csv:null_user_id": 1})
     assert parquet(tmp_path / "out", "users")["external_id"].tolist() == ["ann"]
+
+
+def test_a_quarantined_row_keeps_the_ids_the_file_gave_not_the_dense_ones(
+    tmp_path: Path,
+) -> None:
+    events = write(tmp_path / "e.csv", "u,i,t\nann,x,1700000000\nbob,007,soon\n")
+    import_csv(events, user_col="u", item_col="i", ts_col="t", out=tmp_path / "out")
+    quarantine = parquet(tmp_path / "out", "quarantine")
+    assert json.loads(quarantine["data"].item()) == {
+        "user_id": "bob",
+        "item_id": "007",
+        "ts": "soon",
+    }
 
 
 def test_integer_ids_are_kept(tmp_path: Path) -> None:

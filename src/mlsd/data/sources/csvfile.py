@@ -103,6 +103,8 @@ class CsvTables:
     """Per id column, whether ids were mapped to dense ids."""
     input_lines: dict[str, npt.NDArray[np.int64]]
     """Per file kind, the line each row starts on (:func:`record_lines`), where known."""
+    input_values: dict[str, pd.Series]
+    """The events' id columns that were made dense, as the file had them."""
 
 
 def read_delimited(path: Path, *, sep: str, header: bool) -> pd.DataFrame:
@@ -306,8 +308,10 @@ def read_csv_tables(spec: CsvSpec) -> CsvTables:
         )
     users = _entity(spec.users, spec.user_key or spec.user_col, "user_id", spec)
     items = _entity(spec.items, spec.item_key or spec.item_col, "item_id", spec)
+    given = {column: events[column] for column in ("user_id", "item_id")}
     events["user_id"], users, dense_users = dense_ids(events["user_id"], users, "user_id")
     events["item_id"], items, dense_items = dense_ids(events["item_id"], items, "item_id")
+    dense = {"user_id": dense_users, "item_id": dense_items}
     files = {"events": spec.events, "users": spec.users, "items": spec.items}
     frames = {"events": events, "users": users, "items": items}
     lines = {kind: _lines(path, frames[kind], spec) for kind, path in files.items()}
@@ -316,8 +320,9 @@ def read_csv_tables(spec: CsvSpec) -> CsvTables:
         users=users,
         items=items,
         input_files={kind: path.name for kind, path in files.items() if path is not None},
-        dense_ids={"user_id": dense_users, "item_id": dense_items},
+        dense_ids=dense,
         input_lines={kind: found for kind, found in lines.items() if found is not None},
+        input_values={column: given[column] for column, mapped in dense.items() if mapped},
     )
 
 
@@ -384,4 +389,5 @@ def import_csv(
         ts_format=ts_format,
         input_files=tables.input_files,
         input_lines=tables.input_lines,
+        input_values=tables.input_values,
     )
