@@ -56,6 +56,24 @@ def test_ndcg_map_mrr_hand_computed() -> None:
     assert reciprocal_rank_score(np.array([[4, 3, 2, 7]]), [np.array([7])], k=3).tolist() == [0]
 
 
+def test_map_with_the_published_denominator_hand_computed() -> None:
+    """Microsoft Recommenders' MAP divides by #relevant; mlsd's by min(k, #relevant)."""
+    recommended = np.array([[1, 9, 2, 8], [7, 6, 5, 4], [3, 1, 9, 8]])
+    # user 0: 5 relevant, hits at ranks 1 and 3 -> sum of P@i = 1 + 2/3
+    # user 1: 2 relevant, none in the list; user 2: no relevant items
+    relevant = [np.array([1, 2, 10, 11, 12]), np.array([1, 2]), np.array([], dtype=np.int64)]
+    mlsd = average_precision_at_k_score(recommended, relevant, k=4)
+    published = average_precision_at_k_score(recommended, relevant, k=4, denominator="relevant")
+    np.testing.assert_allclose(mlsd[:2], [(1 + 2 / 3) / 4, 0.0])
+    np.testing.assert_allclose(published[:2], [(1 + 2 / 3) / 5, 0.0])
+    assert np.isnan(mlsd[2])
+    assert np.isnan(published[2])
+    # the identity the report uses: published = mlsd * min(k, n_rel) / n_rel
+    np.testing.assert_allclose(published[0], mlsd[0] * min(4, 5) / 5)
+    with pytest.raises(ValueError, match="denominator"):
+        average_precision_at_k_score(recommended, relevant, k=4, denominator="k")  # type: ignore[arg-type]
+
+
 def test_graded_ndcg_hand_computed() -> None:
     # Gains: item 1 -> 3, item 2 -> 1. The list [2, 1] has DCG 1 + 3/log2(3); ideal 3 + 1/log2(3).
     relevant = sp.csr_matrix(np.array([[0.0, 3.0, 1.0]]))

@@ -17,6 +17,8 @@ from mlsd.evaluation.offline import (
     OfflineReport,
     best_baseline,
     evaluate_pipeline,
+    gate_scores,
+    temporal_text,
     train_pipeline,
 )
 from mlsd.evaluation.pipeline import PipelineConfig
@@ -143,6 +145,22 @@ def test_best_baseline_and_json(report: OfflineReport) -> None:
     assert "full ranking" in raw["protocol"]
 
 
+def test_the_protocol_text_states_the_ranker_windows(report: OfflineReport) -> None:
+    """ranker_windows = 2: the text names both windows, their cutoffs, and the split by user."""
+    text = report.protocol
+    assert "2 label windows" in text
+    assert "one label window" not in text
+    t1, t2 = pd.Timestamp(report.cut_points["t1"]), pd.Timestamp(report.cut_points["t2"])
+    assert f"[{(t1 - (t2 - t1)).isoformat()}, {t1.isoformat()})" in text
+    assert f"[{t1.isoformat()}, {t2.isoformat()})" in text
+    assert "refit on the events before its start" in text
+    assert "held-out split is by user" in text
+    assert "in every window" in text
+    one = temporal_text(FAST, dataclasses.replace(PIPELINE_CONFIG, ranker_windows=1))
+    assert "one label window, [t1, t2)" in one
+    assert "3 label windows" in temporal_text(FAST, PipelineConfig(ranker_windows=3))
+
+
 def test_rank_lists_orders_each_users_candidates() -> None:
     pairs = pd.DataFrame({"user_id": [3, 3, 3, 7, 7], "item_id": [10, 11, 12, 10, 13]})
     scores = np.array([0.1, 0.9, 0.5, 0.3, 0.4])
@@ -156,10 +174,29 @@ def test_rank_lists_orders_each_users_candidates() -> None:
 
 def test_split_groups_keeps_users_whole() -> None:
     data = synthetic_ranking_data(n_groups=50, group_size=8, seed=1)
-    fit, valid = split_groups(data, valid_frac=0.2, seed=0)
+    users = data.groups.copy()
+    fit, valid = split_groups(data, users, valid_frac=0.2, seed=0)
     assert len(fit.features) + len(valid.features) == len(data.features)
     assert not set(fit.groups.tolist()) & set(valid.groups.tolist())
     assert len(np.unique(valid.groups)) == 10
+
+
+def test_split_groups_holds_out_users_in_every_window() -> None:
+    """A group is one user in one window; a held-out user's other windows are held out too."""
+    n_users, n_windows, per_group = 40, 3, 4
+    # group g = window * n_users + user, as to_rows keys them
+    data = synthetic_ranking_data(n_groups=n_users * n_windows, group_size=per_group, seed=2)
+    users = data.groups % n_users
+    fit, valid = split_groups(data, users, valid_frac=0.25, seed=5)
+    fit_users = set((fit.groups % n_users).tolist())
+    valid_users = set((valid.groups % n_users).tolist())
+    assert not fit_users & valid_users  # no user has rows on both sides
+    assert len(valid_users) == 10
+    assert len(valid.features) == 10 * n_windows * per_group
+    again, _ = split_groups(data, users, valid_frac=0.25, seed=5)
+    assert np.array_equal(again.groups, fit.groups)  # seeded
+    with pytest.raises(ValueError, match="user ids"):
+        split_groups(data, users[:-1], valid_frac=0.25, seed=5)
 
 
 def test_group_ndcg_matches_sklearn() -> None:
@@ -229,6 +266,30 @@ def test_train_pipeline_bundle_round_trips(world: Path, tmp_path: Path) -> None:
     assert loaded.quotas == bundle.quotas
     assert loaded.cold_quotas == bundle.cold_quotas == trained.cold_quotas
     assert not list((tmp_path / "bundle").rglob("*.pkl"))
+
+
+def test_the_gate_scores_the_held_out_users_of_the_last_window_only(world: Path) -> None:
+    """The registry's gate value (stored and head to head) is of [t1, t2), not of every window;
+    no held-out user has a row the rankers were fitted on."""
+    _, trained = train_pipeline(world, SOURCES, RANKERS, protocol=FAST, pipeline=PIPELINE_CONFIG)
+    rows, valid = trained.rows, trained.valid_data
+    assert valid is not None
+    held_out = np.isin(rows.data.groups, np.unique(valid.groups))
+    assert not set(rows.users[held_out].tolist()) & set(rows.users[~held_out].tolist())
+    assert set(rows.window.tolist()) == {0, 1}  # ranker_windows = 2
+    pairs, data = trained.gate_rows()
+    last = held_out & (rows.window == 1)
+    assert 0 < len(data.features) == last.sum() < len(valid.features)
+    assert np.array_equal(pairs["user_id"].to_numpy(), rows.users[last])
+    assert set(pairs["user_id"].tolist()) <= set(trained.validation.user_ids.tolist())
+    gate = gate_scores(trained)
+    ranker = trained.rankers[trained.chosen]
+    expected = group_ndcg(data.label, ranker.predict(data.features), data.groups, k=10)
+    assert gate.name == trained.chosen
+    assert gate.valid_ndcg == pytest.approx(expected)
+    everything = group_ndcg(valid.label, ranker.predict(valid.features), valid.groups, k=10)
+    chosen = next(s for s in trained.scores if s.name == trained.chosen)
+    assert chosen.valid_ndcg == pytest.approx(everything)  # the scores table: every window
 
 
 def test_cold_users_candidates_are_merged_with_the_cold_quotas(world: Path) -> None:

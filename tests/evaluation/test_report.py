@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,16 @@ from markupsafe import escape
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.evaluation.offline import OfflineReport, evaluate_pipeline
 from mlsd.evaluation.pipeline import PipelineConfig
-from mlsd.evaluation.report import render_html, write_report
+from mlsd.evaluation.report import (
+    PUBLISHED_TEST_FRAC,
+    published_numbers,
+    render_html,
+    write_report,
+)
 from mlsd.evaluation.retrieval import ProtocolConfig
 from mlsd.models.ranking.logistic import LogisticRanker
 from mlsd.models.retrieval.popularity import PopularityRetriever
+from mlsd.systems.feed.ranking import evaluation_protocol
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +54,84 @@ def test_report_has_every_section(report: OfflineReport, tmp_path: Path) -> None
     assert 'id="published"' not in html  # only beside the random protocol on ML-100K
 
 
-def test_published_numbers_sit_beside_the_random_protocol(report: OfflineReport) -> None:
-    random = dataclasses.replace(report, dataset="movielens-100k", protocol_name="random-per-user")
-    html = render_html(random)
+@pytest.fixture(scope="module")
+def random_report(tmp_path_factory: pytest.TempPathFactory) -> OfflineReport:
+    world = tmp_path_factory.mktemp("world-random")
+    synthesize(
+        WorldConfig(n_users=120, n_items=200, n_events=15_000, days=20, seed=3),
+        world,
+        progress=False,
+    )
+    measured = evaluate_pipeline(
+        world,
+        {"popularity": PopularityRetriever},
+        {"logistic": LogisticRanker},
+        protocol=ProtocolConfig(n_bootstrap=20, test_frac=PUBLISHED_TEST_FRAC),
+        pipeline=PipelineConfig(n_candidates=100, ranker="logistic", baselines=("popularity",)),
+        protocol_name="random-per-user",
+    )
+    return dataclasses.replace(measured, dataset="movielens-100k")  # a dataset with a table
+
+
+def test_published_numbers_sit_beside_the_random_protocol(
+    random_report: OfflineReport, tmp_path: Path
+) -> None:
+    assert random_report.test_frac == 0.25
+    metrics, html_path = write_report(random_report, tmp_path)
+    html = html_path.read_text()
     assert 'id="published"' in html
     assert "BiVAE (published)" in html
     assert "0.4751" in html
+    assert "÷ #relevant" in html
+    # mlsd's methods beside them, with the published MAP definition, the same as metrics.json's
+    raw = json.loads(metrics.read_text())
+    for method in raw["methods"]:
+        values = method["metrics"]["all"]
+        published_map = values["map_relevant@10"]["mean"]
+        assert published_map <= values["map@10"]["mean"] + 1e-12
+        row = html.split(f"<td>{method['name']} (this run)</td>")[1].split("</tr>")[0]
+        assert f"<td>{published_map:.4f}</td>" in row
+
+
+def test_the_published_map_is_below_mlsds_for_users_with_many_relevant_items(
+    random_report: OfflineReport,
+) -> None:
+    """map_relevant@10 divides by #relevant, map@10 by min(10, #relevant): smaller here."""
+    pipeline = random_report.method("mlsd").metrics["all"]
+    mlsd_map, published = pipeline["map@10"], pipeline["map_relevant@10"]
+    assert mlsd_map is not None
+    assert published is not None
+    assert 0.0 < published.mean < mlsd_map.mean  # some users have more than 10 relevant items
+
+
+def test_the_published_table_needs_the_published_test_share(report: OfflineReport) -> None:
+    """An 80/20 random run is not set beside the 75/25 published table; a sentence says why."""
+    for frac in (0.2, None):
+        other = dataclasses.replace(
+            report, dataset="movielens-100k", protocol_name="random-per-user", test_frac=frac
+        )
+        html = render_html(other)
+        assert 'id="published"' not in html
+        assert "BiVAE (published)" not in html
+        assert 'id="published-note"' in html
+        assert "not shown" in html
+    assert "test share of 0.25 and this run&#39;s is 0.2" in render_html(
+        dataclasses.replace(
+            report, dataset="movielens-100k", protocol_name="random-per-user", test_frac=0.2
+        )
+    )
+    shown, note = published_numbers(
+        dataclasses.replace(
+            report, dataset="movielens-100k", protocol_name="random-per-user", test_frac=0.25
+        )
+    )
+    assert shown is not None
+    assert note is None
+
+
+def test_random_per_user_defaults_to_the_published_test_share() -> None:
+    configured = ProtocolConfig(test_frac=0.2)
+    assert evaluation_protocol(configured, "random-per-user", None).test_frac == 0.25
+    assert evaluation_protocol(configured, "random-per-user", 0.3).test_frac == 0.3
+    assert evaluation_protocol(configured, "temporal", None).test_frac == 0.2
+    assert evaluation_protocol(configured, "temporal", 0.1).test_frac == 0.1

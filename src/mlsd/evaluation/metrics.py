@@ -14,7 +14,7 @@ metric from this one module.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -282,16 +282,24 @@ def ndcg_at_k_score(
 
 
 def average_precision_at_k_score(
-    recommended: npt.ArrayLike, relevant: RelevantItems, *, k: int
+    recommended: npt.ArrayLike,
+    relevant: RelevantItems,
+    *,
+    k: int,
+    denominator: Literal["min_k", "relevant"] = "min_k",
 ) -> npt.NDArray[np.float64]:
-    """Per-user AP@k: mean of precision@i at each relevant rank i <= k, over min(k, n_relevant).
+    """Per-user AP@k: the sum of precision@i at each relevant rank i <= k, over a denominator.
 
-    ``AP@k = sum_{i<=k} P@i * rel_i / min(k, n_relevant)``; the mean over users is MAP@k.
+    ``AP@k = sum_{i<=k} P@i * rel_i / min(k, n_relevant)`` (``denominator="min_k"``, mlsd's
+    MAP@k); ``denominator="relevant"`` divides by ``n_relevant`` instead, the definition of
+    Microsoft Recommenders' ``map`` (its published tables), which is smaller whenever a user
+    has more than ``k`` relevant items. The mean over users is MAP@k.
 
     Args:
         recommended: (n_users, K) item ids, best first, padded with -1.
         relevant: each user's relevant items (:data:`RelevantItems`).
         k: cutoff rank.
+        denominator: ``"min_k"`` (``min(k, n_relevant)``) or ``"relevant"`` (``n_relevant``).
 
     Returns:
         (n_users,) scores in [0, 1], NaN for a user without relevant items.
@@ -299,12 +307,19 @@ def average_precision_at_k_score(
     Example:
         >>> average_precision_at_k_score([[1, 5, 2]], [[1, 2]], k=3).tolist()  # (1 + 2/3) / 2
         [0.8333333333333333]
+        >>> ap = average_precision_at_k_score([[1, 5]], [[1, 2, 7]], k=2, denominator="relevant")
+        >>> ap.tolist()  # 1 / 3: one hit at rank 1, three relevant items
+        [0.3333333333333333]
     """
     gains, rel = _gains_at(recommended, relevant, k)
     hits = (gains > 0).astype(np.float64)
     precision_at_i = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
     numerator = (precision_at_i * hits).sum(axis=1)
-    return _per_relevant(numerator, np.minimum(rel.counts, hits.shape[1]))
+    if denominator == "min_k":
+        return _per_relevant(numerator, np.minimum(rel.counts, hits.shape[1]))
+    if denominator == "relevant":
+        return _per_relevant(numerator, rel.counts)
+    raise ValueError(f"denominator={denominator!r}: use 'min_k' or 'relevant'")
 
 
 def reciprocal_rank_score(

@@ -2,10 +2,12 @@
 
 **Temporal** (the default, DESIGN.md): cut points ``t1 < t2``.
 
-1. Sources fit on ``ts < t1`` list candidates for the users active in ``[t1, t2)``; the merge
-   quotas are tuned there (validation recall), the candidates get features as of ``t1`` and
-   labels from ``[t1, t2)``; each ranker learns from 1 - ``ranker_valid_frac`` of those users
-   and is scored (AUC) and calibrated on the rest.
+1. The ranker label windows: ``[t1, t2)`` and ``ranker_windows - 1`` earlier windows of the
+   same span. Before each, sources fit on the events before its start list candidates for the
+   users active in it, with features as of its start and labels from the window; the merge
+   quotas are tuned on ``[t1, t2)`` (validation recall). ``ranker_valid_frac`` of the users
+   are held out with all their rows in every window (:func:`split_groups`); each ranker
+   learns from the others and is scored (NDCG@10, AUC) and calibrated on the held-out ones.
 2. Sources refit on ``ts < t2`` list candidates for the test users (active at or after
    ``t2``), with features as of ``t2``; the rankers order them, the re-ranker shapes the list.
    Baselines rank the **whole catalog** (full ranking, already-seen items excluded); the
@@ -82,6 +84,10 @@ Protocol = Literal["temporal", "random-per-user"]
 DerivedRanker = Callable[[Mapping[str, Ranker], RankingData, RankingData], Ranker]
 """(fitted rankers, fit rows, held-out rows) → a new ranker, e.g. a distilled student."""
 
+RANDOM_TEST_FRAC = 0.25
+"""The random-per-user protocol's test share on the command line (``mlsd feed evaluate``) when
+none is given: the 75/25 split of the published tables it exists to compare with."""
+
 PIPELINE = "mlsd"
 """The full pipeline's name in every table: retrieval + ranking + re-ranking."""
 
@@ -117,6 +123,8 @@ class OfflineReport:
     timings: dict[str, float]
     feature_importance: dict[str, float]
     cold_quotas: dict[str, Quota] | None = None
+    test_frac: float | None = None
+    """The protocol's test share (``ProtocolConfig.test_frac``)."""
 
     def method(self, name: str) -> MethodScores:
         for result in self.methods:
@@ -158,8 +166,9 @@ class TrainedRankers:
         calibrator: maps the chosen ranker's scores to click probabilities.
         rows: the ranker rows (all windows).
         validation: the last window's targets.
-        valid_data: the held-out users' ranker rows the rankers were scored and the
-            calibrator fitted on (what a reference profile of the ranker's inputs describes).
+        valid_data: the held-out users' ranker rows (all windows) the rankers were scored and
+            the calibrator fitted on (what a reference profile of the ranker's inputs
+            describes).
     """
 
     quotas: dict[str, Quota]
@@ -173,6 +182,38 @@ class TrainedRankers:
     validation: EvalTask
     valid_data: RankingData | None = None
     cold_quotas: dict[str, Quota] | None = None
+
+    def gate_rows(self) -> tuple[pd.DataFrame, RankingData]:
+        """The held-out users' rows of the LAST label window (``[t1, t2)``): their raw pairs
+        and ranker rows, in the same order. What the registry's gate metric is computed on
+        (:func:`gate_scores`, the champion head-to-head), so that it describes the newest
+        window rather than mostly older ones.
+
+        Raises:
+            ValueError: there are no held-out rows, or the rows do not say their window.
+        """
+        valid = self.valid_data
+        if valid is None or len(valid.features) == 0:
+            raise ValueError("no held-out rows")
+        window = self.rows.window
+        if len(window) != len(self.rows.data.groups):
+            raise ValueError("the ranker rows do not say which label window they are from")
+        held_out = np.isin(self.rows.data.groups, np.unique(valid.groups))
+        index = np.flatnonzero(held_out & (window == window.max()))
+        pairs = self.rows.pairs.iloc[index].reset_index(drop=True)
+        return pairs, self.rows.data.take(index)
+
+
+def gate_scores(trained: TrainedRankers) -> RankerScores:
+    """The chosen ranker on the held-out users of the last label window
+    (:meth:`TrainedRankers.gate_rows`): the scores the model registry records and gates on.
+    NaN scores when no held-out user has a row in that window."""
+    _, data = trained.gate_rows()
+    chosen = next(s for s in trained.scores if s.name == trained.chosen)
+    if len(data.features) == 0:
+        nan = math.nan
+        return RankerScores(trained.chosen, nan, nan, nan, nan, chosen.fit_seconds, nan)
+    return _ranker_scores(trained.chosen, trained.rankers[trained.chosen], data, chosen.fit_seconds)
 
 
 @dataclass(frozen=True)
@@ -328,8 +369,11 @@ class _Run:
         return dataclasses.replace(
             report,
             protocol_name="temporal",
-            protocol=temporal_text(self.protocol, self.pipeline),
+            protocol=temporal_text(
+                self.protocol, self.pipeline, [w.as_of for w in windows], spec.t2
+            ),
             cut_points={"t1": spec.t1.isoformat(), "t2": spec.t2.isoformat()},
+            test_frac=self.protocol.test_frac,
         )
 
     def random_per_user(
@@ -349,12 +393,14 @@ class _Run:
                 [_LabelWindow(val, inner_holdout, val_asof, inner_dir)],
                 _LabelWindow(test, test_events, test_asof, train_dir),
                 items,
+                relevant_map=True,
             )
         return dataclasses.replace(
             report,
             protocol_name="random-per-user",
             protocol=random_text(self.protocol, self.pipeline),
             cut_points={"train_end": test_asof.isoformat()},
+            test_frac=frac,
         )
 
     # -- the shared body -------------------------------------------------------------------
@@ -438,7 +484,10 @@ class _Run:
                 frames.append(self._frame(window, retrieved.pop(i), quotas, cold_quotas, items))
         rows, vocabulary, layout = to_rows(frames, self.feature_config)
         fit_data, valid_data = split_groups(
-            rows.data, valid_frac=self.pipeline.ranker_valid_frac, seed=self.protocol.seed
+            rows.data,
+            rows.users,
+            valid_frac=self.pipeline.ranker_valid_frac,
+            seed=self.protocol.seed,
         )
         keep = self.pipeline.negative_keep_rate
         if keep < 1.0:  # the rankers see fewer negatives; held-out rows keep them all
@@ -472,7 +521,12 @@ class _Run:
         )  # fmt: skip
 
     def _evaluate(
-        self, windows: list[_LabelWindow], target: _LabelWindow, items: pd.DataFrame
+        self,
+        windows: list[_LabelWindow],
+        target: _LabelWindow,
+        items: pd.DataFrame,
+        *,
+        relevant_map: bool = False,
     ) -> OfflineReport:
         k_list = self.pipeline.n_candidates
         with _bar(self.progress) as bar:
@@ -489,7 +543,9 @@ class _Run:
                 test_frame = self._frame(target, test_retrieved, quotas, trained.cold_quotas, items)
                 test_rows, _, _ = to_rows([test_frame], self.feature_config, vocabulary)
             bar.update(job, description="test: scoring")
-            scorer = ListScorer(test, self.protocol, self.pipeline.ks, test_rows)
+            scorer = ListScorer(
+                test, self.protocol, self.pipeline.ks, test_rows, relevant_map=relevant_map
+            )
             methods = [
                 scorer.score(name, "baseline", test_retrieved.lists.items[name])
                 for name in self.pipeline.baselines
@@ -633,15 +689,40 @@ def _counts(val: EvalTask, test: EvalTask, rows: Rows, test_rows: Rows) -> dict[
 # -- texts -------------------------------------------------------------------------------------
 
 
-def temporal_text(protocol: ProtocolConfig, pipeline: PipelineConfig) -> str:
+def temporal_text(
+    protocol: ProtocolConfig,
+    pipeline: PipelineConfig,
+    windows: Sequence[pd.Timestamp] | None = None,
+    t2: pd.Timestamp | None = None,
+) -> str:
+    """The temporal protocol in words. ``windows`` are the ranker label windows' starts (the
+    cutoffs; the last is t1) and ``t2`` the test cutoff, to name them; without them the text
+    assumes ``pipeline.ranker_windows`` windows and names no dates."""
     liked = "" if protocol.min_value is None else f" with value >= {protocol.min_value}"
+    n = len(windows) if windows else pipeline.ranker_windows
+    if n == 1:
+        learn = "one label window, [t1, t2)"
+    else:
+        learn = (
+            f"{n} label windows of the same span (t2 - t1): [t1, t2) and the {n - 1} before "
+            f"it, back to t1 - {n - 1}(t2 - t1)"
+        )
+    if windows and t2 is not None:
+        span = t2 - windows[-1]
+        days = span / pd.Timedelta(days=1)
+        named = "; ".join(f"[{w.isoformat()}, {(w + span).isoformat()})" for w in windows)
+        learn += f" ({days:.1f} days each: {named})"
     return (
         f"Global temporal split by {protocol.split_by} (validation {protocol.val_frac:.0%}, test "
-        f"{protocol.test_frac:.0%}, cut points t1 < t2). Candidate sources fit on ts < t1 list "
-        f"{pipeline.n_candidates} merged candidates for the users active in [t1, t2); merge "
-        "quotas are tuned there; candidate features are computed as of t1 from events before "
-        "t1 only; labels are the users' interactions in [t1, t2). Rankers learn from "
-        f"{1 - pipeline.ranker_valid_frac:.0%} of those users; AUC and calibration on the rest. "
+        f"{protocol.test_frac:.0%}, cut points t1 < t2). The rankers learn from {learn}. Before "
+        "each window the candidate sources are refit on the events before its start and list "
+        f"{pipeline.n_candidates} merged candidates for the users active in it; candidate "
+        "features are computed as of the window's start from events before it only; labels are "
+        "the users' interactions in the window. Merge quotas are tuned on [t1, t2). The "
+        f"held-out split is by user: {pipeline.ranker_valid_frac:.0%} of the users (drawn with "
+        f"seed {protocol.seed}) are held out with all their rows in every window, and the "
+        f"rankers fit on the other {1 - pipeline.ranker_valid_frac:.0%}; ranker scores (NDCG@10, "
+        "AUC) and the calibrator are of the held-out users. "
         "Final numbers: sources refit on ts < t2, features as of t2, scored on the test window "
         "ts >= t2. Baselines rank every catalog item the user had not interacted with before "
         "t2 (full ranking, no sampled negatives); the pipeline ranks its candidates (an item "
@@ -660,8 +741,9 @@ def random_text(protocol: ProtocolConfig, pipeline: PipelineConfig) -> str:
         "are the test set, stratified per user (Microsoft Recommenders' python_stratified_split "
         "setup). The ranker learns from an inner random split of the training data. Full "
         "ranking of every item the user has not interacted with in training; all test items "
-        "relevant (binary gains). MAP@k divides by min(k, #relevant). Means over users with "
-        f"{protocol.confidence:.0%} bootstrap intervals."
+        "relevant (binary gains). MAP@k divides by min(k, #relevant); map_relevant@k divides by "
+        "#relevant, the published tables' definition (Microsoft Recommenders), and is the MAP "
+        f"set beside them. Means over users with {protocol.confidence:.0%} bootstrap intervals."
     )
 
 

@@ -22,14 +22,19 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.figure import Figure
 
 from mlsd.evaluation.offline import OfflineReport
+from mlsd.evaluation.scoring import RELEVANT_MAP
 
 METRICS = ("ndcg", "recall", "precision", "map")
 
 TEMPLATE = "report.html.j2"
 
+PUBLISHED_TEST_FRAC = 0.25
+"""The published tables' test share (a 75/25 split): the only one they are shown beside."""
+
 PUBLISHED = {
     "movielens-100k": {
         "source": "Microsoft Recommenders' ML-100K table (python_stratified_split 75/25, k = 10)",
+        "test_frac": PUBLISHED_TEST_FRAC,
         "rows": {
             "BiVAE": {"map@10": 0.1461, "ndcg@10": 0.4751, "precision@10": 0.4118,
                       "recall@10": 0.2191},
@@ -37,7 +42,8 @@ PUBLISHED = {
         },
     }
 }  # fmt: skip
-"""Published numbers shown beside the random-per-user protocol, by dataset name."""
+"""Published numbers shown beside the random-per-user protocol, by dataset name, when the run's
+test share is theirs. Their MAP divides by #relevant (mlsd's ``map_relevant@k``)."""
 
 
 def format_number(value: Any, digits: int = 3) -> str:
@@ -120,9 +126,37 @@ def render_html(report: OfflineReport) -> str:
         "deciles": _plot_deciles(report),
         "calibration": _plot_calibration(report),
     }
-    published = PUBLISHED.get(report.dataset) if report.protocol_name == "random-per-user" else None
+    published, note = published_numbers(report)
     return template.render(
-        r=report, plots=plots, metrics=METRICS, cell=_cell, fmt=format_number, published=published
+        r=report,
+        plots=plots,
+        metrics=METRICS,
+        cell=_cell,
+        fmt=format_number,
+        published=published,
+        published_note=note,
+        relevant_map=RELEVANT_MAP,
+    )
+
+
+def published_numbers(report: OfflineReport) -> tuple[dict[str, Any] | None, str | None]:
+    """The published table to show beside ``report`` (random-per-user protocol on a dataset
+    with one, at its test share), or ``None`` and, when a table exists but is not shown,
+    the sentence saying why."""
+    if report.protocol_name != "random-per-user":
+        return None, None
+    published: dict[str, Any] | None = PUBLISHED.get(report.dataset)
+    if published is None:
+        return None, None
+    frac = report.test_frac
+    if frac is not None and math.isclose(frac, published["test_frac"]):
+        return published, None
+    share = "unknown" if frac is None else f"{frac:g}"
+    return None, (
+        f"{published['source']} is not shown: it was measured with a test share of "
+        f"{published['test_frac']:g} and this run's is {share}, so the numbers are not "
+        f"comparable; rerun with --test-frac {published['test_frac']:g} (the random-per-user "
+        "default) to see them."
     )
 
 

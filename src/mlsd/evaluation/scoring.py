@@ -54,13 +54,27 @@ class MethodScores:
     deciles: dict[str, float]
 
 
+RELEVANT_MAP = "map_relevant"
+"""MAP@k with each user's AP divided by #relevant rather than min(k, #relevant) (``map@k``):
+Microsoft Recommenders' definition, measured only for the random-per-user protocol."""
+
+
 class ListScorer:
     """Scores ``(n_users, K)`` lists of the test users: metrics, segments, deciles, beyond."""
 
     def __init__(
-        self, task: EvalTask, protocol: ProtocolConfig, ks: Sequence[int], rows: Rows
+        self,
+        task: EvalTask,
+        protocol: ProtocolConfig,
+        ks: Sequence[int],
+        rows: Rows,
+        *,
+        relevant_map: bool = False,
     ) -> None:
+        """``relevant_map`` adds ``map_relevant@k``: MAP@k dividing by #relevant, the definition
+        of published tables (Microsoft Recommenders), beside mlsd's ``map@k``."""
         self.task = task
+        self.relevant_map = relevant_map
         self.protocol = protocol
         self.ks = tuple(ks)
         train = task.train
@@ -102,6 +116,10 @@ class ListScorer:
             out[f"recall@{k}"] = recall_at_k_score(top, relevant, k=k)
             out[f"precision@{k}"] = precision_at_k_score(top, relevant, k=k)
             out[f"map@{k}"] = average_precision_at_k_score(top, relevant, k=k)
+            if self.relevant_map:
+                out[f"{RELEVANT_MAP}@{k}"] = average_precision_at_k_score(
+                    top, relevant, k=k, denominator="relevant"
+                )
             out[f"hit_rate@{k}"] = hit_rate_at_k_score(top, relevant, k=k)
         return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +90,21 @@ def merge(
 
 @dataclass(frozen=True)
 class Rows:
-    """The ranker rows of one or more windows: raw pair features and the ranker's view."""
+    """The ranker rows of one or more windows: raw pair features and the ranker's view.
+
+    ``window`` is each row's window index (0 = the first, oldest, window given to
+    :func:`to_rows`); empty when not known.
+    """
 
     pairs: pd.DataFrame
     data: RankingData
+    window: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def users(self) -> IntArray:
+        """Each row's user id."""
+        users: IntArray = self.pairs["user_id"].to_numpy(np.int64)
+        return users
 
 
 LABEL_PREFIX = "label:"
@@ -154,18 +165,27 @@ def to_rows(
     users = frame["user_id"].to_numpy(np.int64)
     key = window * (int(users.max(initial=0)) + 1) + users
     data = ranking_data(features, schema, labels, key)
-    return Rows(frame, data), vocabulary, layout
+    return Rows(frame, data, window.astype(np.int64)), vocabulary, layout
 
 
 def split_groups(
-    data: RankingData, *, valid_frac: float, seed: int
+    data: RankingData, users: IntArray, *, valid_frac: float, seed: int
 ) -> tuple[RankingData, RankingData]:
-    """Whole groups (users) into a fit part and a validation part."""
-    groups = np.unique(data.groups)
+    """Whole users into a fit part and a validation part.
+
+    ``users`` is each row's user id. ``valid_frac`` of the distinct users (at least one when
+    there are two or more), drawn with ``seed``, are held out with every row they have, in
+    every window: a held-out user has no row in the fit part. A group (one user in one
+    window) is therefore never split either.
+    """
+    users = np.asarray(users, dtype=np.int64)
+    if len(users) != len(data.groups):
+        raise ValueError(f"split_groups: {len(users)} user ids for {len(data.groups)} rows")
+    distinct = np.unique(users)
     rng = np.random.default_rng(seed)
-    n_valid = max(1, round(valid_frac * len(groups))) if len(groups) > 1 else 0
-    valid = rng.choice(groups, size=n_valid, replace=False)
-    in_valid = np.isin(data.groups, valid)
+    n_valid = max(1, round(valid_frac * len(distinct))) if len(distinct) > 1 else 0
+    valid = rng.choice(distinct, size=n_valid, replace=False)
+    in_valid = np.isin(users, valid)
     return data.take(np.flatnonzero(~in_valid)), data.take(np.flatnonzero(in_valid))
 
 

@@ -21,6 +21,7 @@ from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_regis
 
 if TYPE_CHECKING:
     from mlsd.evaluation.offline import OfflineReport, TrainedRankers
+    from mlsd.evaluation.retrieval import ProtocolConfig
     from mlsd.serving.registry import ModelRegistry
 
 ProtocolName = Literal["temporal", "random-per-user"]
@@ -81,9 +82,13 @@ def register_model(path: Path, trained: TrainedRankers, registry: ModelRegistry)
     """Log a packaged model directory with its chosen ranker's held-out scores; return the version.
 
     The gate metric (``ndcg@10``) is the chosen ranker's NDCG@10 on the held-out users of the
-    last label window, which is what :meth:`ModelRegistry.promote` compares with the champion's.
+    last label window only (:meth:`~mlsd.evaluation.offline.TrainedRankers.gate_rows`; the
+    scores table covers the held-out users of every window), which is what
+    :meth:`ModelRegistry.promote` compares with the champion's; ``auc`` is of the same rows.
     """
-    chosen = next(s for s in trained.scores if s.name == trained.chosen)
+    from mlsd.evaluation.offline import gate_scores
+
+    chosen = gate_scores(trained)
     meta = json.loads((path / "model.json").read_text())
     return registry.register(
         path,
@@ -115,7 +120,12 @@ def evaluate(
         ),
     ] = "temporal",
     test_frac: Annotated[
-        float | None, typer.Option("--test-frac", help="Override the test share.")
+        float | None,
+        typer.Option(
+            "--test-frac",
+            help="Override the test share (default: [retrieval].test_frac for temporal, 0.25 "
+            "for random-per-user, the published tables' 75/25 split).",
+        ),
     ] = None,
 ) -> None:
     """Step 5: the whole pipeline next to its baselines under one protocol; writes
@@ -127,9 +137,7 @@ def evaluate(
     if protocol not in ("temporal", "random-per-user"):
         raise ValueError(f"--protocol {protocol!r}: use temporal or random-per-user")
     feed = load_feed_config(config)
-    settings = feed.retrieval.protocol
-    if test_frac is not None:
-        settings = dataclasses.replace(settings, test_frac=test_frac)
+    settings = evaluation_protocol(feed.retrieval.protocol, protocol, test_frac)
     report = evaluate_pipeline(
         dataset,
         feed.retrieval.factories(),
@@ -143,6 +151,21 @@ def evaluate(
     console.print(summary_table(report))
     metrics_path, html_path = write_report(report, out)
     console.print(f"metrics: {metrics_path}\nreport:  {html_path}")
+
+
+def evaluation_protocol(
+    settings: ProtocolConfig, protocol: str, test_frac: float | None
+) -> ProtocolConfig:
+    """``settings`` with the test share ``evaluate`` uses: ``test_frac`` when given, else the
+    configured one for the temporal protocol and :data:`RANDOM_TEST_FRAC` (0.25, the published
+    tables' 75/25 split) for random-per-user, whose only use is that comparison."""
+    from mlsd.evaluation.offline import RANDOM_TEST_FRAC
+
+    if test_frac is None and protocol == "random-per-user":
+        test_frac = RANDOM_TEST_FRAC
+    if test_frac is None:
+        return settings
+    return dataclasses.replace(settings, test_frac=test_frac)
 
 
 def summary_table(report: OfflineReport) -> Table:

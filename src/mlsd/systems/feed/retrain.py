@@ -49,7 +49,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import pandas as pd
 import typer
 from rich.markup import escape
@@ -214,8 +213,8 @@ def head_to_head(
     valid = trained.valid_data
     if valid is None or len(valid.features) == 0:
         raise ValueError("the new model has no held-out rows to compare the champion on")
-    held_out = np.isin(trained.rows.data.groups, np.unique(valid.groups))
-    pairs = trained.rows.pairs.iloc[np.flatnonzero(held_out)].reset_index(drop=True)
+    # the last label window's held-out users only, as the registered value (register_model)
+    pairs, valid = trained.gate_rows()
     with tempfile.TemporaryDirectory(prefix="mlsd-champion-") as tmp:
         model_dir = registry.download(champion, Path(tmp) / "champion")
         incumbent = RankingBundle.load(model_dir / "ranking")
