@@ -125,6 +125,26 @@ def test_a_gap_over_session_gap_starts_a_new_session(hand_dir: Path) -> None:
     assert _users_at(hand_dir, [1], T0, config).loc[1, "session_events"] == 1
 
 
+def test_the_session_gap_is_measured_in_whole_seconds(tmp_path: Path) -> None:
+    """1800.5 s apart, but 1800 whole seconds: one session, as a push (which only knows the
+    stored whole-second last_event_ts) counts it (test_online: the 1800.5 s push)."""
+    first = T0 - HOUR + pd.Timedelta(milliseconds=100)
+    events: list[Event] = [
+        (1, 1, first, 1.0, "view"),
+        (1, 2, first + pd.Timedelta(seconds=1800.5), 1.0, "view"),
+        (1, 3, first + pd.Timedelta(seconds=1800.5 + 1801), 1.0, "view"),  # 1801 s: a new one
+    ]
+    directory = _write(tmp_path / "gap", events)
+    config = FeatureConfig(session_gap_s=1800, categories=CONFIG.categories)
+    assert (
+        _users_at(directory, [1], first + pd.Timedelta(seconds=1801), config).loc[
+            1, "session_events"
+        ]
+        == 2
+    )
+    assert _users_at(directory, [1], T0 + HOUR, config).loc[1, "session_events"] == 1
+
+
 def test_an_event_exactly_at_ts_is_excluded_and_one_just_before_included(hand_dir: Path) -> None:
     before = _users_at(hand_dir, [1], T0 - 10 * MIN, CONFIG).loc[1]  # the event at T0-10m: out
     assert before["last_event_ts"] == _s(T0 - 30 * MIN)
@@ -274,7 +294,7 @@ def _reference(
     session = 0
     for k in range(len(times) - 1, -1, -1):
         session += 1
-        if k == 0 or (times[k] - times[k - 1]).total_seconds() > config.session_gap_s:
+        if k == 0 or _s(times[k]) - _s(times[k - 1]) > config.session_gap_s:  # whole seconds
             break
     out["session_events"] = session
     out["last_event_ts"] = _s(times[-1]) if times else 0

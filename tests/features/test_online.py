@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -10,11 +12,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mlsd.data.schema import EVENTS_FILE, ContractError
+from mlsd.data.schema import EVENTS_FILE, ITEMS_FILE, USERS_FILE, ContractError
 from mlsd.features import batch, derive
 from mlsd.features.definitions import NEVER, UNKNOWN, FeatureConfig, feature_set
 from mlsd.features.online import FeatureBatch, OnlineFeatures
 from mlsd.features.store import FeatureStoreConfig, apply, generate_repo, materialize, open_store
+from mlsd.models.ranking.candidates import FeatureLayout, request_columns
 
 AS_OF = pd.Timestamp("2024-01-15 12:00:00", tz="UTC")
 UNKNOWN_ID = 10**9
@@ -403,3 +406,213 @@ def test_stored_values_convert_as_feast_converts_them() -> None:
         assert got == expected, value
         assert type(got) is type(expected), value
     assert _python(None) is None
+
+
+def _log_with(world: Path, root: Path, pushed: pd.DataFrame) -> Path:
+    """A contract directory: the log before AS_OF (what the store was materialized from)
+    plus ``pushed``, without the duplicate rows validation quarantines."""
+    events = pq.read_table(world / EVENTS_FILE).to_pandas()
+    events = events.loc[events["ts"] < AS_OF, ["user_id", "item_id", "ts", "event", "value"]]
+    pushed = pushed.assign(ts=pd.to_datetime(pushed["ts"], utc=True))[list(events.columns)]
+    log = pd.concat([events, pushed.astype(events.dtypes.to_dict())], ignore_index=True)
+    log = log.drop_duplicates(["user_id", "item_id", "ts", "event"])
+    root.mkdir(parents=True)
+    log.to_parquet(root / EVENTS_FILE, index=False)
+    for name in (USERS_FILE, ITEMS_FILE):
+        shutil.copy(world / name, root / name)
+    return root
+
+
+def _assert_as_batch(
+    online: OnlineFeatures, log: Path, user_id: int, at: pd.Timestamp, config: FeatureConfig
+) -> None:
+    """The user's online dynamic features equal the batch computation of ``log`` at ``at``."""
+    got = online.user_features(user_id)
+    want = batch.stored_user_features(log, pd.DataFrame({"user_id": [user_id], "ts": at}), config)
+    dynamic = feature_set(config).names("user_dynamic")
+    want_arrays = derive.user_arrays({n: list(want[n]) for n in dynamic}, config, known=[1])
+    names = ["recent_item_ids", "recent_ts", "last_event_ts", "session_events"]
+    names += [f"{kind}_{w}d" for w in config.windows_days for kind in ("events", "cat_count")]
+    for name in names:
+        np.testing.assert_allclose(got[name], want_arrays[name], err_msg=name)
+
+
+def _event(user_id: int, item_id: int, ts: pd.Timestamp, event: str = "click") -> pd.DataFrame:
+    return pd.DataFrame(
+        {"user_id": [user_id], "item_id": [item_id], "ts": [ts], "event": [event], "value": [1.0]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("backend", "replicas"),
+    [
+        pytest.param("sqlite", 1, id="sqlite"),
+        pytest.param("redis", 1, id="redis", marks=pytest.mark.integration),
+        pytest.param("redis", 2, id="redis-two-replicas", marks=pytest.mark.integration),
+    ],
+)
+def test_concurrent_pushes_for_one_user_lose_no_event(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    world: Path,
+    config: FeatureConfig,
+    backend: str,
+    replicas: int,
+) -> None:
+    """POST /v1/events runs on a thread pool: two streams for one user, and reads meanwhile;
+    with two replicas (each its own OnlineFeatures and Redis client), one stream each."""
+    repo = make_repo(request, tmp_path, world, config, backend)
+    writers = [OnlineFeatures(repo, config) for _ in range(replicas)]
+    online = writers[0]
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    before = online.user_features(user_id)
+    n = 40
+    errors: list[BaseException] = []
+    applied = [0, 0]
+    done = threading.Event()
+
+    def push(k: int) -> None:
+        try:
+            for i in range(n):
+                ts = AS_OF + pd.Timedelta(seconds=10 * (2 * i + k))
+                writer = writers[k % replicas]
+                applied[k] += writer.push_events(_event(user_id, 11 + k, ts, "view"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                user = online.user_features(user_id)
+                # A consistent state: the list and its times have one length, and every
+                # window counts the same events (all pushed ones are in every window).
+                assert len(user["recent_item_ids"][0]) == len(user["recent_ts"][0])
+                grown = {user[f"events_{w}d"][0] - before[f"events_{w}d"][0] for w in (1, 30)}
+                assert len(grown) == 1, grown
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    pushers = [threading.Thread(target=push, args=(k,)) for k in range(2)]
+    for thread in pushers:
+        thread.start()
+    for thread in pushers:
+        thread.join()
+    done.set()
+    reader.join()
+    assert errors == []
+    assert applied == [n, n]
+    after = online.user_features(user_id)
+    for w in config.windows_days:
+        assert after[f"events_{w}d"][0] == before[f"events_{w}d"][0] + 2 * n
+    assert after["last_event_ts"][0] == int(
+        (AS_OF + pd.Timedelta(seconds=10 * (2 * n - 1))).timestamp()
+    )
+
+
+def test_a_retried_event_counts_once(
+    fresh_repo: Path, world: Path, config: FeatureConfig, tmp_path: Path
+) -> None:
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    online = OnlineFeatures(fresh_repo, config)
+    before = online.user_features(user_id)
+    ts = AS_OF + pd.Timedelta(minutes=15, microseconds=250)
+    event = _event(user_id, 7, ts)
+    assert online.push_events(pd.concat([event, event])) == 1  # a duplicate row in one call
+    assert online.push_events(event) == 0  # a retry: already stored
+    after = online.user_features(user_id)
+    for w in config.windows_days:
+        assert after[f"events_{w}d"][0] == before[f"events_{w}d"][0] + 1
+    log = _log_with(world, tmp_path / "log", pd.concat([event, event, event]))
+    want = batch.stored_user_features(
+        log, pd.DataFrame({"user_id": [user_id], "ts": ts + pd.Timedelta(minutes=1)}), config
+    )
+    assert after["session_events"][0] == want["session_events"][0]
+    assert after["recent_item_ids"][0, :2].tolist() == list(want["recent_item_ids"][0][:2])
+    # The same item a second later is another event.
+    assert online.push_events(event.assign(ts=ts + pd.Timedelta(seconds=1))) == 1
+
+
+def test_a_late_event_counts_only_in_the_windows_it_falls_in(
+    fresh_repo: Path, world: Path, config: FeatureConfig, tmp_path: Path
+) -> None:
+    """Pushed after the materialization as of AS_OF, an event five days before it is in the
+    7- and 30-day windows, not the 1-day one, and leaves the session alone: as in batch."""
+    assert config.windows_days == (1, 7, 30)
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    online = OnlineFeatures(fresh_repo, config)
+    late = _event(user_id, 3, AS_OF - pd.Timedelta(days=5, hours=4), "view")
+    assert online.push_events(late) == 1
+    _assert_as_batch(online, _log_with(world, tmp_path / "log", late), user_id, AS_OF, config)
+
+
+def test_a_session_gap_of_1800_5_s_is_one_session_online_and_in_batch(
+    fresh_repo: Path, world: Path, config: FeatureConfig, tmp_path: Path
+) -> None:
+    """session_gap_s = 1800 s; the second event is 1800.5 s after the first but 1800 whole
+    seconds (the stored times): online and batch agree that it continues the session."""
+    assert config.session_gap_s == 1800
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    online = OnlineFeatures(fresh_repo, config)
+    first = _event(user_id, 4, AS_OF + pd.Timedelta(hours=3, milliseconds=100))
+    second = _event(user_id, 5, first["ts"][0] + pd.Timedelta(seconds=1800.5), "view")
+    online.push_events(first)
+    online.push_events(second)
+    assert online.user_features(user_id)["session_events"][0] == 2
+    log = _log_with(world, tmp_path / "log", pd.concat([first, second]))
+    at = second["ts"][0] + pd.Timedelta(seconds=1)
+    got = online.user_features(user_id)
+    want = batch.stored_user_features(log, pd.DataFrame({"user_id": [user_id], "ts": at}), config)
+    for name in ("session_events", "last_event_ts"):
+        assert got[name][0] == want[name][0], name
+    assert got["recent_ts"][0, :3].tolist() == list(want["recent_ts"][0][:3])
+
+
+def test_context_keys_never_override_stored_or_model_features(
+    sqlite_repo: Path, world: Path, config: FeatureConfig
+) -> None:
+    """Unknown context keys are passed on (mlsd.serving.recommender.RecommendRequest); a key
+    naming a stored, derived or ranker column is ignored: the stored value stands."""
+    online = OnlineFeatures(sqlite_repo, config)
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    user = online.user_features(user_id)
+    item_ids = np.array([1, 2])
+    plain = online.features_for(user, item_ids, now=AS_OF)
+    context = {
+        "events_7d": 0,  # stored (user)
+        "item_events_7d": 1e6,  # stored (item)
+        "hour_of_day": 23,  # derived
+        "user_events_all": -5,  # a ranker column from the model's snapshot
+        "device": "mobile",  # unknown: passed on
+    }
+    got = online.features_for(user, item_ids, context, now=AS_OF)
+    assert got.derived["device"].tolist() == ["mobile", "mobile"]
+    assert set(got.derived) == set(plain.derived) | {"device", "user_events_all"}
+    np.testing.assert_array_equal(got.derived["hour_of_day"], plain.derived["hour_of_day"])
+    layout = FeatureLayout(
+        numeric=("events_7d", "item_events_7d", "hour_of_day", "user_events_all"), categorical=()
+    )
+    pairs = {"user_id": np.full(2, user_id), "item_id": item_ids}
+    extras = {"user_events_all": np.array([3.0, 3.0])}
+    columns = request_columns(
+        pairs,
+        user=got.user,
+        items=got.items,
+        derived=got.derived,
+        extras=extras,
+        layout=layout,
+        config=config,
+    )
+    want = request_columns(
+        pairs,
+        user=plain.user,
+        items=plain.items,
+        derived=plain.derived,
+        extras=extras,
+        layout=layout,
+        config=config,
+    )
+    for name in layout.numeric:
+        np.testing.assert_array_equal(columns[name], want[name], err_msg=name)
+    assert columns["user_events_all"].tolist() == [3.0, 3.0]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,7 +45,7 @@ from mlsd.serving.recommender import (
     RecommendRequest,
     RecommendResult,
 )
-from mlsd.serving.schemas import NOW_MAX
+from mlsd.serving.schemas import EVENT_TS_ALLOWANCE_S, NOW_MAX
 
 with warnings.catch_warnings():  # starlette 1.x would rather have httpx2 behind its TestClient
     warnings.simplefilter("ignore", UserWarning)
@@ -474,14 +475,34 @@ def test_an_event_time_out_of_range_is_422_naming_its_row(
 
 
 def test_event_times_at_the_bounds_are_accepted(client: TestClient) -> None:
+    soon = time.time() + EVENT_TS_ALLOWANCE_S - 60  # a client's clock a little ahead
     events = [  # user 9: only this test's
-        {"user_id": 9, "item_id": 94, "event": "click", "ts": "2262-01-01T00:00:00Z"},
+        {"user_id": 9, "item_id": 94, "event": "click", "ts": soon},
         {"user_id": 9, "item_id": 95, "event": "click", "ts": 0},
     ]
     assert client.post("/v1/events", json=events).json() == {"accepted": 2}
     assert client.get("/v1/users/9/history").json()["items"][:2] == [94, 95]
     # The feature path converts ts so (mlsd.serving.feed.FeedRecommender.record_events).
     assert pd.to_datetime(pd.Series([NOW_MAX]), unit="s", utc=True)[0].year == 2262
+
+
+def test_an_event_after_the_servers_clock_is_422_naming_its_row_and_the_time(
+    client: TestClient,
+) -> None:
+    """A future event would count in the user's features before it happened (and in Redis
+    keep later materializations out): refused, with the whole batch."""
+    click = {"user_id": 12, "item_id": 96, "event": "click"}  # user 12: only this test's
+    later = time.time() + EVENT_TS_ALLOWANCE_S + 120
+    for ts in (later, "2262-01-01T00:00:00Z"):
+        before = datetime.now(UTC)
+        response = client.post("/v1/events", json=[click, {**click, "ts": ts}])
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["body", 1, "ts"]
+        server = datetime.fromisoformat(error["msg"].split("(")[1].split(")")[0])
+        assert abs((server - before).total_seconds()) < 5
+        assert f"{EVENT_TS_ALLOWANCE_S:.0f} s after the server's clock" in error["msg"]
+    assert 96 not in client.get("/v1/users/12/history").json()["items"]
 
 
 def test_history_and_user_sample(client: TestClient, popular: PopularRecommender) -> None:

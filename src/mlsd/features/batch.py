@@ -341,9 +341,12 @@ class _Timeline:
         n = len(keys)
         ts_us = events.ts_us[order]
         value = events.value[order]
-        new = np.ones(n, dtype=bool)  # a new entity or a gap > session_gap_s starts a session
+        # A new entity or a gap > session_gap_s starts a session; the gap in whole epoch
+        # seconds (floors), as stored timestamps are, so that online pushes (which only know
+        # the stored last_event_ts) draw the same boundaries.
+        new = np.ones(n, dtype=bool)
         new[1:] = (keys[1:] // stride != keys[:-1] // stride) | (
-            np.diff(ts_us) > config.session_gap_s * US_PER_SECOND
+            np.diff(ts_us // US_PER_SECOND) > config.session_gap_s
         )
         session_start = np.maximum.accumulate(np.where(new, np.arange(n), 0))
         cat = category[order]

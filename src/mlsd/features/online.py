@@ -28,19 +28,38 @@ swapped in. :meth:`OnlineFeatures.refresh_item_cache` re-reads it on demand (e.g
 reload).
 
 Writing (:meth:`OnlineFeatures.push_events`): new events update the user's dynamic features
-incrementally through Feast's push source. Window counts only grow between materializations:
-events that leave a window are dropped at the next materialization, which recomputes every
-window from the log.
+incrementally, a read-modify-write of the user's stored state. Window counts only grow between
+materializations: events that leave a window are dropped at the next materialization, which
+recomputes every window from the log. A retried event (its item and second already in the
+user's recent items) is not counted again; a late event counts only in the windows it falls in
+and leaves the session alone; sessions break at gaps measured in whole seconds, as in
+:mod:`mlsd.features.batch`.
+
+Concurrent pushes: within one ``OnlineFeatures`` they are serialised by a lock, so two
+requests' events for one user are both kept (the service runs ``POST /v1/events`` on a thread
+pool). On SQLite every read and write also holds a lock, because Feast shares one connection
+between threads: a read never sees another thread's write half done. Across replicas:
+
+- Redis: each user's push is a compare-and-set, ``WATCH`` on the user's hash, read, then the
+  new state in ``MULTI``/``EXEC`` (written in Feast's hash layout, :class:`_RedisWriter`),
+  retried when another replica wrote the user in between. A Redis Cluster client has no
+  ``WATCH``; there pushes go through Feast's push API and concurrent pushes of one user from
+  two replicas are last-writer-wins (one replica's events can be lost until the next
+  materialization).
+- SQLite: a file for one machine; pushes from several processes (forked workers) for one user
+  are last-writer-wins likewise, each write being one transaction.
 
 Unknown users and items get the declared defaults and a known flag of 0; never an exception.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -82,6 +101,7 @@ _NUMPY_DTYPES: dict[str, type[np.generic]] = {
 }
 _READ_BATCH = 1_000
 """Items per online-store read when the cache is refreshed."""
+_US_PER_DAY = 86_400 * 1_000_000
 
 
 @dataclass
@@ -188,6 +208,91 @@ def _fail_fast(store: Any) -> None:
         client.set_retry(Retry(NoBackoff(), 0))
 
 
+def _store_lock(online: Any) -> AbstractContextManager[Any]:
+    """What a read or write of ``online`` holds: a lock for SQLite, nothing for Redis.
+
+    Feast's SQLite store shares one connection between threads, so a read during another
+    thread's write transaction would see its uncommitted half (or fail), and two writes would
+    interleave their transactions. redis-py's client is thread-safe."""
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    return contextlib.nullcontext() if isinstance(online, RedisOnlineStore) else threading.Lock()
+
+
+_CAS_ATTEMPTS = 100
+"""Compare-and-set attempts of one user's push before it fails (each retry means another
+writer's push of the same user landed in between)."""
+
+
+@dataclass(frozen=True)
+class _RedisWriter:
+    """Writes a user's dynamic view into Feast's Redis layout, for a compare-and-set push.
+
+    Feast's Redis store keeps an entity in one hash (key: the serialized entity key and the
+    project), a field per feature (the murmur3 hash of ``view:feature``, a ``Value`` proto) and
+    ``_ts:view`` (the write time, a ``Timestamp`` proto): what its ``online_write_batch``
+    writes, here inside the caller's MULTI. Values are converted by Feast's own function."""
+
+    client: Any
+    project: str
+    key_version: int
+    ts_field: bytes
+    fields: tuple[tuple[str, bytes, Any], ...]  # (feature, hash field, Feast value type)
+    key_ttl_s: int | None
+
+    @classmethod
+    def of(cls, store: Any, view: Any) -> _RedisWriter | None:
+        """The writer of ``store``'s Redis (``None``: another store, or a Redis Cluster,
+        whose client has no WATCH; pushes there are serialised within the process only)."""
+        from feast.infra.online_stores.helpers import _mmh3
+        from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
+        from redis import Redis
+
+        online = store._get_provider().online_store
+        if not isinstance(online, RedisOnlineStore):
+            return None
+        client = online._get_client(store.config.online_store)
+        if not isinstance(client, Redis):
+            return None
+        name = _versioned_fv_name(view, store.config)
+        fields = tuple(
+            (f.name, _mmh3(f"{name}:{f.name}"), f.dtype.to_value_type()) for f in view.features
+        )
+        return cls(
+            client=client,
+            project=store.config.project,
+            key_version=store.config.entity_key_serialization_version,
+            ts_field=f"_ts:{name}".encode(),
+            fields=fields,
+            key_ttl_s=store.config.online_store.key_ttl_seconds,
+        )
+
+    def key(self, user_id: int) -> bytes:
+        from feast.infra.online_stores.helpers import _redis_key
+
+        entity = EntityKeyProto(
+            join_keys=["user_id"], entity_values=[ValueProto(int64_val=user_id)]
+        )
+        key: bytes = _redis_key(
+            self.project, entity, entity_key_serialization_version=self.key_version
+        )
+        return key
+
+    def write(self, pipe: Any, key: bytes, row: Mapping[str, Any], written: pd.Timestamp) -> None:
+        from feast.type_map import python_values_to_proto_values
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        stamp = Timestamp()
+        stamp.FromDatetime(_utc(written).to_pydatetime())
+        mapping: dict[bytes, bytes] = {self.ts_field: stamp.SerializeToString()}
+        for name, field_key, value_type in self.fields:
+            (proto,) = python_values_to_proto_values([row[name]], value_type)
+            mapping[field_key] = proto.SerializeToString()
+        pipe.hset(key, mapping=mapping)
+        if self.key_ttl_s:
+            pipe.expire(key, self.key_ttl_s)
+
+
 _PLAIN_SCALARS = frozenset(
     ("int64_val", "int32_val", "double_val", "float_val", "string_val", "bool_val", "bytes_val")
 )
@@ -245,7 +350,7 @@ class OnlineFeatures:
             this often (a ``stat``: microseconds).
 
     Safe to share between threads: the cache is swapped in one assignment and refreshed by one
-    thread at a time.
+    thread at a time; pushes are serialised (module docstring).
     """
 
     def __init__(
@@ -263,6 +368,7 @@ class OnlineFeatures:
         self.item_cache_check_s = item_cache_check_s
         self._registry_checked = time.monotonic()
         self.features = feature_set(config)
+        self._feature_names = frozenset(f.name for f in self.features.features)
         self._store = open_store(self.repo_dir)
         _fail_fast(self._store)
         self._static = self.features.group("user_static")
@@ -286,6 +392,9 @@ class OnlineFeatures:
         self._items: _ItemTable | None = None
         self._refresh_lock = threading.Lock()
         self._refresher: threading.Thread | None = None
+        self._push_lock = threading.Lock()
+        self._store_lock = _store_lock(self._provider.online_store)
+        self._redis = _RedisWriter.of(self._store, self._views[USER_DYNAMIC_VIEW])
 
     def after_fork(self) -> None:
         """In a forked child: drop the online store's SQLite connection, which must not cross
@@ -427,12 +536,13 @@ class OnlineFeatures:
         values: dict[str, list[Any]] = {}
         written: dict[str, list[datetime | None]] = {}
         for view, names in views.items():
-            rows = self._provider.online_read(
-                config=self._store.config,
-                table=self._views[view],
-                entity_keys=keys,
-                requested_features=list(names),
-            )
+            with self._store_lock:
+                rows = self._provider.online_read(
+                    config=self._store.config,
+                    table=self._views[view],
+                    entity_keys=keys,
+                    requested_features=list(names),
+                )
             for name in names:
                 values[name] = [
                     _python(None if data is None else data.get(name)) for _, data in rows
@@ -467,7 +577,8 @@ class OnlineFeatures:
             user_id: the user; unknown users get defaults and ``user_known`` 0.
             item_ids: ``(n_items,)`` candidate ids; unknown items get defaults, ``item_known`` 0.
             context: request context (e.g. ``session_id``); each scalar is broadcast into
-                ``derived`` unless a derived feature has its name.
+                ``derived``, except a key that names a feature (stored, derived, or any other
+                of the feature set): it is ignored, so the stored value stands.
             now: the request time (default: the wall clock), for ages and hour/weekday.
         """
         return self.features_for(self.user_features(user_id), item_ids, context, now=now)
@@ -506,7 +617,8 @@ class OnlineFeatures:
         now: pd.Timestamp | None = None,
     ) -> FeatureBatch:
         """The request's features from already-read ``user`` features: the candidates' from
-        the item cache, the derived ones at ``now`` (default: the wall clock)."""
+        the item cache, the derived ones at ``now`` (default: the wall clock), and the scalar
+        ``context`` values whose keys name no feature (:meth:`get_online_features`)."""
         now = pd.Timestamp.now(tz="UTC") if now is None else pd.Timestamp(now)
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         user = dict(user)
@@ -514,7 +626,9 @@ class OnlineFeatures:
         now_s = now.value // 1_000_000_000  # whole epoch seconds, as stored timestamps are
         derived = derive.derive(user, items, now_s=now_s, config=self.config)
         for name, value in (context or {}).items():
-            if name not in derived and np.ndim(value) == 0:
+            if name in self._feature_names or name in user or name in items or name in derived:
+                continue  # a stored or derived feature's value is never overridden
+            if np.ndim(value) == 0:
                 dtype = object if isinstance(value, str) else None
                 derived[name] = np.full(len(ids), value, dtype=dtype)
         return FeatureBatch(user=user, items=items, derived=derived, item_ids=ids)
@@ -525,12 +639,28 @@ class OnlineFeatures:
         """Apply new events to their users' dynamic features; return the events applied.
 
         ``events`` has ``user_id``, ``item_id``, ``ts``, ``event``, ``value`` (the contract's
-        events columns). Events whose type is not counted (``config.event_types``) are skipped.
-        Per user, in time order: the item is prepended to ``recent_item_ids``/``recent_ts``
-        (N kept), ``last_event_ts`` moves forward, ``session_events`` counts on or restarts at 1
-        after a gap longer than ``session_gap_s``, and every window's ``events``,
-        ``cat_count`` and ``cat_mean`` take the event in (expiry catches up at the next
-        materialization). The result is written with Feast's push API; the next read sees it.
+        events columns). Events whose type is not counted (``config.event_types``) are skipped,
+        and so are duplicates: repeated (user, item, ts, event) rows of ``events``, and an event
+        whose item and time (whole seconds) are already in the user's stored ``recent_item_ids``
+        / ``recent_ts`` (a retried POST; validation drops such rows from the training log too).
+        The event type is not stored, so two types of event on one item in one second, pushed
+        in separate calls, count once; a retry older than the N stored recent events is not
+        recognised.
+
+        Per user, in time order: the item is inserted into ``recent_item_ids``/``recent_ts`` at
+        its place in time (N kept). An event at or after ``last_event_ts`` moves it forward and
+        counts on ``session_events`` (or restarts it at 1 after a gap longer than
+        ``session_gap_s``, in whole seconds as the batch path); a late event leaves both alone.
+        Window ``w``'s ``events``, ``cat_count`` and ``cat_mean`` take an event in when its time
+        is within ``w`` days of the user's state after the push (the later of the stored
+        state's time and the newest event), as the batch computation at that time would; counts
+        only grow (expiry catches up at the next materialization). The result is written with
+        Feast's push API (on Redis, by a compare-and-set in Feast's layout); the next read sees
+        it. Returns the events applied: duplicates and skipped types are not counted.
+
+        Pushes are serialised within this object (a lock: the read-modify-write of a user
+        would otherwise lose concurrent events); see the module docstring for pushes from
+        several processes.
         """
         missing = [c for c in ("user_id", "item_id", "ts", "event", "value") if c not in events]
         if missing:
@@ -541,55 +671,124 @@ class OnlineFeatures:
         if frame.empty:
             return 0
         frame = frame.assign(ts_s=_epoch_s(frame["ts"]), ts=pd.to_datetime(frame["ts"], utc=True))
+        frame = frame.drop_duplicates(["user_id", "item_id", "ts", "event"])
         frame = frame.sort_values("ts", kind="stable")
         categories = self._item_cache().lookup(frame["item_id"].to_numpy(np.int64))
         frame = frame.assign(category_index=categories["category_index"])
+        with self._push_lock:
+            if self._redis is not None:
+                return sum(
+                    self._push_user_cas(self._redis, int(user_id), group)
+                    for user_id, group in frame.groupby("user_id", sort=False)
+                )
+            return self._push_locked(frame)
 
+    def _push_user_cas(self, redis: _RedisWriter, user_id: int, group: pd.DataFrame) -> int:
+        """One user's push to Redis as a compare-and-set: WATCH the user's hash, read it,
+        write the new state in a MULTI/EXEC that fails when another writer (another replica)
+        changed the hash after the WATCH; then read and apply again."""
+        from redis.exceptions import WatchError
+
+        key = redis.key(user_id)
+        for _ in range(_CAS_ATTEMPTS):
+            with redis.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key)
+                    values, _, stored_ts = self._read_users([user_id], timestamps=True)
+                    current = {f.name: values[f.name][0] for f in self._dynamic}
+                    state = self._next_state(current, group, stored_ts[0])
+                    if state is None:
+                        pipe.unwatch()
+                        return 0
+                    row, n, written = state
+                    pipe.multi()
+                    redis.write(pipe, key, row, written)
+                    pipe.execute()
+                    return n
+                except WatchError:
+                    continue
+        raise RuntimeError(
+            f"push_events: user {user_id}'s state changed under each of {_CAS_ATTEMPTS} "
+            "attempts to write it"
+        )
+
+    def _next_state(
+        self, current: dict[str, Any], group: pd.DataFrame, stored_ts: pd.Timestamp | None
+    ) -> tuple[dict[str, Any], int, pd.Timestamp] | None:
+        """One user's new dynamic features, the events applied and the write time (newer than
+        the stored one: Redis keeps only a newer write); ``None`` when nothing is new."""
+        newest = group["ts"].iloc[-1]
+        as_of = newest if stored_ts is None else max(newest, stored_ts)
+        row, n = self._apply_events(current, group, as_of)
+        if n == 0:
+            return None  # every event was already stored: nothing to write
+        if stored_ts is not None and newest <= stored_ts:
+            newest = stored_ts + pd.Timedelta(microseconds=1)
+        return row, n, newest
+
+    def _push_locked(self, frame: pd.DataFrame) -> int:
+        """:meth:`push_events` of deduplicated, time-ordered events, holding ``_push_lock``."""
         user_ids = frame["user_id"].unique().tolist()
         values, _, stored_ts = self._read_users(user_ids, timestamps=True)
         rows = []
+        applied = 0
         for i, (user_id, group) in enumerate(frame.groupby("user_id", sort=False)):
             assert user_id == user_ids[i]
             current = {f.name: values[f.name][i] for f in self._dynamic}
-            row = self._apply_events(current, group)
-            newest = group["ts"].iloc[-1]
-            # Redis keeps a write only when it is newer than the stored one.
-            if stored_ts[i] is not None and newest <= stored_ts[i]:
-                newest = stored_ts[i] + pd.Timedelta(microseconds=1)
-            row.update(user_id=user_id, **{TIMESTAMP_FIELD: newest})
+            state = self._next_state(current, group, stored_ts[i])
+            if state is None:
+                continue
+            row, n, written = state
+            applied += n
+            row.update(user_id=user_id, **{TIMESTAMP_FIELD: written})
             rows.append(row)
-        self._store.push(USER_PUSH_SOURCE, pd.DataFrame(rows))
-        return len(frame)
+        if rows:
+            with self._store_lock:
+                self._store.push(USER_PUSH_SOURCE, pd.DataFrame(rows))
+        return applied
 
-    def _apply_events(self, current: dict[str, Any], group: pd.DataFrame) -> dict[str, Any]:
-        """One user's dynamic features after ``group`` (time ordered); ``None`` → default."""
+    def _apply_events(
+        self, current: dict[str, Any], group: pd.DataFrame, as_of: pd.Timestamp
+    ) -> tuple[dict[str, Any], int]:
+        """One user's dynamic features after ``group`` (time ordered; ``None`` → default), and
+        the events of ``group`` applied (the others were already stored). Window ``w`` counts
+        an event at or after ``as_of - w`` days (:meth:`push_events`)."""
         n_cat = len(self.config.categories)
         state: dict[str, Any] = {
             f.name: (f.default if current[f.name] is None else current[f.name])
             for f in self._dynamic
         }
         stored = list(zip(state["recent_item_ids"], state["recent_ts"], strict=True))
+        known = {(int(item), int(ts)) for item, ts in stored}
         new: list[tuple[int, int]] = []
         last = int(state["last_event_ts"])
         session = int(state["session_events"])
         windows = self.config.windows_days
+        as_of_us = _utc(as_of).value // 1_000  # ns → µs
+        window_start = {w: as_of_us - w * _US_PER_DAY for w in windows}
         counts = {w: np.zeros(n_cat) + np.asarray(state[f"cat_count_{w}d"]) for w in windows}
         sums = {w: counts[w] * np.asarray(state[f"cat_mean_{w}d"]) for w in windows}
         events = {w: float(state[f"events_{w}d"]) for w in windows}
-        for item_id, ts, value, cat in zip(
+        ts_us = group["ts"].astype("datetime64[us, UTC]").astype("int64").to_numpy()
+        for item_id, ts, t_us, value, cat in zip(
             group["item_id"].to_numpy(np.int64),
             group["ts_s"].to_numpy(np.int64),
+            ts_us,
             group["value"].to_numpy(np.float64),
             group["category_index"].to_numpy(np.int64),
             strict=True,
         ):
+            if (int(item_id), int(ts)) in known:
+                continue  # a retry of a stored event
             new.append((int(item_id), int(ts)))
-            if last == NEVER or ts - last > self.config.session_gap_s:
-                session = 1
-            else:
-                session += 1
-            last = max(last, int(ts))
+            if last == NEVER or ts >= last:  # a late event leaves the session alone
+                session = (
+                    1 if last == NEVER or ts - last > self.config.session_gap_s else session + 1
+                )
+                last = int(ts)
             for w in windows:
+                if t_us < window_start[w]:
+                    continue
                 events[w] += 1.0
                 if cat >= 0:
                     counts[w][cat] += 1.0
@@ -609,4 +808,4 @@ class OnlineFeatures:
             row[f"events_{w}d"] = float(np.float32(events[w]))
             row[f"cat_count_{w}d"] = counts[w].astype(np.float32).tolist()
             row[f"cat_mean_{w}d"] = mean.astype(np.float32).tolist()
-        return row
+        return row, len(new)

@@ -113,6 +113,7 @@ from mlsd.serving.recommender import (
     RecommendResult,
 )
 from mlsd.serving.schemas import (
+    EVENT_TS_ALLOWANCE_S,
     INT64_MAX,
     INT64_MIN,
     NOW_MAX,
@@ -764,10 +765,34 @@ async def recommend(service: ServiceDep, body: RecommendIn) -> RecommendationsOu
 def record_events(
     service: ServiceDep, events: Annotated[list[EventIn], Body(max_length=10_000)]
 ) -> AcceptedOut:
-    """Feedback; ``ts`` reaches the model as Unix seconds (the server's clock when omitted)."""
+    """Feedback; ``ts`` reaches the model as Unix seconds (the server's clock when omitted).
+
+    An event more than ``EVENT_TS_ALLOWANCE_S`` after the server's clock is refused, and with
+    it the whole batch (a 422 naming ``body[i].ts`` and the server's time)."""
     now = time.time()
     rows = [{**e.model_dump(), "ts": _unix_seconds(e.ts) if e.ts else now} for e in events]
+    _check_event_times(rows, now)
     return AcceptedOut(accepted=service.record_events(rows))
+
+
+def _check_event_times(rows: list[dict[str, Any]], now: float) -> None:
+    """422 for events dated more than ``EVENT_TS_ALLOWANCE_S`` after ``now`` (Unix seconds)."""
+    server = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
+    errors = [
+        {
+            "type": "less_than_equal",
+            "loc": ("body", i, "ts"),
+            "msg": (
+                f"Event time is more than {EVENT_TS_ALLOWANCE_S:.0f} s after the server's "
+                f"clock ({server}); future events are refused"
+            ),
+            "input": datetime.fromtimestamp(row["ts"], UTC).isoformat(),
+        }
+        for i, row in enumerate(rows)
+        if row["ts"] > now + EVENT_TS_ALLOWANCE_S
+    ]
+    if errors:
+        raise RequestValidationError(errors)
 
 
 @router.get("/v1/users/sample", response_model=UserSampleOut)

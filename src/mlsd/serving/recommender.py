@@ -45,7 +45,9 @@ class RecommendRequest:
     Attributes:
         user_id: the user; ``None`` for an anonymous visitor (then ``recent_items`` personalise).
         k: items to return.
-        context: request context (e.g. ``{"device": "mobile"}``); unknown keys are ignored.
+        context: request context (e.g. ``{"device": "mobile"}``); unknown keys are ignored,
+            and so are keys that name one of the model's stored or derived features (or
+            ranker columns): those keep their stored values.
         recent_items: items the visitor just interacted with, newest last (anonymous users).
         explain: also return the main reasons for each item.
         now: the request time, epoch seconds (``None``: the wall clock).

@@ -14,6 +14,11 @@ NOW_MAX = 9_214_646_400.0
 """The latest time accepted, Unix seconds (2262-01-01T00:00:00Z), for a request's ``now``
 (simulations set it) and an event's ``ts``: pandas' nanosecond timestamps, which the feature
 path converts both to, end in April 2262."""
+EVENT_TS_ALLOWANCE_S = 300.0
+"""How far (seconds) an event's ``ts`` may be after the server's clock: clients' clocks drift a
+little, but a later event is refused (a 422 naming it). Such an event would be counted in the
+user's online features before it happened, and, stored as the user's newest state, would keep
+later materializations from replacing it in Redis (which keeps the newest write)."""
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
@@ -61,7 +66,10 @@ class EventIn(BaseModel):
         None,
         ge=datetime.fromtimestamp(0, UTC),
         le=datetime.fromtimestamp(NOW_MAX, UTC),  # the bounds of a request's ``now``
-        description="ISO 8601 or Unix seconds, 1970 to 2262 (UTC when no offset); default: now",
+        description=(
+            "ISO 8601 or Unix seconds from 1970 (UTC when no offset), at most "
+            f"{EVENT_TS_ALLOWANCE_S:.0f} s after the server's clock; default: now"
+        ),
     )
     request_id: str | None = Field(
         None, max_length=64, description="the request_id of the recommendation that showed it"

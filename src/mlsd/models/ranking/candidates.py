@@ -420,7 +420,8 @@ def request_columns(
         user, items, derived: :class:`mlsd.features.online.FeatureBatch`'s parts for these
             candidates (user values have a leading dimension of 1, or one row per candidate).
         extras: ``user_events_all``, ``item_users_all`` and ``item_created_days`` per candidate
-            (the model's snapshot as of training).
+            (the model's snapshot as of training); they win over a ``derived`` entry of the
+            same name (a request context key, which never overrides a model column).
         layout: the ranker's columns.
         owner: batch prediction's many users: ``user`` has one row per user and candidate row
             ``i`` belongs to user row ``owner[i]`` (the columns are those of ``user`` repeated
@@ -452,7 +453,9 @@ def request_columns(
                 picked = means[owner, np.where(known, index, 0)]
             out[column] = np.where(known, picked, 0.0)
             continue
-        for source in (derived, items, user, extras):
+        # extras before derived: derived also holds the request's context, whose keys must
+        # not stand in for the model's own columns.
+        for source in (extras, derived, items, user):
             if column in source:
                 value = users(column) if source is user else np.asarray(source[column])
                 out[column] = value if value.shape == (n,) else np.broadcast_to(value, (n,))
