@@ -343,8 +343,23 @@ class FeedConfig:
         )
 
 
+def feed_config_source(path: Path | None = None) -> str:
+    """The one line a command prints to say which config :func:`load_feed_config` reads.
+
+    ``configs/feed.toml`` is relative to the working directory, so a command run elsewhere
+    silently gets the built-in defaults; this line says so (and where it looked).
+    """
+    if path is not None:
+        return f"config: {path}"
+    if DEFAULT_FEED_CONFIG.is_file():
+        return f"config: {DEFAULT_FEED_CONFIG}"
+    return f"config: built-in defaults ({DEFAULT_FEED_CONFIG} not found in {Path.cwd()})"
+
+
 def load_feed_config(path: Path | None = None) -> FeedConfig:
-    """Read a feed config; ``None`` reads ``configs/feed.toml`` if present, else the defaults."""
+    """Read a feed config; ``None`` reads ``configs/feed.toml`` (relative to the working
+    directory) if present, else the defaults. Commands say which with
+    :func:`feed_config_source`."""
     if path is None:
         if not DEFAULT_FEED_CONFIG.is_file():
             return FeedConfig()

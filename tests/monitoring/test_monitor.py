@@ -242,3 +242,41 @@ def test_one_duckdb_thread_gives_the_same_result(log_dir: Path) -> None:
     one = run_monitor(log_dir, profile(), start=START, end=END, rules=DEFAULT_RULES, threads=1)
     assert one.metrics == pytest.approx(many.metrics)
     assert one.counts == many.counts
+
+
+def test_only_the_profiled_model_versions_rows_are_compared(tmp_path: Path) -> None:
+    """After a promotion (or in an experiment) the window holds two models' candidate rows;
+    the other model's drifted rows must not be compared with this model's profile."""
+    ours = candidates(2_000, shift=0.0, start=START).assign(model_version="ours")
+    theirs = candidates(2_000, shift=5.0, start=START, seed=2).assign(model_version="theirs")
+    write_log(tmp_path, "candidates", pd.concat([ours, theirs], ignore_index=True))
+    ref = profile()
+
+    def measure(version: str | None) -> Any:
+        return run_monitor(
+            tmp_path, ref, start=START, end=END, rules=DEFAULT_RULES, model_version=version
+        )
+
+    mixed, only = measure(None), measure("ours")
+    assert mixed.metrics["prediction_psi"] > 0.2  # every row: the other model's drift shows
+    assert only.metrics["prediction_psi"] < 0.1
+    assert only.metrics["feature_psi_max"] < 0.1
+    assert only.drift is not None
+    assert only.drift.prediction is not None
+    assert only.drift.prediction.n_live == 2_000
+    assert only.model_version == "ours"
+    assert only.to_dict()["model_version"] == "ours"
+    assert only.counts["candidates"] == 4_000  # the window's rows, counted as before
+
+    none = measure("neither")
+    assert none.drift is None
+    assert "prediction_psi" not in none.metrics
+
+
+def test_profile_model_version_reads_the_model_json_next_to_it(tmp_path: Path) -> None:
+    from mlsd.monitoring.monitor import profile_model_version
+
+    path = tmp_path / "reference_profile.json"
+    assert profile_model_version(path) is None
+    (tmp_path / "model.json").write_text(json.dumps({"version": "abc-123"}))
+    assert profile_model_version(path) == "abc-123"

@@ -357,8 +357,9 @@ def test_the_monitor_publishes_gauges_and_an_alert_flips_when_its_rule_fires(
         for answer in answers:
             log.log_request(answer["request_id"] + "-late", later.timestamp() - 60, 1, "m",
                             path="online", latency_ms=900.0, status=200, k=5)  # fmt: skip
-        log.log_candidates("late", later.timestamp() - 60, 1, "m", rows["item_id"],
-                           rows["score"], numeric, categorical)  # fmt: skip
+        # Logged as the serving model's version: the monitor compares only its rows.
+        log.log_candidates("late", later.timestamp() - 60, 1, feed_model.version,
+                           rows["item_id"], rows["score"], numeric, categorical)  # fmt: skip
         log.flush()
         drifted = monitor.run_once(now=later)
         assert drifted is not None

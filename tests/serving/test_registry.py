@@ -218,3 +218,75 @@ def test_relative_paths_resolve_against_base_dir(tmp_path: Path) -> None:
     assert ModelRegistry(absolute, tmp_path).tracking_uri == "sqlite:////srv/mlflow.db"
     server = RegistryConfig(tracking_uri="http://mlflow:5000")
     assert ModelRegistry(server, tmp_path).tracking_uri == "http://mlflow:5000"
+
+
+def _register_tagged(
+    registry: ModelRegistry, tmp_path: Path, name: str, ndcg: float, tags: dict[str, str]
+) -> int:
+    bundle = make_bundle(tmp_path / name, seed=len(name))
+    return registry.register(bundle, params={}, metrics={"ndcg@10": ndcg}, tags=tags)
+
+
+def test_stored_values_of_other_data_or_settings_do_not_compare(
+    store: Path, tmp_path: Path
+) -> None:
+    """Without a head-to-head, a better stored value on another dataset, or under other
+    evaluation settings, is refused (pointing to retrain); force overrides and says so."""
+    registry = _registry(store, "incomparable")
+    same = {"dataset_hash": "sha256:aaa", "mlsd.protocol.ranker_windows": "3"}
+    champion = _register_tagged(registry, tmp_path, "champion", 0.30, same)
+    assert registry.promote(champion).accepted
+
+    other_data = _register_tagged(
+        registry, tmp_path, "other-data", 0.40, {**same, "dataset_hash": "sha256:bbb"}
+    )
+    refused = registry.promote(other_data)
+    assert (refused.accepted, refused.forced) == (False, False)
+    assert "trained on different datasets" in refused.reason
+    assert "sha256:bbb" in refused.reason
+    assert "sha256:aaa" in refused.reason
+    assert "mlsd feed retrain" in refused.reason
+    assert registry.champion() == champion
+
+    other_settings = _register_tagged(
+        registry, tmp_path, "other-settings", 0.40, {**same, "mlsd.protocol.ranker_windows": "1"}
+    )
+    refused = registry.promote(other_settings)
+    assert not refused.accepted
+    assert "ranker_windows 1" in refused.reason
+    assert "mlsd feed retrain" in refused.reason
+    assert registry.champion() == champion
+
+    forced = registry.promote(other_data, force=True)
+    assert (forced.accepted, forced.forced) == (True, True)
+    assert "trained on different datasets" in forced.reason
+    assert registry.champion() == other_data
+
+    # Same data and settings: the stored values compare as before.
+    again = _register_tagged(
+        registry, tmp_path, "again", 0.41, {**same, "dataset_hash": "sha256:bbb"}
+    )
+    assert registry.promote(again).accepted
+
+    # A head-to-head scores both on one window, so the datasets may differ.
+    newer = _register_tagged(registry, tmp_path, "newer", 0.10, {**same, "dataset_hash": "c"})
+    result = registry.promote(newer, head_to_head=HeadToHead(again, 0.3, 0.3, "window"))
+    assert result.accepted
+
+
+def test_set_alias_points_other_aliases_but_not_the_champion(store: Path, tmp_path: Path) -> None:
+    registry = _registry(store, "aliases")
+    first, second, _ = register_three(registry, tmp_path)
+    registry.promote(first)
+    registry.set_alias("challenger", second)
+    assert registry.alias_version("challenger") == second
+    assert registry.champion() == first
+    registry.set_alias("challenger", first)  # moves
+    assert registry.alias_version("challenger") == first
+    with pytest.raises(ValueError, match="mlsd feed promote --version 2"):
+        registry.set_alias("champion", second)
+    assert registry.champion() == first
+    with pytest.raises(ValueError, match="no version or alias '9'"):
+        registry.set_alias("challenger", 9)
+    with pytest.raises(ValueError, match="use a name"):
+        registry.set_alias("3", second)

@@ -7,7 +7,11 @@ size "exposures" ever becomes a Python object:
 - ``candidates`` (sampled ranker inputs): feature and prediction drift. The window's rows are
   counted, and a seeded reservoir sample of at most ``max_candidate_rows`` (50k) is compared
   with the profile (:func:`mlsd.monitoring.drift.compare`); at 50k rows the PSI and KS
-  estimates are within a few thousandths of the full-window values.
+  estimates are within a few thousandths of the full-window values. With a
+  ``model_version`` (that of the model whose profile is used, see
+  :func:`profile_model_version`), only that version's rows are sampled: after a promotion
+  or a rollback the window holds the previous model's rows too, and in an experiment the
+  other arm's, and neither is described by this profile.
 - ``requests``: ``latency_p99_ms``, ``error_rate`` (status >= 500), ``fallback_rate`` (a
   fallback used, or a ``fallback:`` path).
 - ``exposures`` + ``feedback``: the label metrics, once labels exist, i.e. once the window
@@ -34,6 +38,7 @@ A window is ``[start, end)``; clicks are looked for up to ``attribution_window_s
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +74,10 @@ class MonitorResult:
         start, end: the window ``[start, end)``, UTC.
         counts: rows of each log table in the window (``feedback`` incl. the attribution lag).
         metrics: alertable metrics that had data (see the module docstring).
-        drift: the drift table; ``None`` when the window has no candidate rows.
+        drift: the drift table; ``None`` when the window has no candidate rows (of
+            ``model_version``, when given).
+        model_version: the model version whose candidate rows were compared, or ``None``
+            (every row of the window).
         outcomes: every rule, fired or not (``"no data"`` when its metric is absent).
         reference_metrics: the profile's training-time label metrics, for comparison.
         window_metrics: rule window (e.g. ``"1d"``) → its metrics, for rules with their own.
@@ -86,6 +94,7 @@ class MonitorResult:
     reference_metrics: Mapping[str, float] = field(default_factory=dict)
     window_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    model_version: str | None = None
 
     @property
     def fired(self) -> list[FiredAlert]:
@@ -99,6 +108,7 @@ class MonitorResult:
             "start": self.start.isoformat(),
             "end": self.end.isoformat(),
             "seconds": round(self.seconds, 3),
+            "model_version": self.model_version,
             "counts": dict(self.counts),
             "metrics": dict(self.metrics),
             "reference_metrics": dict(self.reference_metrics),
@@ -122,6 +132,7 @@ def run_monitor(
     seed: int = 0,
     reference_ctr: float | None = None,
     threads: int | None = None,
+    model_version: str | None = None,
 ) -> MonitorResult:
     """Compute the window's metrics from the log, compare with ``profile``, check ``rules``.
 
@@ -133,6 +144,8 @@ def run_monitor(
             ``ctr_drop``; see the module docstring).
         threads: DuckDB threads (``None``: all cores). Inside the service, 1 leaves the other
             cores to the requests.
+        model_version: compare only this version's ``candidates`` rows with ``profile`` (the
+            version of the model the profile was built for; ``None``: every row).
     """
     if reference_ctr is not None and not 0.0 < reference_ctr <= 1.0:
         raise ValueError(f"reference_ctr must be in (0, 1], got {reference_ctr}")
@@ -141,7 +154,8 @@ def run_monitor(
     if not start < end:
         raise ValueError(f"monitoring window: start {start} is not before end {end}")
     window = _Window(Path(log_dir), profile, psi_threshold, max_candidate_rows,
-                     attribution_window_s, seed, reference_ctr, threads)  # fmt: skip
+                     attribution_window_s, seed, reference_ctr, threads,
+                     model_version)  # fmt: skip
     counts, metrics, drift = window.measure(start, end)
     by_window: dict[str, dict[str, float]] = {}
     outcomes: list[RuleOutcome] = []
@@ -163,6 +177,7 @@ def run_monitor(
         reference_metrics=dict(profile.label_metrics),
         window_metrics=by_window,
         seconds=time.perf_counter() - began,
+        model_version=model_version,
     )
 
 
@@ -176,6 +191,7 @@ class _Window:
     seed: int
     reference_ctr: float | None = None
     threads: int | None = None
+    model_version: str | None = None
 
     def measure(
         self, start: datetime, end: datetime
@@ -190,8 +206,9 @@ class _Window:
             }
             metrics: dict[str, float] = {}
             drift = None
-            if counts["candidates"]:
-                drift = compare(self.profile, self._sample(con), psi_threshold=self.psi_threshold)
+            sample = self._sample(con) if counts["candidates"] else None
+            if sample is not None and sample.num_rows:
+                drift = compare(self.profile, sample, psi_threshold=self.psi_threshold)
                 metrics.update(drift.metrics())
             if counts["requests"]:
                 metrics.update(_request_metrics(con))
@@ -200,11 +217,15 @@ class _Window:
         return counts, metrics, drift
 
     def _sample(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
+        """A seeded reservoir sample of the window's candidate rows (of ``model_version``)."""
+        where, params = "", []
+        if self.model_version is not None:
+            where, params = " WHERE model_version = $1", [self.model_version]
         sql = (
-            f"SELECT * FROM (SELECT * FROM candidates) "
+            f"SELECT * FROM (SELECT * FROM candidates{where}) "
             f"USING SAMPLE reservoir({int(self.max_candidate_rows)} ROWS) REPEATABLE ({self.seed})"
         )
-        return con.sql(sql).to_arrow_table()
+        return con.sql(sql, params=params or None).to_arrow_table()
 
     def _label_metrics(self, con: duckdb.DuckDBPyConnection) -> dict[str, float]:
         con.execute(_CLICKED_SQL).fetchall()
@@ -225,6 +246,18 @@ class _Window:
             click_sum[clicked["bin"].astype(np.int64)] = clicked["n"]
             out["ece"] = float(np.abs(score_sum - click_sum).sum() / n)
         return out
+
+
+def profile_model_version(profile_path: Path) -> str | None:
+    """The version of the model a reference profile belongs to: ``version`` of the
+    ``model.json`` next to it (a model directory holds both), or ``None`` if there is none."""
+    meta_path = Path(profile_path).parent / "model.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    version = meta.get("version") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else None
 
 
 def _request_metrics(con: duckdb.DuckDBPyConnection) -> dict[str, float]:

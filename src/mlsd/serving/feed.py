@@ -4,7 +4,8 @@
 directory written by training (:func:`mlsd.systems.feed.package.package_model`)::
 
     model/
-      model.json       version, source order, candidates per request, re-ranking
+      model.json       version, source order, candidates per request, re-ranking, the
+                       evaluation settings of its held-out scores (for the registry's gate)
       sources/<name>/  each candidate source's serving artifact (mlsd.serving.sources)
       ranking/         the ranker, its calibrator, feature vocabulary and layout, and the merge
                        quotas (warm and cold) its training rows were merged with

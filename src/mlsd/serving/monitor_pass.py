@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mlsd.monitoring.alerts import AlertRule
-from mlsd.monitoring.monitor import MonitorResult, run_monitor
+from mlsd.monitoring.monitor import MonitorResult, profile_model_version, run_monitor
 from mlsd.monitoring.profile import ReferenceProfile
 
 
@@ -56,7 +56,8 @@ def monitor_pass(
 ) -> MonitorResult:
     """:func:`~mlsd.monitoring.monitor.run_monitor` over ``[start, end)`` of ``log_dir``
     against the profile at ``profile_path``, on one DuckDB thread (the service has the other
-    core)."""
+    core). Only the candidate rows of the profile's model version (``model.json`` next to
+    the profile) are compared: not a previous model's, nor another experiment arm's."""
     return run_monitor(
         log_dir,
         load_profile(profile_path),
@@ -66,6 +67,7 @@ def monitor_pass(
         psi_threshold=psi_threshold,
         reference_ctr=reference_ctr,
         threads=1,
+        model_version=profile_model_version(profile_path),
     )
 
 

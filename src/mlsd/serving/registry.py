@@ -20,7 +20,11 @@ Where the state lives:
   value is the version's score on its own validation window, so :meth:`ModelRegistry.promote`
   also takes a :class:`HeadToHead` (both models scored on the same data), which retraining
   uses: after the data moved, stored values from different windows do not compare;
-* the alias ``champion`` on the registered model;
+* the version tags ``dataset_hash`` and ``mlsd.protocol.<setting>`` (the evaluation settings
+  that shape the stored value, written by ``mlsd feed train``): without a head-to-head,
+  promote() refuses a candidate whose tags differ from the champion's;
+* the alias ``champion`` on the registered model (moved by promote() and rollback()), and
+  any other alias, e.g. an experiment's ``challenger`` (moved by set_alias());
 * the registered-model tag ``mlsd.champion_history``: JSON list of earlier champions, oldest
   first; promote() pushes the outgoing champion, rollback() pops it.
 
@@ -60,6 +64,11 @@ GATE_VALUE_TAG = "mlsd.gate_value"
 MANIFEST_TAG = "mlsd.manifest_sha256"
 HEAD_TO_HEAD_TAG = "mlsd.head_to_head"
 """Version tag: JSON of the head-to-head its promotion was gated on (see :class:`HeadToHead`)."""
+DATASET_TAG = "dataset_hash"
+"""Version tag: the content hash of the dataset the version was trained and scored on."""
+PROTOCOL_TAG_PREFIX = "mlsd.protocol."
+"""Version tags ``mlsd.protocol.<setting>``: the evaluation settings that shape the stored gate
+value (e.g. ``ranker_windows``, ``ranker_valid_frac``); see :meth:`ModelRegistry.promote`."""
 HISTORY_TAG = "mlsd.champion_history"
 MAX_HISTORY = 50
 _REMOTE_SCHEMES = ("http://", "https://", "databricks")
@@ -214,7 +223,10 @@ class ModelRegistry:
         ``gate_tolerance``. With ``head_to_head``, the values compared are both models' on the
         same data (what ``mlsd feed retrain`` measures); without, the versions' stored values,
         each measured on its own training data's validation window — comparable only while
-        the data has not moved (``mlsd feed promote`` without a dataset).
+        the data has not moved (``mlsd feed promote`` without a dataset). So without a
+        head-to-head the gate refuses when the two versions record different ``dataset_hash``
+        tags or different ``mlsd.protocol.*`` settings (a tag recorded on one version only is
+        not compared); ``force`` promotes anyway and the result says it was forced.
 
         Raises:
             ValueError: ``head_to_head`` scored another version than the current champion.
@@ -233,10 +245,19 @@ class ModelRegistry:
         else:
             candidate = self._gate_value(version)
             champion_value = None if current is None else self._gate_value(current)
+        mismatch: str | None = None
+        if not compared and current is not None and current != version:
+            mismatch = self._incomparable(version, current)
         if current is None:
             accepted, why = True, "no champion yet"
         elif current == version:
             accepted, why = True, f"version {version} is already the champion"
+        elif mismatch is not None:
+            accepted = False
+            why = (
+                f"the stored {metric} values do not compare: {mismatch}; score both on the "
+                "same data with `mlsd feed retrain` (head to head)"
+            )
         else:
             assert champion_value is not None
             # The epsilon keeps a candidate exactly at the tolerance from failing on rounding.
@@ -291,6 +312,26 @@ class ModelRegistry:
         )
         self._set_history(history)
         return previous
+
+    def set_alias(self, alias: str, version: int) -> None:
+        """Point ``alias`` (e.g. ``challenger``, an experiment arm) at ``version``.
+
+        Not the champion alias: :meth:`promote` moves it, through the gate and the history
+        :meth:`rollback` uses.
+
+        Raises:
+            ValueError: ``alias`` is the champion alias, is empty or a version-like number,
+                or ``version`` is not registered.
+        """
+        if alias == self.config.champion_alias:
+            raise ValueError(
+                f"the {alias!r} alias moves only through the gate: "
+                f"mlsd feed promote --version {version}"
+            )
+        if not alias or alias.isdigit() or alias.strip() != alias:
+            raise ValueError(f"alias {alias!r}: use a name such as 'challenger'")
+        self._model_version(version)  # the version exists (else a ValueError naming it)
+        self._client.set_registered_model_alias(self.config.model_name, alias, str(version))
 
     def champion(self) -> int | None:
         """The version holding the champion alias, or None."""
@@ -418,6 +459,24 @@ class ModelRegistry:
                 "register it again or change gate_metric"
             )
         return float(tags[GATE_VALUE_TAG])
+
+    def _incomparable(self, candidate: int, champion: int) -> str | None:
+        """Why the stored gate values of two versions do not compare, or None if they do.
+
+        They do not when the versions record different datasets (``dataset_hash``) or
+        different evaluation settings (``mlsd.protocol.*``); only tags both record count.
+        """
+        ours, theirs = self._model_version(candidate).tags, self._model_version(champion).tags
+        keys = [DATASET_TAG, *sorted(k for k in ours if k.startswith(PROTOCOL_TAG_PREFIX))]
+        differ = [k for k in keys if k in ours and k in theirs and ours[k] != theirs[k]]
+        if not differ:
+            return None
+        parts = []
+        for key in differ:
+            name = "dataset_hash" if key == DATASET_TAG else key[len(PROTOCOL_TAG_PREFIX) :]
+            parts.append(f"{name} {ours[key]} (v{candidate}) vs {theirs[key]} (v{champion})")
+        what = "trained on different datasets" if DATASET_TAG in differ else "scored differently"
+        return f"{what}: " + ", ".join(parts)
 
     def _history(self) -> list[int]:
         model = self._registered_model()

@@ -125,3 +125,35 @@ def test_retrieve_eval_on_a_missing_dataset_is_a_one_line_error(
     err = capsys.readouterr().err
     assert "events.parquet: not found" in err
     assert "Traceback" not in err
+
+
+def test_commands_say_which_config_they_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """configs/feed.toml is relative to the working directory: run elsewhere, `feed evaluate`
+    says it uses the built-in defaults (and where it looked) instead of doing so silently."""
+    import mlsd.evaluation.offline as offline
+    import mlsd.features.batch as batch
+    import mlsd.systems.feed.ranking  # noqa: F401  (registers evaluate on the feed app)
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise ValueError("stopped before evaluating")
+
+    monkeypatch.setattr(batch, "feature_config_for", lambda *args, **kwargs: None)
+    monkeypatch.setattr(offline, "evaluate_pipeline", stop)
+    monkeypatch.chdir(tmp_path)
+    evaluate = ["feed", "evaluate", "--dataset", "world", "--out", "out"]
+
+    assert run(evaluate) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"config: built-in defaults (configs/feed.toml not found in {tmp_path})" in err
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "feed.toml").write_text("[ranking]\nranker_windows = 2\n")
+    assert run(evaluate) == 1
+    assert "config: configs/feed.toml" in capsys.readouterr().err
+
+    other = tmp_path / "other.toml"
+    other.write_text("")
+    assert run([*evaluate, "--config", str(other)]) == 1
+    assert f"config: {other}" in " ".join(capsys.readouterr().err.split())

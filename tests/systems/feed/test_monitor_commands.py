@@ -134,3 +134,27 @@ def test_bad_files_exit_2(setup: dict[str, Path], capsys: pytest.CaptureFixture[
     assert run([*command[:3], str(setup["root"] / "nowhere"), *command[4:],
                 str(setup["profile"])]) == 2  # fmt: skip
     assert "log directory not found" in capsys.readouterr().err
+
+
+def test_only_the_profiled_models_rows_are_compared(
+    tmp_path: Path, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The profile's model.json names its version: another model's drifted rows in the same
+    window (a previous champion, another arm) are left out; --model-version all keeps them."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.json").write_text(json.dumps({"version": "ours"}))
+    reference = profile().save(model_dir / "reference_profile.json")
+    log = tmp_path / "log"
+    ours = candidates(2_000, shift=0.0, start=START).assign(model_version="ours")
+    theirs = candidates(2_000, shift=1.5, start=START, seed=2).assign(model_version="theirs")
+    write_log(log, "candidates", ours)
+    write_log(log, "candidates", theirs)
+    base = ["feed", "monitor", "--log-dir", str(log), "--reference", str(reference),
+            "--end", END.isoformat(), "--config", str(setup["config"])]  # fmt: skip
+
+    assert run(base) == 0
+    assert "candidate rows of model version ours only" in capsys.readouterr().out
+    assert run([*base, "--model-version", "all"]) == 1
+    assert "alert(s) fired" in capsys.readouterr().err
+    assert run([*base, "--model-version", "theirs"]) == 1

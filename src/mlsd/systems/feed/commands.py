@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from mlsd.config import FeedConfig, load_feed_config
+from mlsd.config import FeedConfig, feed_config_source, load_feed_config
 
 if TYPE_CHECKING:
     from mlsd.evaluation.retrieval import Estimate, RetrievalReport
@@ -21,10 +22,16 @@ features_app = typer.Typer(
 app.add_typer(features_app, name="features")
 
 console = Console()
+err_console = Console(stderr=True)
 
 DatasetDir = Annotated[Path, typer.Option("--dataset", help="Contract directory to read.")]
 ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="System config (default configs/feed.toml).")
+    Path | None,
+    typer.Option(
+        "--config",
+        help="System config (default configs/feed.toml in the working directory, else the "
+        "built-in defaults; the command prints which).",
+    ),
 ]
 RepoDir = Annotated[
     Path | None,
@@ -35,8 +42,16 @@ OnlineStore = Annotated[
 ]
 
 
-def _config(path: Path | None, online_store: str | None) -> FeedConfig:
+def load_config(path: Path | None) -> FeedConfig:
+    """The feed config of ``--config`` (else ``configs/feed.toml`` in the working directory,
+    else the built-in defaults), after one line on stderr saying which was read."""
     config = load_feed_config(path)
+    err_console.print(escape(feed_config_source(path)), highlight=False, soft_wrap=True)
+    return config
+
+
+def _config(path: Path | None, online_store: str | None) -> FeedConfig:
+    config = load_config(path)
     return config if online_store is None else config.with_online_store(online_store)
 
 
@@ -181,7 +196,7 @@ def retrieve_eval(
     """Step 5: every candidate source and their merge under the global temporal split."""
     from mlsd.evaluation.retrieval import evaluate_retrieval
 
-    retrieval = load_feed_config(config).retrieval
+    retrieval = load_config(config).retrieval
     report = evaluate_retrieval(
         dataset,
         retrieval.factories(),

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from mlsd.config import load_feed_config
-from mlsd.systems.feed.commands import ConfigFile, app, console
+from mlsd.systems.feed.commands import ConfigFile, app, console, load_config
 
 if TYPE_CHECKING:
     from mlsd.monitoring.log_reader import LogSummary
@@ -78,7 +77,7 @@ def logs(
     from mlsd.monitoring.alerts import parse_window
     from mlsd.monitoring.log_reader import summarize
 
-    root = log_dir or load_feed_config(config).service_log.path(base_dir)
+    root = log_dir or load_config(config).service_log.path(base_dir)
     if not root.is_dir():
         raise ValueError(f"no service log at {root} (mlsd feed serve writes it; see --log-dir)")
     until = _time(end) if end else None

@@ -21,11 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mlsd.config import load_feed_config
 from mlsd.monitoring.alerts import parse_window
-from mlsd.monitoring.monitor import MonitorResult, run_monitor
+from mlsd.monitoring.monitor import MonitorResult, profile_model_version, run_monitor
 from mlsd.monitoring.profile import ReferenceProfile
-from mlsd.systems.feed.commands import app, console
+from mlsd.systems.feed.commands import app, console, load_config
 
 err_console = Console(stderr=True)
 N_SHOWN = 15
@@ -71,15 +70,31 @@ def monitor(
             help="Served CTR of a known-good period; ctr_drop is measured against it.",
         ),
     ] = None,
+    model_version: Annotated[
+        str | None,
+        typer.Option(
+            "--model-version",
+            help="Compare only this model version's candidate rows with the profile (default: "
+            "the version in model.json next to --reference; 'all' for every row).",
+        ),
+    ] = None,
 ) -> None:
-    """Compare a live window with the reference profile and check the alert rules."""
+    """Compare a live window with the reference profile and check the alert rules.
+
+    Only the candidate rows of the profile's model version are compared with it (a previous
+    model's rows after a promotion or a rollback, or another experiment arm's, are left out).
+    """
     try:
-        section = load_feed_config(config).monitoring  # as every feed command reads it
+        section = load_config(config).monitoring  # as every feed command reads it
         length = parse_window(window if window is not None else section.window)
         until = _parse_end(end)
         if not log_dir.is_dir():
             raise BadInputError(f"{log_dir}: log directory not found")
         profile = ReferenceProfile.load(reference)
+        if model_version is None:
+            model_version = profile_model_version(reference)
+        elif model_version == "all":
+            model_version = None
         result = run_monitor(
             log_dir,
             profile,
@@ -88,6 +103,7 @@ def monitor(
             rules=section.alerts,
             psi_threshold=section.psi_threshold,
             reference_ctr=reference_ctr if reference_ctr is not None else section.reference_ctr,
+            model_version=model_version,
         )
     except (ValueError, OSError, duckdb.Error) as exc:  # bad input, or a log DuckDB cannot read
         err_console.print(
@@ -130,9 +146,15 @@ def _parse_end(text: str | None) -> datetime:
 def _print(result: MonitorResult) -> None:
     counts = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
     console.print(f"window {result.start.isoformat()} → {result.end.isoformat()} ({counts})")
+    of = "" if result.model_version is None else f" of model version {result.model_version}"
+    if result.model_version is not None:
+        console.print(f"drift: candidate rows{of} only", highlight=False)
     drift = result.drift
     if drift is None:
-        console.print("no candidate rows in the window: feature and prediction drift not measured")
+        console.print(
+            f"no candidate rows{of} in the window: feature and prediction drift not measured",
+            highlight=False,
+        )
     else:
         table = Table(title="drift (most drifted first)", title_justify="left")
         for column in ("feature", "kind", "test", "statistic", "p-value", "PSI", "live rows", ""):

@@ -60,6 +60,24 @@ from mlsd.serving.feed import FORMAT_VERSION, MODEL_JSON, REFERENCE_PROFILE, SNA
 from mlsd.serving.sources import UserQuery, candidates_many
 
 
+def evaluation_settings(feed: FeedConfig) -> dict[str, Any]:
+    """The settings that shape a model's held-out scores (its stored gate value).
+
+    ``model.json`` keeps them as ``evaluation``; registering a model records them as params and
+    ``mlsd.protocol.*`` version tags, and the stored-value gate refuses to compare versions
+    whose settings differ. (The NDCG cutoff is in the gate metric's name, ``ndcg@10``.)
+    """
+    protocol, ranking = feed.retrieval.protocol, feed.ranking
+    return {
+        "val_frac": protocol.val_frac,
+        "split_by": protocol.split_by,
+        "min_value": protocol.min_value,
+        "seed": protocol.seed,
+        "ranker_windows": ranking.ranker_windows,
+        "ranker_valid_frac": ranking.ranker_valid_frac,
+    }
+
+
 def package_model(
     dataset_dir: Path,
     out: Path,
@@ -116,6 +134,7 @@ def package_model(
         "dataset": {"name": info.name, "content_hash": info.content_hash},
         "trained_until": cutoff.isoformat(),
         "source_fit_seconds": fit_seconds,
+        "evaluation": evaluation_settings(feed),
         "reference_profile": None,
     }
     (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")

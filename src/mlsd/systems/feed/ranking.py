@@ -15,12 +15,17 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 from rich.table import Table
 
-from mlsd.config import load_feed_config
-from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
-from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
+from mlsd.serving.registry import DATASET_TAG, PROTOCOL_TAG_PREFIX
+from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console, load_config
+from mlsd.systems.feed.registry_commands import (
+    BaseDir,
+    RegistryUri,
+    open_registry,
+    report_promotion,
+)
 
 if TYPE_CHECKING:
-    from mlsd.evaluation.offline import OfflineReport, TrainedRankers
+    from mlsd.evaluation.offline import OfflineReport, RankerScores, TrainedRankers
     from mlsd.evaluation.retrieval import ProtocolConfig
     from mlsd.serving.registry import ModelRegistry
 
@@ -42,10 +47,14 @@ def train(
     registry_uri: RegistryUri = None,
     base_dir: BaseDir = Path(),
 ) -> None:
-    """Steps 4-6: train the feed on all the data; write the model directory serving loads."""
+    """Steps 4-6: train the feed on all the data; write the model directory serving loads.
+
+    With ``--register --promote``, exits 1 when the gate refuses the new version (it stays
+    registered; ``mlsd feed promote --version N --force`` overrides), like ``mlsd feed promote``.
+    """
     from mlsd.systems.feed.package import package_model
 
-    feed = load_feed_config(config)
+    feed = load_config(config)
     path, trained = package_model(dataset, out, feed, progress=True)
     console.print(scores_table(trained))
     console.print(f"model written to {path}")
@@ -54,8 +63,8 @@ def train(
         console.print(f"registered as version {version}")
         if promote:
             result = open_registry(registry_uri, base_dir).promote(version)
-            verdict = "promoted to champion" if result.accepted else "NOT promoted"
-            console.print(f"version {version} {verdict}: {result.reason}")
+            override = f"`mlsd feed promote --version {version} --force` overrides"
+            report_promotion(result, override)  # exits 1 on a refusal, as `feed promote` does
         else:
             console.print(f"promote it with: mlsd feed promote --version {version}")
 
@@ -88,20 +97,27 @@ def register_model(path: Path, trained: TrainedRankers, registry: ModelRegistry)
     """
     from mlsd.evaluation.offline import gate_scores
 
-    chosen = gate_scores(trained)
+    return register_scores(path, gate_scores(trained), registry)
+
+
+def register_scores(path: Path, chosen: RankerScores, registry: ModelRegistry) -> int:
+    """:func:`register_model` given the gate's scores of the chosen ranker (``chosen``)."""
     meta = json.loads((path / "model.json").read_text())
+    settings = {name: str(value) for name, value in meta.get("evaluation", {}).items()}
     return registry.register(
         path,
         params={
-            "ranker": trained.chosen,
+            "ranker": chosen.name,
             "sources": ",".join(meta["sources"]),
             "n_candidates": meta["n_candidates"],
             "dataset": meta["dataset"]["name"],
+            **{f"protocol.{name}": value for name, value in settings.items()},
         },
         metrics={"ndcg@10": chosen.valid_ndcg, "auc": chosen.valid_auc},
         tags={
             "model_version": meta["version"],
-            "dataset_hash": meta["dataset"]["content_hash"],
+            DATASET_TAG: meta["dataset"]["content_hash"],
+            **{PROTOCOL_TAG_PREFIX + name: value for name, value in settings.items()},
         },
     )
 
@@ -136,7 +152,7 @@ def evaluate(
 
     if protocol not in ("temporal", "random-per-user"):
         raise ValueError(f"--protocol {protocol!r}: use temporal or random-per-user")
-    feed = load_feed_config(config)
+    feed = load_config(config)
     settings = evaluation_protocol(feed.retrieval.protocol, protocol, test_frac)
     report = evaluate_pipeline(
         dataset,

@@ -1,7 +1,9 @@
-"""``mlsd feed promote|rollback|versions``: the champion model in the MLflow registry.
+"""``mlsd feed promote|rollback|alias|versions``: the champion model in the MLflow registry.
 
 ``promote`` gates on the versions' stored NDCG@10 (each on its own training data's validation
-window); ``mlsd feed retrain`` gates head to head on the newest window instead.
+window), and refuses versions trained on different datasets or scored under different
+evaluation settings; ``mlsd feed retrain`` gates head to head on the newest window instead.
+``alias`` sets any other alias (an experiment's ``challenger``), without a gate.
 
 Settings are :class:`~mlsd.serving.registry.RegistryConfig` defaults, with the tracking URI taken
 from ``--registry-uri``, else the environment variable ``MLSD_TRACKING_URI``, else
@@ -16,9 +18,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from mlsd.serving.registry import ModelRegistry, RegistryConfig
+from mlsd.serving.registry import ModelRegistry, Promotion, RegistryConfig
 from mlsd.systems.feed.commands import app, console
 
 RegistryUri = Annotated[
@@ -56,23 +59,54 @@ def promote(
     Compares the stored values: each version's NDCG@10 on the validation window of its own
     training data. That is a fair test only while the data has not moved; after a drift the
     champion's value describes the old world, and ``mlsd feed retrain`` (which scores both
-    models head to head on the new data's window) is the command to gate with.
+    models head to head on the new data's window) is the command to gate with. So the gate
+    refuses (``--force`` overrides, and says so) when the two versions were trained on
+    different datasets (``dataset_hash`` tags) or scored under different evaluation settings
+    (``mlsd.protocol.*`` tags).
     """
     registry = open_registry(registry_uri, base_dir)
-    result = registry.promote(version, force=force)
+    report_promotion(registry.promote(version, force=force), "--force overrides")
+
+
+def report_promotion(result: Promotion, override: str) -> None:
+    """Print the gate's verdict on ``result``; exit 1 when it refused the version.
+
+    ``override`` ends the refusal line: how to promote anyway (e.g. ``--force overrides``).
+    """
+    version = result.version
     if result.forced:
         console.print(
             f"[yellow]accepted (forced)[/]: version {version} is the champion; "
-            f"the gate was overridden ({result.reason})"
+            f"the gate was overridden ({escape(result.reason)})"
         )
     elif result.accepted:
-        console.print(f"[green]accepted[/]: version {version} is the champion ({result.reason})")
+        console.print(
+            f"[green]accepted[/]: version {version} is the champion ({escape(result.reason)})"
+        )
     else:
         console.print(
             f"[red]refused[/]: version {version} stays out; champion remains "
-            f"v{result.previous_champion} ({result.reason}); --force overrides"
+            f"v{result.previous_champion} ({escape(result.reason)}); {override}"
         )
         raise typer.Exit(1)
+
+
+@app.command("alias")
+def alias(
+    name: Annotated[
+        str, typer.Option("--name", help="The alias to set, e.g. challenger (not champion).")
+    ],
+    version: Annotated[int, typer.Option("--version", help="Model version it points at.")],
+    registry_uri: RegistryUri = None,
+    base_dir: BaseDir = Path(),
+) -> None:
+    """Point an alias other than the champion at a version (e.g. an experiment's challenger
+    arm). The champion moves only through the gate: ``mlsd feed promote``."""
+    registry = open_registry(registry_uri, base_dir)
+    before = registry.alias_version(name)
+    registry.set_alias(name, version)
+    was = "" if before is None or before == version else f" (was v{before})"
+    console.print(f"alias {name!r} -> version {version}{was}", highlight=False)
 
 
 @app.command("rollback")

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mlsd.config import FeedConfig, load_feed_config
-from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
+from mlsd.config import FeedConfig
+from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console, load_config
 from mlsd.systems.feed.logs_commands import LogDir
 from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
 
@@ -110,8 +110,14 @@ class ModelLoader:
                 registry = open_registry(self.registry_uri, self.base_dir)
                 version = registry.alias_version(self.alias)
                 if version is None:
+                    how = (
+                        "mlsd feed promote --version N"
+                        if self.alias == registry.config.champion_alias
+                        else f"mlsd feed alias --name {self.alias} --version N"
+                    )
                     raise ValueError(
-                        f"the registry has no {self.alias} yet: mlsd feed promote --version N"
+                        f"the registry has no version with the alias {self.alias!r} yet "
+                        f"(model {registry.config.model_name!r}); set it with: {how}"
                     )
                 download = self._download_dir(version)
                 # The number, not the alias: the alias may move while this downloads.
@@ -199,7 +205,8 @@ def experiment_loader(
     """A loader of every arm of ``experiment`` behind one
     :class:`~mlsd.serving.experiment.ExperimentRecommender`.
 
-    An arm's ``alias`` names a registry alias (``champion``, ``challenger``, ...), or
+    An arm's ``alias`` names a registry alias (``champion``, ``challenger``, ...; ``mlsd feed
+    alias --name challenger --version N`` sets one other than the champion), or
     ``popular`` for the popularity baseline. With ``model_dir`` every registry alias loads
     that directory instead (an A/B test of the baseline against one model)."""
     from mlsd.serving.experiment import POPULAR_ALIAS
@@ -308,7 +315,7 @@ def serve(
 
     if follow_champion > 0 and model is not None:
         raise typer.BadParameter("needs the registry: drop --model", param_hint="--follow-champion")
-    feed = load_feed_config(config)
+    feed = load_config(config)
     log = None
     if feed.service_log.enabled and not no_log:
         log = feed.service_log.open(log_dir or feed.service_log.path(base_dir))
@@ -461,7 +468,7 @@ def batch_predict_command(
     from mlsd.serving.precomputed import PrecomputedStore
 
     part, parts = parse_shard(shard)
-    feed = load_feed_config(config)
+    feed = load_config(config)
     load = ModelLoader(
         dataset,
         feed,
