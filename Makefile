@@ -53,7 +53,8 @@ demo: install
 	$(BIN)/mlsd data split $(DEMO)/world --val-frac 0.1 --test-frac 0.1
 	$(BIN)/mlsd feed features apply --dataset $(DEMO)/world --config $(DEMO_CONFIG)
 	$(BIN)/mlsd feed features materialize --dataset $(DEMO)/world --config $(DEMO_CONFIG)
-	$(BIN)/mlsd feed features get --dataset $(DEMO)/world --user 42 --items 1,2,3,4,5
+	$(BIN)/mlsd feed features get --dataset $(DEMO)/world --config $(DEMO_CONFIG) --user 42 \
+		--items 1,2,3,4,5
 	$(BIN)/mlsd feed train --dataset $(DEMO)/world --config $(DEMO_CONFIG) --out $(DEMO)/model \
 		--register --promote --base-dir $(DEMO)
 	@-kill $$(cat $(DEMO)/serve.pid 2>/dev/null) 2>/dev/null; sleep 1

@@ -53,9 +53,9 @@ import pandas as pd
 import typer
 from rich.markup import escape
 
-from mlsd.config import FeedConfig, load_feed_config
+from mlsd.config import FeedConfig
 from mlsd.serving.registry import HeadToHead, ModelRegistry
-from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console
+from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console, load_config
 from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def retrain(
     from mlsd.systems.feed.package import check_model_out, package_model
     from mlsd.systems.feed.ranking import register_model, scores_table
 
-    feed = load_feed_config(config)
+    feed = load_config(config)
     if reload_url is not None and not os.environ.get(ADMIN_TOKEN_ENV):
         # Checked before minutes of training, not after.
         raise ValueError(
