@@ -364,7 +364,7 @@ def test_reads_equal_feasts_sdk_read_field_by_field(
     ).proto
     columns = list(response.metadata.feature_names.val)
     ts = response.results[columns.index("last_event_ts")].event_timestamps[0]
-    _, _, stored = online._read_users([user_id], timestamps=True)
+    _, stored = online._read_dynamic([user_id])
     assert stored[0] == pd.Timestamp(ts.seconds * 10**9 + ts.nanos, unit="ns", tz="UTC")
     assert abs(stored[0] - window["ts"].iloc[1]) < pd.Timedelta(seconds=1)  # the push's newest
 

@@ -194,7 +194,7 @@ class TrainedRankers:
         """
         valid = self.valid_data
         if valid is None or len(valid.features) == 0:
-            raise ValueError("no held-out rows")
+            raise ValueError("the new model has no held-out rows to compare the champion on")
         window = self.rows.window
         if len(window) != len(self.rows.data.groups):
             raise ValueError("the ranker rows do not say which label window they are from")

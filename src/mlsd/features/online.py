@@ -35,10 +35,13 @@ user's recent items) is not counted again; a late event counts only in the windo
 and leaves the session alone; sessions break at gaps measured in whole seconds, as in
 :mod:`mlsd.features.batch`.
 
-Concurrent pushes: within one ``OnlineFeatures`` they are serialised by a lock, so two
-requests' events for one user are both kept (the service runs ``POST /v1/events`` on a thread
-pool). On SQLite every read and write also holds a lock, because Feast shares one connection
-between threads: a read never sees another thread's write half done. Across replicas:
+Concurrent pushes (the service runs ``POST /v1/events`` on a thread pool, and replicas push
+side by side) keep both requests' events for one user. On SQLite, pushes within one
+``OnlineFeatures`` are serialised by a lock, and every read and write also holds a lock,
+because Feast shares one connection between threads: a read never sees another thread's write
+half done. On Redis each user's push is a compare-and-set (below), which serialises pushes of
+one user whichever thread or replica sends them, and leaves other users' pushes unblocked.
+Across replicas:
 
 - Redis: each user's push is a compare-and-set, ``WATCH`` on the user's hash, read, then the
   new state in ``MULTI``/``EXEC`` (written in Feast's hash layout, :class:`_RedisWriter`),
@@ -510,19 +513,27 @@ class OnlineFeatures:
     # --- users ---------------------------------------------------------------------------
 
     def _read_users(
-        self, user_ids: Sequence[int], *, timestamps: bool = False
-    ) -> tuple[dict[str, list[Any]], npt.NDArray[np.bool_], list[pd.Timestamp | None]]:
-        """Stored user features (``None`` when absent), known flags, and with ``timestamps``
-        the dynamic view's write times (what a push must beat; reads skip them)."""
-        values, written = self._read(self._user_views, "user_id", user_ids)
-        stored_ts: list[pd.Timestamp | None] = []
-        if timestamps:
-            for ts, value in zip(written[USER_DYNAMIC_VIEW], values["last_event_ts"], strict=True):
-                stored_ts.append(None if value is None or ts is None else _utc(ts))
+        self, user_ids: Sequence[int]
+    ) -> tuple[dict[str, list[Any]], npt.NDArray[np.bool_]]:
+        """Stored user features (``None`` when absent) and known flags."""
+        values, _ = self._read(self._user_views, "user_id", user_ids)
         known = np.zeros(len(user_ids), dtype=bool)
         for feature in (*self._static, *self._dynamic):
             known |= np.fromiter((v is not None for v in values[feature.name]), dtype=bool)
-        return values, known, stored_ts
+        return values, known
+
+    def _read_dynamic(
+        self, user_ids: Sequence[int]
+    ) -> tuple[dict[str, list[Any]], list[pd.Timestamp | None]]:
+        """What a push starts from: the users' dynamic features (``None`` when absent) and
+        the dynamic view's write times (what a push must beat)."""
+        views = {USER_DYNAMIC_VIEW: self._user_views[USER_DYNAMIC_VIEW]}
+        values, written = self._read(views, "user_id", user_ids)
+        stored_ts = [
+            None if value is None or ts is None else _utc(ts)
+            for ts, value in zip(written[USER_DYNAMIC_VIEW], values["last_event_ts"], strict=True)
+        ]
+        return values, stored_ts
 
     def _read(
         self, views: Mapping[str, Sequence[str]], join_key: str, ids: Sequence[int]
@@ -589,13 +600,13 @@ class OnlineFeatures:
 
         The request path reads the user first (the candidate sources need the recent items),
         then :meth:`features_for` its candidates, which reads nothing from the store."""
-        values, known, _ = self._read_users([int(user_id)])
+        values, known = self._read_users([int(user_id)])
         return self._user_arrays(values, known)
 
     def users_features(self, user_ids: Sequence[int]) -> dict[str, np.ndarray]:
         """:meth:`user_features` of many users in one online-store read, one row per user (in
         ``user_ids`` order): what batch prediction reads."""
-        values, known, _ = self._read_users([int(u) for u in user_ids])
+        values, known = self._read_users([int(u) for u in user_ids])
         return self._user_arrays(values, known)
 
     def default_user(self) -> dict[str, np.ndarray]:
@@ -658,9 +669,9 @@ class OnlineFeatures:
         Feast's push API (on Redis, by a compare-and-set in Feast's layout); the next read sees
         it. Returns the events applied: duplicates and skipped types are not counted.
 
-        Pushes are serialised within this object (a lock: the read-modify-write of a user
-        would otherwise lose concurrent events); see the module docstring for pushes from
-        several processes.
+        Concurrent pushes of one user (the read-modify-write would otherwise lose events) are
+        serialised by a lock on SQLite and by a compare-and-set on Redis; see the module
+        docstring for pushes from several processes.
         """
         missing = [c for c in ("user_id", "item_id", "ts", "event", "value") if c not in events]
         if missing:
@@ -675,12 +686,12 @@ class OnlineFeatures:
         frame = frame.sort_values("ts", kind="stable")
         categories = self._item_cache().lookup(frame["item_id"].to_numpy(np.int64))
         frame = frame.assign(category_index=categories["category_index"])
+        if self._redis is not None:  # WATCH sees every other writer, this process's threads too
+            return sum(
+                self._push_user_cas(self._redis, int(user_id), group)
+                for user_id, group in frame.groupby("user_id", sort=False)
+            )
         with self._push_lock:
-            if self._redis is not None:
-                return sum(
-                    self._push_user_cas(self._redis, int(user_id), group)
-                    for user_id, group in frame.groupby("user_id", sort=False)
-                )
             return self._push_locked(frame)
 
     def _push_user_cas(self, redis: _RedisWriter, user_id: int, group: pd.DataFrame) -> int:
@@ -694,7 +705,7 @@ class OnlineFeatures:
             with redis.client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(key)
-                    values, _, stored_ts = self._read_users([user_id], timestamps=True)
+                    values, stored_ts = self._read_dynamic([user_id])
                     current = {f.name: values[f.name][0] for f in self._dynamic}
                     state = self._next_state(current, group, stored_ts[0])
                     if state is None:
@@ -729,7 +740,7 @@ class OnlineFeatures:
     def _push_locked(self, frame: pd.DataFrame) -> int:
         """:meth:`push_events` of deduplicated, time-ordered events, holding ``_push_lock``."""
         user_ids = frame["user_id"].unique().tolist()
-        values, _, stored_ts = self._read_users(user_ids, timestamps=True)
+        values, stored_ts = self._read_dynamic(user_ids)
         rows = []
         applied = 0
         for i, (user_id, group) in enumerate(frame.groupby("user_id", sort=False)):

@@ -187,6 +187,7 @@ def test_quarantined_rows_name_their_line_across_blank_lines_and_multiline_field
         ("a,b\r\n1,2\r\n\r\n3,4\r\n", ",", True, [2, 4]),
         ('a,b\n"x\n\ny",2\n3,4\n', ",", True, [2, 5]),  # a blank line inside quotes is data
         ("a::b\n1::2\n\n3::4\n", "::", True, None),  # the csv module cannot split on "::"
+        (f'a,b\n"{"x" * 200_000}",1\n\n2,3\n', ",", True, None),  # over csv's field limit
     ],
 )
 def test_record_lines(

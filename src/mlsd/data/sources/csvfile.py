@@ -161,10 +161,13 @@ def record_lines(
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle, delimiter=sep)
         end = 0
-        for record in reader:
-            start, end = end + 1, reader.line_num
-            if record and (len(record) > 1 or record[0].strip()):
-                starts.append(start)
+        try:
+            for record in reader:
+                start, end = end + 1, reader.line_num
+                if record and (len(record) > 1 or record[0].strip()):
+                    starts.append(start)
+        except csv.Error:  # e.g. a field over the csv module's size limit, which pandas reads
+            return None
     lines = np.asarray(starts[1:] if header else starts, dtype=np.int64)
     return lines if len(lines) == n_rows else None
 

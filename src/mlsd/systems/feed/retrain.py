@@ -56,7 +56,12 @@ from rich.markup import escape
 from mlsd.config import FeedConfig
 from mlsd.serving.registry import HeadToHead, ModelRegistry
 from mlsd.systems.feed.commands import ConfigFile, DatasetDir, app, console, load_config
-from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
+from mlsd.systems.feed.registry_commands import (
+    BaseDir,
+    RegistryUri,
+    open_registry,
+    report_promotion,
+)
 
 if TYPE_CHECKING:
     from mlsd.evaluation.offline import TrainedRankers
@@ -64,7 +69,6 @@ if TYPE_CHECKING:
     from mlsd.models.ranking.bundle import RankingBundle
 
 ADMIN_TOKEN_ENV = "MLSD_ADMIN_TOKEN"
-EXIT_REFUSED = 1
 EXIT_RELOAD_FAILED = 2
 
 
@@ -150,14 +154,7 @@ def retrain(
             f"v{comparison.champion_version} {comparison.champion_value:.4f}"
         )
     result = registry.promote(version, force=force, head_to_head=comparison)
-    if not result.accepted:
-        console.print(
-            f"[red]refused[/]: version {version} stays out; champion remains "
-            f"v{result.previous_champion} ({escape(result.reason)}); --force overrides"
-        )
-        raise typer.Exit(EXIT_REFUSED)
-    how = "accepted (forced)" if result.forced else "accepted"
-    console.print(f"[green]{how}[/]: version {version} is the champion ({escape(result.reason)})")
+    report_promotion(result, "--force overrides")  # exits 1 on a refusal
     if reload_url is None:
         console.print("no --reload-url: a running service picks it up on POST /admin/reload")
         return
@@ -210,9 +207,6 @@ def head_to_head(
     if metric not in GATE_SCORERS:
         raise ValueError(f"no head-to-head scorer for the gate metric {metric!r}; "
                          f"known: {sorted(GATE_SCORERS)}")  # fmt: skip
-    valid = trained.valid_data
-    if valid is None or len(valid.features) == 0:
-        raise ValueError("the new model has no held-out rows to compare the champion on")
     # the last label window's held-out users only, as the registered value (register_model)
     pairs, valid = trained.gate_rows()
     with tempfile.TemporaryDirectory(prefix="mlsd-champion-") as tmp:
