@@ -595,24 +595,13 @@ def test_context_keys_never_override_stored_or_model_features(
     )
     pairs = {"user_id": np.full(2, user_id), "item_id": item_ids}
     extras = {"user_events_all": np.array([3.0, 3.0])}
-    columns = request_columns(
-        pairs,
-        user=got.user,
-        items=got.items,
-        derived=got.derived,
-        extras=extras,
-        layout=layout,
-        config=config,
-    )
-    want = request_columns(
-        pairs,
-        user=plain.user,
-        items=plain.items,
-        derived=plain.derived,
-        extras=extras,
-        layout=layout,
-        config=config,
-    )
+    columns, want = (
+        request_columns(
+            pairs, user=batch.user, items=batch.items, derived=batch.derived, extras=extras,
+            layout=layout, config=config,
+        )
+        for batch in (got, plain)
+    )  # fmt: skip
     for name in layout.numeric:
         np.testing.assert_array_equal(columns[name], want[name], err_msg=name)
     assert columns["user_events_all"].tolist() == [3.0, 3.0]

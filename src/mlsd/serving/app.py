@@ -777,6 +777,9 @@ def record_events(
 
 def _check_event_times(rows: list[dict[str, Any]], now: float) -> None:
     """422 for events dated more than ``EVENT_TS_ALLOWANCE_S`` after ``now`` (Unix seconds)."""
+    late = [i for i, row in enumerate(rows) if row["ts"] > now + EVENT_TS_ALLOWANCE_S]
+    if not late:
+        return
     server = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
     errors = [
         {
@@ -786,13 +789,11 @@ def _check_event_times(rows: list[dict[str, Any]], now: float) -> None:
                 f"Event time is more than {EVENT_TS_ALLOWANCE_S:.0f} s after the server's "
                 f"clock ({server}); future events are refused"
             ),
-            "input": datetime.fromtimestamp(row["ts"], UTC).isoformat(),
+            "input": datetime.fromtimestamp(rows[i]["ts"], UTC).isoformat(),
         }
-        for i, row in enumerate(rows)
-        if row["ts"] > now + EVENT_TS_ALLOWANCE_S
+        for i in late
     ]
-    if errors:
-        raise RequestValidationError(errors)
+    raise RequestValidationError(errors)
 
 
 @router.get("/v1/users/sample", response_model=UserSampleOut)
