@@ -528,6 +528,9 @@ class LightGBMSection:
     num_leaves: int = 31
     min_child_samples: int = 20
     reg_lambda: float = 0.0
+    max_cat_to_onehot: int = 4
+    feature_fraction: float = 1.0
+    bagging_fraction: float = 1.0
     early_stopping_rounds: int | None = 30
     num_threads: int = 1
     seed: int = 0
@@ -618,6 +621,7 @@ class RankingSection:
     n_candidates: int = 200
     ranker_windows: int = 3
     ranker_valid_frac: float = 0.2
+    auc_splits: int = 1
     negative_keep_rate: float = 1.0
     calibration: Literal["platt", "isotonic"] = "isotonic"
     baselines: tuple[str, ...] | None = None
@@ -655,6 +659,7 @@ class RankingSection:
             ranker=self.ranker,
             ranker_windows=self.ranker_windows,
             ranker_valid_frac=self.ranker_valid_frac,
+            auc_splits=self.auc_splits,
             negative_keep_rate=self.negative_keep_rate,
             calibration=self.calibration,
             rerank=RerankConfig(**rerank),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import ndcg_score
+from sklearn.metrics import ndcg_score, roc_auc_score
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.evaluation.offline import (
@@ -290,6 +290,30 @@ def test_the_gate_scores_the_held_out_users_of_the_last_window_only(world: Path)
     everything = group_ndcg(valid.label, ranker.predict(valid.features), valid.groups, k=10)
     chosen = next(s for s in trained.scores if s.name == trained.chosen)
     assert chosen.valid_ndcg == pytest.approx(everything)  # the scores table: every window
+
+
+def test_auc_splits_refit_every_ranker_on_other_draws_of_held_out_users(
+    world: Path, tmp_path: Path
+) -> None:
+    """auc_splits = 3: each ranker's AUC on the pipeline's draw, then on two more draws (seeds
+    after the protocol's), each a fresh fit; the report shows their mean and spread."""
+    config = dataclasses.replace(PIPELINE_CONFIG, auc_splits=3)
+    _, trained = train_pipeline(world, SOURCES, RANKERS, protocol=FAST, pipeline=config)
+    for score in trained.scores:
+        assert len(score.valid_auc_splits) == 3
+        assert score.valid_auc_splits[0] == score.valid_auc
+        assert len(set(score.valid_auc_splits)) == 3  # other users, other fits
+    rows = trained.rows
+    fit, valid = split_groups(
+        rows.data, rows.users, valid_frac=config.ranker_valid_frac, seed=FAST.seed + 2
+    )
+    assert trained.valid_data is not None
+    assert not np.array_equal(np.unique(valid.groups), np.unique(trained.valid_data.groups))
+    again = roc_auc_score(valid.label, LogisticRanker().fit(fit, valid).predict(valid.features))
+    logistic = next(s for s in trained.scores if s.name == "logistic")
+    assert logistic.valid_auc_splits[2] == pytest.approx(again)
+    with pytest.raises(ValueError, match="auc_splits=0"):
+        PipelineConfig(auc_splits=0)
 
 
 def test_cold_users_candidates_are_merged_with_the_cold_quotas(world: Path) -> None:

@@ -52,6 +52,15 @@ def test_report_has_every_section(report: OfflineReport, tmp_path: Path) -> None
     assert str(escape(report.protocol)) in html  # as Jinja escapes it
     assert metrics.read_text().startswith("{")
     assert 'id="published"' not in html  # only beside the random protocol on ML-100K
+    assert "AUC over" not in html  # one draw of held-out users: no spread column
+
+
+def test_the_rankers_table_shows_the_auc_over_draws(report: OfflineReport) -> None:
+    (logistic,) = report.rankers
+    drawn = dataclasses.replace(logistic, valid_auc_splits=(0.70, 0.74, 0.72))
+    html = render_html(dataclasses.replace(report, rankers=[drawn]))
+    assert "<th>AUC over 3 draws</th>" in html
+    assert "0.720 ± 0.020" in html
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,13 @@ import pytest
 
 from mlsd.data.schema import EVENTS_FILE, ITEMS_FILE, USERS_FILE, ContractError
 from mlsd.features import batch, derive
-from mlsd.features.definitions import NEVER, UNKNOWN, FeatureConfig, feature_set
+from mlsd.features.definitions import (
+    EVENT_TS_ALLOWANCE_S,
+    NEVER,
+    UNKNOWN,
+    FeatureConfig,
+    feature_set,
+)
 from mlsd.features.online import FeatureBatch, OnlineFeatures
 from mlsd.features.store import FeatureStoreConfig, apply, generate_repo, materialize, open_store
 from mlsd.models.ranking.candidates import FeatureLayout, request_columns
@@ -460,12 +466,15 @@ def test_concurrent_pushes_for_one_user_lose_no_event(
     replicas: int,
 ) -> None:
     """POST /v1/events runs on a thread pool: two streams for one user, and reads meanwhile;
-    with two replicas (each its own OnlineFeatures and Redis client), one stream each."""
+    with two replicas (each its own OnlineFeatures and Redis client), one stream each. Each
+    push also carries an event of a user of its own stream (a push of several users is one
+    compare-and-set on Redis, redone user by user when another writer got in between)."""
     repo = make_repo(request, tmp_path, world, config, backend)
     writers = [OnlineFeatures(repo, config) for _ in range(replicas)]
     online = writers[0]
     user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
     before = online.user_features(user_id)
+    own = [10**9 + 1, 10**9 + 2]  # new users, one per stream
     n = 40
     errors: list[BaseException] = []
     applied = [0, 0]
@@ -476,7 +485,8 @@ def test_concurrent_pushes_for_one_user_lose_no_event(
             for i in range(n):
                 ts = AS_OF + pd.Timedelta(seconds=10 * (2 * i + k))
                 writer = writers[k % replicas]
-                applied[k] += writer.push_events(_event(user_id, 11 + k, ts, "view"))
+                both = pd.concat([_event(user_id, 11 + k, ts, "view"), _event(own[k], 5, ts)])
+                applied[k] += writer.push_events(both)
         except BaseException as exc:
             errors.append(exc)
 
@@ -502,10 +512,12 @@ def test_concurrent_pushes_for_one_user_lose_no_event(
     done.set()
     reader.join()
     assert errors == []
-    assert applied == [n, n]
+    assert applied == [2 * n, 2 * n]
     after = online.user_features(user_id)
     for w in config.windows_days:
         assert after[f"events_{w}d"][0] == before[f"events_{w}d"][0] + 2 * n
+    for k in range(2):
+        assert online.user_features(own[k])["events_30d"][0] == n
     assert after["last_event_ts"][0] == int(
         (AS_OF + pd.Timedelta(seconds=10 * (2 * n - 1))).timestamp()
     )
@@ -605,3 +617,25 @@ def test_context_keys_never_override_stored_or_model_features(
     for name in layout.numeric:
         np.testing.assert_array_equal(columns[name], want[name], err_msg=name)
     assert columns["user_events_all"].tolist() == [3.0, 3.0]
+
+
+def test_a_future_event_is_refused_and_nothing_is_written(
+    fresh_repo: Path, world: Path, config: FeatureConfig
+) -> None:
+    """More than EVENT_TS_ALLOWANCE_S after the clock: the whole call is refused, naming the
+    row, and the user's stored state is untouched; within the allowance it is applied."""
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    online = OnlineFeatures(fresh_repo, config)
+    before = online.user_features(user_id)
+    now = (AS_OF + pd.Timedelta(hours=1)).timestamp()
+    soon = _event(user_id, 8, AS_OF + pd.Timedelta(hours=1, seconds=EVENT_TS_ALLOWANCE_S - 10))
+    later = _event(user_id, 9, AS_OF + pd.Timedelta(hours=1, seconds=EVENT_TS_ALLOWANCE_S + 10))
+    both = pd.concat([soon, later], ignore_index=True)
+    with pytest.raises(ContractError, match=r"1 event\(s\) dated more than 300 s .*row 1"):
+        online.push_events(both, now=now)
+    after = online.user_features(user_id)
+    for name in ("events_1d", "session_events", "last_event_ts"):
+        assert after[name][0] == before[name][0], name
+    assert online.push_events(soon, now=now) == 1
+    # Against the system clock (years after AS_OF), both are in the past.
+    assert online.push_events(later) == 1

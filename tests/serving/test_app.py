@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
 from mlsd.serving.app import (
     FREEZE_AFTER_RELOAD_S,
     HotRoute,
@@ -45,7 +46,7 @@ from mlsd.serving.recommender import (
     RecommendRequest,
     RecommendResult,
 )
-from mlsd.serving.schemas import EVENT_TS_ALLOWANCE_S, NOW_MAX
+from mlsd.serving.schemas import NOW_MAX
 
 with warnings.catch_warnings():  # starlette 1.x would rather have httpx2 behind its TestClient
     warnings.simplefilter("ignore", UserWarning)

@@ -274,6 +274,29 @@ def test_stored_values_of_other_data_or_settings_do_not_compare(
     assert result.accepted
 
 
+def test_a_version_without_evaluation_settings_does_not_compare(
+    store: Path, tmp_path: Path
+) -> None:
+    """A champion registered before versions recorded their evaluation settings stored a value
+    computed differently: a newer version's stored value is not compared with it, either way
+    round; a head-to-head still decides."""
+    registry = _registry(store, "untagged")
+    old = _register_tagged(registry, tmp_path, "old", 0.30, {"dataset_hash": "sha256:aaa"})
+    assert registry.promote(old).accepted
+    tagged = {"dataset_hash": "sha256:aaa", "mlsd.protocol.ranker_windows": "3"}
+    new = _register_tagged(registry, tmp_path, "new", 0.40, tagged)
+    refused = registry.promote(new)
+    assert not refused.accepted
+    assert f"v{old} records no evaluation settings" in refused.reason
+    assert "mlsd feed retrain" in refused.reason
+    assert registry.champion() == old
+    assert registry.promote(new, head_to_head=HeadToHead(old, 0.31, 0.30, "window")).accepted
+    refused = registry.promote(old)  # the other way round
+    assert not refused.accepted
+    assert f"v{old} records no evaluation settings" in refused.reason
+    assert registry.champion() == new
+
+
 def test_set_alias_points_other_aliases_but_not_the_champion(store: Path, tmp_path: Path) -> None:
     registry = _registry(store, "aliases")
     first, second, _ = register_three(registry, tmp_path)

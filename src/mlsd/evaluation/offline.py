@@ -95,7 +95,10 @@ PIPELINE = "mlsd"
 @dataclass(frozen=True)
 class RankerScores:
     """A ranker on its held-out users (the ranker windows): NDCG@10 of their candidates
-    ordered by the ranker, AUC, per-user AUC, log loss, times."""
+    ordered by the ranker, AUC, per-user AUC, log loss, times; with
+    ``PipelineConfig.auc_splits`` > 1, also the AUC of a fit on each of several draws of
+    held-out users (``valid_auc_splits``, the first being ``valid_auc``'s), so that rankers can
+    be compared beyond the noise of one draw."""
 
     name: str
     valid_ndcg: float
@@ -104,6 +107,7 @@ class RankerScores:
     valid_log_loss: float
     fit_seconds: float
     predict_seconds_per_1k: float
+    valid_auc_splits: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -483,18 +487,8 @@ class _Run:
             with self.clock.stage("features (ranker windows)"):
                 frames.append(self._frame(window, retrieved.pop(i), quotas, cold_quotas, items))
         rows, vocabulary, layout = to_rows(frames, self.feature_config)
-        fit_data, valid_data = split_groups(
-            rows.data,
-            rows.users,
-            valid_frac=self.pipeline.ranker_valid_frac,
-            seed=self.protocol.seed,
-        )
         keep = self.pipeline.negative_keep_rate
-        if keep < 1.0:  # the rankers see fewer negatives; held-out rows keep them all
-            mask = downsample_negatives_mask(
-                fit_data.label, keep_rate=keep, seed=self.protocol.seed
-            )
-            fit_data = fit_data.take(np.flatnonzero(mask))
+        fit_data, valid_data = self._held_out(rows, self.protocol.seed)
         fitted: dict[str, Ranker] = {}
         scores = []
         for name, make in self.rankers.items():
@@ -511,6 +505,10 @@ class _Run:
                 fitted[name] = derive(dict(fitted), fit_data, valid_data)
                 fit_seconds = time.perf_counter() - start
             scores.append(_ranker_scores(name, fitted[name], valid_data, fit_seconds))
+        if self.pipeline.auc_splits > 1:
+            bar.update(job, description="rankers: more held-out draws")
+            with self.clock.stage("ranker AUC over held-out draws"):
+                scores = self._auc_splits(rows, scores)
         chosen = self._choose(scores)
         calibrator = Calibrator(method=self.pipeline.calibration).fit(
             prior_corrected(fitted[chosen].predict(valid_data.features), keep), valid_data.label
@@ -519,6 +517,37 @@ class _Run:
             quotas, vocabulary, layout, fitted, scores, chosen, calibrator, rows, windows[-1].task,
             valid_data, cold_quotas,
         )  # fmt: skip
+
+    def _held_out(self, rows: Rows, seed: int) -> tuple[RankingData, RankingData]:
+        """The ranker rows of the fit users and of the held-out users (drawn with ``seed``);
+        with ``negative_keep_rate`` < 1 the fit rows keep fewer negatives, held-out rows all."""
+        fit_data, valid_data = split_groups(
+            rows.data, rows.users, valid_frac=self.pipeline.ranker_valid_frac, seed=seed
+        )
+        keep = self.pipeline.negative_keep_rate
+        if keep < 1.0:
+            mask = downsample_negatives_mask(fit_data.label, keep_rate=keep, seed=seed)
+            fit_data = fit_data.take(np.flatnonzero(mask))
+        return fit_data, valid_data
+
+    def _auc_splits(self, rows: Rows, scores: list[RankerScores]) -> list[RankerScores]:
+        """``scores`` with each ranker's AUC on ``pipeline.auc_splits`` draws of held-out
+        users: the pipeline's draw (seed ``protocol.seed``), then seeds after it, each a fresh
+        fit of every ranker (derived ones apart) on the other users' rows."""
+        aucs: dict[str, list[float]] = {s.name: [s.valid_auc] for s in scores}
+        for draw in range(1, self.pipeline.auc_splits):
+            fit_data, valid_data = self._held_out(rows, self.protocol.seed + draw)
+            labels = valid_data.label
+            for name, make in self.rankers.items():
+                predicted = make().fit(fit_data, valid_data).predict(valid_data.features)
+                both = 0 < labels.sum() < len(labels)
+                aucs[name].append(roc_auc_score(labels, predicted) if both else math.nan)
+        return [
+            dataclasses.replace(s, valid_auc_splits=tuple(aucs[s.name]))
+            if s.name in self.rankers
+            else s
+            for s in scores
+        ]
 
     def _evaluate(
         self,

@@ -30,6 +30,8 @@ class PipelineConfig:
             span, each with its own sources fit before it and features as of its start.
         ranker_valid_frac: users of the ranker's window held out for early stopping, AUC and
             calibration.
+        auc_splits: draws of held-out users the rankers' AUC is measured on (1: the one the
+            pipeline uses; each further draw refits every ranker, for the report's AUC spread).
         negative_keep_rate: each negative ranker row is kept with this probability (1: all);
             the calibration undoes the shift (:func:`mlsd.data.sampling.recalibrate_downsampled`
             then the calibrator, fit on held-out rows that keep every negative).
@@ -45,6 +47,7 @@ class PipelineConfig:
     ranker: str = AUTO
     ranker_windows: int = 3
     ranker_valid_frac: float = 0.2
+    auc_splits: int = 1
     negative_keep_rate: float = 1.0
     calibration: Literal["platt", "isotonic"] = "isotonic"
     rerank: RerankConfig = field(default_factory=RerankConfig)
@@ -68,5 +71,7 @@ class PipelineConfig:
             raise ValueError(f"ranker_windows={self.ranker_windows}: must be >= 1")
         if not 0.0 < self.negative_keep_rate <= 1.0:
             raise ValueError(f"negative_keep_rate={self.negative_keep_rate}: must be in (0, 1]")
+        if self.auc_splits < 1:
+            raise ValueError(f"auc_splits={self.auc_splits}: must be >= 1")
         if not 0.0 < self.ranker_valid_frac < 1.0:
             raise ValueError(f"ranker_valid_frac={self.ranker_valid_frac}: must be in (0, 1)")

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,9 @@ def render_html(report: OfflineReport) -> str:
         metrics=METRICS,
         cell=_cell,
         fmt=format_number,
+        draws=max((len(x.valid_auc_splits) for x in report.rankers), default=1),
+        mean=statistics.fmean,
+        sd=statistics.stdev,
         published=published,
         published_note=note,
         relevant_map=RELEVANT_MAP,

@@ -26,6 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+EVENT_TS_ALLOWANCE_S = 300.0
+"""How far (seconds) an event's ``ts`` may be after the clock for
+:meth:`mlsd.features.online.OnlineFeatures.push_events` to apply it (``POST /v1/events``
+refuses such an event with a 422 before it gets there): clients' clocks drift a little, but a
+later event would be counted in the user's online features before it happened, and, stored as
+the user's newest state, would keep later materializations from replacing it in Redis (which
+keeps the newest write)."""
+
 DType = Literal["int64", "float32", "string", "int64_list", "float32_list"]
 Group = Literal["user_static", "user_dynamic", "item", "context", "cross"]
 

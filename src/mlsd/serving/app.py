@@ -104,6 +104,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlsd.backoff import backoff_s
+from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
 from mlsd.serving.metrics import RequestMetricsMiddleware, ServiceMetrics
 from mlsd.serving.recommender import (
     BadRequestError,
@@ -113,7 +114,6 @@ from mlsd.serving.recommender import (
     RecommendResult,
 )
 from mlsd.serving.schemas import (
-    EVENT_TS_ALLOWANCE_S,
     INT64_MAX,
     INT64_MIN,
     NOW_MAX,

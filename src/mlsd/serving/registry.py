@@ -464,9 +464,19 @@ class ModelRegistry:
         """Why the stored gate values of two versions do not compare, or None if they do.
 
         They do not when the versions record different datasets (``dataset_hash``) or
-        different evaluation settings (``mlsd.protocol.*``); only tags both record count.
+        different evaluation settings (``mlsd.protocol.*``); only tags both record count, but a
+        version that records no evaluation settings at all (registered before they were
+        recorded, when the stored value was computed differently) does not compare with one
+        that does.
         """
         ours, theirs = self._model_version(candidate).tags, self._model_version(champion).tags
+        settings = [_has_protocol_tags(tags) for tags in (ours, theirs)]
+        if settings[0] != settings[1]:
+            older = champion if settings[0] else candidate
+            return (
+                f"v{older} records no evaluation settings (mlsd.protocol.* tags): it was "
+                "registered by an older mlsd, whose stored value was computed differently"
+            )
         keys = [DATASET_TAG, *sorted(k for k in ours if k.startswith(PROTOCOL_TAG_PREFIX))]
         differ = [k for k in keys if k in ours and k in theirs and ours[k] != theirs[k]]
         if not differ:
@@ -487,6 +497,10 @@ class ModelRegistry:
         self._client.set_registered_model_tag(
             self.config.model_name, HISTORY_TAG, json.dumps(history[-MAX_HISTORY:])
         )
+
+
+def _has_protocol_tags(tags: Mapping[str, str]) -> bool:
+    return any(key.startswith(PROTOCOL_TAG_PREFIX) for key in tags)
 
 
 def verify_model_dir(model_dir: Path, *, manifest_sha256: str | None = None) -> Path:

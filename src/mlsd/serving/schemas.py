@@ -7,6 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
 from mlsd.serving.recommender import Path_
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -14,11 +15,6 @@ NOW_MAX = 9_214_646_400.0
 """The latest time accepted, Unix seconds (2262-01-01T00:00:00Z), for a request's ``now``
 (simulations set it) and an event's ``ts``: pandas' nanosecond timestamps, which the feature
 path converts both to, end in April 2262."""
-EVENT_TS_ALLOWANCE_S = 300.0
-"""How far (seconds) an event's ``ts`` may be after the server's clock: clients' clocks drift a
-little, but a later event is refused (a 422 naming it). Such an event would be counted in the
-user's online features before it happened, and, stored as the user's newest state, would keep
-later materializations from replacing it in Redis (which keeps the newest write)."""
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
