@@ -77,6 +77,12 @@ def test_split_command_reproduces_the_design_figures(ml100k_dir: Path, tmp_path:
     test = manifest["windows"]["test"]
     assert (test["n_users"], test["n_warm_users"]) == (301, 109)
     assert manifest["dataset"]["content_hash"] == read_info(out).content_hash
+    # The dev copy: ML-100K before that test window, 79,999 of its 100,000 events.
+    dev = tmp_path / "ml100k-dev"
+    assert run(["data", "dev-copy", str(out), "--out", str(dev)]) == 0
+    info = read_info(dev)
+    assert (info.name, info.n_events) == ("movielens-100k-dev", 79_999)
+    assert info.extra["dev_copy"]["before"] == manifest["t2"]
 
 
 def _feature_tables(tmp_path: Path, *, leaky: bool) -> tuple[Path, Path]:

@@ -12,7 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlsd.data.schema import EVENTS_SCHEMA, ContractError, DatasetInfo, write_info
+from mlsd.data.schema import (
+    EVENTS_FILE,
+    EVENTS_SCHEMA,
+    ITEMS_FILE,
+    USERS_FILE,
+    ContractError,
+    DatasetInfo,
+    read_info,
+    write_info,
+)
+from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.data.split import (
     PROTOCOL,
     SplitSpec,
@@ -20,6 +30,7 @@ from mlsd.data.split import (
     cut_points,
     cut_points_by_quantile,
     cut_points_by_time,
+    dev_copy,
     parse_timestamp,
     split_dataset,
 )
@@ -380,3 +391,30 @@ def test_a_failed_window_write_keeps_the_old_file_and_leaves_no_temp_file(
         split_dataset(directory, spec=SplitSpec(_at(5), _at(25)))
 
     assert {p.name: p.read_bytes() for p in first.out.iterdir()} == before  # no .tmp either
+
+
+def test_dev_copy_keeps_the_events_before_the_test_window(tmp_path: Path) -> None:
+    """A dev copy is the dataset as of its test window's start (the temporal protocol's t2):
+    users and items as they are, a contract of its own (name, counts, hash, its origin), so
+    that settings are compared on it without the real test window."""
+    world = tmp_path / "world"
+    synthesize(WorldConfig(n_users=60, n_items=40, n_events=3_000, days=10, seed=4), world)
+    original = read_info(world)
+    copy = dev_copy(world, tmp_path / "dev", val_frac=0.1, test_frac=0.2)
+    events = pd.read_parquet(world / EVENTS_FILE)
+    t2 = cut_points_by_quantile(events["ts"], val_frac=0.1, test_frac=0.2).t2
+    kept = pd.read_parquet(tmp_path / "dev" / EVENTS_FILE)
+    assert len(kept) == (events["ts"] < t2).sum() == copy.n_events > 0
+    assert kept["ts"].max() < t2
+    assert pq.read_schema(tmp_path / "dev" / EVENTS_FILE).equals(
+        pq.read_schema(world / EVENTS_FILE)
+    )
+    for name in (USERS_FILE, ITEMS_FILE):
+        assert (tmp_path / "dev" / name).read_bytes() == (world / name).read_bytes()
+    assert copy.name == f"{original.name}-dev"
+    assert copy.content_hash not in ("", original.content_hash)
+    assert copy.extra["dev_copy"] == {"of": original.content_hash, "before": t2.isoformat()}
+    # Its own test window is the last 20% of what is left: earlier than the original's.
+    assert split_dataset(tmp_path / "dev", val_frac=0.1, test_frac=0.2).spec.t2 < t2
+    with pytest.raises(ContractError, match="must be outside"):
+        dev_copy(world, world / "dev")

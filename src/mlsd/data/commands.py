@@ -259,6 +259,27 @@ def split(
     console.print(f"wrote {result.out}")
 
 
+@app.command("dev-copy")
+def dev_copy(
+    directory: Annotated[Path, typer.Argument(help="Contract directory to copy.")],
+    out: OutDir,
+    val_frac: Annotated[
+        float, typer.Option("--val-frac", help="The protocol's validation share ([retrieval]).")
+    ] = 0.1,
+    test_frac: Annotated[
+        float, typer.Option("--test-frac", help="The protocol's test share ([retrieval]).")
+    ] = 0.2,
+    by: Annotated[str, typer.Option("--by", help="events or time, as [retrieval].split_by.")] = (
+        "events"
+    ),
+) -> None:
+    """The dataset before its test window: compare settings on it, not on the test window."""
+    from mlsd.data.split import dev_copy as make_dev_copy
+
+    info = make_dev_copy(directory, out, val_frac=val_frac, test_frac=test_frac, by=by)
+    _print_info(info, out, f"dev copy of {directory}: the events before its test window")
+
+
 @app.command("check-leakage")
 def check_leakage(
     features: Annotated[Path, typer.Option("--features", help="Feature rows (Parquet or CSV).")],

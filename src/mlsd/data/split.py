@@ -25,7 +25,9 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -36,15 +38,20 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlsd.data.schema import (
     EVENTS_FILE,
     EVENTS_SCHEMA,
+    ITEMS_FILE,
+    USERS_FILE,
     ContractError,
+    DatasetInfo,
     contract_mismatches,
     read_info,
     replace_atomically,
+    write_info,
 )
 
 PROTOCOL = (
@@ -407,3 +414,44 @@ def split_dataset(
     text = json.dumps(manifest, indent=2) + "\n"
     replace_atomically(paths["manifest"], lambda tmp: tmp.write_text(text))
     return SplitResult(spec, stats, paths, out, info.content_hash, cut)
+
+
+def dev_copy(
+    dataset_dir: Path,
+    out: Path,
+    *,
+    val_frac: float = 0.1,
+    test_frac: float = 0.2,
+    by: str = "events",
+) -> DatasetInfo:
+    """The dataset as it was when its test window began: the events before ``t2`` of the
+    temporal protocol's cut (``val_frac``, ``test_frac``, ``by``, as in ``[retrieval]``), users
+    and items as they are, validated into a contract directory ``out``.
+
+    Settings (rankers, quotas, hyperparameters) compared on the copy, whose own test window is
+    the last ``test_frac`` of what remains, are chosen without the real test window.
+
+    Raises:
+        ContractError: ``out`` is ``dataset_dir`` or inside it, or a cut is empty.
+    """
+    from mlsd.data.validate import validate_dir
+
+    dataset_dir, out = Path(dataset_dir), Path(out)
+    if out.resolve().is_relative_to(dataset_dir.resolve()):
+        raise ContractError(f"{out}: the dev copy must be outside {dataset_dir}; choose another")
+    events_path = _events_path(dataset_dir)
+    info = read_info(dataset_dir)
+    spec, _ = _resolve_spec(events_path, None, val_frac, test_frac, by)
+    events = pq.read_table(events_path)
+    kept = events.filter(pc.less(events["ts"], pa.scalar(spec.t2, events.schema.field("ts").type)))
+    if kept.num_rows == 0:
+        raise ContractError(f"{events_path}: no event before the test window ({spec.t2})")
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(kept, out / EVENTS_FILE)
+    for name in (USERS_FILE, ITEMS_FILE):
+        if (dataset_dir / name).is_file():
+            shutil.copyfile(dataset_dir / name, out / name)
+    extra = {**info.extra, "dev_copy": {"of": info.content_hash, "before": spec.t2.isoformat()}}
+    write_info(out, dataclasses.replace(info, name=f"{info.name}-dev", extra=extra))
+    validate_dir(out)
+    return read_info(out)

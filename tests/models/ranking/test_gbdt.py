@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlsd.models.ranking.base import Ranker
@@ -87,3 +88,49 @@ def test_categorical_column_is_a_lightgbm_categorical(tmp_path: Path) -> None:
 def test_unknown_objective_is_explained() -> None:
     with pytest.raises(ValueError, match="objective"):
         LightGBMRanker(objective="regression").fit(contract_data().train)  # type: ignore[arg-type]
+
+
+def _category_sets(ranker: LightGBMRanker) -> list[str]:
+    """The category set of every categorical split of the trees ("1||3||5")."""
+    sets: list[str] = []
+
+    def walk(node: dict[str, object]) -> None:
+        if "split_index" not in node:
+            return
+        if node["decision_type"] == "==":
+            sets.append(str(node["threshold"]))
+        walk(node["left_child"])  # type: ignore[arg-type]
+        walk(node["right_child"])  # type: ignore[arg-type]
+
+    for tree in ranker.booster_.dump_model()["tree_info"]:
+        walk(tree["tree_structure"])
+    return sets
+
+
+def test_max_cat_to_onehot_splits_one_category_against_the_rest(tmp_path: Path) -> None:
+    """Above max_cat_to_onehot values, LightGBM splits a categorical into any two sets; at or
+    below, one value against the rest (what the feed config asks for user attributes)."""
+    data = contract_data()
+    many = small().fit(data.train)
+    assert any("||" in s for s in _category_sets(many))
+    onehot = LightGBMRanker(
+        n_estimators=60, learning_rate=0.1, num_leaves=7, max_cat_to_onehot=64
+    ).fit(data.train)
+    sets = _category_sets(onehot)
+    assert sets and not any("||" in s for s in sets)
+    onehot.save(tmp_path)
+    assert LightGBMRanker.load(tmp_path).get_params() == onehot.get_params()
+
+
+def test_row_and_feature_sampling_change_the_trees_and_are_checked() -> None:
+    data = contract_data()
+    sampled = LightGBMRanker(n_estimators=20, feature_fraction=0.5, bagging_fraction=0.7)
+    plain = LightGBMRanker(n_estimators=20).fit(data.train)
+    first = sampled.fit(data.train).predict(data.test.features)
+    assert not np.allclose(first, plain.predict(data.test.features))
+    # Seeded: the same draws every fit.
+    np.testing.assert_array_equal(sampled.fit(data.train).predict(data.test.features), first)
+    with pytest.raises(ValueError, match=r"bagging_fraction 0.0 is not in \(0, 1\]"):
+        LightGBMRanker(bagging_fraction=0.0).fit(data.train)
+    with pytest.raises(ValueError, match="max_cat_to_onehot 0 < 1"):
+        LightGBMRanker(max_cat_to_onehot=0).fit(data.train)
