@@ -117,7 +117,8 @@ def test_max_cat_to_onehot_splits_one_category_against_the_rest(tmp_path: Path) 
         n_estimators=60, learning_rate=0.1, num_leaves=7, max_cat_to_onehot=64
     ).fit(data.train)
     sets = _category_sets(onehot)
-    assert sets and not any("||" in s for s in sets)
+    assert sets
+    assert not any("||" in s for s in sets)
     onehot.save(tmp_path)
     assert LightGBMRanker.load(tmp_path).get_params() == onehot.get_params()
 
