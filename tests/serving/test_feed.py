@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -298,8 +299,8 @@ def test_feedback_moves_into_the_history(recommender: FeedRecommender) -> None:
     user = 21
     item = 99
     accepted = recommender.record_events(
-        [{"user_id": user, "item_id": item, "event": "click", "value": 1.0, "ts": 4.0e9}]
-    )
+        [{"user_id": user, "item_id": item, "event": "click", "value": 1.0, "ts": time.time()}]
+    )  # now: after the world's events (a future event would be refused)
     assert accepted == 1
     assert recommender.history(user, 5)[0] == item
     ids = [r.item_id for r in recommender.recommend(RecommendRequest(user, k=10)).items]

@@ -719,11 +719,11 @@ class OnlineFeatures:
         frame = frame.sort_values("ts", kind="stable")
         categories = self._item_cache().lookup(frame["item_id"].to_numpy(np.int64))
         frame = frame.assign(category_index=categories["category_index"])
+        groups = [(int(user), group) for user, group in frame.groupby("user_id", sort=False)]
         if self._redis is not None:  # WATCH sees every other writer, this process's threads too
-            groups = [(int(user), group) for user, group in frame.groupby("user_id", sort=False)]
             return self._push_cas(self._redis, groups)
         with self._push_lock:
-            return self._push_locked(frame)
+            return self._push_locked(groups)
 
     def _push_cas(self, redis: _RedisWriter, groups: list[tuple[int, pd.DataFrame]]) -> int:
         """A push to Redis as a compare-and-set: WATCH the users' hashes, read them (one
@@ -751,21 +751,13 @@ class OnlineFeatures:
         with redis.client.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(*keys)
-                values, stored_ts = self._read_dynamic([user_id for user_id, _ in groups])
-                writes, applied = [], 0
-                for i, (_, group) in enumerate(groups):
-                    current = {f.name: values[f.name][i] for f in self._dynamic}
-                    state = self._next_state(current, group, stored_ts[i])
-                    if state is not None:
-                        row, n, written = state
-                        writes.append((keys[i], row, written))
-                        applied += n
-                if not writes:
+                states, applied = self._next_states(groups)
+                if not states:
                     pipe.unwatch()
                     return 0
                 pipe.multi()
-                for key, row, written in writes:
-                    redis.write(pipe, key, row, written)
+                for i, row, written in states:
+                    redis.write(pipe, keys[i], row, written)
                 pipe.execute()
                 return applied
             except WatchError:
@@ -785,22 +777,30 @@ class OnlineFeatures:
             newest = stored_ts + pd.Timedelta(microseconds=1)
         return row, n, newest
 
-    def _push_locked(self, frame: pd.DataFrame) -> int:
-        """:meth:`push_events` of deduplicated, time-ordered events, holding ``_push_lock``."""
-        user_ids = frame["user_id"].unique().tolist()
-        values, stored_ts = self._read_dynamic(user_ids)
-        rows = []
-        applied = 0
-        for i, (user_id, group) in enumerate(frame.groupby("user_id", sort=False)):
-            assert user_id == user_ids[i]
+    def _next_states(
+        self, groups: list[tuple[int, pd.DataFrame]]
+    ) -> tuple[list[tuple[int, dict[str, Any], pd.Timestamp]], int]:
+        """Read the users of ``groups`` (each user's deduplicated, time-ordered events) in one
+        read; return ``(i, new dynamic features, write time)`` of each ``groups[i]`` that
+        changes (:meth:`_next_state`), and the events applied."""
+        values, stored_ts = self._read_dynamic([user_id for user_id, _ in groups])
+        states, applied = [], 0
+        for i, (_, group) in enumerate(groups):
             current = {f.name: values[f.name][i] for f in self._dynamic}
             state = self._next_state(current, group, stored_ts[i])
-            if state is None:
-                continue
-            row, n, written = state
-            applied += n
-            row.update(user_id=user_id, **{TIMESTAMP_FIELD: written})
-            rows.append(row)
+            if state is not None:
+                row, n, written = state
+                states.append((i, row, written))
+                applied += n
+        return states, applied
+
+    def _push_locked(self, groups: list[tuple[int, pd.DataFrame]]) -> int:
+        """:meth:`push_events` of each user's deduplicated, time-ordered events (``groups``)
+        through Feast's push API, holding ``_push_lock``."""
+        states, applied = self._next_states(groups)
+        rows = [
+            {**row, "user_id": groups[i][0], TIMESTAMP_FIELD: written} for i, row, written in states
+        ]
         if rows:
             with self._store_lock:
                 self._store.push(USER_PUSH_SOURCE, pd.DataFrame(rows))
