@@ -38,7 +38,6 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlsd.data.schema import (
@@ -283,10 +282,14 @@ def _resolve_spec(
     return spec, {"by": by, "val_frac": val_frac, "test_frac": test_frac}
 
 
+def _ts_sql(ts: pd.Timestamp) -> str:
+    """``ts`` as a DuckDB TIMESTAMPTZ literal (microseconds)."""
+    return f"make_timestamptz({ts.value // 1000})"
+
+
 def _window_sql(spec: SplitSpec) -> tuple[str, list[str]]:
     """The window index (0 train, 1 val, 2 test) as SQL, and each window's WHERE clause."""
-    t1 = f"make_timestamptz({spec.t1.value // 1000})"
-    t2 = f"make_timestamptz({spec.t2.value // 1000})"
+    t1, t2 = _ts_sql(spec.t1), _ts_sql(spec.t2)
     index = f"CASE WHEN ts < {t1} THEN 0 WHEN ts < {t2} THEN 1 ELSE 2 END"
     return index, [f"ts < {t1}", f"ts >= {t1} AND ts < {t2}", f"ts >= {t2}"]
 
@@ -347,15 +350,14 @@ def _check_not_empty(path: Path, spec: SplitSpec, stats: dict[str, Any]) -> None
             )
 
 
-def _write_window(
-    con: duckdb.DuckDBPyConnection, path: Path, spec: SplitSpec, window: int, target: Path
-) -> None:
-    """Stream one window to ``target`` with the source's exact schema (atomic rename).
+def _write_events(con: duckdb.DuckDBPyConnection, path: Path, where: str, target: Path) -> None:
+    """Stream the events of ``path`` that match ``where`` (SQL) to ``target`` with the
+    source's exact schema (atomic rename).
 
     A failed write leaves the previous ``target`` and no ``.tmp`` file behind.
     """
     schema = pq.read_schema(path)
-    query = f"SELECT * FROM read_parquet($path) WHERE {_window_sql(spec)[1][window]}"
+    query = f"SELECT * FROM read_parquet($path) WHERE {where}"
     reader = con.sql(query, params={"path": str(path)}).to_arrow_reader(_BATCH_ROWS)
 
     def write(tmp: Path) -> None:
@@ -400,7 +402,7 @@ def split_dataset(
         out.mkdir(parents=True, exist_ok=True)
         paths = {name: out / SPLIT_FILES[name] for name in WINDOWS}
         for i, name in enumerate(WINDOWS):
-            _write_window(con, events_path, spec, i, paths[name])
+            _write_events(con, events_path, _window_sql(spec)[1][i], paths[name])
     manifest = {
         "protocol": PROTOCOL,
         "t1": spec.t1.isoformat(),
@@ -442,12 +444,14 @@ def dev_copy(
     events_path = _events_path(dataset_dir)
     info = read_info(dataset_dir)
     spec, _ = _resolve_spec(events_path, None, val_frac, test_frac, by)
-    events = pq.read_table(events_path)
-    kept = events.filter(pc.less(events["ts"], pa.scalar(spec.t2, events.schema.field("ts").type)))
-    if kept.num_rows == 0:
-        raise ContractError(f"{events_path}: no event before the test window ({spec.t2})")
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(kept, out / EVENTS_FILE)
+    before = f"ts < {_ts_sql(spec.t2)}"
+    with duckdb.connect() as con:
+        query = f"SELECT count(*) FROM read_parquet($path) WHERE {before}"
+        ((n,),) = con.execute(query, {"path": str(events_path)}).fetchall()
+        if n == 0:
+            raise ContractError(f"{events_path}: no event before the test window ({spec.t2})")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_events(con, events_path, before, out / EVENTS_FILE)
     for name in (USERS_FILE, ITEMS_FILE):
         if (dataset_dir / name).is_file():
             shutil.copyfile(dataset_dir / name, out / name)

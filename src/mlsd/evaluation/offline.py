@@ -537,11 +537,9 @@ class _Run:
         aucs: dict[str, list[float]] = {s.name: [s.valid_auc] for s in scores}
         for draw in range(1, self.pipeline.auc_splits):
             fit_data, valid_data = self._held_out(rows, self.protocol.seed + draw)
-            labels = valid_data.label
             for name, make in self.rankers.items():
                 predicted = make().fit(fit_data, valid_data).predict(valid_data.features)
-                both = 0 < labels.sum() < len(labels)
-                aucs[name].append(roc_auc_score(labels, predicted) if both else math.nan)
+                aucs[name].append(_auc(valid_data.label, predicted))
         return [
             dataclasses.replace(s, valid_auc_splits=tuple(aucs[s.name]))
             if s.name in self.rankers
@@ -665,12 +663,17 @@ def _ranker_scores(name: str, ranker: Ranker, valid: Any, fit_seconds: float) ->
     return RankerScores(
         name=name,
         valid_ndcg=group_ndcg(labels, scores, valid.groups, k=10),
-        valid_auc=roc_auc_score(labels, scores) if both else math.nan,
+        valid_auc=_auc(labels, scores),
         valid_grouped_auc=grouped_auc_score(labels, scores, valid.groups),
         valid_log_loss=log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7)) if both else math.nan,
         fit_seconds=fit_seconds,
         predict_seconds_per_1k=per_1k,
     )
+
+
+def _auc(labels: FloatArray, scores: FloatArray) -> float:
+    """ROC AUC, NaN when ``labels`` hold one class only."""
+    return roc_auc_score(labels, scores) if 0 < labels.sum() < len(labels) else math.nan
 
 
 def _calibration(
