@@ -40,8 +40,11 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def merged_vs_best(methods: dict[str, Any], segment: str) -> dict[str, Any]:
-    """Merged recall@TARGET_K over the best single source's, on one segment of users."""
+def merged_vs_best(
+    methods: dict[str, Any], comparisons: list[dict[str, Any]], segment: str
+) -> dict[str, Any]:
+    """Merged recall@TARGET_K over the best single source's, on one segment of users, with
+    the ratio's paired bootstrap interval."""
     recall = {
         name: (m["metrics"][segment][f"recall@{TARGET_K}"] or {}).get("mean")
         for name, m in methods.items()
@@ -50,12 +53,22 @@ def merged_vs_best(methods: dict[str, Any], segment: str) -> dict[str, Any]:
     if not singles or recall.get(MERGED) is None:
         return {"k": TARGET_K, "ratio": None}
     best = max(singles, key=lambda name: singles[name])
+    paired = next(
+        (
+            c["segments"][segment]
+            for c in comparisons
+            if c["baseline"] == best and c["metric"] == f"recall@{TARGET_K}"
+        ),
+        None,
+    )
     return {
         "k": TARGET_K,
         "best_single": best,
         "best_single_recall": singles[best],
         "merged_recall": recall[MERGED],
         "ratio": recall[MERGED] / singles[best] if singles[best] else None,
+        # Paired bootstrap over the same test users (the report's ``comparisons``).
+        "ratio_ci": [paired["ratio_low"], paired["ratio_high"]] if paired else None,
     }
 
 
@@ -63,7 +76,9 @@ def summarize(report: RetrievalReport) -> dict[str, Any]:
     """The report with the methods keyed by name, and merged vs best single per segment."""
     raw = report.to_dict()
     raw["methods"] = {m["name"]: m for m in raw["methods"]}
-    raw["merged_vs_best"] = {s: merged_vs_best(raw["methods"], s) for s in ("all", "warm", "cold")}
+    raw["merged_vs_best"] = {
+        s: merged_vs_best(raw["methods"], raw["comparisons"], s) for s in ("all", "warm", "cold")
+    }
     return raw
 
 

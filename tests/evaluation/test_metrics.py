@@ -19,6 +19,7 @@ from mlsd.evaluation.metrics import (
     intra_list_diversity_score,
     ndcg_at_k_score,
     novelty_score,
+    paired_bootstrap_ci,
     precision_at_k_score,
     recall_at_k_score,
     reciprocal_rank_score,
@@ -259,6 +260,41 @@ def test_bootstrap_ci_covers_the_mean_and_shrinks_with_more_users() -> None:
         bootstrap_mean_ci([0.1, np.nan])
     with pytest.raises(ValueError, match="at least one"):
         bootstrap_mean_ci([])
+
+
+def test_paired_ci_sees_a_small_lift_that_the_two_means_intervals_hide() -> None:
+    rng = np.random.default_rng(7)
+    baseline = rng.uniform(0.0, 1.0, size=300)  # users differ a lot: hard and easy ones
+    method = np.clip(baseline * 1.04 + rng.normal(0.0, 0.01, size=300), 0.0, None)
+    mine, theirs = bootstrap_mean_ci(method, seed=3), bootstrap_mean_ci(baseline, seed=3)
+    assert mine.low < theirs.high  # unpaired, the intervals overlap
+    paired = paired_bootstrap_ci(method, baseline, seed=3)
+    assert paired.ratio == pytest.approx(method.mean() / baseline.mean())
+    assert paired.difference == pytest.approx(method.mean() - baseline.mean())
+    assert 1.0 < paired.ratio_low < paired.ratio < paired.ratio_high < 1.08
+    assert 0.0 < paired.difference_low < paired.difference < paired.difference_high
+
+
+def test_paired_ci_uses_the_resamples_of_the_mean_ci() -> None:
+    values = np.random.default_rng(2).uniform(size=50)
+    mean = bootstrap_mean_ci(values, seed=5, n_resamples=400)
+    # Against a constant baseline, the ratio's draws are the mean's draws divided by it.
+    paired = paired_bootstrap_ci(values, np.full(50, 0.5), seed=5, n_resamples=400)
+    assert (paired.ratio_low, paired.ratio_high) == pytest.approx((mean.low / 0.5, mean.high / 0.5))
+    assert paired_bootstrap_ci(values, values, seed=1) == pytest.approx((1, 1, 1, 0, 0, 0))
+
+
+def test_paired_ci_refuses_unpaired_or_unusable_input() -> None:
+    with pytest.raises(ValueError, match=r"one score per user in each array.*\[3, 2\]"):
+        paired_bootstrap_ci([0.1, 0.2, 0.3], [0.1, 0.2])
+    with pytest.raises(ValueError, match="finite"):
+        paired_bootstrap_ci([0.1, 0.2], [0.1, np.nan])
+    with pytest.raises(ValueError, match="confidence"):
+        paired_bootstrap_ci([0.1], [0.2], confidence=1.0)
+    zero = paired_bootstrap_ci([0.1, 0.2], [0.0, 0.0])
+    assert np.isnan(zero.ratio)
+    assert np.isnan(zero.ratio_low)
+    assert zero.difference == pytest.approx(0.15)
 
 
 def test_docstring_examples_hold() -> None:

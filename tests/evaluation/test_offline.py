@@ -133,6 +133,31 @@ def test_ranker_rows_cover_every_window(report: OfflineReport) -> None:
         assert 0.5 < score.valid_auc <= 1.0
 
 
+def test_the_pipeline_is_compared_with_each_baseline_on_the_same_users(
+    report: OfflineReport,
+) -> None:
+    assert [(c.method, c.baseline, c.metric) for c in report.comparisons] == [
+        (PIPELINE, "popularity", "ndcg@10"),
+        (PIPELINE, "covisitation", "ndcg@10"),
+    ]
+    mine = report.method(PIPELINE).metrics
+    for comparison in report.comparisons:
+        theirs = report.method(comparison.baseline).metrics
+        for segment, paired in comparison.segments.items():
+            assert paired is not None, segment  # the world has warm and cold test users
+            a, b = mine[segment]["ndcg@10"], theirs[segment]["ndcg@10"]
+            assert a is not None
+            assert b is not None
+            assert paired.ratio == pytest.approx(a.mean / b.mean)
+            assert paired.difference == pytest.approx(a.mean - b.mean)
+            assert paired.ratio_low <= paired.ratio <= paired.ratio_high
+            assert paired.difference_low <= paired.difference <= paired.difference_high
+    raw = report.to_dict()["comparisons"][0]
+    assert set(raw["segments"]["all"]) == {
+        "ratio", "ratio_low", "ratio_high", "difference", "difference_low", "difference_high"
+    }  # fmt: skip
+
+
 def test_best_baseline_and_json(report: OfflineReport) -> None:
     name, value = best_baseline(report)
     assert name in ("popularity", "covisitation")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from mlsd.evaluation.report import (
     write_report,
 )
 from mlsd.evaluation.retrieval import ProtocolConfig
+from mlsd.evaluation.retrieval_report import PairedEstimate
 from mlsd.models.ranking.logistic import LogisticRanker
 from mlsd.models.retrieval.popularity import PopularityRetriever
 from mlsd.systems.feed.ranking import evaluation_protocol
@@ -46,7 +48,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> OfflineReport:
 def test_report_has_every_section(report: OfflineReport, tmp_path: Path) -> None:
     metrics, html_path = write_report(report, tmp_path)
     html = html_path.read_text()
-    for table in ("methods", "segments", "rankers", "rerank", "beyond", "timings"):
+    for table in ("methods", "paired", "segments", "rankers", "rerank", "beyond", "timings"):
         assert f'<table id="{table}">' in html
     assert html.count("data:image/png;base64,") == 3
     assert str(escape(report.protocol)) in html  # as Jinja escapes it
@@ -61,6 +63,18 @@ def test_the_rankers_table_shows_the_auc_over_draws(report: OfflineReport) -> No
     html = render_html(dataclasses.replace(report, rankers=[drawn]))
     assert "<th>AUC over 3 draws</th>" in html
     assert "0.720 ± 0.020" in html
+
+
+def test_the_paired_table_gives_each_ratio_and_difference_with_its_interval(
+    report: OfflineReport,
+) -> None:
+    (comparison,) = report.comparisons
+    lifted = PairedEstimate(1.064, 1.012, 1.118, 0.025, 0.005, 0.046)
+    empty = dataclasses.replace(comparison, segments={"all": lifted, "warm": None})
+    html = re.sub(r">\s+<", "><", render_html(dataclasses.replace(report, comparisons=[empty])))
+    assert "<td>popularity</td><td>1.064 [1.012, 1.118]</td><td>0.025 [0.005, 0.046]</td>" in html
+    assert html.count("<td>—</td>") >= 4  # no warm estimate; no cold key at all
+    assert 'id="paired"' not in render_html(dataclasses.replace(report, comparisons=[]))
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ __all__ = [
     "BinStrategy",
     "CalibrationCurve",
     "MeanCI",
+    "PairedCI",
     "RelevantItems",
     "average_precision_at_k_score",
     "bootstrap_mean_ci",
@@ -50,6 +51,7 @@ __all__ = [
     "mae_loss",
     "ndcg_at_k_score",
     "novelty_score",
+    "paired_bootstrap_ci",
     "precision_at_k_score",
     "recall_at_k_score",
     "reciprocal_rank_score",
@@ -503,22 +505,99 @@ def bootstrap_mean_ci(
     Returns:
         ``MeanCI(mean, low, high)``.
     """
-    scores = np.asarray(values, dtype=np.float64).reshape(-1)
-    if scores.size == 0:
-        raise ValueError("bootstrap_mean_ci needs at least one value")
-    if not np.isfinite(scores).all():
-        raise ValueError("bootstrap_mean_ci needs finite values; drop users with NaN scores")
+    (scores,) = _checked_scores("bootstrap_mean_ci", values, confidence=confidence)
+    means = _resampled_means([scores], n_resamples=n_resamples, seed=seed)[:, 0]
+    low, high = _percentile_interval(means, confidence)
+    return MeanCI(float(scores.mean()), low, high)
+
+
+class PairedCI(NamedTuple):
+    """One method against another on the same users: the ratio and the difference of their
+    means, each with a paired percentile-bootstrap confidence interval."""
+
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    difference: float
+    difference_low: float
+    difference_high: float
+
+
+def paired_bootstrap_ci(
+    values: npt.ArrayLike,
+    baseline: npt.ArrayLike,
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairedCI:
+    """``mean(values) / mean(baseline)`` and ``mean(values) - mean(baseline)``, with intervals
+    from resampling the *users* (both arrays' entry ``i`` together).
+
+    A ratio of two means whose own intervals overlap can still be clearly above 1: the same
+    users are easy or hard for both methods, and a paired resample keeps that. The resamples
+    are those of :func:`bootstrap_mean_ci` for the same ``seed`` and number of users (written
+    here rather than with ``scipy.stats.bootstrap`` for that reason), so a report's intervals
+    of the means and of their ratios come from the same draws.
+
+    Args:
+        values, baseline: (n_users,) finite per-user scores of the two methods, same users in
+            the same order.
+        n_resamples, confidence, seed: as :func:`bootstrap_mean_ci`.
+
+    Returns:
+        :class:`PairedCI`; the ratio and its bounds are NaN where the baseline's mean is 0.
+    """
+    scores, base = _checked_scores("paired_bootstrap_ci", values, baseline, confidence=confidence)
+    means = _resampled_means([scores, base], n_resamples=n_resamples, seed=seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(means[:, 1] > 0, means[:, 0] / means[:, 1], np.nan)
+    mean, mean_base = float(scores.mean()), float(base.mean())
+    ratio = mean / mean_base if mean_base > 0 else float("nan")
+    ratio_low, ratio_high = (
+        _percentile_interval(ratios, confidence)
+        if np.isfinite(ratios).all()
+        else (float("nan"), float("nan"))
+    )
+    diff_low, diff_high = _percentile_interval(means[:, 0] - means[:, 1], confidence)
+    return PairedCI(ratio, ratio_low, ratio_high, mean - mean_base, diff_low, diff_high)
+
+
+def _checked_scores(
+    caller: str, *arrays: npt.ArrayLike, confidence: float
+) -> list[npt.NDArray[np.float64]]:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    out = [np.asarray(values, dtype=np.float64).reshape(-1) for values in arrays]
+    if out[0].size == 0:
+        raise ValueError(f"{caller} needs at least one value")
+    if any(scores.size != out[0].size for scores in out):
+        sizes = [scores.size for scores in out]
+        raise ValueError(f"{caller} needs one score per user in each array, got sizes {sizes}")
+    if not all(np.isfinite(scores).all() for scores in out):
+        raise ValueError(f"{caller} needs finite values; drop users with NaN scores")
+    return out
+
+
+def _resampled_means(
+    arrays: list[npt.NDArray[np.float64]], *, n_resamples: int, seed: int
+) -> npt.NDArray[np.float64]:
+    """``(n_resamples, len(arrays))``: each array's mean over the same resamples of users."""
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     rng = np.random.default_rng(seed)
-    n = scores.size
-    means = np.empty(n_resamples, dtype=np.float64)
+    n = arrays[0].size
+    means = np.empty((n_resamples, len(arrays)), dtype=np.float64)
     chunk = max(1, (1 << 22) // n)  # bounded memory: at most ~4M indices at a time
     for start in range(0, n_resamples, chunk):
         stop = min(start + chunk, n_resamples)
-        means[start:stop] = scores[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        rows = rng.integers(0, n, size=(stop - start, n))
+        for column, scores in enumerate(arrays):
+            means[start:stop, column] = scores[rows].mean(axis=1)
+    return means
+
+
+def _percentile_interval(draws: npt.NDArray[np.float64], confidence: float) -> tuple[float, float]:
     tail = (1.0 - confidence) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return MeanCI(float(scores.mean()), float(low), float(high))
+    low, high = np.percentile(draws, [tail, 100.0 - tail])
+    return float(low), float(high)

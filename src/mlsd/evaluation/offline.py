@@ -59,6 +59,7 @@ from mlsd.evaluation.retrieval import (
     make_task,
     tune_segment_quotas,
 )
+from mlsd.evaluation.retrieval_report import Comparison
 from mlsd.evaluation.scoring import ListScorer, MethodScores, group_ndcg
 from mlsd.evaluation.stages import (
     RankerFactory,
@@ -129,6 +130,8 @@ class OfflineReport:
     cold_quotas: dict[str, Quota] | None = None
     test_frac: float | None = None
     """The protocol's test share (``ProtocolConfig.test_frac``)."""
+    comparisons: list[Comparison] = field(default_factory=list)
+    """The pipeline against each baseline on NDCG at the smallest k, paired over test users."""
 
     def method(self, name: str) -> MethodScores:
         for result in self.methods:
@@ -589,6 +592,9 @@ class _Run:
             with self.clock.stage("re-rank (test)"):
                 final = scorer.rerank(ranked, ranked_scores, self.pipeline.rerank)
             methods.append(scorer.score(PIPELINE, "pipeline", final))
+            comparisons = scorer.compare(
+                PIPELINE, self.pipeline.baselines, f"ndcg@{min(self.pipeline.ks)}"
+            )
             settings = {"pipeline": self.pipeline.rerank, **self.pipeline.rerank_variants}
             variants = [scorer.variant("ranked, no re-ranking", ranked)]
             variants += [
@@ -615,6 +621,7 @@ class _Run:
             timings=dict(self.clock.seconds),
             feature_importance=_importance(chosen),
             cold_quotas=None if trained.cold_quotas is None else dict(trained.cold_quotas),
+            comparisons=comparisons,
         )
 
     def _choose(self, scores: list[RankerScores]) -> str:

@@ -23,6 +23,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.figure import Figure
 
 from mlsd.evaluation.offline import OfflineReport
+from mlsd.evaluation.retrieval_report import PairedEstimate
 from mlsd.evaluation.scoring import RELEVANT_MAP
 
 METRICS = ("ndcg", "recall", "precision", "map")
@@ -60,6 +61,17 @@ def _cell(row: Any, segment: str, metric: str, *, ci: bool = False) -> str:
         return "—"
     text = format_number(estimate.mean, 4)
     return f"{text} [{estimate.low:.3f}, {estimate.high:.3f}]" if ci else text
+
+
+def _paired_cell(estimate: PairedEstimate | None, part: str) -> str:
+    """``part`` (``ratio`` or ``difference``) of a paired estimate with its interval."""
+    if estimate is None:
+        return "—"
+    value, low, high = (getattr(estimate, f"{part}{end}") for end in ("", "_low", "_high"))
+    if not math.isfinite(value):
+        return "—"
+    bounds = f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else ""
+    return f"{value:.3f}{bounds}"
 
 
 def png_data_uri(figure: Figure) -> str:
@@ -133,6 +145,7 @@ def render_html(report: OfflineReport) -> str:
         plots=plots,
         metrics=METRICS,
         cell=_cell,
+        paired=_paired_cell,
         fmt=format_number,
         draws=max((len(x.valid_auc_splits) for x in report.rankers), default=1),
         mean=statistics.fmean,

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +34,12 @@ import pandas as pd
 
 from mlsd.data.schema import EVENTS_FILE, read_info
 from mlsd.data.split import SplitSpec, cut_points
-from mlsd.evaluation.metrics import bootstrap_mean_ci, ndcg_at_k_score, recall_at_k_score
+from mlsd.evaluation.metrics import (
+    bootstrap_mean_ci,
+    ndcg_at_k_score,
+    paired_bootstrap_ci,
+    recall_at_k_score,
+)
 from mlsd.evaluation.quotas import (
     MergeConfig,
     progress_bar,
@@ -43,8 +48,10 @@ from mlsd.evaluation.quotas import (
     tune_segment_quotas,
 )
 from mlsd.evaluation.retrieval_report import (
+    Comparison,
     Estimate,
     MethodResult,
+    PairedEstimate,
     RetrievalReport,
     ValidationResult,
     _finite,
@@ -56,6 +63,7 @@ from mlsd.models.retrieval.merge import Quota, merge_by_segment
 __all__ = [
     "MERGED",
     "SEGMENTS",
+    "Comparison",
     "Estimate",
     "EvalTask",
     "MergeConfig",
@@ -67,12 +75,14 @@ __all__ = [
     "ValidationResult",
     "_finite",
     "catalog_as_of",
+    "compare",
     "evaluate_retrieval",
     "load_dataset",
     "make_task",
     "quota_grid",
     "run_sources",
     "score_lists",
+    "segment_masks",
     "tune_quotas",
     "tune_segment_quotas",
 ]
@@ -177,21 +187,35 @@ def _subsample(task: EvalTask, n: int, seed: int) -> npt.NDArray[np.int64]:
     return np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
 
 
+PerUser: TypeAlias = dict[str, npt.NDArray[np.float64]]
+"""Metric name → ``(n_users,)`` per-user scores."""
+
+
 def score_lists(
     lists_at: Callable[[int], IntArray], task: EvalTask, protocol: ProtocolConfig
 ) -> dict[str, dict[str, Estimate | None]]:
     """Recall@ks and NDCG@ndcg_k per segment; ``lists_at(k)`` gives the ``(n_users, k)`` lists."""
+    return estimates(per_user_scores(lists_at, task, protocol), task, protocol)
+
+
+def per_user_scores(
+    lists_at: Callable[[int], IntArray], task: EvalTask, protocol: ProtocolConfig
+) -> PerUser:
+    """Each user's recall@ks and NDCG@ndcg_k."""
     per_user = {
         f"recall@{k}": recall_at_k_score(lists_at(k), task.relevant, k=k) for k in protocol.ks
     }
     k = protocol.ndcg_k
     per_user[f"ndcg@{k}"] = ndcg_at_k_score(lists_at(k), task.relevant, k=k)
-    masks = dict(
-        zip(SEGMENTS, (np.ones(len(task.user_ids), bool), task.warm, ~task.warm), strict=True)
-    )
-    out: dict[str, dict[str, Estimate | None]] = {}
-    for segment, mask in masks.items():
-        out[segment] = {
+    return per_user
+
+
+def estimates(
+    per_user: PerUser, task: EvalTask, protocol: ProtocolConfig
+) -> dict[str, dict[str, Estimate | None]]:
+    """Segment → metric → mean over the segment's users with its bootstrap interval."""
+    return {
+        segment: {
             metric: Estimate(
                 *bootstrap_mean_ci(
                     values[mask],
@@ -204,7 +228,42 @@ def score_lists(
             else None
             for metric, values in per_user.items()
         }
-    return out
+        for segment, mask in segment_masks(task).items()
+    }
+
+
+def segment_masks(task: EvalTask) -> dict[str, npt.NDArray[np.bool_]]:
+    """``all``, ``warm``, ``cold`` → which of the task's users are in the segment."""
+    warm = task.warm
+    return dict(zip(SEGMENTS, (np.ones(len(warm), bool), warm, ~warm), strict=True))
+
+
+def compare(
+    per_user: Mapping[str, PerUser],
+    method: str,
+    baseline: str,
+    metric: str,
+    task: EvalTask,
+    protocol: ProtocolConfig,
+) -> Comparison:
+    """``method`` against ``baseline`` on ``metric`` per segment: the ratio and difference of
+    their means, with intervals from resampling the same users for both."""
+    mine, theirs = per_user[method][metric], per_user[baseline][metric]
+    segments = {
+        segment: PairedEstimate(
+            *paired_bootstrap_ci(
+                mine[mask],
+                theirs[mask],
+                n_resamples=protocol.n_bootstrap,
+                confidence=protocol.confidence,
+                seed=protocol.seed,
+            )
+        )
+        if mask.any()
+        else None
+        for segment, mask in segment_masks(task).items()
+    }
+    return Comparison(method, baseline, metric, segments)
 
 
 def evaluate_retrieval(
@@ -251,17 +310,27 @@ def evaluate_retrieval(
             f"{dataset_dir}: no test user has a relevant item at or after t2={spec.t2}"
         )
     runs = run_sources(test, sources, k_max, progress=progress, label="test")
+    per_user = {
+        name: per_user_scores(_prefixes(run.items), test, protocol) for name, run in runs.items()
+    }
     methods = [
         MethodResult(
             name,
             run.fit_seconds,
             run.recommend_seconds,
-            score_lists(_prefixes(run.items), test, protocol),
+            estimates(per_user[name], test, protocol),
         )
         for name, run in runs.items()
     ]
+    comparisons = []
     if merge is not None:
-        methods.append(_merged_result(runs, quotas, cold_quotas, test, protocol))
+        merged, per_user[MERGED] = _merged_result(runs, quotas, cold_quotas, test, protocol)
+        methods.append(merged)
+        comparisons = [
+            compare(per_user, MERGED, name, f"recall@{k}", test, protocol)
+            for k in protocol.ks
+            for name in runs
+        ]
     counts = {
         "n_train_events": len(test.train.events),
         "n_catalog_items": len(test.train.items),
@@ -283,6 +352,7 @@ def evaluate_retrieval(
         quotas=quotas,
         validation=validation,
         cold_quotas=cold_quotas,
+        comparisons=comparisons,
     )
 
 
@@ -348,8 +418,9 @@ def _merged_result(
     cold_quotas: Mapping[str, Quota] | None,
     task: EvalTask,
     protocol: ProtocolConfig,
-) -> MethodResult:
-    """The merged set at each k: every source's top-k merged into k with the quotas."""
+) -> tuple[MethodResult, PerUser]:
+    """The merged set at each k: every source's top-k merged into k with the quotas; and its
+    per-user scores."""
     start = time.perf_counter()
     by_k = {
         k: merge_by_segment(
@@ -362,9 +433,11 @@ def _merged_result(
         for k in {*protocol.ks, protocol.ndcg_k}
     }
     merge_seconds = time.perf_counter() - start
-    return MethodResult(
+    per_user = per_user_scores(by_k.__getitem__, task, protocol)
+    result = MethodResult(
         MERGED,
         sum(run.fit_seconds for run in runs.values()),
         sum(run.recommend_seconds for run in runs.values()) + merge_seconds,
-        score_lists(by_k.__getitem__, task, protocol),
+        estimates(per_user, task, protocol),
     )
+    return result, per_user

@@ -21,6 +21,35 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class PairedEstimate:
+    """One method's mean over another's on the same users (``ratio``) and their difference,
+    each with a paired bootstrap interval (:func:`mlsd.evaluation.metrics.paired_bootstrap_ci`).
+    ``ratio`` and its bounds are NaN (``null`` in JSON) when the other's mean is 0."""
+
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    difference: float
+    difference_low: float
+    difference_high: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``method`` against ``baseline`` on ``metric``, paired over the same test users.
+
+    Attributes:
+        segments: ``all``, ``warm``, ``cold`` → the ratio and difference of the two means with
+            paired bootstrap intervals (None: no user in the segment).
+    """
+
+    method: str
+    baseline: str
+    metric: str
+    segments: dict[str, PairedEstimate | None]
+
+
+@dataclass(frozen=True)
 class MethodResult:
     """One source (or the merged set) on the test window.
 
@@ -80,6 +109,8 @@ class RetrievalReport:
     quotas: dict[str, Quota]
     validation: ValidationResult | None
     cold_quotas: dict[str, Quota] | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
+    """The merged set against each source on recall at every k, paired over the test users."""
 
     def method(self, name: str) -> MethodResult:
         """The result of one source, or of ``"merged"``."""

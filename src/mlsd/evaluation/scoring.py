@@ -19,7 +19,6 @@ import pandas as pd
 
 from mlsd.evaluation.metrics import (
     average_precision_at_k_score,
-    bootstrap_mean_ci,
     catalog_coverage_score,
     hit_rate_at_k_score,
     intra_list_diversity_score,
@@ -28,7 +27,14 @@ from mlsd.evaluation.metrics import (
     precision_at_k_score,
     recall_at_k_score,
 )
-from mlsd.evaluation.retrieval import SEGMENTS, Estimate, EvalTask, ProtocolConfig
+from mlsd.evaluation.retrieval import (
+    Estimate,
+    EvalTask,
+    ProtocolConfig,
+    compare,
+    estimates,
+)
+from mlsd.evaluation.retrieval_report import Comparison
 from mlsd.evaluation.stages import Rows
 from mlsd.models.ranking.base import FloatArray
 from mlsd.models.retrieval.base import IntArray
@@ -94,6 +100,7 @@ class ListScorer:
         self.activity = pd.Series(task.user_ids).map(activity).fillna(0).to_numpy(np.float64)
         self.age_days = item_age_days(train.items, rows.pairs, top)
         self.seen = seen_by_user(train.events, task.user_ids)
+        self._per_user: dict[str, dict[str, npt.NDArray[np.float64]]] = {}
 
     def rerank(self, ranked: IntArray, scores: FloatArray, config: RerankConfig) -> IntArray:
         ages = np.where(ranked >= 0, self.age_days[np.maximum(ranked, 0)], np.nan)
@@ -124,23 +131,24 @@ class ListScorer:
         return out
 
     def score(self, name: str, kind: str, lists: IntArray) -> MethodScores:
+        """The method's metrics; its per-user scores are kept for :meth:`compare`."""
         per_user = self.per_user(lists)
-        warm = self.task.warm
-        masks = dict(zip(SEGMENTS, (np.ones(len(warm), bool), warm, ~warm), strict=True))
-        metrics = {
-            segment: {
-                metric: estimate(values[mask], self.protocol) if mask.any() else None
-                for metric, values in per_user.items()
-            }
-            for segment, mask in masks.items()
-        }
+        self._per_user[name] = per_user
         return MethodScores(
             name,
             kind,
-            metrics,
+            estimates(per_user, self.task, self.protocol),
             self.beyond(lists),
             self.deciles(per_user[f"ndcg@{min(self.ks)}"]),
         )
+
+    def compare(self, method: str, baselines: Sequence[str], metric: str) -> list[Comparison]:
+        """``method`` against each of ``baselines`` (all scored already) on ``metric``: the
+        ratio and difference of their means, resampling the same users for both."""
+        return [
+            compare(self._per_user, method, baseline, metric, self.task, self.protocol)
+            for baseline in baselines
+        ]
 
     def beyond(self, lists: IntArray) -> dict[str, float]:
         k = min(self.ks)
@@ -167,17 +175,6 @@ class ListScorer:
         k = min(self.ks)
         ndcg = ndcg_at_k_score(lists[:, :k], self.task.relevant, k=k)
         return {"variant": label, f"ndcg@{k}": float(np.mean(ndcg)), **self.beyond(lists)}
-
-
-def estimate(values: npt.NDArray[np.float64], protocol: ProtocolConfig) -> Estimate:
-    return Estimate(
-        *bootstrap_mean_ci(
-            values,
-            n_resamples=protocol.n_bootstrap,
-            confidence=protocol.confidence,
-            seed=protocol.seed,
-        )
-    )
 
 
 def group_ndcg(labels: FloatArray, scores: FloatArray, groups: IntArray, *, k: int) -> float:

@@ -116,6 +116,28 @@ def test_retrieve_eval_prints_the_protocol_and_writes_the_report(
     recall = report["methods"][-1]["metrics"]["all"]["recall@20"]["mean"]
     assert f"{recall:.3f}" in printed
     assert f"report written to {out}" in printed.replace("\n", "")
+    # The merged set against each source, paired over the same users, at every k.
+    comparisons = report["comparisons"]
+    assert {(c["baseline"], c["metric"]) for c in comparisons} == {
+        (source, f"recall@{k}")
+        for source in ("covisitation", "als", "popularity")
+        for k in (10, 20, 50)
+    }
+    for c in comparisons:
+        merged = report["methods"][-1]["metrics"]["all"][c["metric"]]["mean"]
+        alone = next(m for m in report["methods"] if m["name"] == c["baseline"])
+        paired = c["segments"]["all"]
+        assert paired["ratio"] == pytest.approx(
+            merged / alone["metrics"]["all"][c["metric"]]["mean"]
+        )
+        assert paired["ratio_low"] <= paired["ratio"] <= paired["ratio_high"]
+    assert "merged / each source" in printed
+    popularity = next(
+        c["segments"]["all"]
+        for c in comparisons
+        if c["baseline"] == "popularity" and c["metric"] == "recall@20"
+    )
+    assert f"{popularity['ratio']:.3f} [{popularity['ratio_low']:.3f}" in printed
 
 
 def test_retrieve_eval_on_a_missing_dataset_is_a_one_line_error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +15,7 @@ from mlsd.config import FeedConfig, feed_config_source, load_feed_config
 
 if TYPE_CHECKING:
     from mlsd.evaluation.retrieval import Estimate, RetrievalReport
+    from mlsd.evaluation.retrieval_report import PairedEstimate
 
 app = typer.Typer(help="The personalized feed system.", no_args_is_help=True)
 features_app = typer.Typer(
@@ -280,7 +282,29 @@ def _metrics_tables(report: RetrievalReport) -> list[Table]:
             cells = [_cell(method.metrics[segment][name]) for name in names]
             table.add_row(method.name, *fit, *cells)
         tables.append(table)
+    if report.comparisons:
+        tables.append(_paired_table(report))
     return tables
+
+
+def _paired_table(report: RetrievalReport) -> Table:
+    """The merged set's recall over each source's, all users, paired bootstrap intervals."""
+    title = "merged / each source, all users: recall ratio [95% paired bootstrap interval]"
+    table = Table(title=title, title_justify="left")
+    table.add_column("source")
+    metrics = list(dict.fromkeys(c.metric for c in report.comparisons))
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for source in dict.fromkeys(c.baseline for c in report.comparisons):
+        cells = {c.metric: c.segments["all"] for c in report.comparisons if c.baseline == source}
+        table.add_row(source, *(_ratio_cell(cells.get(metric)) for metric in metrics))
+    return table
+
+
+def _ratio_cell(paired: PairedEstimate | None) -> str:
+    if paired is None or not math.isfinite(paired.ratio):
+        return "-"
+    return f"{paired.ratio:.3f} [{paired.ratio_low:.3f}, {paired.ratio_high:.3f}]"
 
 
 # `train` and `evaluate` live in their own module and register on `app` when imported.
