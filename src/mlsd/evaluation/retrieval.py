@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -120,6 +120,11 @@ class ProtocolConfig:
     n_bootstrap: int = 1000
     confidence: float = 0.95
     seed: int = 0
+
+    def bootstrap_options(self) -> dict[str, Any]:
+        """The keyword options of :func:`~mlsd.evaluation.metrics.bootstrap_mean_ci` (and of
+        the paired intervals): every interval of a report from the same resamples."""
+        return {"n_resamples": self.n_bootstrap, "confidence": self.confidence, "seed": self.seed}
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1 or self.ndcg_k < 1:
@@ -216,14 +221,7 @@ def estimates(
     """Segment → metric → mean over the segment's users with its bootstrap interval."""
     return {
         segment: {
-            metric: Estimate(
-                *bootstrap_mean_ci(
-                    values[mask],
-                    n_resamples=protocol.n_bootstrap,
-                    confidence=protocol.confidence,
-                    seed=protocol.seed,
-                )
-            )
+            metric: Estimate(*bootstrap_mean_ci(values[mask], **protocol.bootstrap_options()))
             if mask.any()
             else None
             for metric, values in per_user.items()
@@ -251,13 +249,7 @@ def compare(
     mine, theirs = per_user[method][metric], per_user[baseline][metric]
     segments = {
         segment: PairedEstimate(
-            *paired_bootstrap_ci(
-                mine[mask],
-                theirs[mask],
-                n_resamples=protocol.n_bootstrap,
-                confidence=protocol.confidence,
-                seed=protocol.seed,
-            )
+            *paired_bootstrap_ci(mine[mask], theirs[mask], **protocol.bootstrap_options())
         )
         if mask.any()
         else None
