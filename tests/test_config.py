@@ -58,6 +58,8 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[retrieval.als]\nfactor = 8\n", r"\[retrieval.als\] has unknown key 'factor'"),
         ("[retrieval.merge]\ntune = 1\n", r"tune: expected true or false"),
         ("[retrieval.merge]\nquota_step = 0.3\n", r"quota_step must divide 1"),
+        ("[retrieval.merge]\nmethod = 'borda'\n", r"method: expected one of 'quotas', 'rrf'"),
+        ("[retrieval.merge]\nrank_constant = 0\n", r"rank_constant must be > 0"),
         ("[retrieval.merge]\nquotas = {als = 1.5}\n", r"must be in \[0, 1\]"),
         ("[retrieval.merge]\nquotas = {als = 'half'}\n", r"quotas.als: expected an integer"),
         (

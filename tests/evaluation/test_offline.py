@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -27,11 +28,12 @@ from mlsd.evaluation.random_split import random_split_per_user
 from mlsd.evaluation.retrieval import ProtocolConfig, load_dataset, make_task
 from mlsd.evaluation.scoring import group_ndcg
 from mlsd.evaluation.stages import RankerFactory, SourceFactory, rank_lists, split_groups
-from mlsd.models.ranking.bundle import RankingBundle
+from mlsd.models.ranking.bundle import BUNDLE_JSON, RankingBundle
 from mlsd.models.ranking.candidates import CLAIMED_SOURCE
 from mlsd.models.ranking.gbdt import LightGBMRanker
 from mlsd.models.ranking.logistic import LogisticRanker
 from mlsd.models.retrieval.covisitation import CovisitationRetriever
+from mlsd.models.retrieval.merge import QUOTAS, Fusion
 from mlsd.models.retrieval.popularity import PopularityRetriever
 from mlsd.serving.rerank import RerankConfig
 from tests.models.ranking.contract import synthetic_ranking_data
@@ -360,6 +362,43 @@ def test_cold_users_candidates_are_merged_with_the_cold_quotas(world: Path) -> N
     # Tuned by segment (the default), the report says both.
     report = evaluate_pipeline(world, SOURCES, RANKERS, protocol=FAST, pipeline=PIPELINE_CONFIG)
     assert report.to_dict()["cold_quotas"] == report.cold_quotas
+
+
+def test_a_fused_merge_reaches_the_rankers_rows_and_the_bundle(world: Path, tmp_path: Path) -> None:
+    fusion = Fusion("rrf", rank_constant=10.0)
+    merge = MergeConfig(
+        tune=False,
+        quotas={"covisitation": 0.5, "popularity": 0.5},
+        method="rrf",
+        rank_constant=10.0,
+    )
+    config = dataclasses.replace(PIPELINE_CONFIG, ranker_windows=1, merge=merge)
+    bundle, trained = train_pipeline(world, SOURCES, RANKERS, protocol=FAST, pipeline=config)
+    assert bundle.fusion == fusion
+    # The ranker's rows are the fused candidates: an item both sources list is claimed by the
+    # one contributing more, and the candidates are the fused top n_candidates.
+    quota_bundle, quota_trained = train_pipeline(
+        world, SOURCES, RANKERS, protocol=FAST,
+        pipeline=dataclasses.replace(config, merge=dataclasses.replace(merge, method="quotas")),
+    )  # fmt: skip
+    fused_pairs = set(map(tuple, trained.rows.pairs[["user_id", "item_id"]].to_numpy().tolist()))
+    quota_pairs = set(
+        map(tuple, quota_trained.rows.pairs[["user_id", "item_id"]].to_numpy().tolist())
+    )
+    assert fused_pairs != quota_pairs
+    loaded = RankingBundle.load(bundle.save(tmp_path / "bundle"))
+    assert loaded.fusion == fusion
+    assert RankingBundle.load(quota_bundle.save(tmp_path / "quota")).fusion.method == "quotas"
+    # A bundle from before the fusion option merged by quotas; a bad one is refused.
+    meta_path = tmp_path / "bundle" / BUNDLE_JSON
+    meta = json.loads(meta_path.read_text())
+    del meta["merge"]
+    meta_path.write_text(json.dumps(meta))
+    assert RankingBundle.load(tmp_path / "bundle").fusion == QUOTAS
+    meta["merge"] = {"method": "borda"}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"bundle.json: merge .*'borda'.*use 'quotas' or 'rrf'"):
+        RankingBundle.load(tmp_path / "bundle")
 
 
 def test_unknown_ranker_and_bad_bundle_are_clear_errors(world: Path, tmp_path: Path) -> None:

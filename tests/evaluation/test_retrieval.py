@@ -19,7 +19,7 @@ import pytest
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.data.split import split_dataset
 from mlsd.evaluation.metrics import recall_at_k_score
-from mlsd.evaluation.quotas import best_quotas
+from mlsd.evaluation.quotas import best_quotas, climb_quotas
 from mlsd.evaluation.retrieval import (
     MERGED,
     MergeConfig,
@@ -42,7 +42,7 @@ from mlsd.models.retrieval.base import (
     Retriever,
 )
 from mlsd.models.retrieval.covisitation import CovisitationRetriever
-from mlsd.models.retrieval.merge import merge_candidates
+from mlsd.models.retrieval.merge import Fusion, merge_candidates
 from mlsd.models.retrieval.popularity import PopularityRetriever
 from mlsd.models.retrieval.topk import recommend_from_scores
 from tests.models.retrieval.contract import frame
@@ -394,3 +394,73 @@ def test_ml100k_protocol_has_the_design_figures(ml100k_dir: Path, tmp_path: Path
     report = evaluate_retrieval(tmp_path / "ml", {"popularity": PopularityRetriever}, protocol=FAST)
     assert report.counts["n_test_users"] == 301
     assert report.counts["n_warm_users"] == 109
+
+
+def test_the_fused_search_finds_what_two_sources_agree_on_and_quotas_cannot() -> None:
+    """a and b each list 10 items of their own first, then the same 10 relevant ones; c lists
+    junk. Any quotas take the sources' first items; fusion ranks the shared items first."""
+    n_users, k = 30, 10
+    relevant = [np.arange(u * 100, u * 100 + k) for u in range(n_users)]
+    shared = np.stack(relevant)
+    own = {n: np.arange(base, base + k)[None, :] + 1000 * np.arange(n_users)[:, None]
+           for n, base in (("a", 50_000), ("b", 60_000), ("c", 70_000))}  # fmt: skip
+    lists = {
+        "a": np.concatenate([own["a"], shared], axis=1),
+        "b": np.concatenate([own["b"], shared[:, ::-1]], axis=1),
+        "c": np.concatenate([own["c"], own["c"] + 500], axis=1),
+    }
+    config = MergeConfig(tune_k=k, quota_step=0.1, method="rrf", by_segment=False)
+    quotas, cold_quotas, tried = tune_segment_quotas(lists, relevant, np.ones(30, bool), config)
+    assert cold_quotas is None
+    assert quotas["a"] > 0
+    assert quotas["b"] > 0
+    assert tried < math.comb(10 + 2, 2)  # the grid has 66 points
+    fused = merge_candidates(lists, quotas, k, fusion=config.fusion)
+    assert recall_at_k_score(fused.item_ids, relevant, k=k).mean() == pytest.approx(1.0)
+    _, best_by_quotas = best_quotas(lists, relevant, quota_grid(list(lists), 0.1), k=k)
+    assert best_by_quotas == 0.0
+
+
+def test_the_fused_search_scores_each_point_by_the_fused_lists_recall() -> None:
+    rng = np.random.default_rng(5)
+    n_users, k = 30, 15
+    lists = {name: np.stack([rng.permutation(60)[:20] for _ in range(n_users)]) for name in "abc"}
+    lists["c"][:, 8:] = -1
+    relevant = [rng.choice(70, size=rng.integers(1, 12), replace=False) for _ in range(n_users)]
+    fusion = Fusion("rrf", rank_constant=5.0)
+    quotas, recall, tried = climb_quotas(lists, relevant, 0.25, k=k, fusion=fusion)
+    assert sum(quotas.values()) == pytest.approx(1.0)
+    assert tried >= 4  # the even split and each source alone at least
+    merged = merge_candidates({n: lst[:, :k] for n, lst in lists.items()}, quotas, k, fusion=fusion)
+    assert recall == pytest.approx(recall_at_k_score(merged.item_ids, relevant, k=k).mean())
+    # No point of the grid beats the one found by more than the climb's local view allows:
+    # at least, none of its single-step neighbours does.
+    for other in quota_grid(list(lists), 0.25):
+        steps = sum(abs(other[n] - quotas[n]) for n in lists) / 0.25
+        if round(steps) == 2:
+            fused = merge_candidates(
+                {n: lst[:, :k] for n, lst in lists.items()}, other, k, fusion=fusion
+            )
+            assert recall_at_k_score(fused.item_ids, relevant, k=k).mean() <= recall + 1e-12
+
+
+def test_a_fused_merge_is_tuned_scored_and_named_in_the_report(world: Path) -> None:
+    sources: dict[str, SourceFactory] = {
+        "covisitation": CovisitationRetriever,
+        "by_id": _ByIdRetriever,
+    }
+    merge = MergeConfig(tune_k=20, quota_step=0.5, method="rrf", rank_constant=10.0)
+    report = evaluate_retrieval(world, sources, protocol=FAST, merge=merge)
+    assert report.fusion == Fusion("rrf", 10.0)
+    assert report.to_dict()["fusion"] == {"method": "rrf", "rank_constant": 10.0}
+    assert sum(report.quotas.values()) == pytest.approx(1.0)
+    fixed = MergeConfig(
+        tune=False, quotas={"covisitation": 0.5, "by_id": 0.5}, method="rrf", rank_constant=10.0
+    )
+    fused = evaluate_retrieval(world, sources, protocol=FAST, merge=fixed)
+    quota = evaluate_retrieval(
+        world, sources, protocol=FAST, merge=dataclasses.replace(fixed, method="quotas")
+    )
+    # The two merges of the same lists differ, and each source alone is the same in both.
+    assert _recall(fused, "by_id", 20, "all") == _recall(quota, "by_id", 20, "all")
+    assert fused.method(MERGED).metrics != quota.method(MERGED).metrics

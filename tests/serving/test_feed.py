@@ -19,8 +19,10 @@ from mlsd.features.batch import feature_config_for
 from mlsd.features.online import OnlineFeatures
 from mlsd.models.ranking.bundle import BUNDLE_JSON
 from mlsd.models.ranking.gbdt import LightGBMRanker
+from mlsd.models.retrieval.merge import QUOTAS, Fusion, merge_by_segment, merge_candidates
 from mlsd.serving.feed import FeedModel, FeedRecommender
 from mlsd.serving.recommender import RecommendRequest
+from mlsd.serving.sources import UserQuery
 from mlsd.systems.feed.package import package_model
 from tests.feed_world import materialized_world
 
@@ -489,6 +491,46 @@ def test_batch_predict_processes_write_what_each_request_answers(
         batch_predict_processes(recommender, nowhere, users, k=10, processes=2, now=now)
     with pytest.raises(ValueError, match="processes"):
         batch_predict_processes(recommender, store, users, k=10, processes=0)
+
+
+def test_the_models_fusion_merges_requests_and_batches(
+    served: tuple[Path, Path, Path], recommender: FeedRecommender
+) -> None:
+    model = FeedModel.load(served[1])
+    assert model.fusion == model.ranking.fusion  # the bundle's: the ranker learned from it
+    fusion = Fusion("rrf", rank_constant=5.0)
+    quotas, cold_quotas = {"covisitation": 0.5, "als": 0.5}, {"als": 1.0}
+    fused = dataclasses.replace(model, quotas=quotas, cold_quotas=cold_quotas, fusion=fusion)
+    rng = np.random.default_rng(0)
+    n = model.n_candidates
+    lists = {
+        name: np.stack([rng.permutation(3 * n)[:n] for _ in range(3)]).astype(np.int64)
+        for name in ("covisitation", "als")
+    }
+    history = np.array([1, 2], dtype=np.int64)
+    queries = [
+        UserQuery(u, h, np.zeros(len(h), np.int64), {}, 0)
+        for u, h in ((1, history), (2, history[:0]), (3, history))
+    ]
+    one = fused.merge({k: v[:1] for k, v in lists.items()}, queries[:1])
+    expected = merge_candidates({k: v[:1] for k, v in lists.items()}, quotas, n, fusion=fusion)
+    np.testing.assert_array_equal(one.item_ids, expected.item_ids)
+    batch = fused.merge(lists, queries)  # the user without history: the cold weights
+    cold = np.array([False, True, False])
+    np.testing.assert_array_equal(
+        batch.item_ids,
+        merge_by_segment(
+            lists, quotas, n, cold=cold, cold_quotas=cold_quotas, fusion=fusion
+        ).item_ids,
+    )
+    quota_merge = dataclasses.replace(fused, fusion=QUOTAS).merge(lists, queries)
+    assert not np.array_equal(batch.item_ids[0], quota_merge.item_ids[0])
+    # Served end to end, a request and a batch of one give the same answer.
+    split = FeedRecommender(fused, features=recommender.features)
+    answer = split.recommend(RecommendRequest(7, k=20, now=4.0e9))
+    assert split.recommend_many([7], k=20, now=4.0e9)[0][0].tolist() == [
+        r.item_id for r in answer.items
+    ]
 
 
 def test_a_user_without_history_is_merged_with_the_cold_quotas(

@@ -79,7 +79,7 @@ from mlsd.models.ranking.base import FloatArray, Ranker, RankingData
 from mlsd.models.ranking.bundle import RankingBundle, prior_corrected
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
-from mlsd.models.retrieval.merge import Quota
+from mlsd.models.retrieval.merge import QUOTAS, Fusion, Quota
 
 Protocol = Literal["temporal", "random-per-user"]
 DerivedRanker = Callable[[Mapping[str, Ranker], RankingData, RankingData], Ranker]
@@ -132,6 +132,8 @@ class OfflineReport:
     """The protocol's test share (``ProtocolConfig.test_frac``)."""
     comparisons: list[Comparison] = field(default_factory=list)
     """The pipeline against each baseline on NDCG at the smallest k, paired over test users."""
+    fusion: Fusion = QUOTAS
+    """How the quotas merged the candidate sources."""
 
     def method(self, name: str) -> MethodScores:
         for result in self.methods:
@@ -331,6 +333,7 @@ def train_pipeline(
         layout=trained.layout,
         quotas=trained.quotas,
         cold_quotas=trained.cold_quotas,
+        fusion=pipeline.merge.fusion,
         feature_config=feature_config,
         negative_keep_rate=pipeline.negative_keep_rate,
         metadata={
@@ -423,7 +426,14 @@ class _Run:
         k = self.pipeline.n_candidates
         return window_frame(
             window.task.user_ids,
-            merge(retrieved, quotas, k, cold=~window.task.warm, cold_quotas=cold_quotas),
+            merge(
+                retrieved,
+                quotas,
+                k,
+                cold=~window.task.warm,
+                cold_quotas=cold_quotas,
+                fusion=self.pipeline.merge.fusion,
+            ),
             retrieved,
             dataset_dir=window.dataset_dir,
             train_events=window.task.train.events,
@@ -621,6 +631,7 @@ class _Run:
             timings=dict(self.clock.seconds),
             feature_importance=_importance(chosen),
             cold_quotas=None if trained.cold_quotas is None else dict(trained.cold_quotas),
+            fusion=self.pipeline.merge.fusion,
             comparisons=comparisons,
         )
 

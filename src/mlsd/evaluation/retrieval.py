@@ -58,7 +58,7 @@ from mlsd.evaluation.retrieval_report import (
 )
 from mlsd.evaluation.retrieval_windows import EvalTask, catalog_as_of, load_dataset, make_task
 from mlsd.models.retrieval.base import IntArray, Retriever
-from mlsd.models.retrieval.merge import Quota, merge_by_segment
+from mlsd.models.retrieval.merge import QUOTAS, Fusion, Quota, merge_by_segment
 
 __all__ = [
     "MERGED",
@@ -316,7 +316,9 @@ def evaluate_retrieval(
     ]
     comparisons = []
     if merge is not None:
-        merged, per_user[MERGED] = _merged_result(runs, quotas, cold_quotas, test, protocol)
+        merged, per_user[MERGED] = _merged_result(
+            runs, quotas, cold_quotas, merge.fusion, test, protocol
+        )
         methods.append(merged)
         comparisons = [
             compare(per_user, MERGED, name, f"recall@{k}", test, protocol)
@@ -345,6 +347,7 @@ def evaluate_retrieval(
         validation=validation,
         cold_quotas=cold_quotas,
         comparisons=comparisons,
+        fusion=merge.fusion if merge is not None else QUOTAS,
     )
 
 
@@ -381,7 +384,9 @@ def _merge_quotas(
     )
     k = merge.tune_k
     per_user = {name: recall_at_k_score(lst, relevant, k=k) for name, lst in lists.items()}
-    merged = merge_by_segment(lists, quotas, k, cold=~warm, cold_quotas=cold_quotas)
+    merged = merge_by_segment(
+        lists, quotas, k, cold=~warm, cold_quotas=cold_quotas, fusion=merge.fusion
+    )
     per_user[MERGED] = recall_at_k_score(merged.item_ids, relevant, k=k)
     segment_recall = {
         segment: {name: float(r[mask].mean()) for name, r in per_user.items()}
@@ -408,6 +413,7 @@ def _merged_result(
     runs: Mapping[str, SourceRun],
     quotas: Mapping[str, Quota],
     cold_quotas: Mapping[str, Quota] | None,
+    fusion: Fusion,
     task: EvalTask,
     protocol: ProtocolConfig,
 ) -> tuple[MethodResult, PerUser]:
@@ -421,6 +427,7 @@ def _merged_result(
             k,
             cold=~task.warm,
             cold_quotas=cold_quotas,
+            fusion=fusion,
         ).item_ids
         for k in {*protocol.ks, protocol.ndcg_k}
     }

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlsd.models.retrieval.merge import Quota
+from mlsd.models.retrieval.merge import QUOTAS, Fusion, Quota
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,8 @@ class RetrievalReport:
     cold_quotas: dict[str, Quota] | None = None
     comparisons: list[Comparison] = field(default_factory=list)
     """The merged set against each source on recall at every k, paired over the test users."""
+    fusion: Fusion = QUOTAS
+    """How the quotas merged the sources (with ``"rrf"``, they are the sources' weights)."""
 
     def method(self, name: str) -> MethodResult:
         """The result of one source, or of ``"merged"``."""

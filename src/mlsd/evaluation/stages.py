@@ -30,7 +30,7 @@ from mlsd.models.ranking.candidates import (
     ranking_data,
 )
 from mlsd.models.retrieval.base import PAD_ITEM, IntArray, RetrievalData, Retriever
-from mlsd.models.retrieval.merge import MergedCandidates, Quota, merge_by_segment
+from mlsd.models.retrieval.merge import QUOTAS, Fusion, MergedCandidates, Quota, merge_by_segment
 
 SourceFactory = Callable[[], Retriever]
 RankerFactory = Callable[[], Ranker]
@@ -82,10 +82,13 @@ def merge(
     *,
     cold: npt.NDArray[np.bool_] | None = None,
     cold_quotas: Mapping[str, Quota] | None = None,
+    fusion: Fusion = QUOTAS,
 ) -> MergedCandidates:
     """The merged candidates of :func:`retrieve`'s lists; the ``cold`` rows with
     ``cold_quotas`` when given (:func:`~mlsd.models.retrieval.merge.merge_by_segment`)."""
-    return merge_by_segment(retrieved.lists.items, quotas, k, cold=cold, cold_quotas=cold_quotas)
+    return merge_by_segment(
+        retrieved.lists.items, quotas, k, cold=cold, cold_quotas=cold_quotas, fusion=fusion
+    )
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ from mlsd.models.ranking.candidates import (
 )
 from mlsd.models.ranking.gbdt import predict_threads
 from mlsd.models.retrieval.merge import (
+    QUOTAS,
+    Fusion,
     MergedCandidates,
     Quota,
     merge_by_segment,
@@ -182,6 +184,8 @@ class FeedModel:
     """The merge quotas of a user without history (None: ``quotas``), tuned apart on
     validation: every source answers such a user with its fallback list, often the same one,
     so the warm users' quotas would spend slots on duplicates."""
+    fusion: Fusion = QUOTAS
+    """How the quotas merge the sources (the bundle's: the ranker learned from that merge)."""
 
     def merge(
         self, lists: Mapping[str, IntArray], queries: Sequence[UserQuery]
@@ -195,9 +199,16 @@ class FeedModel:
             quotas = (
                 self.cold_quotas if no_history and self.cold_quotas is not None else self.quotas
             )
-            return merge_candidates(lists, quotas, width)
+            return merge_candidates(lists, quotas, width, fusion=self.fusion)
         cold = np.array([len(q.history) == 0 for q in queries], dtype=bool)
-        return merge_by_segment(lists, self.quotas, width, cold=cold, cold_quotas=self.cold_quotas)
+        return merge_by_segment(
+            lists,
+            self.quotas,
+            width,
+            cold=cold,
+            cold_quotas=self.cold_quotas,
+            fusion=self.fusion,
+        )
 
     @classmethod
     def load(
@@ -244,6 +255,7 @@ class FeedModel:
             snapshot=snapshot,
             reference_profile=None if profile is None else path / profile,
             cold_quotas=None if ranking.cold_quotas is None else dict(ranking.cold_quotas),
+            fusion=ranking.fusion,
         )
 
 

@@ -19,6 +19,7 @@ from mlsd.models.retrieval.base import (
 )
 from mlsd.models.retrieval.merge import (
     NO_SOURCE,
+    Fusion,
     MergedRetriever,
     merge_by_segment,
     merge_candidates,
@@ -306,3 +307,121 @@ def test_quotas_are_checked_by_type_on_every_merge() -> None:
         merge_candidates(lists, {"a": True}, 3)
     with pytest.raises(ValueError, match="quota"):
         merge_candidates(lists, {"a": [1]}, 3)  # type: ignore[dict-item]
+
+
+# --- reciprocal-rank fusion ----------------------------------------------------------------------
+
+RRF = Fusion("rrf", rank_constant=1.0)
+
+
+def test_hand_computed_fusion_puts_items_several_sources_rank_high_first() -> None:
+    # User 0, c = 1, equal weights 0.5: 1 = .5/2 + .5/6 = .333, 3 = .5/4 + .5/2 = .375,
+    # 2 = .5/3, 9 = .5/3 (a tie: a claimed 2 first), 4 = .5/5, 8 = .5/4.
+    merged = merge_candidates({"a": A, "b": B}, {"a": 0.5, "b": 0.5}, k=6, fusion=RRF)
+    np.testing.assert_array_equal(merged.item_ids[0], [3, 1, 2, 9, 8, 4])
+    # Credited to the source contributing most: 3 to b (rank 1 there), 1 to a.
+    np.testing.assert_array_equal(merged.source[0], [1, 0, 0, 1, 1, 0])
+    assert merged.sources_of(0, 0) == ("a", "b")
+    # User 1: a lists 1, 2 only; b's 3..8 fill the rest by their fused scores.
+    np.testing.assert_array_equal(merged.item_ids[1], [1, 3, 2, 4, 5, 6])
+
+
+def test_fusion_weights_are_scale_free_and_weight_zero_sources_only_fill() -> None:
+    lists = {"a": A, "b": B}
+    once = merge_candidates(lists, {"a": 0.2, "b": 0.6}, k=6, fusion=RRF)
+    other = merge_candidates(lists, {"a": 0.6, "b": 0.2}, k=6, fusion=RRF)
+    np.testing.assert_array_equal(
+        once.item_ids, merge_candidates(lists, {"a": 0.1, "b": 0.3}, k=6, fusion=RRF).item_ids
+    )
+    assert not np.array_equal(once.item_ids, other.item_ids)  # the ratio of weights counts
+    # b has no weight: a's items first in a's order, then b's in b's order (user 1: a has 2).
+    only_a = merge_candidates(lists, {"a": 1.0}, k=6, fusion=RRF)
+    np.testing.assert_array_equal(only_a.item_ids, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(only_a.source[1], [0, 0, 1, 1, 1, 1])
+    # Beyond the union: padded, as with quotas.
+    short = merge_candidates({"a": A[1:]}, {"a": 1.0}, k=4, fusion=RRF)
+    np.testing.assert_array_equal(short.item_ids, [[1, 2, PAD_ITEM, PAD_ITEM]])
+    np.testing.assert_array_equal(short.source, [[0, 0, NO_SOURCE, NO_SOURCE]])
+
+
+def _random_lists(seed: int, n_items: int = 60) -> dict[str, IntArray]:
+    rng = np.random.default_rng(seed)
+    lists = {
+        name: np.stack([rng.permutation(n_items)[:25] for _ in range(40)])
+        for name in ("x", "y", "z")
+    }
+    lists["z"][:, 10:] = PAD_ITEM
+    return lists
+
+
+def test_fusion_matches_a_direct_sum_of_reciprocal_ranks() -> None:
+    lists = _random_lists(3)
+    weights = {"x": 0.5, "y": 0.2, "z": 0.3}
+    merged = merge_candidates(lists, weights, 30, fusion=Fusion("rrf", rank_constant=10.0))
+    for u in range(40):
+        score: dict[int, float] = {}
+        first: dict[int, int] = {}
+        for s, (name, lst) in enumerate(lists.items()):
+            for rank, item in enumerate(lst[u].tolist()):
+                if item != PAD_ITEM:
+                    score[item] = score.get(item, 0.0) + weights[name] / (10.0 + rank + 1)
+                    first[item] = min(first.get(item, s * 25 + rank), s * 25 + rank)
+        expected = sorted(score, key=lambda item: (-score[item], first[item]))[:30]
+        assert merged.item_ids[u].tolist() == expected
+        for j, item in enumerate(expected):
+            assert set(merged.sources_of(u, j)) == {
+                name for name, lst in lists.items() if item in lst[u]
+            }
+
+
+def test_fused_entries_chunks_and_large_ids_agree_with_the_fused_merge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lists = _random_lists(4)
+    weights = {"x": 0.3, "y": 0.7}
+    merged = merge_candidates(lists, weights, 25, fusion=RRF)
+    entries = merged_entries(lists, weights, 25, fusion=RRF)
+    for u in range(40):
+        claimed = {(n, int(i)) for n, lst in lists.items() for i in lst[u][entries[n][u]]}
+        expected = {
+            (merged.source_names[s], int(item))
+            for s, item in zip(merged.source[u], merged.item_ids[u], strict=True)
+        }
+        assert claimed == expected
+    large = {n: np.where(lst >= 0, lst + 10**12, PAD_ITEM) for n, lst in lists.items()}
+    np.testing.assert_array_equal(
+        merge_candidates(large, weights, 25, fusion=RRF).item_ids - 10**12, merged.item_ids
+    )
+    monkeypatch.setattr(merge, "_MAX_CHUNK_CELLS", 100)  # 1 user per block
+    np.testing.assert_array_equal(
+        merge_candidates(lists, weights, 25, fusion=RRF).item_ids, merged.item_ids
+    )
+
+
+def test_fused_cold_rows_use_the_cold_weights_and_the_retriever_passes_the_fusion(
+    contract_data: RetrievalData,
+) -> None:
+    cold = np.array([False, True])
+    by_segment = merge_by_segment(
+        {"a": A, "b": B}, {"a": 1.0}, 6, cold=cold, cold_quotas={"b": 1.0}, fusion=RRF
+    )
+    np.testing.assert_array_equal(by_segment.item_ids[0], [1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(by_segment.item_ids[1], B[1])
+    sources = {"popularity": PopularityRetriever(), "highest_id": _HighestIdRetriever()}
+    weights = {"popularity": 0.5, "highest_id": 0.5}
+    retriever = MergedRetriever(sources, weights, fusion=RRF).fit(contract_data)
+    users = contract_data.events["user_id"].drop_duplicates().to_numpy()[:5]
+    lists = {n: s.recommend(users, 20)[0] for n, s in retriever.sources.items()}
+    np.testing.assert_array_equal(
+        retriever.recommend(users, 20)[0],
+        merge_candidates(lists, weights, 20, fusion=RRF).item_ids,
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "constant", "message"),
+    [("borda", 60.0, "use 'quotas' or 'rrf'"), ("rrf", 0.0, "rank_constant must be > 0")],
+)
+def test_a_bad_fusion_is_refused(method: str, constant: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Fusion(method, constant)  # type: ignore[arg-type]

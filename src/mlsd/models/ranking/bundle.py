@@ -29,7 +29,7 @@ from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.ranking.registry import load_ranker
-from mlsd.models.retrieval.merge import Quota
+from mlsd.models.retrieval.merge import QUOTAS, Fusion, Quota
 
 BUNDLE_JSON = "bundle.json"
 FORMAT_VERSION = 1
@@ -46,6 +46,8 @@ class RankingBundle:
         quotas: the merge quotas of the candidate sources (of warm users when
             ``cold_quotas`` is set).
         cold_quotas: the quotas of cold users (no history), or ``None``: ``quotas``.
+        fusion: how the quotas merge the sources (quotas, or reciprocal-rank fusion with the
+            quotas as weights); the ranker learned from candidates merged so.
         feature_config: the feature step's configuration the rows were computed with.
         metadata: free JSON (dataset hash, metrics, protocol, ...).
     """
@@ -60,6 +62,7 @@ class RankingBundle:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     negative_keep_rate: float = 1.0
     cold_quotas: Mapping[str, Quota] | None = None
+    fusion: Fusion = QUOTAS
 
     def probabilities(self, features: pd.DataFrame) -> FloatArray:
         """Click probabilities of candidate rows: ranker → downsampling correction →
@@ -86,6 +89,7 @@ class RankingBundle:
             "ranker_name": self.ranker_name,
             "quotas": dict(self.quotas),
             "cold_quotas": None if self.cold_quotas is None else dict(self.cold_quotas),
+            "merge": dataclasses.asdict(self.fusion),
             "layout": self.layout.to_dict(),
             "feature_config": dataclasses.asdict(self.feature_config),
             "negative_keep_rate": self.negative_keep_rate,
@@ -117,6 +121,10 @@ class RankingBundle:
             if raw_config.get(key) is not None:
                 raw_config[key] = tuple(raw_config[key])
         layout = meta["layout"]
+        try:  # a bundle from before reciprocal-rank fusion merged by quotas
+            fusion = Fusion(**meta.get("merge", {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{meta_path}: merge {meta.get('merge')!r}: {err}") from err
         return cls(
             ranker=load_ranker(path / "ranker"),
             ranker_name=str(meta["ranker_name"]),
@@ -128,6 +136,7 @@ class RankingBundle:
             metadata=dict(meta.get("metadata", {})),
             negative_keep_rate=float(meta.get("negative_keep_rate", 1.0)),
             cold_quotas=None if meta.get("cold_quotas") is None else dict(meta["cold_quotas"]),
+            fusion=fusion,
         )
 
 

@@ -15,6 +15,12 @@ in proportion to their quotas and an item several sources rank high comes early;
 the earlier claim. The ranker re-orders candidates anyway; this order makes a merged list's
 NDCG meaningful on its own (and keeps a single source's order when the lists agree).
 
+With ``Fusion("rrf")`` the quotas are instead the sources' weights in a weighted reciprocal-rank
+fusion: an item scores ``sum(weight / (rank_constant + rank))`` over the sources listing it (rank
+from 1), and the ``k`` best scores are the list, in that order. An item several sources rank
+high wins a slot that a quota would give to one source's next item; items listed only by
+sources of weight 0 fill the free slots in priority order, as with quotas.
+
 :func:`merge_by_segment` gives cold users (no event before the cutoff) quotas of their own;
 :func:`merged_entries` is the merge's set without its order, for fast quota searches.
 
@@ -34,7 +40,7 @@ import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Self, TypeAlias
+from typing import Literal, Self, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +55,33 @@ NO_SOURCE = -1
 """``MergedCandidates.source`` at padding."""
 
 _MAX_CHUNK_CELLS = 1 << 22
+
+FusionMethod: TypeAlias = Literal["quotas", "rrf"]
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How the merge picks and orders its ``k`` candidates (module docstring).
+
+    Attributes:
+        method: ``"quotas"`` (each source claims its share of the slots) or ``"rrf"`` (weighted
+            reciprocal-rank fusion, the quotas as weights).
+        rank_constant: ``"rrf"``'s ``c`` in ``weight / (c + rank)``: the larger, the more a
+            source's 100th item counts next to its first.
+    """
+
+    method: FusionMethod = "quotas"
+    rank_constant: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("quotas", "rrf"):
+            raise ValueError(f"merge method {self.method!r}: use 'quotas' or 'rrf'")
+        if not self.rank_constant > 0:
+            raise ValueError(f"rank_constant must be > 0, got {self.rank_constant}")
+
+
+QUOTAS = Fusion()
+"""The default merge: per-source quotas."""
 
 
 @dataclass(frozen=True)
@@ -120,15 +153,21 @@ def quota_counts(quotas: Sequence[Quota], k: int) -> IntArray:
 
 
 def merge_candidates(
-    candidates: Mapping[str, npt.ArrayLike], quotas: Mapping[str, Quota], k: int
+    candidates: Mapping[str, npt.ArrayLike],
+    quotas: Mapping[str, Quota],
+    k: int,
+    *,
+    fusion: Fusion = QUOTAS,
 ) -> MergedCandidates:
     """Merge per-source candidate lists into one list of ``k`` per user.
 
     Args:
         candidates: source name → ``(n_users, L)`` item ids, best first, padded with -1; the
             mapping's order is the sources' priority. Each row must not repeat an item.
-        quotas: source name → :data:`Quota`; a source without a quota only fills.
+        quotas: source name → :data:`Quota`; a source without a quota only fills. With
+            ``Fusion("rrf")``, the sources' weights.
         k: candidates per user.
+        fusion: quotas (default) or reciprocal-rank fusion.
 
     Returns:
         :class:`MergedCandidates` of shape ``(n_users, k)``.
@@ -143,14 +182,23 @@ def merge_candidates(
     )
     width = sum(lst.shape[1] for lst in lists)
     chunk = max(1, _MAX_CHUNK_CELLS // max(2 * width, 1))
+    weights = _weights(quotas, names)
     for start in range(0, n_users, chunk):
         rows = slice(start, min(start + chunk, n_users))
-        _merge_chunk([lst[rows] for lst in lists], counts, k, out, rows)
+        block = [lst[rows] for lst in lists]
+        if fusion.method == "rrf":
+            _fuse_chunk(block, weights, fusion.rank_constant, k, out, rows)
+        else:
+            _merge_chunk(block, counts, k, out, rows)
     return out
 
 
 def merged_entries(
-    candidates: Mapping[str, npt.ArrayLike], quotas: Mapping[str, Quota], k: int
+    candidates: Mapping[str, npt.ArrayLike],
+    quotas: Mapping[str, Quota],
+    k: int,
+    *,
+    fusion: Fusion = QUOTAS,
 ) -> dict[str, npt.NDArray[np.bool_]]:
     """Which entries of each source's lists the merge claims: its set, without its order.
 
@@ -166,9 +214,19 @@ def merged_entries(
     masks = {name: np.zeros(lst.shape, dtype=bool) for name, lst in zip(names, lists, strict=True)}
     width = sum(lst.shape[1] for lst in lists)
     chunk = max(1, _MAX_CHUNK_CELLS // max(2 * width, 1))
+    weights = _weights(quotas, names)
     for start in range(0, lists[0].shape[0], chunk):
         rows = slice(start, start + chunk)
         block = [lst[rows] for lst in lists]
+        if fusion.method == "rrf":
+            table = _FusedTable(block, weights, fusion.rank_constant)
+            chosen = table.chosen(k)
+            user = np.arange(chosen.shape[0])[:, None]
+            for s, (lst, col) in enumerate(zip(block, table.cols, strict=True)):
+                masks[names[s]][rows] = (
+                    (lst != PAD_ITEM) & chosen[user, col] & (table.owner[user, col] == s)
+                )
+            continue
         cols, n_cols = _item_columns(block)
         for s, take, _ in _claims(block, cols, n_cols, counts, k):
             masks[names[s]][rows] |= take
@@ -219,6 +277,7 @@ def merge_by_segment(
     *,
     cold: npt.ArrayLike | None = None,
     cold_quotas: Mapping[str, Quota] | None = None,
+    fusion: Fusion = QUOTAS,
 ) -> MergedCandidates:
     """:func:`merge_candidates` with other quotas for the ``cold`` rows.
 
@@ -229,13 +288,19 @@ def merge_by_segment(
         candidates, quotas, k: as :func:`merge_candidates`; ``quotas`` serve the warm rows.
         cold: ``(n_users,)`` bool, the rows of cold users; ``None`` = none.
         cold_quotas: the quotas of the cold rows; ``None`` = ``quotas`` for everyone.
+        fusion: as :func:`merge_candidates`, for both.
     """
     if cold is None or cold_quotas is None:
-        return merge_candidates(candidates, quotas, k)
+        return merge_candidates(candidates, quotas, k, fusion=fusion)
     is_cold = np.asarray(cold, dtype=bool)
     lists = {name: np.asarray(lst, dtype=np.int64) for name, lst in candidates.items()}
     parts = [
-        (rows, merge_candidates({n: lst[rows] for n, lst in lists.items()}, part_quotas, k))
+        (
+            rows,
+            merge_candidates(
+                {n: lst[rows] for n, lst in lists.items()}, part_quotas, k, fusion=fusion
+            ),
+        )
         for rows, part_quotas in ((~is_cold, quotas), (is_cold, cold_quotas))
     ]
     first = parts[1][1]
@@ -359,6 +424,88 @@ def _merge_chunk(
     out.proposers[rows, :width] = np.where(chosen, proposed[user, col], 0)
 
 
+def _weights(quotas: Mapping[str, Quota], names: tuple[str, ...]) -> npt.NDArray[np.float64]:
+    """Each source's quota as its fusion weight (0 without one)."""
+    return np.array([float(quotas.get(name, 0)) for name in names], dtype=np.float64)
+
+
+class _FusedTable:
+    """One block of users' reciprocal-rank fusion: a column per distinct item of each row.
+
+    Attributes:
+        cols: per source, ``(n, L)`` the column of each entry (as :func:`_item_columns`).
+        score: ``(n, n_cols)`` the summed ``weight / (c + rank)``; -inf where no source lists
+            the column's item.
+        first: ``(n, n_cols)`` the earliest claim, ``source * width + entry``: the order of
+            ties and of the items only weight-0 sources list.
+        owner: ``(n, n_cols)`` the source contributing most to the score (the earliest claim
+            when none contributes); the source a chosen candidate is credited to.
+        proposed, item: ``(n, n_cols)`` the proposers' bit mask and the column's item id.
+    """
+
+    def __init__(
+        self, lists: list[IntArray], weights: npt.NDArray[np.float64], rank_constant: float
+    ) -> None:
+        self.cols, n_cols = _item_columns(lists)
+        n = lists[0].shape[0]
+        width = max(lst.shape[1] for lst in lists)
+        shape = (n, n_cols)
+        self.score = np.zeros(shape)
+        self.first = np.full(shape, np.iinfo(np.int64).max, dtype=np.int64)
+        self.owner = np.full(shape, NO_SOURCE, dtype=np.int64)
+        self.proposed = np.zeros(shape, dtype=np.int64)
+        self.item = np.full(shape, PAD_ITEM, dtype=np.int64)
+        best = np.zeros(shape)
+        for s, (lst, col) in enumerate(zip(lists, self.cols, strict=True)):
+            real = lst != PAD_ITEM
+            row, entry = np.nonzero(real)
+            where = (row, col[real])  # a row lists an item once: no index repeats within s
+            self.proposed[where] |= np.int64(1) << s
+            self.item[where] = lst[real]
+            self.first[where] = np.minimum(self.first[where], s * width + entry)
+            if weights[s] > 0:
+                part = weights[s] / (rank_constant + entry + 1.0)
+                self.score[where] += part
+                more = part > best[where]
+                self.owner[where] = np.where(more, s, self.owner[where])
+                best[where] = np.maximum(best[where], part)
+        listed = self.proposed != 0
+        self.owner = np.where(listed & (self.owner == NO_SOURCE), self.first // width, self.owner)
+        self.score[~listed] = -np.inf
+
+    def order(self, k: int) -> IntArray:
+        """``(n, min(k, n_cols))`` columns best first: score, then the earliest claim."""
+        order: IntArray = np.lexsort((self.first, -self.score), axis=1)[:, :k]
+        return order
+
+    def chosen(self, k: int) -> npt.NDArray[np.bool_]:
+        """``(n, n_cols)`` whether the column's item is among the row's ``k``."""
+        order = self.order(k)
+        user = np.arange(order.shape[0])[:, None]
+        out = np.zeros(self.score.shape, dtype=bool)
+        out[user, order] = np.isfinite(self.score[user, order])
+        return out
+
+
+def _fuse_chunk(
+    lists: list[IntArray],
+    weights: npt.NDArray[np.float64],
+    rank_constant: float,
+    k: int,
+    out: MergedCandidates,
+    rows: slice,
+) -> None:
+    """Reciprocal-rank fusion of one block of users into ``out[rows]``."""
+    table = _FusedTable(lists, weights, rank_constant)
+    order = table.order(k)
+    user = np.arange(order.shape[0])[:, None]
+    chosen = np.isfinite(table.score[user, order])
+    width = order.shape[1]
+    out.item_ids[rows, :width] = np.where(chosen, table.item[user, order], PAD_ITEM)
+    out.source[rows, :width] = np.where(chosen, table.owner[user, order], NO_SOURCE)
+    out.proposers[rows, :width] = np.where(chosen, table.proposed[user, order], 0)
+
+
 class MergedRetriever(Retriever):
     """Several retrievers as one: each answers ``k`` items, :func:`merge_candidates` merges them.
 
@@ -369,6 +516,7 @@ class MergedRetriever(Retriever):
         quotas: name → :data:`Quota` (fraction of ``k`` or a count); missing names only fill.
         cold_quotas: the quotas of users without an event before the cutoff (see
             :func:`merge_by_segment`); ``None`` = ``quotas`` for everyone.
+        fusion: quotas (default) or reciprocal-rank fusion (:class:`Fusion`).
 
     Attributes:
         fit_seconds_: name → wall seconds of that source's ``fit``.
@@ -386,6 +534,7 @@ class MergedRetriever(Retriever):
         quotas: Mapping[str, Quota],
         *,
         cold_quotas: Mapping[str, Quota] | None = None,
+        fusion: Fusion = QUOTAS,
     ) -> None:
         if not sources:
             raise ValueError("MergedRetriever needs at least one source")
@@ -397,6 +546,7 @@ class MergedRetriever(Retriever):
         self.sources = dict(sources)
         self.quotas = dict(quotas)
         self.cold_quotas = None if cold_quotas is None else dict(cold_quotas)
+        self.fusion = fusion
 
     def fit(self, train: RetrievalData) -> Self:
         fit_seconds: dict[str, float] = {}
@@ -419,7 +569,9 @@ class MergedRetriever(Retriever):
             for name, source in self.sources.items()
         }
         cold = ~np.isin(np.asarray(user_ids, dtype=np.int64).reshape(-1), self.warm_user_ids_)
-        return merge_by_segment(lists, self.quotas, k, cold=cold, cold_quotas=self.cold_quotas)
+        return merge_by_segment(
+            lists, self.quotas, k, cold=cold, cold_quotas=self.cold_quotas, fusion=self.fusion
+        )
 
     def recommend(
         self, user_ids: npt.ArrayLike, k: int, *, exclude_seen: bool = True

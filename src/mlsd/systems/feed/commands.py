@@ -230,12 +230,15 @@ def _protocol_table(report: RetrievalReport) -> Table:
         f"{counts['n_cold_users']:,} cold; {counts['n_test_active_users']:,} active, "
         f"{counts['n_test_active_users'] - counts['n_test_users']:,} without a relevant item)",
     )
-    rows = {"merge quotas": report.quotas}
+    fusion = report.fusion
+    what = (
+        f"merge weights (reciprocal-rank fusion, c = {fusion.rank_constant:g})"
+        if fusion.method == "rrf"
+        else "merge quotas"
+    )
+    rows = {what: report.quotas}
     if report.cold_quotas is not None:
-        rows = {
-            "merge quotas, warm users": report.quotas,
-            "merge quotas, cold users": report.cold_quotas,
-        }
+        rows = {f"{what}, warm users": report.quotas, f"{what}, cold users": report.cold_quotas}
     val = report.validation
     for label, quotas in rows.items():
         shown = ", ".join(f"{name} {q:g}" for name, q in quotas.items() if q)
