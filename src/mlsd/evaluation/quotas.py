@@ -30,6 +30,7 @@ from rich.progress import Progress
 from mlsd.models.retrieval.base import IntArray
 from mlsd.models.retrieval.merge import (
     QUOTAS,
+    FusedTable,
     Fusion,
     FusionMethod,
     Quota,
@@ -250,8 +251,10 @@ def climb_quotas(
     """A local search of the quota grid (module docstring); (quotas, recall, points tried).
 
     Starts from the best of the even split and each source alone; then, while some move of
-    ``step`` from one source to another raises recall, takes the best such move. Ties go to
-    the earlier point tried.
+    weight from one source to another raises recall, takes the best such move. Moves are of 1,
+    2 and a quarter of the grid's steps: from one source alone, a small weight for a second
+    source changes nothing (its first item scores below the first source's last), so single
+    steps would stall there. Ties go to the earlier point tried.
     """
     names = list(lists)
     quota_grid(["a"], step)  # checks that the step divides 1
@@ -270,12 +273,14 @@ def climb_quotas(
     even = tuple(units // len(names) + (i < units % len(names)) for i in range(len(names)))
     alone = [tuple(units * (i == j) for j in range(len(names))) for i in range(len(names))]
     best = max([even, *alone], key=score)
+    sizes = sorted({1, 2, max(1, units // 4)})
     while True:
         moves = [
-            tuple(p - (n == i) + (n == j) for n, p in enumerate(best))
+            tuple(p - size * (n == i) + size * (n == j) for n, p in enumerate(best))
+            for size in sizes
             for i in range(len(names))
             for j in range(len(names))
-            if i != j and best[i] > 0
+            if i != j and best[i] >= size
         ]
         better = max(moves, key=score, default=best)
         if score(better) <= score(best) + 1e-12:
@@ -289,18 +294,56 @@ def _merged_recall(
     lists: Mapping[str, IntArray], relevant: list[IntArray], k: int, fusion: Fusion
 ) -> Callable[[Mapping[str, float]], float]:
     """``quotas → mean recall@k`` of the merged lists, with what does not depend on the
-    quotas (ids, which entries are relevant) computed once."""
+    quotas (ids, which entries are relevant, the fusion's item table) computed once."""
     top = {name: lst[:, :k] for name, lst in lists.items()}
     dense, dense_relevant = dense_ids(top, relevant)
     # Recall counts the relevant entries the merge claims; which entries are relevant does not
     # depend on the quotas, so it is found once (each item is claimed once, never twice).
     weight = np.array([1.0 / max(len(r), 1) for r in relevant])
     hits = {name: _is_relevant(lst, dense_relevant) for name, lst in dense.items()}
+    names = list(dense)
+    if not len(relevant):
+        return lambda quotas: 0.0
+    if fusion.method == "rrf":
+        return _fused_recall(dense, hits, weight, k, fusion)
 
     def recall(quotas: Mapping[str, float]) -> float:
         claimed = merged_entries(dense, quotas, k, fusion=fusion)
-        n_hits = sum((claimed[name] & hits[name]).sum(axis=1) for name in dense)
-        return float(np.mean(n_hits * weight)) if len(relevant) else 0.0
+        n_hits = sum((claimed[name] & hits[name]).sum(axis=1) for name in names)
+        return float(np.mean(n_hits * weight))
+
+    return recall
+
+
+def _fused_recall(
+    dense: Mapping[str, IntArray],
+    hits: Mapping[str, npt.NDArray[np.bool_]],
+    weight: npt.NDArray[np.float64],
+    k: int,
+    fusion: Fusion,
+) -> Callable[[Mapping[str, float]], float]:
+    """:func:`_merged_recall` for reciprocal-rank fusion: the item tables are laid out once
+    per block of users, and each weight vector only sums and sorts the scores."""
+    names = list(dense)
+    lists = [dense[name] for name in names]
+    rows = max(1, (1 << 22) // max(8 * sum(lst.shape[1] for lst in lists), 1))
+    blocks = []
+    for start in range(0, len(weight), rows):
+        block = slice(start, start + rows)
+        table = FusedTable([lst[block] for lst in lists])
+        wanted = np.zeros((table.n, table.n_cols), dtype=bool)
+        for name, col in zip(names, table.cols, strict=True):
+            row, entry = np.nonzero(hits[name][block])
+            wanted[row, col[row, entry]] = True
+        blocks.append((table, wanted, weight[block]))
+
+    def recall(quotas: Mapping[str, float]) -> float:
+        weights = np.array([float(quotas.get(name, 0)) for name in names])
+        total = 0.0
+        for table, wanted, share in blocks:
+            chosen = table.chosen(table.scores(weights, fusion.rank_constant), k)
+            total += float(((chosen & wanted).sum(axis=1) * share).sum())
+        return total / len(weight)
 
     return recall
 

@@ -181,7 +181,7 @@ def merge_candidates(
         source_names=names,
     )
     width = sum(lst.shape[1] for lst in lists)
-    chunk = max(1, _MAX_CHUNK_CELLS // max(2 * width, 1))
+    chunk = _chunk_rows(width, fusion)
     weights = _weights(quotas, names)
     for start in range(0, n_users, chunk):
         rows = slice(start, min(start + chunk, n_users))
@@ -213,18 +213,19 @@ def merged_entries(
     names, lists, counts = _checked(candidates, quotas, k)
     masks = {name: np.zeros(lst.shape, dtype=bool) for name, lst in zip(names, lists, strict=True)}
     width = sum(lst.shape[1] for lst in lists)
-    chunk = max(1, _MAX_CHUNK_CELLS // max(2 * width, 1))
+    chunk = _chunk_rows(width, fusion)
     weights = _weights(quotas, names)
     for start in range(0, lists[0].shape[0], chunk):
         rows = slice(start, start + chunk)
         block = [lst[rows] for lst in lists]
         if fusion.method == "rrf":
-            table = _FusedTable(block, weights, fusion.rank_constant)
-            chosen = table.chosen(k)
+            table = FusedTable(block)
+            chosen = table.chosen(table.scores(weights, fusion.rank_constant), k)
+            owner = table.owners(weights, fusion.rank_constant)
             user = np.arange(chosen.shape[0])[:, None]
             for s, (lst, col) in enumerate(zip(block, table.cols, strict=True)):
                 masks[names[s]][rows] = (
-                    (lst != PAD_ITEM) & chosen[user, col] & (table.owner[user, col] == s)
+                    (lst != PAD_ITEM) & chosen[user, col] & (owner[user, col] == s)
                 )
             continue
         cols, n_cols = _item_columns(block)
@@ -424,66 +425,91 @@ def _merge_chunk(
     out.proposers[rows, :width] = np.where(chosen, proposed[user, col], 0)
 
 
+def _chunk_rows(width: int, fusion: Fusion) -> int:
+    """Users merged at once: a block's tables stay within a few ``_MAX_CHUNK_CELLS`` cells
+    (the fusion keeps six ``n × width``-ish tables, the quotas two)."""
+    per_row = (8 if fusion.method == "rrf" else 2) * width
+    return max(1, _MAX_CHUNK_CELLS // max(per_row, 1))
+
+
 def _weights(quotas: Mapping[str, Quota], names: tuple[str, ...]) -> npt.NDArray[np.float64]:
     """Each source's quota as its fusion weight (0 without one)."""
     return np.array([float(quotas.get(name, 0)) for name in names], dtype=np.float64)
 
 
-class _FusedTable:
-    """One block of users' reciprocal-rank fusion: a column per distinct item of each row.
+class FusedTable:
+    """One block of users' lists laid out for reciprocal-rank fusion: a column per distinct
+    item of each row (as :func:`_item_columns`), and what does not depend on the weights, so
+    a weight search (:func:`mlsd.evaluation.quotas.climb_quotas`) builds it once.
 
     Attributes:
-        cols: per source, ``(n, L)`` the column of each entry (as :func:`_item_columns`).
-        score: ``(n, n_cols)`` the summed ``weight / (c + rank)``; -inf where no source lists
-            the column's item.
+        cols: per source, ``(n, L)`` the column of each entry.
         first: ``(n, n_cols)`` the earliest claim, ``source * width + entry``: the order of
             ties and of the items only weight-0 sources list.
-        owner: ``(n, n_cols)`` the source contributing most to the score (the earliest claim
-            when none contributes); the source a chosen candidate is credited to.
         proposed, item: ``(n, n_cols)`` the proposers' bit mask and the column's item id.
+        listed: ``(n, n_cols)`` whether any source lists the column's item.
     """
 
-    def __init__(
-        self, lists: list[IntArray], weights: npt.NDArray[np.float64], rank_constant: float
-    ) -> None:
-        self.cols, n_cols = _item_columns(lists)
-        n = lists[0].shape[0]
-        width = max(lst.shape[1] for lst in lists)
-        shape = (n, n_cols)
-        self.score = np.zeros(shape)
-        self.first = np.full(shape, np.iinfo(np.int64).max, dtype=np.int64)
-        self.owner = np.full(shape, NO_SOURCE, dtype=np.int64)
-        self.proposed = np.zeros(shape, dtype=np.int64)
-        self.item = np.full(shape, PAD_ITEM, dtype=np.int64)
-        best = np.zeros(shape)
+    def __init__(self, lists: list[IntArray]) -> None:
+        self.cols, self.n_cols = _item_columns(lists)
+        self.n = lists[0].shape[0]
+        self.width = max(lst.shape[1] for lst in lists)
+        size = self.n * self.n_cols
+        first = np.full(size, np.iinfo(np.int64).max, dtype=np.int64)
+        proposed = np.zeros(size, dtype=np.int64)
+        item = np.full(size, PAD_ITEM, dtype=np.int64)
+        self._entries: list[tuple[IntArray, IntArray]] = []
         for s, (lst, col) in enumerate(zip(lists, self.cols, strict=True)):
             real = lst != PAD_ITEM
             row, entry = np.nonzero(real)
-            where = (row, col[real])  # a row lists an item once: no index repeats within s
-            self.proposed[where] |= np.int64(1) << s
-            self.item[where] = lst[real]
-            self.first[where] = np.minimum(self.first[where], s * width + entry)
+            flat = row * self.n_cols + col[real]  # a row lists an item once: no repeats in s
+            self._entries.append((flat, entry))
+            proposed[flat] |= np.int64(1) << s
+            item[flat] = lst[real]
+            np.minimum.at(first, flat, s * self.width + entry)
+        shape = (self.n, self.n_cols)
+        self.first, self.proposed, self.item = (a.reshape(shape) for a in (first, proposed, item))
+        self.listed = self.proposed != 0
+
+    def scores(
+        self, weights: npt.NDArray[np.float64], rank_constant: float
+    ) -> npt.NDArray[np.float64]:
+        """``(n, n_cols)`` the summed ``weight / (c + rank)``; -inf where nothing is listed."""
+        score = np.zeros(self.n * self.n_cols)
+        for s, (flat, entry) in enumerate(self._entries):
+            if weights[s] > 0:
+                score[flat] += weights[s] / (rank_constant + entry + 1.0)
+        out = score.reshape(self.n, self.n_cols)
+        out[~self.listed] = -np.inf
+        return out
+
+    def owners(self, weights: npt.NDArray[np.float64], rank_constant: float) -> IntArray:
+        """``(n, n_cols)`` the source contributing most to each score (the earliest claim when
+        none contributes): the source a chosen candidate is credited to."""
+        best = np.zeros(self.n * self.n_cols)
+        owner = np.full(self.n * self.n_cols, NO_SOURCE, dtype=np.int64)
+        for s, (flat, entry) in enumerate(self._entries):
             if weights[s] > 0:
                 part = weights[s] / (rank_constant + entry + 1.0)
-                self.score[where] += part
-                more = part > best[where]
-                self.owner[where] = np.where(more, s, self.owner[where])
-                best[where] = np.maximum(best[where], part)
-        listed = self.proposed != 0
-        self.owner = np.where(listed & (self.owner == NO_SOURCE), self.first // width, self.owner)
-        self.score[~listed] = -np.inf
+                more = part > best[flat]
+                owner[flat[more]] = s
+                best[flat[more]] = part[more]
+        owned = owner.reshape(self.n, self.n_cols)
+        unowned = self.listed & (owned == NO_SOURCE)
+        owned[unowned] = self.first[unowned] // self.width
+        return owned
 
-    def order(self, k: int) -> IntArray:
+    def order(self, score: npt.NDArray[np.float64], k: int) -> IntArray:
         """``(n, min(k, n_cols))`` columns best first: score, then the earliest claim."""
-        order: IntArray = np.lexsort((self.first, -self.score), axis=1)[:, :k]
+        order: IntArray = np.lexsort((self.first, -score), axis=1)[:, :k]
         return order
 
-    def chosen(self, k: int) -> npt.NDArray[np.bool_]:
+    def chosen(self, score: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.bool_]:
         """``(n, n_cols)`` whether the column's item is among the row's ``k``."""
-        order = self.order(k)
+        order = self.order(score, k)
         user = np.arange(order.shape[0])[:, None]
-        out = np.zeros(self.score.shape, dtype=bool)
-        out[user, order] = np.isfinite(self.score[user, order])
+        out = np.zeros(score.shape, dtype=bool)
+        out[user, order] = np.isfinite(score[user, order])
         return out
 
 
@@ -496,13 +522,14 @@ def _fuse_chunk(
     rows: slice,
 ) -> None:
     """Reciprocal-rank fusion of one block of users into ``out[rows]``."""
-    table = _FusedTable(lists, weights, rank_constant)
-    order = table.order(k)
+    table = FusedTable(lists)
+    score, owner = table.scores(weights, rank_constant), table.owners(weights, rank_constant)
+    order = table.order(score, k)
     user = np.arange(order.shape[0])[:, None]
-    chosen = np.isfinite(table.score[user, order])
+    chosen = np.isfinite(score[user, order])
     width = order.shape[1]
     out.item_ids[rows, :width] = np.where(chosen, table.item[user, order], PAD_ITEM)
-    out.source[rows, :width] = np.where(chosen, table.owner[user, order], NO_SOURCE)
+    out.source[rows, :width] = np.where(chosen, owner[user, order], NO_SOURCE)
     out.proposers[rows, :width] = np.where(chosen, table.proposed[user, order], 0)
 
 
