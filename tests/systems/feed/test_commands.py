@@ -140,6 +140,23 @@ def test_retrieve_eval_prints_the_protocol_and_writes_the_report(
     assert f"{popularity['ratio']:.3f} [{popularity['ratio_low']:.3f}" in printed
 
 
+def test_retrieve_eval_names_a_fused_merge(
+    retrieval_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        CHEAP_RETRIEVAL.replace("quota_step = 0.25", "quota_step = 0.25\nmethod = 'rrf'")
+    )
+    out = tmp_path / "retrieval.json"
+    args = ["feed", "retrieve-eval", "--dataset", str(retrieval_world), "--config", str(config)]
+    assert run([*args, "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    # The label wraps in its cell: "merge weights (reciprocal-rank" | "fusion, c = 60), ...".
+    assert "merge weights (reciprocal-rank" in printed
+    assert "fusion, c = 60), warm users" in printed
+    assert json.loads(out.read_text())["fusion"] == {"method": "rrf", "rank_constant": 60.0}
+
+
 def test_retrieve_eval_on_a_missing_dataset_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
