@@ -47,6 +47,21 @@ def test_help_lists_the_data_group() -> None:
         assert command in data_help.stdout
 
 
+def test_help_keeps_the_config_references_in_brackets(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rich markup would read "[service_log]" as a style tag and print ".dir under ..."."""
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option: no wrapping inside the text
+    for args, text in (
+        (["feed", "logs", "--help"], "(default: [service_log].dir under --base-dir)"),
+        (["feed", "features", "apply", "--help"], "(default: [feature_store].repo_dir)"),
+        (["feed", "serve", "--help"], "Run this [experiments] entry"),
+        (["data", "import", "csv", "--help"], "(user, item, timestamp[, value, event])"),
+    ):
+        assert run(args) == 0
+        assert text in capsys.readouterr().out, args
+
+
 def test_validate_with_bad_rows_exits_zero_and_quarantines(tmp_path: Path) -> None:
     directory = _dataset(tmp_path / "ds")
     table = pq.read_table(directory / EVENTS_FILE).to_pandas()

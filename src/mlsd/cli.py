@@ -15,11 +15,12 @@ import click
 import typer
 from rich.console import Console
 
-from mlsd import __version__
+from mlsd import HELP_MARKUP, __version__
 from mlsd.data.commands import app as data_app
 from mlsd.systems.feed.commands import app as feed_app
 
 app = typer.Typer(
+    rich_markup_mode=HELP_MARKUP,
     name="mlsd",
     help="mlsd: the machine learning system design framework as running software.",
     no_args_is_help=True,

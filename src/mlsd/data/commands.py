@@ -10,13 +10,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mlsd import HELP_MARKUP
 from mlsd.data.schema import QUARANTINE_FILE, DatasetInfo
 from mlsd.data.validate import ValidationReport
 
 app = typer.Typer(
-    help="Step 3a, data: the dataset contract and its pipeline.", no_args_is_help=True
+    rich_markup_mode=HELP_MARKUP,
+    help="Step 3a, data: the dataset contract and its pipeline.",
+    no_args_is_help=True,
 )
 import_app = typer.Typer(
+    rich_markup_mode=HELP_MARKUP,
     help="Import a dataset into a contract directory (events/users/items.parquet + dataset.json).",
     no_args_is_help=True,
 )

@@ -11,15 +11,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mlsd import HELP_MARKUP
 from mlsd.config import FeedConfig, feed_config_source, load_feed_config
 
 if TYPE_CHECKING:
     from mlsd.evaluation.retrieval import Estimate, RetrievalReport
     from mlsd.evaluation.retrieval_report import PairedEstimate
 
-app = typer.Typer(help="The personalized feed system.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=HELP_MARKUP, help="The personalized feed system.", no_args_is_help=True
+)
 features_app = typer.Typer(
-    help="Step 3b, features: the Feast repository and its online store.", no_args_is_help=True
+    rich_markup_mode=HELP_MARKUP,
+    help="Step 3b, features: the Feast repository and its online store.",
+    no_args_is_help=True,
 )
 app.add_typer(features_app, name="features")
 

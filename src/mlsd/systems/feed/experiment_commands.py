@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from mlsd import HELP_MARKUP
 from mlsd.config import DEFAULT_FEED_CONFIG
 from mlsd.evaluation.experiments import (
     ArmComparison,
@@ -37,6 +38,7 @@ from mlsd.evaluation.experiments import (
 from mlsd.systems.feed.commands import app, console
 
 experiment_app = typer.Typer(
+    rich_markup_mode=HELP_MARKUP,
     help="Online A/B experiments: the report over the service log and the sample size.",
     no_args_is_help=True,
 )
