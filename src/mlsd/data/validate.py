@@ -144,6 +144,7 @@ def write_dataset(
     input_lines: Mapping[str, npt.NDArray[np.int64]] | None = None,
     input_values: Mapping[str, pd.Series] | None = None,
     rules: ValidationRules | None = None,
+    ts_column: str = "ts",
 ) -> ValidationReport:
     """Validate raw tables and write them as a contract directory.
 
@@ -163,11 +164,13 @@ def write_dataset(
         input_values: events columns the loader rewrote (e.g. ids made dense), as the input
             had them, one per row: a quarantined row's ``data`` shows what the user wrote.
         rules: what counts as plausible.
+        ts_column: the timestamp column's name in the user's input (errors name it).
 
     Returns:
         The report, with the final ``dataset.json`` contents in ``report.info``.
     """
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     names = {"events": EVENTS_FILE, "users": USERS_FILE, "items": ITEMS_FILE, **(input_files or {})}
     con = _connect()
@@ -176,20 +179,26 @@ def write_dataset(
         con.register("raw_users", _with_row_number(users))
     if items is not None:
         con.register("raw_items", _with_row_number(items))
-    return _run(
-        con,
-        out,
-        info=info,
-        ts_format=ts_format,
-        names=names,
-        lines=input_lines or {},
-        values=input_values or {},
-        has_users=users is not None,
-        has_items=items is not None,
-        rules=rules or ValidationRules(),
-        previous=None,
-        in_place=False,
-    )
+    try:
+        return _run(
+            con,
+            out,
+            info=info,
+            ts_format=ts_format,
+            names=names,
+            lines=input_lines or {},
+            values=input_values or {},
+            has_users=users is not None,
+            has_items=items is not None,
+            rules=rules or ValidationRules(),
+            previous=None,
+            in_place=False,
+            ts_column=ts_column,
+        )
+    except ContractError:
+        if created and not any(out.iterdir()):  # refused before writing: leave no trace
+            out.rmdir()
+        raise
 
 
 def validate_dir(directory: Path, *, rules: ValidationRules | None = None) -> ValidationReport:
@@ -428,6 +437,7 @@ def _run(
     rules: ValidationRules,
     previous: pd.DataFrame | None,
     in_place: bool,
+    ts_column: str = "ts",
 ) -> ValidationReport:
     if ts_format not in TS_FORMATS and "%" not in ts_format:
         raise ContractError(
@@ -448,7 +458,9 @@ def _run(
             quarantine.append(_quarantined(con, f"{kind}_checked", names[kind], lines.get(kind)))
     sql = _events_sql(event_cols, fmt, rules, (has_users, has_items))
     con.execute(f"CREATE TEMP TABLE events_checked AS {sql}")
-    _check_timestamps(con, names["events"], ts_format, fmt, rules, in_place=in_place)
+    _check_timestamps(
+        con, names["events"], ts_format, fmt, rules, in_place=in_place, column=ts_column
+    )
     events = _quarantined(con, "events_checked", names["events"], lines.get("events"))
     quarantine.append(_as_given(events, values))
 
@@ -473,6 +485,7 @@ def _check_timestamps(
     rules: ValidationRules,
     *,
     in_place: bool,
+    column: str = "ts",
 ) -> None:
     """Refuse when most events fail the timestamp rules: the format is wrong, not the rows."""
     reasons = ", ".join(f"'{r}'" for r in _TS_REASONS)
@@ -506,8 +519,8 @@ def _check_timestamps(
             "`mlsd data import csv ... --ts-format FORMAT` to read it differently."
         )
     raise ContractError(
-        f"{file}: {n_bad:,} of {n_rows:,} rows fail the timestamp rules (column ts, read as "
-        f"{read_as}), e.g. ts = {sample!r}; nothing was written. {hint}"
+        f"{file}: {n_bad:,} of {n_rows:,} rows fail the timestamp rules (column {column}, read "
+        f"as {read_as}), e.g. {column} = {sample!r}; nothing was written. {hint}"
     )
 
 

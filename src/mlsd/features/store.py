@@ -316,7 +316,7 @@ def load_config(repo_dir: Path) -> FeatureConfig:
     if not path.is_file():
         raise ContractError(
             f"{path}: not found. Is {repo_dir} a feature repository? Create one with "
-            "mlsd.features.store.generate_repo."
+            "`mlsd feed features apply --dataset DIR`."
         )
     raw: dict[str, Any] = json.loads(path.read_text())
     event_types = raw.get("event_types")

@@ -210,6 +210,27 @@ def test_strptime_timestamps(tmp_path: Path) -> None:
     assert ts == [pd.Timestamp("2023-12-31 23:59", tz="UTC")]
 
 
+def test_a_wrong_timestamp_format_names_the_users_column_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    events = write(tmp_path / "e.csv", "user,item,time\n1,2,2024-01-01T10:00:00Z\n3,4,2024-01-02\n")
+    out = tmp_path / "out"
+    with pytest.raises(ContractError) as error:
+        import_csv(events, user_col="user", item_col="item", ts_col="time", out=out)
+    message = str(error.value)
+    assert "(column time, read as 'unix'), e.g. time = '2024-01-01T10:00:00Z'" in message
+    assert "--ts-format iso" in message
+    assert not out.exists()  # "nothing was written": not even the directory
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(ContractError, match="column 2 \\(by position\\)"):
+        import_csv(
+            write(tmp_path / "n.csv", "1,2,yesterday\n"),
+            user_col="0", item_col="1", ts_col="2", header=False, out=existing,
+        )  # fmt: skip
+    assert existing.is_dir()  # the user's own directory stays
+
+
 def test_missing_column_names_file_column_and_the_columns_it_has(tmp_path: Path) -> None:
     events = write(tmp_path / "e.csv", "user,item,time\n1,2,1700000000\n")
     with pytest.raises(ContractError) as error:

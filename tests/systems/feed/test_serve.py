@@ -18,6 +18,7 @@ from mlsd.config import load_feed_config
 from mlsd.evaluation.experiments import Arm, Experiment
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.popular import PopularRecommender
+from mlsd.serving.process import free_port
 from mlsd.serving.registry import CorruptArtifactError, ModelRegistry, RegistryConfig
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import ExperimentLoader, ModelLoader
@@ -351,3 +352,16 @@ def test_batch_predict_shards_split_the_users_between_them(
         refused = CliRunner().invoke(app, [*args, "--shard", bad])
         assert refused.exit_code == 2, refused.output
         assert "0 <= I < N" in refused.output
+
+
+def test_batch_predict_without_redis_is_a_users_error_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlsd.cli import run
+
+    url = f"redis://127.0.0.1:{free_port()}"
+    args = ["feed", "batch-predict", "--dataset", str(tmp_path), "--redis", url]
+    assert run([*args, "--model", str(tmp_path / "no-model")]) == 1  # not 2: no internal error
+    err = capsys.readouterr().err
+    assert f"--redis {url}: cannot reach Redis" in " ".join(err.split())
+    assert "internal error" not in err

@@ -393,4 +393,5 @@ def import_csv(
         input_files=tables.input_files,
         input_lines=tables.input_lines,
         input_values=tables.input_values,
+        ts_column=ts_col if header else f"{ts_col} (by position)",
     )

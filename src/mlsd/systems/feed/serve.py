@@ -468,6 +468,14 @@ def batch_predict_command(
     from mlsd.serving.precomputed import PrecomputedStore
 
     part, parts = parse_shard(shard)
+    client = redis.Redis.from_url(redis_url)
+    try:  # before a minute of model loading, and as a user's mistake rather than a crash
+        client.ping()
+    except redis.RedisError as err:
+        raise ValueError(
+            f"--redis {redis_url}: cannot reach Redis ({err}); start redis-server there or "
+            "pass the URL of a running one"
+        ) from err
     feed = load_config(config)
     load = ModelLoader(
         dataset,
@@ -488,7 +496,7 @@ def batch_predict_command(
         recommender.features.item_cache_check_s = float("inf")
     ids = pd.read_parquet(Path(dataset) / USERS_FILE, columns=["user_id"])["user_id"]
     chosen = (ids.to_numpy()[:users] if users is not None else ids.to_numpy())[part::parts]
-    store = PrecomputedStore(redis.Redis.from_url(redis_url), ttl_s=ttl_s)
+    store = PrecomputedStore(client, ttl_s=ttl_s)
     # The ~430K objects of the loaded model, Feast and the libraries live through the run:
     # frozen, the collector's passes skip them (20K-item build: 0.009 instead of 0.054 ms of
     # collection per user).
