@@ -10,7 +10,7 @@ only (:mod:`mlsd.evaluation.retrieval`), for all users at once or for warm and c
 Reciprocal-rank fusion (``method = "rrf"``: the quotas are the sources' weights) sorts every
 user's items for each weight vector, too slow for the whole grid (8,008 points for 7 sources in
 tenths), so :func:`climb_quotas` walks the same grid instead: from the best of the even split
-and each source alone, it moves one step of weight between two sources while recall improves.
+and each source alone, it moves weight between two sources while recall improves.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mlsd.models.retrieval.merge import (
     Fusion,
     FusionMethod,
     Quota,
+    chunk_rows,
     merged_entries,
     quota_counts,
 )
@@ -326,7 +327,7 @@ def _fused_recall(
     per block of users, and each weight vector only sums and sorts the scores."""
     names = list(dense)
     lists = [dense[name] for name in names]
-    rows = max(1, (1 << 22) // max(8 * sum(lst.shape[1] for lst in lists), 1))
+    rows = chunk_rows(sum(lst.shape[1] for lst in lists), fusion)
     blocks = []
     for start in range(0, len(weight), rows):
         block = slice(start, start + rows)

@@ -181,12 +181,12 @@ def merge_candidates(
         source_names=names,
     )
     width = sum(lst.shape[1] for lst in lists)
-    chunk = _chunk_rows(width, fusion)
-    weights = _weights(quotas, names)
+    chunk = chunk_rows(width, fusion)
+    weights = _weights(quotas, names) if fusion.method == "rrf" else None
     for start in range(0, n_users, chunk):
         rows = slice(start, min(start + chunk, n_users))
         block = [lst[rows] for lst in lists]
-        if fusion.method == "rrf":
+        if weights is not None:
             _fuse_chunk(block, weights, fusion.rank_constant, k, out, rows)
         else:
             _merge_chunk(block, counts, k, out, rows)
@@ -213,12 +213,12 @@ def merged_entries(
     names, lists, counts = _checked(candidates, quotas, k)
     masks = {name: np.zeros(lst.shape, dtype=bool) for name, lst in zip(names, lists, strict=True)}
     width = sum(lst.shape[1] for lst in lists)
-    chunk = _chunk_rows(width, fusion)
-    weights = _weights(quotas, names)
+    chunk = chunk_rows(width, fusion)
+    weights = _weights(quotas, names) if fusion.method == "rrf" else None
     for start in range(0, lists[0].shape[0], chunk):
         rows = slice(start, start + chunk)
         block = [lst[rows] for lst in lists]
-        if fusion.method == "rrf":
+        if weights is not None:
             table = FusedTable(block)
             chosen = table.chosen(table.scores(weights, fusion.rank_constant), k)
             owner = table.owners(weights, fusion.rank_constant)
@@ -425,9 +425,10 @@ def _merge_chunk(
     out.proposers[rows, :width] = np.where(chosen, proposed[user, col], 0)
 
 
-def _chunk_rows(width: int, fusion: Fusion) -> int:
-    """Users merged at once: a block's tables stay within a few ``_MAX_CHUNK_CELLS`` cells
-    (the fusion keeps six ``n × width``-ish tables, the quotas two)."""
+def chunk_rows(width: int, fusion: Fusion) -> int:
+    """Users merged at once, for lists ``width`` entries wide in all: a block's tables stay
+    within a few ``_MAX_CHUNK_CELLS`` cells (the fusion keeps six ``n × width``-ish tables, the
+    quotas two)."""
     per_row = (8 if fusion.method == "rrf" else 2) * width
     return max(1, _MAX_CHUNK_CELLS // max(per_row, 1))
 
@@ -466,7 +467,7 @@ class FusedTable:
             self._entries.append((flat, entry))
             proposed[flat] |= np.int64(1) << s
             item[flat] = lst[real]
-            np.minimum.at(first, flat, s * self.width + entry)
+            first[flat] = np.minimum(first[flat], s * self.width + entry)
         shape = (self.n, self.n_cols)
         self.first, self.proposed, self.item = (a.reshape(shape) for a in (first, proposed, item))
         self.listed = self.proposed != 0
