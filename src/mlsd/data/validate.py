@@ -23,6 +23,7 @@ part-way leaves each file whole and never drops a row from ``events.parquet`` be
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,6 +478,10 @@ def _run(
     return _finish(con, out, info, table, examples)
 
 
+_ISO_DATE = re.compile(r"\s*\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}|\s*$)")
+"""The start of an ISO 8601 date or date-time: what ``--ts-format iso`` reads."""
+
+
 def _check_timestamps(
     con: duckdb.DuckDBPyConnection,
     file: str,
@@ -510,6 +515,8 @@ def _check_timestamps(
             f"{rules.ts_max_or_now():%Y-%m-%d}; check the timestamp column holds epoch times "
             "(e.g. not a duration or an id)."
         )
+    elif fmt not in {"iso", "datetime"} and _ISO_DATE.match(str(sample or "")):
+        hint = "The values look like ISO 8601 text: use --ts-format iso."
     else:
         iso = "" if fmt in {"iso", "datetime"} else ", or --ts-format iso for ISO 8601 text"
         hint = f"Pass a strptime format such as --ts-format '%d/%m/%Y %H:%M:%S'{iso}."

@@ -219,7 +219,7 @@ def test_a_wrong_timestamp_format_names_the_users_column_and_writes_nothing(
         import_csv(events, user_col="user", item_col="item", ts_col="time", out=out)
     message = str(error.value)
     assert "(column time, read as 'unix'), e.g. time = '2024-01-01T10:00:00Z'" in message
-    assert "--ts-format iso" in message
+    assert "The values look like ISO 8601 text: use --ts-format iso." in message
     assert not out.exists()  # "nothing was written": not even the directory
     existing = tmp_path / "existing"
     existing.mkdir()
