@@ -81,7 +81,6 @@ __all__ = [
     "make_task",
     "quota_grid",
     "run_sources",
-    "score_lists",
     "segment_masks",
     "tune_quotas",
     "tune_segment_quotas",
@@ -194,13 +193,6 @@ def _subsample(task: EvalTask, n: int, seed: int) -> npt.NDArray[np.int64]:
 
 PerUser: TypeAlias = dict[str, npt.NDArray[np.float64]]
 """Metric name → ``(n_users,)`` per-user scores."""
-
-
-def score_lists(
-    lists_at: Callable[[int], IntArray], task: EvalTask, protocol: ProtocolConfig
-) -> dict[str, dict[str, Estimate | None]]:
-    """Recall@ks and NDCG@ndcg_k per segment; ``lists_at(k)`` gives the ``(n_users, k)`` lists."""
-    return estimates(per_user_scores(lists_at, task, protocol), task, protocol)
 
 
 def per_user_scores(
