@@ -42,6 +42,7 @@ from rich.progress import Progress, TaskID
 from mlsd.data.sampling import downsample_negatives_mask
 from mlsd.data.schema import EVENTS_FILE, read_info
 from mlsd.data.split import cut_points
+from mlsd.evaluation.given_split import read_splits
 from mlsd.evaluation.metrics import (
     calibration_curve,
     expected_calibration_error,
@@ -81,7 +82,7 @@ from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.retrieval.merge import QUOTAS, Fusion, Quota
 
-Protocol = Literal["temporal", "random-per-user"]
+Protocol = Literal["temporal", "random-per-user", "splits"]
 DerivedRanker = Callable[[Mapping[str, Ranker], RankingData, RankingData], Ranker]
 """(fitted rankers, fit rows, held-out rows) → a new ranker, e.g. a distilled student."""
 
@@ -245,6 +246,7 @@ def evaluate_pipeline(
     protocol_name: Protocol = "temporal",
     feature_config: FeatureConfig | None = None,
     derived: Mapping[str, DerivedRanker] | None = None,
+    splits: Path | None = None,
     progress: bool = False,
 ) -> OfflineReport:
     """Evaluate the pipeline (``sources`` → merge → ``rankers[pipeline.ranker]`` → re-rank)
@@ -257,10 +259,12 @@ def evaluate_pipeline(
         protocol: cut points, bootstrap settings (``ks`` there are ignored: the pipeline's
             ``ks`` rule), ``min_value``.
         pipeline: the pipeline's settings.
-        protocol_name: ``"temporal"`` or ``"random-per-user"``.
+        protocol_name: ``"temporal"``, ``"random-per-user"`` or ``"splits"`` (a peer's
+            split files, :mod:`mlsd.evaluation.given_split`).
         feature_config: the feature step's settings (default: derived from the dataset).
         derived: name → function making a ranker from the fitted ones and the ranker rows
             (e.g. a distilled, quantized student of the deep ranker); scored like the others.
+        splits: the split files' prefix (``PREFIX_train.tsv`` ...), for ``"splits"``.
         progress: progress bars on stderr.
     """
     protocol = protocol or ProtocolConfig()
@@ -290,7 +294,11 @@ def evaluate_pipeline(
         return run.temporal(events, users, items)
     if protocol_name == "random-per-user":
         return run.random_per_user(events, users, items)
-    raise ValueError(f"protocol {protocol_name!r}: use 'temporal' or 'random-per-user'")
+    if protocol_name == "splits":
+        if splits is None:
+            raise ValueError("the splits protocol needs the split files' prefix (--splits)")
+        return run.given_splits(events, users, items, Path(splits))
+    raise ValueError(f"protocol {protocol_name!r}: use 'temporal', 'random-per-user' or 'splits'")
 
 
 def train_pipeline(
@@ -413,6 +421,27 @@ class _Run:
             test_frac=frac,
         )
 
+    def given_splits(
+        self, events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, prefix: Path
+    ) -> OfflineReport:
+        with self.clock.stage("split"):
+            given = read_splits(prefix, events, dataset=str(self.dataset_dir))
+            val, test, as_of = given.tasks(users, items, self.protocol)
+        with tempfile.TemporaryDirectory(prefix="mlsd-splits-") as tmp:
+            train_dir = write_contract(Path(tmp) / "train", given.events["train"], users, items)
+            report = self._evaluate(
+                [_LabelWindow(val, given.events["valid"], as_of, train_dir)],
+                _LabelWindow(test, given.events["test"], as_of, train_dir),
+                items,
+            )
+        return dataclasses.replace(
+            report,
+            protocol_name="splits",
+            protocol=splits_text(self.protocol, given.files),
+            cut_points={name: str(path) for name, path in given.files.items()},
+            counts={**report.counts, **given.counts},
+        )
+
     # -- the shared body -------------------------------------------------------------------
 
     def _frame(
@@ -455,6 +484,7 @@ class _Run:
                 self.sources,
                 k=self.pipeline.n_candidates,
                 on_source=show,
+                exclude=window.task.exclude,
             )
 
     def label_windows(
@@ -794,6 +824,19 @@ def random_text(protocol: ProtocolConfig, pipeline: PipelineConfig) -> str:
         "relevant (binary gains). MAP@k divides by min(k, #relevant); map_relevant@k divides by "
         "#relevant, the published tables' definition (Microsoft Recommenders), and is the MAP "
         f"set beside them. Means over users with {protocol.confidence:.0%} bootstrap intervals."
+    )
+
+
+def splits_text(protocol: ProtocolConfig, files: Mapping[str, Path]) -> str:
+    names = ", ".join(f"{name} {path.name}" for name, path in files.items())
+    return (
+        f"Given splits ({names}), ONLY for comparison with a peer library's numbers on the same "
+        "files (RecBole's general-recommendation setup). Every source and ranker is fit on the "
+        "train split alone; the ranker learns from candidates for the validation split's users "
+        "with its items as labels; nothing is refit on train + validation. At test, the items "
+        "of a user's train and validation splits are excluded and the user's test items are "
+        "relevant (binary gains); full ranking of the whole catalog. Means over the users with "
+        f"a test item, {protocol.confidence:.0%} bootstrap intervals."
     )
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from mlsd.data.schema import EVENTS_FILE, ITEMS_FILE, USERS_FILE
 from mlsd.evaluation.retrieval import EvalTask, ProtocolConfig
-from mlsd.models.retrieval.base import RetrievalData
+from mlsd.models.retrieval.base import IntArray, RetrievalData
 
 
 def random_split_per_user(
@@ -57,11 +57,21 @@ def random_task(
     users: pd.DataFrame,
     items: pd.DataFrame,
     protocol: ProtocolConfig,
+    *,
+    as_of: pd.Timestamp | None = None,
+    hidden: pd.DataFrame | None = None,
 ) -> tuple[EvalTask, pd.Timestamp]:
-    """An :class:`EvalTask` whose train is ``train`` and whose targets are ``test``'s items."""
-    as_of = pd.Timestamp(max(train["ts"].max(), test["ts"].max())) + pd.Timedelta(seconds=1)
+    """An :class:`EvalTask` whose train is ``train`` and whose targets are ``test``'s items.
+
+    ``as_of`` defaults to a second after the last event of ``train`` and ``test``. ``hidden``
+    events (e.g. a validation split at test time) are neither trained on nor relevant: their
+    items are the task's ``exclude``, kept out of every list as if seen.
+    """
+    if as_of is None:
+        as_of = pd.Timestamp(max(train["ts"].max(), test["ts"].max())) + pd.Timedelta(seconds=1)
     window = test if protocol.min_value is None else test[test["value"] >= protocol.min_value]
-    seen = train[["user_id", "item_id"]].drop_duplicates()
+    known = train if hidden is None else pd.concat([train, hidden], ignore_index=True)
+    seen = known[["user_id", "item_id"]].drop_duplicates()
     pairs = window[["user_id", "item_id"]].drop_duplicates()
     pairs = pairs.merge(seen, how="left", on=["user_id", "item_id"], indicator=True)
     pairs = pairs[pairs["_merge"] == "left_only"].sort_values(["user_id", "item_id"])
@@ -74,5 +84,16 @@ def random_task(
         relevant=list(relevant),
         warm=np.isin(user_ids, train["user_id"].to_numpy(np.int64)),
         n_active_users=int(test["user_id"].nunique()),
+        exclude=None if hidden is None else items_per_user(hidden, user_ids),
     )
     return task, as_of
+
+
+def items_per_user(events: pd.DataFrame, user_ids: IntArray) -> list[IntArray]:
+    """The distinct items of ``events`` for each of ``user_ids`` (empty for a user without)."""
+    pairs = events[["user_id", "item_id"]].drop_duplicates().sort_values(["user_id", "item_id"])
+    users = pairs["user_id"].to_numpy(np.int64)
+    start = np.searchsorted(users, user_ids, side="left")
+    end = np.searchsorted(users, user_ids, side="right")
+    item_ids = pairs["item_id"].to_numpy(np.int64)
+    return [item_ids[a:b] for a, b in zip(start, end, strict=True)]

@@ -29,6 +29,8 @@ class EvalTask:
         warm: ``(n_users,)`` whether the user has an event before the cutoff.
         n_active_users: users with any event in the window (before dropping those without
             a relevant item).
+        exclude: per user, items kept out of every list besides those of ``train`` (a given
+            split's validation items at test); ``None``: none.
     """
 
     train: RetrievalData
@@ -36,6 +38,7 @@ class EvalTask:
     relevant: list[IntArray]
     warm: npt.NDArray[np.bool_]
     n_active_users: int
+    exclude: list[IntArray] | None = None
 
 
 def catalog_as_of(items: pd.DataFrame, before: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import typer
 from rich.table import Table
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mlsd.evaluation.retrieval import ProtocolConfig
     from mlsd.serving.registry import ModelRegistry
 
-ProtocolName = Literal["temporal", "random-per-user"]
+ProtocolName = Literal["temporal", "random-per-user", "splits"]
 
 
 @app.command("train")
@@ -131,10 +131,19 @@ def evaluate(
         str,
         typer.Option(
             "--protocol",
-            help="temporal (default, DESIGN.md) or random-per-user (only to compare with "
-            "published tables).",
+            help="temporal (default, DESIGN.md), random-per-user or splits (both only to "
+            "compare with published numbers; splits reads a peer's split files, --splits).",
         ),
     ] = "temporal",
+    splits: Annotated[
+        Path | None,
+        typer.Option(
+            "--splits",
+            help="With --protocol splits: the split files' common prefix, e.g. "
+            "DIR/protoA for DIR/protoA_train.tsv, DIR/protoA_valid.tsv and DIR/protoA_test.tsv "
+            "(user and item columns, the dataset's ids).",
+        ),
+    ] = None,
     test_frac: Annotated[
         float | None,
         typer.Option(
@@ -150,8 +159,10 @@ def evaluate(
     from mlsd.evaluation.report import write_report
     from mlsd.features.batch import feature_config_for
 
-    if protocol not in ("temporal", "random-per-user"):
-        raise ValueError(f"--protocol {protocol!r}: use temporal or random-per-user")
+    if protocol not in ("temporal", "random-per-user", "splits"):
+        raise ValueError(f"--protocol {protocol!r}: use temporal, random-per-user or splits")
+    if (protocol == "splits") != (splits is not None):
+        raise ValueError("--splits PREFIX goes with --protocol splits, and only with it")
     feed = load_config(config)
     settings = evaluation_protocol(feed.retrieval.protocol, protocol, test_frac)
     report = evaluate_pipeline(
@@ -161,7 +172,8 @@ def evaluate(
         protocol=settings,
         pipeline=feed.ranking.pipeline(),
         feature_config=feature_config_for(dataset, **vars(feed.features)),
-        protocol_name="temporal" if protocol == "temporal" else "random-per-user",
+        protocol_name=cast(ProtocolName, protocol),
+        splits=splits,
         progress=True,
     )
     console.print(summary_table(report))

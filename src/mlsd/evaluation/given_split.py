@@ -1,0 +1,159 @@
+"""Given splits: evaluate on another library's exact train / validation / test files.
+
+A peer library's published numbers can be set beside mlsd's only on the same split of the same
+data. This protocol reads a peer's three split files (``PREFIX_train.tsv``, ``PREFIX_valid.tsv``
+and ``PREFIX_test.tsv``; ``.csv`` or ``.parquet`` too), each a list of (user, item) pairs, and
+evaluates the way RecBole evaluates general recommendation:
+
+- every source and ranker is fit on the train split only; the ranker learns from candidates for
+  the validation split's users, its items the labels; nothing is refit on train + validation;
+- at test, the items of a user's train and validation splits are excluded from every list, and
+  the user's test items are relevant; full ranking over the whole catalog.
+
+Rows are matched to the dataset's events by (user, item), so each split keeps the events' times
+and values (the feature step needs them). A row that matches no event, or a pair listed in two
+splits, is refused, naming the file and row: a split of other data would give numbers that
+only look comparable. Events of the dataset that no split lists are counted and left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlsd.evaluation.random_split import random_task
+from mlsd.evaluation.retrieval import EvalTask, ProtocolConfig
+
+SPLITS = ("train", "valid", "test")
+SUFFIXES = (".tsv", ".csv", ".parquet")
+USER_COLUMNS = ("user_id", "user", "user_id:token")
+ITEM_COLUMNS = ("item_id", "item", "item_id:token")
+"""Accepted column names: mlsd's, RecBole's split files', RecBole's atomic files'."""
+
+
+@dataclass(frozen=True)
+class GivenSplits:
+    """The dataset's events divided as a peer's split files say.
+
+    Attributes:
+        events: ``train``, ``valid`` and ``test`` events (the dataset's rows, times and values).
+        files: each split's file.
+        counts: rows per file, repeated rows merged, events per split and events in no split.
+    """
+
+    events: dict[str, pd.DataFrame]
+    files: dict[str, Path]
+    counts: dict[str, int]
+
+    def tasks(
+        self, users: pd.DataFrame, items: pd.DataFrame, protocol: ProtocolConfig
+    ) -> tuple[EvalTask, EvalTask, pd.Timestamp]:
+        """The validation task (train → valid), the test task (train → test, with the
+        validation items excluded) and the one ``as_of`` both are featured at: a second after
+        the last event of any split, as every split's events precede the evaluation."""
+        train, valid, test = (self.events[name] for name in SPLITS)
+        last = max(frame["ts"].max() for frame in self.events.values() if len(frame))
+        as_of = pd.Timestamp(last) + pd.Timedelta(seconds=1)
+        val_task, _ = random_task(train, valid, users, items, protocol, as_of=as_of)
+        test_task, _ = random_task(train, test, users, items, protocol, as_of=as_of, hidden=valid)
+        return val_task, test_task, as_of
+
+
+def split_files(prefix: Path) -> dict[str, Path]:
+    """``PREFIX_train``, ``PREFIX_valid`` and ``PREFIX_test`` with the first suffix found."""
+    prefix = Path(prefix)
+    files: dict[str, Path] = {}
+    for name in SPLITS:
+        found = [p for s in SUFFIXES if (p := prefix.parent / f"{prefix.name}_{name}{s}").is_file()]
+        if not found:
+            tried = ", ".join(f"{prefix.name}_{name}{s}" for s in SUFFIXES)
+            raise ValueError(
+                f"{prefix.parent}: no {name} split ({tried}); --splits takes the files' common "
+                f"prefix, e.g. DIR/protoA for DIR/protoA_train.tsv, DIR/protoA_valid.tsv and "
+                "DIR/protoA_test.tsv"
+            )
+        files[name] = found[0]
+    return files
+
+
+def read_split(path: Path) -> pd.DataFrame:
+    """One split file as ``user_id, item_id`` int64 pairs, in file order."""
+    if path.suffix == ".parquet":
+        raw = pd.read_parquet(path)
+    else:
+        raw = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=str)
+    columns = {}
+    for target, names in (("user_id", USER_COLUMNS), ("item_id", ITEM_COLUMNS)):
+        present = [n for n in names if n in raw.columns]
+        if not present:
+            raise ValueError(
+                f"{path}: no {target} column (one of {', '.join(names)}); it has "
+                f"{', '.join(map(str, raw.columns))}"
+            )
+        columns[present[0]] = target
+    out = raw[list(columns)].rename(columns=columns)
+    for column in ("user_id", "item_id"):
+        values = pd.to_numeric(out[column], errors="coerce")
+        bad = values.isna() | (values != np.floor(values))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(
+                f"{path}: row {row + 1}, {column} {out[column].iloc[row]!r} is not an integer "
+                f"id ({int(bad.sum())} such rows); the splits must use the dataset's ids"
+            )
+        out[column] = values.astype(np.int64)
+    return out.reset_index(drop=True)
+
+
+def read_splits(prefix: Path, events: pd.DataFrame, *, dataset: str = "the dataset") -> GivenSplits:
+    """The three split files of ``prefix`` matched to ``events`` (see the module docstring).
+
+    Raises:
+        ValueError: a file is missing or unreadable, a row matches no event of ``dataset``
+            (naming the first and the count), or a pair is in two splits.
+    """
+    files = split_files(prefix)
+    pairs = {name: read_split(path) for name, path in files.items()}
+    counts = {f"{name}_rows": len(frame) for name, frame in pairs.items()}
+    owner = pd.concat(
+        [frame.assign(split=name, row=np.arange(len(frame))) for name, frame in pairs.items()],
+        ignore_index=True,
+    )
+    repeated = owner.duplicated(["user_id", "item_id", "split"])
+    counts["repeated_rows"] = int(repeated.sum())
+    owner = owner[~repeated.to_numpy()]
+    twice = owner.duplicated(["user_id", "item_id"], keep=False)
+    if twice.any():
+        first = owner[twice.to_numpy()].sort_values(["user_id", "item_id", "split"]).iloc[:2]
+        (a, b) = first.itertuples(index=False)
+        raise ValueError(
+            f"user {a.user_id}, item {a.item_id} is in two splits: {files[a.split]} row "
+            f"{a.row + 1} and {files[b.split]} row {b.row + 1} "
+            f"({int(twice.sum()) // 2} such pairs); a pair belongs to one split"
+        )
+    keyed = events.merge(
+        owner[["user_id", "item_id", "split"]], on=["user_id", "item_id"], how="left"
+    )
+    known = owner.merge(
+        events[["user_id", "item_id"]].drop_duplicates(), how="left", indicator=True
+    )
+    unmatched = known[known["_merge"] == "left_only"]
+    if len(unmatched):
+        row = unmatched.iloc[0]
+        raise ValueError(
+            f"{files[str(row['split'])]}: row {int(row['row']) + 1} (user {row['user_id']}, item "
+            f"{row['item_id']}) matches no event of {dataset} ({len(unmatched)} rows of the "
+            "splits match none); the splits must come from the same data, with its ids"
+        )
+    split_of = keyed["split"]
+    counts["events_in_no_split"] = int(split_of.isna().sum())
+    columns = list(events.columns)
+    split_events = {
+        name: keyed.loc[(split_of == name).to_numpy(), columns].reset_index(drop=True)
+        for name in SPLITS
+    }
+    counts.update({f"{name}_events": len(frame) for name, frame in split_events.items()})
+    return GivenSplits(split_events, files, counts)
