@@ -39,6 +39,20 @@ def ml_latest_small_dir() -> Path:
     return dataset_path("movielens-latest-small")
 
 
+@pytest.fixture
+def recbole_ml100k_dir() -> Path:
+    """RecBole's exact ML-100K splits (``protoA_train.tsv`` ...): ``$MLSD_PEERS_DIR``, else
+    ``../shared/peers`` beside the repository; skips outside CI when missing, fails in CI."""
+    path = Path(os.environ.get("MLSD_PEERS_DIR", REPO.parent / "shared" / "peers"))
+    path = path / "recbole-ml100k"
+    if not path.is_dir():
+        reason = f"RecBole's ML-100K splits not found at {path}; set MLSD_PEERS_DIR"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
 def _free_port() -> int:
     import socket
 

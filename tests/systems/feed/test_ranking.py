@@ -109,6 +109,44 @@ def test_bad_protocol_is_a_one_line_error(
     assert "--protocol 'loo'" in capsys.readouterr().err
 
 
+def test_splits_and_the_splits_protocol_go_together(
+    world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evaluate = ["feed", "evaluate", "--dataset", str(world), "--out", str(tmp_path)]
+    assert run([*evaluate, "--protocol", "splits"]) == 1
+    assert "--splits PREFIX goes with --protocol splits" in capsys.readouterr().err
+    assert run([*evaluate, "--splits", str(tmp_path / "p")]) == 1
+    assert "--splits PREFIX goes with --protocol splits" in capsys.readouterr().err
+
+
+@pytest.mark.dataset
+def test_evaluate_on_recboles_splits(
+    ml100k_dir: Path, recbole_ml100k_dir: Path, config: Path, tmp_path: Path
+) -> None:
+    dataset = tmp_path / "dataset"
+    assert (
+        run(
+            ["data", "import", "movielens-100k", "--source", str(ml100k_dir), "--out", str(dataset)]
+        )
+        == 0
+    )
+    out = tmp_path / "eval"
+    prefix = recbole_ml100k_dir / "protoB"
+    args = ["--protocol", "splits", "--splits", str(prefix), "--config", str(config)]
+    assert run(["feed", "evaluate", "--dataset", str(dataset), "--out", str(out), *args]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol_name"] == "splits"
+    assert metrics["cut_points"]["test"] == str(prefix.parent / "protoB_test.tsv")
+    counts = metrics["counts"]
+    assert (counts["n_test_users"], counts["n_cold_users"], counts["events_in_no_split"]) == (
+        943,
+        0,
+        0,
+    )
+    assert counts["n_train_events"] == counts["train_events"] == 80_808
+    assert "fit on the train split alone" in (out / "report.html").read_text()
+
+
 @pytest.mark.dataset
 @pytest.mark.parametrize("source", ["movielens-100k", "movielens-latest-small"])
 def test_evaluate_on_movielens(
