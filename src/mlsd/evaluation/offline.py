@@ -18,6 +18,11 @@ events split at random into train/test (stratified per user, ``test_frac``); the
 labels come from an inner random split of train. Time-based features are computed as of the
 end of the training data.
 
+**Splits** (only to compare with a peer library's numbers on its own files): a peer's train,
+validation and test files (:mod:`mlsd.evaluation.given_split`); as RecBole does it, everything
+is fit on train only, the ranker's labels are the validation items, and a user's train and
+validation items are excluded at test.
+
 Every metric is a mean over users with a bootstrap interval, for all, warm and cold users, and
 by user-activity decile.
 """
