@@ -14,8 +14,9 @@ protocol:
 - a reproduction check: mlsd's EASE at RecBole's ``reg_weight`` (250) against RecBole's EASE,
   which should agree to the 4 decimals RecBole reports if the two protocols are the same.
 
-The RecBole table applies only to the files it was measured on: the bench checks their SHA-256
-and says so when they differ.
+RecBole's table (``mlsd.evaluation.report.PEER_SPLITS``, which the HTML report shows too)
+applies only to the files it was measured on, found by their SHA-256: the bench says so when
+the files differ.
 
     MLSD_DATA_DIR=../shared/data .venv/bin/python bench/peers.py
 """
@@ -23,7 +24,6 @@ and says so when they differ.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -36,9 +36,10 @@ import numpy as np
 
 from mlsd.config import load_feed_config
 from mlsd.data.sources.movielens import import_movielens
-from mlsd.evaluation.given_split import read_splits, split_files
+from mlsd.evaluation.given_split import read_splits
 from mlsd.evaluation.metrics import ndcg_at_k_score, recall_at_k_score
 from mlsd.evaluation.offline import PIPELINE, OfflineReport, evaluate_pipeline
+from mlsd.evaluation.report import peer_numbers
 from mlsd.evaluation.retrieval import ProtocolConfig, load_dataset
 from mlsd.evaluation.stages import retrieve
 from mlsd.models.retrieval.ease import EASERetriever
@@ -49,50 +50,10 @@ PEERS = Path(os.environ.get("MLSD_PEERS_DIR", REPO.parent / "shared" / "peers"))
 SPLITS = ("protoA", "protoB")
 RECBOLE_EASE_REG = 250.0
 """RecBole's default ``reg_weight`` for EASE."""
-RECBOLE: dict[str, dict[str, dict[str, float]]] = {
-    "protoA": {
-        "Pop": {"ndcg@10": 0.1005, "recall@10": 0.0838},
-        "ItemKNN": {"ndcg@10": 0.2834, "recall@10": 0.2470},
-        "BPR": {"ndcg@10": 0.2931, "recall@10": 0.2502},
-        "EASE": {"ndcg@10": 0.3295, "recall@10": 0.2805},
-        "LightGCN": {"ndcg@10": 0.3050, "recall@10": 0.2609},
-        "MultiVAE": {"ndcg@10": 0.3001, "recall@10": 0.2598},
-    },
-    "protoB": {
-        "Pop": {"ndcg@10": 0.0705, "recall@10": 0.0632},
-        "ItemKNN": {"ndcg@10": 0.1136, "recall@10": 0.1089},
-        "BPR": {"ndcg@10": 0.1146, "recall@10": 0.1053},
-        "EASE": {"ndcg@10": 0.1272, "recall@10": 0.1208},
-        "LightGCN": {"ndcg@10": 0.0910, "recall@10": 0.0861},
-        "MultiVAE": {"ndcg@10": 0.0937, "recall@10": 0.0886},
-    },
-}
-"""RecBole 1.2.1's test figures on each split (``recbole-ml100k/README.md``)."""
-SHA256 = {
-    "protoA": {
-        "train": "78544dd085e532219b4fd30a1ee8be8d960eabd2b9b7f4a42253dcfa09d96cd4",
-        "valid": "a0ab1165f1d46a2f9f7a15969faedea15c15fe05d3fca46ceaf90a1cec5b92c1",
-        "test": "cabcc042564b2df161ee442403055642d4155c8b2d4612fafbc487c1d06f7186",
-    },
-    "protoB": {
-        "train": "74cdb41da78428ea687004f07ca29da9dbfcf443e74400e18142fa0208e5c036",
-        "valid": "86e2b83bd2b14123b9745febe8db74cc66d997fd1c435dc5ff66693146bd034a",
-        "test": "ccdff097062f63c91a5a4110d0dbd1fff2f38b7f8d07a53397c8a1708982f764",
-    },
-}
-"""The files RecBole's figures were measured on."""
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def same_files(prefix: Path, split: str) -> bool:
-    files = split_files(prefix)
-    return all(
-        hashlib.sha256(files[name].read_bytes()).hexdigest() == digest
-        for name, digest in SHA256[split].items()
-    )
 
 
 def methods(report: OfflineReport) -> dict[str, dict[str, list[float]]]:
@@ -125,7 +86,7 @@ def ease_reproduction(contract: Path, prefix: Path, protocol: ProtocolConfig) ->
     }
 
 
-def run_split(contract: Path, prefix: Path, split: str, config: Path) -> dict[str, Any]:
+def run_split(contract: Path, prefix: Path, config: Path) -> dict[str, Any]:
     feed = load_feed_config(config)
     start = time.perf_counter()
     report = evaluate_pipeline(
@@ -152,12 +113,13 @@ def run_split(contract: Path, prefix: Path, split: str, config: Path) -> dict[st
         "seconds": seconds,
     }
     reproduced = ease_reproduction(contract, prefix, feed.retrieval.protocol)
-    if not same_files(prefix, split):
+    peer = peer_numbers(report.cut_points)
+    if peer is None:
         result["recbole"] = None
         result["recbole_note"] = f"{prefix}: not the files RecBole's figures were measured on"
         result["ease_reg250"] = reproduced
         return result
-    table = RECBOLE[split]
+    table = peer["rows"]
     best = max(table, key=lambda name: table[name]["ndcg@10"])
     pipeline = scored[PIPELINE]["ndcg@10"][0]
     result["recbole"] = table
@@ -193,7 +155,7 @@ def main() -> None:
         import_movielens("movielens-100k", source=source, out=contract, progress=False)
         for split in args.splits.split(","):
             log(f"movielens-100k, RecBole's {split}")
-            results[split] = run_split(contract, peers / split, split, Path(args.config))
+            results[split] = run_split(contract, peers / split, Path(args.config))
     print(
         json.dumps(
             {

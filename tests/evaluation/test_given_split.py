@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,8 @@ def test_split_rows_take_their_events_times_and_values(tmp_path: Path) -> None:
     test = given.events["test"]
     assert test["ts"].tolist() == events.loc[[3, 7, 11], "ts"].tolist()
     assert given.counts["events_in_no_split"] == 0
+    digest = hashlib.sha256((tmp_path / "p_valid.tsv").read_bytes()).hexdigest()
+    assert given.sha256["valid"] == digest
     assert given.counts["train_rows"] == 6
     assert given.counts["repeated_rows"] == 0
 

@@ -18,6 +18,7 @@ only look comparable. Events of the dataset that no split lists are counted and 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +43,13 @@ class GivenSplits:
         events: ``train``, ``valid`` and ``test`` events (the dataset's rows, times and values).
         files: each split's file.
         counts: rows per file, repeated rows merged, events per split and events in no split.
+        sha256: each file's SHA-256 (a peer's figures apply to the exact files measured).
     """
 
     events: dict[str, pd.DataFrame]
     files: dict[str, Path]
     counts: dict[str, int]
+    sha256: dict[str, str]
 
     def tasks(
         self, users: pd.DataFrame, items: pd.DataFrame, protocol: ProtocolConfig
@@ -156,4 +159,5 @@ def read_splits(prefix: Path, events: pd.DataFrame, *, dataset: str = "the datas
         for name in SPLITS
     }
     counts.update({f"{name}_events": len(frame) for name, frame in split_events.items()})
-    return GivenSplits(split_events, files, counts)
+    digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    return GivenSplits(split_events, files, counts, digests)

@@ -443,7 +443,10 @@ class _Run:
             report,
             protocol_name="splits",
             protocol=splits_text(self.protocol, given.files),
-            cut_points={name: str(path) for name, path in given.files.items()},
+            cut_points={
+                **{name: str(path) for name, path in given.files.items()},
+                **{f"{name}_sha256": digest for name, digest in given.sha256.items()},
+            },
             counts={**report.counts, **given.counts},
         )
 

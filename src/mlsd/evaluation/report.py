@@ -12,6 +12,7 @@ import io
 import json
 import math
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import matplotlib.pyplot as plt
 from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.figure import Figure
 
+from mlsd.evaluation.given_split import SPLITS
 from mlsd.evaluation.offline import OfflineReport
 from mlsd.evaluation.retrieval_report import PairedEstimate
 from mlsd.evaluation.scoring import RELEVANT_MAP
@@ -46,6 +48,53 @@ PUBLISHED = {
 }  # fmt: skip
 """Published numbers shown beside the random-per-user protocol, by dataset name, when the run's
 test share is theirs. Their MAP divides by #relevant (mlsd's ``map_relevant@k``)."""
+
+_RECBOLE = (
+    "RecBole 1.2.1 on these exact files (CPU, default hyperparameters, early stopping on "
+    "validation NDCG@10, fit on the train split only)"
+)
+PEER_SPLITS: dict[tuple[str, str, str], dict[str, Any]] = {
+    (
+        "78544dd085e532219b4fd30a1ee8be8d960eabd2b9b7f4a42253dcfa09d96cd4",
+        "a0ab1165f1d46a2f9f7a15969faedea15c15fe05d3fca46ceaf90a1cec5b92c1",
+        "cabcc042564b2df161ee442403055642d4155c8b2d4612fafbc487c1d06f7186",
+    ): {
+        "source": f"{_RECBOLE}: ML-100K, each user's ratings shuffled and split 8:1:1 (protocol A)",
+        "rows": {
+            "Pop": {"ndcg@10": 0.1005, "recall@10": 0.0838},
+            "ItemKNN": {"ndcg@10": 0.2834, "recall@10": 0.2470},
+            "BPR": {"ndcg@10": 0.2931, "recall@10": 0.2502},
+            "EASE": {"ndcg@10": 0.3295, "recall@10": 0.2805},
+            "LightGCN": {"ndcg@10": 0.3050, "recall@10": 0.2609},
+            "MultiVAE": {"ndcg@10": 0.3001, "recall@10": 0.2598},
+        },
+    },
+    (
+        "74cdb41da78428ea687004f07ca29da9dbfcf443e74400e18142fa0208e5c036",
+        "86e2b83bd2b14123b9745febe8db74cc66d997fd1c435dc5ff66693146bd034a",
+        "ccdff097062f63c91a5a4110d0dbd1fff2f38b7f8d07a53397c8a1708982f764",
+    ): {
+        "source": f"{_RECBOLE}: ML-100K, each user's ratings by time, the last 10% test "
+        "(protocol B)",
+        "rows": {
+            "Pop": {"ndcg@10": 0.0705, "recall@10": 0.0632},
+            "ItemKNN": {"ndcg@10": 0.1136, "recall@10": 0.1089},
+            "BPR": {"ndcg@10": 0.1146, "recall@10": 0.1053},
+            "EASE": {"ndcg@10": 0.1272, "recall@10": 0.1208},
+            "LightGCN": {"ndcg@10": 0.0910, "recall@10": 0.0861},
+            "MultiVAE": {"ndcg@10": 0.0937, "recall@10": 0.0886},
+        },
+    },
+}
+"""A peer's figures on its own split files, by the files' SHA-256 (train, valid, test): shown
+beside a ``splits`` run on exactly those files."""
+
+
+def peer_numbers(cut_points: Mapping[str, str]) -> dict[str, Any] | None:
+    """The peer's table measured on the split files of a ``splits`` run (``cut_points`` holds
+    ``train_sha256``, ``valid_sha256``, ``test_sha256``), if one is known."""
+    train, valid, test = (cut_points.get(f"{name}_sha256", "") for name in SPLITS)
+    return PEER_SPLITS.get((train, valid, test))
 
 
 def format_number(value: Any, digits: int = 3) -> str:
@@ -158,8 +207,10 @@ def render_html(report: OfflineReport) -> str:
 
 def published_numbers(report: OfflineReport) -> tuple[dict[str, Any] | None, str | None]:
     """The published table to show beside ``report`` (random-per-user protocol on a dataset
-    with one, at its test share), or ``None`` and, when a table exists but is not shown,
-    the sentence saying why."""
+    with one, at its test share; a peer's own split files), or ``None`` and, when a table
+    exists but is not shown, the sentence saying why."""
+    if report.protocol_name == "splits":
+        return peer_numbers(report.cut_points), None
     if report.protocol_name != "random-per-user":
         return None, None
     published: dict[str, Any] | None = PUBLISHED.get(report.dataset)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from mlsd.cli import run
@@ -144,7 +147,38 @@ def test_evaluate_on_recboles_splits(
         0,
     )
     assert counts["n_train_events"] == counts["train_events"] == 80_808
-    assert "fit on the train split alone" in (out / "report.html").read_text()
+    assert (
+        metrics["cut_points"]["test_sha256"]
+        == hashlib.sha256((prefix.parent / "protoB_test.tsv").read_bytes()).hexdigest()
+    )
+    html = (out / "report.html").read_text()
+    assert "fit on the train split alone" in html
+    # RecBole's own figures on these files sit beside this run's, without the MAP note of the
+    # random-per-user table
+    assert 'id="published"' in html
+    assert "<td>EASE (published)</td>" in html
+    assert "<td>0.1272</td>" in html
+    assert "(protocol B)" in html
+    assert "divided by #relevant" not in html
+
+
+def test_a_splits_run_on_other_files_shows_no_peer_table(
+    world: Path, config: Path, tmp_path: Path
+) -> None:
+    events = pd.read_parquet(world / "events.parquet").drop_duplicates(["user_id", "item_id"])
+    draw = np.random.default_rng(1).random(len(events))
+    for name, part in (
+        ("train", draw < 0.8),
+        ("valid", (draw >= 0.8) & (draw < 0.9)),
+        ("test", draw >= 0.9),
+    ):
+        events.loc[part, ["user_id", "item_id"]].to_csv(tmp_path / f"s_{name}.csv", index=False)
+    out = tmp_path / "eval"
+    args = ["--protocol", "splits", "--splits", str(tmp_path / "s"), "--config", str(config)]
+    assert run(["feed", "evaluate", "--dataset", str(world), "--out", str(out), *args]) == 0
+    html = (out / "report.html").read_text()
+    assert "Given splits (train s_train.csv" in html
+    assert 'id="published"' not in html
 
 
 @pytest.mark.dataset
