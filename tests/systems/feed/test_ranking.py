@@ -120,6 +120,8 @@ def test_splits_and_the_splits_protocol_go_together(
     assert "--splits PREFIX goes with --protocol splits" in capsys.readouterr().err
     assert run([*evaluate, "--splits", str(tmp_path / "p")]) == 1
     assert "--splits PREFIX goes with --protocol splits" in capsys.readouterr().err
+    assert run([*evaluate, "--protocol", "splits", "--splits", "p", "--test-frac", "0.2"]) == 1
+    assert "--test-frac does not apply to --protocol splits" in capsys.readouterr().err
 
 
 @pytest.mark.dataset

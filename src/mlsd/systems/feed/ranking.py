@@ -163,6 +163,8 @@ def evaluate(
         raise ValueError(f"--protocol {protocol!r}: use temporal, random-per-user or splits")
     if (protocol == "splits") != (splits is not None):
         raise ValueError("--splits PREFIX goes with --protocol splits, and only with it")
+    if protocol == "splits" and test_frac is not None:
+        raise ValueError("--test-frac does not apply to --protocol splits: the files are the split")
     feed = load_config(config)
     settings = evaluation_protocol(feed.retrieval.protocol, protocol, test_frac)
     report = evaluate_pipeline(
