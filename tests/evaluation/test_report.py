@@ -14,6 +14,7 @@ from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.evaluation.offline import OfflineReport, evaluate_pipeline
 from mlsd.evaluation.pipeline import PipelineConfig
 from mlsd.evaluation.report import (
+    PEER_SPLITS,
     PUBLISHED_TEST_FRAC,
     published_numbers,
     render_html,
@@ -150,6 +151,31 @@ def test_the_published_table_needs_the_published_test_share(report: OfflineRepor
     )
     assert shown is not None
     assert note is None
+
+
+def test_a_peers_table_needs_its_exact_files_and_every_test_item_relevant(
+    report: OfflineReport,
+) -> None:
+    """RecBole's figures sit beside a splits run on the files they were measured on (by
+    SHA-256), not beside other files, nor beside a run that counts only liked test items."""
+    digests = next(iter(PEER_SPLITS))
+    cut_points = {
+        f"{name}_sha256": d for name, d in zip(("train", "valid", "test"), digests, strict=True)
+    }
+    on_those = dataclasses.replace(report, protocol_name="splits", cut_points=cut_points)
+    html = render_html(on_those)
+    assert "<td>EASE (published)</td>" in html
+    assert "map@10 (÷ #relevant)" not in html  # the random-per-user table's MAP column
+    other = {**cut_points, "test_sha256": "0" * 64}
+    assert published_numbers(dataclasses.replace(on_those, cut_points=other)) == (None, None)
+    shown, note = published_numbers(dataclasses.replace(on_those, min_value=4.0))
+    assert shown is None
+    assert note is not None
+    assert "only those with value >= 4" in note
+    random = dataclasses.replace(
+        report, dataset="movielens-100k", protocol_name="random-per-user", test_frac=0.25
+    )
+    assert published_numbers(dataclasses.replace(random, min_value=4.0))[0] is None
 
 
 def test_random_per_user_defaults_to_the_published_test_share() -> None:

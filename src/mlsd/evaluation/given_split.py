@@ -84,10 +84,13 @@ def split_files(prefix: Path) -> dict[str, Path]:
 
 def read_split(path: Path) -> pd.DataFrame:
     """One split file as ``user_id, item_id`` int64 pairs, in file order."""
-    if path.suffix == ".parquet":
-        raw = pd.read_parquet(path)
-    else:
-        raw = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=str)
+    try:
+        if path.suffix == ".parquet":
+            raw = pd.read_parquet(path)
+        else:
+            raw = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=str)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable split file ({exc})") from exc
     columns = {}
     for target, names in (("user_id", USER_COLUMNS), ("item_id", ITEM_COLUMNS)):
         present = [n for n in names if n in raw.columns]
@@ -99,15 +102,17 @@ def read_split(path: Path) -> pd.DataFrame:
         columns[present[0]] = target
     out = raw[list(columns)].rename(columns=columns)
     for column in ("user_id", "item_id"):
-        values = pd.to_numeric(out[column], errors="coerce")
-        bad = values.isna() | (values != np.floor(values))
+        values = pd.to_numeric(out[column], errors="coerce").to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(values) | (values != np.floor(values)) | (np.abs(values) >= 2**63)
         if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
+            row = int(np.flatnonzero(bad)[0])
             raise ValueError(
-                f"{path}: row {row + 1}, {column} {out[column].iloc[row]!r} is not an integer "
-                f"id ({int(bad.sum())} such rows); the splits must use the dataset's ids"
+                f"{path}: data row {row + 1} (after the header), {column} "
+                f"{str(out[column].iloc[row])!r} is not an integer id ({int(bad.sum())} rows "
+                "like it); the splits must use the dataset's ids"
             )
-        out[column] = values.astype(np.int64)
+        out[column] = pd.to_numeric(out[column]).astype(np.int64)
     return out.reset_index(drop=True)
 
 
@@ -133,9 +138,9 @@ def read_splits(prefix: Path, events: pd.DataFrame, *, dataset: str = "the datas
         first = owner[twice.to_numpy()].sort_values(["user_id", "item_id", "split"]).iloc[:2]
         (a, b) = first.itertuples(index=False)
         raise ValueError(
-            f"user {a.user_id}, item {a.item_id} is in two splits: {files[a.split]} row "
-            f"{a.row + 1} and {files[b.split]} row {b.row + 1} "
-            f"({int(twice.sum()) // 2} such pairs); a pair belongs to one split"
+            f"user {a.user_id}, item {a.item_id} is in two splits: {files[a.split]} data row "
+            f"{a.row + 1} and {files[b.split]} data row {b.row + 1} ({int(twice.sum()) // 2} "
+            "pairs like it); a pair belongs to one split: split the distinct (user, item) pairs"
         )
     keyed = events.merge(
         owner[["user_id", "item_id", "split"]], on=["user_id", "item_id"], how="left"
@@ -146,9 +151,10 @@ def read_splits(prefix: Path, events: pd.DataFrame, *, dataset: str = "the datas
     unmatched = known[known["_merge"] == "left_only"]
     if len(unmatched):
         row = unmatched.iloc[0]
+        where = f"{files[str(row['split'])]}: data row {int(row['row']) + 1}"
         raise ValueError(
-            f"{files[str(row['split'])]}: row {int(row['row']) + 1} (user {row['user_id']}, item "
-            f"{row['item_id']}) matches no event of {dataset} ({len(unmatched)} rows of the "
+            f"{where} (user {row['user_id']}, item {row['item_id']}) matches no event of "
+            f"{dataset} ({len(unmatched)} rows of the "
             "splits match none); the splits must come from the same data, with its ids"
         )
     split_of = keyed["split"]

@@ -136,6 +136,9 @@ class OfflineReport:
     cold_quotas: dict[str, Quota] | None = None
     test_frac: float | None = None
     """The protocol's test share (``ProtocolConfig.test_frac``)."""
+    min_value: float | None = None
+    """Relevant test events need at least this value (``ProtocolConfig.min_value``; ``None``:
+    every test event is relevant)."""
     comparisons: list[Comparison] = field(default_factory=list)
     """The pipeline against each baseline on NDCG at the smallest k, paired over test users."""
     fusion: Fusion = QUOTAS
@@ -432,6 +435,12 @@ class _Run:
         with self.clock.stage("split"):
             given = read_splits(prefix, events, dataset=str(self.dataset_dir))
             val, test, as_of = given.tasks(users, items, self.protocol)
+        for task, name, what in ((val, "valid", "labels for the ranker"), (test, "test", "scores")):
+            if len(task.user_ids) == 0:
+                raise ValueError(
+                    f"{given.files[name]}: no user has an item there that is not in an earlier "
+                    f"split, so there are no {what}; check the files (and [retrieval] min_value)"
+                )
         with tempfile.TemporaryDirectory(prefix="mlsd-splits-") as tmp:
             train_dir = write_contract(Path(tmp) / "train", given.events["train"], users, items)
             report = self._evaluate(
@@ -671,6 +680,7 @@ class _Run:
             cold_quotas=None if trained.cold_quotas is None else dict(trained.cold_quotas),
             fusion=self.pipeline.merge.fusion,
             comparisons=comparisons,
+            min_value=self.protocol.min_value,
         )
 
     def _choose(self, scores: list[RankerScores]) -> str:
@@ -837,14 +847,19 @@ def random_text(protocol: ProtocolConfig, pipeline: PipelineConfig) -> str:
 
 def splits_text(protocol: ProtocolConfig, files: Mapping[str, Path]) -> str:
     names = ", ".join(f"{name} {path.name}" for name, path in files.items())
+    relevant = (
+        "the user's test items are relevant"
+        if protocol.min_value is None
+        else f"the user's test items with value >= {protocol.min_value:g} are relevant"
+    )
     return (
         f"Given splits ({names}), ONLY for comparison with a peer library's numbers on the same "
         "files (RecBole's general-recommendation setup). Every source and ranker is fit on the "
         "train split alone; the ranker learns from candidates for the validation split's users "
-        "with its items as labels; nothing is refit on train + validation. At test, the items "
-        "of a user's train and validation splits are excluded and the user's test items are "
-        "relevant (binary gains); full ranking of the whole catalog. Means over the users with "
-        f"a test item, {protocol.confidence:.0%} bootstrap intervals."
+        "with its items as labels (one label window); nothing is refit on train + validation. "
+        "At test, the items of a user's train and validation splits are excluded and "
+        f"{relevant} (binary gains); full ranking of the whole catalog. Means over the users "
+        f"with a relevant test item, {protocol.confidence:.0%} bootstrap intervals."
     )
 
 

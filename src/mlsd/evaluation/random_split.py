@@ -14,7 +14,8 @@ import pandas as pd
 
 from mlsd.data.schema import EVENTS_FILE, ITEMS_FILE, USERS_FILE
 from mlsd.evaluation.retrieval import EvalTask, ProtocolConfig
-from mlsd.models.retrieval.base import IntArray, RetrievalData
+from mlsd.evaluation.scoring import seen_by_user
+from mlsd.models.retrieval.base import RetrievalData
 
 
 def random_split_per_user(
@@ -84,16 +85,6 @@ def random_task(
         relevant=list(relevant),
         warm=np.isin(user_ids, train["user_id"].to_numpy(np.int64)),
         n_active_users=int(test["user_id"].nunique()),
-        exclude=None if hidden is None else items_per_user(hidden, user_ids),
+        exclude=None if hidden is None else seen_by_user(hidden, user_ids),
     )
     return task, as_of
-
-
-def items_per_user(events: pd.DataFrame, user_ids: IntArray) -> list[IntArray]:
-    """The distinct items of ``events`` for each of ``user_ids`` (empty for a user without)."""
-    pairs = events[["user_id", "item_id"]].drop_duplicates().sort_values(["user_id", "item_id"])
-    users = pairs["user_id"].to_numpy(np.int64)
-    start = np.searchsorted(users, user_ids, side="left")
-    end = np.searchsorted(users, user_ids, side="right")
-    item_ids = pairs["item_id"].to_numpy(np.int64)
-    return [item_ids[a:b] for a, b in zip(start, end, strict=True)]

@@ -210,12 +210,21 @@ def published_numbers(report: OfflineReport) -> tuple[dict[str, Any] | None, str
     with one, at its test share; a peer's own split files), or ``None`` and, when a table
     exists but is not shown, the sentence saying why."""
     if report.protocol_name == "splits":
-        return peer_numbers(report.cut_points), None
-    if report.protocol_name != "random-per-user":
+        published: dict[str, Any] | None = peer_numbers(report.cut_points)
+    elif report.protocol_name == "random-per-user":
+        published = PUBLISHED.get(report.dataset)
+    else:
         return None, None
-    published: dict[str, Any] | None = PUBLISHED.get(report.dataset)
     if published is None:
         return None, None
+    if report.min_value is not None:
+        return None, (
+            f"{published['source']} is not shown: it counts every test item as relevant, and "
+            f"this run only those with value >= {report.min_value:g} ([retrieval] min_value), "
+            "so the numbers are not comparable."
+        )
+    if report.protocol_name == "splits":
+        return published, None
     frac = report.test_frac
     if frac is not None and math.isclose(frac, published["test_frac"]):
         return published, None

@@ -57,6 +57,7 @@ from mlsd.evaluation.retrieval_report import (
     _finite,
 )
 from mlsd.evaluation.retrieval_windows import EvalTask, catalog_as_of, load_dataset, make_task
+from mlsd.evaluation.stages import recommend_excluding
 from mlsd.models.retrieval.base import IntArray, Retriever
 from mlsd.models.retrieval.merge import QUOTAS, Fusion, Quota, merge_by_segment
 
@@ -168,7 +169,8 @@ def run_sources(
     progress: bool = False,
     label: str = "",
 ) -> dict[str, SourceRun]:
-    """Fit each source on ``task.train`` and recommend ``k`` unseen items to every target user."""
+    """Fit each source on ``task.train`` and recommend ``k`` unseen items to every target user
+    (none of ``task.exclude`` either)."""
     runs: dict[str, SourceRun] = {}
     with progress_bar(progress) as bar:
         job = bar.add_task(label or "sources", total=len(sources))
@@ -178,7 +180,7 @@ def run_sources(
             retriever = make().fit(task.train)
             fitted = time.perf_counter()
             bar.update(job, description=f"{label} {name}: recommend")
-            items, _ = retriever.recommend(task.user_ids, k, exclude_seen=True)
+            items, _ = recommend_excluding(retriever, task.user_ids, k, task.exclude)
             runs[name] = SourceRun(items, fitted - start, time.perf_counter() - fitted)
             bar.advance(job)
     return runs

@@ -100,6 +100,8 @@ class ListScorer:
         self.activity = pd.Series(task.user_ids).map(activity).fillna(0).to_numpy(np.float64)
         self.age_days = item_age_days(train.items, rows.pairs, top)
         self.seen = seen_by_user(train.events, task.user_ids)
+        if task.exclude is not None:  # a given split's validation items: seen as well
+            self.seen = [np.union1d(a, b) for a, b in zip(self.seen, task.exclude, strict=True)]
         self._per_user: dict[str, dict[str, npt.NDArray[np.float64]]] = {}
 
     def rerank(self, ranked: IntArray, scores: FloatArray, config: RerankConfig) -> IntArray:
@@ -218,7 +220,8 @@ def item_age_days(items: pd.DataFrame, pairs: pd.DataFrame, top: int) -> FloatAr
 
 
 def seen_by_user(events: pd.DataFrame, user_ids: IntArray) -> list[IntArray]:
-    """Each user's items before the cutoff (the re-ranker removes them)."""
+    """Each user's distinct items in ``events`` (e.g. before the cutoff: the re-ranker removes
+    them), in the order of ``user_ids``; empty for a user without any."""
     pairs = events[["user_id", "item_id"]].drop_duplicates().sort_values("user_id")
     users = pairs["user_id"].to_numpy(np.int64)
     items = pairs["item_id"].to_numpy(np.int64)

@@ -31,7 +31,7 @@ from mlsd.models.ranking.candidates import (
 )
 from mlsd.models.retrieval.base import PAD_ITEM, IntArray, RetrievalData, Retriever
 from mlsd.models.retrieval.merge import QUOTAS, Fusion, MergedCandidates, Quota, merge_by_segment
-from mlsd.serving.rerank import rows_isin
+from mlsd.serving.rerank import first_k, rows_isin
 
 SourceFactory = Callable[[], Retriever]
 RankerFactory = Callable[[], Ranker]
@@ -62,7 +62,6 @@ def retrieve(
 ) -> Retrieved:
     """Fit each source on ``train`` and list ``k`` unseen items for every user; items of
     ``exclude`` (per user, aligned with ``user_ids``) are left out too."""
-    extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
     items: dict[str, IntArray] = {}
     scores: dict[str, npt.NDArray[np.floating]] = {}
     fit_s: dict[str, float] = {}
@@ -73,30 +72,22 @@ def retrieve(
         start = time.perf_counter()
         retriever = make().fit(train)
         fitted = time.perf_counter()
-        items[name], scores[name] = retriever.recommend(user_ids, k + extra, exclude_seen=True)
-        if exclude is not None:
-            items[name], scores[name] = drop_items(items[name], scores[name], exclude, k)
+        items[name], scores[name] = recommend_excluding(retriever, user_ids, k, exclude)
         fit_s[name] = fitted - start
         rec_s[name] = time.perf_counter() - fitted
     return Retrieved(SourceLists(items, scores), fit_s, rec_s)
 
 
-def drop_items(
-    items: IntArray, scores: npt.NDArray[np.floating], exclude: Sequence[IntArray], k: int
+def recommend_excluding(
+    retriever: Retriever, user_ids: IntArray, k: int, exclude: Sequence[IntArray] | None
 ) -> tuple[IntArray, npt.NDArray[np.floating]]:
-    """Each row of ``items`` (and its ``scores``) without the row's ``exclude`` items, order
-    kept, cut or padded (:data:`PAD_ITEM`, ``-inf``) to ``k``."""
-    keep = (items != PAD_ITEM) & ~rows_isin(items, exclude)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept columns first, in order
-    rows = np.arange(len(items))[:, None]
-    kept = keep[rows, order]
-    out_items = np.where(kept, items[rows, order], PAD_ITEM)
-    out_scores = np.where(kept, scores[rows, order], -np.inf).astype(scores.dtype)
-    if out_items.shape[1] < k:
-        pad = k - out_items.shape[1]
-        out_items = np.pad(out_items, ((0, 0), (0, pad)), constant_values=PAD_ITEM)
-        out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-    return out_items.astype(np.int64), out_scores
+    """``retriever.recommend(user_ids, k)`` with each user's ``exclude`` items left out too
+    (asking for ``k`` + the longest ``exclude`` and keeping the first ``k`` others)."""
+    if exclude is None:
+        return retriever.recommend(user_ids, k, exclude_seen=True)
+    extra = max((len(e) for e in exclude), default=0)
+    items, scores = retriever.recommend(user_ids, k + extra, exclude_seen=True)
+    return first_k(items, scores, (items != PAD_ITEM) & ~rows_isin(items, exclude), k)
 
 
 def merge(

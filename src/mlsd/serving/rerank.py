@@ -200,6 +200,21 @@ def rows_isin(values: npt.NDArray[np.integer], sets: Sequence[SeenItems]) -> npt
     return np.asarray(member_keys[found] == keys).reshape(values.shape)
 
 
+def first_k(
+    ids: IntArray, scores: npt.NDArray[np.floating], keep: npt.NDArray[np.bool_], k: int
+) -> tuple[IntArray, npt.NDArray[np.float32]]:
+    """The first ``k`` kept entries of each row, left-aligned in ``(n, k)`` rows padded with
+    ``PAD_ID`` and ``-inf`` (float32 scores)."""
+    n = ids.shape[0]
+    out_ids = np.full((n, k), PAD_ID, dtype=np.int64)
+    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    rank = np.cumsum(keep, axis=1) - 1
+    row, col = np.nonzero(keep & (rank < k))
+    out_ids[row, rank[row, col]] = ids[row, col]
+    out_scores[row, rank[row, col]] = scores[row, col]
+    return out_ids, out_scores
+
+
 def _relevance(scores: FloatArray, ages: FloatArray | None, config: RerankConfig) -> FloatArray:
     """Min-max normalised scores plus the freshness boost; a constant list is all 1."""
     low, high = scores.min(), scores.max()

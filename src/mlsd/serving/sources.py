@@ -68,7 +68,7 @@ import torch
 from mlsd.models.retrieval.two_tower import FeatureSizes, TwoTowerConfig, UserFeatures, UserTower
 from mlsd.serving.index import PAD_ID, VectorIndex, load_index
 from mlsd.serving.index.base import FloatArray, IntArray
-from mlsd.serving.rerank import rows_isin
+from mlsd.serving.rerank import first_k, rows_isin
 
 FORMAT_VERSION = 1
 SOURCE_FILE = "source.json"
@@ -193,21 +193,6 @@ def isin(values: IntArray, members: IntArray) -> npt.NDArray[np.bool_]:
     ordered = np.sort(members)
     found = np.minimum(np.searchsorted(ordered, values), len(ordered) - 1)
     return np.asarray(ordered[found] == values)
-
-
-def first_k(
-    ids: IntArray, scores: npt.NDArray[np.floating], keep: npt.NDArray[np.bool_], k: int
-) -> tuple[IntArray, FloatArray]:
-    """The first ``k`` kept entries of each row, left-aligned in ``(n, k)`` rows padded with
-    ``PAD_ID`` and ``-inf`` (float32 scores)."""
-    n = ids.shape[0]
-    out_ids = np.full((n, k), PAD_ID, dtype=np.int64)
-    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
-    rank = np.cumsum(keep, axis=1) - 1
-    row, col = np.nonzero(keep & (rank < k))
-    out_ids[row, rank[row, col]] = ids[row, col]
-    out_scores[row, rank[row, col]] = scores[row, col]
-    return out_ids, out_scores
 
 
 def unpadded(ids: IntArray, scores: FloatArray) -> list[tuple[IntArray, FloatArray]]:
