@@ -18,7 +18,10 @@ RecBole's table (``mlsd.evaluation.report.PEER_SPLITS``, which the HTML report s
 applies only to the files it was measured on, found by their SHA-256: the bench says so when
 the files differ.
 
-    MLSD_DATA_DIR=../shared/data .venv/bin/python bench/peers.py
+    MLSD_DATA_DIR=../shared/data .venv/bin/python bench/peers.py [--out DIR]
+
+``--out DIR`` also writes each split's ``metrics.json`` and ``report.html`` (the report shows
+RecBole's table beside mlsd's methods) under ``DIR/protoA`` and ``DIR/protoB``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from mlsd.data.sources.movielens import import_movielens
 from mlsd.evaluation.given_split import read_splits
 from mlsd.evaluation.metrics import ndcg_at_k_score, recall_at_k_score
 from mlsd.evaluation.offline import PIPELINE, OfflineReport, evaluate_pipeline
-from mlsd.evaluation.report import peer_numbers
+from mlsd.evaluation.report import peer_numbers, write_report
 from mlsd.evaluation.retrieval import ProtocolConfig, load_dataset
 from mlsd.evaluation.stages import retrieve
 from mlsd.models.retrieval.ease import EASERetriever
@@ -86,7 +89,7 @@ def ease_reproduction(contract: Path, prefix: Path, protocol: ProtocolConfig) ->
     }
 
 
-def run_split(contract: Path, prefix: Path, config: Path) -> dict[str, Any]:
+def run_split(contract: Path, prefix: Path, config: Path, out: Path | None) -> dict[str, Any]:
     feed = load_feed_config(config)
     start = time.perf_counter()
     report = evaluate_pipeline(
@@ -101,6 +104,8 @@ def run_split(contract: Path, prefix: Path, config: Path) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - start
     scored = methods(report)
+    if out is not None:  # metrics.json and report.html, RecBole's table beside mlsd's
+        write_report(report, out / prefix.name)
     result: dict[str, Any] = {
         "files": report.cut_points,
         "counts": report.counts,
@@ -144,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
     parser.add_argument("--config", default=str(REPO / "configs" / "feed.toml"))
+    parser.add_argument("--out", type=Path, help="also write OUT/<split>/report.html")
     args = parser.parse_args()
     source, peers = DATA / "movielens-100k", PEERS / "recbole-ml100k"
     for path, variable in ((source, "MLSD_DATA_DIR"), (peers, "MLSD_PEERS_DIR")):
@@ -155,7 +161,7 @@ def main() -> None:
         import_movielens("movielens-100k", source=source, out=contract, progress=False)
         for split in args.splits.split(","):
             log(f"movielens-100k, RecBole's {split}")
-            results[split] = run_split(contract, peers / split, Path(args.config))
+            results[split] = run_split(contract, peers / split, Path(args.config), args.out)
     print(
         json.dumps(
             {
