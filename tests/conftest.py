@@ -16,15 +16,21 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("MLSD_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
-def dataset_path(name: str) -> Path:
-    """Path of one public dataset; skips outside CI when it is missing, fails in CI."""
-    path = shared_data_dir() / name
+def required_dir(path: Path, reason: str) -> Path:
+    """``path`` when it is a folder; else skips the test outside CI and fails it in CI."""
     if not path.is_dir():
-        reason = f"dataset {name!r} not found at {path}; set MLSD_DATA_DIR to the folder holding it"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+def dataset_path(name: str) -> Path:
+    """Path of one public dataset; skips outside CI when it is missing, fails in CI."""
+    path = shared_data_dir() / name
+    return required_dir(
+        path, f"dataset {name!r} not found at {path}; set MLSD_DATA_DIR to the folder holding it"
+    )
 
 
 @pytest.fixture
@@ -45,12 +51,7 @@ def recbole_ml100k_dir() -> Path:
     ``../shared/peers`` beside the repository; skips outside CI when missing, fails in CI."""
     path = Path(os.environ.get("MLSD_PEERS_DIR", REPO.parent / "shared" / "peers"))
     path = path / "recbole-ml100k"
-    if not path.is_dir():
-        reason = f"RecBole's ML-100K splits not found at {path}; set MLSD_PEERS_DIR"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
+    return required_dir(path, f"RecBole's ML-100K splits not found at {path}; set MLSD_PEERS_DIR")
 
 
 def _free_port() -> int:
