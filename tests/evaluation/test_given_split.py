@@ -11,7 +11,7 @@ import pytest
 
 from mlsd.data.sources.movielens import import_movielens
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
-from mlsd.evaluation.given_split import read_splits, split_files
+from mlsd.evaluation.given_split import leave_last_out, read_splits, split_files
 from mlsd.evaluation.metrics import ndcg_at_k_score, recall_at_k_score
 from mlsd.evaluation.offline import OfflineReport, evaluate_pipeline
 from mlsd.evaluation.pipeline import PipelineConfig
@@ -193,6 +193,35 @@ def test_repeated_rows_and_unlisted_events_are_counted(tmp_path: Path) -> None:
     assert given.counts["train_events"] == 5
 
 
+def test_leave_last_out_takes_each_users_last_events_by_time() -> None:
+    events = events_frame().iloc[::-1].reset_index(drop=True)  # not in time order
+    short = pd.DataFrame(
+        {"user_id": [4, 4], "item_id": [10, 11], "ts": events["ts"].iloc[:2].to_numpy()}
+    ).assign(event_type="rating", value=4.0)
+    given = leave_last_out(pd.concat([events, short], ignore_index=True))
+    pairs = {
+        name: sorted(zip(frame["user_id"], frame["item_id"], strict=True))
+        for name, frame in given.events.items()
+    }
+    assert pairs["test"] == [(1, 13), (2, 15), (3, 16)]
+    assert pairs["valid"] == [(1, 12), (2, 14), (3, 14)]
+    assert (4, 10) in pairs["train"]  # two events: too few to leave any out
+    assert len(pairs["train"]) == 6 + 2
+    two = leave_last_out(events, n=2)  # 4 events a user, 5 needed to leave 2 + 2 out
+    assert len(two.events["test"]) == len(two.events["valid"]) == 0
+    assert len(two.events["train"]) == 12
+    assert given.files == {}
+    with pytest.raises(ValueError, match="n=0: must be >= 1"):
+        leave_last_out(events, n=0)
+
+
+def test_leave_last_out_breaks_ties_in_time_by_row_order() -> None:
+    events = events_frame()
+    events["ts"] = events["ts"].iloc[0]  # every event at the same second
+    given = leave_last_out(events)
+    assert sorted(given.events["test"]["item_id"]) == [13, 15, 16]
+
+
 @pytest.fixture(scope="module")
 def world_splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, pd.DataFrame]]:
     """A small world and an 8:1:1 split of its distinct (user, item) pairs, written as
@@ -253,6 +282,29 @@ def test_the_splits_protocol_scores_popularity_as_counted_by_hand(
     assert popularity is not None
     assert popularity.mean == pytest.approx(expected, abs=1e-12)
     assert report.counts["n_test_users"] == len(relevant)
+
+
+def test_leave_last_out_runs_as_given_splits_and_labels_itself(
+    world_splits: tuple[Path, dict[str, pd.DataFrame]],
+) -> None:
+    world, _ = world_splits
+    report = evaluate_pipeline(
+        world,
+        {"popularity": lambda: PopularityRetriever(half_life_days=None)},
+        {"logistic": LogisticRanker},
+        protocol=PROTOCOL,
+        pipeline=PipelineConfig(
+            n_candidates=100, ranker="logistic", baselines=("popularity",), rerank_variants={}
+        ),
+        protocol_name="leave-last-out",
+    )
+    assert report.protocol_name == "leave-last-out"
+    assert "Leave-last-one-out, ONLY for comparison" in report.protocol
+    events, _, _ = load_dataset(world)
+    given = leave_last_out(events)
+    assert report.counts["n_train_events"] == len(given.events["train"])
+    assert report.cut_points == {}
+    assert report.counts["n_test_users"] <= events["user_id"].nunique()
 
 
 def test_a_split_without_new_items_is_refused_naming_it(

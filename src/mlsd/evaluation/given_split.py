@@ -65,6 +65,32 @@ class GivenSplits:
         return val_task, test_task, as_of
 
 
+def leave_last_out(events: pd.DataFrame, *, n: int = 1) -> GivenSplits:
+    """Leave-last-one-out (``n`` = 1): each user's last ``n`` events by time are the test
+    split, the ``n`` before them the validation split, the rest train; a user with fewer than
+    ``2 * n + 1`` events keeps them all in train. Ties in time keep the events' order.
+
+    Evaluated as given splits are (fit on train only, validation items excluded at test), so
+    a user's validation item is not in their features at test: the setup of RecBole's
+    general-recommendation leave-one-out, not of sequential models that read it."""
+    if n < 1:
+        raise ValueError(f"leave-last-out n={n}: must be >= 1")
+    frame = events.reset_index(drop=True)
+    users = frame["user_id"].to_numpy(np.int64)
+    order = np.lexsort((np.arange(len(frame)), frame["ts"].to_numpy(), users))
+    sorted_users = users[order]
+    _, starts, sizes = np.unique(sorted_users, return_index=True, return_counts=True)
+    from_end = np.repeat(starts + sizes, sizes) - np.arange(len(frame)) - 1  # 0 = user's last
+    long_enough = np.repeat(sizes >= 2 * n + 1, sizes)
+    split = np.where(~long_enough | (from_end >= 2 * n), 0, np.where(from_end < n, 2, 1))
+    assigned = np.empty(len(frame), dtype=np.int64)
+    assigned[order] = split
+    parts = {name: frame[assigned == i].reset_index(drop=True) for i, name in enumerate(SPLITS)}
+    counts = {f"{name}_events": len(part) for name, part in parts.items()}
+    counts["events_in_no_split"] = 0
+    return GivenSplits(parts, {}, counts, {})
+
+
 def split_files(prefix: Path) -> dict[str, Path]:
     """``PREFIX_train``, ``PREFIX_valid`` and ``PREFIX_test`` with the first suffix found."""
     prefix = Path(prefix)

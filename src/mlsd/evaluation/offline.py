@@ -21,7 +21,8 @@ end of the training data.
 **Splits** (only to compare with a peer library's numbers on its own files): a peer's train,
 validation and test files (:mod:`mlsd.evaluation.given_split`); as RecBole does it, everything
 is fit on train only, the ranker's labels are the validation items, and a user's train and
-validation items are excluded at test.
+validation items are excluded at test. **Leave-last-out** (published numbers only) is the same
+on each user's last event (test) and the one before it (validation).
 
 Every metric is a mean over users with a bootstrap interval, for all, warm and cold users, and
 by user-activity decile.
@@ -47,7 +48,7 @@ from rich.progress import Progress, TaskID
 from mlsd.data.sampling import downsample_negatives_mask
 from mlsd.data.schema import EVENTS_FILE, read_info
 from mlsd.data.split import cut_points
-from mlsd.evaluation.given_split import read_splits
+from mlsd.evaluation.given_split import GivenSplits, leave_last_out, read_splits
 from mlsd.evaluation.metrics import (
     calibration_curve,
     expected_calibration_error,
@@ -87,7 +88,7 @@ from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.retrieval.merge import QUOTAS, Fusion, Quota
 
-Protocol = Literal["temporal", "random-per-user", "splits"]
+Protocol = Literal["temporal", "random-per-user", "splits", "leave-last-out"]
 DerivedRanker = Callable[[Mapping[str, Ranker], RankingData, RankingData], Ranker]
 """(fitted rankers, fit rows, held-out rows) → a new ranker, e.g. a distilled student."""
 
@@ -305,8 +306,17 @@ def evaluate_pipeline(
     if protocol_name == "splits":
         if splits is None:
             raise ValueError("the splits protocol needs the split files' prefix (--splits)")
-        return run.given_splits(events, users, items, Path(splits))
-    raise ValueError(f"protocol {protocol_name!r}: use 'temporal', 'random-per-user' or 'splits'")
+        with clock.stage("split"):
+            given = read_splits(splits, events, dataset=str(dataset_dir))
+        return run.given_splits(given, users, items)
+    if protocol_name == "leave-last-out":
+        with clock.stage("split"):
+            given = leave_last_out(events)
+        return run.given_splits(given, users, items)
+    raise ValueError(
+        f"protocol {protocol_name!r}: use 'temporal', 'random-per-user', 'splits' or "
+        "'leave-last-out'"
+    )
 
 
 def train_pipeline(
@@ -430,16 +440,16 @@ class _Run:
         )
 
     def given_splits(
-        self, events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, prefix: Path
+        self, given: GivenSplits, users: pd.DataFrame, items: pd.DataFrame
     ) -> OfflineReport:
-        with self.clock.stage("split"):
-            given = read_splits(prefix, events, dataset=str(self.dataset_dir))
-            val, test, as_of = given.tasks(users, items, self.protocol)
+        """A peer's split files (``given.files``) or the leave-last-out split of the data."""
+        val, test, as_of = given.tasks(users, items, self.protocol)
         for task, name, what in ((val, "valid", "labels for the ranker"), (test, "test", "scores")):
             if len(task.user_ids) == 0:
+                where = given.files.get(name, f"{self.dataset_dir}, the {name} split")
                 raise ValueError(
-                    f"{given.files[name]}: no user has an item there that is not in an earlier "
-                    f"split, so there are no {what}; check the files (and [retrieval] min_value)"
+                    f"{where}: no user has an item there that is not in an earlier split, so "
+                    f"there are no {what}; check the data (and [retrieval] min_value)"
                 )
         with tempfile.TemporaryDirectory(prefix="mlsd-splits-") as tmp:
             train_dir = write_contract(Path(tmp) / "train", given.events["train"], users, items)
@@ -450,7 +460,7 @@ class _Run:
             )
         return dataclasses.replace(
             report,
-            protocol_name="splits",
+            protocol_name="splits" if given.files else "leave-last-out",
             protocol=splits_text(self.protocol, given.files),
             cut_points={
                 **{name: str(path) for name, path in given.files.items()},
@@ -846,15 +856,24 @@ def random_text(protocol: ProtocolConfig, pipeline: PipelineConfig) -> str:
 
 
 def splits_text(protocol: ProtocolConfig, files: Mapping[str, Path]) -> str:
+    """The protocol text of a peer's split files or, without files, of leave-last-out."""
     names = ", ".join(f"{name} {path.name}" for name, path in files.items())
+    what = (
+        f"Given splits ({names}), ONLY for comparison with a peer library's numbers on the same "
+        "files (RecBole's general-recommendation setup)."
+        if files
+        else "Leave-last-one-out, ONLY for comparison with published numbers: each user's last "
+        "event by time is the test split, the one before it the validation split, the rest "
+        "train (users with fewer than 3 events: all train); other users' later events stay in "
+        "train, so it leaks the future as random splits do."
+    )
     relevant = (
         "the user's test items are relevant"
         if protocol.min_value is None
         else f"the user's test items with value >= {protocol.min_value:g} are relevant"
     )
     return (
-        f"Given splits ({names}), ONLY for comparison with a peer library's numbers on the same "
-        "files (RecBole's general-recommendation setup). Every source and ranker is fit on the "
+        f"{what} Every source and ranker is fit on the "
         "train split alone; the ranker learns from candidates for the validation split's users "
         "with its items as labels (one label window); nothing is refit on train + validation. "
         "At test, the items of a user's train and validation splits are excluded and "

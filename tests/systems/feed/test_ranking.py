@@ -122,6 +122,8 @@ def test_splits_and_the_splits_protocol_go_together(
     assert "--splits PREFIX goes with --protocol splits" in capsys.readouterr().err
     assert run([*evaluate, "--protocol", "splits", "--splits", "p", "--test-frac", "0.2"]) == 1
     assert "--test-frac does not apply to --protocol splits" in capsys.readouterr().err
+    assert run([*evaluate, "--protocol", "leave-last-out", "--test-frac", "0.2"]) == 1
+    assert "--test-frac does not apply to --protocol leave-last-out" in capsys.readouterr().err
 
 
 @pytest.mark.dataset

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Literal, cast, get_args
 
 import typer
 from rich.table import Table
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mlsd.evaluation.retrieval import ProtocolConfig
     from mlsd.serving.registry import ModelRegistry
 
-ProtocolName = Literal["temporal", "random-per-user", "splits"]
+ProtocolName = Literal["temporal", "random-per-user", "splits", "leave-last-out"]
 
 
 @app.command("train")
@@ -131,8 +131,9 @@ def evaluate(
         str,
         typer.Option(
             "--protocol",
-            help="temporal (default, DESIGN.md), random-per-user or splits (both only to "
-            "compare with published numbers; splits reads a peer's split files, --splits).",
+            help="temporal (default, DESIGN.md); random-per-user, leave-last-out or splits, "
+            "only to compare with published numbers (splits reads a peer's split files, "
+            "--splits).",
         ),
     ] = "temporal",
     splits: Annotated[
@@ -159,12 +160,14 @@ def evaluate(
     from mlsd.evaluation.report import write_report
     from mlsd.features.batch import feature_config_for
 
-    if protocol not in ("temporal", "random-per-user", "splits"):
-        raise ValueError(f"--protocol {protocol!r}: use temporal, random-per-user or splits")
+    if protocol not in get_args(ProtocolName):
+        raise ValueError(
+            f"--protocol {protocol!r}: use temporal, random-per-user, leave-last-out or splits"
+        )
     if (protocol == "splits") != (splits is not None):
         raise ValueError("--splits PREFIX goes with --protocol splits, and only with it")
-    if protocol == "splits" and test_frac is not None:
-        raise ValueError("--test-frac does not apply to --protocol splits: the files are the split")
+    if protocol in ("splits", "leave-last-out") and test_frac is not None:
+        raise ValueError(f"--test-frac does not apply to --protocol {protocol}: it fixes the split")
     feed = load_config(config)
     settings = evaluation_protocol(feed.retrieval.protocol, protocol, test_frac)
     report = evaluate_pipeline(
