@@ -166,6 +166,15 @@ def test_evaluate_on_recboles_splits(
     assert "divided by #relevant" not in html
 
 
+def test_evaluate_leave_last_out(world: Path, config: Path, tmp_path: Path) -> None:
+    args = ["--protocol", "leave-last-out", "--config", str(config)]
+    assert run(["feed", "evaluate", "--dataset", str(world), "--out", str(tmp_path), *args]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["protocol_name"] == "leave-last-out"
+    assert metrics["counts"]["test_events"] == metrics["counts"]["valid_events"] > 0
+    assert "Leave-last-one-out" in (tmp_path / "report.html").read_text()
+
+
 def test_a_splits_run_on_other_files_shows_no_peer_table(
     world: Path, config: Path, tmp_path: Path
 ) -> None:
