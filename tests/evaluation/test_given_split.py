@@ -243,7 +243,8 @@ def world_splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     return world, parts
 
 
-def evaluate_splits(world: Path, prefix: Path) -> OfflineReport:
+def evaluate_splits(world: Path, prefix: Path | None) -> OfflineReport:
+    """Popularity and a logistic ranker on ``prefix``'s split files (``None``: leave-last-out)."""
     return evaluate_pipeline(
         world,
         {"popularity": lambda: PopularityRetriever(half_life_days=None)},
@@ -252,7 +253,7 @@ def evaluate_splits(world: Path, prefix: Path) -> OfflineReport:
         pipeline=PipelineConfig(
             n_candidates=100, ranker="logistic", baselines=("popularity",), rerank_variants={}
         ),
-        protocol_name="splits",
+        protocol_name="splits" if prefix is not None else "leave-last-out",
         splits=prefix,
     )
 
@@ -288,16 +289,7 @@ def test_leave_last_out_runs_as_given_splits_and_labels_itself(
     world_splits: tuple[Path, dict[str, pd.DataFrame]],
 ) -> None:
     world, _ = world_splits
-    report = evaluate_pipeline(
-        world,
-        {"popularity": lambda: PopularityRetriever(half_life_days=None)},
-        {"logistic": LogisticRanker},
-        protocol=PROTOCOL,
-        pipeline=PipelineConfig(
-            n_candidates=100, ranker="logistic", baselines=("popularity",), rerank_variants={}
-        ),
-        protocol_name="leave-last-out",
-    )
+    report = evaluate_splits(world, None)
     assert report.protocol_name == "leave-last-out"
     assert "Leave-last-one-out, ONLY for comparison" in report.protocol
     events, _, _ = load_dataset(world)
