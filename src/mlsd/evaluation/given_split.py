@@ -1,4 +1,5 @@
-"""Given splits: evaluate on another library's exact train / validation / test files.
+"""Given splits: evaluate on another library's exact train / validation / test files (or on
+leave-last-one-out, :func:`leave_last_out`, whose split is made here).
 
 A peer library's published numbers can be set beside mlsd's only on the same split of the same
 data. This protocol reads a peer's three split files (``PREFIX_train.tsv``, ``PREFIX_valid.tsv``
@@ -41,7 +42,7 @@ class GivenSplits:
 
     Attributes:
         events: ``train``, ``valid`` and ``test`` events (the dataset's rows, times and values).
-        files: each split's file.
+        files: each split's file (none for :func:`leave_last_out`'s split of the data).
         counts: rows per file, repeated rows merged, events per split and events in no split.
         sha256: each file's SHA-256 (a peer's figures apply to the exact files measured).
     """
