@@ -308,11 +308,11 @@ def evaluate_pipeline(
             raise ValueError("the splits protocol needs the split files' prefix (--splits)")
         with clock.stage("split"):
             given = read_splits(splits, events, dataset=str(dataset_dir))
-        return run.given_splits(given, users, items)
+        return run.given_splits(given, users, items, protocol_name)
     if protocol_name == "leave-last-out":
         with clock.stage("split"):
             given = leave_last_out(events)
-        return run.given_splits(given, users, items)
+        return run.given_splits(given, users, items, protocol_name)
     raise ValueError(
         f"protocol {protocol_name!r}: use 'temporal', 'random-per-user', 'splits' or "
         "'leave-last-out'"
@@ -440,9 +440,9 @@ class _Run:
         )
 
     def given_splits(
-        self, given: GivenSplits, users: pd.DataFrame, items: pd.DataFrame
+        self, given: GivenSplits, users: pd.DataFrame, items: pd.DataFrame, kind: Protocol
     ) -> OfflineReport:
-        """A peer's split files (``given.files``) or the leave-last-out split of the data."""
+        """A peer's split files (``"splits"``) or the leave-last-out split of the data."""
         val, test, as_of = given.tasks(users, items, self.protocol)
         for task, name, what in ((val, "valid", "labels for the ranker"), (test, "test", "scores")):
             if len(task.user_ids) == 0:
@@ -460,8 +460,8 @@ class _Run:
             )
         return dataclasses.replace(
             report,
-            protocol_name="splits" if given.files else "leave-last-out",
-            protocol=splits_text(self.protocol, given.files),
+            protocol_name=kind,
+            protocol=splits_text(self.protocol, given.files if kind == "splits" else None),
             cut_points={
                 **{name: str(path) for name, path in given.files.items()},
                 **{f"{name}_sha256": digest for name, digest in given.sha256.items()},
@@ -855,13 +855,13 @@ def random_text(protocol: ProtocolConfig, pipeline: PipelineConfig) -> str:
     )
 
 
-def splits_text(protocol: ProtocolConfig, files: Mapping[str, Path]) -> str:
-    """The protocol text of a peer's split files or, without files, of leave-last-out."""
-    names = ", ".join(f"{name} {path.name}" for name, path in files.items())
+def splits_text(protocol: ProtocolConfig, files: Mapping[str, Path] | None) -> str:
+    """The protocol text of a peer's split ``files`` or (``None``) of leave-last-out."""
+    names = ", ".join(f"{name} {path.name}" for name, path in (files or {}).items())
     what = (
         f"Given splits ({names}), ONLY for comparison with a peer library's numbers on the same "
         "files (RecBole's general-recommendation setup)."
-        if files
+        if files is not None
         else "Leave-last-one-out, ONLY for comparison with published numbers: each user's last "
         "event by time is the test split, the one before it the validation split, the rest "
         "train (users with fewer than 3 events: all train); other users' later events stay in "
