@@ -870,6 +870,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         },
         "code": code_version(),
+        # the simulated world's size: what the CPU per request was measured at (mlsd plan)
+        "world": {"items": args.items, "users": args.users, "events": args.events},
     }
     built = build(args)
     report["build"] = built

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from mlsd import HELP_MARKUP, __version__
 from mlsd.data.commands import app as data_app
+from mlsd.plan.commands import app as plan_app
 from mlsd.systems.feed.commands import app as feed_app
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(plan_app, name="plan")
 app.add_typer(data_app, name="data")
 app.add_typer(feed_app, name="feed")
 

@@ -19,6 +19,7 @@ from mlsd.evaluation.experiments import ExperimentsSection
 from mlsd.evaluation.retrieval import MergeConfig, ProtocolConfig, SourceFactory
 from mlsd.features.store import FeatureStoreConfig
 from mlsd.monitoring.alerts import MonitoringSection
+from mlsd.plan.requirements import Requirements
 
 if TYPE_CHECKING:
     from mlsd.evaluation.pipeline import PipelineConfig
@@ -320,6 +321,7 @@ class FeedConfig:
     service_log: ServiceLogSection = field(default_factory=ServiceLogSection)
     monitoring: MonitoringSection = field(default_factory=MonitoringSection)
     experiments: ExperimentsSection = field(default_factory=ExperimentsSection)
+    plan: Requirements = field(default_factory=Requirements)
 
     def __post_init__(self) -> None:
         sources = self.retrieval.sources
@@ -383,10 +385,29 @@ def load_feed_config(path: Path | None = None) -> FeedConfig:
             experiments=ExperimentsSection.from_mapping(
                 raw.get("experiments", {}), where=f"{path}: [experiments]"
             ),
+            plan=_section(Requirements, raw.get("plan", {}), path, "plan"),
         )
     except CrossSectionError as exc:
         raise ValueError(f"{path}: {exc}") from exc
     return config
+
+
+def load_plan_requirements(
+    path: Path | None = None, overrides: Mapping[str, str] | None = None
+) -> Requirements:
+    """``[plan]`` of a feed config (:func:`load_feed_config`'s file rule), with ``overrides``
+    (key → value as TOML would write it, ``"2_000_000"``, ``"0.5"``, ``"flat"``) applied and
+    checked as the file's keys are."""
+    if path is None and DEFAULT_FEED_CONFIG.is_file():
+        path = DEFAULT_FEED_CONFIG
+    values = dict(_read_toml(Path(path)).get("plan", {})) if path is not None else {}
+    for key, text in (overrides or {}).items():
+        try:
+            values[key] = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            values[key] = text  # a bare word: a string
+    where = Path(f"{path} with --set") if overrides else Path(str(path or "defaults"))
+    return _section(Requirements, values, where, "plan")
 
 
 def _retrieval_section(values: dict[str, Any], path: Path) -> RetrievalSection:

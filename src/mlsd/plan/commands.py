@@ -1,0 +1,78 @@
+"""``mlsd plan``: step 1, requirements → capacity plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlsd import HELP_MARKUP
+
+app = typer.Typer(
+    rich_markup_mode=HELP_MARKUP,
+    help="Step 1, requirements: the capacity a system needs for its traffic.",
+    no_args_is_help=True,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set users=2_000_000")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+def capacity(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="The system's TOML; its `[plan]` holds the requirements."),
+    ] = None,
+    measured: Annotated[
+        Path | None,
+        typer.Option(
+            "--measured",
+            help="JSON of a `bench/serving.py` run (`--out FILE`): the CPU per request and per "
+            "batch user, and the latency, the plan's cores and replicas come from.",
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a `[plan]` key, e.g. `--set users=2_000_000`."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Peak requests/s, serving cores and replicas, the batch run, the precomputed store and
+    the vector index for the `[plan]` requirements, from measured costs."""
+    from mlsd.config import load_plan_requirements
+    from mlsd.plan.capacity import Measured, capacity_plan
+
+    requirements = load_plan_requirements(config, _overrides(set_ or []))
+    costs = Measured.from_file(measured) if measured is not None else None
+    plan = capacity_plan(requirements, costs)
+    if as_json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return
+    title = "capacity plan" + (f" (costs: {costs.source})" if costs is not None else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_column("unit")
+    table.add_column("how", overflow="fold")
+    for line in plan.lines:
+        whole = line.value >= 100 or float(line.value).is_integer()
+        value = f"{line.value:,.0f}" if whole else f"{line.value:,.2f}"
+        table.add_row(line.name, value, line.unit, line.how)
+    console.print(table)
+    for warning in plan.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)

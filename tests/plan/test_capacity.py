@@ -1,0 +1,234 @@
+"""The capacity plan: its arithmetic by hand, its reading of bench/serving.py's JSON, and its
+byte counts against a live Redis and serialized Faiss indexes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+import redis
+
+from mlsd.plan.capacity import (
+    REDIS_KEY_OVERHEAD_BYTES,
+    Measured,
+    PathCost,
+    capacity_plan,
+    index_bytes_per_item,
+    precomputed_value_bytes,
+)
+from mlsd.plan.requirements import Requirements
+from mlsd.serving.precomputed import PrecomputedStore
+
+SMALL = Requirements(
+    daily_active_users=864_000,
+    requests_per_user_per_day=10,
+    peak_to_average=2,
+    precomputed_share=0.75,
+    users=1_000,
+    catalog_items=1_000,
+    list_length=10,
+    model_version_chars=5,
+    embedding_dim=8,
+    index="flat",
+    cpu_utilization=0.5,
+    min_replicas=2,
+    batch_window_hours=1,
+)
+
+
+def measured(**changes: Any) -> Measured:
+    values: dict[str, Any] = {
+        "online": PathCost(cpu_ms=4.0, p99_ms=12.0, rps=200.0),
+        "precomputed": PathCost(cpu_ms=1.0, p99_ms=2.0, rps=200.0),
+        "batch_cpu_ms_per_user": 1.0,
+        "replicas": 2,
+        "cpus": 2,
+        "catalog_items": 1_000,
+        "source": "test",
+    }
+    return Measured(**{**values, **changes})
+
+
+def test_the_plan_is_the_arithmetic_by_hand() -> None:
+    plan = capacity_plan(SMALL, measured())
+    assert plan.value("mean requests/s") == pytest.approx(100.0)  # 864,000 x 10 / 86,400
+    assert plan.value("peak requests/s") == pytest.approx(200.0)
+    assert plan.value("peak online requests/s") == pytest.approx(50.0)
+    assert plan.value("peak precomputed requests/s") == pytest.approx(150.0)
+    # (50/s x 4 ms + 150/s x 1 ms) = 0.35 of a core, at half a core's load: 0.7
+    assert plan.value("serving cores at peak") == pytest.approx(0.7)
+    assert plan.value("service replicas") == 2  # the availability floor
+    assert plan.value("batch run CPU") == pytest.approx(1_000 * 1.0 / 1000 / 3600)
+    assert plan.value("batch cores") == 1
+    # header 24 + version 5 + 10 int64 ids + 10 float32 scores = 149 bytes
+    assert precomputed_value_bytes(10, 5) == 149
+    expected_store = 1_000 * (149 + REDIS_KEY_OVERHEAD_BYTES) / 1e9
+    assert plan.value("precomputed store") == pytest.approx(expected_store)
+    assert plan.value("vector index") == pytest.approx(1_000 * 8 * 4 / 1e9)
+    assert plan.warnings == []
+
+
+def test_replicas_follow_the_cores_past_the_floor() -> None:
+    busy = Requirements(**{**SMALL.__dict__, "daily_active_users": 86_400_000})
+    plan = capacity_plan(busy, measured(online=PathCost(4.0, 12.0, 20_000.0)))
+    cores = plan.value("serving cores at peak")
+    assert cores == pytest.approx(70.0)  # 100x the traffic of the hand-computed plan
+    assert plan.value("service replicas") == 70
+
+
+def test_without_measured_costs_only_the_traffic_and_the_bytes_are_planned() -> None:
+    plan = capacity_plan(SMALL)
+    names = [line.name for line in plan.lines]
+    assert "peak requests/s" in names
+    assert "precomputed store" in names
+    assert "serving cores at peak" not in names
+    assert any("bench/serving.py" in w for w in plan.warnings)
+
+
+def test_what_the_measurement_does_not_cover_is_a_warning() -> None:
+    over_budget = Requirements(**{**SMALL.__dict__, "latency_budget_ms": 10.0})
+    assert any(
+        "over the 10 ms budget" in w for w in capacity_plan(over_budget, measured()).warnings
+    )
+    # 100 online requests/s measured over 2 replicas: 50 each; the plan puts more on each
+    busy = Requirements(**{**SMALL.__dict__, "daily_active_users": 8_640_000, "min_replicas": 1})
+    plan = capacity_plan(busy, measured(online=PathCost(4.0, 12.0, 100.0)))
+    assert any("more than the 50 measured" in w for w in plan.warnings)
+    big = Requirements(**{**SMALL.__dict__, "catalog_items": 10_000})
+    assert any("measured at 1,000 items" in w for w in capacity_plan(big, measured()).warnings)
+    unknown = capacity_plan(SMALL, measured(catalog_items=None)).warnings
+    assert any("catalog size is not recorded" in w for w in unknown)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"users": 0}, "users must be > 0"),
+        ({"precomputed_share": 1.5}, "precomputed_share must be in [0, 1]"),
+        ({"cpu_utilization": 1.2}, "cpu_utilization must be in (0, 1]"),
+        ({"peak_to_average": 0.5}, "peak_to_average must be >= 1"),
+        ({"model_version_chars": -1}, "model_version_chars must be >= 0"),
+    ],
+)
+def test_requirements_refuse_values_that_plan_nothing(
+    changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        Requirements(**changes)
+
+
+def bench_report() -> dict[str, Any]:
+    """The fields of bench/serving.py's JSON the plan reads, as a run prints them."""
+    return {
+        "machine": {"cpus": 2},
+        "world": {"items": 1_000_000, "users": 20_000, "events": 4_000_000},
+        "batch_predict": {"cpu_ms_per_user": 0.88},
+        "service": {"replicas": 2},
+        "precomputed": {
+            "achieved_rps": 200.0,
+            "latency_ms": {"p50": 1.6, "p99": 3.094},
+            "cpu_cores": {
+                "server": 0.236,
+                "redis": 0.012,
+                "balancer": 0.025,
+                "load_generator": 0.062,
+            },
+        },
+        "online": {
+            "achieved_rps": 199.9,
+            "latency_ms": {"p50": 5.6, "p99": 14.836},
+            "cpu_cores": {
+                "server": 0.978,
+                "redis": 0.001,
+                "balancer": 0.027,
+                "load_generator": 0.071,
+            },
+        },
+    }
+
+
+def test_the_bench_json_gives_cpu_per_request_without_the_load_generator() -> None:
+    costs = Measured.from_serving_bench(bench_report(), "run.json")
+    assert costs.online.cpu_ms == pytest.approx((0.978 + 0.001 + 0.027) / 199.9 * 1000)
+    assert costs.precomputed.cpu_ms == pytest.approx((0.236 + 0.012 + 0.025) / 200.0 * 1000)
+    assert costs.online.p99_ms == 14.836
+    assert (costs.batch_cpu_ms_per_user, costs.replicas, costs.cpus) == (0.88, 2, 2)
+    assert costs.catalog_items == 1_000_000
+
+
+def test_a_bench_json_without_a_field_names_it() -> None:
+    report = bench_report()
+    del report["online"]["cpu_cores"]
+    with pytest.raises(ValueError, match=r"run\.json: no online\.cpu_cores"):
+        Measured.from_serving_bench(report, "run.json")
+    report = bench_report()
+    report["precomputed"]["achieved_rps"] = 0
+    with pytest.raises(ValueError, match="nothing was served"):
+        Measured.from_serving_bench(report, "run.json")
+    report = bench_report()
+    del report["world"]  # runs before the world was recorded
+    assert Measured.from_serving_bench(report, "run.json").catalog_items is None
+
+
+def test_a_bench_file_that_is_missing_or_not_json_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="file not found"):
+        Measured.from_file(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not JSON"):
+        Measured.from_file(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        Measured.from_file(tmp_path / "list.json")
+    (tmp_path / "run.json").write_text(json.dumps(bench_report()))
+    assert Measured.from_file(tmp_path / "run.json").source == str(tmp_path / "run.json")
+
+
+@pytest.mark.parametrize(("index", "tolerance"), [("flat", 0.01), ("hnsw", 0.05)])
+def test_index_bytes_per_item_match_a_serialized_faiss_index(index: str, tolerance: float) -> None:
+    n, dim, m = 3_000, 64, 32
+    vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    built = faiss.IndexFlatIP(dim) if index == "flat" else faiss.IndexHNSWFlat(dim, m)
+    built.add(vectors)
+    actual = len(faiss.serialize_index(built)) / n
+    assert index_bytes_per_item(index, dim, m) == pytest.approx(actual, rel=tolerance)
+
+
+def test_an_unknown_index_is_refused() -> None:
+    with pytest.raises(ValueError, match="'flat' or 'hnsw'"):
+        index_bytes_per_item("ivf", 64, 32)
+
+
+@pytest.fixture
+def client(redis_server: str) -> Iterator[redis.Redis]:
+    host, port = redis_server.split(":")
+    connection = redis.Redis(host=host, port=int(port))
+    connection.flushall()
+    yield connection
+    connection.flushall()
+    connection.close()
+
+
+def used_memory(client: redis.Redis) -> int:
+    info = client.info("memory")
+    assert isinstance(info, dict)
+    return int(info["used_memory"])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("list_length", [10, 100])
+def test_the_store_bytes_match_what_redis_uses(client: redis.Redis, list_length: int) -> None:
+    n, version = 5_000, "a22c162c-d03be318"
+    store = PrecomputedStore(client)
+    ids = np.arange(n * list_length, dtype=np.int64).reshape(n, list_length)
+    scores = np.ones((n, list_length), dtype=np.float32)
+    before = used_memory(client)
+    written = store.write(np.arange(1_000_000, 1_000_000 + n), ids, scores, model_version=version)
+    used = (used_memory(client) - before) / n
+    value = precomputed_value_bytes(list_length, len(version))
+    assert written.n_bytes == n * value  # the plan's value size is the writer's
+    assert value + REDIS_KEY_OVERHEAD_BYTES == pytest.approx(used, rel=0.1)
