@@ -159,6 +159,9 @@ class ServiceSettings:
             tried; p99 29 ms). Replicas (``--reuse-port``) that share two cores do better
             with one each: 1M items, two replicas, 200 requests/s, p99 12.7–15.0 ms with one
             thread against 27–40 ms with two.
+            Answering on the event loop itself, with no thread, was worse again: p99
+            15.5–16.0 ms against 13.5 and p50 7.3–7.7 against 5.9, using more CPU (two
+            replicas, 1M items, 200 requests/s; two runs, and one with a thread between them).
         gil_switch_ms: how long a thread may hold the GIL while another waits for it
             (``MLSD_GIL_SWITCH_MS``; ``sys.setswitchinterval``, set by ``mlsd feed serve``);
             ``None`` keeps Python's 5 ms. The event loop waits that long for a model thread
