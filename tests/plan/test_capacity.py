@@ -142,6 +142,10 @@ def bench_report() -> dict[str, Any]:
         "online": {
             "achieved_rps": 199.9,
             "latency_ms": {"p50": 5.6, "p99": 14.836},
+            "stage_ms": {
+                "ranking": {"p50": 1.25, "p99": 4.273},
+                "total": {"p50": 3.821, "p99": 8.588},
+            },
             "cpu_cores": {
                 "server": 0.978,
                 "redis": 0.001,
@@ -159,6 +163,16 @@ def test_the_bench_json_gives_cpu_per_request_without_the_load_generator() -> No
     assert costs.online.p99_ms == 14.836
     assert (costs.batch_cpu_ms_per_user, costs.replicas, costs.cpus) == (0.88, 2, 2)
     assert costs.catalog_items == 1_000_000
+    assert costs.online.stages == {"ranking": (1.25, 4.273), "total": (3.821, 8.588)}
+    assert costs.precomputed.stages == {}  # a run that reported none
+
+
+def test_the_online_stages_are_lines_of_the_latency_budget() -> None:
+    stages = {"ranking": (1.25, 4.273), "total": (3.821, 8.588)}
+    plan = capacity_plan(SMALL, measured(online=PathCost(4.0, 12.0, 200.0, stages)))
+    assert plan.value("online stage total p99") == 8.588
+    line = next(line for line in plan.lines if line.name == "online stage ranking p99")
+    assert "p50 1.25 ms; 0.9% of the budget" in line.how  # 4.273 of 500 ms
 
 
 def test_a_bench_json_without_a_field_names_it() -> None:

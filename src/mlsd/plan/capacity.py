@@ -55,11 +55,17 @@ warns that the CPU costs may not carry over (retrieval and the candidates scale 
 
 @dataclass(frozen=True)
 class PathCost:
-    """One request path as measured: CPU per request and the latency at the measured rate."""
+    """One request path as measured: CPU per request and the latency at the measured rate.
+
+    Attributes:
+        stages: stage → (p50, p99) ms inside the service (features, retrieval, ..., total);
+            empty when the run did not report them.
+    """
 
     cpu_ms: float
     p99_ms: float
     rps: float
+    stages: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,13 @@ class Measured:
             if rps <= 0:
                 raise ValueError(f"{source}: {name}.achieved_rps is {rps}; nothing was served")
             used = sum(float(v) for k, v in cores.items() if k != "load_generator")
-            return PathCost(used / rps * 1000.0, float(get(name, "latency_ms", "p99")), rps)
+            stages = {
+                stage: (float(ms["p50"]), float(ms["p99"]))
+                for stage, ms in report[name].get("stage_ms", {}).items()
+                if isinstance(ms, Mapping) and "p50" in ms and "p99" in ms
+            }
+            p99 = float(get(name, "latency_ms", "p99"))
+            return PathCost(used / rps * 1000.0, p99, rps, stages)
 
         world = report.get("world")
         items = world.get("items") if isinstance(world, Mapping) else None
@@ -285,6 +297,13 @@ def capacity_plan(req: Requirements, measured: Measured | None = None) -> Capaci
         f"at {online.rps:g} requests/s over {measured.replicas} replica(s) on "
         f"{measured.cpus} cores; budget {req.latency_budget_ms:g} ms",
     )
+    for stage, (p50, p99) in online.stages.items():
+        add(
+            f"online stage {stage} p99",
+            p99,
+            "ms",
+            f"p50 {p50:.2f} ms; {p99 / req.latency_budget_ms:.1%} of the budget, in the service",
+        )
     if online.p99_ms > req.latency_budget_ms:
         warnings.append(
             f"the measured online p99 ({online.p99_ms:.1f} ms) is over the "
