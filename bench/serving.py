@@ -710,10 +710,14 @@ def load_phase(
         out = json.loads(Path(spec["out"]).read_text())
     phase: dict[str, Any] = {"rate": rate, "seconds": seconds, "precomputed": precomputed}
     phase |= summarize(out["records"], args.warmup, args.warmup + seconds)
+    used = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     phase["cpu_cores"] = {
-        **{name: round((cpu_seconds(pid) - cpu0[name]) / wall, 3) for name, pid in pids.items()},
+        **{name: round(seconds_used / wall, 3) for name, seconds_used in used.items()},
         "load_generator": round(out["client_cpu_s"] / out["client_wall_s"], 3),
     }
+    # CPU per request (mlsd plan): the CPU and the answers of the same span, warm-up included
+    phase["cpu_seconds"] = {name: round(seconds_used, 3) for name, seconds_used in used.items()}
+    phase["answered"] = sum(1 for r in out["records"] if "path" in r)
     phase["drain_seconds"] = drain(server, args.timeout)
     log(
         f"    latency {phase['latency_ms']}, errors {phase['error_kinds']}, "

@@ -13,6 +13,7 @@ from mlsd.config import (
     FeedConfig,
     TwoTowerSource,
     load_feed_config,
+    load_plan_requirements,
 )
 from mlsd.models.retrieval.covisitation import CovisitationRetriever
 from mlsd.models.retrieval.ease import EASERetriever
@@ -273,3 +274,36 @@ def test_service_log_section(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=message) as caught:
             load_feed_config(path)
         assert "[service_log]" in str(caught.value)
+
+
+@pytest.fixture
+def plan_config(tmp_path: Path) -> Path:
+    path = tmp_path / "feed.toml"
+    path.write_text("[plan]\ndaily_active_users = 864_000\nprecomputed_share = 0.5\n")
+    return path
+
+
+def test_plan_reads_the_config_and_set_overrides_it(plan_config: Path) -> None:
+    assert load_plan_requirements(plan_config).daily_active_users == 864_000
+    assert load_feed_config(plan_config).plan.daily_active_users == 864_000
+    plan = load_plan_requirements(
+        plan_config, {"users": "2_000_000", "index": "flat", "peak_to_average": "2"}
+    )
+    assert (plan.daily_active_users, plan.precomputed_share) == (864_000, 0.5)
+    assert (plan.users, plan.index, plan.peak_to_average) == (2_000_000, "flat", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"userz": "1"}, "unknown key 'userz'"),
+        ({"users": "many"}, r"\[plan\]\.users: expected an integer"),
+        ({"index": "ivf"}, "expected one of 'auto', 'flat', 'hnsw', 'ivfpq'"),
+        ({"users": "0"}, "users must be > 0"),
+    ],
+)
+def test_a_bad_override_names_the_key(
+    plan_config: Path, overrides: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_plan_requirements(plan_config, overrides)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlsd import HELP_MARKUP, __version__
 from mlsd.data.commands import app as data_app
@@ -78,13 +79,15 @@ def run(args: Sequence[str] | None = None) -> int:
         # ContractError, LeakageError and config errors are ValueErrors written for people.
         if os.environ.get("MLSD_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         return 1
     except Exception as exc:
         if os.environ.get("MLSD_DEBUG"):
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} "
             "(re-run with MLSD_DEBUG=1 for the traceback, and please report it)",
             highlight=False,
             soft_wrap=True,

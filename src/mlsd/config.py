@@ -406,7 +406,8 @@ def load_plan_requirements(
             values[key] = tomllib.loads(f"value = {text}")["value"]
         except tomllib.TOMLDecodeError:
             values[key] = text  # a bare word: a string
-    where = Path(f"{path} with --set") if overrides else Path(str(path or "defaults"))
+    source = str(path) if path is not None else "built-in defaults"
+    where = Path(f"{source} with --set") if overrides else Path(source)
     return _section(Requirements, values, where, "plan")
 
 

@@ -1,22 +1,23 @@
 """Step 1: requirements → capacity plan, from measured costs rather than rules of thumb.
 
 The back-of-the-envelope of a system design interview (peak requests per second, cores,
-replicas, the batch job's hours, the key-value store's and the vector index's memory), made
-executable: the traffic comes from :class:`Requirements` (``[plan]`` in the system's TOML), and
-every cost per request, per user and per item is either measured or computed from the exact
-formats mlsd writes:
+replicas, the batch job's hours, the key-value store's and the vector indexes' memory), made
+executable: the traffic comes from :class:`~mlsd.plan.requirements.Requirements` (``[plan]``
+in the system's TOML), and every cost per request, per user and per item is either measured or
+computed from the exact formats mlsd writes:
 
 - CPU per online and per precomputed request, and per batch-predicted user: a run of
-  ``bench/serving.py`` (:meth:`Measured.from_serving_bench`), service, balancer and Redis
-  together, at the catalog size and on the machine of that run;
+  ``bench/serving.py`` (:meth:`Measured.from_serving_bench`), the service replicas apart from
+  Redis and the balancer, at the catalog size and on the machine of that run;
 - bytes of a precomputed list: :func:`mlsd.serving.precomputed.encode` itself, plus
   :data:`REDIS_KEY_OVERHEAD_BYTES` (measured on redis-server 7; a test checks it against a
   live server);
-- bytes of the vector index per item: Faiss's layout (``tests/plan`` checks it against a
-  serialized index).
+- bytes of a vector index per item: Faiss's layouts (a test checks them against serialized
+  indexes), for each source that serves from one.
 
 What the measurement does not cover is said, not guessed: a plan for a catalog far from the
-measured one, or for more requests per replica than were measured, carries a warning.
+measured one, for more load on a replica than was measured, or over the latency budget
+carries a warning.
 
     plan = capacity_plan(Requirements(daily_active_users=2_000_000), measured)
     for line in plan.lines:
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from mlsd.plan.requirements import Requirements
+from mlsd.serving.index import FLAT_MAX_ITEMS, HNSW_MAX_ITEMS
 from mlsd.serving.precomputed import encode
 
 SECONDS_PER_DAY = 86_400.0
@@ -48,23 +50,46 @@ the expires dict entries and the allocator's rounding. Measured: 20,000 keys
 FAISS_ID_BYTES = 4
 """Faiss HNSW stores each neighbour link as an int32."""
 
+IVF_ID_BYTES = 8
+"""Faiss inverted lists store each item's id as an int64."""
+
 CATALOG_DRIFT = 2.0
 """A plan for a catalog more than this many times larger or smaller than the measured one
 warns that the CPU costs may not carry over (retrieval and the candidates scale with it)."""
 
 
 @dataclass(frozen=True)
-class PathCost:
-    """One request path as measured: CPU per request and the latency at the measured rate.
+class VectorSource:
+    """A candidate source that serves from a vector index.
 
     Attributes:
+        dim: dimension of its item vectors.
+        user_vectors: whether it keeps a vector per user in memory (ALS, BPR; the two-tower
+            model computes the user's at request time).
+    """
+
+    dim: int
+    user_vectors: bool = False
+
+
+@dataclass(frozen=True)
+class PathCost:
+    """One request path as measured.
+
+    Attributes:
+        service_cpu_ms: CPU of the service replicas per request.
+        redis_cpu_ms, balancer_cpu_ms: CPU of Redis and of the balancer per request.
+        p99_ms: the client's p99 at ``rps``.
+        rps: requests per second served in the measured window.
         stages: stage → (p50, p99) ms inside the service (features, retrieval, ..., total);
             empty when the run did not report them.
     """
 
-    cpu_ms: float
+    service_cpu_ms: float
     p99_ms: float
     rps: float
+    redis_cpu_ms: float = 0.0
+    balancer_cpu_ms: float = 0.0
     stages: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
@@ -75,10 +100,12 @@ class Measured:
     Attributes:
         online: the online path (features, retrieval, ranking per request).
         precomputed: the offline path's reads.
-        batch_cpu_ms_per_user: CPU a batch-predicted user costs.
+        batch_cpu_ms_per_user: CPU a batch-predicted user costs the batch job (Redis's share
+            of the writes apart).
         replicas: service processes of the run (the measured rate was spread over them).
         cpus: cores of the machine.
         catalog_items: the catalog of the run (``None``: not recorded).
+        arrivals: how the run's requests arrived (``uniform`` or ``poisson``).
         source: where the figures come from (a file, a commit).
     """
 
@@ -89,48 +116,63 @@ class Measured:
     cpus: int
     catalog_items: int | None
     source: str
+    arrivals: str = "uniform"
 
     @classmethod
     def from_serving_bench(cls, report: Mapping[str, Any], source: str) -> Measured:
-        """Read ``bench/serving.py``'s JSON. A path's CPU per request is the cores its
-        service, balancer and Redis used over the requests per second they served (the load
-        generator apart); a missing field is an error naming it and ``source``."""
+        """Read ``bench/serving.py``'s JSON; a missing or malformed field is an error naming
+        it and ``source``.
 
-        def get(*keys: str) -> Any:
-            value: Any = report
-            for i, key in enumerate(keys):
-                if not isinstance(value, Mapping) or key not in value:
-                    raise ValueError(
-                        f"{source}: no {'.'.join(keys[: i + 1])}; expected the JSON that "
-                        "bench/serving.py prints (run it with its online and precomputed phases)"
-                    )
-                value = value[key]
-            return value
+        CPU per request: each process's CPU seconds over the requests answered in the same
+        span (warm-up included) when the run recorded them, else its cores over the measured
+        window's requests per second (older runs; their cores count the load worker's start
+        too, so the figure is 1-2% low)."""
+        get = _getter(report, source)
 
         def path(name: str) -> PathCost:
-            cores = get(name, "cpu_cores")
-            rps = float(get(name, "achieved_rps"))
+            rps = get(name, "achieved_rps", kind=float)
             if rps <= 0:
                 raise ValueError(f"{source}: {name}.achieved_rps is {rps}; nothing was served")
-            used = sum(float(v) for k, v in cores.items() if k != "load_generator")
+            p99 = get(name, "latency_ms", "p99", kind=float)
+            if "cpu_seconds" in report[name] and "answered" in report[name]:
+                answered = get(name, "answered", kind=int)
+                per = {
+                    k: float(v) / max(answered, 1) * 1000
+                    for k, v in get(name, "cpu_seconds", kind=dict).items()
+                }
+            else:
+                per = {
+                    k: float(v) / rps * 1000 for k, v in get(name, "cpu_cores", kind=dict).items()
+                }
             stages = {
                 stage: (float(ms["p50"]), float(ms["p99"]))
                 for stage, ms in report[name].get("stage_ms", {}).items()
-                if isinstance(ms, Mapping) and "p50" in ms and "p99" in ms
+                if isinstance(ms, Mapping)
+                and ms.get("p50") is not None
+                and ms.get("p99") is not None
             }
-            p99 = float(get(name, "latency_ms", "p99"))
-            return PathCost(used / rps * 1000.0, p99, rps, stages)
+            return PathCost(
+                service_cpu_ms=_needed(per, "server", f"{source}: {name} CPU"),
+                p99_ms=p99,
+                rps=rps,
+                redis_cpu_ms=per.get("redis", 0.0),
+                balancer_cpu_ms=per.get("balancer", 0.0),
+                stages=stages,
+            )
 
         world = report.get("world")
         items = world.get("items") if isinstance(world, Mapping) else None
+        load = report.get("load")
+        arrivals = load.get("arrivals", "uniform") if isinstance(load, Mapping) else "uniform"
         return cls(
             online=path("online"),
             precomputed=path("precomputed"),
-            batch_cpu_ms_per_user=float(get("batch_predict", "cpu_ms_per_user")),
-            replicas=int(get("service", "replicas")),
-            cpus=int(get("machine", "cpus")),
-            catalog_items=int(items) if items is not None else None,
+            batch_cpu_ms_per_user=get("batch_predict", "cpu_ms_per_user", kind=float),
+            replicas=get("service", "replicas", kind=int),
+            cpus=get("machine", "cpus", kind=int),
+            catalog_items=int(items) if isinstance(items, int) else None,
             source=source,
+            arrivals=str(arrivals),
         )
 
     @classmethod
@@ -145,6 +187,41 @@ class Measured:
         if not isinstance(report, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(report).__name__}")
         return cls.from_serving_bench(report, str(path))
+
+
+def _getter(report: Mapping[str, Any], source: str) -> Callable[..., Any]:
+    """``get(*keys, kind=T)``: the value at ``keys``, checked to be a ``T``."""
+
+    def get(*keys: str, kind: type) -> Any:
+        value: Any = report
+        for i, key in enumerate(keys):
+            if not isinstance(value, Mapping) or key not in value:
+                raise ValueError(
+                    f"{source}: no {'.'.join(keys[: i + 1])}; expected the JSON that "
+                    "bench/serving.py prints (run it with its online and precomputed phases)"
+                )
+            value = value[key]
+        where = ".".join(keys)
+        if value is None:
+            raise ValueError(
+                f"{source}: {where} is null: the run had requests without an answer "
+                "(re-run it at a rate the service keeps up with)"
+            )
+        if kind is dict:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{source}: {where} should be an object, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{source}: {where} should be a number, got {value!r}")
+        return kind(value)
+
+    return get
+
+
+def _needed(values: Mapping[str, float], key: str, where: str) -> float:
+    if key not in values:
+        raise ValueError(f"{where}: no {key!r} process among {sorted(values)}")
+    return values[key]
 
 
 @dataclass(frozen=True)
@@ -194,134 +271,238 @@ def precomputed_value_bytes(list_length: int, model_version_chars: int) -> int:
     return len(value)
 
 
+def index_kind(index: str, catalog_items: int) -> str:
+    """The index serving builds: ``index``, or for ``auto`` the one
+    :func:`~mlsd.serving.index.choose_index` picks for the catalog."""
+    if index != "auto":
+        return index
+    if catalog_items < FLAT_MAX_ITEMS:
+        return "flat"
+    return "hnsw" if catalog_items < HNSW_MAX_ITEMS else "ivfpq"
+
+
 def index_bytes_per_item(index: str, dim: int, hnsw_m: int) -> int:
-    """Memory of one item in the vector index: its float32 vector, and for HNSW its layer-0
-    links (``2 * M`` int32; the upper layers hold about ``1 / M`` of the nodes and add
-    little)."""
+    """Memory of one item in a vector index: its float32 vector; for HNSW also its layer-0
+    links (``2 * M`` int32; the upper layers hold about ``1 / M`` of the nodes); for IVF-PQ as
+    serving builds it, the PQ code (``dim / 4`` bytes), its int64 id and the full vector kept
+    for exact re-scoring."""
     vector = 4 * dim
     if index == "flat":
         return vector
     if index == "hnsw":
         return vector + 2 * hnsw_m * FAISS_ID_BYTES
-    raise ValueError(f"index must be 'flat' or 'hnsw', got {index!r}")
+    if index == "ivfpq":
+        pq_m = max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
+        return vector + pq_m + IVF_ID_BYTES
+    raise ValueError(f"index must be 'flat', 'hnsw' or 'ivfpq', got {index!r}")
 
 
-def capacity_plan(req: Requirements, measured: Measured | None = None) -> CapacityPlan:
-    """The plan for ``req``; without ``measured`` the lines that need CPU costs are left out
-    and a warning says so."""
-    lines: list[PlanLine] = []
-    warnings: list[str] = []
+DEFAULT_SOURCES = {"item vectors": VectorSource(64)}
 
-    def add(name: str, value: float, unit: str, how: str) -> float:
-        lines.append(PlanLine(name, value, unit, how))
+
+class _Lines:
+    """The plan being written: lines in order and warnings."""
+
+    def __init__(self) -> None:
+        self.lines: list[PlanLine] = []
+        self.warnings: list[str] = []
+
+    def add(self, name: str, value: float, unit: str, how: str) -> float:
+        self.lines.append(PlanLine(name, value, unit, how))
         return value
 
-    mean_rps = add(
+
+def capacity_plan(
+    req: Requirements,
+    measured: Measured | None = None,
+    *,
+    sources: Mapping[str, VectorSource] | None = None,
+) -> CapacityPlan:
+    """The plan for ``req``: traffic, memory, and with ``measured`` the cores, replicas, the
+    batch run and the latency budget (without it those are left out, and a warning says so).
+
+    Args:
+        req: the requirements.
+        measured: costs from a ``bench/serving.py`` run.
+        sources: name → the vector-index sources the system serves (default: one of
+            dimension 64); ``mlsd plan capacity`` reads them from ``[retrieval]``.
+    """
+    out = _Lines()
+    online_rps, precomputed_rps = _traffic(req, out)
+    _memory(req, sources if sources is not None else DEFAULT_SOURCES, out)
+    if measured is None:
+        out.warnings.append(
+            "no measured costs: cores, replicas, the batch run and latency need a run of "
+            "bench/serving.py (--measured FILE)"
+        )
+    else:
+        _compute(req, measured, online_rps, precomputed_rps, out)
+        _latency(req, measured, out)
+    return CapacityPlan(req, measured, out.lines, out.warnings)
+
+
+def _traffic(req: Requirements, out: _Lines) -> tuple[float, float]:
+    mean = out.add(
         "mean requests/s",
         req.daily_active_users * req.requests_per_user_per_day / SECONDS_PER_DAY,
         "requests/s",
         f"{req.daily_active_users:,} users x {req.requests_per_user_per_day:g} a day / 86,400 s",
     )
-    peak_rps = add(
+    peak = out.add(
         "peak requests/s",
-        mean_rps * req.peak_to_average,
+        mean * req.peak_to_average,
         "requests/s",
-        f"mean x {req.peak_to_average:g} (peak to average)",
+        f"mean x {req.peak_to_average:g}",
     )
-    online_rps = add(
+    online = out.add(
         "peak online requests/s",
-        peak_rps * (1 - req.precomputed_share),
+        peak * (1 - req.precomputed_share),
         "requests/s",
         f"peak x {1 - req.precomputed_share:g} (not precomputed)",
     )
-    precomputed_rps = add(
+    precomputed = out.add(
         "peak precomputed requests/s",
-        peak_rps * req.precomputed_share,
+        peak * req.precomputed_share,
         "requests/s",
         f"peak x {req.precomputed_share:g}",
     )
-    value_bytes = precomputed_value_bytes(req.list_length, req.model_version_chars)
-    add(
-        "precomputed store",
-        req.users * (value_bytes + REDIS_KEY_OVERHEAD_BYTES) / 1e9,
-        "GB",
-        f"{req.users:,} users x ({value_bytes:,} B value + {REDIS_KEY_OVERHEAD_BYTES} B "
-        f"Redis's per key), {req.list_length} items a list",
-    )
-    per_item = index_bytes_per_item(req.index, req.embedding_dim, req.hnsw_m)
-    add(
-        "vector index",
-        req.catalog_items * per_item / 1e9,
-        "GB",
-        f"{req.catalog_items:,} items x {per_item} B ({req.index}, dimension "
-        f"{req.embedding_dim}{f', M {req.hnsw_m}' if req.index == 'hnsw' else ''})",
-    )
-    if measured is None:
-        warnings.append(
-            "no measured costs: cores, replicas, the batch run and latency need a run of "
-            "bench/serving.py (--measured FILE)"
-        )
-        return CapacityPlan(req, None, lines, warnings)
+    return online, precomputed
 
+
+def _memory(req: Requirements, sources: Mapping[str, VectorSource], out: _Lines) -> None:
+    value = precomputed_value_bytes(req.list_length, req.model_version_chars)
+    out.add(
+        "precomputed store",
+        req.users * (value + REDIS_KEY_OVERHEAD_BYTES) / 1e9,
+        "GB",
+        f"{req.users:,} users x ({value:,} B value + {REDIS_KEY_OVERHEAD_BYTES} B Redis's per "
+        f"key), {req.list_length} items a list; Redis's used_memory: provision more for "
+        "fragmentation and a save's copy-on-write",
+    )
+    kind = index_kind(req.index, req.catalog_items)
+    total = 0.0
+    for name, source in sources.items():
+        per_item = index_bytes_per_item(kind, source.dim, req.hnsw_m)
+        total += out.add(
+            f"{name} index",
+            req.catalog_items * per_item / 1e9,
+            "GB",
+            f"{req.catalog_items:,} items x {per_item} B ({kind}, dimension {source.dim}"
+            f"{f', M {req.hnsw_m}' if kind == 'hnsw' else ''})"
+            + (
+                "; a norm-tiered exact index instead if the export measures it cheaper: "
+                f"{4 * source.dim} B an item"
+                if source.user_vectors and kind != "flat"
+                else ""
+            ),
+        )
+        if source.user_vectors:
+            total += out.add(
+                f"{name} user vectors",
+                req.users * 4 * source.dim / 1e9,
+                "GB",
+                f"{req.users:,} users x {4 * source.dim} B (float32, dimension {source.dim})",
+            )
+    out.add(
+        "vectors per replica",
+        total,
+        "GB",
+        f"the indexes and user vectors of {len(sources)} source(s), in every replica",
+    )
+
+
+def _compute(
+    req: Requirements,
+    measured: Measured,
+    online_rps: float,
+    precomputed_rps: float,
+    out: _Lines,
+) -> None:
     online, pre = measured.online, measured.precomputed
-    busy = (online_rps * online.cpu_ms + precomputed_rps * pre.cpu_ms) / 1000.0
-    cores = add(
-        "serving cores at peak",
+    busy = (online_rps * online.service_cpu_ms + precomputed_rps * pre.service_cpu_ms) / 1000.0
+    cores = out.add(
+        "service cores at peak",
         busy / req.cpu_utilization,
         "cores",
-        f"({online_rps:,.0f}/s x {online.cpu_ms:.2f} ms online + {precomputed_rps:,.0f}/s x "
-        f"{pre.cpu_ms:.2f} ms precomputed) / {req.cpu_utilization:g} utilisation",
+        f"({online_rps:,.0f}/s x {online.service_cpu_ms:.2f} ms online + {precomputed_rps:,.0f}"
+        f"/s x {pre.service_cpu_ms:.2f} ms precomputed) / {req.cpu_utilization:g} utilisation",
     )
-    replicas = add(
+    replicas = out.add(
         "service replicas",
-        max(req.min_replicas, math.ceil(cores / req.cores_per_replica)),
+        max(
+            req.min_replicas,
+            math.ceil(cores / req.cores_per_replica),
+            math.ceil(busy / req.cores_per_replica) + 1,
+        ),
         "replicas",
-        f"cores / {req.cores_per_replica:g} a replica, at least {req.min_replicas}",
+        f"cores / {req.cores_per_replica:g} a replica; one more than the peak's busy cores "
+        f"need, so a lost replica leaves enough; at least {req.min_replicas}",
     )
-    cpu_hours = add(
+    for name, online_ms, pre_ms in (
+        ("Redis", online.redis_cpu_ms, pre.redis_cpu_ms),
+        ("balancer", online.balancer_cpu_ms, pre.balancer_cpu_ms),
+    ):
+        out.add(
+            f"{name} cores at peak",
+            (online_rps * online_ms + precomputed_rps * pre_ms) / 1000.0 / req.cpu_utilization,
+            "cores",
+            f"{online_ms:.3f} ms online, {pre_ms:.3f} ms precomputed a request",
+        )
+    cpu_hours = out.add(
         "batch run CPU",
         req.users * measured.batch_cpu_ms_per_user / 1000.0 / 3600.0,
         "core-hours",
-        f"{req.users:,} users x {measured.batch_cpu_ms_per_user:.2f} ms",
+        f"{req.users:,} users x {measured.batch_cpu_ms_per_user:.2f} ms (Redis's writes apart)",
     )
-    add(
+    out.add(
         "batch cores",
         math.ceil(cpu_hours / req.batch_window_hours),
         "cores",
         f"core-hours / {req.batch_window_hours:g} h window",
     )
-    add(
-        "online p99 measured",
-        online.p99_ms,
-        "ms",
-        f"at {online.rps:g} requests/s over {measured.replicas} replica(s) on "
-        f"{measured.cpus} cores; budget {req.latency_budget_ms:g} ms",
-    )
-    for stage, (p50, p99) in online.stages.items():
-        add(
-            f"online stage {stage} p99",
-            p99,
-            "ms",
-            f"p50 {p50:.2f} ms; {p99 / req.latency_budget_ms:.1%} of the budget, in the service",
+    planned = busy / replicas
+    phases = {"online": online, "precomputed": pre}
+    loads = {k: c.rps * c.service_cpu_ms / 1000.0 / measured.replicas for k, c in phases.items()}
+    heaviest = max(loads, key=loads.__getitem__)
+    if planned > loads[heaviest]:
+        out.warnings.append(
+            f"each replica would be busy {planned:.2f} of a core at peak, more than the "
+            f"{loads[heaviest]:.2f} the run measured one at (its {heaviest} phase): the p99 at "
+            "that load is not measured"
         )
-    if online.p99_ms > req.latency_budget_ms:
-        warnings.append(
-            f"the measured online p99 ({online.p99_ms:.1f} ms) is over the "
-            f"{req.latency_budget_ms:g} ms budget before any network between services"
-        )
-    per_replica = online_rps / replicas
-    measured_per_replica = online.rps / measured.replicas
-    if per_replica > measured_per_replica:
-        warnings.append(
-            f"each replica would take {per_replica:,.0f} online requests/s at peak, more than "
-            f"the {measured_per_replica:,.0f} measured: the p99 at that load is not measured"
-        )
+    _catalog_warning(req, measured, out)
+
+
+def _catalog_warning(req: Requirements, measured: Measured, out: _Lines) -> None:
     if measured.catalog_items is None:
-        warnings.append(f"{measured.source}: the measured catalog size is not recorded")
-    elif not (1 / CATALOG_DRIFT <= req.catalog_items / measured.catalog_items <= CATALOG_DRIFT):
-        warnings.append(
+        out.warnings.append(f"{measured.source}: the measured catalog size is not recorded")
+    elif not 1 / CATALOG_DRIFT <= req.catalog_items / measured.catalog_items <= CATALOG_DRIFT:
+        out.warnings.append(
             f"CPU costs were measured at {measured.catalog_items:,} items; the plan's "
             f"{req.catalog_items:,} may cost differently (retrieval and candidates scale "
             "with the catalog)"
         )
-    return CapacityPlan(req, measured, lines, warnings)
+
+
+def _latency(req: Requirements, measured: Measured, out: _Lines) -> None:
+    budget = req.latency_budget_ms
+    for name, cost in (("online", measured.online), ("precomputed", measured.precomputed)):
+        out.add(
+            f"{name} p99 measured",
+            cost.p99_ms,
+            "ms",
+            f"at {cost.rps:g} requests/s over {measured.replicas} replica(s) on "
+            f"{measured.cpus} cores, {measured.arrivals} arrivals; budget {budget:g} ms",
+        )
+        if cost.p99_ms > budget:
+            out.warnings.append(
+                f"the measured {name} p99 ({cost.p99_ms:.1f} ms) is over the {budget:g} ms "
+                "budget before any network between services"
+            )
+    for stage, (p50, p99) in measured.online.stages.items():
+        out.add(
+            f"online stage {stage} p99",
+            p99,
+            "ms",
+            f"p50 {p50:.2f} ms; {p99 / budget:.1%} of the budget, in the service",
+        )

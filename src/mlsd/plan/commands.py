@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mlsd import HELP_MARKUP
+
+if TYPE_CHECKING:
+    from mlsd.config import FeedConfig
+    from mlsd.plan.capacity import VectorSource
 
 app = typer.Typer(
     rich_markup_mode=HELP_MARKUP,
@@ -20,6 +25,21 @@ app = typer.Typer(
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def vector_sources(feed: FeedConfig) -> dict[str, VectorSource]:
+    """The config's sources that serve from a vector index, with their dimensions."""
+    from mlsd.config import ALSSource, BPRSource, TwoTowerSource
+    from mlsd.plan.capacity import VectorSource
+
+    out: dict[str, VectorSource] = {}
+    for name in feed.retrieval.sources:
+        section = feed.retrieval.source_configs[name]
+        if isinstance(section, ALSSource | BPRSource):
+            out[name] = VectorSource(section.factors, user_vectors=True)
+        elif isinstance(section, TwoTowerSource):
+            out[name] = VectorSource(section.dim)
+    return out
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -54,16 +74,16 @@ def capacity(
 ) -> None:
     """Peak requests/s, serving cores and replicas, the batch run, the precomputed store and
     the vector index for the `[plan]` requirements, from measured costs."""
-    from mlsd.config import load_plan_requirements
+    from mlsd.config import load_feed_config, load_plan_requirements
     from mlsd.plan.capacity import Measured, capacity_plan
 
     requirements = load_plan_requirements(config, _overrides(set_ or []))
     costs = Measured.from_file(measured) if measured is not None else None
-    plan = capacity_plan(requirements, costs)
+    plan = capacity_plan(requirements, costs, sources=vector_sources(load_feed_config(config)))
     if as_json:
         print(json.dumps(plan.to_dict(), indent=2))
         return
-    title = "capacity plan" + (f" (costs: {costs.source})" if costs is not None else "")
+    title = "capacity plan" + (f" (costs: {escape(costs.source)})" if costs is not None else "")
     table = Table(title=title, title_justify="left")
     table.add_column("quantity")
     table.add_column("value", justify="right")
@@ -71,8 +91,8 @@ def capacity(
     table.add_column("how", overflow="fold")
     for line in plan.lines:
         whole = line.value >= 100 or float(line.value).is_integer()
-        value = f"{line.value:,.0f}" if whole else f"{line.value:,.2f}"
-        table.add_row(line.name, value, line.unit, line.how)
+        value = f"{line.value:,.0f}" if whole else f"{line.value:.3g}"
+        table.add_row(escape(line.name), value, line.unit, escape(line.how))
     console.print(table)
     for warning in plan.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

@@ -19,16 +19,18 @@ class Requirements:
         peak_to_average: the busiest hour's rate over the day's mean rate.
         precomputed_share: of the requests, those answered from a precomputed list (the
             offline path); the rest run the online path.
-        users: users a batch run writes a precomputed list for.
-        catalog_items: items retrieval searches (vectors in the index).
+        users: users a batch run writes a precomputed list for (and the rows of the ALS and
+            BPR user-vector tables).
+        catalog_items: items retrieval searches (vectors in each index).
         list_length: items in a precomputed list.
         model_version_chars: characters of the model version stored in every list.
-        embedding_dim: dimension of the item vectors.
-        index: ``flat`` (exact) or ``hnsw``.
+        index: the vector index: ``auto`` as serving picks it by catalog size (exact below
+            50K items, HNSW below 5M, IVF-PQ with exact re-scoring above), or ``flat``,
+            ``hnsw``, ``ivfpq``.
         hnsw_m: HNSW's links per node (``M``); layer 0 keeps twice as many.
         latency_budget_ms: the p99 a request may take end to end.
-        cpu_utilization: the share of a core the plan loads at peak (headroom for spikes,
-            a replica lost, a deploy).
+        cpu_utilization: the share of a replica's core loaded at peak, headroom for bursts
+            and deploys (a lost replica is covered by one replica more, not by this).
         cores_per_replica: cores each service replica uses (one model thread each: 1).
         min_replicas: replicas kept for availability whatever the load.
         batch_window_hours: hours a batch run may take.
@@ -42,8 +44,7 @@ class Requirements:
     catalog_items: int = 1_000_000
     list_length: int = 100
     model_version_chars: int = 17
-    embedding_dim: int = 64
-    index: Literal["flat", "hnsw"] = "hnsw"
+    index: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
     hnsw_m: int = 32
     latency_budget_ms: float = 500.0
     cpu_utilization: float = 0.6
