@@ -113,6 +113,15 @@ def test_missing_directory_is_a_clear_error(
     assert "events.parquet: not found" in capsys.readouterr().err
 
 
+def test_an_error_keeps_its_brackets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Error text is printed as text: a config error's ``[section]`` is not a Rich style tag."""
+    config = tmp_path / "feed.toml"
+    config.write_text("[retrieval]\nbogus = 1\n")
+    code = run(["feed", "retrieve-eval", "--dataset", str(tmp_path), "--config", str(config)])
+    assert code == 1
+    assert "[retrieval] has unknown key(s) bogus" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

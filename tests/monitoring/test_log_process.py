@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 from mlsd.config import ServiceLogSection
-from mlsd.monitoring.log_process import ProcessServiceLog
+from mlsd.monitoring.log_process import WRITER_NICE, ProcessServiceLog
 from mlsd.monitoring.log_reader import read_table
 from mlsd.monitoring.logs import TABLES, LogWriter, ServiceLog
 
@@ -81,6 +81,17 @@ def test_close_writes_what_is_left_and_later_calls_are_dropped_and_counted(
     assert "the log is closed" in caplog.text
     log.close()  # a second close does nothing
     log.flush()  # nor does a flush after close
+
+
+def test_the_writer_runs_at_a_lower_priority_than_the_service(tmp_path: Path) -> None:
+    log = ProcessServiceLog(tmp_path)
+    try:
+        log_some(log, 1)
+        log.flush()  # the child has started and written
+        child = os.getpriority(os.PRIO_PROCESS, log._writer.process.pid)
+        assert child == min(os.nice(0) + WRITER_NICE, 19)
+    finally:
+        log.close()
 
 
 def test_a_dead_writer_costs_rows_never_a_request(
@@ -176,7 +187,7 @@ def test_the_writer_outlives_no_parent_and_keeps_what_it_was_sent(tmp_path: Path
         f"""
         import os, time
         from datetime import UTC, datetime
-        from mlsd.monitoring.log_process import ProcessServiceLog
+        from mlsd.monitoring.log_process import WRITER_NICE, ProcessServiceLog
         log = ProcessServiceLog({str(tmp_path)!r}, flush_interval_s=3600.0)
         for i in range(20):
             log.log_feedback(datetime(2024, 5, 1, tzinfo=UTC), i, i, "click")

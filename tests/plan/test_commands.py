@@ -68,7 +68,8 @@ def test_capacity_errors_are_one_line_naming_the_key(
     assert run(["plan", "capacity", "--config", str(config), *args]) == 1
     err = capsys.readouterr().err
     assert message in " ".join(err.split())  # the console may wrap a long line
-    assert err.startswith("error:")
+    assert err.startswith(f"config: {config}\nerror: ")  # which config, then the one error
+    assert "Traceback" not in err
 
 
 def test_the_vector_sources_are_the_configs(tmp_path: Path) -> None:

@@ -72,11 +72,12 @@ def capacity(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Peak requests/s, serving cores and replicas, the batch run, the precomputed store and
-    the vector index for the `[plan]` requirements, from measured costs."""
-    from mlsd.config import load_feed_config, load_plan_requirements
+    """Peak requests/s, service cores and replicas, the batch run, the precomputed store, the
+    vectors and the latency budget for the `[plan]` requirements, from measured costs."""
+    from mlsd.config import feed_config_source, load_feed_config, load_plan_requirements
     from mlsd.plan.capacity import Measured, capacity_plan
 
+    err_console.print(feed_config_source(config), highlight=False, markup=False)
     requirements = load_plan_requirements(config, _overrides(set_ or []))
     costs = Measured.from_file(measured) if measured is not None else None
     plan = capacity_plan(requirements, costs, sources=vector_sources(load_feed_config(config)))
