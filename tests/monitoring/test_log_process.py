@@ -88,7 +88,9 @@ def test_the_writer_runs_at_a_lower_priority_than_the_service(tmp_path: Path) ->
     try:
         log_some(log, 1)
         log.flush()  # the child has started and written
-        child = os.getpriority(os.PRIO_PROCESS, log._writer.process.pid)
+        pid = log._writer.process.pid
+        assert pid is not None
+        child = os.getpriority(os.PRIO_PROCESS, pid)
         assert child == min(os.nice(0) + WRITER_NICE, 19)
     finally:
         log.close()
