@@ -190,6 +190,7 @@ def test_cpu_seconds_over_the_answered_requests_are_preferred() -> None:
         (("online", "cpu_cores"), 1.5, "online.cpu_cores should be an object"),
         (("machine", "cpus"), None, "machine.cpus is null"),
         (("service", "replicas"), "two", "service.replicas should be a number"),
+        (("precomputed", "cpu_cores", "server"), None, r"precomputed\.cpu_cores: not numbers"),
     ],
 )
 def test_a_malformed_bench_field_is_named(path: tuple[str, ...], value: Any, message: str) -> None:

@@ -136,14 +136,13 @@ class Measured:
             p99 = get(name, "latency_ms", "p99", kind=float)
             if "cpu_seconds" in report[name] and "answered" in report[name]:
                 answered = get(name, "answered", kind=int)
-                per = {
-                    k: float(v) / max(answered, 1) * 1000
-                    for k, v in get(name, "cpu_seconds", kind=dict).items()
-                }
+                used = _numbers(
+                    get(name, "cpu_seconds", kind=dict), f"{source}: {name}.cpu_seconds"
+                )
+                per = {k: v / max(answered, 1) * 1000 for k, v in used.items()}
             else:
-                per = {
-                    k: float(v) / rps * 1000 for k, v in get(name, "cpu_cores", kind=dict).items()
-                }
+                cores = _numbers(get(name, "cpu_cores", kind=dict), f"{source}: {name}.cpu_cores")
+                per = {k: v / rps * 1000 for k, v in cores.items()}
             stages = {
                 stage: (float(ms["p50"]), float(ms["p99"]))
                 for stage, ms in report[name].get("stage_ms", {}).items()
@@ -216,6 +215,14 @@ def _getter(report: Mapping[str, Any], source: str) -> Callable[..., Any]:
         return kind(value)
 
     return get
+
+
+def _numbers(values: Mapping[str, Any], where: str) -> dict[str, float]:
+    """``values`` as floats; a value that is not a number is an error naming its key."""
+    bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int | float)}
+    if bad:
+        raise ValueError(f"{where}: not numbers: {bad}")
+    return {k: float(v) for k, v in values.items()}
 
 
 def _needed(values: Mapping[str, float], key: str, where: str) -> float:
