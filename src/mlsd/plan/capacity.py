@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from mlsd.plan.requirements import Requirements
-from mlsd.serving.index import FLAT_MAX_ITEMS, HNSW_MAX_ITEMS
+from mlsd.serving.index import FlatIndex, HNSWIndex, IVFIndex, choose_index, default_pq_m
 from mlsd.serving.precomputed import encode
 
 SECONDS_PER_DAY = 86_400.0
@@ -278,14 +278,15 @@ def precomputed_value_bytes(list_length: int, model_version_chars: int) -> int:
     return len(value)
 
 
+INDEX_KINDS: dict[type, str] = {FlatIndex: "flat", HNSWIndex: "hnsw", IVFIndex: "ivfpq"}
+
+
 def index_kind(index: str, catalog_items: int) -> str:
     """The index serving builds: ``index``, or for ``auto`` the one
     :func:`~mlsd.serving.index.choose_index` picks for the catalog."""
     if index != "auto":
         return index
-    if catalog_items < FLAT_MAX_ITEMS:
-        return "flat"
-    return "hnsw" if catalog_items < HNSW_MAX_ITEMS else "ivfpq"
+    return INDEX_KINDS[type(choose_index(catalog_items, 64))]  # by size; dim is not asked
 
 
 def index_bytes_per_item(index: str, dim: int, hnsw_m: int) -> int:
@@ -299,8 +300,7 @@ def index_bytes_per_item(index: str, dim: int, hnsw_m: int) -> int:
     if index == "hnsw":
         return vector + 2 * hnsw_m * FAISS_ID_BYTES
     if index == "ivfpq":
-        pq_m = max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
-        return vector + pq_m + IVF_ID_BYTES
+        return vector + default_pq_m(dim) + IVF_ID_BYTES
     raise ValueError(f"index must be 'flat', 'hnsw' or 'ivfpq', got {index!r}")
 
 

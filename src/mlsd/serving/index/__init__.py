@@ -55,6 +55,7 @@ __all__ = [
     "MilvusIndex",
     "VectorIndex",
     "choose_index",
+    "default_pq_m",
     "index_for_queries",
     "l2_normalize",
     "load_index",
@@ -110,9 +111,9 @@ def choose_index(
     if n_items < hnsw_max_items:
         return HNSWIndex(hnsw or HNSWConfig())
     if ivf is None:
-        ivf = IVFConfig(pq_m=_default_pq_m(dim), refine_factor=4)
+        ivf = IVFConfig(pq_m=default_pq_m(dim), refine_factor=4)
     elif ivf.pq_m is None:
-        ivf = dataclasses.replace(ivf, pq_m=_default_pq_m(dim))
+        ivf = dataclasses.replace(ivf, pq_m=default_pq_m(dim))
     return IVFIndex(ivf)
 
 
@@ -176,7 +177,7 @@ def index_for_queries(
     return by_size.build(ids, vectors)
 
 
-def _default_pq_m(dim: int) -> int:
+def default_pq_m(dim: int) -> int:
     """Largest divisor of ``dim`` that is at most ``dim // 4`` (4-dim sub-vectors), >= 1."""
     return max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
 
