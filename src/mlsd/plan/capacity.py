@@ -426,7 +426,12 @@ def _compute(
     out: _Lines,
 ) -> None:
     online, pre = measured.online, measured.precomputed
-    busy = (online_rps * online.service_cpu_ms + precomputed_rps * pre.service_cpu_ms) / 1000.0
+
+    def busy_at_peak(online_ms: float, precomputed_ms: float) -> float:
+        """Cores kept busy at peak by a process costing these ms a request on each path."""
+        return (online_rps * online_ms + precomputed_rps * precomputed_ms) / 1000.0
+
+    busy = busy_at_peak(online.service_cpu_ms, pre.service_cpu_ms)
     cores = out.add(
         "service cores at peak",
         busy / req.cpu_utilization,
@@ -451,7 +456,7 @@ def _compute(
     ):
         out.add(
             f"{name} cores at peak",
-            (online_rps * online_ms + precomputed_rps * pre_ms) / 1000.0 / req.cpu_utilization,
+            busy_at_peak(online_ms, pre_ms) / req.cpu_utilization,
             "cores",
             f"{online_ms:.3f} ms online, {pre_ms:.3f} ms precomputed a request",
         )
