@@ -14,7 +14,10 @@ loopback, as in production:
    model load, P one-thread workers forked from it; 1: one process with two threads), as
    ``--batch-shards`` such commands at once (``--shard i/N``, each loading the model); users/s
    over the time from the first shard's first prediction to the last one's last, with the
-   shards' overlap.
+   shards' overlap. Before it, on the same idle server, what the online feature store costs a
+   user and an item in Redis (``mlsd.features.footprint``: 5,000 of each written from the
+   world's feature repository through Feast, ``used_memory`` before and after; the keys are
+   deleted): ``feature_store`` in the JSON, which ``mlsd plan capacity`` reads.
 3. **The service**: ``mlsd feed serve --model --redis --port --base-dir RUN`` in its own process
    (its service log goes to the run directory), ready when ``/readyz`` answers 200 from a socket
    that process holds (a port another process answers on is not mistaken for ours). With
@@ -86,6 +89,8 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 import uvloop
 
+from mlsd.config import load_feed_config
+from mlsd.features.footprint import redis_bytes_per_entity
 from mlsd.serving.balancer import Nginx
 
 CONFIG = Path("configs/feed-demo.toml")
@@ -885,7 +890,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=built["dir"]))
     with redis_server() as client:
-        url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
+        port = client.connection_pool.connection_kwargs["port"]
+        url = f"redis://127.0.0.1:{port}/0"
+        # What the online feature store costs a user and an item in Redis (mlsd plan), on
+        # the idle server before anything else writes to it.
+        repo = load_feed_config(CONFIG).feature_store.repo_path(Path(built["world"]))
+        report["feature_store"] = redis_bytes_per_entity(repo, f"127.0.0.1:{port}").to_dict()
         n_batch = min(args.batch_users, args.users)
         report["batch_predict"] = batch_predict(
             built, url, n_batch, run_dir, args.batch_shards, args.batch_processes

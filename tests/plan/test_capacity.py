@@ -52,6 +52,7 @@ def measured(**changes: Any) -> Measured:
         "cpus": 2,
         "catalog_items": 1_000,
         "source": "test",
+        "feature_bytes": (2_000.0, 250.0),
     }
     return Measured(**{**values, **changes})
 
@@ -79,7 +80,18 @@ def test_the_plan_is_the_arithmetic_by_hand() -> None:
     assert plan.value("two_tower index") == pytest.approx(1_000 * 16 * 4 / 1e9)
     assert "two_tower user vectors" not in [line.name for line in plan.lines]
     assert plan.value("vectors per replica") == pytest.approx(1_000 * 32 * 4 / 1e9)
+    # 1,000 users x 2,000 B + 1,000 items x 250 B
+    assert plan.value("online feature store") == pytest.approx(2_250_000 / 1e9)
     assert plan.warnings == []
+
+
+def test_a_run_without_feature_store_figures_says_it_leaves_them_out() -> None:
+    plan = capacity_plan(SMALL, measured(feature_bytes=None), sources=SOURCES)
+    assert "online feature store" not in [line.name for line in plan.lines]
+    assert plan.warnings == [
+        "test has no feature_store figures (a bench/serving.py run from before they were "
+        "measured): the online feature store's memory is left out"
+    ]
 
 
 def test_replicas_follow_the_cores_past_the_floor() -> None:
@@ -126,6 +138,7 @@ def bench_report() -> dict[str, Any]:
         "machine": {"cpus": 2},
         "world": {"items": 1_000_000, "users": 20_000, "events": 4_000_000},
         "batch_predict": {"cpu_ms_per_user": 0.88},
+        "feature_store": {"bytes_per_user": 2514.0, "bytes_per_item": 266.2, "users": 5000},
         "service": {"replicas": 2},
         "precomputed": {
             "achieved_rps": 200.0,
@@ -158,6 +171,7 @@ def test_the_bench_json_gives_cpu_per_request_without_the_load_generator() -> No
     costs = Measured.from_serving_bench(bench_report(), "run.json")
     assert costs.online.service_cpu_ms == pytest.approx(0.978 / 199.9 * 1000)
     assert costs.online.redis_cpu_ms == pytest.approx(0.001 / 199.9 * 1000)
+    assert costs.feature_bytes == (2514.0, 266.2)
     assert costs.online.balancer_cpu_ms == pytest.approx(0.027 / 199.9 * 1000)
     assert costs.precomputed.service_cpu_ms == pytest.approx(0.236 / 200.0 * 1000)
     assert costs.online.p99_ms == 14.836
@@ -191,6 +205,7 @@ def test_cpu_seconds_over_the_answered_requests_are_preferred() -> None:
         (("machine", "cpus"), None, "machine.cpus is null"),
         (("service", "replicas"), "two", "service.replicas should be a number"),
         (("precomputed", "cpu_cores", "server"), None, r"precomputed\.cpu_cores: not numbers"),
+        (("feature_store", "bytes_per_item"), "266", "feature_store.bytes_per_item should be"),
     ],
 )
 def test_a_malformed_bench_field_is_named(path: tuple[str, ...], value: Any, message: str) -> None:
@@ -215,6 +230,8 @@ def test_a_bench_json_without_a_field_names_it() -> None:
     report = bench_report()
     del report["world"]  # runs before the world was recorded
     assert Measured.from_serving_bench(report, "run.json").catalog_items is None
+    del report["feature_store"]  # ... or the feature store measured
+    assert Measured.from_serving_bench(report, "run.json").feature_bytes is None
 
 
 def test_a_bench_file_that_is_missing_or_not_json_is_named(tmp_path: Path) -> None:

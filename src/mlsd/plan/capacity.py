@@ -13,7 +13,9 @@ computed from the exact formats mlsd writes:
   :data:`REDIS_KEY_OVERHEAD_BYTES` (measured on redis-server 7; a test checks it against a
   live server);
 - bytes of a vector index per item: Faiss's layouts (a test checks them against serialized
-  indexes), for each source that serves from one.
+  indexes), for each source that serves from one;
+- bytes of a user's and an item's online features in Redis: measured by the same run, through
+  Feast on a live server (:mod:`mlsd.features.footprint`).
 
 What the measurement does not cover is said, not guessed: a plan for a catalog far from the
 measured one, for more load on a replica than was measured, or over the latency budget
@@ -107,6 +109,9 @@ class Measured:
         catalog_items: the catalog of the run (``None``: not recorded).
         arrivals: how the run's requests arrived (``uniform`` or ``poisson``).
         source: where the figures come from (a file, a commit).
+        feature_bytes: Redis ``used_memory`` per user and per item of the online feature
+            store, written through Feast (:mod:`mlsd.features.footprint`; ``None``: the run
+            predates the measurement).
     """
 
     online: PathCost
@@ -117,6 +122,7 @@ class Measured:
     catalog_items: int | None
     source: str
     arrivals: str = "uniform"
+    feature_bytes: tuple[float, float] | None = None
 
     @classmethod
     def from_serving_bench(cls, report: Mapping[str, Any], source: str) -> Measured:
@@ -163,6 +169,12 @@ class Measured:
         items = world.get("items") if isinstance(world, Mapping) else None
         load = report.get("load")
         arrivals = load.get("arrivals", "uniform") if isinstance(load, Mapping) else "uniform"
+        feature_bytes = None
+        if "feature_store" in report:
+            feature_bytes = (
+                get("feature_store", "bytes_per_user", kind=float),
+                get("feature_store", "bytes_per_item", kind=float),
+            )
         return cls(
             online=path("online"),
             precomputed=path("precomputed"),
@@ -172,6 +184,7 @@ class Measured:
             catalog_items=int(items) if isinstance(items, int) else None,
             source=source,
             arrivals=str(arrivals),
+            feature_bytes=feature_bytes,
         )
 
     @classmethod
@@ -337,6 +350,7 @@ def capacity_plan(
     out = _Lines()
     online_rps, precomputed_rps = _traffic(req, out)
     _memory(req, sources if sources is not None else DEFAULT_SOURCES, out)
+    _feature_store(req, measured, out)
     if measured is None:
         out.warnings.append(
             "no measured costs: cores, replicas, the batch run and latency need a run of "
@@ -415,6 +429,26 @@ def _memory(req: Requirements, sources: Mapping[str, VectorSource], out: _Lines)
         total,
         "GB",
         f"the indexes and user vectors of {len(sources)} source(s), in every replica",
+    )
+
+
+def _feature_store(req: Requirements, measured: Measured | None, out: _Lines) -> None:
+    if measured is None:
+        return  # the plan's warning about missing measurements covers it
+    if measured.feature_bytes is None:
+        out.warnings.append(
+            f"{measured.source} has no feature_store figures (a bench/serving.py run from "
+            "before they were measured): the online feature store's memory is left out"
+        )
+        return
+    per_user, per_item = measured.feature_bytes
+    out.add(
+        "online feature store",
+        (req.users * per_user + req.catalog_items * per_item) / 1e9,
+        "GB",
+        f"{req.users:,} users x {per_user:,.0f} B + {req.catalog_items:,} items x "
+        f"{per_item:,.0f} B (Redis's used_memory per entity, measured through Feast; a "
+        "user's grows with the recent items it keeps)",
     )
 
 
