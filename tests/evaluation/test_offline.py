@@ -261,20 +261,33 @@ def test_random_split_per_user_is_stratified_and_deterministic() -> None:
 
 
 def test_random_protocol_runs_and_labels_itself(world: Path) -> None:
-    config = PipelineConfig(
-        n_candidates=100, ranker="logistic", baselines=("popularity",), rerank_variants={}
-    )
-    report = evaluate_pipeline(
-        world,
-        SOURCES,
-        {"logistic": LogisticRanker},
-        protocol=ProtocolConfig(n_bootstrap=20, test_frac=0.25),
-        pipeline=config,
-        protocol_name="random-per-user",
-    )
+    def run(windows: int) -> OfflineReport:
+        config = PipelineConfig(
+            n_candidates=100,
+            ranker="logistic",
+            baselines=("popularity",),
+            rerank_variants={},
+            ranker_windows=windows,
+        )
+        return evaluate_pipeline(
+            world,
+            SOURCES,
+            {"logistic": LogisticRanker},
+            protocol=ProtocolConfig(n_bootstrap=20, test_frac=0.25),
+            pipeline=config,
+            protocol_name="random-per-user",
+        )
+
+    report, one = run(2), run(1)
     assert report.protocol_name == "random-per-user"
     assert "ONLY for comparison" in report.protocol
+    assert "learns from 2 inner random split(s)" in report.protocol
     assert report.counts["n_cold_users"] == 0
+    # Each label window is its own inner split of the same users (each draw's users with a
+    # held-out event): about twice the ranker's requests.
+    groups = report.counts["n_ranker_groups"]
+    assert groups == pytest.approx(2 * one.counts["n_ranker_groups"], rel=0.02)
+    assert report.counts["n_test_users"] == one.counts["n_test_users"]
 
 
 def test_train_pipeline_bundle_round_trips(world: Path, tmp_path: Path) -> None:

@@ -15,8 +15,9 @@
 
 **Random per user** (only to compare with published numbers, labelled as such): each user's
 events split at random into train/test (stratified per user, ``test_frac``); the ranker's
-labels come from an inner random split of train. Time-based features are computed as of the
-end of the training data.
+labels come from ``ranker_windows`` inner random splits of train (seeds ``seed + 1``, ...),
+each a label window with its own sources. Time-based features are computed as of the end of
+the training data.
 
 **Splits** (only to compare with a peer library's numbers on its own files): a peer's train,
 validation and test files (:mod:`mlsd.evaluation.given_split`); as RecBole does it, everything
@@ -419,14 +420,22 @@ class _Run:
         frac = self.protocol.test_frac
         with self.clock.stage("split"):
             train, test_events = random_split_per_user(events, test_frac=frac, seed=seed)
-            inner, inner_holdout = random_split_per_user(train, test_frac=frac, seed=seed + 1)
+            # One inner split per label window, each with its own sources (as the temporal
+            # protocol's windows are): more rows for the rankers, over more draws.
+            inner_splits = [
+                random_split_per_user(train, test_frac=frac, seed=seed + 1 + i)
+                for i in range(self.pipeline.ranker_windows)
+            ]
         with tempfile.TemporaryDirectory(prefix="mlsd-random-") as tmp:
-            inner_dir = write_contract(Path(tmp) / "inner", inner, users, items)
             train_dir = write_contract(Path(tmp) / "train", train, users, items)
-            val, val_asof = random_task(inner, inner_holdout, users, items, self.protocol)
+            windows = []
+            for i, (inner, inner_holdout) in enumerate(inner_splits):
+                inner_dir = write_contract(Path(tmp) / f"inner-{i}", inner, users, items)
+                val, val_asof = random_task(inner, inner_holdout, users, items, self.protocol)
+                windows.append(_LabelWindow(val, inner_holdout, val_asof, inner_dir))
             test, test_asof = random_task(train, test_events, users, items, self.protocol)
             report = self._evaluate(
-                [_LabelWindow(val, inner_holdout, val_asof, inner_dir)],
+                windows,
                 _LabelWindow(test, test_events, test_asof, train_dir),
                 items,
                 relevant_map=True,
@@ -847,7 +856,8 @@ def random_text(protocol: ProtocolConfig, pipeline: PipelineConfig) -> str:
         f"a user's test items are interleaved in time with their training items): "
         f"{protocol.test_frac:.0%} of each user's interactions at random (seed {protocol.seed}) "
         "are the test set, stratified per user (Microsoft Recommenders' python_stratified_split "
-        "setup). The ranker learns from an inner random split of the training data. Full "
+        f"setup). The ranker learns from {pipeline.ranker_windows} inner random split(s) of "
+        "the training data, each with sources fit on its own training part. Full "
         "ranking of every item the user has not interacted with in training; all test items "
         "relevant (binary gains). MAP@k divides by min(k, #relevant); map_relevant@k divides by "
         "#relevant, the published tables' definition (Microsoft Recommenders), and is the MAP "

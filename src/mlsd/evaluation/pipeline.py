@@ -25,9 +25,10 @@ class PipelineConfig:
         n_candidates: merged candidates per user (each source lists this many).
         ranker: the rankers' key the full pipeline uses, or ``"auto"``: the best NDCG@10 of
             the held-out users' candidates — chosen on validation, never on test.
-        ranker_windows: label windows the rankers learn from (temporal protocol): the
+        ranker_windows: label windows the rankers learn from: on the temporal protocol the
             validation window [t1, t2) and ``ranker_windows - 1`` earlier windows of the same
-            span, each with its own sources fit before it and features as of its start.
+            span, each with its own sources fit before it and features as of its start; on
+            the random-per-user protocol as many inner random splits of the training data.
         ranker_valid_frac: users of the ranker's window held out for early stopping, AUC and
             calibration.
         auc_splits: draws of held-out users the rankers' AUC is measured on (1: the one the
