@@ -16,8 +16,8 @@ loopback, as in production:
    over the time from the first shard's first prediction to the last one's last, with the
    shards' overlap. Before it, on the same idle server, what the online feature store costs a
    user and an item in Redis (``mlsd.features.footprint``: 5,000 of each written from the
-   world's feature repository through Feast, ``used_memory`` before and after; the keys are
-   deleted): ``feature_store`` in the JSON, which ``mlsd plan capacity`` reads.
+   world's feature repository through Feast, ``used_memory`` over the second half written; the
+   keys are deleted): ``feature_store`` in the JSON, which ``mlsd plan capacity`` reads.
 3. **The service**: ``mlsd feed serve --model --redis --port --base-dir RUN`` in its own process
    (its service log goes to the run directory), ready when ``/readyz`` answers 200 from a socket
    that process holds (a port another process answers on is not mistaken for ours). With

@@ -84,7 +84,8 @@ class Footprint:
 
 def redis_client(connection: str) -> Any:
     """A ``redis.Redis`` for Feast's connection string ``host:port[,param=value...]`` (values
-    read as JSON where they parse, as Feast reads them: ``db=1``, ``ssl=true``)."""
+    read as JSON where they parse, as Feast reads them: ``db=1``, ``ssl=true``; Feast's own
+    parser is private to its online store)."""
     import redis
 
     nodes = [part for part in connection.split(",") if "=" not in part]
@@ -113,8 +114,8 @@ def redis_bytes_per_entity(
     each costs there.
 
     Raises:
-        ContractError: ``repo_dir`` has no materialized source, or one of them is empty.
-        ValueError: ``rows`` < 1.
+        ContractError: ``repo_dir`` has no materialized source, or one with fewer than 2 rows.
+        ValueError: ``rows`` < 2 (the cost is the second half's).
     """
     if rows < 2:
         raise ValueError(f"redis_bytes_per_entity: rows must be >= 2, got {rows}")

@@ -353,8 +353,8 @@ def capacity_plan(
     _feature_store(req, measured, out)
     if measured is None:
         out.warnings.append(
-            "no measured costs: cores, replicas, the batch run and latency need a run of "
-            "bench/serving.py (--measured FILE)"
+            "no measured costs: cores, replicas, the batch run, latency and the online feature "
+            "store's memory need a run of bench/serving.py (--measured FILE)"
         )
     else:
         _compute(req, measured, online_rps, precomputed_rps, out)
