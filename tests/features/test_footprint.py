@@ -6,7 +6,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import redis
 
@@ -14,7 +17,7 @@ from mlsd.data.schema import ContractError
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.features import batch
 from mlsd.features.definitions import FeatureConfig, feature_set
-from mlsd.features.footprint import redis_bytes_per_entity, redis_client
+from mlsd.features.footprint import _first_rows, redis_bytes_per_entity, redis_client
 from mlsd.features.store import FeatureStoreConfig, apply, generate_repo, materialize
 
 AS_OF = pd.Timestamp("2024-01-15 12:00:00", tz="UTC")
@@ -94,3 +97,11 @@ def test_the_connection_string_is_read_as_feast_reads_it() -> None:
         redis_client("10.0.0.1:6380,10.0.0.2:6380")
     with pytest.raises(ValueError, match="one host:port"):
         redis_client("localhost")
+
+
+def test_the_sample_is_the_first_rows_across_row_groups(tmp_path: Path) -> None:
+    path = tmp_path / "users.parquet"
+    table = pa.table({"user_id": np.arange(1_000, dtype=np.int64)})
+    pq.write_table(table, path, row_group_size=300)
+    assert _first_rows(path, 500)["user_id"].tolist() == list(range(500))
+    assert len(_first_rows(path, 5_000)) == 1_000

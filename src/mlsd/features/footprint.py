@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlsd.data.schema import ContractError
@@ -106,6 +108,19 @@ def redis_client(connection: str) -> Any:
     return redis.Redis(host=host, port=int(port), **params)
 
 
+def _first_rows(path: Path, rows: int) -> pd.DataFrame:
+    """The first ``rows`` rows of a Parquet file, reading no more row groups than they span."""
+    batches, n = [], 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+        batches.append(batch)
+        n += batch.num_rows
+        if n >= rows:
+            break
+    if not batches:
+        return pd.DataFrame()
+    return pa.Table.from_batches(batches).slice(0, rows).to_pandas()
+
+
 def redis_bytes_per_entity(
     repo_dir: Path, redis_connection: str, *, rows: int = DEFAULT_ROWS
 ) -> Footprint:
@@ -129,11 +144,9 @@ def redis_bytes_per_entity(
                 f"{path}: not found; materialize the repository first "
                 "(mlsd feed features materialize)"
             )
-        table = pq.ParquetFile(path).iter_batches(batch_size=rows)
-        frame = next(table, None)
-        if frame is None or frame.num_rows < 2:
+        frames[name] = _first_rows(path, rows)
+        if len(frames[name]) < 2:
             raise ContractError(f"{path}: fewer than 2 rows; nothing to measure")
-        frames[name] = frame.to_pandas()
     user_views = [USER_DYNAMIC_VIEW]
     if features.group("user_static"):
         user_views.insert(0, USER_STATIC_VIEW)
