@@ -61,6 +61,24 @@ def test_config_file_selects_redis(world: Path, tmp_path: Path, redis_server: st
     _online_store_matches_batch(world, repo)
 
 
+@pytest.mark.integration
+def test_footprint_measures_a_materialized_repository(
+    world: Path, tmp_path: Path, redis_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    common = ["--dataset", str(world), "--repo", str(repo)]
+    assert run(["feed", "features", "apply", *common]) == 0
+    assert run(["feed", "features", "materialize", *common]) == 0
+    capsys.readouterr()
+    args = ["feed", "features", "footprint", *common]
+    assert run([*args, "--redis", redis_server, "--rows", "100", "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    catalog = len(pd.read_parquet(repo / "data" / "items.parquet"))
+    assert (measured["users"], measured["items"]) == (100, min(100, catalog))
+    assert measured["bytes_per_user"] > measured["bytes_per_item"] > 0
+    assert run([*args, "--redis", redis_server, "--rows", "1"]) == 2  # a usage error
+
+
 def test_bad_online_store_is_a_one_line_error(
     world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -134,6 +134,47 @@ def features_materialize(
     console.print(table)
 
 
+@features_app.command("footprint")
+def features_footprint(
+    dataset: DatasetDir,
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            "--redis",
+            help="Redis to measure on, Feast's host:port[,param=value...] (default: "
+            "[feature_store].redis_connection); an idle one: every write counts.",
+        ),
+    ] = None,
+    rows: Annotated[
+        int, typer.Option("--rows", min=2, help="Users and items of each kind written.")
+    ] = 5_000,
+    config: ConfigFile = None,
+    repo: RepoDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Measure what a user's and an item's online features cost in Redis: the materialized
+    repository's first rows written through Feast into a project of their own, then deleted."""
+    import json
+
+    from mlsd.features.footprint import redis_bytes_per_entity
+
+    cfg = load_config(config)
+    footprint = redis_bytes_per_entity(
+        repo or cfg.feature_store.repo_path(dataset),
+        redis or cfg.feature_store.redis_connection,
+        rows=rows,
+    )
+    if as_json:
+        print(json.dumps(footprint.to_dict(), indent=2))
+        return
+    table = Table(title="online feature store in Redis", show_header=False, title_justify="left")
+    table.add_row("bytes a user", f"{footprint.bytes_per_user:,.0f} ({footprint.users:,} written)")
+    table.add_row("bytes an item", f"{footprint.bytes_per_item:,.0f} ({footprint.items:,} written)")
+    table.add_row("user views", ", ".join(footprint.views["user"]))
+    table.add_row("item views", ", ".join(footprint.views["item"]))
+    console.print(table)
+
+
 @features_app.command("get")
 def features_get(
     dataset: DatasetDir,
