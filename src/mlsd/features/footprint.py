@@ -27,7 +27,7 @@ import json
 import secrets
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,12 @@ from mlsd.data.schema import ContractError
 from mlsd.features.definitions import feature_set
 from mlsd.features.store import (
     DATA_DIR,
-    ITEM_VIEW,
     ITEMS_SOURCE,
-    USER_DYNAMIC_VIEW,
-    USER_STATIC_VIEW,
     USERS_SOURCE,
     FeatureStoreConfig,
     generate_repo,
     load_config,
+    online_views,
     open_store,
 )
 from mlsd.features.store import apply as apply_repo
@@ -75,13 +73,7 @@ class Footprint:
     views: dict[str, list[str]]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "bytes_per_user": self.bytes_per_user,
-            "bytes_per_item": self.bytes_per_item,
-            "users": self.users,
-            "items": self.items,
-            "views": self.views,
-        }
+        return asdict(self)
 
 
 def redis_client(connection: str) -> Any:
@@ -147,9 +139,10 @@ def redis_bytes_per_entity(
         frames[name] = _first_rows(path, rows)
         if len(frames[name]) < 2:
             raise ContractError(f"{path}: fewer than 2 rows; nothing to measure")
-    user_views = [USER_DYNAMIC_VIEW]
-    if features.group("user_static"):
-        user_views.insert(0, USER_STATIC_VIEW)
+    views = {
+        source: [view for view, loaded_from in online_views(features) if loaded_from == source]
+        for source in (USERS_SOURCE, ITEMS_SOURCE)
+    }
     client = redis_client(redis_connection)
 
     def used_memory() -> int:
@@ -165,16 +158,14 @@ def redis_bytes_per_entity(
             store = open_store(repo)
             try:
                 used = []
-                for views, frame in (
-                    (user_views, frames[USERS_SOURCE]),
-                    ([ITEM_VIEW], frames[ITEMS_SOURCE]),
-                ):
+                for source in (USERS_SOURCE, ITEMS_SOURCE):
+                    frame = frames[source]
                     # The second half's cost: a fresh connection's buffers and the first
                     # keys' bookkeeping land in the first half, and cost nothing per entity.
                     half = len(frame) // 2
                     marks = []
                     for part in (frame.iloc[:half], frame.iloc[half:]):
-                        for view in views:
+                        for view in views[source]:
                             store.write_to_online_store(view, part, transform_on_write=False)
                         marks.append(used_memory())
                     used.append((marks[1] - marks[0]) / (len(frame) - half))
@@ -186,5 +177,5 @@ def redis_bytes_per_entity(
         bytes_per_item=used[1],
         users=len(frames[USERS_SOURCE]),
         items=len(frames[ITEMS_SOURCE]),
-        views={"user": user_views, "item": [ITEM_VIEW]},
+        views={"user": views[USERS_SOURCE], "item": views[ITEMS_SOURCE]},
     )

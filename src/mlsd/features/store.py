@@ -61,6 +61,7 @@ __all__ = [
     "item_source_schema",
     "load_config",
     "materialize",
+    "online_views",
     "open_store",
     "user_source_schema",
     "validate_source",
@@ -417,6 +418,16 @@ Engine = Literal["direct", "feast"]
 _WRITE_BATCH_ROWS = 50_000
 
 
+def online_views(features: FeatureSet) -> list[tuple[str, str]]:
+    """The feature views the online store holds, each with the Parquet source it is loaded
+    from: ``user_static`` (when there are static user features), ``item_history`` and
+    ``user_dynamic``."""
+    views = [(ITEM_VIEW, ITEMS_SOURCE), (USER_DYNAMIC_VIEW, USERS_SOURCE)]
+    if features.group("user_static"):
+        views.insert(0, (USER_STATIC_VIEW, USERS_SOURCE))
+    return views
+
+
 def _load_online(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timestamp) -> None:
     """Write the Parquet sources to the online store through Feast, in bounded batches.
 
@@ -425,11 +436,8 @@ def _load_online(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Tim
     several times (7x the whole write for 5K users). The interval is then recorded in the
     registry, as ``feast materialize`` does.
     """
-    views = [(ITEM_VIEW, ITEMS_SOURCE), (USER_DYNAMIC_VIEW, USERS_SOURCE)]
-    if features.group("user_static"):
-        views.insert(0, (USER_STATIC_VIEW, USERS_SOURCE))
     end = as_of + timedelta(seconds=1)
-    for view, source in views:
+    for view, source in online_views(features):
         parquet = pq.ParquetFile(repo_dir / DATA_DIR / source)
         for record_batch in parquet.iter_batches(batch_size=_WRITE_BATCH_ROWS):
             frame = record_batch.to_pandas()
