@@ -444,3 +444,18 @@ def test_negative_downsampling_is_recalibrated(world: Path) -> None:
     assert calibration["ece_calibrated"] <= calibration["ece_before_calibrator"] + 0.02
     positives = report.counts["n_ranker_positives"]
     assert 0 < positives < report.counts["n_ranker_rows"]
+
+
+def test_held_out_log_loss_is_only_for_rankers_whose_scores_are_probabilities() -> None:
+    # A LambdaRank score or an ensemble's mean z-score is no log-odds: its sigmoid's log loss
+    # measured the score's scale, making the better ranker look worse than a constant.
+    from mlsd.evaluation.offline import _ranker_scores
+
+    train, valid = synthetic_ranking_data(seed=1), synthetic_ranking_data(seed=2)
+    listwise = LightGBMRanker(objective="lambdarank", n_estimators=20).fit(train)
+    pointwise = LogisticRanker().fit(train)
+    assert math.isnan(_ranker_scores("lambdarank", listwise, valid, 0.0).valid_log_loss)
+    scores = _ranker_scores("logistic", pointwise, valid, 0.0)
+    base_rate = valid.label.mean()
+    constant = -(base_rate * math.log(base_rate) + (1 - base_rate) * math.log(1 - base_rate))
+    assert scores.valid_log_loss < constant  # a real probability, better than the base rate

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -255,6 +256,37 @@ def test_batch_path_answers_what_the_online_path_answers(recommender: FeedRecomm
     assert recommender.recommend_many([], k=10) == []
 
 
+def test_the_ranker_orders_the_list_and_the_calibrator_only_labels_it(
+    recommender: FeedRecommender,
+) -> None:
+    # Offline evaluation orders candidates by the ranker's own scores. An isotonic calibrator
+    # is a step function whose probabilities tie where the scores do not; ordering by them
+    # would serve the ties in merge order, a list the evaluation never scored. With a
+    # calibrator that maps every score to one probability, both paths must serve the same
+    # items as with the real one, labelled with that probability.
+    from mlsd.models.ranking.calibration import Calibrator
+
+    flat = Calibrator.from_dict(
+        {"method": "isotonic", "x_thresholds": [-1e9, 1e9], "y_thresholds": [0.25, 0.25]}
+    )
+    model = recommender.model
+    tied = FeedRecommender(
+        dataclasses.replace(model, ranking=dataclasses.replace(model.ranking, calibrator=flat)),
+        features=recommender.features,
+    )
+    now = 1_900_000_000.0
+    users = [3, 4, 11, 40]
+    batch = tied.recommend_many(users, k=10, now=now)
+    for user, (items, scores) in zip(users, batch, strict=True):
+        request = RecommendRequest(user, k=10, now=now, allow_precomputed=False)
+        expected = [r.item_id for r in recommender.recommend(request).items]
+        served = tied.recommend(request)
+        assert [r.item_id for r in served.items] == expected, user
+        assert [r.score for r in served.items] == [0.25] * 10
+        assert items.tolist() == expected, user
+        np.testing.assert_array_equal(scores, 0.25)
+
+
 def test_batch_rows_are_each_requests_rows_to_the_bit(recommender: FeedRecommender) -> None:
     # prepare_many builds the ranker rows of many users as one float block (user features
     # repeated per candidate only where read); each user's rows must be, to the bit, those a
@@ -284,7 +316,8 @@ def test_batch_rows_are_each_requests_rows_to_the_bit(recommender: FeedRecommend
             frame[owner == row].reset_index(drop=True), result.candidates.features, check_exact=True
         )
     np.testing.assert_array_equal(
-        bundle.probabilities_matrix(batch.features, batch.schema), bundle.probabilities(frame)
+        bundle.calibrated(bundle.scores_matrix(batch.features, batch.schema)),
+        bundle.probabilities(frame),
     )
 
 
@@ -326,6 +359,47 @@ def test_a_broken_source_degrades_instead_of_failing(
     assert result.path == "online"
     assert "source:als" in result.fallbacks
     assert len(result.items) == 10
+
+
+def test_the_last_fallbacks_keep_the_blocklist_and_the_seen_items_out(
+    served: tuple[Path, Path, Path], recommender: FeedRecommender
+) -> None:
+    # When every source comes back empty the answer is the popular items: still never what
+    # policy blocks (a legal takedown) nor what the user just consumed.
+    from mlsd.serving.precomputed import Precomputed
+
+    model = FeedModel.load(served[1])
+    popular = model.sources["popularity"]
+    query = UserQuery(None, np.zeros(0, np.int64), np.zeros(0, np.int64), {}, 0)
+    top = popular.candidates(query, 8, exclude=np.zeros(0, np.int64))[0].tolist()
+
+    class EmptyOnce:
+        """The source's first call (the retrieval stage's) finds nothing; later ones answer."""
+
+        def __init__(self, source: object) -> None:
+            self.source, self.calls = source, 0
+
+        def candidates(self, *args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+            self.calls += 1
+            if self.calls == 1:
+                return np.zeros(0, np.int64), np.zeros(0)
+            return self.source.candidates(*args, **kwargs)  # type: ignore[attr-defined, no-any-return]
+
+    sources: dict[str, Any] = {name: EmptyOnce(source) for name, source in model.sources.items()}
+    blocked = dataclasses.replace(model.rerank, blocklist=frozenset(top[1:3]))
+    degraded = FeedRecommender(
+        dataclasses.replace(model, sources=sources, rerank=blocked),
+        features=recommender.features,
+    )
+    result = degraded.recommend(RecommendRequest(None, k=5, recent_items=(top[0],)))
+    assert result.path == "fallback:popular"
+    assert [r.item_id for r in result.items] == top[3:8]
+    # A stale precomputed list (another version's) loses the serving model's blocklist too.
+    stale = Precomputed(np.array(top[:4]), np.ones(4, np.float32), "v-old", 0.0)
+    served_list = FeedRecommender._served(stale, 3, blocked.blocked_ids)
+    assert served_list is not None
+    assert [r.item_id for r in served_list] == [top[0], top[3]]
+    assert FeedRecommender._served(stale, 3, np.array(sorted(top[:4]))) is None
 
 
 @pytest.mark.parametrize("inline", [False, True])

@@ -71,6 +71,37 @@ def test_pure_relevance_keeps_the_ranker_order_and_original_scores() -> None:
     np.testing.assert_array_equal(shown.scores, scores[order])  # ranker scores, not objectives
 
 
+@pytest.mark.parametrize(
+    "config", [RerankConfig(), RerankConfig(mmr_lambda=0.6, max_per_category=2)], ids=str
+)
+def test_shown_values_label_the_list_without_ordering_it(config: RerankConfig) -> None:
+    # Serving orders by the ranker's scores and shows calibrated probabilities, which tie
+    # where the scores do not: the order must come from the scores alone, on both paths.
+    rng = np.random.default_rng(11)
+    ids = rng.permutation(10)
+    scores = rng.normal(size=10)
+    shown_values = np.round(1.0 / (1.0 + np.exp(-scores)), 1)  # a step function of the score
+    plain = rerank(ids, scores, k=6, config=config, item_categories=CATEGORIES, seen={ids[0]})
+    labelled = rerank(
+        ids, scores, k=6, config=config, item_categories=CATEGORIES, seen={ids[0]},
+        shown=shown_values,
+    )  # fmt: skip
+    np.testing.assert_array_equal(labelled.item_ids, plain.item_ids)
+    position = {item: p for p, item in enumerate(ids.tolist())}
+    picked = [position[i] for i in labelled.item_ids.tolist()]
+    np.testing.assert_array_equal(labelled.scores, shown_values[picked])
+    batch = rerank_lists(
+        np.stack([ids, ids[::-1]]), np.stack([scores, scores[::-1]]), k=6, config=config,
+        item_categories=CATEGORIES, seen=[{ids[0]}, {ids[0]}],
+        shown=np.stack([shown_values, shown_values[::-1]]),
+    )  # fmt: skip
+    for row in range(2):
+        np.testing.assert_array_equal(batch.item_ids[row], plain.item_ids)
+        np.testing.assert_array_equal(batch.scores[row], labelled.scores)
+    with pytest.raises(ValueError, match="shown must have the scores' shape"):
+        rerank(ids, scores, k=3, config=config, item_categories=CATEGORIES, shown=[0.5])
+
+
 def test_category_cap_holds_and_fills_from_the_next_categories() -> None:
     ids = np.arange(10)
     scores = np.linspace(1.0, 0.1, 10)  # category 0 on top, then 1, then 2, then unknown

@@ -83,7 +83,7 @@ from mlsd.evaluation.stages import (
 )
 from mlsd.features.batch import feature_config_for
 from mlsd.features.definitions import FeatureConfig
-from mlsd.models.ranking.base import FloatArray, Ranker, RankingData
+from mlsd.models.ranking.base import FloatArray, Ranker, RankingData, as_probability
 from mlsd.models.ranking.bundle import RankingBundle, prior_corrected
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
@@ -104,7 +104,8 @@ PIPELINE = "mlsd"
 @dataclass(frozen=True)
 class RankerScores:
     """A ranker on its held-out users (the ranker windows): NDCG@10 of their candidates
-    ordered by the ranker, AUC, per-user AUC, log loss, times; with
+    ordered by the ranker, AUC, per-user AUC, log loss (NaN for a ranker whose scores are no
+    probability, :attr:`~mlsd.models.ranking.base.Ranker.outputs`), times; with
     ``PipelineConfig.auc_splits`` > 1, also the AUC of a fit on each of several draws of
     held-out users (``valid_auc_splits``, the first being ``valid_auc``'s), so that rankers can
     be compared beyond the noise of one draw."""
@@ -590,7 +591,10 @@ class _Run:
                 scores = self._auc_splits(rows, scores)
         chosen = self._choose(scores)
         calibrator = Calibrator(method=self.pipeline.calibration).fit(
-            prior_corrected(fitted[chosen].predict(valid_data.features), keep), valid_data.label
+            prior_corrected(
+                fitted[chosen].predict(valid_data.features), keep, fitted[chosen].outputs
+            ),
+            valid_data.label,
         )
         return TrainedRankers(
             quotas, vocabulary, layout, fitted, scores, chosen, calibrator, rows, windows[-1].task,
@@ -677,7 +681,9 @@ class _Run:
                 scorer.variant(label, scorer.rerank(ranked, ranked_scores, config))
                 for label, config in settings.items()
             ]
-        corrected = prior_corrected(scored[chosen_name], self.pipeline.negative_keep_rate)
+        corrected = prior_corrected(
+            scored[chosen_name], self.pipeline.negative_keep_rate, fitted[chosen_name].outputs
+        )
         probs = calibrator.transform(corrected)
         return OfflineReport(
             protocol_name="",
@@ -740,17 +746,18 @@ def _ranker_scores(name: str, ranker: Ranker, valid: Any, fit_seconds: float) ->
     per_1k = (time.perf_counter() - start) / max(len(scores), 1) * 1000
     labels = valid.label
     both = 0 < labels.sum() < len(labels)
-    probs = (
-        1.0 / (1.0 + np.exp(-np.clip(scores, -30, 30)))
-        if scores.min() < 0 or scores.max() > 1
-        else scores
-    )
+    # A plain score (LambdaRank's, the ensemble's) is no probability: no log loss for it.
+    probs = as_probability(scores, ranker.outputs)
     return RankerScores(
         name=name,
         valid_ndcg=group_ndcg(labels, scores, valid.groups, k=10),
         valid_auc=_auc(labels, scores),
         valid_grouped_auc=grouped_auc_score(labels, scores, valid.groups),
-        valid_log_loss=log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7)) if both else math.nan,
+        valid_log_loss=(
+            log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7))
+            if both and probs is not None
+            else math.nan
+        ),
         fit_seconds=fit_seconds,
         predict_seconds_per_1k=per_1k,
     )

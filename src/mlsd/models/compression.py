@@ -30,14 +30,20 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import Tensor
 
-from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker, RankingData
+from mlsd.models.ranking.base import (
+    FeatureSchema,
+    FloatArray,
+    Ranker,
+    RankingData,
+    ScoreKind,
+    sigmoid,
+)
 from mlsd.models.ranking.deep import (
     RANKER_JSON,
     DeepRanker,
     DeepRankerConfig,
     feature_arrays,
     multitask_loss,
-    sigmoid,
 )
 
 ONNX_FILE = "model.onnx"
@@ -184,6 +190,7 @@ class OnnxRanker(Ranker):
     """
 
     name = "onnx"
+    outputs: ScoreKind = "probability"
 
     def __init__(
         self,

@@ -386,7 +386,7 @@ class FeedRecommender:
             )
         except Exception:  # Redis down: the thread path records the fallback
             return None
-        served = self._served(found.result, request.k)
+        served = self._served(found.result, request.k, self.model.rerank.blocked_ids)
         clock.lap("precomputed")
         return None if served is None else self._result(served, "precomputed", clock, [])
 
@@ -407,7 +407,7 @@ class FeedRecommender:
         lists = self._retrieve(query, exclude, fallbacks)
         clock.lap("retrieval")
         if not any(len(items) for items, _ in lists.values()):
-            return self._degraded(request, clock, fallbacks)
+            return self._degraded(request, exclude, clock, fallbacks)
         width = self.model.n_candidates
         scored = SourceLists(
             {name: _row(items, width) for name, (items, _) in lists.items()},
@@ -418,16 +418,17 @@ class FeedRecommender:
         pairs = candidate_columns([uid], merged, scored)
         clock.lap("merge")
         item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
-        probs, ages, rows = self._rank(request, user, pairs, clock, fallbacks)
+        order, probs, ages, rows = self._rank(request, user, pairs, clock, fallbacks)
         clock.lap("ranking")
         final = rerank(
             item_ids,
-            probs,
+            order,
             k=request.k,
             config=self.model.rerank,
             item_categories=_dense_categories(self.model.snapshot, item_ids),
             item_age_days=ages if self.model.rerank.freshness_weight > 0 else None,
             seen=exclude,
+            shown=probs,
         )
         clock.lap("rerank")
         row_of = {item: row for row, item in enumerate(item_ids.tolist())}
@@ -532,8 +533,9 @@ class FeedRecommender:
         model, candidates = self.model, batch.candidates
         real = candidates != PAD_ID  # one ranker row per cell, row by row
         scores = np.full(candidates.shape, -np.inf)
-        probs = model.ranking.probabilities_matrix(batch.features, batch.schema)
-        scores[real] = np.asarray(probs, dtype=np.float64)
+        probs = np.full(candidates.shape, -np.inf)
+        scores[real] = model.ranking.scores_matrix(batch.features, batch.schema)
+        probs[real] = model.ranking.calibrated(scores[real])
         ages = None
         if model.rerank.freshness_weight > 0:
             ages = np.full(candidates.shape, np.nan)
@@ -546,6 +548,7 @@ class FeedRecommender:
             item_categories=_dense_categories(model.snapshot, candidates[real]),
             item_age_days=ages,
             seen=batch.excludes,
+            shown=probs,
         )
         return final.item_ids, final.scores
 
@@ -584,16 +587,22 @@ class FeedRecommender:
         except Exception:  # Redis down: the online path answers
             fallbacks.append("precomputed")
             return None
-        return self._served(found.result, request.k)
+        return self._served(found.result, request.k, self.model.rerank.blocked_ids)
 
     @staticmethod
-    def _served(hit: Precomputed | None, k: int) -> list[Recommendation] | None:
+    def _served(hit: Precomputed | None, k: int, blocked: IntArray) -> list[Recommendation] | None:
+        """The first ``k`` items of a precomputed list, less the serving model's blocklist:
+        a list of another version (the stale fallback) was cut under that version's."""
         if hit is None or len(hit.item_ids) == 0:
             return None
+        ids, scores = hit.item_ids, hit.scores
+        if len(blocked):
+            keep = ~np.isin(ids, blocked)
+            ids, scores = ids[keep], scores[keep]
         return [
             Recommendation(int(i), float(s), "precomputed")
-            for i, s in zip(hit.item_ids[:k], hit.scores[:k], strict=False)
-        ]
+            for i, s in zip(ids[:k], scores[:k], strict=False)
+        ] or None
 
     def _user(self, user_id: int | None, fallbacks: list[str]) -> dict[str, np.ndarray]:
         if self.features is None:
@@ -648,16 +657,18 @@ class FeedRecommender:
         pairs: Mapping[str, npt.NDArray[Any]],
         clock: _Clock,
         fallbacks: list[str],
-    ) -> tuple[FloatArray, FloatArray, tuple[FloatArray, FeatureSchema] | None]:
-        """Calibrated click probabilities (the merged order on failure), item ages and the
-        ranker's features as :func:`ranker_inputs` gives them (``None`` when the ranker did
-        not run): the DataFrame is built only for a request whose rows are logged."""
+    ) -> tuple[FloatArray, FloatArray, FloatArray, tuple[FloatArray, FeatureSchema] | None]:
+        """The ranker's scores, which order the list as offline evaluation orders it, and
+        their calibrated click probabilities, which the answer shows (both the merged order
+        on failure); item ages; the ranker's features as :func:`ranker_inputs` gives them
+        (``None`` when the ranker did not run): the DataFrame is built only for a request
+        whose rows are logged."""
         item_ids = np.asarray(pairs["item_id"], dtype=np.int64)
         merged_order = 1.0 - np.arange(len(item_ids)) / max(len(item_ids), 1)
         ages = np.full(len(item_ids), np.nan)
         if self.features is None or clock.total() > self.deadlines.total_ms:
             fallbacks.append("ranker:deadline")
-            return merged_order, ages, None
+            return merged_order, merged_order, ages, None
         bundle = self.model.ranking
         try:
             now = pd.Timestamp(
@@ -677,18 +688,21 @@ class FeedRecommender:
             matrix, schema = ranker_inputs(
                 frame, bundle.layout, bundle.vocabulary, bundle.feature_config
             )
-            probs = bundle.probabilities_matrix(matrix, schema)
+            scores = bundle.scores_matrix(matrix, schema)
+            probs = bundle.calibrated(scores)
             age = np.asarray(batch.derived.get("item_age_days", ages), dtype=np.float64)
             ages = np.where(age >= 0, age, np.nan)
         except Exception:
             logger.exception("ranking failed; serving the merged order")
             fallbacks.append("ranker")
-            return merged_order, ages, None
-        return np.asarray(probs, dtype=np.float64), ages, (matrix, schema)
+            return merged_order, merged_order, ages, None
+        return scores, np.asarray(probs, dtype=np.float64), ages, (matrix, schema)
 
     def _degraded(
-        self, request: RecommendRequest, clock: _Clock, fallbacks: list[str]
+        self, request: RecommendRequest, seen: IntArray, clock: _Clock, fallbacks: list[str]
     ) -> RecommendResult:
+        """Every source came back empty: a precomputed list of any version, else the popular
+        items, less what the user has seen and the blocklist (the re-ranker's filters)."""
         served = self._precomputed(request, fallbacks, fresh=False)
         if served is not None:
             return self._result(served, "fallback:precomputed", clock, fallbacks)
@@ -696,7 +710,8 @@ class FeedRecommender:
         items: list[Recommendation] = []
         if popular is not None:
             query = UserQuery(request.user_id, np.zeros(0, np.int64), np.zeros(0, np.int64), {}, 0)
-            ids, scores = popular.candidates(query, request.k, exclude=np.zeros(0, np.int64))
+            exclude = np.union1d(seen, self.model.rerank.blocked_ids)
+            ids, scores = popular.candidates(query, request.k, exclude=exclude)
             items = [
                 Recommendation(int(i), float(s), "popularity")
                 for i, s in zip(ids.tolist(), scores.tolist(), strict=True)

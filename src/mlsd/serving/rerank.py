@@ -114,7 +114,8 @@ class Reranked(NamedTuple):
     Attributes:
         item_ids: (m,) for one request, (n, k) padded with -1 for a batch.
         scores: the ranker's original scores of those items (not the MMR objective), so that
-            downstream calibration or bidding still reads model outputs; -inf on padding.
+            downstream calibration or bidding still reads model outputs, or the ``shown``
+            values of those items when one was given; -inf on padding.
     """
 
     item_ids: IntArray
@@ -296,6 +297,7 @@ def rerank(
     item_categories: npt.ArrayLike,
     item_age_days: npt.ArrayLike | None = None,
     seen: SeenItems | None = None,
+    shown: npt.ArrayLike | None = None,
 ) -> Reranked:
     """Shape one request's ranked candidates into the list to show.
 
@@ -308,6 +310,9 @@ def rerank(
         item_age_days: (L,) age of each candidate in days, aligned with ``item_ids``; needed
             when ``config.freshness_weight > 0``. NaN means unknown and gets no boost.
         seen: ids the user already interacted with; never shown again.
+        shown: (L,) values to report for the candidates in place of ``scores`` (e.g. their
+            calibrated click probabilities, while the order follows the ranker's own
+            scores, as offline evaluation orders them); the order does not read them.
 
     Returns:
         :class:`Reranked` of shape (m,) with ``m = min(k, candidates left)``: fewer than ``k``
@@ -316,12 +321,13 @@ def rerank(
     """
     k = _check_k(k)
     ids, values, ages = _check_request(item_ids, scores, item_age_days)
+    reported = _shown_values(shown, values)
     keep = ids != PAD_ID
     if config.blocklist:
         keep &= ~_is_in(ids, config.blocked_ids)
     if seen is not None:
         keep &= ~_is_in(ids, np.sort(_as_id_array(seen)))
-    ids, values = ids[keep], values[keep]
+    ids, values, reported = ids[keep], values[keep], reported[keep]
     if ids.size == 0:
         return Reranked(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
     relevance = _relevance(values, None if ages is None else ages[keep], config)
@@ -330,7 +336,17 @@ def rerank(
         picks = np.argsort(-relevance, kind="stable")[:k]
     else:
         picks = _greedy_mmr(relevance, _categories_of(ids, item_categories), k, config)
-    return Reranked(ids[picks], values[picks])
+    return Reranked(ids[picks], reported[picks])
+
+
+def _shown_values(shown: npt.ArrayLike | None, scores: FloatArray) -> FloatArray:
+    """``shown`` as float64 of ``scores``' shape (``scores`` itself when ``None``)."""
+    if shown is None:
+        return scores
+    values = np.asarray(shown, dtype=np.float64)
+    if values.shape != scores.shape:
+        raise ValueError(f"shown must have the scores' shape {scores.shape}, got {values.shape}")
+    return values
 
 
 def rerank_lists(
@@ -342,6 +358,7 @@ def rerank_lists(
     item_categories: npt.ArrayLike,
     item_age_days: npt.ArrayLike | None = None,
     seen: Sequence[SeenItems] | None = None,
+    shown: npt.ArrayLike | None = None,
 ) -> Reranked:
     """:func:`rerank` for many users at once, for offline evaluation and batch prediction.
 
@@ -354,6 +371,7 @@ def rerank_lists(
         item_age_days: (n_users, L) candidate ages in days, aligned with ``item_ids``.
         seen: n_users sets or arrays of already-seen ids (for a CSR ``user_items``:
             ``np.split(user_items.indices, user_items.indptr[1:-1])``).
+        shown: (n_users, L) values reported in place of ``scores``, as :func:`rerank`'s.
 
     Returns:
         :class:`Reranked` of shape (n_users, k), rows padded with -1 ids and -inf scores.
@@ -371,12 +389,13 @@ def rerank_lists(
     if seen is not None and len(seen) != ids.shape[0]:
         raise ValueError(f"seen has {len(seen)} users, item_ids has {ids.shape[0]}")
     k = _check_k(k)
+    reported = _shown_values(shown, values)
     if config.mmr_lambda == 1.0 and config.max_per_category is None:
-        return _sorted_lists(ids, values, k, config, ages, seen)
+        return _sorted_lists(ids, values, k, config, ages, seen, reported)
     out_ids = np.full((ids.shape[0], k), PAD_ID, dtype=np.int64)
     out_scores = np.full((ids.shape[0], k), -np.inf, dtype=np.float64)
     for row in range(ids.shape[0]):  # rerank drops the padding, whatever its scores
-        shown = rerank(
+        picked = rerank(
             ids[row],
             values[row],
             k=k,
@@ -384,9 +403,10 @@ def rerank_lists(
             item_categories=item_categories,
             item_age_days=None if ages is None else ages[row],
             seen=None if seen is None else seen[row],
+            shown=reported[row],
         )
-        out_ids[row, : len(shown.item_ids)] = shown.item_ids
-        out_scores[row, : len(shown.scores)] = shown.scores
+        out_ids[row, : len(picked.item_ids)] = picked.item_ids
+        out_scores[row, : len(picked.scores)] = picked.scores
     return Reranked(out_ids, out_scores)
 
 
@@ -397,6 +417,7 @@ def _sorted_lists(
     config: RerankConfig,
     ages: FloatArray | None,
     seen: Sequence[SeenItems] | None,
+    reported: FloatArray,
 ) -> Reranked:
     """:func:`rerank_lists` without list-level interaction (``mmr_lambda`` 1, no category
     cap), all rows at once: the checks, filters, normalisation and stable sort of
@@ -440,5 +461,5 @@ def _sorted_lists(
     out_scores = np.full((ids.shape[0], k), -np.inf, dtype=np.float64)
     width = order.shape[1]
     out_ids[:, :width] = np.where(shown, np.take_along_axis(ids, order, axis=1), PAD_ID)
-    out_scores[:, :width] = np.where(shown, np.take_along_axis(values, order, axis=1), -np.inf)
+    out_scores[:, :width] = np.where(shown, np.take_along_axis(reported, order, axis=1), -np.inf)
     return Reranked(out_ids, out_scores)

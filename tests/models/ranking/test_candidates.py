@@ -202,8 +202,11 @@ def test_request_columns_of_owned_rows_are_the_repeated_user_rows(seed: int) -> 
 
 def test_the_offline_frame_and_the_request_columns_give_the_same_block() -> None:
     # Training reads a DataFrame (pair_features, category names, its own index); a request
-    # reads arrays: one function, so one block.
+    # reads arrays: one function, so one block, with one rule for a missing value (0 before
+    # the transforms, whatever the column's transform).
     columns = _request(50, seed=1)
+    columns["item_age_days"][:3] = np.nan
+    columns["events_30d"][3:5] = np.nan
     offline = pd.DataFrame(
         {
             name: list(values) if values.ndim > 1 else values

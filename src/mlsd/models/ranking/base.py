@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -216,10 +216,20 @@ class RankingData:
         )
 
 
+ScoreKind = Literal["probability", "log_odds", "score"]
+"""What a ranker's ``predict`` returns: a click probability, its log-odds, or a score that only
+orders (a listwise objective's, an ensemble's); :func:`as_probability` reads it."""
+
+
 class Ranker(ABC):
     """A second-stage model: ``fit`` on labelled candidates, ``predict`` scores for new ones."""
 
     name: str = "ranker"
+
+    @property
+    def outputs(self) -> ScoreKind:
+        """What :meth:`predict` returns (:data:`ScoreKind`); a plain score unless said."""
+        return "score"
 
     @abstractmethod
     def fit(self, train: RankingData, valid: RankingData | None = None) -> Self:
@@ -253,3 +263,22 @@ class Ranker(ABC):
     @abstractmethod
     def load(cls, path: Path) -> Self:
         """Read a ranker written by :meth:`save`."""
+
+
+def as_probability(scores: npt.ArrayLike, outputs: ScoreKind) -> FloatArray | None:
+    """``scores`` of a ranker whose :attr:`Ranker.outputs` is ``outputs`` as click
+    probabilities: as they are, or the sigmoid of log-odds; ``None`` for a plain score, which
+    is no probability (its log loss would measure its scale, not the ranker)."""
+    values = np.asarray(scores, dtype=np.float64)
+    if outputs == "probability":
+        return values
+    if outputs == "log_odds":
+        return sigmoid(values)
+    return None
+
+
+def sigmoid(logits: npt.ArrayLike) -> FloatArray:
+    """Numerically stable float64 logistic function."""
+    x = np.asarray(logits, dtype=np.float64)
+    out: FloatArray = np.exp(-np.logaddexp(0.0, -x))
+    return out

@@ -25,7 +25,7 @@ import pandas as pd
 
 from mlsd.data.sampling import recalibrate_downsampled
 from mlsd.features.definitions import FeatureConfig
-from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker
+from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker, ScoreKind, sigmoid
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.ranking.registry import load_ranker
@@ -67,14 +67,20 @@ class RankingBundle:
     def probabilities(self, features: pd.DataFrame) -> FloatArray:
         """Click probabilities of candidate rows: ranker → downsampling correction →
         calibrator, the same chain the calibrator was fitted through."""
-        scores = self.ranker.predict(features)
-        return self.calibrator.transform(prior_corrected(scores, self.negative_keep_rate))
+        return self.calibrated(self.ranker.predict(features))
 
-    def probabilities_matrix(self, matrix: FloatArray, schema: FeatureSchema) -> FloatArray:
-        """:meth:`probabilities` of a ``schema.matrix`` block (:func:`ranker_inputs`): the
-        request path, which skips the DataFrame when the ranker can."""
-        scores = self.ranker.predict_matrix(matrix, schema)
-        return self.calibrator.transform(prior_corrected(scores, self.negative_keep_rate))
+    def scores_matrix(self, matrix: FloatArray, schema: FeatureSchema) -> FloatArray:
+        """The ranker's own scores of a ``schema.matrix`` block (:func:`ranker_inputs`; the
+        request path, which skips the DataFrame when the ranker can): what the list is
+        ordered by, as offline evaluation orders it. An isotonic calibrator is a step
+        function, so its probabilities tie where the ranker's scores do not."""
+        return np.asarray(self.ranker.predict_matrix(matrix, schema), dtype=np.float64)
+
+    def calibrated(self, scores: npt.ArrayLike) -> FloatArray:
+        """Click probabilities of the ranker's ``scores``, value by value (the same score gets
+        the same probability whatever else is in the batch)."""
+        corrected = prior_corrected(scores, self.negative_keep_rate, self.ranker.outputs)
+        return self.calibrator.transform(corrected)
 
     def save(self, path: Path) -> Path:
         """Write the bundle to directory ``path`` (created); returns it."""
@@ -140,15 +146,17 @@ class RankingBundle:
         )
 
 
-def prior_corrected(scores: npt.ArrayLike, keep_rate: float) -> FloatArray:
+def prior_corrected(scores: npt.ArrayLike, keep_rate: float, outputs: ScoreKind) -> FloatArray:
     """Scores of a ranker fit with negatives kept at rate ``keep_rate``, mapped back to the
     world's click rate (:func:`mlsd.data.sampling.recalibrate_downsampled`); unchanged at 1.
 
-    Scores outside [0, 1] (log-odds, margins) go through a sigmoid first. The map is monotone,
-    so rankings do not change; it leaves the calibrator less to correct."""
+    ``outputs`` is the ranker's :attr:`~mlsd.models.ranking.base.Ranker.outputs`: anything
+    but a probability goes through a sigmoid first, decided by the ranker and never by the
+    values at hand, so a row's result does not depend on the other rows of its batch. The map
+    is monotone, so rankings do not change; it leaves the calibrator less to correct."""
     values = np.asarray(scores, dtype=np.float64)
     if keep_rate >= 1.0:
         return values
-    if values.size and (values.min() < 0.0 or values.max() > 1.0):
-        values = 1.0 / (1.0 + np.exp(-np.clip(values, -40.0, 40.0)))
+    if outputs != "probability":
+        values = sigmoid(values)
     return recalibrate_downsampled(values, keep_rate)

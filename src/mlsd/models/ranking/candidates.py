@@ -336,6 +336,8 @@ def ranker_inputs(
             numeric[j] = frame[column].to_numpy(dtype=np.float64, na_value=0.0)
         else:
             numeric[j] = frame[column]
+    # A missing value is 0 before the transforms, on both paths (the DataFrame's na_value).
+    np.copyto(numeric, 0.0, where=np.isnan(numeric))
     logged, counts = layout.logged, layout.counts
     if logged:
         values = numeric[logged]

@@ -32,7 +32,15 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from mlsd.models.losses import focal_loss
-from mlsd.models.ranking.base import PRIMARY_LABEL, FeatureSchema, FloatArray, Ranker, RankingData
+from mlsd.models.ranking.base import (
+    PRIMARY_LABEL,
+    FeatureSchema,
+    FloatArray,
+    Ranker,
+    RankingData,
+    ScoreKind,
+    sigmoid,
+)
 
 RANKER_JSON = "ranker.json"
 WEIGHTS_FILE = "model.pt"
@@ -415,6 +423,7 @@ class DeepRanker(Ranker):
     """
 
     name = "deep"
+    outputs: ScoreKind = "probability"
 
     schema_: FeatureSchema
     model_: DCNv2
@@ -529,10 +538,3 @@ class DeepRanker(Ranker):
         ranker.schema_, ranker.model_ = schema, model.eval()
         ranker.training_log_, ranker.best_epoch_ = meta["training_log"], meta["best_epoch"]
         return ranker
-
-
-def sigmoid(logits: npt.NDArray[np.floating[Any]]) -> FloatArray:
-    """Numerically stable float64 logistic function."""
-    x = np.asarray(logits, dtype=np.float64)
-    out: FloatArray = np.exp(-np.logaddexp(0.0, -x))
-    return out

@@ -20,7 +20,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker, RankingData
+from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker, RankingData, ScoreKind
 from mlsd.models.ranking.native import CompiledTrees, compile_booster
 
 RANKER_JSON = "ranker.json"
@@ -91,6 +91,11 @@ class LightGBMRanker(Ranker):
     """
 
     name = "lightgbm"
+
+    @property
+    def outputs(self) -> ScoreKind:
+        """Log-odds for ``binary``; a score that only orders for ``lambdarank``."""
+        return "log_odds" if self.objective == "binary" else "score"
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
-from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker, RankingData
+from mlsd.models.ranking.base import FeatureSchema, FloatArray, Ranker, RankingData, ScoreKind
 
 RANKER_JSON = "ranker.json"
 FORMAT_VERSION = 1
@@ -53,6 +53,7 @@ class LogisticRanker(Ranker):
     """
 
     name = "logistic"
+    outputs: ScoreKind = "log_odds"
 
     def __init__(
         self,

@@ -71,6 +71,8 @@ def train(
 
 def scores_table(trained: TrainedRankers) -> Table:
     """Each ranker's held-out scores (the chosen one marked): the offline evaluation of a run."""
+    from mlsd.evaluation.report import format_number
+
     table = Table(title="rankers on held-out users of the label windows", title_justify="left")
     for column in ("ranker", "ndcg@10", "AUC", "grouped AUC", "log loss", "fit s"):
         table.add_column(column, justify="left" if column == "ranker" else "right")
@@ -78,11 +80,11 @@ def scores_table(trained: TrainedRankers) -> Table:
         mark = " (chosen)" if score.name == trained.chosen else ""
         table.add_row(
             score.name + mark,
-            f"{score.valid_ndcg:.4f}",
-            f"{score.valid_auc:.4f}",
-            f"{score.valid_grouped_auc:.4f}",
-            f"{score.valid_log_loss:.4f}",
-            f"{score.fit_seconds:.2f}",
+            format_number(score.valid_ndcg, 4),
+            format_number(score.valid_auc, 4),
+            format_number(score.valid_grouped_auc, 4),
+            format_number(score.valid_log_loss, 4),  # "—" for a score that is no probability
+            format_number(score.fit_seconds, 2),
         )
     return table
 
