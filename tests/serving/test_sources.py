@@ -411,3 +411,25 @@ def test_covisitation_batch_recent_weights_are_each_querys() -> None:
     assert np.diff(indptr).max() == 8
     none, _, _ = source.recent_weights_many([UserQuery(None, empty, empty, {}, 0)] * 2)
     np.testing.assert_array_equal(none, [0, 0, 0])
+
+
+def test_covisitation_reads_events_of_one_second_in_the_order_they_came(
+    data: RetrievalData, tmp_path: Path
+) -> None:
+    # Ratings land many to a second (on ML-100K three events in four share a user's second
+    # with another). Serving's history runs oldest → newest in the order the events came, so
+    # the later row is the newer; the fit must weigh the same items as the newest.
+    coarse = data.events.copy()
+    coarse["ts"] = coarse["ts"].dt.floor("6h")  # many of each user's events share a second
+    tied = RetrievalData(coarse, data.users, data.items, data.cutoff)
+    retriever = CovisitationRetriever(last_n=2, recency_decay=0.5, normalize="none").fit(tied)
+    source = load_source(export_source(retriever, tmp_path / "source", index="flat"))
+    users = sample_users(tied, idle=False)
+    assert any(
+        query_of(tied, u)[0].history_ts[-1] == query_of(tied, u)[0].history_ts[-2] for u in users
+    )
+    for user in users:
+        query, seen = query_of(tied, user)
+        assert_same_answer(
+            source.candidates(query, K, exclude=seen), offline(retriever, user, K), exact=True
+        )

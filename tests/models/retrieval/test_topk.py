@@ -21,6 +21,29 @@ def test_top_k_sorts_breaks_ties_by_column_and_pads() -> None:
     assert np.isneginf(values[1, 1:]).all()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_items_tied_at_the_kth_score_are_the_lowest_columns_as_serving_keeps(seed: int) -> None:
+    # Counts tie a lot (a popularity list over a long tail): of the items tied for the last
+    # slots, the list keeps the lowest ids, as the serving sources' ``best`` does.
+    from mlsd.serving.sources import best
+
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, size=(20, 300)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
+    scores[3] = -np.inf  # a row with nothing to list
+    scores[4, :5] = 2.0  # fewer finite scores than k
+    scores[4, 5:] = -np.inf
+    item_ids = np.arange(300, dtype=np.int64) * 7
+    for k in (1, 10, 150, 299):
+        items, values = top_k_items(scores, k, item_ids=item_ids)
+        for row in range(len(scores)):
+            finite = np.isfinite(scores[row])
+            want_items, want_values = best(item_ids[finite], scores[row][finite], k)
+            real = items[row] != PAD_ITEM
+            np.testing.assert_array_equal(items[row][real], want_items)
+            np.testing.assert_array_equal(values[row][real], want_values)
+
+
 def test_k_beyond_the_columns_and_k_zero() -> None:
     items, _ = top_k_items(np.ones((2, 4)), 6, item_ids=ITEM_IDS)
     assert items[:, 4:].tolist() == [[PAD_ITEM] * 2] * 2

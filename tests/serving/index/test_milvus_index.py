@@ -75,10 +75,31 @@ def test_saved_config_names_the_collection(milvus_uri: str, tmp_path: Path) -> N
     assert meta["backend"] == "milvus"
     assert meta["config"]["uri"] == milvus_uri
     assert meta["config"]["collection"] == index.config.collection
-    index.build(data.item_ids[:100], data.item_embeddings[:100])  # the collection changed
+    assert meta["build_id"]
+    loaded = MilvusIndex.load(tmp_path)
+    assert loaded.search(data.queries, 5)[0].tolist() == index.search(data.queries, 5)[0].tolist()
+    # Another build under the same name, of the same size: the saved index must not answer
+    # from it (two exports sharing a collection served each other's vectors).
+    index.build(data.item_ids, data.item_embeddings[::-1].copy())
+    with pytest.raises(ValueError, match="not the saved build"):
+        MilvusIndex.load(tmp_path)
+    # An index.json without a build id (an older save) still checks the size.
+    meta.pop("build_id")
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    index.build(data.item_ids[:100], data.item_embeddings[:100])
     with pytest.raises(ValueError, match="holds 100; it changed since save"):
         MilvusIndex.load(tmp_path)
     index.close()
+    loaded.close()
+
+
+def test_each_export_gets_a_collection_of_its_own() -> None:
+    from mlsd.models.retrieval.export import make_index
+
+    first, second = make_index("milvus", 100, 8), make_index("milvus", 100, 8)
+    assert isinstance(first, MilvusIndex)
+    assert isinstance(second, MilvusIndex)
+    assert first.config.collection != second.config.collection
 
 
 def test_config_is_checked() -> None:

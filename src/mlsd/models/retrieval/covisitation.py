@@ -132,8 +132,11 @@ def recent_history(
     last_n: int,
     recency_decay: float,
 ) -> sp.csr_matrix:
-    """``(n_users, n_items)``: each user's ``last_n`` latest distinct items, ``decay ** rank``."""
-    order = np.lexsort((-seconds, users))
+    """``(n_users, n_items)``: each user's ``last_n`` latest distinct items, ``decay ** rank``.
+
+    Of events in the same second, the later row is the newer, as serving reads a history
+    (oldest → newest, in the order the events came)."""
+    order = np.lexsort((-np.arange(len(users)), -seconds, users))
     u, it = users[order], items[order]
     latest = ~pd.DataFrame({"u": u, "i": it}).duplicated().to_numpy()
     u, it = u[latest], it[latest]

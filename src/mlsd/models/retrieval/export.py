@@ -17,6 +17,7 @@ search when a sample of the users proves it cheap (long-tailed item norms), else
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from mlsd.models.retrieval.segment_popularity import SegmentPopularityRetriever
 from mlsd.models.retrieval.topk import check_fitted
 from mlsd.models.retrieval.two_tower_train import TwoTowerRetriever
 from mlsd.serving.index import INDEX_BACKENDS, VectorIndex, choose_index, index_for_queries
+from mlsd.serving.index.milvus_index import MilvusConfig, MilvusIndex
 from mlsd.serving.sources import (
     COVISITATION_FILE,
     EASE_FILE,
@@ -60,6 +62,8 @@ def make_index(index: str, n_items: int, dim: int) -> VectorIndex:
         raise ValueError(
             f"export_source: index={index!r}; expected 'auto' or one of {sorted(INDEX_BACKENDS)}"
         )
+    if index == "milvus":  # a collection per export: another export would replace it
+        return MilvusIndex(MilvusConfig(collection=f"item_embeddings_{uuid.uuid4().hex}"))
     return INDEX_BACKENDS[index]()
 
 

@@ -34,6 +34,10 @@ def top_k_items(
 ) -> tuple[IntArray, FloatArray]:
     """Best ``k`` columns of each row, as item ids; ``-inf`` and NaN scores never make the list.
 
+    Ties go to the lower column (the lower item id of a sorted catalog), also at the k-th
+    place, where several items may tie for the last slots: the serving sources keep the
+    same ones (:func:`mlsd.serving.sources.best`).
+
     Args:
         scores: ``(n_users, n_items)``; ``-inf`` marks an item that must not be recommended.
         k: items per row (``>= 0``).
@@ -57,6 +61,15 @@ def top_k_items(
         else np.broadcast_to(np.arange(n_cols), (n_rows, n_cols))
     )
     best = np.take_along_axis(key, cols, axis=1)
+    if kk < n_cols:
+        # argpartition keeps an arbitrary few of the items tied at the k-th score: a row
+        # with more of them than slots picks its lowest columns again.
+        kth = best.min(axis=1)
+        crowded = np.flatnonzero(np.isfinite(kth) & ((key >= kth[:, None]).sum(axis=1) > kk))
+        for row in crowded.tolist():
+            ahead = np.flatnonzero(key[row] >= kth[row])
+            cols[row] = ahead[np.lexsort((ahead, -key[row, ahead]))[:kk]]
+        best = np.take_along_axis(key, cols, axis=1)
     # Sort the kept columns by score, ties by column, so equal scores list in a fixed order.
     order = np.lexsort((cols, -best), axis=1)
     cols = np.take_along_axis(cols, order, axis=1)

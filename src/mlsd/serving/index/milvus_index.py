@@ -9,7 +9,10 @@ collection's int64 primary keys, so no id map is kept here.
 in batches, flush, create the index, wait for it, load. Building the index after the data is
 in sealed segments means ``load`` returns with every segment indexed (milvus-lite 3.2 would
 otherwise index freshly flushed segments in a background thread and brute-force them until
-then). ``save`` writes only ``index.json`` (uri, collection, config); the vectors stay in Milvus.
+then). ``save`` writes only ``index.json`` (uri, collection, config, build id); the vectors
+stay in Milvus. Each build stamps its collection with a fresh id (the collection property
+``mlsd.build_id``) and ``load`` checks it, so a saved index never answers from a collection
+another build has since replaced under the same name, even one of the same size.
 
 Index types: ``FLAT``, ``HNSW``, ``IVF_FLAT``, ``IVF_SQ8`` everywhere; ``IVF_PQ`` on a
 Milvus server only (milvus-lite 3.2 does not build it). Build parameters are sent in the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -44,6 +48,9 @@ MILVUS_INDEX_TYPES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
 }
 """Supported index type → (default build params, default search params)."""
 
+BUILD_PROPERTY = "mlsd.build_id"
+"""Collection property holding the id of the build that created it (checked by ``load``)."""
+
 
 @dataclass(frozen=True)
 class MilvusConfig:
@@ -52,7 +59,8 @@ class MilvusConfig:
     Attributes:
         uri: ``"path/items.db"`` (milvus-lite, relative to the working directory) or
             ``"http://host:19530"`` (a Milvus server).
-        collection: collection name; ``build`` drops and recreates it.
+        collection: collection name; ``build`` drops and recreates it (indexes that must live
+            side by side need names of their own).
         index_type: one of :data:`MILVUS_INDEX_TYPES`.
         params: build parameters (e.g. ``{"M": 32, "efConstruction": 200}``); ``None``: the
             index type's defaults.
@@ -98,6 +106,7 @@ class MilvusIndex(VectorIndex):
         super().__init__()
         self.config = config or MilvusConfig()
         self._client: Any = None
+        self._build_id: str | None = None
 
     def _connect(self) -> Any:
         """The pymilvus client, created on first use (constructing an index opens nothing)."""
@@ -127,7 +136,9 @@ class MilvusIndex(VectorIndex):
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(ID_FIELD, DataType.INT64, is_primary=True)
         schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=item_embeddings.shape[1])
-        client.create_collection(name, schema=schema)
+        build_id = uuid.uuid4().hex
+        client.create_collection(name, schema=schema, properties={BUILD_PROPERTY: build_id})
+        self._build_id = build_id
         batch = self.config.insert_batch
         for start in range(0, len(item_ids), batch):
             rows = zip(
@@ -207,20 +218,30 @@ class MilvusIndex(VectorIndex):
             self._client = None
 
     def save(self, path: Path) -> None:
-        """Write ``index.json`` (uri, collection, config) into directory ``path``."""
+        """Write ``index.json`` (uri, collection, config, build id) into directory ``path``."""
         if self.ntotal == 0:
             raise ValueError("MilvusIndex is empty: build it before save")
-        write_meta(Path(path), self._meta(dataclasses.asdict(self.config)))
+        meta = self._meta(dataclasses.asdict(self.config)) | {"build_id": self._build_id}
+        write_meta(Path(path), meta)
 
     @classmethod
     def load(cls, path: Path) -> Self:
-        """Reconnect to the collection named in ``path/index.json`` and check its size."""
+        """Reconnect to the collection named in ``path/index.json`` and check that it is the
+        one that build saved (its build id) and holds as many items."""
         meta = cls._read_meta(Path(path))
         loaded = cls(MilvusConfig(**meta["config"]))
         client, name = loaded._connect(), loaded.config.collection
         if not client.has_collection(name):
             raise ValueError(
                 f"{path}: collection {name!r} not found at {loaded.config.uri}; rebuild the index"
+            )
+        built = meta.get("build_id")
+        found = client.describe_collection(name).get("properties", {}).get(BUILD_PROPERTY)
+        if built is not None and found != built:
+            raise ValueError(
+                f"{path}: collection {name!r} at {loaded.config.uri} is build {found!r}, not "
+                f"the saved build {built!r}: another index was built under that name since "
+                "save; rebuild this index (or give each index a collection of its own)"
             )
         client.load_collection(name)
         n_rows = int(client.get_collection_stats(name)["row_count"])
@@ -231,4 +252,5 @@ class MilvusIndex(VectorIndex):
             )
         loaded._dim = int(meta["dim"])
         loaded._ntotal = n_rows
+        loaded._build_id = built
         return loaded
