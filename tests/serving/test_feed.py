@@ -194,7 +194,7 @@ def test_the_request_path_scores_the_ranker_frame(
         assert result.candidates is not None
         stored = features.default_user() if user is None else features.user_features(user)
         query = recommender._query(request, stored)
-        exclude = np.unique(query.history)
+        exclude = np.union1d(query.history, model.snapshot.seen(user))
         lists = {
             name: source.candidates(query, pad, exclude=exclude)
             for name, source in model.sources.items()
@@ -220,6 +220,46 @@ def test_the_request_path_scores_the_ranker_frame(
         pd.testing.assert_frame_equal(result.candidates.features, frame, check_exact=True)
         np.testing.assert_array_equal(result.candidates.item_ids, pairs["item_id"])
         np.testing.assert_array_equal(result.candidates.scores, bundle.probabilities(frame))
+
+
+def test_items_seen_before_the_recent_window_are_never_recommended(
+    recommender: FeedRecommender, served: tuple[Path, Path, Path]
+) -> None:
+    # The online store keeps a user's last history_len items; offline evaluation excludes
+    # every item seen before its cutoff, so serving must too, or a heavy user is shown what
+    # they consumed long ago (and the evaluation never scored such a list).
+    world = served[0]
+    events, _, _ = load_dataset(world)
+    distinct = events.groupby("user_id")["item_id"].nunique()
+    heavy = [int(u) for u in distinct[distinct > 50].index]  # more than the recent window
+    assert len(heavy) >= 3
+    snapshot = recommender.model.snapshot
+    for user in heavy:
+        assert snapshot.seen(user).tolist() == sorted(_seen(world, user))
+    assert len(snapshot.seen(10_000_000)) == 0
+    assert len(snapshot.seen(None)) == 0
+    now = 1_900_000_000.0
+    forgetful = FeedRecommender(
+        dataclasses.replace(
+            recommender.model,
+            snapshot=dataclasses.replace(
+                snapshot, seen_indptr=np.zeros(1, np.int64), seen_items=np.zeros(0, np.int64)
+            ),
+        ),
+        features=recommender.features,
+    )
+    shown_again = 0
+    for user, (batch_items, _) in zip(
+        heavy, recommender.recommend_many(heavy, k=60, now=now), strict=True
+    ):
+        request = RecommendRequest(user, k=60, now=now, allow_precomputed=False)
+        online = [r.item_id for r in recommender.recommend(request).items]
+        assert not set(online) & _seen(world, user), user
+        assert not set(batch_items.tolist()) & _seen(world, user), user
+        shown_again += len(
+            {r.item_id for r in forgetful.recommend(request).items} & _seen(world, user)
+        )
+    assert shown_again > 0  # the recent items alone would let older ones back in
 
 
 def test_snapshot_lookups_by_table_are_the_binary_searches(

@@ -43,7 +43,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,21 @@ class Snapshot:
     """Category code per item (index into ``categories``), -1 unknown."""
     user_ids: IntArray
     user_events_all: FloatArray
+    seen_indptr: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
+    """CSR row starts over ``user_ids`` into ``seen_items`` (a snapshot without them: none)."""
+    seen_items: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Each user's distinct items of the training events, sorted within the user's row."""
+
+    def seen(self, user_id: int | None) -> IntArray:
+        """The user's items as of training, sorted: with the online store's recent items,
+        what the request path never recommends (offline evaluation excludes every item seen
+        before its cutoff; the recent items alone would let older ones back in)."""
+        if user_id is None or len(self.seen_indptr) != len(self.user_ids) + 1:
+            return self.seen_items[:0]
+        row = int(np.searchsorted(self.user_ids, user_id))
+        if row == len(self.user_ids) or self.user_ids[row] != user_id:
+            return self.seen_items[:0]
+        return self.seen_items[self.seen_indptr[row] : self.seen_indptr[row + 1]]
 
     @staticmethod
     def _lookup(ids: IntArray, keys: IntArray, values: npt.NDArray[Any], default: float) -> Any:
@@ -403,7 +418,7 @@ class FeedRecommender:
         user = self._user(request.user_id, fallbacks)
         clock.lap("features")
         query = self._query(request, user)
-        exclude = np.unique(query.history)
+        exclude = np.union1d(query.history, self.model.snapshot.seen(request.user_id))
         lists = self._retrieve(query, exclude, fallbacks)
         clock.lap("retrieval")
         if not any(len(items) for items, _ in lists.values()):
@@ -484,7 +499,8 @@ class FeedRecommender:
             )
             for row, u in enumerate(user_ids)
         ]
-        excludes = [np.unique(q.history) for q in queries]
+        seen = model.snapshot.seen
+        excludes = [np.union1d(q.history, seen(q.user_id)) for q in queries]
         lists = {
             name: candidates_matrix(source, queries, width, excludes=excludes)
             for name, source in model.sources.items()

@@ -293,7 +293,8 @@ def served_rows(
         attributes = {a: str(users[a].iloc[row]) for a in config.user_attributes if a in users}
         queries.append(UserQuery(int(user_id), recent[keep][::-1], stamps[keep][::-1],
                                  attributes, int(now_us[row] // 1_000_000)))  # fmt: skip
-    excludes = [np.unique(q.history) for q in queries]
+    seen = model.snapshot.seen  # as the service excludes them
+    excludes = [np.union1d(q.history, seen(q.user_id)) for q in queries]
     found = {
         name: candidates_many(source, queries, width, excludes=excludes)
         for name, source in model.sources.items()
@@ -330,8 +331,11 @@ def _padded(rows: list[npt.NDArray[Any]], width: int, fill: float) -> npt.NDArra
 def _write_snapshot(
     path: Path, events: pd.DataFrame, items: pd.DataFrame, categories: tuple[str, ...]
 ) -> None:
-    """Per-item and per-user counts over all events, item creation times and categories."""
+    """Per-item and per-user counts over all events, item creation times and categories,
+    and each user's distinct items (the serving path's seen items as of training)."""
     per_user = events.groupby("user_id").size()
+    user_ids = per_user.index.to_numpy(np.int64)
+    pairs = np.unique(events[["user_id", "item_id"]].to_numpy(np.int64), axis=0)  # sorted
     per_item = events.groupby("item_id")["user_id"].nunique()
     items = items.sort_values("item_id")
     item_ids = items["item_id"].to_numpy(np.int64)
@@ -354,6 +358,8 @@ def _write_snapshot(
         item_users_all=per_item.reindex(item_ids, fill_value=0).to_numpy(np.float64),
         item_created_days_ref=created_s,
         item_category=category,
-        user_ids=per_user.index.to_numpy(np.int64),
+        user_ids=user_ids,
         user_events_all=per_user.to_numpy(np.float64),
+        seen_indptr=np.r_[np.searchsorted(pairs[:, 0], user_ids), len(pairs)].astype(np.int64),
+        seen_items=pairs[:, 1],
     )
