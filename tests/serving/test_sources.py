@@ -331,6 +331,37 @@ def test_bpr_unknown_user_with_history_gets_the_fallback(
     assert_same_answer(got, (cold_items[keep][:K], cold_scores[keep][:K]), exact=True)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ALSRetriever(factors=8, iterations=3, num_threads=1, half_life_days=1.0),
+        lambda: EASERetriever(l2=50.0, half_life_days=1.0),
+    ],
+    ids=["als", "ease"],
+)
+def test_a_user_whose_events_all_decayed_away_gets_the_fallback(
+    make: Callable[[], Retriever], data: RetrievalData, tmp_path: Path
+) -> None:
+    # Events far older than the half-life weigh 0 in float32: the model learned nothing of
+    # the user, whose scores are then all 0. The fallback answers, seen items excluded,
+    # offline and at serving alike.
+    user = int(data.events["user_id"].iloc[0])
+    events = data.events.copy()
+    mine = events["user_id"] == user
+    events.loc[mine, "ts"] = events.loc[mine, "ts"] - pd.Timedelta(days=400)
+    old = RetrievalData(events, data.users, data.items, data.cutoff)
+    retriever = make().fit(old)
+    source = load_source(export_source(retriever, tmp_path / "source", index="flat"))
+    query, seen = query_of(old, user)
+    cold_items, cold_scores = offline(retriever, COLD_USER, K + len(seen))
+    keep = ~np.isin(cold_items, seen)
+    fallback = (cold_items[keep][:K], cold_scores[keep][:K])
+    assert_same_answer(offline(retriever, user, K), fallback, exact=True)
+    assert_same_answer(source.candidates(query, K, exclude=seen), fallback, exact=True)
+    other = int(data.events.loc[~mine, "user_id"].iloc[0])  # a user with recent events
+    assert not np.array_equal(offline(retriever, other, K)[0], offline(retriever, COLD_USER, K)[0])
+
+
 def test_query_checks_its_shapes() -> None:
     with pytest.raises(ValueError, match="one timestamp"):
         UserQuery(1, np.array([1, 2]), np.array([5]), {}, 10)

@@ -206,7 +206,8 @@ def summed_history(
     query: UserQuery, catalog: IntArray, half_life_days: float | None
 ) -> tuple[IntArray, FloatArray]:
     """Catalog positions (ascending) of the history and the float32 sum of each one's events,
-    each weighted ``2 ** (-age_days / half_life_days)`` as of ``now_s`` (1 if ``None``)."""
+    each weighted ``2 ** (-age_days / half_life_days)`` as of ``now_s`` (1 if ``None``); an
+    item whose sum underflows to 0 drops out, as the offline matrix drops it."""
     rows = catalog_rows(query.history, catalog)
     known = rows >= 0
     weights = np.ones(int(known.sum()), dtype=np.float32)
@@ -216,7 +217,8 @@ def summed_history(
     cols, inverse = np.unique(rows[known], return_inverse=True)
     values = np.zeros(len(cols), dtype=np.float32)
     np.add.at(values, inverse.ravel(), weights)  # float32 sums, as the offline matrix holds
-    return cols, values
+    kept = values > 0
+    return cols[kept], values[kept]
 
 
 def _ids(exclude: npt.ArrayLike) -> IntArray:

@@ -128,6 +128,7 @@ class EASERetriever(Retriever):
             score_rows=self._score_rows,
             fallback_scores=self.fallback_.popularity_,
             exclude_seen=exclude_seen,
+            scored_rows=self.user_items_.getnnz(axis=1) > 0,
         )
 
     def _score_rows(self, rows: IntArray) -> FloatArray:

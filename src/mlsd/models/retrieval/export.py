@@ -106,11 +106,14 @@ def _factors(retriever: ALSRetriever | BPRRetriever, path: Path, index: str) -> 
         fold |= {"regularization": retriever.regularization, "alpha": retriever.alpha,
                  "half_life_days": retriever.half_life_days}  # fmt: skip
     _write_json(path, "factors", retriever.name, **fold)
-    _write_npz(path / FACTORS_FILE, user_ids=retriever.interactions_.user_ids,
-               user_factors=retriever.user_factors_, item_ids=item_ids,
+    # A user the model learned nothing from (every event decayed away) is left out: serving
+    # answers them as offline does, by fold-in of what remains of the history or the fallback.
+    scored = retriever.scored_users_
+    _write_npz(path / FACTORS_FILE, user_ids=retriever.interactions_.user_ids[scored],
+               user_factors=retriever.user_factors_[scored], item_ids=item_ids,
                item_factors=item_factors)  # fmt: skip
     if index == "auto":  # the user vectors are known: the index is chosen by searching them
-        vectors = index_for_queries(item_ids, item_factors, retriever.user_factors_)
+        vectors = index_for_queries(item_ids, item_factors, retriever.user_factors_[scored])
     else:
         vectors = make_index(index, len(item_ids), item_factors.shape[1])
         vectors.build(item_ids, item_factors)

@@ -40,6 +40,7 @@ class _ImplicitRetriever(Retriever):
     user_factors_: FloatArray
     item_factors_: FloatArray
     interactions_: InteractionMatrix
+    scored_users_: npt.NDArray[np.bool_]
     fallback_: PopularityRetriever
 
     half_life_days: float | None = None
@@ -65,6 +66,7 @@ class _ImplicitRetriever(Retriever):
         self.user_factors_ = np.ascontiguousarray(model.user_factors, dtype=np.float32)
         self.item_factors_ = np.ascontiguousarray(model.item_factors, dtype=np.float32)
         self.interactions_ = interactions
+        self.scored_users_ = user_items.getnnz(axis=1) > 0
         self.fallback_ = fit_fallback(self.fallback, train)
         return self
 
@@ -79,6 +81,7 @@ class _ImplicitRetriever(Retriever):
             score_rows=lambda rows: self.user_factors_[rows] @ self.item_factors_.T,
             fallback_scores=self.fallback_.popularity_,
             exclude_seen=exclude_seen,
+            scored_rows=self.scored_users_,
         )
 
 

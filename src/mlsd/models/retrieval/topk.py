@@ -88,6 +88,7 @@ def recommend_from_scores(
     score_rows: ScoreRows,
     fallback_scores: npt.NDArray[np.floating],
     exclude_seen: bool = True,
+    scored_rows: npt.NDArray[np.bool_] | None = None,
 ) -> tuple[IntArray, FloatArray]:
     """Top-``k`` items for any users: warm ones scored by ``score_rows``, cold ones by fallback.
 
@@ -98,6 +99,11 @@ def recommend_from_scores(
         score_rows: scores of warm users, given their rows in ``interactions``.
         fallback_scores: ``(n_items,)`` scores of every cold user (popularity, usually).
         exclude_seen: set the scores of a warm user's seen items to ``-inf``.
+        scored_rows: ``(n_rows,)`` which rows of ``interactions`` the model learned anything
+            from (``None``: all); the others get the fallback, seen items still excluded. A
+            user whose every event decayed to nothing scores all items alike (ALS and EASE
+            give 0 everywhere, BPR its random initial factor), which would list arbitrary
+            items.
 
     Returns:
         As :meth:`Retriever.recommend`: ``(n_users, k)`` int64 ids and float32 scores.
@@ -111,14 +117,17 @@ def recommend_from_scores(
     batch = max(1, MAX_BATCH_CELLS // max(n_items, 1))
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        warm = chunk >= 0
+        known = chunk >= 0
+        warm = known.copy()
+        if scored_rows is not None:
+            warm[known] = scored_rows[chunk[known]]
         scores = np.empty((len(chunk), n_items), dtype=np.float32)
         scores[~warm] = fallback
         if warm.any():
             scores[warm] = score_rows(chunk[warm])
-            if exclude_seen:
-                seen = interactions.user_items[chunk[warm]].tocoo()
-                scores[np.flatnonzero(warm)[seen.row], seen.col] = -np.inf
+        if exclude_seen and known.any():
+            seen = interactions.user_items[chunk[known]].tocoo()
+            scores[np.flatnonzero(known)[seen.row], seen.col] = -np.inf
         out = slice(start, start + len(chunk))
         items[out], values[out] = top_k_items(scores, k, item_ids=interactions.item_ids)
     return items, values

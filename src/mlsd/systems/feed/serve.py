@@ -13,6 +13,7 @@ answers when the model cannot. Requests, exposures and feedback go to the servic
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
@@ -307,58 +308,75 @@ def serve(
         ),
     ] = None,
     compile_trees: CompileTrees = True,
+    cpu_latency_us: Annotated[
+        int | None,
+        typer.Option(
+            "--cpu-latency-us",
+            min=0,
+            help="While serving, keep the machine's CPUs out of idle states slower than this "
+            "to wake from (PM QoS, /dev/cpu_dma_latency; needs root); 0: idle CPUs poll.",
+        ),
+    ] = None,
 ) -> None:
     """Step 6: serve recommendations, events, metrics and the UI (FastAPI under uvicorn)."""
     from mlsd.serving.app import ServiceSettings, create_app
     from mlsd.serving.app import serve as run_server
+    from mlsd.serving.cpu_latency import cpu_latency_limit
     from mlsd.serving.popular import PopularRecommender
 
     if follow_champion > 0 and model is not None:
         raise typer.BadParameter("needs the registry: drop --model", param_hint="--follow-champion")
-    feed = load_config(config)
-    log = None
-    if feed.service_log.enabled and not no_log:
-        log = feed.service_log.open(log_dir or feed.service_log.path(base_dir))
-    running = _experiment(feed, experiment)
-    load: ModelLoader | ExperimentLoader
-    if running is None:
-        load = ModelLoader(
-            dataset,
-            feed,
-            model_dir=model,
-            registry_uri=registry_uri,
-            base_dir=base_dir,
-            redis_url=redis_url,
-            compile_trees=compile_trees,
+    with contextlib.ExitStack() as held:
+        if cpu_latency_us is not None:  # before the model loads: a refusal is quick
+            try:
+                applied = held.enter_context(cpu_latency_limit(cpu_latency_us))
+            except OSError as err:
+                raise typer.BadParameter(str(err), param_hint="--cpu-latency-us") from err
+            console.print(f"CPU wake-up latency bound: {applied} µs while serving")
+        feed = load_config(config)
+        log = None
+        if feed.service_log.enabled and not no_log:
+            log = feed.service_log.open(log_dir or feed.service_log.path(base_dir))
+        running = _experiment(feed, experiment)
+        load: ModelLoader | ExperimentLoader
+        if running is None:
+            load = ModelLoader(
+                dataset,
+                feed,
+                model_dir=model,
+                registry_uri=registry_uri,
+                base_dir=base_dir,
+                redis_url=redis_url,
+                compile_trees=compile_trees,
+            )
+        else:
+            load = experiment_loader(
+                dataset,
+                feed,
+                running,
+                model_dir=model,
+                registry_uri=registry_uri,
+                base_dir=base_dir,
+                redis_url=redis_url,
+                compile_trees=compile_trees,
+            )
+            arms = ", ".join(f"{a.name} ({a.alias}, {a.weight:g})" for a in running.arms)
+            console.print(f"experiment {running.name}: {arms}")
+        settings = ServiceSettings.from_env()
+        settings.apply_to_process()
+        web = create_app(
+            load,
+            settings=settings,
+            fallback=PopularRecommender.from_dataset(dataset),
+            log=log,
+            monitor=monitor_settings(feed, model),
+            follow=load.changed if follow_champion > 0 else None,
+            follow_interval_s=follow_champion,
         )
-    else:
-        load = experiment_loader(
-            dataset,
-            feed,
-            running,
-            model_dir=model,
-            registry_uri=registry_uri,
-            base_dir=base_dir,
-            redis_url=redis_url,
-            compile_trees=compile_trees,
-        )
-        arms = ", ".join(f"{a.name} ({a.alias}, {a.weight:g})" for a in running.arms)
-        console.print(f"experiment {running.name}: {arms}")
-    settings = ServiceSettings.from_env()
-    settings.apply_to_process()
-    web = create_app(
-        load,
-        settings=settings,
-        fallback=PopularRecommender.from_dataset(dataset),
-        log=log,
-        monitor=monitor_settings(feed, model),
-        follow=load.changed if follow_champion > 0 else None,
-        follow_interval_s=follow_champion,
-    )
-    console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
-    if log is not None:
-        console.print(f"service log: {log.log_dir}")
-    run_server(web, host, port, access_log=access_log, reuse_port=reuse_port)
+        console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
+        if log is not None:
+            console.print(f"service log: {log.log_dir}")
+        run_server(web, host, port, access_log=access_log, reuse_port=reuse_port)
 
 
 def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSettings | None:
