@@ -202,6 +202,13 @@ class FeedModel:
     fusion: Fusion = QUOTAS
     """How the quotas merge the sources (the bundle's: the ranker learned from that merge)."""
 
+    def excluded(self, query: UserQuery) -> IntArray:
+        """What the query's user is never recommended, sorted: the recent items the online
+        store holds and every item they had seen in the training events
+        (:meth:`Snapshot.seen`), as offline evaluation excludes all items seen before its
+        cutoff. The request path, batch prediction and the reference profile read it."""
+        return np.union1d(query.history, self.snapshot.seen(query.user_id))
+
     def merge(
         self, lists: Mapping[str, IntArray], queries: Sequence[UserQuery]
     ) -> MergedCandidates:
@@ -418,7 +425,7 @@ class FeedRecommender:
         user = self._user(request.user_id, fallbacks)
         clock.lap("features")
         query = self._query(request, user)
-        exclude = np.union1d(query.history, self.model.snapshot.seen(request.user_id))
+        exclude = self.model.excluded(query)
         lists = self._retrieve(query, exclude, fallbacks)
         clock.lap("retrieval")
         if not any(len(items) for items, _ in lists.values()):
@@ -499,8 +506,7 @@ class FeedRecommender:
             )
             for row, u in enumerate(user_ids)
         ]
-        seen = model.snapshot.seen
-        excludes = [np.union1d(q.history, seen(q.user_id)) for q in queries]
+        excludes = [model.excluded(q) for q in queries]
         lists = {
             name: candidates_matrix(source, queries, width, excludes=excludes)
             for name, source in model.sources.items()

@@ -293,8 +293,7 @@ def served_rows(
         attributes = {a: str(users[a].iloc[row]) for a in config.user_attributes if a in users}
         queries.append(UserQuery(int(user_id), recent[keep][::-1], stamps[keep][::-1],
                                  attributes, int(now_us[row] // 1_000_000)))  # fmt: skip
-    seen = model.snapshot.seen  # as the service excludes them
-    excludes = [np.union1d(q.history, seen(q.user_id)) for q in queries]
+    excludes = [model.excluded(q) for q in queries]  # as the service excludes them
     found = {
         name: candidates_many(source, queries, width, excludes=excludes)
         for name, source in model.sources.items()
