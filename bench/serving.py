@@ -646,6 +646,36 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+MACHINE_TICKS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+"""The first eight counters of ``/proc/stat``'s ``cpu`` line, in clock ticks since boot."""
+
+
+def machine_ticks(stat: str | None = None) -> dict[str, int]:
+    """The whole machine's CPU time so far by kind (``/proc/stat``, or ``stat``'s text)."""
+    text = Path("/proc/stat").read_text() if stat is None else stat
+    line = next(row for row in text.splitlines() if row.startswith("cpu "))
+    return dict(zip(MACHINE_TICKS, map(int, line.split()[1:9]), strict=True))
+
+
+def machine_cores(
+    before: dict[str, int], after: dict[str, int], wall: float, accounted_cores: float
+) -> dict[str, float]:
+    """The machine's cores over a phase: ``busy`` (user, nice, system, irq, softirq),
+    ``steal`` (the hypervisor ran something else while a vCPU wanted to run), ``iowait`` and
+    ``unaccounted``, the busy cores none of the measured processes (``accounted_cores``, the
+    service, Redis, the balancer and the load generator) used: other work on the machine
+    competing with the service, which a latency figure alone would hide."""
+    hz = os.sysconf("SC_CLK_TCK")
+    used = {kind: (after[kind] - before[kind]) / hz / wall for kind in MACHINE_TICKS}
+    busy = sum(used[kind] for kind in ("user", "nice", "system", "irq", "softirq"))
+    return {
+        "busy": round(busy, 3),
+        "steal": round(used["steal"], 3),
+        "iowait": round(used["iowait"], 3),
+        "unaccounted": round(max(busy - accounted_cores, 0.0), 3),
+    }
+
+
 def redis_pids() -> list[int]:
     """The ``redis-server`` this process started (a child of ours), found through /proc."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -705,12 +735,21 @@ def load_phase(
         f"{args.warmup:g} s warm-up + {seconds:g} s"
     )
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    ticks0 = machine_ticks()
     wall0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mlsd-load-") as tmp:
         spec["out"] = str(Path(tmp) / "records.json")
         command = [sys.executable, __file__, "--load-worker"]
-        subprocess.run(command, input=json.dumps(spec), text=True, check=True)
+        worker = subprocess.Popen(command, stdin=subprocess.PIPE, text=True)
+        assert worker.stdin is not None
+        worker.stdin.write(json.dumps(spec))
+        worker.stdin.close()
+        _, status, usage = os.wait4(worker.pid, 0)  # the worker's whole CPU, start-up included
+        worker.returncode = os.waitstatus_to_exitcode(status)
+        if worker.returncode != 0:
+            raise subprocess.CalledProcessError(worker.returncode, command)
         wall = time.perf_counter() - wall0
+        ticks = machine_ticks()
         server.check_alive()
         out = json.loads(Path(spec["out"]).read_text())
     phase: dict[str, Any] = {"rate": rate, "seconds": seconds, "precomputed": precomputed}
@@ -720,6 +759,8 @@ def load_phase(
         **{name: round(seconds_used / wall, 3) for name, seconds_used in used.items()},
         "load_generator": round(out["client_cpu_s"] / out["client_wall_s"], 3),
     }
+    accounted = (sum(used.values()) + usage.ru_utime + usage.ru_stime) / wall
+    phase["machine_cores"] = machine_cores(ticks0, ticks, wall, accounted)
     # CPU per request (mlsd plan): the CPU and the answers of the same span, warm-up included
     phase["cpu_seconds"] = {name: round(seconds_used, 3) for name, seconds_used in used.items()}
     phase["answered"] = sum(1 for r in out["records"] if "path" in r)
@@ -728,7 +769,8 @@ def load_phase(
         f"    latency {phase['latency_ms']}, errors {phase['error_kinds']}, "
         f"achieved {phase['achieved_rps']}/s, paths {phase['paths']}, "
         f"fallbacks {phase['fallbacks']}, cpu {phase['cpu_cores']}, "
-        f"client lag {phase['client_lag_ms']}, drained in {phase['drain_seconds']} s"
+        f"machine {phase['machine_cores']}, client lag {phase['client_lag_ms']}, "
+        f"drained in {phase['drain_seconds']} s"
     )
     return phase
 
@@ -838,7 +880,7 @@ def max_throughput(
                 for k in (
                     *("rate", "requests", "achieved_rps", "latency_ms", "errors", "error_kinds"),
                     *("passed", "paths", "fallbacks", "stage_ms"),
-                    *("cpu_cores", "client_lag_ms", "drain_seconds"),
+                    *("cpu_cores", "machine_cores", "client_lag_ms", "drain_seconds"),
                 )
             }
             for p in curve
