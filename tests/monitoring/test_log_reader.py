@@ -87,6 +87,29 @@ def test_clicks_are_attributed_to_the_latest_exposure_within_the_lag(tmp_path: P
     assert (summarize(tmp_path, start=at(0), end=at(3000)).clicks) == 3
 
 
+def test_a_late_click_goes_to_the_exposure_after_the_window_and_counts_once(
+    tmp_path: Path,
+) -> None:
+    """A click without request id read after the window's end belongs to the latest exposure
+    before it, even when that exposure is after the end: then it counts in the next window
+    only, not for an older exposure of this one as well."""
+    with ServiceLog(tmp_path) as log:
+        log.log_exposures("in", at(2400), 1, "m1", [10], [0.5])  # in [0, 3000)
+        log.log_exposures("out", at(3300), 1, "m1", [10], [0.5])  # the same item, after it
+        log.log_feedback(at(3360), 1, 10, "click")  # a minute after "out"
+
+    def clicked(start: float, end: float) -> dict[str, bool]:
+        with connect() as con:
+            create_log_views(con, tmp_path, at(start), at(end), attribution_window_s=1800)
+            rows = con.sql(f"SELECT request_id, clicked FROM {ATTRIBUTED}").fetchall()
+        return dict(rows)
+
+    assert clicked(0, 3000) == {"in": False}
+    assert clicked(3000, 6000) == {"out": True}
+    assert clicked(0, 6000) == {"in": False, "out": True}
+    assert summarize(tmp_path, start=at(0), end=at(3000)).clicks == 0
+
+
 def test_summary_matches_hand_computed_figures(tmp_path: Path) -> None:
     write_small_log(tmp_path)
     summary = summarize(tmp_path)

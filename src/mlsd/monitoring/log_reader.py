@@ -93,14 +93,17 @@ def create_view(
     table: str,
     start: datetime | None,
     end: datetime | None,
+    *,
+    name: str | None = None,
 ) -> bool:
-    """A temporary view named ``table`` over its part files with ``start <= ts < end``
-    (naive datetimes mean UTC), pruned by date partition; with no part file, an empty view
-    of the table's schema. Returns whether part files exist."""
+    """A temporary view named ``name`` (default ``table``) over the table's part files with
+    ``start <= ts < end`` (naive datetimes mean UTC), pruned by date partition; with no part
+    file, an empty view of the table's schema. Returns whether part files exist."""
     root = Path(log_dir) / table
+    name = table if name is None else name
     if not any(root.glob("date=*/*.parquet")):
         con.register(f"_empty_{table}", SCHEMAS[table].empty_table())
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * FROM _empty_{table}")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM _empty_{table}")
         return False
     where = ["TRUE"]
     if start is not None:
@@ -111,24 +114,30 @@ def create_view(
         where += [f"date <= DATE '{last:%Y-%m-%d}'", f"ts < TIMESTAMPTZ '{last.isoformat()}'"]
     pattern = str(root / "date=*" / "*.parquet").replace("'", "''")
     con.execute(
-        f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * EXCLUDE (date) FROM read_parquet("
+        f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * EXCLUDE (date) FROM read_parquet("
         f"'{pattern}', hive_partitioning = true, union_by_name = true) WHERE {' AND '.join(where)}"
     )
     return True
 
 
+LATE_EXPOSURES = "_exposures_to_late_clicks"
+"""The view of the exposures up to the attribution window after the window's end: a click
+without request id read after ``end`` belongs to the latest exposure before it, which may be
+after ``end`` too (then it counts in the next window, not in this one)."""
+
 # Clicked exposures: by (request_id, item_id), else the latest exposure of (user_id, item_id)
 # at most the window before a click without request id (an ASOF join, over only the exposures
-# of clicked (user, item) pairs: sorting all of them made it 5x slower at 10M rows). The keys
-# are distinct, so the LEFT JOIN keeps exactly the exposure rows (a duplicated row is clicked
-# twice, like it is shown twice). A click with a null request id, user or event matches nothing.
+# of clicked (user, item) pairs: sorting all of them made it 5x slower at 10M rows), looked for
+# among {pairs_from}, the exposures up to the clicks' own end. The keys are distinct, so the
+# LEFT JOIN keeps exactly the window's exposure rows (a duplicated row is clicked twice, like it
+# is shown twice). A click with a null request id, user or event matches nothing.
 _ATTRIBUTED_SQL = f"""
 WITH clicks AS (SELECT request_id, user_id, item_id, ts FROM feedback WHERE event = 'click'),
 direct AS (SELECT request_id, item_id FROM clicks WHERE request_id <> ''),
 unnamed AS (SELECT * FROM clicks WHERE request_id = '' AND user_id <> {ANONYMOUS_USER}),
 pair_exposures AS (
     SELECT request_id, user_id, item_id, ts
-    FROM exposures SEMI JOIN unnamed USING (user_id, item_id)
+    FROM {{pairs_from}} SEMI JOIN unnamed USING (user_id, item_id)
 ),
 windowed AS (
     SELECT e.request_id, e.item_id
@@ -143,11 +152,15 @@ FROM exposures e LEFT JOIN clicked_keys k USING (request_id, item_id)
 """
 
 
-def attributed_exposures_sql(attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S) -> str:
+def attributed_exposures_sql(
+    attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S, *, pairs_from: str = EXPOSURES
+) -> str:
     """SQL of every row of the ``exposures`` view with ``clicked`` (see the module docstring),
     over the ``exposures`` and ``feedback`` views of the connection it runs on (their windows
-    are the caller's: :func:`create_log_views`). The window is rounded to microseconds."""
-    return _ATTRIBUTED_SQL.format(window_us=round(attribution_window_s * 1_000_000))
+    are the caller's: :func:`create_log_views`), a click without request id going to the
+    latest exposure of ``pairs_from`` before it. The window is rounded to microseconds."""
+    window_us = round(attribution_window_s * 1_000_000)
+    return _ATTRIBUTED_SQL.format(window_us=window_us, pairs_from=pairs_from)
 
 
 def create_log_views(
@@ -164,13 +177,17 @@ def create_log_views(
     ``exposures`` and ``feedback`` among them, the view :data:`ATTRIBUTED` of the window's
     exposures with their ``clicked`` flag. Returns whether each table has part files."""
     root = Path(log_dir)
-    sql = attributed_exposures_sql(attribution_window_s)
     late = None if end is None else _utc(end) + timedelta(seconds=attribution_window_s)
     present = {
         table: create_view(con, root, table, start, late if table == FEEDBACK else end)
         for table in tables
     }
     if EXPOSURES in present and FEEDBACK in present:
+        pairs_from = EXPOSURES
+        if late is not None:
+            create_view(con, root, EXPOSURES, start, late, name=LATE_EXPOSURES)
+            pairs_from = LATE_EXPOSURES
+        sql = attributed_exposures_sql(attribution_window_s, pairs_from=pairs_from)
         con.execute(f"CREATE OR REPLACE TEMP VIEW {ATTRIBUTED} AS {sql}")
     return present
 
