@@ -117,6 +117,33 @@ def test_rows_go_to_the_partition_of_their_utc_date_and_windows_prune(tmp_path: 
     assert naive.schema == pa.schema([SCHEMAS[EXPOSURES].field("item_id")])
 
 
+def test_a_call_of_no_rows_leaves_every_other_call_its_own_ids_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    midnight = datetime(2024, 5, 2, tzinfo=UTC)
+    with ServiceLog(tmp_path) as log:
+        log.log_exposures("empty", midnight - timedelta(seconds=1), 1, "m", [], [])
+        log.log_exposures("b", midnight, 2, "m", [10, 11], [0.9, 0.8])
+        log.log_exposures("c", midnight, 3, "m", [12], [0.7])
+        log.log_candidates("empty", midnight, 1, "m", [], [], {"x": []}, {})
+        log.log_candidates("d", midnight, 4, "m", [7, 8], [0.1, 0.2], {"x": [1.0, 2.0]}, {})
+    exposures = read_table(tmp_path, EXPOSURES, columns=["request_id", "user_id", "item_id"])
+    assert rows(exposures, "item_id") == [
+        {"request_id": "b", "user_id": 2, "item_id": 10},
+        {"request_id": "b", "user_id": 2, "item_id": 11},
+        {"request_id": "c", "user_id": 3, "item_id": 12},
+    ]
+    candidates = read_table(tmp_path, CANDIDATES, columns=["request_id", "user_id", "item_id"])
+    assert rows(candidates, "item_id") == [
+        {"request_id": "d", "user_id": 4, "item_id": 7},
+        {"request_id": "d", "user_id": 4, "item_id": 8},
+    ]
+    # the empty call's day (May 1st) got no part file of its own
+    assert [p.parent.name for p in (tmp_path / EXPOSURES).glob("*/*.parquet")] == [
+        "date=2024-05-02"
+    ]
+
+
 def test_a_missing_or_empty_log_reads_as_empty_tables_and_bad_names_are_errors(
     tmp_path: Path,
 ) -> None:

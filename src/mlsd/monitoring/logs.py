@@ -528,22 +528,23 @@ def _check_lengths(table: str, n: int, columns: Mapping[str, ItemColumn]) -> Non
 
 
 def _partitions(table: str, chunks: list[_Chunk]) -> list[pa.Table]:
-    """The buffered calls of one table as Arrow tables, one per UTC date of their ``ts``."""
+    """The buffered calls of one table as Arrow tables, one per UTC date of their rows' ``ts``
+    (a call of no rows, e.g. an empty answer's exposures, writes nothing)."""
     data = _to_arrow(table, chunks)
     ts_index = _PER_CALL[table].index("ts")
     days = np.array([chunk[0][ts_index] for chunk in chunks], dtype=np.int64) // _DAY_US
-    if days.min() == days.max():
-        return [data]
     row_days = np.repeat(days, [chunk[1] for chunk in chunks])
-    return [data.filter(pa.array(row_days == day)) for day in np.unique(days)]
+    dates = np.unique(row_days)
+    if len(dates) <= 1:
+        return [data] if len(dates) else []
+    return [data.filter(pa.array(row_days == day)) for day in dates]
 
 
 def _to_arrow(table: str, chunks: list[_Chunk]) -> pa.Table:
     schema = SCHEMAS[table]
     counts = np.array([chunk[1] for chunk in chunks], dtype=np.int64)
-    repeat = (
-        None if counts.sum() == len(chunks) else pa.array(np.repeat(np.arange(len(chunks)), counts))
-    )
+    # each call's own values on each of its rows (a call may have 0 rows, or several)
+    repeat = None if np.all(counts == 1) else pa.array(np.repeat(np.arange(len(chunks)), counts))
     columns: dict[str, pa.Array] = {}
     for j, name in enumerate(_PER_CALL[table]):
         values = pa.array([chunk[0][j] for chunk in chunks], type=schema.field(name).type)
