@@ -144,3 +144,69 @@ def test_the_service_answers_and_logs_each_request_with_its_arm(
         arm: sum(1 for a in answered.values() if a == arm) for arm in ("control", "treatment")
     }
     assert sum(a.clicks for a in report.arms) == 20
+
+
+class FailsSome(ThreadOnly):
+    """A real model that fails every ``every``-th request it is asked (a crash of the model,
+    not of the request): the service's fallback answers those."""
+
+    def __init__(self, inner: PopularRecommender, every: int) -> None:
+        super().__init__(inner)
+        self.every, self.asked = every, 0
+
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        self.asked += 1
+        if self.asked % self.every == 0:
+            raise RuntimeError("the treatment model crashed")
+        return self.inner.recommend(request)
+
+
+def test_a_request_its_arm_failed_stays_in_that_arm(world: Path, tmp_path: Path) -> None:
+    """Intent to treat: the fallback's answers, and the refusals when there is no fallback,
+    are logged in the arm that failed them, so its requests and users are all counted."""
+    models = arms(world)
+    failing = FailsSome(models["treatment"], every=3)
+    routed = ExperimentRecommender(EXPERIMENT, {**models, "treatment": failing})
+    log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
+    fallback = PopularRecommender.from_dataset(world, version="popular:fallback")
+    app = create_app(lambda: routed, settings=ServiceSettings(), fallback=fallback, log=log)
+    answered: dict[int, tuple[str, str]] = {}
+    with TestClient(app) as client:
+        for user in range(90):
+            body = client.get(f"/v1/recommendations/{user}", params={"k": 3}).json()
+            answered[user] = (body["arm"], body["model_version"])
+    log.close()
+    assigned = {u: EXPERIMENT.assign(u).name for u in range(90)}
+    assert {u: arm for u, (arm, _) in answered.items()} == assigned
+    treated = [u for u in range(90) if assigned[u] == "treatment"]
+    crashed = [u for u in treated if answered[u][1] == "popular:fallback"]
+    assert len(crashed) == len(treated) // 3 > 0  # the fallback answered them
+    requests = read_table(tmp_path / "log", REQUESTS).to_pandas()
+    assert dict(zip(requests["user_id"], requests["arm"], strict=True)) == assigned
+    report = experiment_report(tmp_path / "log", EXPERIMENT)
+    counted = {a.name: (a.users, a.requests) for a in report.arms}
+    assert counted["treatment"] == (len(treated), len(treated))
+    assert counted["control"] == (90 - len(treated), 90 - len(treated))
+
+    # without a fallback, the arm's failures are 503s, logged in the arm too
+    log = ServiceLog(tmp_path / "log2", flush_interval_s=60.0)
+    failing.asked = 0
+    app = create_app(lambda: routed, settings=ServiceSettings(), log=log)
+    with TestClient(app) as client:
+        statuses = {u: client.get(f"/v1/recommendations/{u}").status_code for u in treated}
+    log.close()
+    assert sorted(statuses.values()).count(503) == len(treated) // 3
+    requests = read_table(tmp_path / "log2", REQUESTS).to_pandas()
+    assert set(requests["arm"]) == {"treatment"}
+    assert set(requests["experiment"]) == {"ranker-ab"}
+    assert sorted(requests["status"].tolist()).count(503) == len(treated) // 3
+
+
+def test_an_anonymous_request_needs_its_request_id_for_an_arm(world: Path) -> None:
+    routed = ExperimentRecommender(EXPERIMENT, arms(world))
+    with pytest.raises(ValueError, match="request id"):
+        routed.arm_for(RecommendRequest(None, k=5, recent_items=(1, 2)))
+    arms_of_one_id = {
+        routed.arm_for(RecommendRequest(None, k=5, request_id="visit-1")) for _ in range(50)
+    }
+    assert arms_of_one_id == {EXPERIMENT.assign(None, request_id="visit-1").name}

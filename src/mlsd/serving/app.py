@@ -112,6 +112,7 @@ from mlsd.serving.recommender import (
     Recommender,
     RecommendRequest,
     RecommendResult,
+    Routed,
 )
 from mlsd.serving.schemas import (
     INT64_MAX,
@@ -383,6 +384,9 @@ class RecommendService:
                 self.metrics.errors.labels("recommend").inc()
         if result is None:
             result = self._from_fallback(request, model_loaded=model is not None)
+            experiment, arm = _arm_of(model, request)  # the request stays in its arm
+            if experiment:
+                result = replace(result, experiment=experiment, arm=arm)
         return result
 
     def _observed(self, result: RecommendResult, start: float) -> RecommendResult:
@@ -443,7 +447,8 @@ class RecommendService:
     ) -> None:
         status = 422 if isinstance(error, BadRequestError) else 503
         latency_ms = (time.perf_counter() - start) * 1000.0
-        self._log(_log_failure, cast(str, request.request_id), ts, request, status, latency_ms)
+        arm = _arm_of(self.current(), request)  # the request stays in its arm
+        self._log(_log_failure, cast(str, request.request_id), ts, request, status, latency_ms, arm)
 
     def _log(self, write: Callable[..., None], *args: Any) -> None:
         """``write(log, *args)`` when there is a log; a failure there never fails the request."""
@@ -550,11 +555,24 @@ def _log_failure(
     request: RecommendRequest,
     status: int,
     latency_ms: float,
+    arm: tuple[str, str] = ("", ""),
 ) -> None:
     log.log_request(
         request_id, ts, request.user_id, "", path="", latency_ms=latency_ms, status=status,
-        k=request.k,
+        k=request.k, experiment=arm[0], arm=arm[1],
     )  # fmt: skip
+
+
+def _arm_of(model: Recommender | None, request: RecommendRequest) -> tuple[str, str]:
+    """(experiment, arm) of ``request`` when ``model`` is made of experiment arms
+    (:class:`~mlsd.serving.recommender.Routed`), for what the service answers or refuses
+    itself; ``("", "")`` for any other model, or when even the assignment fails."""
+    if isinstance(model, Routed):
+        try:
+            return model.assignment(request)
+        except Exception:
+            logger.exception("no experiment arm for request %s", request.request_id)
+    return "", ""
 
 
 def _log_feedback(log: LogWriter, events: list[dict[str, object]], received: float) -> None:

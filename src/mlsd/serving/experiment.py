@@ -16,7 +16,6 @@ share it, so the events are written once per store, not once per arm).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -57,9 +56,14 @@ class ExperimentRecommender:
         self.version = ",".join(f"{name}={self.arms[name].version}" for name in names)
 
     def arm_for(self, request: RecommendRequest) -> str:
-        """The arm that serves ``request``."""
-        request_id = request.request_id or uuid.uuid4().hex
-        return self.experiment.assign(request.user_id, request_id=request_id).name
+        """The arm that serves ``request``: its user's, or for an anonymous visitor its
+        request id's (which it must carry: the service gives every request one, and the same
+        id must give the same arm each time it is asked, as the log records it)."""
+        return self.experiment.assign(request.user_id, request_id=request.request_id).name
+
+    def assignment(self, request: RecommendRequest) -> tuple[str, str]:
+        """(experiment, arm) of ``request`` (:class:`~mlsd.serving.recommender.Routed`)."""
+        return self.experiment.name, self.arm_for(request)
 
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         arm = self.arm_for(request)

@@ -172,6 +172,23 @@ class Recommender(Protocol):
 
 
 @runtime_checkable
+class Routed(Protocol):
+    """A model made of experiment arms (:class:`~mlsd.serving.experiment.ExperimentRecommender`).
+
+    The service asks it which experiment and arm a request belongs to, so that what the
+    service answers or logs itself keeps the request in its arm: the fallback's answer after
+    the arm's model failed, a refused request. An arm whose model fails some requests must not
+    lose them from its count (intent to treat): that would bias its metrics towards the
+    requests it could answer, and when the failures are per request the sample-ratio check,
+    which counts users, would not see it.
+    """
+
+    def assignment(self, request: RecommendRequest) -> tuple[str, str]:
+        """(experiment, arm) of ``request``."""
+        ...
+
+
+@runtime_checkable
 class FastRecommender(Protocol):
     """A model that can answer some requests without a thread.
 
