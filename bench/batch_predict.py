@@ -8,7 +8,8 @@ not a model.
 Reported: write users/s end to end (validation, serialisation and the pipelined SETs), bytes
 per value and Redis ``used_memory``; latency of single ``lookup`` calls and of ``lookup_many``
 of ``--batch`` users (one MGET + decode), p50/p99 in ms over ``--reads`` calls after a warm-up.
-The target: >= 2,000 users/s written.
+The target of 2,000 users/s is batch prediction's, model included (``bench/serving.py``
+measures it end to end); this bench reports the share of that budget the store's writes take.
 
     .venv/bin/python bench/batch_predict.py                   # 200K users x top-100, ~1 min
     .venv/bin/python bench/batch_predict.py --users 20000 --reads 500
@@ -34,6 +35,7 @@ import redis
 from mlsd.serving.precomputed import PrecomputedStore
 
 TARGET_USERS_PER_S = 2_000.0
+"""Batch prediction's target, model included; the store's writes take a share of it."""
 MODEL_VERSION = "bench-ranker:1"
 
 
@@ -126,9 +128,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "read_single": {k: round(v, 4) for k, v in single.items()},
         f"read_many_{args.batch}": {k: round(v, 4) for k, v in many.items()},
         "all_hits": reasons == {"hit"},
-        "target": {
+        "batch_prediction_budget": {
             "users_per_s": TARGET_USERS_PER_S,
-            "met": stats.users_per_s >= TARGET_USERS_PER_S,
+            # of each second of a batch job at the target rate, the store's writes take this
+            "store_share": round(TARGET_USERS_PER_S / stats.users_per_s, 4),
         },
     }
 

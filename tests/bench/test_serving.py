@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +61,105 @@ def test_machine_cores_split_busy_steal_and_what_no_measured_process_used() -> N
     # processes measured apart can add up to a little more than the machine's ticks (each
     # rounds to its own ticks): never a negative share of the machine
     assert serving.machine_cores(before, after, wall, accounted_cores=1.6)["unaccounted"] == 0
+
+
+def test_a_groups_cpu_counts_its_children_and_grandchildren(tmp_path: Path) -> None:
+    """The service's log writer and monitor are its children: their CPU is the service's."""
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\n"
+    script = tmp_path / "burn.py"
+    script.write_text(burn)
+    spawn = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, {str(script)!r}])\n"
+        "sys.stdout.write('started\\n'); sys.stdout.flush()\n"
+        "child.wait(); time.sleep(5)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", spawn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline() == "started\n"
+        roots = {"server": [parent.pid]}
+        before = serving.cpu_by_process(roots)
+        assert parent.pid in before["server"]
+        assert len(before["server"]) == 2
+        time.sleep(1.0)  # the grandchild burns 0.4 s and is reaped into its parent's counts
+        after = serving.cpu_by_process(roots)
+        own, children = serving.cpu_used(before["server"], after["server"], [parent.pid])
+        assert own + children == pytest.approx(0.4, abs=0.15)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_cpu_used_splits_roots_from_descendants_and_counts_new_processes_whole() -> None:
+    before = {10: 5.0, 11: 1.0}
+    after = {10: 6.5, 11: 1.25, 12: 0.5}  # 12 started in between
+    assert serving.cpu_used(before, after, [10]) == (1.5, 0.75)
+
+
+def record(at: float, path: str = "online", fallbacks: tuple[str, ...] = ()) -> dict[str, object]:
+    return {
+        "at": at, "lag_ms": 0.1, "done": at + 0.002, "latency_ms": 2.0, "path": path,
+        "stage_ms": {"total": 1.0}, "fallbacks": list(fallbacks),
+    }  # fmt: skip
+
+
+def test_answers_off_the_phases_path_or_with_a_fallback_fail_it() -> None:
+    """A model failing every request behind the popular-items fallback is no online path."""
+    healthy = [record(1.0 + i / 1000) for i in range(2000)]
+    phase = serving.summarize(healthy, 1.0, 3.0)
+    assert phase["degraded"] == 0
+    assert serving.passes(phase, 10.0, 0.0)
+    assert serving.passes(phase, 50.0, serving.MAX_ERRORS)
+
+    fallen = [record(1.0 + i / 1000, "fallback:popular", ("model",)) for i in range(2000)]
+    phase = serving.summarize(fallen, 1.0, 3.0)
+    assert phase["errors"] == 0
+    assert phase["degraded"] == 2000
+    assert not serving.passes(phase, 10.0, 0.0)
+    assert not serving.passes(phase, 50.0, serving.MAX_ERRORS)
+
+    # one answer in 2,000 skipped the ranker: 0.05% < 0.1% passes the throughput criterion,
+    # never the target's "every answer online"
+    one = [*healthy[:-1], record(2.999, fallbacks=("ranker:deadline",))]
+    phase = serving.summarize(one, 1.0, 3.0)
+    assert phase["degraded"] == 1
+    assert serving.passes(phase, 50.0, serving.MAX_ERRORS)
+    assert not serving.passes(phase, 10.0, 0.0)
+    # the precomputed phase's path is "precomputed": an online answer there is degraded
+    assert serving.summarize(healthy, 1.0, 3.0, path="precomputed")["degraded"] == 2000
+
+
+def test_the_error_budget_is_strictly_below_its_share() -> None:
+    phase = serving.summarize([record(1.0 + i / 1000) for i in range(1000)], 1.0, 3.0)
+    phase["errors"] = 1  # 1 in 1,000 is not fewer than 0.1%
+    assert not serving.passes(phase, 50.0, serving.MAX_ERRORS)
+
+
+def test_max_rate_says_when_no_rate_tried_was_too_much(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def phase_at(limit: float) -> object:
+        def load_phase(*_: object, rate: float, **__: object) -> dict[str, object]:
+            p99 = 10.0 if rate <= limit else 80.0
+            return {
+                "rate": rate, "requests": 100, "achieved_rps": rate, "errors": 0, "degraded": 0,
+                "error_kinds": {}, "latency_ms": {"p99": p99}, "paths": {"online": 100},
+                "fallbacks": {}, "stage_ms": {}, "cpu_cores": {}, "server_children_cores": 0.0,
+                "machine_cores": {}, "client_lag_ms": {}, "drain_seconds": 0.0,
+            }  # fmt: skip
+
+        return load_phase
+
+    args = argparse.Namespace(max_rate_steps=[50.0, 100.0, 200.0], bisect=2, step_duration=1.0)
+    monkeypatch.setattr(serving, "load_phase", phase_at(1000.0))
+    found = serving.max_throughput(args, None, {}, [])
+    assert (found["max_rate"], found["bounded"], found["lowest_failing_rate"]) == (
+        200.0, False, None
+    )  # fmt: skip
+    monkeypatch.setattr(serving, "load_phase", phase_at(120.0))
+    found = serving.max_throughput(args, None, {}, [])
+    # 50 and 100 pass, 200 fails; bisected: 150 fails, then 125 fails
+    assert (found["max_rate"], found["bounded"], found["lowest_failing_rate"]) == (
+        100.0, True, 125
+    )  # fmt: skip

@@ -131,8 +131,8 @@ class Measured:
 
         CPU per request: each process's CPU seconds over the requests answered in the same
         span (warm-up included) when the run recorded them, else its cores over the measured
-        window's requests per second (older runs; their cores count the load worker's start
-        too, so the figure is 1-2% low)."""
+        window's requests per second (older runs; their cores are over the load worker's
+        whole life, its start-up included, so the figure is a few per cent low)."""
         get = _getter(report, source)
 
         def path(name: str) -> PathCost:
