@@ -29,6 +29,7 @@ from mlsd.evaluation.experiments import (
     ExperimentsSection,
     analyse_units,
     experiment_report,
+    holm,
     mean_ci,
     power,
     ratio_ci,
@@ -162,6 +163,7 @@ def test_experiments_section_parses_a_toml_table() -> None:
         (('salt = "2025-01"', "seed = 3"), r"experiment\[0\]: unknown key\(s\) \['seed'\]"),
         (('name = "three-way"', 'name = "ranker-ab"'), "experiment names must be unique"),
         (('  { name = "c", alias = "challenger", weight = 0.25 },\n', ""), None),
+        (("weight = 1 }", "weight = inf }"), r"arms\[0\]\.weight: expected a positive finite"),
     ],
 )
 def test_experiments_section_errors_name_the_key(
@@ -175,6 +177,11 @@ def test_experiments_section_errors_name_the_key(
     with pytest.raises(ValueError, match=message) as info:
         ExperimentsSection.from_mapping(raw, where="feed.toml: [experiments]")
     assert str(info.value).startswith("feed.toml: [experiments]")
+
+
+def test_experiments_that_is_no_table_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"^feed\.toml: \[experiments\]: expected a table"):
+        ExperimentsSection.from_mapping(3, where="feed.toml: [experiments]")  # type: ignore[arg-type]
 
 
 def test_two_arms_required_in_toml() -> None:
@@ -339,6 +346,38 @@ def test_aa_false_positive_rate_over_500_experiments() -> None:
     decision, naive = run_experiments(500, lift=0.0, seed=1)  # seed 1: 0.034 and 0.206
     assert 0.02 <= decision <= 0.08, decision  # +-3 sd of a 0.05 rate over 500 experiments
     assert naive > 0.15, naive
+
+
+def test_holm_hand_computed() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> kept rising
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm([0.02, math.nan, 0.04])  # a NaN neither counts nor moves
+    assert adjusted[0] == pytest.approx(0.04)
+    assert math.isnan(adjusted[1])
+    assert adjusted[2] == pytest.approx(0.04)
+    assert holm([0.9, 0.6]) == [1.0, 1.0]
+    assert holm([]) == []
+
+
+def test_several_arms_keep_the_chance_of_any_false_decision_at_alpha() -> None:
+    """A/A with three treatment arms: tested at 5% each, some arm is "significant" in 10-12%
+    of the experiments (seeds 0-2: 0.115, 0.12, 0.10); Holm's adjustment brings it to 0.035,
+    0.05, 0.015."""
+    arms = (Arm("control", "a", 1.0), *(Arm(f"t{i}", "b", 1.0) for i in range(3)))
+    rng = np.random.default_rng(0)
+    raw = decided = 0
+    for i in range(200):
+        experiment = Experiment("sim", f"salt-0-{i}", arms)
+        _, comparisons, _ = analyse_units(simulate_units(rng, experiment), experiment)
+        assert all(c.ctr is not None and c.ctr_p_adjusted is not None for c in comparisons)
+        raw += any(c.ctr is not None and c.ctr.p_value < 0.05 for c in comparisons)
+        decided += any(c.significant for c in comparisons)
+    assert raw / 200 > 0.08
+    assert decided / 200 <= 0.06
+    # one treatment arm: nothing to adjust for
+    _, (single,), _ = analyse_units(simulate_units(rng, AB), AB)
+    assert single.ctr is not None
+    assert single.ctr_p_adjusted == single.ctr.p_value
 
 
 def test_a_20_percent_ctr_lift_is_detected() -> None:
@@ -548,6 +587,21 @@ def test_docstring_examples_run() -> None:
     from mlsd.evaluation import experiments
 
     assert doctest.testmod(experiments).failed == 0
+
+
+def test_a_unit_logged_in_two_arms_is_left_out_and_counted(tmp_path: Path) -> None:
+    write_small_log(tmp_path)
+    # user 1 (control on both days) shows up in treatment too, as after a change of salt
+    moved = request("r7", DAY2, 1, "treatment")
+    write_table(tmp_path, "requests", REQUEST_SCHEMA, [moved])
+    write_table(tmp_path, "exposures", EXPOSURE_SCHEMA, exposures(moved, [16]))
+    report = experiment_report(tmp_path, AB)
+    assert report.mixed_arm_units == 1
+    assert [arm.users for arm in report.arms] == [1, 3]  # user 2; users 3, 4 and the visitor
+    assert [arm.requests for arm in report.arms] == [1, 3]
+    assert report.to_dict()["mixed_arm_units"] == 1
+    # a resalt gives each unit one arm: nothing is mixed
+    assert experiment_report(tmp_path, AB, resalt="aa-1").mixed_arm_units == 0
 
 
 def test_report_flags_srm_and_counts_unknown_arms(tmp_path: Path) -> None:

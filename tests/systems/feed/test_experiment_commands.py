@@ -94,7 +94,7 @@ def test_report_on_an_empty_log_dir_and_a_bad_config(tmp_path: Path) -> None:
     config.write_text(SECTION.replace("weight = 1 }", "weight = -1 }", 1))
     result = runner.invoke(app, [*args, "--config", str(config)])
     assert result.exit_code == 2
-    assert "[experiments].experiment[0].arms[0].weight: expected a positive number" in (
+    assert "[experiments].experiment[0].arms[0].weight: expected a positive finite number" in (
         result.stderr.replace("\n", "")
     )
 

@@ -148,6 +148,11 @@ def report(
     )
     if result.unknown_arm_users:
         console.print(f"[yellow]{result.unknown_arm_users} user(s) logged in unknown arms[/]")
+    if result.mixed_arm_units:
+        console.print(
+            f"[yellow]{result.mixed_arm_units} unit(s) logged in more than one arm (a changed "
+            "salt or weights, or replicas with different configurations): left out[/]"
+        )
 
 
 def _ci(estimate: Estimate, fmt: str = ".4f") -> Text:
@@ -176,12 +181,23 @@ def report_tables(result: ExperimentReport) -> list[Table]:
     metrics.add_row("CTR", *[_ci(arm.ctr) for arm in result.arms])
     metrics.add_row("conversion", *[_ci(arm.conversion) for arm in result.arms])
     metrics.add_row("clicks/user", *[_ci(arm.clicks_per_user, ".3f") for arm in result.arms])
-    return [traffic, metrics, *(_comparison_table(c, result.alpha) for c in result.comparisons)]
+    several = len(result.comparisons) > 1
+    return [
+        traffic,
+        metrics,
+        *(_comparison_table(c, result.alpha, several) for c in result.comparisons),
+    ]
 
 
-def _comparison_table(comparison: ArmComparison, alpha: float) -> Table:
+def _comparison_table(comparison: ArmComparison, alpha: float, several: bool) -> Table:
+    adjusted = ""
+    if several and comparison.ctr_p_adjusted is not None:
+        adjusted = f"; decision p adjusted for the arms (Holm) {comparison.ctr_p_adjusted:.3g}"
     table = Table(
-        title=f"{comparison.arm} vs {comparison.control} (alpha {alpha:g}; bold: significant)",
+        title=(
+            f"{comparison.arm} vs {comparison.control} (alpha {alpha:g}; bold: significant"
+            f"{adjusted})"
+        ),
         title_justify="left",
     )
     for column in ("test", "lift", "difference [CI]", "p"):
@@ -196,7 +212,8 @@ def _comparison_table(comparison: ArmComparison, alpha: float) -> Table:
         if value is None:
             table.add_row(test, "n/a", "too few users", "")
             continue
-        style = "bold" if value.significant else None
+        decides = value is comparison.ctr
+        style = "bold" if (comparison.significant if decides else value.significant) else None
         table.add_row(
             test, f"{value.relative_lift:+.1%}",
             Text(f"{value.difference:+.4f} [{value.low:+.4f}, {value.high:+.4f}]"),
