@@ -315,3 +315,31 @@ def test_an_empty_asof_column_read_as_floats_means_no_event_used(tmp_path: Path)
     features.to_csv(tmp_path / "f.csv", index=False)
     labels.to_csv(tmp_path / "l.csv", index=False)
     assert check_leakage_files(tmp_path / "f.csv", tmp_path / "l.csv").ok
+
+
+def test_a_feature_without_an_asof_time_beside_asof_columns_is_an_error() -> None:
+    labels = pd.DataFrame({"user_id": [1], "item_id": [7], "label_ts": [_at(5)]})
+    features = labels.assign(user_mean=[3.5], user_mean__asof=[_at(4)], item_ctr=[0.2])
+    with pytest.raises(ValueError, match=r"features: feature column\(s\) \['item_ctr'\] have no"):
+        check_leakage(features, labels)
+    # with a feature_ts for the rest, item_ctr is checked by it
+    report = check_leakage(features.assign(feature_ts=[_at(6)]), labels)
+    assert report.leaky_columns == ["item_ctr"]
+
+
+def test_feature_rows_of_which_none_matches_a_label_fail_the_check() -> None:
+    """Label times written at another precision: nothing is checked, which is no pass."""
+    labels = pd.DataFrame({"user_id": [1, 2], "item_id": [5, 6], "label_ts": [_at(5), _at(5)]})
+    features = labels.assign(
+        label_ts=[_at(5) + pd.Timedelta("1ms")] * 2, x=[1.0, 2.0], feature_ts=[_at(29)] * 2
+    )
+    report = check_leakage(features, labels)
+    assert report.nothing_checked
+    assert not report.ok
+    assert report.summary().startswith("nothing checked: none of the 2 feature rows matches")
+    with pytest.raises(LeakageError, match="nothing checked"):
+        assert_no_leakage(features, labels)
+    # no feature rows at all: nothing to check, and nothing wrong
+    empty = check_leakage(features.iloc[:0], labels)
+    assert empty.ok
+    assert not empty.nothing_checked

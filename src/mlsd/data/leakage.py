@@ -11,7 +11,10 @@ several labels at different times), and says how fresh each feature is in one of
 
 A row leaks when an as-of time is at or after the label time (``asof >= label_ts``); a missing
 as-of time (NaT) means no event was used. Labels without features and features without labels
-are counted, not treated as leakage.
+are counted, not treated as leakage; but feature rows of which none matches a label (keys or
+label times written differently, e.g. at another precision) fail the check, which would
+otherwise pass without having checked anything. With ``__asof`` columns and no ``feature_ts``,
+every other column must have its own ``__asof``: a feature with no as-of time cannot be checked.
 
 Example::
 
@@ -53,7 +56,7 @@ class LeakageReport:
         leaky_columns: the leaking feature columns, in the features table's order.
         example: the first leaky row: its key, label time, and each leaking feature's value and
             as-of time (plus ``features_row``, its 0-based position); ``None`` when clean.
-        ok: no leaky rows.
+        ok: no leaky rows, and some row was checked (or there was no feature row at all).
         leaky_counts: leaky rows per leaking column.
         n_features_without_label: feature rows whose key has no label (not checked).
         n_labels_without_features: labels whose key has no feature row.
@@ -68,8 +71,20 @@ class LeakageReport:
     n_features_without_label: int = 0
     n_labels_without_features: int = 0
 
+    @property
+    def nothing_checked(self) -> bool:
+        """Feature rows were given but none matched a label: the check checked nothing."""
+        return self.n_rows == 0 and self.n_features_without_label > 0
+
     def summary(self) -> str:
         """One paragraph for people: what leaks, how often, and an example row."""
+        if self.nothing_checked:
+            return (
+                f"nothing checked: none of the {self.n_features_without_label:,} feature rows "
+                f"matches any of the {self.n_labels_without_features:,} labels on the row key; "
+                "check that both tables write the keys and the label times alike (the same "
+                "ids, the same time precision and zone)"
+            )
         unmatched = ""
         if self.n_features_without_label or self.n_labels_without_features:
             unmatched = (
@@ -101,13 +116,19 @@ def _asof_columns(
     for feature, column in asof.items():
         if feature not in columns:
             raise ValueError(f"{name}: column {column!r} has no feature column {feature!r}")
+    skip = {*row_key, label_ts_col, feature_ts_col, *asof.values()}
+    unlisted = [column for column in columns if column not in skip and column not in asof]
     if feature_ts_col in columns:
-        skip = {*row_key, label_ts_col, feature_ts_col, *asof.values()}
-        for column in columns:
-            if column not in skip and column not in asof:
-                asof[column] = feature_ts_col
+        for column in unlisted:
+            asof[column] = feature_ts_col
         if not asof:
             asof[feature_ts_col] = feature_ts_col
+    elif asof and unlisted:
+        raise ValueError(
+            f"{name}: feature column(s) {unlisted} have no as-of time, so their leakage "
+            f"cannot be checked; add {unlisted[0] + ASOF_SUFFIX!r} (the time of the latest "
+            f"event it used) for each, or a {feature_ts_col!r} column for all of them"
+        )
     if not asof:
         raise ValueError(
             f"{name}: no {feature_ts_col!r} column and no '<feature>{ASOF_SUFFIX}' columns; "
@@ -209,14 +230,15 @@ def _check(
         in_row = [f for f in counts if leaks.loc[first.name, f]]
         head = list(dict.fromkeys([*row_key, label_ts_col]))
         example = _example(features, first, in_row, asof, head)
+    unlabelled = int((merged["_merge"] == "left_only").sum())
     return LeakageReport(
         n_rows=len(matched),
         n_leaky_rows=int(leaky_rows.sum()),
         leaky_columns=list(counts),
         example=example,
-        ok=not counts,
+        ok=not counts and (len(matched) > 0 or unlabelled == 0),
         leaky_counts=counts,
-        n_features_without_label=int((merged["_merge"] == "left_only").sum()),
+        n_features_without_label=unlabelled,
         n_labels_without_features=int((merged["_merge"] == "right_only").sum()),
     )
 
