@@ -287,7 +287,9 @@ def simulate(
             serves lists correlated with a rerun of the same draws, which biases the clicks
             (measured: 3 to 6 sigmas below ``expected_clicks`` on a second same-seed run).
         concurrency: requests in flight at once (threads sharing one HTTP client).
-        experiment: sent as the ``experiment`` query parameter and kept in the result.
+        experiment: a label kept in the result: the service runs the experiment its own
+            configuration makes active, whatever a client asks, and the answers' arms are
+            counted in ``by_arm``.
         examination: P(examine 0-based position); ``1 / log2(p + 2)`` by default.
         send_views: also post ``view`` events (clicks are always posted).
         views: which items get a ``view``: those the user examined (the position-bias draw
@@ -306,8 +308,6 @@ def simulate(
     users = _schedule_users(preferences, n_users, ts, rng)
     exam = np.array([examination(p) for p in range(k)], dtype=np.float64)
     params: dict[str, str | int] = {"k": k}
-    if experiment is not None:
-        params["experiment"] = experiment
     tally = _Tally(k)
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency)
     started = time.perf_counter()

@@ -53,7 +53,10 @@ def simulate_command(
     ] = 1,
     experiment: Annotated[
         str | None,
-        typer.Option("--experiment", help="Experiment name, sent as ?experiment= and reported."),
+        typer.Option(
+            "--experiment",
+            help="A label for the result (the service runs its own active experiment).",
+        ),
     ] = None,
     after_drift: Annotated[
         bool,
