@@ -434,12 +434,19 @@ def test_the_last_fallbacks_keep_the_blocklist_and_the_seen_items_out(
     result = degraded.recommend(RecommendRequest(None, k=5, recent_items=(top[0],)))
     assert result.path == "fallback:popular"
     assert [r.item_id for r in result.items] == top[3:8]
-    # A stale precomputed list (another version's) loses the serving model's blocklist too.
-    stale = Precomputed(np.array(top[:4]), np.ones(4, np.float32), "v-old", 0.0)
-    served_list = FeedRecommender._served(stale, 3, blocked.blocked_ids)
+    # A precomputed list skips what the online path would: the blocklist, what the user
+    # consumed since the batch, the request's recent items and (the stale fallback) ``seen``.
+    listed = Precomputed(
+        np.array(top[:8]), np.ones(8, np.float32), degraded.version, 0.0, k=8,
+        consumed=np.array([top[4]]),
+    )  # fmt: skip
+    request = RecommendRequest(7, k=2, recent_items=(top[5],))
+    served_list = degraded._served(listed, request, seen=np.array([top[0]]))
     assert served_list is not None
-    assert [r.item_id for r in served_list] == [top[0], top[3]]
-    assert FeedRecommender._served(stale, 3, np.array(sorted(top[:4]))) is None
+    assert [r.item_id for r in served_list] == [top[3], top[6]]
+    # 3 items are left of a list cut at 8: not the model's answer for 4 (the online path's)
+    wider = dataclasses.replace(request, k=4)
+    assert degraded._served(listed, wider, seen=np.array([top[0]])) is None
 
 
 @pytest.mark.parametrize("inline", [False, True])
@@ -537,6 +544,48 @@ def test_batch_predictions_are_served_as_the_precomputed_path(
 
 
 @pytest.mark.integration
+def test_a_precomputed_list_answers_only_as_the_online_path_would(
+    recommender: FeedRecommender, redis_server: str
+) -> None:
+    """Not for more items than the batch kept, nor with explanations, nor for a moment before
+    the batch; and never with an item the user consumed after it or names in the request."""
+    from mlsd.serving.feed import batch_predict
+    from mlsd.serving.precomputed import PrecomputedStore
+
+    store = PrecomputedStore.from_url(f"redis://{redis_server}/0", prefix="test:feed:since")
+    user, now = 37, time.time()
+    batch_predict(recommender, store, [user], k=10, now=now)
+    listed = store.lookup(user, model_version=recommender.version).result
+    assert listed is not None
+    assert listed.k == 10
+    ids = listed.item_ids.tolist()
+    served = FeedRecommender(recommender.model, features=recommender.features, precomputed=store)
+
+    def both(request: RecommendRequest) -> tuple[str, list[int]]:
+        thread = served.recommend(request)
+        fast = asyncio.run(served.recommend_fast(request))
+        if thread.path == "precomputed":
+            assert fast is not None
+            assert [r.item_id for r in fast.items] == [r.item_id for r in thread.items]
+        else:
+            assert fast is None
+        return thread.path, [r.item_id for r in thread.items]
+
+    assert both(RecommendRequest(user, k=5)) == ("precomputed", ids[:5])
+    assert both(RecommendRequest(user, k=20))[0] == "online"  # the batch kept 10
+    assert both(RecommendRequest(user, k=5, explain=True))[0] == "online"  # reasons
+    assert both(RecommendRequest(user, k=5, now=now - 86_400))[0] == "online"  # before it
+    assert both(RecommendRequest(user, k=5, recent_items=(ids[1],))) == (
+        "precomputed", [ids[0], *ids[2:6]]
+    )  # fmt: skip
+    # the user clicks the top item after the batch: no path serves it again
+    assert served.record_events([{"user_id": user, "item_id": ids[0], "event": "click"}]) == 1
+    assert both(RecommendRequest(user, k=5)) == ("precomputed", ids[1:6])
+    assert both(RecommendRequest(user, k=10))[0] == "online"  # 9 left of a list of 10
+    assert ids[0] not in both(RecommendRequest(user, k=10))[1]
+
+
+@pytest.mark.integration
 def test_batch_predict_writes_what_each_request_answers(
     recommender: FeedRecommender, redis_server: str
 ) -> None:
@@ -553,9 +602,10 @@ def test_batch_predict_writes_what_each_request_answers(
     now = 1_900_000_000.0
     written, _ = batch_predict(recommender, store, users, k=10, chunk=2, workers=3, now=now)
     assert written == len(users)
-    found = store.lookup_many(users, model_version=recommender.version)
+    found = store.lookup_many(users, model_version=recommender.version, now=now)
     for user, hit in zip(users, found, strict=True):
         assert hit.result is not None, user
+        assert (hit.result.computed_at, hit.result.k) == (now, 10)  # as of the batch's time
         online = recommender.recommend(
             RecommendRequest(user, k=10, now=now, allow_precomputed=False)
         )
@@ -590,7 +640,7 @@ def test_batch_predict_processes_write_what_each_request_answers(
     )
     assert written == len(users)
     assert rate > 0
-    found = store.lookup_many(users, model_version=recommender.version)
+    found = store.lookup_many(users, model_version=recommender.version, now=now)
     for user, hit in zip(users, found, strict=True):
         assert hit.result is not None, user
         online = recommender.recommend(

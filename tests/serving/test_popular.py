@@ -87,6 +87,14 @@ def test_recent_items_are_excluded(model: PopularRecommender) -> None:
     assert not set(overall[:2]) & set(_top(model, None, k=5, recent_items=overall[:2]))
 
 
+def test_the_blocklist_holds_for_every_user(contract_dir: Path, model: PopularRecommender) -> None:
+    """The service's fallback answers when the model fails: a takedown must hold there too."""
+    overall = _top(model, None, k=6)
+    blocked = PopularRecommender.from_dataset(contract_dir, blocklist=overall[1:3])
+    assert _top(blocked, None, k=4) == [overall[0], *overall[3:6]]
+    assert not set(overall[1:3]) & set(_top(blocked, 7, k=20))
+
+
 def test_explain_adds_reasons_only_when_asked(model: PopularRecommender) -> None:
     plain = model.recommend(RecommendRequest(user_id=None, k=3))
     explained = model.recommend(RecommendRequest(user_id=None, k=3, explain=True))

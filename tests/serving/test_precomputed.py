@@ -112,6 +112,8 @@ def test_bad_arguments_are_rejected_with_the_shapes() -> None:
         PrecomputedStore(redis.Redis(port=1, decode_responses=True))
     with pytest.raises(ValueError, match="ttl_s"):
         PrecomputedStore(redis.Redis(port=1), ttl_s=0)
+    with pytest.raises(ValueError, match=r"ttl_s must be at least 1 second, got 0\.5"):
+        PrecomputedStore(redis.Redis(port=1), ttl_s=0.5)  # type: ignore[arg-type]
 
 
 def test_connection_errors_propagate() -> None:
@@ -151,12 +153,85 @@ def test_missing_user(store: PrecomputedStore) -> None:
 
 
 @pytest.mark.integration
-def test_another_model_version_is_stale(store: PrecomputedStore) -> None:
+def test_each_model_version_keeps_its_own_lists(
+    store: PrecomputedStore, client: redis.Redis
+) -> None:
+    """A challenger's batch (or the next champion's, before its promotion) does not take the
+    serving version's lists away; a rollback finds its own."""
     users, ids, scores = make_batch(3, 5)
     store.write(users, ids, scores, model_version="ranker:6")
+    assert store.lookup(int(users[0]), model_version=VERSION) == Lookup(None, "missing")
+    store.write(users[:1], ids[:1] + 1, scores[:1], model_version=VERSION)  # the new one's
+    new = store.lookup(int(users[0]), model_version=VERSION)
+    old = store.lookup(int(users[0]), model_version="ranker:6")
+    assert new.result is not None
+    assert old.result is not None
+    np.testing.assert_array_equal(new.result.item_ids, ids[0] + 1)
+    np.testing.assert_array_equal(old.result.item_ids, ids[0])
+    # a value of another version under this version's key is refused
+    other = client.get(store.key(int(users[0]), "ranker:6"))
+    client.set(store.key(int(users[0]), VERSION), other)  # type: ignore[arg-type]
     assert store.lookup(int(users[0]), model_version=VERSION) == Lookup(None, "stale_version")
-    store.write(users[:1], ids[:1], scores[:1], model_version=VERSION)  # the new champion's batch
-    assert store.lookup(int(users[0]), model_version=VERSION).reason == "hit"
+
+
+@pytest.mark.integration
+def test_a_list_computed_after_the_requests_time_is_not_served(store: PrecomputedStore) -> None:
+    users, ids, scores = make_batch(1, 5)
+    store.write(users, ids, scores, model_version=VERSION, computed_at=T0)
+    user = int(users[0])
+    assert store.lookup(user, model_version=VERSION, now=T0 - 3600).reason == "future"
+    assert store.lookup(user, model_version=VERSION, now=T0 - 30).reason == "hit"  # clock skew
+
+
+@pytest.mark.integration
+def test_items_consumed_since_the_batch_come_with_the_list(
+    store: PrecomputedStore, client: redis.Redis, redis_server: str
+) -> None:
+    users, ids, scores = make_batch(3, 6)
+    store.write(users, ids, scores, model_version=VERSION, computed_at=T0)
+    first, second = int(users[0]), int(users[2])
+    store.note_consumed([first, second, first], [int(ids[0][0]), 77, int(ids[0][3])])
+    store.note_consumed([first], [5])
+    found = store.lookup(first, model_version=VERSION)
+    assert found.result is not None
+    assert found.result.consumed.tolist() == [int(ids[0][0]), int(ids[0][3]), 5]
+    assert 0 < int(client.ttl(store.consumed_key(first))) <= store.ttl_s  # type: ignore[arg-type]
+    many = store.lookup_many(users, model_version=VERSION)
+    assert [f.result.consumed.tolist() if f.result else None for f in many] == [
+        found.result.consumed.tolist(), [], [77]  # the second user's list is empty
+    ]  # fmt: skip
+    fast = PrecomputedStore.from_url(f"redis://{redis_server}/0", prefix=store.prefix)
+    found_async = asyncio.run(fast.lookup_async(first, model_version=VERSION))
+    assert found_async.result is not None
+    assert found_async.result.consumed.tolist() == found.result.consumed.tolist()
+    with pytest.raises(ValueError, match="2 user ids for 1 item ids"):
+        store.note_consumed([1, 2], [3])
+
+
+def test_the_batchs_k_tells_a_list_cut_short_from_one_that_ran_out() -> None:
+    ids, scores = np.array([5, 3, 9], np.int64), np.array([0.9, 0.5, 0.1], np.float32)
+    cut = decode(encode(ids, scores, model_version="v", computed_at=T0))  # k = 3: cut at 3
+    ran_out = decode(encode(ids, scores, model_version="v", computed_at=T0, k=10))
+    assert (cut.k, ran_out.k) == (3, 10)
+    none = np.zeros(0, np.int64)
+    assert cut.serves(2, none) is not None
+    assert cut.serves(3, none) is not None
+    assert cut.serves(4, none) is None  # the model had more items than the batch kept
+    served = ran_out.serves(4, none)
+    assert served is not None  # it had no more to give
+    assert served[0].tolist() == [5, 3, 9]
+    skipped = cut.serves(2, np.array([3]))
+    assert skipped is not None
+    assert skipped[0].tolist() == [5, 9]
+    assert cut.serves(3, np.array([3])) is None  # one excluded: no longer the model's 3
+    with pytest.raises(ValueError, match="k=2: must be at least the 3 items"):
+        encode(ids, scores, model_version="v", computed_at=T0, k=2)
+    # a value of format 1 (k reserved as 0) is read as cut at its length
+    old = bytearray(encode(ids, scores, model_version="v", computed_at=T0))
+    old[4], old[5], old[6] = 1, 0, 0
+    assert decode(bytes(old)).k == 0
+    assert decode(bytes(old)).serves(3, none) is not None
+    assert decode(bytes(old)).serves(4, none) is None
 
 
 @pytest.mark.integration
@@ -175,7 +250,7 @@ def test_max_age(store: PrecomputedStore) -> None:
 def test_every_key_gets_the_ttl(store: PrecomputedStore, client: redis.Redis) -> None:
     users, ids, scores = make_batch(10, 5)
     store.write(users, ids, scores, model_version=VERSION)
-    ttls = [int(client.ttl(store.key(int(u)))) for u in users]  # type: ignore[arg-type]
+    ttls = [int(client.ttl(store.key(int(u), VERSION))) for u in users]  # type: ignore[arg-type]
     assert all(0 < t <= store.ttl_s for t in ttls), ttls
 
 
@@ -184,9 +259,10 @@ def test_corrupt_value_is_a_miss_not_an_error(store: PrecomputedStore, client: r
     users, ids, scores = make_batch(3, 5)
     store.write(users, ids, scores, model_version=VERSION)
     bad = int(users[1])
-    client.set(store.key(bad), client.get(store.key(bad))[:-3])  # type: ignore[index]
+    key = store.key(bad, VERSION)
+    client.set(key, client.get(key)[:-3])  # type: ignore[index]
     assert store.lookup(bad, model_version=VERSION) == Lookup(None, "corrupt")
-    client.set(store.key(bad), b"not a list")
+    client.set(key, b"not a list")
     assert store.lookup(bad, model_version=VERSION) == Lookup(None, "corrupt")
     reasons = [f.reason for f in store.lookup_many(users, model_version=VERSION)]
     assert reasons == ["hit", "corrupt", "hit"]
@@ -248,7 +324,7 @@ def test_the_async_lookup_judges_as_the_sync_one(redis_server: str) -> None:
     store.write(users, ids, scores, model_version=VERSION, computed_at=T0)
     asks = [
         (int(users[0]), VERSION, None),  # hit
-        (int(users[2]), "other", None),  # stale_version
+        (int(users[2]), "other", None),  # missing: no list of that version
         (int(users[3]), VERSION, 60.0),  # too_old
         (10**9, VERSION, None),  # missing
     ]
@@ -267,7 +343,7 @@ def test_the_async_lookup_judges_as_the_sync_one(redis_server: str) -> None:
                 assert fast.result is not None
                 np.testing.assert_array_equal(fast.result.item_ids, slow.result.item_ids)
     assert [f.reason for f, _ in asyncio.run(both())] == [
-        "hit", "stale_version", "too_old", "missing"
+        "hit", "missing", "too_old", "missing"
     ]  # fmt: skip
 
 

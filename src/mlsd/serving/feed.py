@@ -396,19 +396,22 @@ class FeedRecommender:
         """A fresh precomputed list read on the event loop (an asyncio Redis client), or
         ``None``: no list, a stale one, Redis failing, or a request that cannot take one;
         :meth:`recommend` then answers (and looks again: a miss costs one more GET)."""
-        store = self.precomputed
-        if not request.allow_precomputed or request.user_id is None or request.k < 1:
+        store, user_id = self.precomputed, request.user_id
+        if not self._may_precompute(request) or request.k < 1 or user_id is None:
             return None
         if store is None or not store.can_await:
             return None
         clock = _Clock()
         try:
             found = await store.lookup_async(
-                request.user_id, model_version=self.version, max_age_s=self.max_age_s
+                user_id,
+                model_version=self.version,
+                max_age_s=self.max_age_s,
+                now=request.now,
             )
         except Exception:  # Redis down: the thread path records the fallback
             return None
-        served = self._served(found.result, request.k, self.model.rerank.blocked_ids)
+        served = self._served(found.result, request)
         clock.lap("precomputed")
         return None if served is None else self._result(served, "precomputed", clock, [])
 
@@ -417,7 +420,7 @@ class FeedRecommender:
             raise BadRequestError(f"k must be >= 1, got {request.k}")
         clock = _Clock()
         fallbacks: list[str] = []
-        if request.allow_precomputed and request.user_id is not None:
+        if self._may_precompute(request):
             served = self._precomputed(request, fallbacks, fresh=True)
             clock.lap("precomputed")
             if served is not None:
@@ -582,7 +585,14 @@ class FeedRecommender:
             frame["ts"] = time.time()
         frame["ts"] = pd.to_datetime(frame["ts"].fillna(time.time()), unit="s", utc=True)
         frame["value"] = frame.get("value", 1.0)
-        return self.features.push_events(frame)
+        accepted = self.features.push_events(frame)
+        if self.precomputed is not None:  # lists computed before these events must skip them
+            known = frame[frame["user_id"].notna() & frame["item_id"].notna()]
+            try:
+                self.precomputed.note_consumed(known["user_id"], known["item_id"])
+            except Exception:
+                logger.warning("could not record consumed items for the precomputed lists")
+        return accepted
 
     def history(self, user_id: int, n: int = 20) -> list[int]:
         if self.features is None:
@@ -595,36 +605,59 @@ class FeedRecommender:
 
     # -- stages ------------------------------------------------------------------------------
 
+    @staticmethod
+    def _may_precompute(request: RecommendRequest) -> bool:
+        """Whether a precomputed list may answer: a known user who allows it and asks no
+        explanation (a list keeps no reasons; the online path gives them)."""
+        return request.allow_precomputed and request.user_id is not None and not request.explain
+
     def _precomputed(
-        self, request: RecommendRequest, fallbacks: list[str], *, fresh: bool
+        self,
+        request: RecommendRequest,
+        fallbacks: list[str],
+        *,
+        fresh: bool,
+        seen: IntArray | None = None,
     ) -> list[Recommendation] | None:
+        """This version's list for the user: fresh (at most ``max_age_s`` old), or of any
+        age (``fresh=False``, the stale fallback, which also skips ``seen``)."""
         if self.precomputed is None or request.user_id is None:
             return None
         try:
             found = self.precomputed.lookup(
                 request.user_id,
-                model_version=self.version if fresh else None,
+                model_version=self.version,
                 max_age_s=self.max_age_s if fresh else None,
+                now=request.now,
             )
         except Exception:  # Redis down: the online path answers
             fallbacks.append("precomputed")
             return None
-        return self._served(found.result, request.k, self.model.rerank.blocked_ids)
+        return self._served(found.result, request, seen)
 
-    @staticmethod
-    def _served(hit: Precomputed | None, k: int, blocked: IntArray) -> list[Recommendation] | None:
-        """The first ``k`` items of a precomputed list, less the serving model's blocklist:
-        a list of another version (the stale fallback) was cut under that version's."""
+    def _served(
+        self, hit: Precomputed | None, request: RecommendRequest, seen: IntArray | None = None
+    ) -> list[Recommendation] | None:
+        """The first ``k`` items of a precomputed list less what the online path would skip
+        now: the blocklist, the items the user consumed since the batch, the request's own
+        recent items (and ``seen``); ``None`` when what is left is not the model's whole
+        answer (:meth:`Precomputed.serves`)."""
         if hit is None or len(hit.item_ids) == 0:
             return None
-        ids, scores = hit.item_ids, hit.scores
-        if len(blocked):
-            keep = ~np.isin(ids, blocked)
-            ids, scores = ids[keep], scores[keep]
+        skip = [self.model.rerank.blocked_ids, hit.consumed]
+        if request.recent_items:
+            skip.append(np.asarray(request.recent_items, dtype=np.int64))
+        if seen is not None:
+            skip.append(seen)
+        exclude = np.concatenate(skip) if any(len(part) for part in skip) else skip[0]
+        answer = hit.serves(request.k, exclude)
+        if answer is None or len(answer[0]) == 0:
+            return None
+        ids, scores = answer
         return [
             Recommendation(int(i), float(s), "precomputed")
-            for i, s in zip(ids[:k], scores[:k], strict=False)
-        ] or None
+            for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
+        ]
 
     def _user(self, user_id: int | None, fallbacks: list[str]) -> dict[str, np.ndarray]:
         if self.features is None:
@@ -725,7 +758,7 @@ class FeedRecommender:
     ) -> RecommendResult:
         """Every source came back empty: a precomputed list of any version, else the popular
         items, less what the user has seen and the blocklist (the re-ranker's filters)."""
-        served = self._precomputed(request, fallbacks, fresh=False)
+        served = self._precomputed(request, fallbacks, fresh=False, seen=seen)
         if served is not None:
             return self._result(served, "fallback:precomputed", clock, fallbacks)
         popular = self.model.sources.get("popularity")
@@ -840,7 +873,12 @@ def batch_predict(
         with predict_threads(1):  # the other worker has the other core
             items, scores = recommender.rank_many(batch, k=k)
         store.write(
-            batch.user_ids, items, scores.astype(np.float32), model_version=recommender.version
+            batch.user_ids,
+            items,
+            scores.astype(np.float32),
+            model_version=recommender.version,
+            computed_at=now,  # the time the lists are as of, not the time they were written
+            k=k,
         )
         return len(batch.user_ids)
 

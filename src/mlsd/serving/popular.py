@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -112,6 +112,8 @@ class PopularRecommender:
         version: the version the service reports, e.g. ``"popular:sha256:ab12..."``.
         window_days: the popularity window in days, ``None`` for all the data (for ``reasons``).
         recent: where ``record_events`` keeps feedback; a fresh bounded buffer by default.
+        blocklist: item ids never shown (the feed's ``[ranking.rerank] blocklist``: a legal
+            takedown holds for the fallback too, which answers exactly when the model fails).
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class PopularRecommender:
         version: str = "popular",
         window_days: float | None = None,
         recent: RecentItems | None = None,
+        blocklist: Iterable[int] = (),
     ) -> None:
         if len(item_ids) != len(user_counts):
             raise ValueError(
@@ -134,6 +137,7 @@ class PopularRecommender:
         self._items: list[int] = [int(i) for i in item_ids]
         self._counts: list[int] = [int(c) for c in user_counts]
         self._recent = recent or RecentItems()
+        self.blocklist = frozenset(int(item) for item in blocklist)
 
     @classmethod
     def from_dataset(
@@ -143,6 +147,7 @@ class PopularRecommender:
         days: float | None = None,
         event_types: Sequence[str] | None = None,
         version: str | None = None,
+        blocklist: Iterable[int] = (),
     ) -> PopularRecommender:
         """Count popularity and histories from a contract directory's ``events.parquet``.
 
@@ -152,6 +157,7 @@ class PopularRecommender:
             event_types: only these event types (e.g. ``["click"]``); ``None``: every event.
             version: the reported version; default ``"popular:<content hash prefix>"`` from
                 ``dataset.json`` (or ``"popular:<directory name>"`` without one).
+            blocklist: item ids never shown.
         """
         path = Path(directory) / EVENTS_FILE
         if not path.is_file():
@@ -200,6 +206,7 @@ class PopularRecommender:
             history,
             version=version,
             window_days=days,
+            blocklist=blocklist,
         )
 
     def recommend(self, request: RecommendRequest) -> RecommendResult:
@@ -211,7 +218,7 @@ class PopularRecommender:
         if request.k < 1:
             raise BadRequestError(f"k must be at least 1, got {request.k}")
         start = time.perf_counter()
-        seen = set(request.recent_items)
+        seen = set(request.recent_items) | self.blocklist
         if request.user_id is not None:
             seen.update(self.history_.items_of(request.user_id).tolist())
             seen.update(self._recent.get(request.user_id))

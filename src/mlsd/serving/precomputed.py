@@ -5,33 +5,42 @@ user with the champion model and writes one Redis key per user; the service serv
 when it is fresh and was computed by the current champion, and computes online otherwise::
 
     store = PrecomputedStore(redis.Redis(host="127.0.0.1", port=6379))
-    store.write(user_ids, item_ids, scores, model_version="ranker:7")      # the batch job
-    found = store.lookup(42, model_version="ranker:7", max_age_s=6 * 3600)  # the service
+    store.write(user_ids, item_ids, scores, model_version="ranker:7", k=50)  # the batch job
+    found = store.lookup(42, model_version="ranker:7", max_age_s=6 * 3600)   # the service
     if found.reason == "hit":
         serve(found.result.item_ids, found.result.scores)
     else:
-        count_fallback(found.reason)  # "missing", "stale_version", "too_old" or "corrupt"
+        count_fallback(found.reason)  # "missing", "too_old", "future", "corrupt", ...
 
-Value format (one Redis string per user, key ``<prefix>:<user_id>``, TTL ``ttl_s``), all
-little-endian, no pickle:
+Keys: one Redis string per model version and user, ``<prefix>:<model_version>:<user_id>``,
+with a TTL of ``ttl_s``. Each version keeps its own lists: a challenger's batch (an experiment
+arm, or the next champion precomputed before its promotion) does not overwrite the
+champion's, a rollback finds its lists, and a retired version's expire with their TTL.
+
+What the user consumed after the batch: the service appends each event's item to the user's
+``<prefix>/consumed:<user_id>`` (int64 ids, the same TTL, :meth:`PrecomputedStore.note_consumed`)
+and a lookup reads it in the same MGET as the list (:attr:`Precomputed.consumed`), so an item
+the user just clicked is not served again from a list computed before the click.
+
+Value format, all little-endian, no pickle:
 
     ======  =========  ===============================================
     bytes   type       field
     ======  =========  ===============================================
     4       bytes      magic ``b"MLPK"``
-    1       uint8      format version (1)
-    3       -          reserved (zero)
+    1       uint8      format version (2; 1 had ``k`` reserved as 0)
+    2       uint16     k, the list length the batch asked for (n < k: it ran out of items)
+    1       -          reserved (zero)
     4       uint32     n, the number of items (padding already dropped)
     4       uint32     length of the model version in bytes
-    8       float64    computed_at, UNIX seconds
+    8       float64    computed_at, UNIX seconds: the time the list was computed as of
     v       utf-8      model version
     8 * n   int64      item ids, best first
     4 * n   float32    scores
     ======  =========  ===============================================
 
-A top-100 list takes 24 + len(version) + 1,200 bytes. The model version lives in the value
-rather than in the key, so a new champion's batch overwrites the old lists in place and a
-list of a retired version is recognised (``stale_version``) instead of silently served.
+A top-100 list takes 24 + len(version) + 1,200 bytes. The model version is in the value too,
+and a value whose version is not its key's is refused (``stale_version``).
 
 Errors: a value that does not decode is reported as ``corrupt`` and never raises. Redis
 failures (connection refused, timeouts) do raise, as ``redis.exceptions.RedisError``
@@ -48,7 +57,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
@@ -65,13 +74,20 @@ PAD_ID = -1
 """Item id padding a row of ``item_ids`` that has fewer than K items; dropped on write."""
 
 MAGIC = b"MLPK"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sB3xIId")  # magic, format, reserved, n_items, version bytes, ts
+FORMAT_VERSION = 2
+_HEADER = struct.Struct("<4sBHxIId")  # magic, format, k, reserved, n_items, version bytes, ts
 _ID = np.dtype("<i8")
 _SCORE = np.dtype("<f4")
+MAX_K = 2**16 - 1
+"""The longest list a value records (``k`` is a uint16)."""
+FUTURE_TOLERANCE_S = 60.0
+"""A list computed later than this after the request's time is not served (``future``): it
+used data the request's moment had not seen (a request replayed at a past ``now``), or the
+batch host's clock runs ahead."""
 
-Reason = Literal["hit", "missing", "stale_version", "too_old", "corrupt"]
+Reason = Literal["hit", "missing", "stale_version", "too_old", "future", "corrupt"]
 """Why a lookup did (``hit``) or did not return a list; the label of a fallback counter."""
+_NO_ITEMS = np.zeros(0, dtype=np.int64)
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +104,34 @@ class Precomputed:
         item_ids: (n,) int64, best first, padding dropped (n may be 0).
         scores: (n,) float32, the model's scores of ``item_ids``.
         model_version: the model version that computed the list.
-        computed_at: when the batch computed it, UNIX seconds.
+        computed_at: the time the list was computed as of, UNIX seconds.
+        k: the list length the batch asked for; ``n < k`` when it ran out of items, so a
+            request for up to ``k`` items can take the list whole. 0: not recorded (format 1).
+        consumed: items the user consumed since (:meth:`PrecomputedStore.note_consumed`), as
+            read with the list; not part of the stored value.
     """
 
     item_ids: IntArray
     scores: ScoreArray
     model_version: str
     computed_at: float
+    k: int = 0
+    consumed: IntArray = field(default_factory=lambda: _NO_ITEMS)
+
+    def serves(self, k: int, exclude: IntArray) -> tuple[IntArray, ScoreArray] | None:
+        """The first ``k`` items less ``exclude``, or ``None`` when the list cannot answer
+        for ``k`` as the model would: cut at fewer items than the batch could have listed
+        (a request for more than the batch's ``k``, or items excluded since), since more
+        items existed than it kept. A list shorter than its ``k`` (the model ran out) is
+        served as it is."""
+        ids, scores = self.item_ids, self.scores
+        if len(exclude):
+            keep = ~np.isin(ids, exclude)
+            ids, scores = ids[keep], scores[keep]
+        complete = 0 < len(self.item_ids) < self.k  # the model had no more items to give
+        if len(ids) < k and not complete:
+            return None
+        return ids[:k], scores[:k]
 
 
 class Lookup(NamedTuple):
@@ -115,16 +152,26 @@ class WriteStats:
 
 
 def encode(
-    item_ids: IntArray, scores: ScoreArray, *, model_version: str, computed_at: float
+    item_ids: IntArray,
+    scores: ScoreArray,
+    *,
+    model_version: str,
+    computed_at: float,
+    k: int | None = None,
 ) -> bytes:
     """One user's value: header, model version, then the raw item ids and scores.
 
     Args:
         item_ids: (n,) int64 without padding.
         scores: (n,) float32.
+        k: the list length the batch asked for (default n), at least n and at most
+            :data:`MAX_K`.
     """
+    k = len(item_ids) if k is None else int(k)
+    if not len(item_ids) <= k <= MAX_K:
+        raise ValueError(f"k={k}: must be at least the {len(item_ids)} items and <= {MAX_K}")
     version = model_version.encode()
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(item_ids), len(version), computed_at)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, k, len(item_ids), len(version), computed_at)
     ids = item_ids.astype(_ID, copy=False).tobytes()
     return b"".join((header, version, ids, scores.astype(_SCORE, copy=False).tobytes()))
 
@@ -133,9 +180,11 @@ def decode(value: bytes) -> Precomputed:
     """The inverse of :func:`encode`; raises :class:`CorruptValueError` on a malformed value."""
     if len(value) < _HEADER.size:
         raise CorruptValueError(f"{len(value)} bytes, shorter than the {_HEADER.size}-byte header")
-    magic, fmt, n_items, n_version, computed_at = _HEADER.unpack_from(value)
-    if magic != MAGIC or fmt != FORMAT_VERSION:
-        raise CorruptValueError(f"header {magic!r} format {fmt}, expected {MAGIC!r} format 1")
+    magic, fmt, k, n_items, n_version, computed_at = _HEADER.unpack_from(value)
+    if magic != MAGIC or fmt not in (1, FORMAT_VERSION):
+        raise CorruptValueError(
+            f"header {magic!r} format {fmt}, expected {MAGIC!r} format 1 or {FORMAT_VERSION}"
+        )
     expected = _HEADER.size + n_version + n_items * (_ID.itemsize + _SCORE.itemsize)
     if len(value) != expected or not math.isfinite(computed_at):
         raise CorruptValueError(f"{len(value)} bytes, the header implies {expected}")
@@ -148,7 +197,7 @@ def decode(value: bytes) -> Precomputed:
     ids = np.frombuffer(value, dtype=_ID, count=n_items, offset=start).astype(np.int64)
     scores_at = start + n_items * _ID.itemsize
     scores = np.frombuffer(value, dtype=_SCORE, count=n_items, offset=scores_at)
-    return Precomputed(ids, scores.astype(np.float32), model_version, computed_at)
+    return Precomputed(ids, scores.astype(np.float32), model_version, computed_at, k)
 
 
 class PrecomputedStore:
@@ -156,9 +205,10 @@ class PrecomputedStore:
 
     Args:
         client: a ``redis.Redis`` with ``decode_responses=False`` (values are binary).
-        prefix: key prefix; keys are ``<prefix>:<user_id>``. Use one per system/environment.
-        ttl_s: seconds each key lives after its write (> 0). A batch that stops running
-            lets its lists expire rather than be served forever.
+        prefix: key prefix; keys are ``<prefix>:<model_version>:<user_id>``. Use one per
+            system/environment.
+        ttl_s: whole seconds each key lives after its write (>= 1). A batch that stops
+            running lets its lists expire rather than be served forever.
     """
 
     def __init__(
@@ -177,8 +227,8 @@ class PrecomputedStore:
             )
         if not prefix:
             raise ValueError("prefix must be a non-empty string, e.g. 'mlsd:feed:top'")
-        if ttl_s <= 0:
-            raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s}")
+        if not ttl_s >= 1:  # Redis expiries are whole seconds: 0.5 would be 0, refused
+            raise ValueError(f"ttl_s must be at least 1 second, got {ttl_s}")
         self.client = client
         self.prefix = prefix
         self.ttl_s = int(ttl_s)
@@ -200,9 +250,40 @@ class PrecomputedStore:
         """Whether :meth:`lookup_async` works (the store knows its URL)."""
         return self.async_url is not None
 
-    def key(self, user_id: int) -> str:
-        """The Redis key of one user's list."""
-        return f"{self.prefix}:{int(user_id)}"
+    def key(self, user_id: int, model_version: str) -> str:
+        """The Redis key of one user's list by one model version."""
+        return f"{self.prefix}:{model_version}:{int(user_id)}"
+
+    def consumed_key(self, user_id: int) -> str:
+        """The Redis key of the items one user consumed (any version's lists skip them)."""
+        return f"{self.prefix}/consumed:{int(user_id)}"
+
+    def note_consumed(self, user_ids: npt.ArrayLike, item_ids: npt.ArrayLike) -> None:
+        """Record that each user consumed each item (one pair per event, in one pipelined
+        round trip): a precomputed list read later skips them, as the online path skips the
+        user's history. The record lives ``ttl_s`` after the user's last event, as long as
+        a list computed before the event could.
+
+        Raises:
+            redis.exceptions.RedisError: Redis failed.
+        """
+        users = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        items = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        if len(users) != len(items):
+            raise ValueError(f"{len(users)} user ids for {len(items)} item ids")
+        if len(users) == 0:
+            return
+        order = np.argsort(users, kind="stable")
+        users, items = users[order], items[order]
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        with self.client.pipeline(transaction=False) as pipe:
+            for user, chunk in zip(
+                users[starts].tolist(), np.split(items, starts[1:]), strict=True
+            ):
+                key = self.consumed_key(user)
+                pipe.append(key, chunk.astype(_ID, copy=False).tobytes())
+                pipe.expire(key, self.ttl_s)
+            pipe.execute()
 
     def write(
         self,
@@ -212,6 +293,7 @@ class PrecomputedStore:
         *,
         model_version: str,
         computed_at: float | None = None,
+        k: int | None = None,
         chunk: int = 10_000,
         progress: bool = False,
     ) -> WriteStats:
@@ -225,7 +307,9 @@ class PrecomputedStore:
             item_ids: (n, K) int64, best first, rows padded with -1 (``PAD_ID``).
             scores: (n, K) float32 scores of ``item_ids`` (padding scores are ignored).
             model_version: the concrete version that computed the lists (not an alias).
-            computed_at: UNIX seconds of the batch; default now.
+            computed_at: UNIX seconds the lists were computed as of; default now.
+            k: the list length the batch asked for (default K, the width of ``item_ids``):
+                a row with fewer items ran out of them.
             chunk: users per pipeline round trip.
             progress: show a rich progress bar over chunks (on stderr).
 
@@ -238,12 +322,15 @@ class PrecomputedStore:
         start = time.perf_counter()
         users, ids, vals = _check_batch(user_ids, item_ids, scores)
         computed_at = time.time() if computed_at is None else float(computed_at)
+        k = ids.shape[1] if k is None else int(k)
+        if not ids.shape[1] <= k <= MAX_K:
+            raise ValueError(f"k={k}: must be at least the {ids.shape[1]} columns and <= {MAX_K}")
         n_bytes = 0
         with _bar(progress, total=len(users)) as advance:
             for lo in range(0, len(users), chunk):
                 rows = slice(lo, lo + chunk)
                 n_bytes += self._write_chunk(
-                    users[rows], ids[rows], vals[rows], model_version, computed_at
+                    users[rows], ids[rows], vals[rows], model_version, computed_at, k
                 )
                 advance(len(users[rows]))
         seconds = time.perf_counter() - start
@@ -257,6 +344,7 @@ class PrecomputedStore:
         vals: ScoreArray,
         model_version: str,
         computed_at: float,
+        k: int,
     ) -> int:
         """One pipelined round trip of SET ... EX; returns the bytes of values written."""
         keep = ids != PAD_ID
@@ -270,9 +358,10 @@ class PrecomputedStore:
                     row_scores[mask],
                     model_version=model_version,
                     computed_at=computed_at,
+                    k=k,
                 )
                 n_bytes += len(value)
-                pipe.set(self.key(user), value, ex=self.ttl_s)
+                pipe.set(self.key(user, model_version), value, ex=self.ttl_s)
             pipe.execute()
         return n_bytes
 
@@ -280,35 +369,38 @@ class PrecomputedStore:
         self,
         user_id: int,
         *,
-        model_version: str | None,
+        model_version: str,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> Lookup:
-        """One user's list if it is there, by ``model_version`` and at most ``max_age_s`` old.
+        """One user's list by ``model_version`` if it is there and at most ``max_age_s``
+        old, with the items the user consumed since (one MGET).
 
         Args:
             user_id: the user.
-            model_version: the version the service serves (the champion's); ``None`` accepts
-                any version (the service's last resort when the online path fails).
+            model_version: the version the service serves.
             max_age_s: oldest acceptable list, in seconds (None: any age within the TTL).
-            now: UNIX seconds to measure age against; default now.
+            now: UNIX seconds of the request, to measure age against; default now. A list
+                computed more than :data:`FUTURE_TOLERANCE_S` after it is not served.
 
         Returns:
-            ``(list, "hit")``, or ``(None, reason)`` with reason ``missing``,
-            ``stale_version``, ``too_old`` or ``corrupt``.
+            ``(list, "hit")``, or ``(None, reason)`` with reason ``missing``, ``too_old``,
+            ``future``, ``corrupt`` or ``stale_version`` (a value of another version under
+            this version's key).
 
         Raises:
             redis.exceptions.RedisError: Redis failed (the caller picks the fallback).
         """
-        value = self.client.get(self.key(user_id))
+        keys = [self.key(user_id, model_version), self.consumed_key(user_id)]
+        value, consumed = cast(list[bytes | None], self.client.mget(keys))
         now = time.time() if now is None else now
-        return self._judge(user_id, value, model_version, max_age_s, now)
+        return self._judge(user_id, value, consumed, model_version, max_age_s, now)
 
     async def lookup_async(
         self,
         user_id: int,
         *,
-        model_version: str | None,
+        model_version: str,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> Lookup:
@@ -316,9 +408,10 @@ class PrecomputedStore:
 
         The client is made on the first call from each event loop (its connections belong to
         that loop). Raises ``RuntimeError`` when the store has no URL (see :meth:`from_url`)."""
-        value = await self._async_client().get(self.key(user_id))
+        keys = [self.key(user_id, model_version), self.consumed_key(user_id)]
+        value, consumed = await self._async_client().mget(keys)
         now = time.time() if now is None else now
-        return self._judge(user_id, value, model_version, max_age_s, now)
+        return self._judge(user_id, value, consumed, model_version, max_age_s, now)
 
     def _async_client(self) -> aioredis.Redis:
         if self.async_url is None:
@@ -333,7 +426,7 @@ class PrecomputedStore:
         self,
         user_id: int,
         *,
-        model_version: str | None,
+        model_version: str,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> Precomputed | None:
@@ -344,7 +437,7 @@ class PrecomputedStore:
         self,
         user_ids: npt.ArrayLike,
         *,
-        model_version: str | None,
+        model_version: str,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> list[Lookup]:
@@ -355,19 +448,23 @@ class PrecomputedStore:
         users = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         if len(users) == 0:
             return []
-        keys = [self.key(u) for u in users.tolist()]
+        keys = [
+            key
+            for u in users.tolist()
+            for key in (self.key(u, model_version), self.consumed_key(u))
+        ]
         values = cast(list[bytes | None], self.client.mget(keys))  # sync client: a list
         now = time.time() if now is None else now
         return [
-            self._judge(int(u), v, model_version, max_age_s, now)
-            for u, v in zip(users, values, strict=True)
+            self._judge(int(u), values[2 * i], values[2 * i + 1], model_version, max_age_s, now)
+            for i, u in enumerate(users.tolist())
         ]
 
     def read_many(
         self,
         user_ids: npt.ArrayLike,
         *,
-        model_version: str | None,
+        model_version: str,
         max_age_s: float | None = None,
         now: float | None = None,
     ) -> list[Precomputed | None]:
@@ -381,24 +478,32 @@ class PrecomputedStore:
         self,
         user_id: int,
         value: object,
-        model_version: str | None,
+        consumed: object,
+        model_version: str,
         max_age_s: float | None,
         now: float,
     ) -> Lookup:
         if value is None:
             return Lookup(None, "missing")
+        key = self.key(user_id, model_version)
         if not isinstance(value, bytes):
-            logger.warning("precomputed %s: not a bytes value", self.key(user_id))
+            logger.warning("precomputed %s: not a bytes value", key)
             return Lookup(None, "corrupt")
         try:
             found = decode(value)
         except CorruptValueError as err:
-            logger.warning("precomputed %s is corrupt: %s", self.key(user_id), err)
+            logger.warning("precomputed %s is corrupt: %s", key, err)
             return Lookup(None, "corrupt")
-        if model_version is not None and found.model_version != model_version:
+        if found.model_version != model_version:
             return Lookup(None, "stale_version")
         if max_age_s is not None and now - found.computed_at > max_age_s:
             return Lookup(None, "too_old")
+        if found.computed_at > now + FUTURE_TOLERANCE_S:
+            return Lookup(None, "future")
+        if isinstance(consumed, bytes) and len(consumed) >= _ID.itemsize:
+            whole = len(consumed) // _ID.itemsize * _ID.itemsize  # a torn append: its head
+            items = np.frombuffer(consumed[:whole], dtype=_ID).astype(np.int64)
+            found = replace(found, consumed=items)
         return Lookup(found, "hit")
 
 

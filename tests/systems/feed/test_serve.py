@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -313,6 +314,40 @@ def test_batch_predict_command_writes_every_user_and_reports_its_cost(
 
 
 @pytest.mark.integration
+def test_batch_predict_says_how_far_it_got_when_redis_fails(
+    setup: tuple[Path, Path, Path],
+    redis_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import redis
+
+    from mlsd.cli import run
+    from mlsd.serving.precomputed import PrecomputedStore
+
+    write = PrecomputedStore.write
+    calls = 0
+
+    def fails_second(self: PrecomputedStore, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrecomputedStore, "write", fails_second)
+    world, config, root = setup
+    args = ["feed", "batch-predict", "--dataset", str(world), "--config", str(config)]
+    args += ["--model", str(root / "models" / "m1"), "--redis", f"redis://{redis_server}/5"]
+    args += ["--users", "7", "--chunk", "3", "--workers", "1"]
+    assert run(args) == 1  # a user's error to act on, not an internal one
+    said = " ".join(capsys.readouterr().err.split())
+    assert "Redis failed after 3 of 7 users were written (ConnectionError" in said
+    assert "the lists are partial" in said
+    redis.Redis.from_url(f"redis://{redis_server}/5").flushdb()
+
+
+@pytest.mark.integration
 def test_batch_predict_shards_split_the_users_between_them(
     setup: tuple[Path, Path, Path], redis_server: str
 ) -> None:
@@ -365,3 +400,17 @@ def test_batch_predict_without_redis_is_a_users_error_before_the_model_loads(
     err = capsys.readouterr().err
     assert f"--redis {url}: cannot reach Redis" in " ".join(err.split())
     assert "internal error" not in err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--k", "0"), ("--ttl", "0"), ("--k", "70000")])
+def test_batch_predict_refuses_a_bad_k_or_ttl_before_anything_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    from mlsd.cli import run
+
+    url = f"redis://127.0.0.1:{free_port()}"  # nothing listens: the options fail first
+    args = ["feed", "batch-predict", "--dataset", str(tmp_path), "--redis", url]
+    assert run([*args, option, value]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"Invalid value for '{option}'" in err
+    assert "cannot reach Redis" not in err

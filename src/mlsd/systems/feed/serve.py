@@ -229,7 +229,7 @@ def experiment_loader(
         if arm.alias != POPULAR_ALIAS
     }
 
-    return ExperimentLoader(experiment, loaders, dataset)
+    return ExperimentLoader(experiment, loaders, dataset, feed.ranking.rerank.blocklist)
 
 
 class ExperimentLoader:
@@ -237,9 +237,14 @@ class ExperimentLoader:
     :meth:`changed` when any arm's registry alias moved."""
 
     def __init__(
-        self, experiment: Experiment, loaders: dict[str, ModelLoader], dataset: Path
+        self,
+        experiment: Experiment,
+        loaders: dict[str, ModelLoader],
+        dataset: Path,
+        blocklist: tuple[int, ...] = (),
     ) -> None:
         self.experiment, self.loaders, self.dataset = experiment, loaders, dataset
+        self.blocklist = blocklist  # the popular arm never shows what the feed's blocklist holds
 
     def __call__(self) -> Recommender:
         from mlsd.serving.experiment import POPULAR_ALIAS, ExperimentRecommender
@@ -251,7 +256,9 @@ class ExperimentLoader:
                 arms[name] = load.prepare()
             for arm in self.experiment.arms:
                 if arm.alias == POPULAR_ALIAS:
-                    arms[arm.name] = PopularRecommender.from_dataset(self.dataset)
+                    arms[arm.name] = PopularRecommender.from_dataset(
+                        self.dataset, blocklist=self.blocklist
+                    )
         except BaseException:
             for load in self.loaders.values():
                 load.discard()
@@ -367,7 +374,9 @@ def serve(
         web = create_app(
             load,
             settings=settings,
-            fallback=PopularRecommender.from_dataset(dataset),
+            fallback=PopularRecommender.from_dataset(
+                dataset, blocklist=feed.ranking.rerank.blocklist
+            ),
             log=log,
             monitor=monitor_settings(feed, model),
             follow=load.changed if follow_champion > 0 else None,
@@ -432,6 +441,10 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+BATCH_REDIS_TIMEOUT_S = 30.0
+"""How long batch-predict waits on one Redis round trip before it fails."""
+
+
 @app.command("batch-predict")
 def batch_predict_command(
     dataset: DatasetDir,
@@ -444,11 +457,11 @@ def batch_predict_command(
     ] = None,
     registry_uri: RegistryUri = None,
     base_dir: BaseDir = Path(),
-    k: Annotated[int, typer.Option("--k", help="Items per user.")] = 100,
+    k: Annotated[int, typer.Option("--k", min=1, max=65_535, help="Items per user.")] = 100,
     users: Annotated[
         int | None, typer.Option("--users", help="Only the first N users (default: all).")
     ] = None,
-    ttl_s: Annotated[int, typer.Option("--ttl", help="Seconds a list lives.")] = 86_400,
+    ttl_s: Annotated[int, typer.Option("--ttl", min=1, help="Seconds a list lives.")] = 86_400,
     chunk: Annotated[
         int, typer.Option("--chunk", min=1, help="Users per batch through the ranker.")
     ] = 500,
@@ -486,7 +499,8 @@ def batch_predict_command(
     from mlsd.serving.precomputed import PrecomputedStore
 
     part, parts = parse_shard(shard)
-    client = redis.Redis.from_url(redis_url)
+    # a Redis that stops answering fails the job within the timeout instead of hanging it
+    client = redis.Redis.from_url(redis_url, socket_timeout=BATCH_REDIS_TIMEOUT_S)
     try:  # before a minute of model loading, and as a user's mistake rather than a crash
         client.ping()
     except redis.RedisError as err:
@@ -521,6 +535,12 @@ def batch_predict_command(
     gc.freeze()
     cpu = _cpu_seconds()  # every thread of this process and of its finished children
     start = datetime.now(UTC)
+    done = 0
+
+    def count(n: int) -> None:
+        nonlocal done
+        done += n
+
     try:
         if processes > 1:
             written, rate = batch_predict_processes(
@@ -541,7 +561,14 @@ def batch_predict_command(
                 chunk=chunk,
                 workers=workers,
                 progress=True,
+                on_chunk=count,
             )
+    except redis.RedisError as err:
+        raise ValueError(
+            f"--redis {redis_url}: Redis failed after {done:,} of {len(chosen):,} users were "
+            f"written ({type(err).__name__}: {str(err)[:200]}); the lists are partial: fix "
+            "Redis and run again (rewriting a user's list is harmless)"
+        ) from err
     finally:
         gc.unfreeze()
     end = datetime.now(UTC)
