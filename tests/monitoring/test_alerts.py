@@ -127,3 +127,19 @@ def test_reference_ctr_is_a_ctr() -> None:
     for bad in (0, 1.5, "0.05", True):
         with pytest.raises(ValueError, match=r"x: \[monitoring\].reference_ctr"):
             MonitoringSection.from_mapping({"reference_ctr": bad}, where="x")
+
+
+def test_the_minimum_of_drift_requests() -> None:
+    assert MonitoringSection.from_mapping({}, where="x").min_drift_requests == 100
+    section = MonitoringSection.from_mapping({"min_drift_requests": 30}, where="x")
+    assert section.min_drift_requests == 30
+    for bad in (0, -1, 1.5, "100", True):
+        with pytest.raises(ValueError, match=r"^f\.toml: \[monitoring\]\.min_drift_requests: "):
+            MonitoringSection.from_mapping({"min_drift_requests": bad}, where="f.toml")
+    with pytest.raises(ValueError, match="min_drift_requests"):
+        MonitoringSection(min_drift_requests=0)
+
+
+def test_rules_may_watch_for_missing_columns() -> None:
+    rule = AlertRule("columns gone", "n_missing_features", ">", 0)
+    assert [a.value for a in evaluate([rule], {"n_missing_features": 2.0})] == [2.0]

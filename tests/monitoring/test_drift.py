@@ -11,7 +11,14 @@ import pytest
 from scipy import stats
 
 from mlsd.monitoring.drift import categorical_test, compare, ks_test
-from mlsd.monitoring.profile import PSI_EPSILON, CategoricalProfile, ReferenceProfile, psi
+from mlsd.monitoring.profile import (
+    PSI_EPSILON,
+    CategoricalProfile,
+    NumericProfile,
+    ReferenceProfile,
+    bin_shares,
+    psi,
+)
 
 
 def test_psi_by_hand() -> None:
@@ -144,6 +151,157 @@ def test_a_trending_feature_is_reported_but_neither_drifted_nor_alerting() -> No
     assert metrics["trending_psi_max"] == by_name["age"].psi
     assert metrics["feature_psi_max"] == by_name["x"].psi < 0.05
     assert metrics["n_drifted_features"] == 0
+    assert metrics["ks_pvalue_min"] == by_name["x"].p_value  # the clock's p = 0 left out
     # A stationary feature that shifts still drifts and alerts.
     shifted = later.assign(f_x=later["f_x"] + 1.0)
     assert compare(profile, shifted).metrics()["feature_psi_max"] > 0.25
+
+
+def test_a_mass_point_at_the_top_drifts_like_one_at_the_bottom() -> None:
+    """A flag at 95% ones moving to 50% ones is as large a shift as 95% zeros moving to 50%:
+    (0.5 - 0.05) ln(0.5 / 0.05) + (0.5 - 0.95) ln(0.5 / 0.95) in both directions."""
+    expected = 0.45 * math.log(10.0) + 0.45 * math.log(0.95 / 0.5)  # 1.325
+    half = pd.DataFrame({"f_flag": [0.0, 1.0] * 500, "request_id": np.arange(1_000)})
+    for ones in (950, 50):
+        frame = pd.DataFrame({"flag": [1.0] * ones + [0.0] * (1_000 - ones)})
+        profile = ReferenceProfile.build(frame, np.zeros(1_000), numeric=["flag"])
+        (row,) = compare(profile, half).features
+        assert row.psi == pytest.approx(expected), ones
+        assert row.drifted
+
+
+def by_hand(edges: tuple[float, ...], shares: tuple[float, ...], **kw: float) -> ReferenceProfile:
+    """A profile of one numeric feature ``x`` with the given bins (and a flat prediction)."""
+    x = NumericProfile(
+        edges=edges, shares=shares, n=100, mean=0.0, std=1.0, min=-1.0, max=1.0,
+        sample=(-1.0, 1.0), **kw,
+    )  # fmt: skip
+    return ReferenceProfile(numeric={"x": x}, categorical={}, prediction=x, n_rows=100)
+
+
+def window(x: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"f_x": x, "request_id": np.arange(len(x))})
+
+
+def test_missing_live_values_are_a_bin_of_their_own() -> None:
+    """Half the live rows NaN: the reference's bins (no missing values) against the live
+    rows' bins over every row, the NaN ones in the "missing" bin."""
+    profile = by_hand((0.0,), (0.5, 0.5))
+    report = compare(profile, window([-1.0] * 5 + [1.0] * 5 + [math.nan] * 10), min_requests=1)
+    (row,) = report.features
+    # reference [0.5, 0.5, 0], live [0.25, 0.25, 0.5]
+    expected = 2 * (0.25 - 0.5) * math.log(0.5) + (0.5 - PSI_EPSILON) * math.log(0.5 / PSI_EPSILON)
+    assert row.psi == pytest.approx(expected)
+    assert row.drifted
+    assert row.bins == ("≤ 0", "> 0", "missing")
+    assert row.reference_shares == (0.5, 0.5, 0.0)
+    assert row.live_shares == (0.25, 0.25, 0.5)
+    assert row.missing_share == 0.5
+    assert row.n_live == 10  # rows with a finite value
+    assert row.p_value == pytest.approx(ks_test([-1.0, 1.0], [-1.0] * 5 + [1.0] * 5)[1])
+    assert row.to_dict()["missing_share"] == 0.5
+    # +inf is as missing as NaN
+    inf = compare(profile, window([-1.0] * 5 + [1.0] * 5 + [math.inf] * 10), min_requests=1)
+    assert inf.features[0].psi == pytest.approx(expected)
+
+
+def test_the_reference_missing_share_scales_its_bins() -> None:
+    profile = by_hand((0.0,), (0.5, 0.5), missing_share=0.2)  # reference [0.4, 0.4, 0.2]
+    same = compare(profile, window([-1.0] * 4 + [1.0] * 4 + [math.nan] * 2), min_requests=1)
+    assert same.features[0].psi == pytest.approx(0.0, abs=1e-12)
+    assert same.features[0].reference_shares == pytest.approx((0.4, 0.4, 0.2))
+    filled = compare(profile, window([-1.0] * 5 + [1.0] * 5), min_requests=1)
+    (row,) = filled.features
+    expected = 2 * 0.1 * math.log(0.5 / 0.4) + (PSI_EPSILON - 0.2) * math.log(PSI_EPSILON / 0.2)
+    assert row.psi == pytest.approx(expected)
+    assert row.bins[-1] == "missing"  # shown: the reference had missing values
+    assert row.missing_share == 0.0
+
+
+def test_without_missing_values_psi_is_over_the_reference_bins_alone() -> None:
+    profile = reference()
+    frame = live(2_000, shift=0.3)
+    row = next(r for r in compare(profile, frame).features if r.name == "x")
+    x = profile.numeric["x"]
+    assert row.psi == psi(x.shares, bin_shares(x.edges, frame["f_x"].to_numpy(np.float64)))
+    assert "missing" not in row.bins
+    assert row.missing_share == 0.0
+
+
+def test_a_feature_that_stops_being_filled_drifts() -> None:
+    """Every live row NaN: the reference's bins are all empty live and the missing bin holds
+    everything, a large finite PSI; a window without rows is still no data."""
+    profile = by_hand((0.0,), (0.5, 0.5))
+    (row,) = compare(profile, window([math.nan] * 200), min_requests=1).features
+    emptied = 2 * (PSI_EPSILON - 0.5) * math.log(PSI_EPSILON / 0.5)  # the reference's bins
+    filled = (1 - PSI_EPSILON) * math.log(1 / PSI_EPSILON)  # the missing bin
+    assert row.psi == pytest.approx(emptied + filled)  # 17.7
+    assert row.drifted
+    assert row.n_live == 0
+    assert row.missing_share == 1.0
+    assert math.isnan(row.p_value)  # KS needs finite values on both sides
+    (empty,) = compare(profile, window([]), min_requests=1).features
+    assert math.isnan(empty.psi)
+    assert not empty.drifted
+
+
+def test_missing_codes_are_a_category_of_their_own() -> None:
+    reference = CategoricalProfile(counts={1: 50, 2: 50})
+    result = categorical_test(reference, [1] * 30 + [math.nan] * 20)
+    # table [[50, 50, 0], [30, 0, 20]] (the empty "other" column dropped)
+    assert result.categories == ("1", "2", "other", "missing")
+    assert result.live_shares == (0.6, 0.0, 0.0, 0.4)
+    assert result.chi2 == pytest.approx(65.625)
+    assert result.p_value == pytest.approx(stats.chi2.sf(65.625, df=2))
+    assert result.psi == pytest.approx(psi([0.5, 0.5, 0.0, 0.0], [0.6, 0.0, 0.0, 0.4]))
+    assert result.n_live == 30
+    assert result.missing_share == 0.4
+    everything = categorical_test(reference, [math.nan] * 10)
+    assert everything.psi == pytest.approx(psi([0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]))
+    assert everything.p_value < 1e-6
+    with_missing = CategoricalProfile(counts={1: 40, 2: 40}, n_missing=20)
+    same = categorical_test(with_missing, [1] * 4 + [2] * 4 + [math.nan] * 2)
+    assert same.reference_shares == (0.4, 0.4, 0.0, 0.2)
+    assert same.psi == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(categorical_test(with_missing, []).psi)  # no rows: no data
+
+
+def test_missing_columns_are_counted() -> None:
+    frame = live(2_000)
+    assert compare(reference(), frame).metrics()["n_missing_features"] == 0
+    metrics = compare(reference(), frame.drop(columns=["f_y", "c_cat"])).metrics()
+    assert metrics["n_missing_features"] == 2
+
+
+def requests(n_requests: int, *, shift: float, rows_per_request: int = 50) -> pd.DataFrame:
+    """``n_requests`` requests whose candidates share the request's (shifted) values."""
+    frame = live(n_requests, shift=shift).loc[np.repeat(np.arange(n_requests), rows_per_request)]
+    return frame.assign(request_id=[f"r{i}" for i in frame.index]).reset_index(drop=True)
+
+
+def test_too_few_requests_are_not_judged() -> None:
+    """Five requests are five samples, however many candidate rows they have: their PSI is
+    reported, nothing is drifted and the PSI/KS metrics are left out (no data)."""
+    few = requests(5, shift=3.0)
+    report = compare(reference(), few)
+    assert (report.n_requests, report.min_requests) == (5, 100)
+    assert not report.judged
+    assert report.note is not None
+    assert "5 sampled requests" in report.note
+    assert "100" in report.note
+    assert max(r.psi for r in report.features) > 0.25
+    assert not any(r.drifted for r in report.features)
+    assert report.prediction is not None
+    assert not report.prediction.drifted
+    assert report.metrics() == {"n_missing_features": 0.0}
+    assert report.to_dict()["n_requests"] == 5
+    enough = compare(reference(), few, min_requests=5)
+    assert enough.judged
+    assert enough.note is None
+    assert enough.metrics()["feature_psi_max"] > 0.25
+    assert enough.metrics()["n_drifted_features"] >= 1
+    # Without a request_id column every row counts as a request.
+    assert compare(reference(), few.drop(columns=["request_id"])).n_requests == 250
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="min_requests"):
+            compare(reference(), few, min_requests=bad)  # type: ignore[arg-type]

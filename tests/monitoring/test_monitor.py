@@ -280,3 +280,42 @@ def test_profile_model_version_reads_the_model_json_next_to_it(tmp_path: Path) -
     assert profile_model_version(path) is None
     (tmp_path / "model.json").write_text(json.dumps({"version": "abc-123"}))
     assert profile_model_version(path) == "abc-123"
+
+
+def test_a_window_of_few_requests_is_not_judged(tmp_path: Path) -> None:
+    """3,000 drifted candidate rows of only 20 requests are 20 samples: the drift rules say
+    "no data" and the report says why; with a minimum of 20 they fire."""
+    rows = candidates(3_000, shift=1.5, start=START)
+    rows["request_id"] = [f"r{i % 20}" for i in range(3_000)]
+    write_log(tmp_path / "log", "candidates", rows)
+    rules = [r for r in DEFAULT_RULES if "drift" in r.name]
+    result = run_monitor(tmp_path / "log", profile(), start=START, end=END, rules=rules)
+    assert [o.status for o in result.outcomes] == ["no data", "no data"]
+    assert result.drift is not None
+    assert (result.drift.n_requests, result.drift.min_requests) == (20, 100)
+    assert result.metrics["n_missing_features"] == 0
+    _, html_path = write_report(result, tmp_path / "out")
+    assert "drift not judged: 20 sampled requests" in html_path.read_text()
+    judged = run_monitor(
+        tmp_path / "log", profile(), start=START, end=END, rules=rules, min_drift_requests=20
+    )
+    assert {a.rule.name for a in judged.fired} == {"feature drift", "prediction drift"}
+    assert "drift not judged" not in write_report(judged, tmp_path / "out2")[1].read_text()
+
+
+def test_a_feature_the_service_stops_filling_fires(tmp_path: Path) -> None:
+    """A logged feature that is NaN in 60% of rows and null in the rest: every row is in the
+    missing bin, so its PSI is large, the drift rule fires and its histogram is drawn."""
+    rows = candidates(3_000, shift=0.0, start=START)
+    rows["f_events_7d"] = [math.nan if i % 5 < 3 else None for i in range(3_000)]
+    write_log(tmp_path / "log", "candidates", rows)
+    rules = [r for r in DEFAULT_RULES if "drift" in r.name]
+    result = run_monitor(tmp_path / "log", profile(), start=START, end=END, rules=rules)
+    assert {a.rule.name for a in result.fired} == {"feature drift"}
+    assert result.drift is not None
+    row = result.drift.ranked()[0]
+    assert (row.name, row.n_live, row.missing_share) == ("events_7d", 0, 1.0)
+    assert row.bins[-1] == "missing"
+    assert row.live_shares[-1] == 1.0
+    _, html_path = write_report(result, tmp_path / "out")
+    assert html_path.read_text().count("data:image/png;base64,") == 3  # events_7d drawn too

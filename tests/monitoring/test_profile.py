@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from mlsd.monitoring.profile import (
+    MIN_TREND_MOMENTS,
     SAMPLE_SIZE,
+    CategoricalProfile,
     NumericProfile,
     ReferenceProfile,
     bin_index,
@@ -162,3 +164,86 @@ def test_time_psi_marks_a_feature_that_follows_the_calendar(tmp_path: Path) -> N
     assert not ReferenceProfile.from_dict(raw).numeric["age_days"].trending
     with pytest.raises(ValueError, match="times"):
         ReferenceProfile.build(frame, scores, numeric=["age_days"], times=times[:10])
+
+
+def test_a_mass_point_at_the_top_gets_a_bin_of_its_own() -> None:
+    """Every decile of a flag that is 1 in 95% of rows is 1.0; without an edge below the mass
+    point the zeros would share its bin and a move to 50% ones would be invisible."""
+    flag = NumericProfile.build([0.0] * 50 + [1.0] * 950)
+    assert flag.edges == (0.0, 1.0)
+    assert flag.shares == pytest.approx((0.05, 0.95, 0.0))
+    # A ratio capped at 1.0 with 92% of rows at the cap: its spread gets (-inf, 0.875].
+    capped = NumericProfile.build([i / 8 for i in range(8)] + [1.0] * 92)
+    assert capped.edges == (0.875, 1.0)
+    assert capped.shares == pytest.approx((0.08, 0.92, 0.0))
+    # The mirrored flag (mass at the bottom) has nothing below it: one edge, as before.
+    assert NumericProfile.build([0.0] * 950 + [1.0] * 50).edges == (0.0,)
+
+
+def test_only_mass_points_get_an_extra_edge() -> None:
+    """A mass point in the middle (20% of rows at 3.0, so two deciles) gets the bin
+    ``(largest value below 3, 3]``; a continuous decile gets no extra edge."""
+    values = np.r_[np.arange(1, 39) / 16, np.full(20, 3.0), 3.0 + np.arange(1, 43) / 16]
+    profile = NumericProfile.build(values)
+    below = 38 / 16  # the largest value under the mass point
+    assert below in profile.edges
+    assert 3.0 in profile.edges
+    i = profile.edges.index(3.0)
+    assert profile.edges[i - 1] == below
+    assert profile.shares[i] == pytest.approx(0.2)  # the mass point alone in (below, 3]
+    assert len(profile.edges) == len(set(np.quantile(values, np.arange(1, 10) / 10))) + 1
+
+
+def test_old_profiles_keep_their_edges(tmp_path: Path) -> None:
+    """A profile written before mass points got their bin (or before missing shares existed)
+    loads as written: its edges are not recomputed, and nothing was missing."""
+    raw = build().to_dict()
+    raw["numeric"]["seen_recently"].update(edges=[1.0], shares=[1.0, 0.0])
+    del raw["numeric"]["seen_recently"]["missing_share"]
+    del raw["categorical"]["category"]["n_missing"]
+    loaded = ReferenceProfile.from_dict(raw)
+    assert loaded.numeric["seen_recently"].edges == (1.0,)
+    assert loaded.numeric["seen_recently"].missing_share == 0.0
+    assert loaded.categorical["category"].n_missing == 0
+
+
+def test_the_missing_share_of_each_column(tmp_path: Path) -> None:
+    """NaN and ±inf are missing numeric values, nulls missing codes; the share is over all
+    reference values, and the finite ones alone are binned."""
+    numeric = NumericProfile.build([1.0, 2.0, 3.0, np.nan, np.inf, -np.inf, 4.0, 5.0])
+    assert numeric.n == 5
+    assert numeric.missing_share == 3 / 8
+    assert sum(numeric.shares) == pytest.approx(1.0)
+    assert NumericProfile.build([np.nan] * 4).missing_share == 1.0
+    assert NumericProfile.build([1.0, 2.0]).missing_share == 0.0
+    codes = CategoricalProfile.build(np.array([1.0, 2.0, np.nan, 2.0]))
+    assert codes.counts == {1: 1, 2: 2}
+    assert codes.n_missing == 1
+    assert codes.missing_share == 0.25
+    frame = pd.DataFrame({"x": [1.0, np.nan, 3.0, 4.0], "c": [1.0, np.nan, np.nan, 2.0]})
+    profile = ReferenceProfile.build(frame, np.zeros(4), numeric=["x"], categorical=["c"])
+    loaded = ReferenceProfile.load(profile.save(tmp_path / "p.json"))
+    assert loaded.numeric["x"].missing_share == 0.25
+    assert loaded.categorical["c"].n_missing == 2
+    assert loaded == profile
+    raw = profile.to_dict()
+    raw["numeric"]["x"]["missing_share"] = 1.5
+    with pytest.raises(ValueError, match=r"missing_share 1\.5"):
+        ReferenceProfile.from_dict(raw)
+
+
+def test_time_psi_needs_enough_distinct_moments() -> None:
+    """A trend measured on a few hundred request moments is noise: with fewer than
+    MIN_TREND_MOMENTS distinct times in a half, the time PSI is unknown (not trending)."""
+    rng = np.random.default_rng(0)
+
+    def clock(n_moments: int) -> NumericProfile:
+        times = np.repeat(np.arange(n_moments, dtype=float), 20)  # 20 candidates per moment
+        return NumericProfile.build(times + rng.uniform(0, 1, len(times)), times=times)
+
+    few = clock(2 * MIN_TREND_MOMENTS - 2)  # 249 moments in each half
+    assert np.isnan(few.time_psi)
+    assert not few.trending
+    enough = clock(2 * MIN_TREND_MOMENTS)
+    assert enough.time_psi > 5.0
+    assert enough.trending

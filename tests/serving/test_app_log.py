@@ -318,7 +318,9 @@ def test_the_monitor_publishes_gauges_and_an_alert_flips_when_its_rule_fires(
     tmp_path: Path, feed_model: FeedRecommender
 ) -> None:
     log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
-    settings = MonitorSettings(rules=RULES, window=timedelta(hours=1), interval_s=3600.0)
+    settings = MonitorSettings(
+        rules=RULES, window=timedelta(hours=1), interval_s=3600.0, min_drift_requests=1
+    )  # 5 requests, then 1: judge them all
     app = create_app(lambda: feed_model, settings=ServiceSettings(), log=log, monitor=settings)
     with TestClient(app) as client:
         monitor = app.state.monitor

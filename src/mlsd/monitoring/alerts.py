@@ -4,6 +4,7 @@ In ``configs/feed.toml``::
 
     [monitoring]
     window = "1h"                  # the default window of every rule
+    min_drift_requests = 100       # fewer sampled requests: drift metrics have no data
 
     [[monitoring.alerts]]
     name = "feature drift"
@@ -15,7 +16,10 @@ In ``configs/feed.toml``::
 A rule fires when its metric, computed over the window, satisfies ``op threshold``. A metric
 with no data in the window (no labels yet, so no CTR; no traffic, so no latency) never fires:
 its outcome says ``"no data"``, because an alert on an absent number would page people for a
-quiet night, and a missing log is what the ``missing`` list of the drift report is for.
+quiet night, and a missing log is what the ``missing`` list of the drift report is for (and
+``n_missing_features`` its alertable count). The PSI and KS metrics have no data either in a
+window of fewer than ``min_drift_requests`` sampled requests, whose drift statistics are noise
+(see :mod:`mlsd.monitoring.drift`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ METRICS: dict[str, str] = {
     "feature_psi_max": "largest PSI over the monitored features (time-trending ones apart)",
     "n_drifted_features": "features whose PSI exceeds the drift threshold",
     "trending_psi_max": "largest PSI over the features that moved with time in the reference",
-    "ks_pvalue_min": "smallest Kolmogorov–Smirnov p-value over the numeric features",
+    "ks_pvalue_min": (
+        "smallest Kolmogorov–Smirnov p-value over the numeric features (time-trending ones apart)"
+    ),
+    "n_missing_features": "profiled feature columns absent from the logged candidate rows",
     "prediction_psi": "PSI of the ranker's score",
     "prediction_ks_pvalue": "Kolmogorov–Smirnov p-value of the ranker's score",
     "latency_p99_ms": "99th percentile of request latency, ms",
@@ -105,6 +112,10 @@ and 5% degraded answers are worth a page; a 20% relative CTR drop is far beyond 
 a few thousand exposures. Systems override them in ``[[monitoring.alerts]]``."""
 
 _RULE_KEYS = ("name", "metric", "op", "threshold", "window")
+_SECTION_KEYS = ("window", "psi_threshold", "min_drift_requests", "reference_ctr", "alerts")
+MIN_DRIFT_REQUESTS = 100
+"""The default ``[monitoring].min_drift_requests`` and of :func:`mlsd.monitoring.drift.compare`
+(defined here, where the config reads it, so that reading a config needs no scipy)."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +128,13 @@ class MonitoringSection:
     reference_ctr: float | None = None
     """The served CTR of a known-good period, what ``ctr_drop`` compares with (``None``: the
     ``ctr_drop`` rule has no data)."""
+    min_drift_requests: int = MIN_DRIFT_REQUESTS
+    """The fewest distinct sampled requests in a window whose PSI and KS are judged (fewer:
+    their metrics have no data; :func:`mlsd.monitoring.drift.compare`'s ``min_requests``)."""
 
     def __post_init__(self) -> None:
         parse_window(self.window)
+        _check_min_requests(self.min_drift_requests, "[monitoring].min_drift_requests")
         if self.reference_ctr is not None and not 0.0 < self.reference_ctr <= 1.0:
             raise ValueError(
                 f"[monitoring].reference_ctr must be in (0, 1], got {self.reference_ctr}"
@@ -134,15 +149,18 @@ class MonitoringSection:
         """Build from the ``[monitoring]`` TOML table; errors name ``where`` and the key.
 
         Args:
-            raw: the table (``window``, ``psi_threshold``, ``alerts``: a list of tables).
+            raw: the table (``window``, ``psi_threshold``, ``min_drift_requests``,
+                ``reference_ctr``, ``alerts``: a list of tables).
             where: the file the table came from, e.g. ``"configs/feed.toml"``.
         """
-        unknown = sorted(set(raw) - {"window", "alerts", "psi_threshold", "reference_ctr"})
+        unknown = sorted(set(raw) - set(_SECTION_KEYS))
         if unknown:
             raise ValueError(
                 f"{where}: [monitoring] has unknown key(s) {', '.join(unknown)}; "
-                "known keys: window, psi_threshold, reference_ctr, alerts"
+                f"known keys: {', '.join(_SECTION_KEYS)}"
             )
+        min_requests = raw.get("min_drift_requests", cls.min_drift_requests)
+        _check_min_requests(min_requests, f"{where}: [monitoring].min_drift_requests")
         reference_ctr = raw.get("reference_ctr")
         if reference_ctr is not None and (
             isinstance(reference_ctr, bool)
@@ -164,9 +182,15 @@ class MonitoringSection:
             raise ValueError(
                 f"{where}: [monitoring].psi_threshold: expected a number, got {psi_threshold!r}"
             )
+        settings: dict[str, Any] = {
+            "window": window,
+            "psi_threshold": float(psi_threshold),
+            "reference_ctr": ctr,
+            "min_drift_requests": min_requests,
+        }
         alerts = raw.get("alerts")
         if alerts is None:
-            return cls(window=window, psi_threshold=float(psi_threshold), reference_ctr=ctr)
+            return cls(**settings)
         if not isinstance(alerts, list):
             raise ValueError(
                 f"{where}: [monitoring].alerts must be [[monitoring.alerts]] tables, got {alerts!r}"
@@ -179,9 +203,13 @@ class MonitoringSection:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"{where}: [[monitoring.alerts]] names {duplicates} more than once")
-        return cls(
-            window=window, alerts=rules, psi_threshold=float(psi_threshold), reference_ctr=ctr
-        )
+        return cls(alerts=rules, **settings)
+
+
+def _check_min_requests(value: Any, where: str) -> None:
+    """A ValueError naming ``where`` unless ``value`` is an integer >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: expected an integer >= 1, got {value!r}")
 
 
 def _rule(entry: Any, where: str) -> AlertRule:

@@ -11,7 +11,10 @@ size "exposures" ever becomes a Python object:
   ``model_version`` (that of the model whose profile is used, see
   :func:`profile_model_version`), only that version's rows are sampled: after a promotion
   or a rollback the window holds the previous model's rows too, and in an experiment the
-  other arm's, and neither is described by this profile.
+  other arm's, and neither is described by this profile. The sample's distinct
+  ``request_id`` values are its effective size (a request's candidates share its user's
+  features): below ``min_drift_requests`` (100) the drift table is still shown, but no feature
+  is drifted and the PSI/KS metrics have no data (:mod:`mlsd.monitoring.drift`).
 - ``requests``: ``latency_p99_ms``, ``error_rate`` (status >= 500), ``fallback_rate`` (a
   fallback used, or a ``fallback:`` path).
 - ``exposures`` + ``feedback``: the label metrics, once labels exist, i.e. once the window
@@ -51,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 
 from mlsd.monitoring.alerts import AlertRule, FiredAlert, RuleOutcome, check, parse_window
-from mlsd.monitoring.drift import PSI_MAJOR, DriftReport, compare
+from mlsd.monitoring.drift import MIN_REQUESTS, PSI_MAJOR, DriftReport, compare
 from mlsd.monitoring.log_reader import (
     ATTRIBUTED,
     DEFAULT_ATTRIBUTION_WINDOW_S,
@@ -133,6 +136,7 @@ def run_monitor(
     reference_ctr: float | None = None,
     threads: int | None = None,
     model_version: str | None = None,
+    min_drift_requests: int = MIN_REQUESTS,
 ) -> MonitorResult:
     """Compute the window's metrics from the log, compare with ``profile``, check ``rules``.
 
@@ -146,6 +150,8 @@ def run_monitor(
             cores to the requests.
         model_version: compare only this version's ``candidates`` rows with ``profile`` (the
             version of the model the profile was built for; ``None``: every row).
+        min_drift_requests: the fewest distinct sampled requests whose drift is judged
+            (``[monitoring].min_drift_requests``; fewer: the PSI/KS metrics have no data).
     """
     if reference_ctr is not None and not 0.0 < reference_ctr <= 1.0:
         raise ValueError(f"reference_ctr must be in (0, 1], got {reference_ctr}")
@@ -155,7 +161,7 @@ def run_monitor(
         raise ValueError(f"monitoring window: start {start} is not before end {end}")
     window = _Window(Path(log_dir), profile, psi_threshold, max_candidate_rows,
                      attribution_window_s, seed, reference_ctr, threads,
-                     model_version)  # fmt: skip
+                     model_version, min_drift_requests)  # fmt: skip
     counts, metrics, drift = window.measure(start, end)
     by_window: dict[str, dict[str, float]] = {}
     outcomes: list[RuleOutcome] = []
@@ -192,6 +198,7 @@ class _Window:
     reference_ctr: float | None = None
     threads: int | None = None
     model_version: str | None = None
+    min_drift_requests: int = MIN_REQUESTS
 
     def measure(
         self, start: datetime, end: datetime
@@ -208,7 +215,12 @@ class _Window:
             drift = None
             sample = self._sample(con) if counts["candidates"] else None
             if sample is not None and sample.num_rows:
-                drift = compare(self.profile, sample, psi_threshold=self.psi_threshold)
+                drift = compare(
+                    self.profile,
+                    sample,
+                    psi_threshold=self.psi_threshold,
+                    min_requests=self.min_drift_requests,
+                )
                 metrics.update(drift.metrics())
             if counts["requests"]:
                 metrics.update(_request_metrics(con))

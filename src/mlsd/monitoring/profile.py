@@ -5,11 +5,15 @@ exactly what the drift statistics of :mod:`mlsd.monitoring.drift` need, and noth
 leak training data:
 
 - per numeric feature (at float32 precision, as logged): decile bin edges of the reference
-  values (ties deduplicated, so a mass point such as "0 events" gets one bin of its own; a
-  constant column keeps one edge, i.e. two bins), the reference share of each bin (for PSI),
-  summary statistics, and a fixed-size uniform sample drawn with a seeded generator (for the
-  two-sample Kolmogorov–Smirnov test);
-- per categorical feature: the count of every code (for chi-squared and PSI on categories);
+  values (ties deduplicated; a mass point, a value that several deciles fall on, such as "0
+  events" or a flag that is 1 in 95% of rows, also gets the largest reference value below it
+  as an edge, so it has a bin of its own whether it sits at the bottom, in the middle or at
+  the top of the range; a constant column keeps one edge, i.e. two bins), the reference share
+  of each bin (for PSI), the **missing share** (NaN and ±inf among all reference values),
+  summary statistics of the finite values, and a fixed-size uniform sample of them drawn with
+  a seeded generator (for the two-sample Kolmogorov–Smirnov test);
+- per categorical feature: the count of every code and of missing (null) codes (for
+  chi-squared and PSI on categories);
 - the prediction (the ranker's score) profiled like a numeric feature;
 - training-time label metrics when known (``ctr``, ``ndcg_at_10``, ``ece``), the baseline of
   the live label metrics;
@@ -18,12 +22,16 @@ leak training data:
   distribution moves that much *within* the reference window is a function of the calendar
   (e.g. "days since the item's first event" when most items were first seen when the data
   began), so it will keep moving after it whatever happens to the world; :mod:`.drift` reports
-  such a feature as time-trending instead of counting it as drifted.
+  such a feature as time-trending instead of counting it as drifted. It needs
+  :data:`MIN_TREND_MOMENTS` distinct times in each half (else it is NaN, not trending): the
+  candidates of one request share its user's values, so a few hundred requests give a time
+  PSI that is mostly noise.
 
 Bins are right-closed: with inner edges ``e_0 < ... < e_{m-1}`` the bins are ``(-inf, e_0]``,
 ``(e_0, e_1]``, ..., ``(e_{m-1}, inf)``, so :func:`bin_index` is one ``searchsorted``.
 
-Profiles are JSON (never pickle: serving and monitoring load them) with a format version::
+Profiles are JSON (never pickle: serving and monitoring load them) with a format version
+(a profile written before missing shares existed reads as having none)::
 
     profile = ReferenceProfile.build(ranker_rows, y_score, numeric=schema.numeric,
                                      categorical=schema.categorical, label_metrics={"ctr": 0.05})
@@ -54,15 +62,58 @@ SAMPLE_SIZE = 5_000
 TREND_PSI = 0.25
 """A time PSI above this (a major shift between the two halves of the reference window) marks a
 feature as moving with the calendar."""
+MIN_TREND_MOMENTS = 250
+"""Distinct times each half of the reference needs for a time PSI. With one value per request
+(a user-level feature), a stationary feature's time PSI over 50/100/250 request moments
+exceeds :data:`TREND_PSI` in 97%/78%/9% of reference windows (and at 500 in none), so fewer
+moments than this per half cannot tell a calendar-driven feature from noise."""
 LABEL_METRICS = ("ctr", "ndcg_at_10", "ece")
 """Training-time label metrics a profile may carry: click-through (base) rate, NDCG@10 on the
 validation users, expected calibration error of the score against clicks."""
 
 
 def finite(values: npt.ArrayLike) -> FloatArray:
-    """``values`` as float64 with NaN and ±inf dropped."""
+    """``values`` as float64 with NaN and ±inf dropped (callers count the dropped ones: missing
+    values are a bin of their own in PSI, see :mod:`mlsd.monitoring.drift`)."""
     array = np.asarray(values, dtype=np.float64).ravel()
     out: FloatArray = array[np.isfinite(array)]
+    return out
+
+
+def missing_share(n_missing: int, n_total: int) -> float:
+    """``n_missing / n_total``, 0 when there are no values at all (nothing is missing)."""
+    return n_missing / n_total if n_total else 0.0
+
+
+def split_codes(codes: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], int]:
+    """Categorical ``codes`` as int64 without their missing ones (null, NaN, ±inf), and how
+    many were missing."""
+    series = pd.Series(np.asarray(codes).ravel())
+    if series.dtype.kind == "f":
+        present = np.isfinite(series.to_numpy(dtype=np.float64))
+    else:
+        present = series.notna().to_numpy(dtype=bool)
+    out: npt.NDArray[np.int64] = series[present].to_numpy().astype(np.int64)
+    return out, int((~present).sum())
+
+
+def decile_edges(x: FloatArray, n_bins: int = N_BINS) -> FloatArray:
+    """Inner bin edges of the finite values ``x`` (not empty): their ``n_bins``-quantiles with
+    ties merged, plus, below each mass point, the largest value of ``x`` under it.
+
+    A mass point is a value that several quantiles fall on (ties merged). With right-closed
+    bins it would otherwise share its bin with everything down to the previous edge: a flag
+    that is 1 in 95% of rows has every decile at 1.0, so 0s and 1s would fill one bin and a
+    move to 50% ones would give PSI 0. The extra edge gives the mass point the bin
+    ``(largest value below it, e]`` of its own. An ordinary (continuous) decile gets no extra
+    edge, which would only cut a sliver of a bin off.
+    """
+    quantiles = np.quantile(x, np.arange(1, n_bins) / n_bins)
+    edges, repeats = np.unique(quantiles, return_counts=True)  # sorted, ties merged
+    ordered = np.sort(x)
+    below = np.searchsorted(ordered, edges[repeats > 1], side="left") - 1
+    extra = ordered[below[below >= 0]]  # the largest value strictly under each mass point
+    out: FloatArray = np.union1d(edges, extra)
     return out
 
 
@@ -97,7 +148,8 @@ def time_psi(
     edges: Sequence[float] | FloatArray, values: npt.ArrayLike, times: npt.ArrayLike
 ) -> float:
     """PSI of the later half of ``values`` (by ``times``) against the earlier half, over the
-    bins ``edges``; NaN when a half is empty or all times are equal.
+    bins ``edges``; NaN when a half has fewer than :data:`MIN_TREND_MOMENTS` distinct times
+    (too few request moments to tell a trend from noise; also when all times are equal).
 
     Values are rounded to float32 and non-finite ones dropped, as in :meth:`NumericProfile.build`.
     """
@@ -111,7 +163,7 @@ def time_psi(
         return math.nan
     middle = np.median(t)
     late = t > middle
-    if not late.any() or late.all():
+    if min(len(np.unique(t[~late])), len(np.unique(t[late]))) < MIN_TREND_MOMENTS:
         return math.nan
     return psi(bin_shares(edges, x[~late]), bin_shares(edges, x[late]))
 
@@ -121,11 +173,15 @@ class NumericProfile:
     """One numeric column at reference time.
 
     Attributes:
-        edges: inner bin edges, strictly increasing (decile cut points, ties merged).
+        edges: inner bin edges, strictly increasing (decile cut points, ties merged, and the
+            largest value below each mass point: :func:`decile_edges`).
         shares: ``(len(edges) + 1,)`` reference share of each bin; sums to 1.
         n: finite reference values; ``mean``/``std``/``min``/``max`` describe them.
-        sample: a uniform sample of at most :data:`SAMPLE_SIZE` reference values, for KS.
+        sample: a uniform sample of at most :data:`SAMPLE_SIZE` finite reference values, for KS.
         time_psi: :func:`time_psi` of the reference values (NaN when their times are unknown).
+        missing_share: share of all reference values that were NaN or ±inf; ``shares`` are of
+            the finite ones, so of the reference as a whole bin ``i`` held
+            ``shares[i] * (1 - missing_share)``.
     """
 
     edges: tuple[float, ...]
@@ -137,6 +193,7 @@ class NumericProfile:
     max: float
     sample: tuple[float, ...]
     time_psi: float = math.nan
+    missing_share: float = 0.0
 
     @property
     def trending(self) -> bool:
@@ -153,18 +210,23 @@ class NumericProfile:
         rng: np.random.Generator | None = None,
         times: npt.ArrayLike | None = None,
     ) -> NumericProfile:
-        """Profile ``values`` (non-finite values are ignored).
+        """Profile ``values``: the finite ones are binned and sampled, the share of the others
+        (NaN, ±inf) is kept as ``missing_share``.
 
         Values are rounded to float32 first, the precision of the service log, so a value on an
         edge (e.g. a mean of exactly 0.1) falls in the same bin at reference and at live time.
         ``times`` (one per value, any monotone unit) gives the profile its ``time_psi``.
         """
-        x = finite(np.asarray(values, dtype=np.float64).astype(np.float32))
+        rounded = np.asarray(values, dtype=np.float64).astype(np.float32).ravel()
+        x = finite(rounded)
+        missing = missing_share(len(rounded) - len(x), len(rounded))
         if len(x) == 0:
             nan = math.nan
-            return cls(edges=(), shares=(1.0,), n=0, mean=nan, std=nan, min=nan, max=nan, sample=())
-        quantiles = np.quantile(x, np.arange(1, n_bins) / n_bins)
-        edges = np.unique(quantiles)  # sorted, ties merged; a constant column keeps one edge
+            return cls(
+                edges=(), shares=(1.0,), n=0, mean=nan, std=nan, min=nan, max=nan, sample=(),
+                missing_share=missing,
+            )  # fmt: skip
+        edges = decile_edges(x, n_bins)  # a constant column keeps one edge
         rng = rng if rng is not None else np.random.default_rng(0)
         sample = x if len(x) <= sample_size else rng.choice(x, size=sample_size, replace=False)
         trend = math.nan if times is None else time_psi(edges, values, times)
@@ -178,6 +240,7 @@ class NumericProfile:
             max=float(x.max()),
             sample=tuple(float(v) for v in np.sort(sample)),
             time_psi=trend,
+            missing_share=missing,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +254,7 @@ class NumericProfile:
             "max": _json_float(self.max),
             "sample": list(self.sample),
             "time_psi": _json_float(self.time_psi),
+            "missing_share": self.missing_share,
         }
 
     @classmethod
@@ -201,12 +265,16 @@ class NumericProfile:
             raise ValueError("edges must increase strictly and shares need len(edges) + 1 values")
         stats = {k: math.nan if raw[k] is None else float(raw[k]) for k in ("mean", "std")}
         bounds = {k: math.nan if raw[k] is None else float(raw[k]) for k in ("min", "max")}
+        missing = float(raw.get("missing_share", 0.0))  # absent before missing shares existed
+        if not 0.0 <= missing <= 1.0:
+            raise ValueError(f"missing_share {missing} is not a share in [0, 1]")
         return cls(
             edges=edges,
             shares=shares,
             n=int(raw["n"]),
             sample=tuple(float(v) for v in raw["sample"]),
             time_psi=math.nan if raw.get("time_psi") is None else float(raw["time_psi"]),
+            missing_share=missing,
             **stats,
             **bounds,
         )
@@ -214,13 +282,22 @@ class NumericProfile:
 
 @dataclass(frozen=True)
 class CategoricalProfile:
-    """One categorical (int code) column at reference time: ``counts`` code → rows."""
+    """One categorical (int code) column at reference time: ``counts`` code → rows, and
+    ``n_missing`` rows without a code (null), a count rather than a share so chi-squared can
+    put them in its table."""
 
     counts: Mapping[int, int]
+    n_missing: int = 0
 
     @property
     def n(self) -> int:
+        """Rows with a code."""
         return sum(self.counts.values())
+
+    @property
+    def missing_share(self) -> float:
+        """Share of all reference rows without a code."""
+        return missing_share(self.n_missing, self.n + self.n_missing)
 
     def shares(self) -> dict[int, float]:
         total = self.n
@@ -228,16 +305,25 @@ class CategoricalProfile:
 
     @classmethod
     def build(cls, codes: npt.ArrayLike) -> CategoricalProfile:
-        values = pd.Series(np.asarray(codes).ravel()).dropna().astype(np.int64)
-        counts = values.value_counts().sort_index()
-        return cls(counts={int(k): int(v) for k, v in counts.items()})
+        values, n_missing = split_codes(codes)
+        counts = pd.Series(values).value_counts().sort_index()
+        return cls(counts={int(k): int(v) for k, v in counts.items()}, n_missing=n_missing)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": {str(code): count for code, count in self.counts.items()}}
+        return {
+            "counts": {str(code): count for code, count in self.counts.items()},
+            "n_missing": self.n_missing,
+        }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CategoricalProfile:
-        return cls(counts={int(code): int(count) for code, count in raw["counts"].items()})
+        n_missing = int(raw.get("n_missing", 0))  # absent before missing counts existed
+        if n_missing < 0:
+            raise ValueError(f"n_missing {n_missing} is negative")
+        return cls(
+            counts={int(code): int(count) for code, count in raw["counts"].items()},
+            n_missing=n_missing,
+        )
 
 
 @dataclass(frozen=True)

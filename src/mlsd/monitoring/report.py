@@ -2,9 +2,11 @@
 
 Plots are matplotlib PNGs embedded as data URIs by the offline report's helper
 (:mod:`mlsd.evaluation.report`), so the page is a single file that opens anywhere. It shows
-the alerts first (what fired and why), then the drift table sorted by PSI, the reference vs
-live histograms of the most drifted features (the bins PSI is computed on, so what you see is
-what was measured), and the prediction's distribution.
+the alerts first (what fired and why), then the drift table sorted by PSI (with each
+feature's live missing share, and why drift was not judged when the window had too few
+requests), the reference vs live histograms of the most drifted features (the bins PSI is
+computed on, the ``missing`` one included, so what you see is what was measured), and the
+prediction's distribution.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def plot_histogram(row: FeatureDrift) -> str:
     return png_data_uri(figure)
 
 
+def has_live_rows(row: FeatureDrift) -> bool:
+    """Whether the window had rows for ``row``, finite or missing (a histogram to draw)."""
+    return sum(row.live_shares) > 0
+
+
 def render_html(result: MonitorResult) -> str:
     """The report page as one HTML string."""
     env = Environment(
@@ -46,9 +53,9 @@ def render_html(result: MonitorResult) -> str:
     )
     drift = result.drift
     ranked = drift.ranked() if drift is not None else []
-    plots = [(row.name, plot_histogram(row)) for row in ranked[:N_PLOTTED] if row.n_live]
+    plots = [(row.name, plot_histogram(row)) for row in ranked[:N_PLOTTED] if has_live_rows(row)]
     prediction = None
-    if drift is not None and drift.prediction is not None and drift.prediction.n_live:
+    if drift is not None and drift.prediction is not None and has_live_rows(drift.prediction):
         prediction = plot_histogram(drift.prediction)
     return env.get_template(TEMPLATE).render(
         r=result, ranked=ranked, plots=plots, prediction_plot=prediction, fmt=format_number

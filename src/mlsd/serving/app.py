@@ -921,6 +921,8 @@ class MonitorSettings:
             (``reference_profile_path``, which a feed model has), looked up on every pass so a
             reload brings its profile along.
         psi_threshold: PSI above which a feature counts as drifted.
+        min_drift_requests: the fewest sampled requests whose drift is judged
+            (``[monitoring].min_drift_requests``).
         reference_ctr: the served CTR ``ctr_drop`` compares with (``[monitoring]``).
         pass_timeout_s: a pass still running after this long (e.g. reading a log folder on a
             stalled network mount) is abandoned: its child process is killed, the pass
@@ -932,6 +934,7 @@ class MonitorSettings:
     interval_s: float = 60.0
     profile_path: Path | None = None
     psi_threshold: float = 0.25
+    min_drift_requests: int = 100
     reference_ctr: float | None = None
     pass_timeout_s: float = 600.0
 
@@ -1057,6 +1060,7 @@ class ServiceMonitor(PeriodicTask):
                 end=end,
                 rules=self.settings.rules,
                 psi_threshold=self.settings.psi_threshold,
+                min_drift_requests=self.settings.min_drift_requests,
                 reference_ctr=self.settings.reference_ctr,
             ).result(timeout=self.settings.pass_timeout_s)
         except BrokenProcessPool:

@@ -52,6 +52,7 @@ def monitor_pass(
     end: datetime,
     rules: Sequence[AlertRule],
     psi_threshold: float,
+    min_drift_requests: int = 100,
     reference_ctr: float | None,
 ) -> MonitorResult:
     """:func:`~mlsd.monitoring.monitor.run_monitor` over ``[start, end)`` of ``log_dir``
@@ -65,6 +66,7 @@ def monitor_pass(
         end=end,
         rules=tuple(rules),
         psi_threshold=psi_threshold,
+        min_drift_requests=min_drift_requests,
         reference_ctr=reference_ctr,
         threads=1,
         model_version=profile_model_version(profile_path),

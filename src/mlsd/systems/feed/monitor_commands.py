@@ -102,6 +102,7 @@ def monitor(
             end=until,
             rules=section.alerts,
             psi_threshold=section.psi_threshold,
+            min_drift_requests=section.min_drift_requests,
             reference_ctr=reference_ctr if reference_ctr is not None else section.reference_ctr,
             model_version=model_version,
         )
@@ -174,6 +175,8 @@ def _print(result: MonitorResult) -> None:
         console.print(table)
         if drift.missing:
             console.print(f"[yellow]missing from the log:[/] {', '.join(drift.missing)}")
+        if drift.note is not None:
+            console.print(f"[yellow]{escape(drift.note)}[/]", highlight=False)
     alerts = Table(title="alerts", title_justify="left")
     for column in ("rule", "metric", "condition", "value", "status"):
         alerts.add_column(column)

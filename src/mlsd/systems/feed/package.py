@@ -55,7 +55,7 @@ from mlsd.features.batch import feature_config_for, stored_user_features, traini
 from mlsd.models.ranking.candidates import SourceLists, candidate_columns, ranker_frame
 from mlsd.models.retrieval.base import RetrievalData
 from mlsd.models.retrieval.export import export_source
-from mlsd.monitoring.profile import ReferenceProfile
+from mlsd.monitoring.profile import MIN_TREND_MOMENTS, ReferenceProfile
 from mlsd.serving.feed import FORMAT_VERSION, MODEL_JSON, REFERENCE_PROFILE, SNAPSHOT, FeedModel
 from mlsd.serving.sources import UserQuery, candidates_many
 
@@ -185,8 +185,13 @@ def _is_model_dir(path: Path) -> bool:
 
 
 PROFILE_MAX_ROWS = 100_000
-"""At most this many served rows go into the reference profile (request moments are sampled,
-seeded, to stay under it)."""
+"""About this many served rows go into the reference profile (request moments are sampled,
+seeded, to stay under it), but never fewer than :data:`PROFILE_MIN_MOMENTS` moments."""
+PROFILE_MIN_MOMENTS = 4 * MIN_TREND_MOMENTS
+"""Request moments the profile keeps when the data has them, whatever the candidates per
+request: a feature's time PSI needs :data:`~mlsd.monitoring.profile.MIN_TREND_MOMENTS`
+distinct times in each half of them, or a calendar-driven feature is not recognised as one
+(and its drift would alert)."""
 
 
 def reference_profile(
@@ -230,7 +235,7 @@ def reference_profile(
         events,
         start=trained.validation.train.cutoff,
         session_gap_s=bundle.feature_config.session_gap_s,
-        limit=max(1, max_rows // max(model.n_candidates, 1)),
+        limit=max(PROFILE_MIN_MOMENTS, max_rows // max(model.n_candidates, 1)),
         seed=seed,
     )
     features, times = valid.features, None

@@ -407,6 +407,7 @@ def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSetting
         interval_s=feed.service_log.monitor_interval_s,
         profile_path=profile if profile is not None and profile.is_file() else None,
         psi_threshold=feed.monitoring.psi_threshold,
+        min_drift_requests=feed.monitoring.min_drift_requests,
         reference_ctr=feed.monitoring.reference_ctr,
     )
 
