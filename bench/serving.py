@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -85,7 +86,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -221,6 +222,8 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     cpu0, ticks0 = cpu_by_process(roots), machine_ticks()
     self0, wall0 = time.process_time(), clock()
     start = clock() + 0.05
+    steal = StealSampler(clock)
+    steal.start()
 
     async def one(at: float, user: int) -> None:
         # the client's own lag (event loop busy or starved of CPU), not the wait for a connection
@@ -275,8 +278,12 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.gather(*tasks)
     ticker.join()
     wall, own = clock() - wall0, time.process_time() - self0
+    steal.stop()
     cpu1, ticks1 = cpu_by_process(roots), machine_ticks()
     await sender.close()
+    for record in records:
+        if "done" in record:
+            record["steal_ticks"] = steal.during(start + record["at"], start + record["done"])
     return {
         "records": records,
         "client_cpu_s": own,
@@ -284,6 +291,42 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": {name: cpu_used(cpu0[name], cpu1[name], pids) for name, pids in roots.items()},
         "machine_ticks": [ticks0, ticks1],
     }
+
+
+class StealSampler:
+    """The machine's steal counter (``/proc/stat``: time a vCPU was ready to run while the
+    hypervisor ran something else) every ``interval_s`` in a thread, so each request can be
+    told whether the host took the machine away during it. The counter moves in clock ticks
+    (10 ms), so a shorter theft may show only in a later sample; ~50 µs of CPU a sample."""
+
+    def __init__(self, clock: Callable[[], float], interval_s: float = 0.005) -> None:
+        self.clock, self.interval_s = clock, interval_s
+        self.times: list[float] = []
+        self.ticks: list[int] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steal", daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.times.append(self.clock())
+            self.ticks.append(machine_ticks()["steal"])
+            time.sleep(self.interval_s)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def during(self, begin: float, end: float) -> int:
+        """Steal ticks counted from the last sample before ``begin`` to the first after
+        ``end`` (0 when the samples do not cover the span)."""
+        if not self.times:
+            return 0
+        first = max(bisect.bisect_right(self.times, begin) - 1, 0)
+        last = min(bisect.bisect_left(self.times, end), len(self.times) - 1)
+        return self.ticks[last] - self.ticks[first]
 
 
 def load_worker() -> None:
@@ -336,11 +379,25 @@ def summarize(
         "paths": dict(Counter(r["path"] for r in ok)),
         "fallbacks": dict(Counter(f for r in ok for f in r["fallbacks"])),
         "degraded": sum(1 for r in ok if r["path"] != path or r["fallbacks"]),
+        "host_steal": _steal_summary(ok),
         "stage_ms": {
             s: {k: v for k, v in percentiles_ms(ms).items() if k in ("p50", "p99")}
             for s, ms in stages.items()
         },
         "client_lag_ms": {k: v for k, v in percentiles_ms(lags).items() if k != "p95"},
+    }
+
+
+def _steal_summary(answered: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many answers the hypervisor's steal touched (a steal tick counted between their
+    send and their answer), their p99, and the p99 of the others: what the service did
+    when it had its vCPUs."""
+    touched = [r["latency_ms"] for r in answered if r.get("steal_ticks", 0) > 0]
+    clean = [r["latency_ms"] for r in answered if r.get("steal_ticks", 0) <= 0]
+    return {
+        "answers_touched": len(touched),
+        "touched_p99_ms": percentiles_ms(touched).get("p99"),
+        "untouched_p99_ms": percentiles_ms(clean).get("p99"),
     }
 
 
@@ -821,7 +878,8 @@ def load_phase(
         f"    latency {phase['latency_ms']}, errors {phase['error_kinds']}, "
         f"achieved {phase['achieved_rps']}/s, paths {phase['paths']}, "
         f"fallbacks {phase['fallbacks']}, cpu {phase['cpu_cores']}, "
-        f"machine {phase['machine_cores']}, client lag {phase['client_lag_ms']}, "
+        f"machine {phase['machine_cores']}, host steal {phase['host_steal']}, "
+        f"client lag {phase['client_lag_ms']}, "
         f"drained in {phase['drain_seconds']} s"
     )
     return phase
@@ -942,7 +1000,7 @@ def max_throughput(
                 k: p[k]
                 for k in (
                     *("rate", "requests", "achieved_rps", "latency_ms", "errors", "error_kinds"),
-                    *("passed", "paths", "fallbacks", "degraded", "stage_ms"),
+                    *("passed", "paths", "fallbacks", "degraded", "host_steal", "stage_ms"),
                     *("cpu_cores", "server_children_cores", "machine_cores"),
                     *("client_lag_ms", "drain_seconds"),
                 )

@@ -145,8 +145,9 @@ def test_max_rate_says_when_no_rate_tried_was_too_much(
             return {
                 "rate": rate, "requests": 100, "achieved_rps": rate, "errors": 0, "degraded": 0,
                 "error_kinds": {}, "latency_ms": {"p99": p99}, "paths": {"online": 100},
-                "fallbacks": {}, "stage_ms": {}, "cpu_cores": {}, "server_children_cores": 0.0,
-                "machine_cores": {}, "client_lag_ms": {}, "drain_seconds": 0.0,
+                "host_steal": {}, "fallbacks": {}, "stage_ms": {}, "cpu_cores": {},
+                "server_children_cores": 0.0, "machine_cores": {}, "client_lag_ms": {},
+                "drain_seconds": 0.0,
             }  # fmt: skip
 
         return load_phase
@@ -163,3 +164,30 @@ def test_max_rate_says_when_no_rate_tried_was_too_much(
     assert (found["max_rate"], found["bounded"], found["lowest_failing_rate"]) == (
         100.0, True, 125
     )  # fmt: skip
+
+
+def test_steal_is_counted_between_the_samples_around_a_request() -> None:
+    sampler = serving.StealSampler(time.perf_counter)
+    sampler.times = [0.0, 0.01, 0.02, 0.03, 0.04]
+    sampler.ticks = [5, 5, 7, 7, 8]
+    assert sampler.during(0.001, 0.009) == 0  # between two samples that did not move
+    assert sampler.during(0.011, 0.019) == 2  # the counter moved within the span
+    assert sampler.during(0.025, 0.05) == 1  # past the last sample: up to it
+    assert serving.StealSampler(time.perf_counter).during(0.0, 1.0) == 0  # no samples
+    live = serving.StealSampler(time.perf_counter, interval_s=0.001)
+    live.start()
+    time.sleep(0.05)
+    live.stop()
+    assert len(live.times) > 5
+    assert live.ticks == sorted(live.ticks)  # a counter
+
+
+def test_answers_the_host_took_the_machine_from_are_reported_apart() -> None:
+    answers = [{**record(1.0 + i / 1000), "steal_ticks": 0} for i in range(200)]
+    for r in answers[:3]:
+        r["latency_ms"], r["steal_ticks"] = 80.0, 1
+    phase = serving.summarize(answers, 1.0, 3.0)
+    assert phase["host_steal"] == {
+        "answers_touched": 3, "touched_p99_ms": 80.0, "untouched_p99_ms": 2.0
+    }  # fmt: skip
+    assert phase["latency_ms"]["p99"] == 80.0  # the phase's own p99 keeps them
