@@ -191,3 +191,29 @@ def test_answers_the_host_took_the_machine_from_are_reported_apart() -> None:
         "answers_touched": 3, "touched_p99_ms": 80.0, "untouched_p99_ms": 2.0
     }  # fmt: skip
     assert phase["latency_ms"]["p99"] == 80.0  # the phase's own p99 keeps them
+
+
+def test_the_load_worker_drives_with_the_garbage_collector_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collection over the growing records paused the client ~60 ms once a phase, and the
+    requests scheduled in the pause carried it as latency."""
+    import gc
+    import io
+    import json
+
+    seen: list[bool] = []
+
+    async def drive(spec: dict[str, object]) -> dict[str, object]:
+        seen.append(gc.isenabled())
+        return {"records": []}
+
+    out = tmp_path / "records.json"
+    monkeypatch.setattr(serving, "drive", drive)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"out": str(out)})))
+    try:
+        serving.load_worker()
+    finally:
+        gc.enable()
+    assert seen == [False]
+    assert json.loads(out.read_text()) == {"records": []}
