@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mlsd.serving.precomputed import (
+    MAX_CONSUMED,
     PAD_ID,
     CorruptValueError,
     Lookup,
@@ -206,6 +207,22 @@ def test_items_consumed_since_the_batch_come_with_the_list(
     assert found_async.result.consumed.tolist() == found.result.consumed.tolist()
     with pytest.raises(ValueError, match="2 user ids for 1 item ids"):
         store.note_consumed([1, 2], [3])
+
+
+@pytest.mark.integration
+def test_the_consumed_record_keeps_the_last_items_and_no_anonymous_one(
+    store: PrecomputedStore, client: redis.Redis
+) -> None:
+    """A user who keeps acting renews the record's TTL: it must not grow as long as they do."""
+    many = MAX_CONSUMED + 200
+    for lo in range(0, many, 300):  # several events' calls, as the service makes them
+        chunk = np.arange(lo, min(lo + 300, many))
+        store.note_consumed(np.full(len(chunk), 3), chunk)
+    kept = np.frombuffer(client.get(store.consumed_key(3)), dtype="<i8")  # type: ignore[arg-type]
+    assert kept.tolist() == list(range(200, many))  # the last MAX_CONSUMED, in order
+    assert 0 < int(client.ttl(store.consumed_key(3))) <= store.ttl_s  # type: ignore[arg-type]
+    store.note_consumed([-1, -1], [5, 6])  # anonymous visitors have no list to skip items of
+    assert client.exists(store.consumed_key(-1)) == 0
 
 
 def test_the_batchs_k_tells_a_list_cut_short_from_one_that_ran_out() -> None:

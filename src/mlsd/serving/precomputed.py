@@ -85,6 +85,20 @@ FUTURE_TOLERANCE_S = 60.0
 used data the request's moment had not seen (a request replayed at a past ``now``), or the
 batch host's clock runs ahead."""
 
+MAX_CONSUMED = 1_000
+"""The most recent consumed items kept per user (8 KB): a user who keeps acting renews the
+key's TTL, so without a cap it would grow as long as they do."""
+_APPEND_CAPPED = """
+redis.call('APPEND', KEYS[1], ARGV[1])
+local n = redis.call('STRLEN', KEYS[1])
+local cap = tonumber(ARGV[2])
+if n > cap then
+  redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], n - cap, n - 1))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+"""
+"""Append item ids to a user's consumed record, keep its last ``cap`` bytes, renew its TTL."""
+
 Reason = Literal["hit", "missing", "stale_version", "too_old", "future", "corrupt"]
 """Why a lookup did (``hit``) or did not return a list; the label of a fallback counter."""
 _NO_ITEMS = np.zeros(0, dtype=np.int64)
@@ -262,7 +276,8 @@ class PrecomputedStore:
         """Record that each user consumed each item (one pair per event, in one pipelined
         round trip): a precomputed list read later skips them, as the online path skips the
         user's history. The record lives ``ttl_s`` after the user's last event, as long as
-        a list computed before the event could.
+        a list computed before the event could, and keeps the user's last
+        :data:`MAX_CONSUMED` items. Anonymous visitors (negative ids) are not recorded.
 
         Raises:
             redis.exceptions.RedisError: Redis failed.
@@ -271,18 +286,21 @@ class PrecomputedStore:
         items = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         if len(users) != len(items):
             raise ValueError(f"{len(users)} user ids for {len(items)} item ids")
+        known = users >= 0  # anonymous visitors have no precomputed list
+        users, items = users[known], items[known]
         if len(users) == 0:
             return
         order = np.argsort(users, kind="stable")
         users, items = users[order], items[order]
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        cap = MAX_CONSUMED * _ID.itemsize
+        append = self.client.register_script(_APPEND_CAPPED)
         with self.client.pipeline(transaction=False) as pipe:
             for user, chunk in zip(
                 users[starts].tolist(), np.split(items, starts[1:]), strict=True
             ):
-                key = self.consumed_key(user)
-                pipe.append(key, chunk.astype(_ID, copy=False).tobytes())
-                pipe.expire(key, self.ttl_s)
+                value = chunk.astype(_ID, copy=False).tobytes()
+                append(keys=[self.consumed_key(user)], args=[value, cap, self.ttl_s], client=pipe)
             pipe.execute()
 
     def write(
