@@ -20,7 +20,7 @@ so a failed or slow dependency degrades the answer instead of failing the reques
 - feature store down → the user's defaults (cold-start features), ``"features"`` in fallbacks;
 - a candidate source raising → its candidates are dropped (``"source:<name>"``);
 - ranker failure, or the request already over its budget → the merged order (``"ranker"``);
-- no candidate at all → a precomputed list of any version, then the most popular items.
+- no candidate at all → this version's precomputed list of any age, then the most popular items.
 
 For monitoring, an online answer whose ranker ran carries the ranker's rows of the request
 (:class:`~mlsd.serving.recommender.CandidateRows`) for a sampled share
@@ -756,8 +756,8 @@ class FeedRecommender:
     def _degraded(
         self, request: RecommendRequest, seen: IntArray, clock: _Clock, fallbacks: list[str]
     ) -> RecommendResult:
-        """Every source came back empty: a precomputed list of any version, else the popular
-        items, less what the user has seen and the blocklist (the re-ranker's filters)."""
+        """Every source came back empty: this version's precomputed list of any age, else the
+        popular items, less what the user has seen and the blocklist (the re-ranker's filters)."""
         served = self._precomputed(request, fallbacks, fresh=False, seen=seen)
         if served is not None:
             return self._result(served, "fallback:precomputed", clock, fallbacks)

@@ -8,8 +8,8 @@ Paths a response can take (``RecommendResult.path``):
 
 - ``"precomputed"``: a fresh batch-computed list for the serving model version (Redis);
 - ``"online"``: computed per request;
-- ``"fallback:precomputed"``: the online path failed or ran out of time, a precomputed list
-  (even of another version or older) answered;
+- ``"fallback:precomputed"``: the online path found nothing to rank, and the serving
+  version's precomputed list answered, whatever its age;
 - ``"fallback:popular"``: nothing else was available; the most popular items;
 - ``"popular"``: the most popular items by design (the baseline arm of an experiment).
 
