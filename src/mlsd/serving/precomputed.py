@@ -244,6 +244,7 @@ class PrecomputedStore:
         if not ttl_s >= 1:  # Redis expiries are whole seconds: 0.5 would be 0, refused
             raise ValueError(f"ttl_s must be at least 1 second, got {ttl_s}")
         self.client = client
+        self._append_capped = client.register_script(_APPEND_CAPPED)  # no round trip yet
         self.prefix = prefix
         self.ttl_s = int(ttl_s)
         self.async_url = async_url
@@ -294,7 +295,7 @@ class PrecomputedStore:
         users, items = users[order], items[order]
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
         cap = MAX_CONSUMED * _ID.itemsize
-        append = self.client.register_script(_APPEND_CAPPED)
+        append = self._append_capped
         with self.client.pipeline(transaction=False) as pipe:
             for user, chunk in zip(
                 users[starts].tolist(), np.split(items, starts[1:]), strict=True
