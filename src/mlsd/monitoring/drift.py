@@ -30,8 +30,9 @@ the finite values only.
 features, so a window's effective sample size is its number of requests, not of rows: with
 no drift at all, the largest PSI exceeds 0.25 in every window of 3–10 sampled requests, in
 64% at 30, 2% at 100 and none at 1,000. Below ``min_requests`` distinct ``request_id``
-(:data:`MIN_REQUESTS`) the rows are still computed and shown, but none is ``drifted`` and the
-PSI/KS metrics are left out, so their rules report "no data" rather than fire on noise.
+(:data:`~mlsd.monitoring.alerts.MIN_DRIFT_REQUESTS`) the rows are still computed and shown,
+but none is ``drifted`` and the PSI/KS metrics are left out, so their rules report "no data"
+rather than fire on noise.
 
 :func:`compare` takes the live rows as logged in the ``candidates`` table (``f_<name>`` numeric,
 ``c_<name>`` categorical, ``score`` the prediction, ``request_id``) and returns a
@@ -74,9 +75,6 @@ REQUEST_COLUMN = "request_id"
 OTHER = "other"
 MISSING = "missing"
 """The label of the bin (category) of missing values: NaN and ±inf, or null codes."""
-MIN_REQUESTS = MIN_DRIFT_REQUESTS
-"""Distinct live requests below which a window's PSI and KS are not judged (see the module
-docstring): at 100, a window without drift crosses PSI 0.25 about 2% of the time."""
 
 LiveFrame: TypeAlias = pd.DataFrame | pa.Table
 
@@ -297,7 +295,7 @@ def compare(
     live: LiveFrame,
     *,
     psi_threshold: float = PSI_MAJOR,
-    min_requests: int = MIN_REQUESTS,
+    min_requests: int = MIN_DRIFT_REQUESTS,
 ) -> DriftReport:
     """Drift of each profiled feature and of the prediction in ``live``.
 

@@ -53,8 +53,15 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from mlsd.monitoring.alerts import AlertRule, FiredAlert, RuleOutcome, check, parse_window
-from mlsd.monitoring.drift import MIN_REQUESTS, PSI_MAJOR, DriftReport, compare
+from mlsd.monitoring.alerts import (
+    MIN_DRIFT_REQUESTS,
+    AlertRule,
+    FiredAlert,
+    RuleOutcome,
+    check,
+    parse_window,
+)
+from mlsd.monitoring.drift import PSI_MAJOR, DriftReport, compare
 from mlsd.monitoring.log_reader import (
     ATTRIBUTED,
     DEFAULT_ATTRIBUTION_WINDOW_S,
@@ -136,7 +143,7 @@ def run_monitor(
     reference_ctr: float | None = None,
     threads: int | None = None,
     model_version: str | None = None,
-    min_drift_requests: int = MIN_REQUESTS,
+    min_drift_requests: int = MIN_DRIFT_REQUESTS,
 ) -> MonitorResult:
     """Compute the window's metrics from the log, compare with ``profile``, check ``rules``.
 
@@ -198,7 +205,7 @@ class _Window:
     reference_ctr: float | None = None
     threads: int | None = None
     model_version: str | None = None
-    min_drift_requests: int = MIN_REQUESTS
+    min_drift_requests: int = MIN_DRIFT_REQUESTS
 
     def measure(
         self, start: datetime, end: datetime

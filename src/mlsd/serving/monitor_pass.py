@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from mlsd.monitoring.alerts import AlertRule
+from mlsd.monitoring.alerts import MIN_DRIFT_REQUESTS, AlertRule
 from mlsd.monitoring.monitor import MonitorResult, profile_model_version, run_monitor
 from mlsd.monitoring.profile import ReferenceProfile
 
@@ -52,7 +52,7 @@ def monitor_pass(
     end: datetime,
     rules: Sequence[AlertRule],
     psi_threshold: float,
-    min_drift_requests: int = 100,
+    min_drift_requests: int = MIN_DRIFT_REQUESTS,
     reference_ctr: float | None,
 ) -> MonitorResult:
     """:func:`~mlsd.monitoring.monitor.run_monitor` over ``[start, end)`` of ``log_dir``
