@@ -23,9 +23,11 @@ import pytest
 from scipy import stats
 
 from mlsd.evaluation.experiments import (
+    DECISION_BLOCKED,
     Arm,
     EmptyLogError,
     Experiment,
+    ExperimentReport,
     ExperimentsSection,
     analyse_units,
     experiment_report,
@@ -617,3 +619,34 @@ def test_report_flags_srm_and_counts_unknown_arms(tmp_path: Path) -> None:
     assert srm.flagged
     _, _, srm = analyse_units(simulate_units(np.random.default_rng(0), AB, n_users=20_000), AB)
     assert not srm.flagged
+
+
+def _report(units: pd.DataFrame, experiment: Experiment) -> ExperimentReport:
+    arms, comparisons, srm = analyse_units(units, experiment)
+    return ExperimentReport(experiment.name, experiment.salt, False, 0.05, arms, comparisons, srm)
+
+
+def test_a_sample_ratio_mismatch_blocks_the_decision() -> None:
+    """A real 30% lift is "better" with a fair split; the same lift on a 55/45 split analysed
+    against the configured 50/50 is still significant, but no decision."""
+    fair = _report(simulate_units(np.random.default_rng(1), AB, n_users=20_000, lift=0.3), AB)
+    (comparison,) = fair.comparisons
+    assert fair.trusted and comparison.significant
+    assert comparison.decision(trusted=True) == "better"
+    assert fair.to_dict()["comparisons"][0]["decision"] == "better"
+
+    skewed = Experiment(AB.name, AB.salt, (Arm("control", "a", 0.55), Arm("treatment", "b", 0.45)))
+    units = simulate_units(np.random.default_rng(1), skewed, n_users=20_000, lift=0.3)
+    report = _report(units, AB)
+    (comparison,) = report.comparisons
+    assert report.srm.flagged and comparison.significant
+    assert not report.trusted
+    data = report.to_dict()
+    assert data["trusted"] is False
+    assert data["comparisons"][0]["significant"] is True  # the test's own outcome stays
+    assert data["comparisons"][0]["decision"] == DECISION_BLOCKED
+
+    worse = _report(simulate_units(np.random.default_rng(1), AB, n_users=20_000, lift=-0.3), AB)
+    assert worse.comparisons[0].decision(trusted=worse.trusted) == "worse"
+    null = _report(simulate_units(np.random.default_rng(2), AB, n_users=2_000), AB)
+    assert null.comparisons[0].decision(trusted=True) == "no significant difference"

@@ -65,6 +65,7 @@ __all__ = [
     "ArmComparison",
     "ArmSummary",
     "Comparison",
+    "DECISION_BLOCKED",
     "EmptyLogError",
     "Estimate",
     "Experiment",
@@ -539,6 +540,9 @@ class EmptyLogError(ValueError):
     """The log holds no traffic of the experiment in the window."""
 
 
+DECISION_BLOCKED = "blocked: sample ratio mismatch"
+
+
 @dataclass(frozen=True)
 class ArmSummary:
     """One arm's traffic and metrics; ``users`` counts units (anonymous requests count once)."""
@@ -580,6 +584,18 @@ class ArmComparison:
         p_value = self.ctr.p_value if self.ctr_p_adjusted is None else self.ctr_p_adjusted
         return bool(p_value < self.ctr.alpha)
 
+    def decision(self, *, trusted: bool) -> str:
+        """What the comparison supports: ``"blocked: sample ratio mismatch"`` when the
+        report is not ``trusted`` (the arms' traffic is not what was configured, so the
+        difference may come from who got into each arm, however small its p-value), else
+        ``"better"`` or ``"worse"`` (significant, by the sign of the CTR difference) or
+        ``"no significant difference"``."""
+        if not trusted:
+            return DECISION_BLOCKED
+        if not self.significant or self.ctr is None:
+            return "no significant difference"
+        return "better" if self.ctr.difference > 0 else "worse"
+
 
 @dataclass(frozen=True)
 class ExperimentReport:
@@ -599,11 +615,21 @@ class ExperimentReport:
     during the window, or replicas ran different configurations): exposed to both, they are
     left out of every figure, and a report with many of them has a broken assignment."""
 
+    @property
+    def trusted(self) -> bool:
+        """False when the sample-ratio check flags the arms' traffic: no arm's difference
+        is a decision then (:meth:`ArmComparison.decision`)."""
+        return not self.srm.flagged
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (NaN becomes ``None``)."""
+        """A JSON-ready dict (NaN becomes ``None``). ``trusted`` and each comparison's
+        ``decision`` carry the sample-ratio check into the verdict; ``significant`` stays the
+        test's own outcome."""
         out = asdict(self)
+        out["trusted"] = self.trusted
         for comparison, raw in zip(self.comparisons, out["comparisons"], strict=True):
             raw["significant"] = comparison.significant
+            raw["decision"] = comparison.decision(trusted=self.trusted)
             for key in ("ctr", "ctr_per_exposure", "conversion", "clicks_per_user"):
                 value = getattr(comparison, key)
                 if value is not None:

@@ -40,6 +40,8 @@ def test_report_json_holds_the_hand_checked_numbers(setup: tuple[Path, Path]) ->
     assert data["comparisons"][0]["ctr_per_exposure"]["statistic"] == pytest.approx(1.05)
     assert data["srm"]["statistic"] == pytest.approx(0.2)
     assert data["window"] == [None, "2025-03-01T18:00:00+00:00"]
+    assert data["trusted"] is True
+    assert data["comparisons"][0]["decision"] == "no significant difference"
 
     result = runner.invoke(app, [*args, "--experiment", "ranker-ab"])
     assert result.exit_code == 0, result.output
@@ -49,6 +51,7 @@ def test_report_json_holds_the_hand_checked_numbers(setup: tuple[Path, Path]) ->
     assert "CTR, z per exposure: naive" in out
     assert "0.2000 [-0.1136, 0.5136]" in out  # control CTR and its delta-method CI
     assert "p = 0.655 → ok" in out  # the SRM verdict
+    assert "decision: no significant difference" in out
     assert max(len(line) for line in out.splitlines()) <= 80  # fits a terminal
 
 

@@ -185,11 +185,16 @@ def report_tables(result: ExperimentReport) -> list[Table]:
     return [
         traffic,
         metrics,
-        *(_comparison_table(c, result.alpha, several) for c in result.comparisons),
+        *(
+            _comparison_table(c, result.alpha, several, trusted=result.trusted)
+            for c in result.comparisons
+        ),
     ]
 
 
-def _comparison_table(comparison: ArmComparison, alpha: float, several: bool) -> Table:
+def _comparison_table(
+    comparison: ArmComparison, alpha: float, several: bool, *, trusted: bool
+) -> Table:
     adjusted = ""
     if several and comparison.ctr_p_adjusted is not None:
         adjusted = f"; decision p adjusted for the arms (Holm) {comparison.ctr_p_adjusted:.3g}"
@@ -198,6 +203,8 @@ def _comparison_table(comparison: ArmComparison, alpha: float, several: bool) ->
             f"{comparison.arm} vs {comparison.control} (alpha {alpha:g}; bold: significant"
             f"{adjusted})"
         ),
+        caption=f"decision: {comparison.decision(trusted=trusted)}",
+        caption_justify="left",
         title_justify="left",
     )
     for column in ("test", "lift", "difference [CI]", "p"):
