@@ -61,11 +61,11 @@ from mlsd.evaluation.experiment_log import read_units
 from mlsd.monitoring.log_reader import DEFAULT_ATTRIBUTION_WINDOW_S
 
 __all__ = [
+    "DECISION_BLOCKED",
     "Arm",
     "ArmComparison",
     "ArmSummary",
     "Comparison",
-    "DECISION_BLOCKED",
     "EmptyLogError",
     "Estimate",
     "Experiment",
