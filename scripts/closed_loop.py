@@ -344,8 +344,10 @@ def monitor_window(
     end = datetime.fromisoformat(phase.wall_end) + timedelta(seconds=0.5)
     seconds = math.ceil((end - start).total_seconds())
     baseline = [] if reference_ctr is None else ["--reference-ctr", str(reference_ctr)]
+    # The simulated users click within their request's round trip and the phase has waited
+    # for the log writer, so every click of the phase is in: no exposure is too young.
     code = run(["feed", "monitor", "--log-dir", str(cfg.out / "service-log"),
-                "--config", str(cfg.out / "feed.toml"),
+                "--config", str(cfg.out / "feed.toml"), "--label-delay", "0",
                 "--reference", str(reference), "--window", f"{seconds}s",
                 "--end", end.isoformat(), "--out", str(out), *baseline])  # fmt: skip
     if code not in (0, 1):

@@ -140,6 +140,16 @@ def test_the_minimum_of_drift_requests() -> None:
         MonitoringSection(min_drift_requests=0)
 
 
+def test_the_label_delay() -> None:
+    assert MonitoringSection.from_mapping({}, where="x").label_delay_s == 300.0
+    assert MonitoringSection.from_mapping({"label_delay_s": 0}, where="x").label_delay_s == 0.0
+    for bad in (-1, "5m", True):
+        with pytest.raises(ValueError, match=r"^f\.toml: \[monitoring\]\.label_delay_s: "):
+            MonitoringSection.from_mapping({"label_delay_s": bad}, where="f.toml")
+    with pytest.raises(ValueError, match="label_delay_s"):
+        MonitoringSection(label_delay_s=-5.0)
+
+
 def test_rules_may_watch_for_missing_columns() -> None:
     rule = AlertRule("columns gone", "n_missing_features", ">", 0)
     assert [a.value for a in evaluate([rule], {"n_missing_features": 2.0})] == [2.0]

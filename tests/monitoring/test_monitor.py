@@ -185,6 +185,67 @@ def test_empty_log_is_no_data_not_an_error(tmp_path: Path) -> None:
         run_monitor(tmp_path, profile(), start=END, end=START, rules=())
 
 
+def clicked_every_other(
+    log_dir: Path, *, delay_s: float, now: datetime, start: datetime = START
+) -> None:
+    """An exposure every 6 s over the hour from ``start``; every other one clicked ``delay_s``
+    later, of which only the clicks before ``now`` are in the log (the rest have not happened
+    yet)."""
+    shown = [start + timedelta(seconds=6 * i) for i in range(600)]
+    write_log(
+        log_dir,
+        "exposures",
+        pd.DataFrame({"request_id": [f"r{i}" for i in range(600)], "ts": shown, "position": 0}),
+    )
+    clicks = [
+        (f"r{i}", ts + timedelta(seconds=delay_s))
+        for i, ts in enumerate(shown)
+        if i % 2 == 0 and ts + timedelta(seconds=delay_s) < now
+    ]
+    write_log(
+        log_dir,
+        "feedback",
+        pd.DataFrame(
+            {"request_id": [r for r, _ in clicks], "ts": [t for _, t in clicks], "event": "click"}
+        ),
+    )
+
+
+def test_label_metrics_wait_for_the_clicks(tmp_path: Path) -> None:
+    """At the window's end, the last 4 minutes' clicks have not come: read whole, the CTR is
+    0.5 * 56/60; read up to ``now - label_delay_s`` it is the true 0.5."""
+    clicked_every_other(tmp_path, delay_s=240, now=END)
+
+    def ctr(**kwargs: Any) -> Any:
+        result = run_monitor(tmp_path, profile(), start=START, end=END, rules=(), **kwargs)
+        return result.metrics.get("ctr"), result
+
+    assert ctr(now=END, label_delay_s=0)[0] == pytest.approx(0.5 * 56 / 60)
+    value, result = ctr(now=END, label_delay_s=300)
+    assert value == pytest.approx(0.5)
+    assert result.labels_end == END - timedelta(seconds=300)
+    assert result.to_dict()["labels_end"] == (END - timedelta(seconds=300)).isoformat()
+    assert result.counts["exposures"] == 600  # the counts still cover the whole window
+    _, html = write_report(result, tmp_path / "report")
+    assert 'id="labels-end"' in html.read_text()
+    # a window younger than the delay has no label metrics, so a CTR rule has no data
+    young = run_monitor(
+        tmp_path, profile(), start=START, end=END, now=START + timedelta(seconds=200),
+        rules=[AlertRule("ctr low", "ctr", "<", 0.9)],
+    )  # fmt: skip
+    assert "ctr" not in young.metrics
+    assert [o.status for o in young.outcomes] == ["no data"]
+    with pytest.raises(ValueError, match="label_delay_s"):
+        run_monitor(tmp_path, profile(), start=START, end=END, rules=(), label_delay_s=-1)
+
+
+def test_a_window_in_the_past_is_read_whole(tmp_path: Path) -> None:
+    clicked_every_other(tmp_path, delay_s=240, now=END + timedelta(hours=1))
+    result = run_monitor(tmp_path, profile(), start=START, end=END, rules=())
+    assert result.metrics["ctr"] == pytest.approx(0.5)  # the clock is far past END + delay
+    assert result.labels_end == END
+
+
 def test_a_rule_with_its_own_window(log_dir: Path) -> None:
     late = END + timedelta(hours=3)  # the default window [late - 1h, late) is empty
     rules = [

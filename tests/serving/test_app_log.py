@@ -373,6 +373,28 @@ def test_the_monitor_publishes_gauges_and_an_alert_flips_when_its_rule_fires(
         assert samples["mlsd_monitor_feature_psi_max", frozenset()] > 0.25
 
 
+def test_a_pass_leaves_exposures_younger_than_the_label_delay_out_of_the_ctr(
+    tmp_path: Path, feed_model: FeedRecommender
+) -> None:
+    """Exposures of the last minute, one clicked: with the default 5-minute delay the pass has
+    no CTR yet (their other clicks may still come); with none it reads 1 in 4."""
+    log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
+    now = datetime.now(UTC)
+    shown = now.timestamp() - 60
+    log.log_exposures("r1", shown, 1, feed_model.version, [10, 11, 12, 13], [0.4, 0.3, 0.2, 0.1])
+    log.log_feedback(shown + 5, 1, 11, "click", request_id="r1")
+    log.flush()
+    default = MonitorSettings(rules=RULES, interval_s=3600.0)
+    for settings, ctr in ((default, math.nan), (replace(default, label_delay_s=0.0), 0.25)):
+        app = create_app(lambda: feed_model, settings=ServiceSettings(), log=log, monitor=settings)
+        with TestClient(app):
+            result = app.state.monitor.run_once(now=now)
+            assert result is not None
+            assert result.counts["exposures"] == 4
+            assert result.metrics.get("ctr", math.nan) == pytest.approx(ctr, nan_ok=True)
+    log.close()
+
+
 def test_the_monitor_thread_runs_passes_and_stops_with_the_app(
     tmp_path: Path, feed_model: FeedRecommender
 ) -> None:

@@ -5,6 +5,7 @@ In ``configs/feed.toml``::
     [monitoring]
     window = "1h"                  # the default window of every rule
     min_drift_requests = 100       # fewer sampled requests: drift metrics have no data
+    label_delay_s = 300            # younger exposures may still get their click: no labels yet
 
     [[monitoring.alerts]]
     name = "feature drift"
@@ -112,10 +113,17 @@ and 5% degraded answers are worth a page; a 20% relative CTR drop is far beyond 
 a few thousand exposures. Systems override them in ``[[monitoring.alerts]]``."""
 
 _RULE_KEYS = ("name", "metric", "op", "threshold", "window")
-_SECTION_KEYS = ("window", "psi_threshold", "min_drift_requests", "reference_ctr", "alerts")
+_SECTION_KEYS = (
+    "window", "psi_threshold", "min_drift_requests", "reference_ctr", "label_delay_s", "alerts",
+)  # fmt: skip
 MIN_DRIFT_REQUESTS = 100
 """The default ``[monitoring].min_drift_requests`` and of :func:`mlsd.monitoring.drift.compare`
 (defined here, where the config reads it, so that reading a config needs no scipy)."""
+DEFAULT_LABEL_DELAY_S = 300.0
+"""The default ``[monitoring].label_delay_s``: exposures younger than this at a monitoring run
+are left out of its label metrics, since their clicks may not have come yet (see
+:mod:`mlsd.monitoring.monitor`). Five minutes covers most clicks on a feed; a system whose
+users act later (a purchase, a rating) sets more."""
 
 
 @dataclass(frozen=True)
@@ -131,9 +139,17 @@ class MonitoringSection:
     min_drift_requests: int = MIN_DRIFT_REQUESTS
     """The fewest distinct sampled requests in a window whose PSI and KS are judged (fewer:
     their metrics have no data; :func:`mlsd.monitoring.drift.compare`'s ``min_requests``)."""
+    label_delay_s: float = DEFAULT_LABEL_DELAY_S
+    """Exposures younger than this at a run are left out of the label metrics (CTR, NDCG,
+    ECE): their clicks may not have come yet."""
 
     def __post_init__(self) -> None:
         parse_window(self.window)
+        if isinstance(self.label_delay_s, bool) or not self.label_delay_s >= 0:
+            raise ValueError(
+                f"[monitoring].label_delay_s must be a number of seconds >= 0, "
+                f"got {self.label_delay_s!r}"
+            )
         _check_min_requests(self.min_drift_requests, "[monitoring].min_drift_requests")
         if self.reference_ctr is not None and not 0.0 < self.reference_ctr <= 1.0:
             raise ValueError(
@@ -182,8 +198,14 @@ class MonitoringSection:
             raise ValueError(
                 f"{where}: [monitoring].psi_threshold: expected a number, got {psi_threshold!r}"
             )
+        delay = raw.get("label_delay_s", cls.label_delay_s)
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
+            raise ValueError(
+                f"{where}: [monitoring].label_delay_s: expected seconds >= 0, got {delay!r}"
+            )
         settings: dict[str, Any] = {
             "window": window,
+            "label_delay_s": float(delay),
             "psi_threshold": float(psi_threshold),
             "reference_ctr": ctr,
             "min_drift_requests": min_requests,

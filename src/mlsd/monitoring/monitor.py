@@ -35,6 +35,13 @@ size "exposures" ever becomes a Python object:
 A window is ``[start, end)``; clicks are looked for up to ``attribution_window_s`` after
 ``end``. A rule with its own ``window`` is checked on ``[end - window, end)``.
 
+**Labels need time.** An exposure shown a minute before the run has not had its click yet, so
+a window ending at the present would count it as unclicked and read the CTR low (with clicks
+coming ~5 minutes after their exposures, about 8% low over an hour). The label metrics
+therefore read only exposures at least ``label_delay_s`` old at the run's ``now``: over
+``[start, min(end, now - label_delay_s))`` (:attr:`MonitorResult.labels_end`). A window
+wholly in the past is read whole; one younger than the delay has no label metrics.
+
 :attr:`MonitorResult.metrics` is a flat ``{name: value}`` dict (names of
 :data:`mlsd.monitoring.alerts.METRICS`), what a ``/metrics`` endpoint publishes as gauges.
 """
@@ -45,7 +52,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +61,7 @@ import numpy as np
 import pyarrow as pa
 
 from mlsd.monitoring.alerts import (
+    DEFAULT_LABEL_DELAY_S,
     MIN_DRIFT_REQUESTS,
     AlertRule,
     FiredAlert,
@@ -68,7 +76,7 @@ from mlsd.monitoring.log_reader import (
     connect,
     create_log_views,
 )
-from mlsd.monitoring.logs import TABLES
+from mlsd.monitoring.logs import EXPOSURES, FEEDBACK, TABLES
 from mlsd.monitoring.profile import ReferenceProfile
 
 MAX_CANDIDATE_ROWS = 50_000
@@ -92,6 +100,8 @@ class MonitorResult:
         reference_metrics: the profile's training-time label metrics, for comparison.
         window_metrics: rule window (e.g. ``"1d"``) → its metrics, for rules with their own.
         seconds: wall time of the run.
+        labels_end: the end of the exposures the label metrics read, ``min(end, now -
+            label_delay_s)`` (see the module docstring); ``None`` means ``end``.
     """
 
     log_dir: str
@@ -105,6 +115,7 @@ class MonitorResult:
     window_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
     model_version: str | None = None
+    labels_end: datetime | None = None
 
     @property
     def fired(self) -> list[FiredAlert]:
@@ -117,6 +128,7 @@ class MonitorResult:
             "log_dir": self.log_dir,
             "start": self.start.isoformat(),
             "end": self.end.isoformat(),
+            "labels_end": (self.labels_end or self.end).isoformat(),
             "seconds": round(self.seconds, 3),
             "model_version": self.model_version,
             "counts": dict(self.counts),
@@ -144,6 +156,8 @@ def run_monitor(
     threads: int | None = None,
     model_version: str | None = None,
     min_drift_requests: int = MIN_DRIFT_REQUESTS,
+    label_delay_s: float = DEFAULT_LABEL_DELAY_S,
+    now: datetime | None = None,
 ) -> MonitorResult:
     """Compute the window's metrics from the log, compare with ``profile``, check ``rules``.
 
@@ -159,16 +173,22 @@ def run_monitor(
             version of the model the profile was built for; ``None``: every row).
         min_drift_requests: the fewest distinct sampled requests whose drift is judged
             (``[monitoring].min_drift_requests``; fewer: the PSI/KS metrics have no data).
+        label_delay_s: how old an exposure must be at ``now`` to count in the label metrics
+            (``[monitoring].label_delay_s``; see the module docstring), >= 0.
+        now: the time of the run (default: the clock); only the label delay reads it.
     """
     if reference_ctr is not None and not 0.0 < reference_ctr <= 1.0:
         raise ValueError(f"reference_ctr must be in (0, 1], got {reference_ctr}")
+    if not label_delay_s >= 0.0:
+        raise ValueError(f"label_delay_s must be >= 0, got {label_delay_s}")
     began = time.perf_counter()
     start, end = _utc(start), _utc(end)
     if not start < end:
         raise ValueError(f"monitoring window: start {start} is not before end {end}")
+    labels_end = min(end, _utc(now or datetime.now(UTC)) - timedelta(seconds=label_delay_s))
     window = _Window(Path(log_dir), profile, psi_threshold, max_candidate_rows,
                      attribution_window_s, seed, reference_ctr, threads,
-                     model_version, min_drift_requests)  # fmt: skip
+                     model_version, min_drift_requests, labels_end)  # fmt: skip
     counts, metrics, drift = window.measure(start, end)
     by_window: dict[str, dict[str, float]] = {}
     outcomes: list[RuleOutcome] = []
@@ -191,6 +211,7 @@ def run_monitor(
         window_metrics=by_window,
         seconds=time.perf_counter() - began,
         model_version=model_version,
+        labels_end=labels_end,
     )
 
 
@@ -206,6 +227,8 @@ class _Window:
     threads: int | None = None
     model_version: str | None = None
     min_drift_requests: int = MIN_DRIFT_REQUESTS
+    labels_end: datetime | None = None
+    """Exposures from here on are too young for the label metrics (``None``: none are)."""
 
     def measure(
         self, start: datetime, end: datetime
@@ -232,8 +255,29 @@ class _Window:
             if counts["requests"]:
                 metrics.update(_request_metrics(con))
             if counts["exposures"] and counts["feedback"]:
-                metrics.update(self._label_metrics(con))
+                labelled = self._labelled_views(con, start, end)
+                if labelled:
+                    metrics.update(self._label_metrics(con))
         return counts, metrics, drift
+
+    def _labelled_views(
+        self, con: duckdb.DuckDBPyConnection, start: datetime, end: datetime
+    ) -> bool:
+        """Narrow the exposure views to the exposures old enough for labels; False when none
+        of the window's are."""
+        if self.labels_end is None or self.labels_end >= end:
+            return True
+        if self.labels_end <= start:
+            return False
+        present = create_log_views(
+            con, self.log_dir, start, self.labels_end,
+            attribution_window_s=self.attribution_window_s, tables=(EXPOSURES, FEEDBACK),
+        )  # fmt: skip
+        return (
+            present[EXPOSURES]
+            and present[FEEDBACK]
+            and _scalar(con, "SELECT count(*) FROM exposures") > 0
+        )
 
     def _sample(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
         """A seeded reservoir sample of the window's candidate rows (of ``model_version``)."""

@@ -105,6 +105,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlsd.backoff import backoff_s
 from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
+from mlsd.monitoring.alerts import DEFAULT_LABEL_DELAY_S, MIN_DRIFT_REQUESTS
 from mlsd.serving.metrics import RequestMetricsMiddleware, ServiceMetrics
 from mlsd.serving.recommender import (
     BadRequestError,
@@ -923,6 +924,8 @@ class MonitorSettings:
         psi_threshold: PSI above which a feature counts as drifted.
         min_drift_requests: the fewest sampled requests whose drift is judged
             (``[monitoring].min_drift_requests``).
+        label_delay_s: exposures younger than this are left out of the label metrics
+            (``[monitoring].label_delay_s``).
         reference_ctr: the served CTR ``ctr_drop`` compares with (``[monitoring]``).
         pass_timeout_s: a pass still running after this long (e.g. reading a log folder on a
             stalled network mount) is abandoned: its child process is killed, the pass
@@ -934,9 +937,10 @@ class MonitorSettings:
     interval_s: float = 60.0
     profile_path: Path | None = None
     psi_threshold: float = 0.25
-    min_drift_requests: int = 100
+    min_drift_requests: int = MIN_DRIFT_REQUESTS
     reference_ctr: float | None = None
     pass_timeout_s: float = 600.0
+    label_delay_s: float = DEFAULT_LABEL_DELAY_S
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
@@ -1062,6 +1066,7 @@ class ServiceMonitor(PeriodicTask):
                 psi_threshold=self.settings.psi_threshold,
                 min_drift_requests=self.settings.min_drift_requests,
                 reference_ctr=self.settings.reference_ctr,
+                label_delay_s=self.settings.label_delay_s,
             ).result(timeout=self.settings.pass_timeout_s)
         except BrokenProcessPool:
             self._drop_child(pool)  # the child died: the next pass starts another

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from mlsd.monitoring.alerts import MIN_DRIFT_REQUESTS, AlertRule
+from mlsd.monitoring.alerts import DEFAULT_LABEL_DELAY_S, MIN_DRIFT_REQUESTS, AlertRule
 from mlsd.monitoring.monitor import MonitorResult, profile_model_version, run_monitor
 from mlsd.monitoring.profile import ReferenceProfile
 
@@ -54,6 +54,7 @@ def monitor_pass(
     psi_threshold: float,
     min_drift_requests: int = MIN_DRIFT_REQUESTS,
     reference_ctr: float | None,
+    label_delay_s: float = DEFAULT_LABEL_DELAY_S,
 ) -> MonitorResult:
     """:func:`~mlsd.monitoring.monitor.run_monitor` over ``[start, end)`` of ``log_dir``
     against the profile at ``profile_path``, on one DuckDB thread (the service has the other
@@ -68,6 +69,8 @@ def monitor_pass(
         psi_threshold=psi_threshold,
         min_drift_requests=min_drift_requests,
         reference_ctr=reference_ctr,
+        label_delay_s=label_delay_s,
+        now=end,
         threads=1,
         model_version=profile_model_version(profile_path),
     )

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 import mlsd.systems.feed.monitor_commands  # noqa: F401  (registers the command on the feed app)
 from mlsd.cli import run
-from tests.monitoring.test_monitor import END, START, candidates, profile, service_log, write_log
+from tests.monitoring.test_monitor import (
+    END,
+    START,
+    candidates,
+    clicked_every_other,
+    profile,
+    service_log,
+    write_log,
+)
 
 DRIFT_ONLY = """
 [monitoring]
@@ -104,6 +113,28 @@ def test_without_config_the_rules_come_from_configs_feed_toml(
         ("feature drift", 0.3),
         ("prediction drift", 0.3),
     ]
+
+
+def test_a_window_ending_now_waits_for_its_clicks(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The last hour up to now, clicks 4 minutes after every other exposure: the config's
+    5-minute label delay reads the true CTR, ``--label-delay 0`` the one biased low."""
+    now = datetime.now(UTC)
+    clicked_every_other(tmp_path, delay_s=240, now=now, start=now - timedelta(hours=1))
+    (tmp_path / "feed.toml").write_text("[monitoring]\nlabel_delay_s = 300\nalerts = []\n")
+    common = ["feed", "monitor", "--log-dir", str(tmp_path), "--reference",
+              str(setup["profile"]), "--end", now.isoformat(),
+              "--config", str(tmp_path / "feed.toml"), "--json"]  # fmt: skip
+    assert run(common) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metrics"]["ctr"] == pytest.approx(0.5, abs=0.005)
+    assert datetime.fromisoformat(result["labels_end"]) < now - timedelta(seconds=290)
+    assert run([*common, "--label-delay", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["ctr"] == pytest.approx(
+        0.5 * 56 / 60, abs=0.005
+    )
+    assert run([*common, "--label-delay", "-1"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,11 @@ def test_serve_monitors_with_the_configured_rules_and_the_models_profile(served:
     assert settings.window == timedelta(hours=1)
     assert settings.interval_s == feed.service_log.monitor_interval_s == 60.0
     assert settings.profile_path == served[1] / REFERENCE_PROFILE
+    assert settings.label_delay_s == feed.monitoring.label_delay_s == 300.0
+    prompt = dataclasses.replace(
+        feed, monitoring=dataclasses.replace(feed.monitoring, label_delay_s=30.0)
+    )
+    assert (monitor_settings(prompt, served[1]) or settings).label_delay_s == 30.0
     registry = monitor_settings(feed, None)
     assert registry is not None
     assert registry.profile_path is None  # the serving model's own, found on each pass

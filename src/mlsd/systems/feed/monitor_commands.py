@@ -70,6 +70,15 @@ def monitor(
             help="Served CTR of a known-good period; ctr_drop is measured against it.",
         ),
     ] = None,
+    label_delay: Annotated[
+        float | None,
+        typer.Option(
+            "--label-delay",
+            min=0.0,
+            help="Seconds an exposure must be old to count in CTR/NDCG/ECE: younger ones may "
+            "not have their clicks yet (default: [monitoring].label_delay_s, 300).",
+        ),
+    ] = None,
     model_version: Annotated[
         str | None,
         typer.Option(
@@ -103,6 +112,7 @@ def monitor(
             rules=section.alerts,
             psi_threshold=section.psi_threshold,
             min_drift_requests=section.min_drift_requests,
+            label_delay_s=section.label_delay_s if label_delay is None else label_delay,
             reference_ctr=reference_ctr if reference_ctr is not None else section.reference_ctr,
             model_version=model_version,
         )

@@ -409,6 +409,7 @@ def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSetting
         psi_threshold=feed.monitoring.psi_threshold,
         min_drift_requests=feed.monitoring.min_drift_requests,
         reference_ctr=feed.monitoring.reference_ctr,
+        label_delay_s=feed.monitoring.label_delay_s,
     )
 
 
