@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,12 +64,13 @@ def _free_port() -> int:
     return port
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[str]:
-    """A throwaway ``redis-server`` on a free loopback port; yields ``"127.0.0.1:<port>"``.
+@contextmanager
+def redis_server_on(port: int) -> Iterator[str]:
+    """A throwaway ``redis-server`` on loopback ``port`` while the block runs; yields
+    ``"127.0.0.1:<port>"``.
 
     The binary is ``$MLSD_REDIS_SERVER``, else ``redis-server`` on the PATH; without one the
-    test is skipped (failed in CI). Nothing is persisted. Tests using it are ``integration``.
+    test is skipped (failed in CI). Nothing is persisted.
     """
     import shutil
     import subprocess
@@ -82,7 +84,6 @@ def redis_server() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    port = _free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
     proc = subprocess.Popen(
         [*args, "no", "--daemonize", "no"],
@@ -111,3 +112,11 @@ def redis_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port for the session (see
+    :func:`redis_server_on`). Tests using it are ``integration``."""
+    with redis_server_on(_free_port()) as address:
+        yield address

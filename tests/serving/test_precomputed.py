@@ -6,6 +6,7 @@ import asyncio
 import math
 import socket
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,9 +23,11 @@ from mlsd.serving.precomputed import (
     CorruptValueError,
     Lookup,
     PrecomputedStore,
+    StoreUnavailableError,
     decode,
     encode,
 )
+from tests.conftest import redis_server_on
 
 VERSION = "ranker:7"
 T0 = 1_700_000_000.0
@@ -362,6 +365,60 @@ def test_the_async_lookup_judges_as_the_sync_one(redis_server: str) -> None:
     assert [f.reason for f, _ in asyncio.run(both())] == [
         "hit", "missing", "too_old", "missing"
     ]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_a_stalled_redis_costs_one_timeout_then_is_skipped_until_it_answers() -> None:
+    """A Redis that accepts connections and never answers (a stalled server): the first lookup
+    waits out its socket timeout, and so does no lookup for ``retry_after_s`` after it, on
+    either path (the service's fast path, then its thread path, used to wait twice). Once
+    the cool-off is over a lookup tries again, and a Redis that answers is used again."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # the kernel completes connections; nothing ever reads them
+    port = listener.getsockname()[1]
+    no_retry = Retry(NoBackoff(), retries=0)
+    store = PrecomputedStore(
+        redis.Redis(port=port, socket_timeout=0.2, retry=no_retry),
+        async_url=f"redis://127.0.0.1:{port}/0", socket_timeout=0.2, retry_after_s=1.0,
+    )  # fmt: skip
+
+    def timed(call: Any) -> tuple[type[BaseException] | None, float]:
+        began = time.perf_counter()
+        try:
+            call()
+        except redis.exceptions.RedisError as err:
+            return type(err), time.perf_counter() - began
+        return None, time.perf_counter() - began
+
+    async def fast() -> Lookup:
+        return await store.lookup_async(1, model_version=VERSION)
+
+    error, seconds = timed(lambda: asyncio.run(fast()))
+    assert error is redis.exceptions.TimeoutError
+    assert seconds >= 0.19
+    error, seconds = timed(lambda: store.lookup(1, model_version=VERSION))
+    assert error is StoreUnavailableError  # the thread path does not wait again
+    assert seconds < 0.05
+    assert issubclass(StoreUnavailableError, redis.exceptions.ConnectionError)
+    with pytest.raises(StoreUnavailableError):
+        store.lookup_many([1, 2], model_version=VERSION)
+    # the cool-off over, Redis is tried again: still stalled, one more timeout
+    time.sleep(1.05)
+    error, seconds = timed(lambda: store.lookup(1, model_version=VERSION))
+    assert error is redis.exceptions.TimeoutError
+    assert seconds >= 0.19
+    # a Redis that answers on that port: after the cool-off, lookups work again
+    listener.close()
+    with redis_server_on(port):
+        time.sleep(1.05)
+        assert store.lookup(1, model_version=VERSION).reason == "missing"
+        assert store.lookup(1, model_version=VERSION).reason == "missing"
+
+
+def test_the_cool_off_is_checked() -> None:
+    with pytest.raises(ValueError, match="retry_after_s"):
+        PrecomputedStore(redis.Redis(port=1), retry_after_s=-1.0)
 
 
 def test_a_store_without_a_url_cannot_be_awaited() -> None:

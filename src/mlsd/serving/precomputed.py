@@ -46,6 +46,13 @@ Errors: a value that does not decode is reported as ``corrupt`` and never raises
 failures (connection refused, timeouts) do raise, as ``redis.exceptions.RedisError``
 subclasses: whether to fall back to the online path is the service's decision, not this
 store's.
+
+**A failing Redis is not asked again at once.** After a lookup's connection error or timeout,
+lookups raise :class:`StoreUnavailableError` (a ``ConnectionError``) without a round trip for
+``retry_after_s`` (1 s); the first lookup after it tries Redis again. A stalled Redis would
+otherwise cost every request its socket timeout, and a request twice over (the event loop's
+lookup, then the thread path's). Writes (the batch job, :meth:`PrecomputedStore.note_consumed`)
+always try.
 """
 
 from __future__ import annotations
@@ -108,6 +115,10 @@ logger = logging.getLogger(__name__)
 
 class CorruptValueError(ValueError):
     """A stored value is not a precomputed list in the expected format."""
+
+
+class StoreUnavailableError(redis.exceptions.ConnectionError):
+    """Redis failed less than ``retry_after_s`` ago: the lookup did not try it again."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +244,7 @@ class PrecomputedStore:
         ttl_s: int = 86_400,
         async_url: str | None = None,
         socket_timeout: float | None = None,
+        retry_after_s: float = 1.0,
     ) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError(
@@ -243,12 +255,16 @@ class PrecomputedStore:
             raise ValueError("prefix must be a non-empty string, e.g. 'mlsd:feed:top'")
         if not ttl_s >= 1:  # Redis expiries are whole seconds: 0.5 would be 0, refused
             raise ValueError(f"ttl_s must be at least 1 second, got {ttl_s}")
+        if not retry_after_s >= 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {retry_after_s}")
         self.client = client
         self._append_capped = client.register_script(_APPEND_CAPPED)  # no round trip yet
         self.prefix = prefix
         self.ttl_s = int(ttl_s)
         self.async_url = async_url
         self.socket_timeout = socket_timeout
+        self.retry_after_s = float(retry_after_s)
+        self._down_until = -math.inf  # time.monotonic() before which lookups do not try
         self._async: tuple[asyncio.AbstractEventLoop, aioredis.Redis] | None = None
 
     @classmethod
@@ -411,7 +427,8 @@ class PrecomputedStore:
             redis.exceptions.RedisError: Redis failed (the caller picks the fallback).
         """
         keys = [self.key(user_id, model_version), self.consumed_key(user_id)]
-        value, consumed = cast(list[bytes | None], self.client.mget(keys))
+        with self._guarded():
+            value, consumed = cast(list[bytes | None], self.client.mget(keys))
         now = time.time() if now is None else now
         return self._judge(user_id, value, consumed, model_version, max_age_s, now)
 
@@ -428,9 +445,34 @@ class PrecomputedStore:
         The client is made on the first call from each event loop (its connections belong to
         that loop). Raises ``RuntimeError`` when the store has no URL (see :meth:`from_url`)."""
         keys = [self.key(user_id, model_version), self.consumed_key(user_id)]
-        value, consumed = await self._async_client().mget(keys)
+        with self._guarded():
+            value, consumed = await self._async_client().mget(keys)
         now = time.time() if now is None else now
         return self._judge(user_id, value, consumed, model_version, max_age_s, now)
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Around one lookup's round trip: refuse it while Redis is held to be down, and hold
+        it down for ``retry_after_s`` after a connection error or a timeout."""
+        now = time.monotonic()
+        if now < self._down_until:
+            raise StoreUnavailableError(
+                f"Redis failed less than {self.retry_after_s:g} s ago; next try in "
+                f"{self._down_until - now:.2f} s"
+            )
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            if self._down_until == -math.inf:  # was up: say so once per outage
+                logger.warning(
+                    "precomputed lists: Redis failed (%s); lookups skip it for %g s at a time "
+                    "until it answers", err, self.retry_after_s,
+                )  # fmt: skip
+            self._down_until = time.monotonic() + self.retry_after_s
+            raise
+        if self._down_until != -math.inf:
+            logger.warning("precomputed lists: Redis answers again")
+            self._down_until = -math.inf
 
     def _async_client(self) -> aioredis.Redis:
         if self.async_url is None:
@@ -472,7 +514,8 @@ class PrecomputedStore:
             for u in users.tolist()
             for key in (self.key(u, model_version), self.consumed_key(u))
         ]
-        values = cast(list[bytes | None], self.client.mget(keys))  # sync client: a list
+        with self._guarded():
+            values = cast(list[bytes | None], self.client.mget(keys))  # sync client: a list
         now = time.time() if now is None else now
         return [
             self._judge(int(u), values[2 * i], values[2 * i + 1], model_version, max_age_s, now)
