@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import redis
 
+from mlsd.config import SOURCE_SECTIONS
 from mlsd.plan.capacity import (
     REDIS_KEY_OVERHEAD_BYTES,
     Measured,
@@ -71,9 +72,13 @@ def test_the_plan_is_the_arithmetic_by_hand() -> None:
     assert plan.value("service replicas") == 2  # the availability floor
     assert plan.value("batch run CPU") == pytest.approx(1_000 * 1.0 / 1000 / 3600)
     assert plan.value("batch cores") == 1
-    # header 24 + version 5 + 10 int64 ids + 10 float32 scores = 149 bytes
-    assert precomputed_value_bytes(10, 5) == 149
-    expected_store = 1_000 * (149 + REDIS_KEY_OVERHEAD_BYTES) / 1e9
+    # header 24 + version 5 + 10 int64 ids + 10 float32 scores = 149 bytes, then the source
+    # table (a count, then each name's length and bytes) and a source code per item
+    assert precomputed_value_bytes(10, 5) == 149 + 1 + 10
+    names = tuple(SOURCE_SECTIONS)
+    table = 1 + sum(1 + len(name) for name in names)
+    assert precomputed_value_bytes(10, 5, names) == 149 + table + 10
+    expected_store = 1_000 * (149 + table + 10 + REDIS_KEY_OVERHEAD_BYTES) / 1e9
     assert plan.value("precomputed store") == pytest.approx(expected_store)
     assert plan.value("als index") == pytest.approx(1_000 * 8 * 4 / 1e9)
     assert plan.value("als user vectors") == pytest.approx(1_000 * 8 * 4 / 1e9)
@@ -315,8 +320,12 @@ def test_the_store_bytes_match_what_redis_uses(client: redis.Redis, list_length:
     ids = np.arange(n * list_length, dtype=np.int64).reshape(n, list_length)
     scores = np.ones((n, list_length), dtype=np.float32)
     before = used_memory(client)
-    written = store.write(np.arange(1_000_000, 1_000_000 + n), ids, scores, model_version=version)
+    names = tuple(SOURCE_SECTIONS)
+    written = store.write(
+        np.arange(1_000_000, 1_000_000 + n), ids, scores, model_version=version,
+        sources=np.zeros(ids.shape, dtype=np.int64), source_names=names,
+    )  # fmt: skip
     used = (used_memory(client) - before) / n
-    value = precomputed_value_bytes(list_length, len(version))
+    value = precomputed_value_bytes(list_length, len(version), names)
     assert written.n_bytes == n * value  # the plan's value size is the writer's
     assert value + REDIS_KEY_OVERHEAD_BYTES == pytest.approx(used, rel=0.1)

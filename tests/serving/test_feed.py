@@ -530,6 +530,9 @@ def test_batch_predictions_are_served_as_the_precomputed_path(
     hit = served.recommend(RecommendRequest(4, k=10))
     assert hit.path == "precomputed"
     assert [r.item_id for r in hit.items] == [r.item_id for r in online.items]
+    # each item keeps the candidate source the online answer names (the log's source column)
+    assert [r.source for r in hit.items] == [r.source for r in online.items]
+    assert {r.source for r in hit.items} <= set(recommender.model.sources)
     assert served.recommend(RecommendRequest(4, k=10, allow_precomputed=False)).path == "online"
     miss = served.recommend(RecommendRequest(6, k=10))  # no list for this user
     assert miss.path == "online"

@@ -70,7 +70,7 @@ def test_encode_decode_round_trip() -> None:
     ids = np.array([5, 3, 9], dtype=np.int64)
     scores = np.array([0.9, 0.5, 0.1], dtype=np.float32)
     value = encode(ids, scores, model_version="v1 é", computed_at=T0)
-    assert len(value) == 24 + len("v1 é".encode()) + 3 * 12
+    assert len(value) == 24 + len("v1 é".encode()) + 3 * 12 + 1 + 3  # no names, 3 codes
     got = decode(value)
     np.testing.assert_array_equal(got.item_ids, ids)
     np.testing.assert_array_equal(got.scores, scores)
@@ -78,6 +78,41 @@ def test_encode_decode_round_trip() -> None:
     assert got.item_ids.dtype == np.int64
     assert got.scores.dtype == np.float32
     assert got.item_ids.flags.writeable
+    assert got.source_list() == ["precomputed"] * 3  # written without sources
+
+
+def test_each_items_source_round_trips() -> None:
+    ids = np.array([5, 3, 9, 4], dtype=np.int64)
+    scores = np.ones(4, np.float32)
+    names = ("als", "two_tower é")
+    value = encode(
+        ids, scores, model_version="v", computed_at=T0, sources=[1, 0, -1, 1], source_names=names
+    )
+    assert len(value) == 24 + 1 + 4 * 12 + 1 + (1 + 3) + (1 + len("two_tower é".encode())) + 4
+    got = decode(value)
+    assert got.source_names == names
+    assert got.source_list() == ["two_tower é", "als", "precomputed", "two_tower é"]
+    served = got.serves(3, np.array([3]))
+    assert served is not None
+    assert served[0].tolist() == [5, 9, 4]
+    assert served[2] == ["two_tower é", "precomputed", "two_tower é"]  # 3 and its source gone
+    with pytest.raises(ValueError, match="one code per item"):
+        encode(ids, scores, model_version="v", computed_at=T0, sources=[0, 2, 0, 0],
+               source_names=names)  # fmt: skip
+    with pytest.raises(ValueError, match="one code per item"):
+        encode(ids, scores, model_version="v", computed_at=T0, sources=[0], source_names=names)
+    with pytest.raises(ValueError, match="source_names"):
+        encode(ids, scores, model_version="v", computed_at=T0, source_names=("x" * 256,))
+
+
+def legacy(value: bytes, fmt: int, n_items: int) -> bytes:
+    """``value`` (written without source names) as format ``fmt`` (1 or 2) wrote it: no source
+    table; format 1 has ``k`` reserved as 0."""
+    old = bytearray(value[: -(1 + n_items)])
+    old[4] = fmt
+    if fmt == 1:
+        old[5], old[6] = 0, 0
+    return bytes(old)
 
 
 GOOD = encode(
@@ -96,6 +131,9 @@ GOOD = encode(
         pytest.param(GOOD + b"\x00", id="trailing"),
         pytest.param(GOOD[:16] + struct.pack("<d", math.nan) + GOOD[24:], id="nan-time"),
         pytest.param(GOOD[:24] + b"\xff" + GOOD[25:], id="version-not-utf8"),
+        pytest.param(GOOD[:-5] + b"\x03" + GOOD[-4:], id="source-table-past-the-end"),
+        pytest.param(GOOD[:-5] + b"\x01\x01\xff" + GOOD[-4:], id="source-name-not-utf8"),
+        pytest.param(GOOD[:-5], id="no-source-table"),
     ],
 )
 def test_decode_rejects_malformed_values(value: bytes) -> None:
@@ -148,6 +186,21 @@ def test_round_trip_strips_padding(store: PrecomputedStore) -> None:
         assert (found.result.model_version, found.result.computed_at) == (VERSION, T0)
     assert len(store.read(int(users[0]), model_version=VERSION).item_ids) == 20  # type: ignore[union-attr]
     assert len(store.read(int(users[1]), model_version=VERSION).item_ids) == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.integration
+def test_each_items_source_is_written_and_read_back(store: PrecomputedStore) -> None:
+    users, ids, scores = make_batch(6, 5)
+    codes = np.arange(30).reshape(6, 5) % 3  # 0, 1, 2: three sources
+    names = ("popularity", "als", "ease")
+    store.write(users, ids, scores, model_version=VERSION, sources=codes, source_names=names)
+    for row, user in enumerate(users):
+        found = store.read(int(user), model_version=VERSION)
+        assert found is not None
+        keep = ids[row] != PAD_ID  # padding and its codes are dropped together
+        assert found.source_list() == [names[c] for c in codes[row][keep]]
+    with pytest.raises(ValueError, match=r"sources: shape \(6, 4\)"):
+        store.write(users, ids, scores, model_version=VERSION, sources=codes[:, :4])
 
 
 @pytest.mark.integration
@@ -247,11 +300,14 @@ def test_the_batchs_k_tells_a_list_cut_short_from_one_that_ran_out() -> None:
     with pytest.raises(ValueError, match="k=2: must be at least the 3 items"):
         encode(ids, scores, model_version="v", computed_at=T0, k=2)
     # a value of format 1 (k reserved as 0) is read as cut at its length
-    old = bytearray(encode(ids, scores, model_version="v", computed_at=T0))
-    old[4], old[5], old[6] = 1, 0, 0
-    assert decode(bytes(old)).k == 0
-    assert decode(bytes(old)).serves(3, none) is not None
-    assert decode(bytes(old)).serves(4, none) is None
+    old = legacy(encode(ids, scores, model_version="v", computed_at=T0), 1, 3)
+    assert decode(old).k == 0
+    assert decode(old).serves(3, none) is not None
+    assert decode(old).serves(4, none) is None
+    # format 2 (no sources): served under the source "precomputed"
+    two = decode(legacy(encode(ids, scores, model_version="v", computed_at=T0, k=10), 2, 3))
+    assert two.k == 10
+    assert two.source_list() == ["precomputed"] * 3
 
 
 @pytest.mark.integration
@@ -325,7 +381,8 @@ def test_20k_users_in_chunks(
     assert pipelines == math.ceil(20_000 / 3_000)
     assert stats.n_users == 20_000
     assert stats.users_per_s > 0
-    assert stats.n_bytes == 20_000 * (24 + len(VERSION)) + int((ids != PAD_ID).sum()) * 12
+    # header, version and an empty source table per user; id, score and source code per item
+    assert stats.n_bytes == 20_000 * (24 + len(VERSION) + 1) + int((ids != PAD_ID).sum()) * 13
     assert sum(1 for _ in client.scan_iter(f"{store.prefix}:*", count=5_000)) == 20_000
     found = store.lookup_many(users[-1000:], model_version=VERSION)
     assert all(f.reason == "hit" for f in found)

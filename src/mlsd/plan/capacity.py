@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mlsd.config import SOURCE_SECTIONS
 from mlsd.plan.requirements import Requirements
 from mlsd.serving.index import FlatIndex, HNSWIndex, IVFIndex, choose_index, default_pq_m
 from mlsd.serving.precomputed import encode
@@ -46,8 +47,8 @@ SECONDS_PER_DAY = 86_400.0
 REDIS_KEY_OVERHEAD_BYTES = 180
 """Redis's memory per precomputed key beyond the value's bytes: the key string, the main and
 the expires dict entries and the allocator's rounding. Measured: 20,000 keys
-``mlsd:feed:top:<user>`` with a TTL and 1,241-byte values raised redis-server 7's
-``used_memory`` by 1,421 bytes a key."""
+``mlsd:feed:top:<user>`` with a TTL and 1,241-byte values (format 2, before the sources)
+raised redis-server 7's ``used_memory`` by 1,421 bytes a key."""
 
 FAISS_ID_BYTES = 4
 """Faiss HNSW stores each neighbour link as an int32."""
@@ -279,14 +280,18 @@ class CapacityPlan:
         }
 
 
-def precomputed_value_bytes(list_length: int, model_version_chars: int) -> int:
+def precomputed_value_bytes(
+    list_length: int, model_version_chars: int, source_names: Sequence[str] = ()
+) -> int:
     """Bytes of one user's precomputed value, as :func:`~mlsd.serving.precomputed.encode`
-    writes it."""
+    writes it, with each item's source among ``source_names``."""
     value = encode(
         np.zeros(list_length, dtype=np.int64),
         np.zeros(list_length, dtype=np.float32),
         model_version="v" * model_version_chars,
         computed_at=0.0,
+        sources=np.zeros(list_length, dtype=np.int64) if source_names else None,
+        source_names=tuple(source_names),
     )
     return len(value)
 
@@ -337,6 +342,7 @@ def capacity_plan(
     measured: Measured | None = None,
     *,
     sources: Mapping[str, VectorSource] | None = None,
+    source_names: Sequence[str] | None = None,
 ) -> CapacityPlan:
     """The plan for ``req``: traffic, memory, and with ``measured`` the cores, replicas, the
     batch run and the latency budget (without it those are left out, and a warning says so).
@@ -346,10 +352,13 @@ def capacity_plan(
         measured: costs from a ``bench/serving.py`` run.
         sources: name → the vector-index sources the system serves (default: one of
             dimension 64); ``mlsd plan capacity`` reads them from ``[retrieval]``.
+        source_names: every candidate source, whose names each precomputed value holds
+            (default: all the feed's; ``mlsd plan capacity``: ``[retrieval].sources``).
     """
     out = _Lines()
     online_rps, precomputed_rps = _traffic(req, out)
-    _memory(req, sources if sources is not None else DEFAULT_SOURCES, out)
+    names = tuple(SOURCE_SECTIONS) if source_names is None else tuple(source_names)
+    _memory(req, sources if sources is not None else DEFAULT_SOURCES, names, out)
     _feature_store(req, measured, out)
     if measured is None:
         out.warnings.append(
@@ -390,8 +399,13 @@ def _traffic(req: Requirements, out: _Lines) -> tuple[float, float]:
     return online, precomputed
 
 
-def _memory(req: Requirements, sources: Mapping[str, VectorSource], out: _Lines) -> None:
-    value = precomputed_value_bytes(req.list_length, req.model_version_chars)
+def _memory(
+    req: Requirements,
+    sources: Mapping[str, VectorSource],
+    source_names: Sequence[str],
+    out: _Lines,
+) -> None:
+    value = precomputed_value_bytes(req.list_length, req.model_version_chars, source_names)
     out.add(
         "precomputed store",
         req.users * (value + REDIS_KEY_OVERHEAD_BYTES) / 1e9,

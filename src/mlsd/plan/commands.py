@@ -80,7 +80,10 @@ def capacity(
     err_console.print(feed_config_source(config), highlight=False, markup=False)
     requirements = load_plan_requirements(config, _overrides(set_ or []))
     costs = Measured.from_file(measured) if measured is not None else None
-    plan = capacity_plan(requirements, costs, sources=vector_sources(load_feed_config(config)))
+    feed = load_feed_config(config)
+    plan = capacity_plan(
+        requirements, costs, sources=vector_sources(feed), source_names=feed.retrieval.sources
+    )
     if as_json:
         print(json.dumps(plan.to_dict(), indent=2))
         return

@@ -321,6 +321,9 @@ class PreparedBatch:
             :attr:`frame` is the DataFrame of them.
         schema: the block's columns.
         ages: ``(rows,)`` the candidates' ages in days (NaN unknown), for the freshness boost.
+        sources: ``(n_users, n_candidates)`` index into ``source_names`` of the source that
+            claimed each candidate (negative at padding), as a request's answer names it.
+        source_names: the merge's sources.
     """
 
     user_ids: list[int]
@@ -329,6 +332,20 @@ class PreparedBatch:
     features: FloatArray
     schema: FeatureSchema
     ages: FloatArray
+    sources: npt.NDArray[np.int8]
+    source_names: tuple[str, ...]
+
+    def claimed(self, item_ids: IntArray) -> IntArray:
+        """``(n_users, k)`` source index of each of :meth:`FeedRecommender.rank_many`'s items
+        (-1 at padding or for an item not among the user's candidates)."""
+        out = np.full(item_ids.shape, -1, dtype=np.int64)
+        for row in range(len(item_ids)):
+            order = np.argsort(self.candidates[row], kind="stable")
+            ranked = self.candidates[row][order]
+            at = np.minimum(np.searchsorted(ranked, item_ids[row]), len(ranked) - 1)
+            found = (ranked[at] == item_ids[row]) & (item_ids[row] != PAD_ID)
+            out[row] = np.where(found, self.sources[row][order[at]], -1)
+        return out
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -547,6 +564,8 @@ class FeedRecommender:
             features,
             schema,
             np.where(age >= 0, age, np.nan),
+            merged.source,
+            merged.source_names,
         )
 
     def rank_many(self, batch: PreparedBatch, *, k: int) -> tuple[IntArray, FloatArray]:
@@ -653,10 +672,10 @@ class FeedRecommender:
         answer = hit.serves(request.k, exclude)
         if answer is None or len(answer[0]) == 0:
             return None
-        ids, scores = answer
+        ids, scores, sources = answer
         return [
-            Recommendation(int(i), float(s), "precomputed")
-            for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
+            Recommendation(int(i), float(s), source)
+            for i, s, source in zip(ids.tolist(), scores.tolist(), sources, strict=True)
         ]
 
     def _user(self, user_id: int | None, fallbacks: list[str]) -> dict[str, np.ndarray]:
@@ -879,6 +898,8 @@ def batch_predict(
             model_version=recommender.version,
             computed_at=now,  # the time the lists are as of, not the time they were written
             k=k,
+            sources=batch.claimed(items),  # what the online answer names as each item's source
+            source_names=batch.source_names,
         )
         return len(batch.user_ids)
 

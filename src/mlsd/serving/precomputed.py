@@ -28,7 +28,7 @@ Value format, all little-endian, no pickle:
     bytes   type       field
     ======  =========  ===============================================
     4       bytes      magic ``b"MLPK"``
-    1       uint8      format version (2; 1 had ``k`` reserved as 0)
+    1       uint8      format version (3; 2 had no sources, 1 had ``k`` reserved as 0)
     2       uint16     k, the list length the batch asked for (n < k: it ran out of items)
     1       -          reserved (zero)
     4       uint32     n, the number of items (padding already dropped)
@@ -37,10 +37,16 @@ Value format, all little-endian, no pickle:
     v       utf-8      model version
     8 * n   int64      item ids, best first
     4 * n   float32    scores
+    1       uint8      m, the number of source names (format 3)
+    m * ..  uint8+utf8 each source name: its length in bytes, then the name
+    n       uint8      each item's source: an index into the names, 255 = unknown
     ======  =========  ===============================================
 
-A top-100 list takes 24 + len(version) + 1,200 bytes. The model version is in the value too,
-and a value whose version is not its key's is refused (``stale_version``).
+The sources are the candidate sources that proposed each item (what the online path's answer
+says of its items), so the service log's ``source`` column means the same on both paths and
+per-source analysis covers the precomputed answers. A top-100 list takes 25 + len(version) +
+1,300 bytes plus its source names (the default feed's seven: 62). The model version is in the
+value too, and a value whose version is not its key's is refused (``stale_version``).
 
 Errors: a value that does not decode is reported as ``corrupt`` and never raises. Redis
 failures (connection refused, timeouts) do raise, as ``redis.exceptions.RedisError``
@@ -81,7 +87,11 @@ PAD_ID = -1
 """Item id padding a row of ``item_ids`` that has fewer than K items; dropped on write."""
 
 MAGIC = b"MLPK"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+NO_SOURCE = 255
+"""An item's source code when its source is not known (a list written without sources)."""
+UNKNOWN_SOURCE = "precomputed"
+"""The source an item of a list without sources (format 1 or 2) is served under."""
 _HEADER = struct.Struct("<4sBHxIId")  # magic, format, k, reserved, n_items, version bytes, ts
 _ID = np.dtype("<i8")
 _SCORE = np.dtype("<f4")
@@ -109,6 +119,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 Reason = Literal["hit", "missing", "stale_version", "too_old", "future", "corrupt"]
 """Why a lookup did (``hit``) or did not return a list; the label of a fallback counter."""
 _NO_ITEMS = np.zeros(0, dtype=np.int64)
+_NO_SOURCES = np.zeros(0, dtype=np.uint8)
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +145,9 @@ class Precomputed:
             request for up to ``k`` items can take the list whole. 0: not recorded (format 1).
         consumed: items the user consumed since (:meth:`PrecomputedStore.note_consumed`), as
             read with the list; not part of the stored value.
+        sources: (n,) uint8 index of each item's candidate source in ``source_names``
+            (:data:`NO_SOURCE` unknown); empty for a list written without them.
+        source_names: the names ``sources`` indexes.
     """
 
     item_ids: IntArray
@@ -142,21 +156,32 @@ class Precomputed:
     computed_at: float
     k: int = 0
     consumed: IntArray = field(default_factory=lambda: _NO_ITEMS)
+    sources: npt.NDArray[np.uint8] = field(default_factory=lambda: _NO_SOURCES)
+    source_names: tuple[str, ...] = ()
 
-    def serves(self, k: int, exclude: IntArray) -> tuple[IntArray, ScoreArray] | None:
-        """The first ``k`` items less ``exclude``, or ``None`` when the list cannot answer
-        for ``k`` as the model would: cut at fewer items than the batch could have listed
-        (a request for more than the batch's ``k``, or items excluded since), since more
-        items existed than it kept. A list shorter than its ``k`` (the model ran out) is
-        served as it is."""
-        ids, scores = self.item_ids, self.scores
+    def source_list(self) -> list[str]:
+        """Each item's source name (:data:`UNKNOWN_SOURCE` where it is not known)."""
+        if len(self.sources) != len(self.item_ids):
+            return [UNKNOWN_SOURCE] * len(self.item_ids)
+        names = [*self.source_names, UNKNOWN_SOURCE]
+        unknown = len(self.source_names)
+        return [names[min(int(c), unknown)] for c in self.sources.tolist()]
+
+    def serves(self, k: int, exclude: IntArray) -> tuple[IntArray, ScoreArray, list[str]] | None:
+        """The first ``k`` items less ``exclude`` with their scores and sources, or ``None``
+        when the list cannot answer for ``k`` as the model would: cut at fewer items than the
+        batch could have listed (a request for more than the batch's ``k``, or items excluded
+        since), since more items existed than it kept. A list shorter than its ``k`` (the
+        model ran out) is served as it is."""
+        ids, scores, sources = self.item_ids, self.scores, self.source_list()
         if len(exclude):
             keep = ~np.isin(ids, exclude)
             ids, scores = ids[keep], scores[keep]
+            sources = [name for name, kept in zip(sources, keep.tolist(), strict=True) if kept]
         complete = 0 < len(self.item_ids) < self.k  # the model had no more items to give
         if len(ids) < k and not complete:
             return None
-        return ids[:k], scores[:k]
+        return ids[:k], scores[:k], sources[:k]
 
 
 class Lookup(NamedTuple):
@@ -183,22 +208,44 @@ def encode(
     model_version: str,
     computed_at: float,
     k: int | None = None,
+    sources: npt.ArrayLike | None = None,
+    source_names: tuple[str, ...] = (),
 ) -> bytes:
-    """One user's value: header, model version, then the raw item ids and scores.
+    """One user's value: header, model version, the raw item ids and scores, the sources.
 
     Args:
         item_ids: (n,) int64 without padding.
         scores: (n,) float32.
         k: the list length the batch asked for (default n), at least n and at most
             :data:`MAX_K`.
+        sources: (n,) each item's index in ``source_names`` (negative or
+            :data:`NO_SOURCE`: unknown); ``None``: none known.
+        source_names: at most 255 names of at most 255 UTF-8 bytes each.
     """
     k = len(item_ids) if k is None else int(k)
     if not len(item_ids) <= k <= MAX_K:
         raise ValueError(f"k={k}: must be at least the {len(item_ids)} items and <= {MAX_K}")
     version = model_version.encode()
+    names = [name.encode() for name in source_names]
+    if len(names) >= NO_SOURCE or any(len(name) > 255 for name in names):
+        raise ValueError(f"source_names: at most 254 names of <= 255 bytes, got {source_names}")
+    if sources is None:
+        codes = np.full(len(item_ids), NO_SOURCE, dtype=np.uint8)
+    else:
+        raw = np.asarray(sources, dtype=np.int64).reshape(-1)
+        known = (raw >= 0) & (raw != NO_SOURCE)
+        if len(raw) != len(item_ids) or (raw[known] >= len(names)).any():
+            raise ValueError(
+                f"sources: need one code per item ({len(item_ids)}), each below the "
+                f"{len(names)} names or unknown (< 0); got {raw.tolist()[:10]}"
+            )
+        codes = np.where(known, raw, NO_SOURCE).astype(np.uint8)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, k, len(item_ids), len(version), computed_at)
     ids = item_ids.astype(_ID, copy=False).tobytes()
-    return b"".join((header, version, ids, scores.astype(_SCORE, copy=False).tobytes()))
+    table = b"".join([bytes([len(names)]), *(bytes([len(n)]) + n for n in names)])
+    return b"".join(
+        (header, version, ids, scores.astype(_SCORE, copy=False).tobytes(), table, codes.tobytes())
+    )
 
 
 def decode(value: bytes) -> Precomputed:
@@ -206,11 +253,15 @@ def decode(value: bytes) -> Precomputed:
     if len(value) < _HEADER.size:
         raise CorruptValueError(f"{len(value)} bytes, shorter than the {_HEADER.size}-byte header")
     magic, fmt, k, n_items, n_version, computed_at = _HEADER.unpack_from(value)
-    if magic != MAGIC or fmt not in (1, FORMAT_VERSION):
+    if magic != MAGIC or fmt not in (1, 2, FORMAT_VERSION):
         raise CorruptValueError(
-            f"header {magic!r} format {fmt}, expected {MAGIC!r} format 1 or {FORMAT_VERSION}"
+            f"header {magic!r} format {fmt}, expected {MAGIC!r} format 1 to {FORMAT_VERSION}"
         )
     expected = _HEADER.size + n_version + n_items * (_ID.itemsize + _SCORE.itemsize)
+    names: tuple[str, ...] = ()
+    sources = _NO_SOURCES
+    if fmt == FORMAT_VERSION:
+        names, sources, expected = _decode_sources(value, expected, n_items)
     if len(value) != expected or not math.isfinite(computed_at):
         raise CorruptValueError(f"{len(value)} bytes, the header implies {expected}")
     start = _HEADER.size + n_version
@@ -222,7 +273,34 @@ def decode(value: bytes) -> Precomputed:
     ids = np.frombuffer(value, dtype=_ID, count=n_items, offset=start).astype(np.int64)
     scores_at = start + n_items * _ID.itemsize
     scores = np.frombuffer(value, dtype=_SCORE, count=n_items, offset=scores_at)
-    return Precomputed(ids, scores.astype(np.float32), model_version, computed_at, k)
+    return Precomputed(
+        ids, scores.astype(np.float32), model_version, computed_at, k,
+        sources=sources, source_names=names,
+    )  # fmt: skip
+
+
+def _decode_sources(
+    value: bytes, at: int, n_items: int
+) -> tuple[tuple[str, ...], npt.NDArray[np.uint8], int]:
+    """Format 3's source table and codes after the scores, which end at ``at``: (names,
+    codes, the value's expected length)."""
+    if len(value) <= at:
+        raise CorruptValueError(f"{len(value)} bytes: no source table after {at}")
+    names = []
+    pos = at + 1
+    for _ in range(value[at]):
+        if pos >= len(value):
+            raise CorruptValueError(f"{len(value)} bytes: the source table runs past the end")
+        end = pos + 1 + value[pos]
+        try:
+            names.append(value[pos + 1 : end].decode())
+        except UnicodeDecodeError as err:
+            raise CorruptValueError(f"a source name is not UTF-8: {err}") from err
+        pos = end
+    if len(value) != pos + n_items:
+        raise CorruptValueError(f"{len(value)} bytes, the header implies {pos + n_items}")
+    codes = np.frombuffer(value, dtype=np.uint8, count=n_items, offset=pos).copy()
+    return tuple(names), codes, pos + n_items
 
 
 class PrecomputedStore:
@@ -329,6 +407,8 @@ class PrecomputedStore:
         model_version: str,
         computed_at: float | None = None,
         k: int | None = None,
+        sources: npt.ArrayLike | None = None,
+        source_names: tuple[str, ...] = (),
         chunk: int = 10_000,
         progress: bool = False,
     ) -> WriteStats:
@@ -345,6 +425,9 @@ class PrecomputedStore:
             computed_at: UNIX seconds the lists were computed as of; default now.
             k: the list length the batch asked for (default K, the width of ``item_ids``):
                 a row with fewer items ran out of them.
+            sources: (n, K) each item's index in ``source_names`` (negative: unknown), the
+                candidate source that proposed it; ``None``: not known.
+            source_names: the sources' names.
             chunk: users per pipeline round trip.
             progress: show a rich progress bar over chunks (on stderr).
 
@@ -360,13 +443,19 @@ class PrecomputedStore:
         k = ids.shape[1] if k is None else int(k)
         if not ids.shape[1] <= k <= MAX_K:
             raise ValueError(f"k={k}: must be at least the {ids.shape[1]} columns and <= {MAX_K}")
+        codes = np.full(ids.shape, -1, dtype=np.int64)
+        if sources is not None:
+            codes = np.asarray(sources, dtype=np.int64)
+            if codes.shape != ids.shape:
+                raise ValueError(f"sources: shape {codes.shape}, the item ids' is {ids.shape}")
         n_bytes = 0
         with _bar(progress, total=len(users)) as advance:
             for lo in range(0, len(users), chunk):
                 rows = slice(lo, lo + chunk)
                 n_bytes += self._write_chunk(
-                    users[rows], ids[rows], vals[rows], model_version, computed_at, k
-                )
+                    users[rows], ids[rows], vals[rows], codes[rows], source_names,
+                    model_version, computed_at, k,
+                )  # fmt: skip
                 advance(len(users[rows]))
         seconds = time.perf_counter() - start
         rate = len(users) / seconds if seconds > 0 else math.inf
@@ -377,6 +466,8 @@ class PrecomputedStore:
         users: IntArray,
         ids: IntArray,
         vals: ScoreArray,
+        codes: IntArray,
+        source_names: tuple[str, ...],
         model_version: str,
         computed_at: float,
         k: int,
@@ -385,8 +476,8 @@ class PrecomputedStore:
         keep = ids != PAD_ID
         n_bytes = 0
         with self.client.pipeline(transaction=False) as pipe:
-            for user, row_ids, row_scores, mask in zip(
-                users.tolist(), ids, vals, keep, strict=True
+            for user, row_ids, row_scores, row_codes, mask in zip(
+                users.tolist(), ids, vals, codes, keep, strict=True
             ):
                 value = encode(
                     row_ids[mask],
@@ -394,6 +485,8 @@ class PrecomputedStore:
                     model_version=model_version,
                     computed_at=computed_at,
                     k=k,
+                    sources=row_codes[mask],
+                    source_names=source_names,
                 )
                 n_bytes += len(value)
                 pipe.set(self.key(user, model_version), value, ex=self.ttl_s)
