@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from mlsd.evaluation.timing import latencies
 from mlsd.models.compression import OnnxRanker, distill, export_onnx, quantize_int8
 from mlsd.models.ranking.base import FeatureSchema, FloatArray, IntArray, RankingData
 from mlsd.models.ranking.deep import DeepRanker, DeepRankerConfig, feature_arrays
@@ -125,31 +126,6 @@ def ndcg_at_k(gains: FloatArray, scores: FloatArray, groups: IntArray, k: int) -
             top = rows[np.argsort(-scores[rows], kind="stable")[:k]]
             values.append(float(gains[top] @ discounts[: len(top)] / ideal))
     return float(np.mean(values))
-
-
-def latencies(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
-    """p50/p99 wall clock and p50 thread CPU time of each call, in ms, after a warm-up.
-
-    The calls take turns (one of each per round), so a burst of load from other processes on
-    the machine hits every variant alike instead of whichever was being timed.
-    """
-    for call in calls.values():
-        for _ in range(20):
-            call()
-    wall, cpu = np.empty((len(calls), repeats)), np.empty((len(calls), repeats))
-    for i in range(repeats):
-        for j, call in enumerate(calls.values()):
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            call()
-            wall[j, i], cpu[j, i] = time.perf_counter() - start, time.thread_time() - start_cpu
-    return {
-        name: {
-            "p50_ms": round(float(np.median(wall[j])) * 1e3, 4),
-            "p99_ms": round(float(np.quantile(wall[j], 0.99)) * 1e3, 4),
-            "cpu_p50_ms": round(float(np.median(cpu[j])) * 1e3, 4),
-        }
-        for j, name in enumerate(calls)
-    }
 
 
 def predict_call(

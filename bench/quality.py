@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +41,7 @@ import torch
 from mlsd.config import FeedConfig, load_feed_config
 from mlsd.data.sources.movielens import import_movielens
 from mlsd.evaluation.offline import PIPELINE, OfflineReport, evaluate_pipeline
+from mlsd.evaluation.timing import latencies
 from mlsd.models.compression import OnnxRanker, distill, export_onnx, quantize_int8
 from mlsd.models.ranking.base import Ranker, RankingData
 from mlsd.models.ranking.deep import DeepRanker
@@ -75,21 +76,6 @@ PUBLISHED_ML100K = {
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def latency(ranker: Ranker, rows: pd.DataFrame, *, repeats: int) -> dict[str, float]:
-    """Single-thread scoring time of ``rows`` (median and p99 over ``repeats``, ms)."""
-    for _ in range(5):
-        ranker.predict(rows)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        ranker.predict(rows)
-        times.append((time.perf_counter() - start) * 1000)
-    return {
-        "median_ms": statistics.median(times),
-        "p99_ms": float(np.percentile(times, 99)),
-    }
 
 
 class Student:
@@ -128,12 +114,17 @@ class Student:
         for batch in (1, 500):
             part = rows.iloc[:batch].reset_index(drop=True)
             repeats = 300 if batch == 1 else 100
-            teacher = latency(self.kept["teacher"], part, repeats=repeats)
-            student = latency(self.kept["student"], part, repeats=repeats)
+            teacher: Ranker = self.kept["teacher"]
+            student: Ranker = self.kept["student"]
+            calls: dict[str, Callable[[], object]] = {
+                "teacher_torch": functools.partial(teacher.predict, part),
+                "student_int8_onnx": functools.partial(student.predict, part),
+            }
+            timed = latencies(calls, repeats)  # in turns: a burst of load hits both alike
             out[f"batch_{batch}"] = {
-                "teacher_torch": teacher,
-                "student_int8_onnx": student,
-                "speedup_median": teacher["median_ms"] / student["median_ms"],
+                **timed,
+                "speedup_median": timed["teacher_torch"]["p50_ms"]
+                / timed["student_int8_onnx"]["p50_ms"],
             }
         return out
 
