@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import ndcg_score, roc_auc_score
 
+from mlsd.data.sampling import downsample_negatives_mask
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.evaluation.offline import (
     PIPELINE,
@@ -299,6 +300,19 @@ def test_train_pipeline_bundle_round_trips(world: Path, tmp_path: Path) -> None:
     loaded = RankingBundle.load(bundle.save(tmp_path / "bundle"))
     features = trained.rows.data.features
     np.testing.assert_array_equal(loaded.ranker.predict(features), bundle.ranker.predict(features))
+    assert loaded.calibration_scale == bundle.calibration_scale == "log_odds"
+    np.testing.assert_array_equal(loaded.probabilities(features), bundle.probabilities(features))
+    # A bundle saved before the scale was recorded: its calibrator read prior_corrected scores.
+    meta_path = tmp_path / "bundle" / BUNDLE_JSON
+    meta = json.loads(meta_path.read_text())
+    del meta["calibration_scale"]
+    meta_path.write_text(json.dumps(meta))
+    old = RankingBundle.load(tmp_path / "bundle")
+    assert old.calibration_scale == "prior_corrected"
+    meta["calibration_scale"] = "probits"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"bundle.json: calibration_scale 'probits'"):
+        RankingBundle.load(tmp_path / "bundle")
     probs = loaded.calibrator.transform(loaded.ranker.predict(features))
     np.testing.assert_allclose(probs, bundle.calibrator.transform(bundle.ranker.predict(features)))
     assert loaded.layout == bundle.layout
@@ -459,3 +473,11 @@ def test_held_out_log_loss_is_only_for_rankers_whose_scores_are_probabilities() 
     base_rate = valid.label.mean()
     constant = -(base_rate * math.log(base_rate) + (1 - base_rate) * math.log(1 - base_rate))
     assert scores.valid_log_loss < constant  # a real probability, better than the base rate
+    # Fit on a fifth of the negatives, scored on all of them: corrected for the sampling, its
+    # log loss is about the full fit's; uncorrected, the sampling alone inflated it.
+    keep = downsample_negatives_mask(train.label, keep_rate=0.2, seed=0)
+    sampled = LogisticRanker().fit(train.take(np.flatnonzero(keep)))
+    corrected = _ranker_scores("logistic", sampled, valid, 0.0, keep_rate=0.2).valid_log_loss
+    raw = _ranker_scores("logistic", sampled, valid, 0.0).valid_log_loss
+    assert corrected == pytest.approx(scores.valid_log_loss, rel=0.03)
+    assert raw > 1.2 * corrected

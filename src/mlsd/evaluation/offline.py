@@ -83,8 +83,8 @@ from mlsd.evaluation.stages import (
 )
 from mlsd.features.batch import feature_config_for
 from mlsd.features.definitions import FeatureConfig
-from mlsd.models.ranking.base import FloatArray, Ranker, RankingData, as_probability
-from mlsd.models.ranking.bundle import RankingBundle, prior_corrected
+from mlsd.models.ranking.base import FloatArray, Ranker, RankingData, as_probability, sigmoid
+from mlsd.models.ranking.bundle import RankingBundle, calibration_input
 from mlsd.models.ranking.calibration import Calibrator
 from mlsd.models.ranking.candidates import FeatureLayout, Vocabulary
 from mlsd.models.retrieval.merge import QUOTAS, Fusion, Quota
@@ -203,6 +203,8 @@ class TrainedRankers:
     validation: EvalTask
     valid_data: RankingData | None = None
     cold_quotas: dict[str, Quota] | None = None
+    negative_keep_rate: float = 1.0
+    """The share of negatives the rankers were fit on (their log loss is corrected for it)."""
 
     def gate_rows(self) -> tuple[pd.DataFrame, RankingData]:
         """The held-out users' rows of the LAST label window (``[t1, t2)``): their raw pairs
@@ -234,7 +236,10 @@ def gate_scores(trained: TrainedRankers) -> RankerScores:
     if len(data.features) == 0:
         nan = math.nan
         return RankerScores(trained.chosen, nan, nan, nan, nan, chosen.fit_seconds, nan)
-    return _ranker_scores(trained.chosen, trained.rankers[trained.chosen], data, chosen.fit_seconds)
+    return _ranker_scores(
+        trained.chosen, trained.rankers[trained.chosen], data, chosen.fit_seconds,
+        keep_rate=trained.negative_keep_rate,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -364,6 +369,7 @@ def train_pipeline(
         fusion=pipeline.merge.fusion,
         feature_config=feature_config,
         negative_keep_rate=pipeline.negative_keep_rate,
+        calibration_scale="log_odds",  # what run.train fitted the calibrator on
         metadata={
             "dataset": {"name": info.name, "content_hash": info.content_hash},
             "label_window": [t1.isoformat(), t2.isoformat()],
@@ -577,28 +583,32 @@ class _Run:
                 start = time.perf_counter()
                 fitted[name] = make().fit(fit_data, valid_data)
                 fit_seconds = time.perf_counter() - start
-            scores.append(_ranker_scores(name, fitted[name], valid_data, fit_seconds))
+            scores.append(
+                _ranker_scores(name, fitted[name], valid_data, fit_seconds, keep_rate=keep)
+            )
         for name, derive in self.derived.items():
             bar.update(job, description=f"derive ranker {name}")
             with self.clock.stage(f"derive ranker {name}"):
                 start = time.perf_counter()
                 fitted[name] = derive(dict(fitted), fit_data, valid_data)
                 fit_seconds = time.perf_counter() - start
-            scores.append(_ranker_scores(name, fitted[name], valid_data, fit_seconds))
+            scores.append(
+                _ranker_scores(name, fitted[name], valid_data, fit_seconds, keep_rate=keep)
+            )
         if self.pipeline.auc_splits > 1:
             bar.update(job, description="rankers: more held-out draws")
             with self.clock.stage("ranker AUC over held-out draws"):
                 scores = self._auc_splits(rows, scores)
         chosen = self._choose(scores)
         calibrator = Calibrator(method=self.pipeline.calibration).fit(
-            prior_corrected(
+            calibration_input(
                 fitted[chosen].predict(valid_data.features), keep, fitted[chosen].outputs
             ),
             valid_data.label,
         )
         return TrainedRankers(
             quotas, vocabulary, layout, fitted, scores, chosen, calibrator, rows, windows[-1].task,
-            valid_data, cold_quotas,
+            valid_data, cold_quotas, keep,
         )  # fmt: skip
 
     def _held_out(self, rows: Rows, seed: int) -> tuple[RankingData, RankingData]:
@@ -681,10 +691,12 @@ class _Run:
                 scorer.variant(label, scorer.rerank(ranked, ranked_scores, config))
                 for label, config in settings.items()
             ]
-        corrected = prior_corrected(
+        corrected = calibration_input(
             scored[chosen_name], self.pipeline.negative_keep_rate, fitted[chosen_name].outputs
         )
         probs = calibrator.transform(corrected)
+        # the ranker's own probabilities, prior-corrected (none for a score that only orders)
+        uncalibrated = sigmoid(corrected) if fitted[chosen_name].outputs != "score" else None
         return OfflineReport(
             protocol_name="",
             protocol="",
@@ -696,7 +708,7 @@ class _Run:
             rankers=ranker_scores,
             pipeline_ranker=chosen_name,
             calibration=_calibration(
-                probs, test_rows.data.label, corrected, self.pipeline.negative_keep_rate
+                probs, test_rows.data.label, uncalibrated, self.pipeline.negative_keep_rate
             ),
             rerank=variants,
             quotas=dict(quotas),
@@ -740,14 +752,21 @@ def _bar(enabled: bool) -> Iterator[Progress]:
         yield bar
 
 
-def _ranker_scores(name: str, ranker: Ranker, valid: Any, fit_seconds: float) -> RankerScores:
+def _ranker_scores(
+    name: str, ranker: Ranker, valid: Any, fit_seconds: float, *, keep_rate: float = 1.0
+) -> RankerScores:
+    """A ranker on held-out rows. Its log loss reads its probabilities corrected for the
+    negatives it was fit without (``keep_rate``), as the calibrator reads them: held-out rows
+    keep every negative, so the uncorrected probabilities are off by the sampling alone."""
     start = time.perf_counter()
     scores = ranker.predict(valid.features)
     per_1k = (time.perf_counter() - start) / max(len(scores), 1) * 1000
     labels = valid.label
     both = 0 < labels.sum() < len(labels)
     # A plain score (LambdaRank's, the ensemble's) is no probability: no log loss for it.
-    probs = as_probability(scores, ranker.outputs)
+    probs = None
+    if as_probability(scores, ranker.outputs) is not None:
+        probs = sigmoid(calibration_input(scores, keep_rate, ranker.outputs))
     return RankerScores(
         name=name,
         valid_ndcg=group_ndcg(labels, scores, valid.groups, k=10),
@@ -769,14 +788,15 @@ def _auc(labels: FloatArray, scores: FloatArray) -> float:
 
 
 def _calibration(
-    probs: FloatArray, labels: FloatArray, corrected: FloatArray, keep_rate: float
+    probs: FloatArray, labels: FloatArray, uncalibrated: FloatArray | None, keep_rate: float
 ) -> dict[str, Any]:
     curve = calibration_curve(labels, probs, n_bins=10)
-    in_unit = corrected.size > 0 and corrected.min() >= 0.0 and corrected.max() <= 1.0
     return {
         "negative_keep_rate": keep_rate,
         "ece_before_calibrator": (
-            expected_calibration_error(labels, corrected, n_bins=10) if in_unit else None
+            expected_calibration_error(labels, uncalibrated, n_bins=10)
+            if uncalibrated is not None and uncalibrated.size
+            else None
         ),
         "ece_calibrated": expected_calibration_error(labels, probs, n_bins=10),
         "base_rate": float(labels.mean()) if len(labels) else math.nan,

@@ -2,7 +2,7 @@
 
 The ranker scores each candidate on its own; a list needs rules no pointwise score knows:
 never show what the user already consumed or what policy blocks, do not fill the screen with
-one category, give new items a chance before their engagement data exists. This module applies
+one category, give new items a chance while their engagement data is thin. This module applies
 them, in numpy only (serving loads artifacts and never imports training code)::
 
     config = RerankConfig(mmr_lambda=0.7, max_per_category=3, blocklist=frozenset({13}))
@@ -57,6 +57,9 @@ class RerankConfig:
             every category before any second item of one.
         freshness_weight: >= 0, boost of a brand-new item, in units of the list's normalised
             score range (0.1 = a tenth of the gap between the best and the worst candidate).
+            The feed's ages are days since the item's first event (``item_age_days``), so an
+            item no one has touched yet has no age and gets no boost; a catalog's release
+            times (``item_created_days``) are a ranker feature, not this boost's clock.
         freshness_half_life_days: > 0, age at which the boost halves.
         max_per_category: at most this many items of one category in the list (None: no cap).
         blocklist: item ids never shown (legal takedowns, out of stock).
