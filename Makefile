@@ -50,7 +50,7 @@ demo: install
 	$(BIN)/mlsd data synth --users 20000 --items 5000 --events 2000000 --seed 7 \
 		--days 60 --drift-at 2024-02-15 --out $(DEMO)/world
 	$(BIN)/mlsd data validate $(DEMO)/world
-	$(BIN)/mlsd data split $(DEMO)/world --val-frac 0.1 --test-frac 0.1
+	$(BIN)/mlsd data split $(DEMO)/world --val-frac 0.1 --test-frac 0.2  # [retrieval]'s cut
 	$(BIN)/mlsd feed features apply --dataset $(DEMO)/world --config $(DEMO_CONFIG)
 	$(BIN)/mlsd feed features materialize --dataset $(DEMO)/world --config $(DEMO_CONFIG)
 	$(BIN)/mlsd feed features get --dataset $(DEMO)/world --config $(DEMO_CONFIG) --user 42 \
