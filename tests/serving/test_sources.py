@@ -362,6 +362,124 @@ def test_a_user_whose_events_all_decayed_away_gets_the_fallback(
     assert not np.array_equal(offline(retriever, other, K)[0], offline(retriever, COLD_USER, K)[0])
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ALSRetriever(factors=8, iterations=3, num_threads=1),
+        lambda: EASERetriever(l2=50.0),
+        lambda: EASERetriever(l2=50.0, half_life_days=7.0),
+    ],
+    ids=["als", "ease", "ease_decayed"],
+)
+def test_a_history_of_items_without_training_events_gets_the_fallback(
+    make: Callable[[], Retriever], data: RetrievalData, tmp_path: Path
+) -> None:
+    # Catalog items nobody touched before the cutoff: EASE has no row for them and ALS a zero
+    # factor. A history of such items alone would score every item 0 (or fold in to the zero
+    # vector), a list of arbitrary ties; offline the user is cold, so serving gives the
+    # fallback, single and batched. One item the model knows is enough to leave it.
+    untouched = data.items["item_id"].to_numpy(np.int64)[:3]
+    events = data.events[~data.events["item_id"].isin(untouched)].reset_index(drop=True)
+    train = RetrievalData(events, data.users, data.items, data.cutoff)
+    retriever = make().fit(train)
+    source = load_source(export_source(retriever, tmp_path / "source", index="flat"))
+    now_s = int(data.cutoff.timestamp())
+    history = untouched[[0, 1, 0]]
+    query = UserQuery(None, history, np.full(3, now_s - 3_600, dtype=np.int64), {}, now_s)
+    exclude = np.unique(history)
+    cold_items, cold_scores = offline(retriever, COLD_USER, K + len(exclude))
+    keep = ~np.isin(cold_items, exclude)
+    fallback = (cold_items[keep][:K], cold_scores[keep][:K])
+    assert_same_answer(source.candidates(query, K, exclude=exclude), fallback, exact=True)
+    ids, scores = candidates_matrix(source, [query], K, excludes=[exclude])
+    assert_same_answer((ids[0], scores[0]), fallback, exact=True)
+    known = int(events["item_id"].iloc[0])
+    mixed = UserQuery(None, np.r_[history, known], np.full(4, now_s - 3_600), {}, now_s)
+    items, _ = source.candidates(mixed, K, exclude=np.r_[exclude, known])
+    assert not np.array_equal(items, fallback[0])
+
+
+def segment_world(data: RetrievalData) -> tuple[dict[str, str], RetrievalData]:
+    """Attributes no user of ``data`` has in that combination (user 0's, another occupation),
+    and ``data`` with a user of them added (no events: the fit's tables are ``data``'s)."""
+    columns = ["age_bucket", "gender", "occupation", "region"]
+    seen = set(map(tuple, data.users[columns].astype(str).to_numpy().tolist()))
+    first = data.users.iloc[0]
+    for occupation in data.users["occupation"].astype(str).unique():
+        attributes = {c: str(first[c]) for c in columns} | {"occupation": occupation}
+        if tuple(attributes[c] for c in columns) not in seen:
+            break
+    else:
+        raise AssertionError("every occupation of user 0's other attributes is taken")
+    newcomer = pd.DataFrame([{"user_id": COLD_USER, **attributes}]).astype(data.users.dtypes)
+    users = pd.concat([data.users, newcomer], ignore_index=True)
+    return attributes, RetrievalData(data.events, users, data.items, data.cutoff)
+
+
+@pytest.mark.parametrize("missing", [None, "region"])
+def test_segment_popularity_scores_an_unseen_attribute_combination_as_offline(
+    missing: str | None, data: RetrievalData, tmp_path: Path
+) -> None:
+    # Offline, a user scores the mean of their columns' tables; serving knows more than the
+    # combinations of fit-time users, so a new signup's (or one with an attribute missing)
+    # gets the offline list, not the global one. Offline: the same fit with that user added.
+    attributes, with_newcomer = segment_world(data)
+    if missing is not None:
+        attributes.pop(missing)
+        with_newcomer.users.loc[with_newcomer.users["user_id"] == COLD_USER, missing] = None
+    retriever = SegmentPopularityRetriever(half_life_days=(30.0,)).fit(data)
+    source = load_source(export_source(retriever, tmp_path / "source"))
+    reference = SegmentPopularityRetriever(half_life_days=(30.0,)).fit(with_newcomer)
+    for ours, theirs in zip(retriever.segment_tables_, reference.segment_tables_, strict=True):
+        np.testing.assert_array_equal(ours, theirs)  # the newcomer changes no table
+    empty = np.empty(0, dtype=np.int64)
+    query = UserQuery(None, empty, empty, attributes, int(data.cutoff.timestamp()))
+    want = offline(reference, COLD_USER, K)
+    assert not np.array_equal(want[0], offline(retriever, COLD_USER, K)[0])  # not the global
+    assert_same_answer(source.candidates(query, K), want, exact=True)
+    exclude = want[0][::3]
+    want_items, want_scores = offline(reference, COLD_USER, K + len(exclude))
+    keep = ~np.isin(want_items, exclude)
+    got = source.candidates(query, K, exclude=exclude)
+    assert_same_answer(got, (want_items[keep][:K], want_scores[keep][:K]), exact=True)
+
+
+def test_segment_popularity_reads_past_a_short_profile_list_in_the_tables(
+    data: RetrievalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A profile's stored list ends after SEGMENT_TOP_N items; a request that excludes many of
+    # them (a heavy user) reads on in the tables, and gets as many items as offline.
+    import mlsd.models.retrieval.export as export
+
+    monkeypatch.setattr(export, "SEGMENT_TOP_N", 20)
+    retriever = SegmentPopularityRetriever(half_life_days=(30.0,)).fit(data)
+    source = load_source(export_source(retriever, tmp_path / "source"))
+    for user in sample_users(data, n=10):
+        query, seen = query_of(data, user)
+        got = source.candidates(query, K, exclude=seen)
+        assert_same_answer(got, offline(retriever, user, K), exact=True)
+
+
+def test_segment_popularity_artifact_without_tables_answers_as_before(
+    data: RetrievalData, tmp_path: Path
+) -> None:
+    # Artifacts exported before the tables: each profile's list, the global list otherwise.
+    attributes, _ = segment_world(data)
+    retriever = SegmentPopularityRetriever(half_life_days=(30.0,)).fit(data)
+    path = export_source(retriever, tmp_path / "source")
+    with np.load(path / "segments.npz") as npz:
+        old = {n: npz[n] for n in ("profile_levels", "top_ids", "top_scores")}
+    np.savez(path / "segments.npz", allow_pickle=False, **old)
+    source = load_source(path)
+    for user in sample_users(data, n=5):
+        query, seen = query_of(data, user)
+        got = source.candidates(query, K, exclude=seen)
+        assert_same_answer(got, offline(retriever, user, K), exact=True)
+    empty = np.empty(0, dtype=np.int64)
+    query = UserQuery(None, empty, empty, attributes, int(data.cutoff.timestamp()))
+    assert_same_answer(source.candidates(query, K), offline(retriever, COLD_USER, K), exact=True)
+
+
 def test_query_checks_its_shapes() -> None:
     with pytest.raises(ValueError, match="one timestamp"):
         UserQuery(1, np.array([1, 2]), np.array([5]), {}, 10)

@@ -13,6 +13,7 @@ from mlsd.models.retrieval.base import RetrievalData, Retriever
 from mlsd.models.retrieval.covisitation import (
     CovisitationRetriever,
     covisitation_matrix,
+    session_keys,
     top_per_row,
 )
 from mlsd.models.retrieval.popularity import PopularityRetriever
@@ -71,6 +72,31 @@ def test_session_id_decides_when_the_events_carry_it() -> None:
     model = CovisitationRetriever(session_gap_minutes=30).fit(data)
     assert pair(model, 1, 3) > 0  # same session_id, three hours apart
     assert pair(model, 1, 2) == 0  # a minute apart, other session
+
+
+def test_a_null_session_id_never_joins_events_of_other_users() -> None:
+    # session_id is optional per event: a null one is no session, and the events without one
+    # split by time gaps per user (they used to share one key across all users).
+    events = frame(
+        [
+            (1, 1, "2024-01-10 10:00"),
+            (1, 2, "2024-01-10 10:01"),  # user 1, no session id: one sitting with item 1
+            (2, 3, "2024-01-10 10:02"),  # user 2, no session id, a minute later
+            (2, 4, "2024-01-10 10:03"),  # user 2, session 7
+            (1, 5, "2024-01-10 10:04"),  # user 1, session 7 (numbered per user)
+        ]
+    )
+    events["session_id"] = np.array([np.nan, np.nan, np.nan, 7.0, 7.0])
+    keys = session_keys(events, gap_seconds=1800.0)
+    assert keys[0] == keys[1]
+    assert len(set(keys[1:].tolist())) == 4
+    assert (keys >= 0).all()
+    data = RetrievalData(
+        events=events, users=planted().users, items=planted().items, cutoff=planted().cutoff
+    )
+    model = CovisitationRetriever(session_gap_minutes=30).fit(data)
+    assert pair(model, 1, 2) > 0
+    assert pair(model, 2, 3) == pair(model, 3, 4) == pair(model, 4, 5) == pair(model, 2, 5) == 0
 
 
 def test_pairs_beyond_the_window_do_not_count_and_nearer_pairs_weigh_more() -> None:

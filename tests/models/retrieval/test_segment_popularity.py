@@ -14,6 +14,7 @@ from mlsd.models.retrieval.popularity import PopularityRetriever
 from mlsd.models.retrieval.segment_popularity import (
     SegmentPopularityRetriever,
     auto_segment_columns,
+    mean_of_tables,
 )
 from tests.models.retrieval.contract import RetrieverContract, frame
 from tests.models.retrieval.test_popularity import CUTOFF, ml100k_temporal, recall_at_k
@@ -69,6 +70,28 @@ def test_a_cold_user_with_attributes_gets_the_segment_favourite() -> None:
     # votes like everyone (2 of 5 votes for item 1).
     day_old = 2 ** (-1 / 30)
     assert scores[0, 0] == pytest.approx((2 * day_old + 2 / 5) / (2 * day_old + 1), rel=1e-5)
+
+
+def test_profiles_score_the_mean_of_their_columns_tables() -> None:
+    # What serving recomputes for a combination no fit-time user had: each column's table
+    # (levels, then the global share for a missing attribute), averaged over the columns.
+    users = pd.DataFrame(
+        {"user_id": [1, 2, 3, 4, 5], "gender": [*"FFMM", None], "age": ["a", "b", "a", "b", "a"]}
+    )
+    rows = [(1, 1, "2024-01-30"), (2, 2, "2024-01-29"), (3, 3, "2024-01-30"), (4, 1, "2024-01-28")]
+    model = SegmentPopularityRetriever(prior_users=1.0, half_life_days=(30.0,))
+    model.fit(window(rows, users))
+    assert model.segment_columns_ == ("gender", "age")
+    assert [len(t) for t in model.segment_tables_] == [3, 3]
+    assert all(t.dtype == np.float32 for t in model.segment_tables_)
+    for table in model.segment_tables_:
+        np.testing.assert_array_equal(table[-1], model.popularity_)
+    np.testing.assert_array_equal(
+        model.profile_scores_, mean_of_tables(model.segment_tables_, model.profile_levels_)
+    )
+    gender, age = model.segment_tables_
+    f_b = mean_of_tables(model.segment_tables_, np.array([[0, 1]]))[0]  # ("F", "b")
+    np.testing.assert_allclose(f_b, (gender[0] + age[1]) / 2, rtol=1e-6)
 
 
 def test_a_huge_prior_ignores_the_segments() -> None:

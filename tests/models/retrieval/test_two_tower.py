@@ -4,6 +4,7 @@ and the issue's bar: beat popularity on recall@100 on the ML-100K temporal proto
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from mlsd.data.sources.movielens import import_movielens
 from mlsd.models.retrieval.base import RetrievalData, Retriever
 from mlsd.models.retrieval.two_tower import (
     AttentionPooling,
+    InBatchSoftmax,
     TwoTowerConfig,
     sampled_softmax_loss,
 )
@@ -111,6 +113,20 @@ def test_loss_decreases_and_groups_are_learned_on_a_planted_problem() -> None:
 
 
 # --- the towers ------------------------------------------------------------------------------
+
+
+def test_a_fixed_temperature_is_used_as_set_and_a_learned_one_clamped() -> None:
+    # The clamp to [0.01, 1] belongs to a learned temperature (which must start inside it);
+    # a fixed temperature below 0.01 is the one trained with.
+    for fixed in (0.05, 0.005, 0.001):
+        objective = InBatchSoftmax(dataclasses.replace(TINY, temperature=fixed))
+        assert float(objective.temperature) == pytest.approx(fixed, rel=1e-6)
+    learned = InBatchSoftmax(dataclasses.replace(TINY, temperature=0.05, learn_temperature=True))
+    with torch.no_grad():
+        learned.log_temperature.fill_(math.log(0.001))
+    assert float(learned.temperature.detach()) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match=r"TwoTowerConfig.temperature=0.005: with learn_temp"):
+        TwoTowerConfig(temperature=0.005, learn_temperature=True)
 
 
 def test_attention_pooling_masks_padding_and_is_not_a_mean() -> None:

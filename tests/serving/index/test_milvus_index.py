@@ -93,6 +93,67 @@ def test_saved_config_names_the_collection(milvus_uri: str, tmp_path: Path) -> N
     loaded.close()
 
 
+def test_a_database_saved_with_its_index_loads_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relative uri names a file of the working directory at build; save records where the
+    # database is relative to the index directory (it lies inside), so another process,
+    # started elsewhere, finds it.
+    data = clustered()
+    monkeypatch.chdir(tmp_path)
+    config = MilvusConfig("saved/items.db", f"items_{uuid.uuid4().hex[:12]}", "FLAT")
+    index = MilvusIndex(config).build(data.item_ids, data.item_embeddings)
+    assert index.config.uri == str(tmp_path / "saved" / "items.db")
+    index.save(Path("saved"))
+    meta = json.loads((tmp_path / "saved" / "index.json").read_text())
+    assert meta["config"]["uri"] == "items.db"
+    assert meta["uri_in_index_dir"] is True
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = MilvusIndex.load(Path("../saved"))
+    assert loaded.config.uri == str(tmp_path / "saved" / "items.db")
+    assert loaded.search(data.queries, 5)[0].tolist() == index.search(data.queries, 5)[0].tolist()
+    assert not list(elsewhere.iterdir())  # no empty database opened here
+    loaded.close()
+    index.close()
+
+
+def test_an_exported_milvus_source_loads_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pandas as pd
+
+    from mlsd.models.retrieval.base import RetrievalData
+    from mlsd.models.retrieval.export import export_source
+    from mlsd.models.retrieval.implicit_mf import ALSRetriever
+    from mlsd.serving.sources import FactorSource, UserQuery, load_source
+
+    rng = np.random.default_rng(0)
+    n = 2_000
+    events = pd.DataFrame({
+        "user_id": rng.integers(0, 50, n), "item_id": rng.integers(0, 80, n),
+        "ts": pd.to_datetime(rng.integers(0, 10**6, n), unit="s", utc=True),
+        "event": "x", "value": 1.0,
+    })  # fmt: skip
+    users, items = pd.DataFrame({"user_id": range(50)}), pd.DataFrame({"item_id": range(80)})
+    train = RetrievalData(events, users, items, pd.Timestamp(10**6, unit="s", tz="UTC"))
+    retriever = ALSRetriever(factors=8, iterations=2, num_threads=1).fit(train)
+    for name in ("exporter", "server"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "exporter")
+    artifact = export_source(retriever, tmp_path / "artifact", index="milvus")
+    monkeypatch.chdir(tmp_path / "server")
+    source = load_source(artifact)
+    assert isinstance(source, FactorSource)
+    empty = np.empty(0, dtype=np.int64)
+    items_found, _ = source.candidates(UserQuery(0, empty, empty, {}, 10**6), 10)
+    assert len(items_found) == 10
+    # The database travels with the artifact (milvus-lite's .db is a directory).
+    assert [p.name for p in (artifact / "index").glob("*.db")] == ["milvus_items.db"]
+    assert not list((tmp_path / "exporter").iterdir())
+
+
 def test_each_export_gets_a_collection_of_its_own() -> None:
     from mlsd.models.retrieval.export import make_index
 

@@ -1,9 +1,10 @@
 """Item-to-item co-visitation: items seen close together in the same session go together.
 
-Sessions are the events' ``session_id`` when they carry one; otherwise a user's events split
-wherever ``session_gap_minutes`` pass without an event (a MovieLens user rating films in one
-sitting is one session). Within a session (each item at its first occurrence, in time order)
-two items ``d <= window`` positions apart add ``1 / d`` to their pair, in both directions.
+Sessions are the events' ``session_id`` when they carry one; otherwise (no such column, or a
+null id) a user's events split wherever ``session_gap_minutes`` pass without an event (a
+MovieLens user rating films in one sitting is one session). Within a session (each item at
+its first occurrence, in time order) two items ``d <= window`` positions apart add ``1 / d``
+to their pair, in both directions.
 A user's candidates are the co-visitation rows of their ``last_n`` most recent distinct items,
 the most recent weighted 1, the next ``recency_decay``, then ``recency_decay²``, and so on.
 Items without co-visitation evidence follow in popularity order, with scores in ``[-1, 0]``;
@@ -34,11 +35,28 @@ Normalize = Literal["none", "row", "cosine"]
 
 
 def session_keys(events: pd.DataFrame, *, gap_seconds: float) -> IntArray:
-    """``(n_events,)`` session of each event: by ``session_id`` if present, else by time gaps."""
-    if "session_id" in events.columns:
-        # (user, session) pairs, in case a source numbers sessions per user.
-        groups = events.groupby(["user_id", "session_id"], sort=False).ngroup()
-        return np.asarray(groups, dtype=np.int64)
+    """``(n_events,)`` session of each event: by ``(user_id, session_id)`` where the event has a
+    ``session_id``, else by time gaps within the user's events without one.
+
+    A null ``session_id`` (an optional column, filled by some sources only) is no session:
+    those events split by ``gap_seconds`` per user, never joining another user's events or
+    an identified session, whose keys they follow."""
+    if "session_id" not in events.columns:
+        return gap_sessions(events, gap_seconds=gap_seconds)
+    missing = events["session_id"].isna().to_numpy()
+    keys = np.empty(len(events), dtype=np.int64)
+    # (user, session) pairs, in case a source numbers sessions per user.
+    named = events[~missing].groupby(["user_id", "session_id"], sort=False).ngroup()
+    keys[~missing] = named.to_numpy(np.int64)
+    if missing.any():
+        offset = int(named.max()) + 1 if len(named) else 0
+        keys[missing] = offset + gap_sessions(events[missing], gap_seconds=gap_seconds)
+    return keys
+
+
+def gap_sessions(events: pd.DataFrame, *, gap_seconds: float) -> IntArray:
+    """``(n_events,)`` session of each event, numbered from 0: a user's events split wherever
+    more than ``gap_seconds`` pass without one."""
     users = events["user_id"].to_numpy(dtype=np.int64)
     seconds = _seconds(events)
     order = np.lexsort((seconds, users))

@@ -54,6 +54,19 @@ def auto_segment_columns(users: pd.DataFrame) -> tuple[str, ...]:
     )
 
 
+def mean_of_tables(tables: Sequence[FloatArray], levels: IntArray) -> FloatArray:
+    """``(n, n_items)`` float32 scores of ``(n, n_columns)`` attribute levels: the mean over the
+    columns of each column's table row, level -1 (attribute missing) taking the table's last
+    row, the global share. Offline ``profile_scores_`` and serving's unseen combinations both
+    come from here: the same float32 additions in column order, so the same bits."""
+    n_items = tables[0].shape[1] if tables else 0
+    total = np.zeros((len(levels), n_items), dtype=np.float32)
+    for column, table in enumerate(tables):
+        total += table[levels[:, column]]
+    scores: FloatArray = total / np.float32(max(len(tables), 1))
+    return scores
+
+
 def user_votes(
     events: pd.DataFrame, *, cutoff: pd.Timestamp, half_life_days: float | None
 ) -> npt.NDArray[np.float64]:
@@ -84,8 +97,14 @@ class SegmentPopularityRetriever(Retriever):
         holdout_recall_: half-life → recall@:data:`HOLDOUT_K` on the tail (empty with one).
         segment_columns_: the columns segmented by.
         popularity_: ``(n_items,)`` float32 share of all votes per catalog item (``G``).
+        segment_tables_: per column of ``segment_columns_``, ``(n_levels + 1, n_items)``
+            float32: each level's shrunk share ``P_c(i | s)``, then the global share (the row
+            of a missing attribute). A user's score is :func:`mean_of_tables` of their levels,
+            so serving scores any combination of levels, seen at fit time or not.
         profile_scores_: ``(n_profiles, n_items)`` float32 scores of each distinct combination
-            of attribute values.
+            of attribute values (among the users table's users).
+        profile_levels_: ``(n_profiles, n_columns)`` level of each profile per column
+            (-1: missing); ``level_values_``: per column, the value (as a string) of each level.
         user_profile_: ``(n_users,)`` profile of each row of ``interactions_``.
         interactions_: users × items seen before the cutoff; its rows include every user of
             the users table, so users with attributes but no events are scored, not fallen back.
@@ -97,6 +116,7 @@ class SegmentPopularityRetriever(Retriever):
     holdout_recall_: dict[float, float]
     segment_columns_: tuple[str, ...]
     popularity_: FloatArray
+    segment_tables_: tuple[FloatArray, ...]
     profile_scores_: FloatArray
     user_profile_: IntArray
     profile_levels_: IntArray
@@ -186,8 +206,10 @@ class SegmentPopularityRetriever(Retriever):
             level_of = pd.Series(codes, index=attributes.index)
             row_levels.append(level_of.reindex(row_users).fillna(-1).to_numpy(np.int64))
             event_level = level_of.reindex(event_users).fillna(-1).to_numpy(np.int64)
-            tables.append(self._segment_table(event_level, cols, votes, share, codes.max() + 1))
+            table = self._segment_table(event_level, cols, votes, share, len(uniques))
+            tables.append(np.ascontiguousarray(table, dtype=np.float32))
         self.level_values_ = tuple(level_values)
+        self.segment_tables_ = tuple(tables)
         if not tables:  # no segments: one profile, the global share
             self.user_profile_ = np.zeros(len(row_users), dtype=np.int64)
             self.profile_levels_ = np.zeros((1, 0), dtype=np.int64)
@@ -196,8 +218,7 @@ class SegmentPopularityRetriever(Retriever):
             profiles, inverse = np.unique(np.stack(row_levels, axis=1), axis=0, return_inverse=True)
             self.user_profile_ = inverse.reshape(-1).astype(np.int64)
             self.profile_levels_ = profiles.astype(np.int64)
-            # Level -1 (no attribute) picks each table's last row, the global share.
-            scores = sum(table[profiles[:, c]] for c, table in enumerate(tables)) / len(tables)
+            scores = mean_of_tables(tables, self.profile_levels_)
         self.popularity_ = share.astype(np.float32)
         self.profile_scores_ = np.ascontiguousarray(scores, dtype=np.float32)
 

@@ -29,6 +29,8 @@ Pooling = Literal["mean", "attention"]
 N_HOURS = 24
 N_WEEKDAYS = 7
 EMBEDDING_INIT_STD = 0.05
+MIN_LEARNED_TEMPERATURE = 0.01
+"""A learned temperature is clamped to [this, 1] (a fixed one is used as configured)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ class TwoTowerConfig:
         pooling: ``"mean"`` of the history item embeddings, or ``"attention"`` (a query from
             the user's attributes and context attends over the items plus recency positions).
         temperature: softmax temperature of the cosine scores (the initial value if learned).
-        learn_temperature: learn the temperature (clamped to [0.01, 1]) instead of fixing it.
+        learn_temperature: learn the temperature (clamped to [0.01, 1], so its initial value
+            must be >= 0.01) instead of fixing it. A fixed temperature is used as given.
         logq_correction: subtract the log of each candidate's sampling probability from its
             logit (Yi et al., 2019), so popular items are not over-penalised as negatives.
         logq_window_events: a batch is a run of consecutive events, so an item's chance to be
@@ -113,6 +116,15 @@ class TwoTowerConfig:
         if not 0.0 < self.temperature <= 1.0:
             raise ValueError(
                 f"TwoTowerConfig.temperature must be in (0, 1], got {self.temperature}"
+            )
+        if self.learn_temperature and self.temperature < MIN_LEARNED_TEMPERATURE:
+            # The clamp would hold it at the bound, where the clamp's gradient is 0: it could
+            # never move.
+            raise ValueError(
+                f"TwoTowerConfig.temperature={self.temperature}: with learn_temperature, the "
+                f"initial temperature must be >= {MIN_LEARNED_TEMPERATURE} (a learned "
+                "temperature is clamped to [0.01, 1]); raise it, or fix it "
+                "(learn_temperature=False) to train at a lower one"
             )
         if not 0.0 <= self.val_frac < 1.0:
             raise ValueError(f"TwoTowerConfig.val_frac must be in [0, 1), got {self.val_frac}")
@@ -328,10 +340,12 @@ class InBatchSoftmax(nn.Module):
     """The training objective: in-batch (+ random) negatives, log-Q correction, temperature."""
 
     log_temperature: Tensor
+    learned: bool
 
     def __init__(self, config: TwoTowerConfig) -> None:
         super().__init__()
         initial = torch.tensor(math.log(config.temperature))
+        self.learned = config.learn_temperature
         if config.learn_temperature:
             self.log_temperature = nn.Parameter(initial)
         else:
@@ -339,7 +353,9 @@ class InBatchSoftmax(nn.Module):
 
     @property
     def temperature(self) -> Tensor:
-        return self.log_temperature.exp().clamp(0.01, 1.0)
+        """The softmax temperature: a learned one clamped to [0.01, 1], a fixed one as set."""
+        temperature = self.log_temperature.exp()
+        return temperature.clamp(MIN_LEARNED_TEMPERATURE, 1.0) if self.learned else temperature
 
     def forward(
         self,

@@ -10,9 +10,14 @@ in batches, flush, create the index, wait for it, load. Building the index after
 in sealed segments means ``load`` returns with every segment indexed (milvus-lite 3.2 would
 otherwise index freshly flushed segments in a background thread and brute-force them until
 then). ``save`` writes only ``index.json`` (uri, collection, config, build id); the vectors
-stay in Milvus. Each build stamps its collection with a fresh id (the collection property
-``mlsd.build_id``) and ``load`` checks it, so a saved index never answers from a collection
-another build has since replaced under the same name, even one of the same size.
+stay in Milvus. A milvus-lite database is opened at its absolute path (a relative ``uri`` is
+resolved against the working directory when the index first connects), and ``save`` records
+that path relative to the save directory when the database lies inside it, else absolute:
+an index saved next to its database (``export_source`` puts it in the index directory) loads
+from any working directory and moves with its directory. Each build stamps its collection
+with a fresh id (the collection property ``mlsd.build_id``) and ``load`` checks it, so a saved
+index never answers from a collection another build has since replaced under the same name,
+even one of the same size.
 
 Index types: ``FLAT``, ``HNSW``, ``IVF_FLAT``, ``IVF_SQ8`` everywhere; ``IVF_PQ`` on a
 Milvus server only (milvus-lite 3.2 does not build it). Build parameters are sent in the
@@ -23,6 +28,7 @@ ignores the flattened ``M=...`` form that ``IndexParams.add_index`` would otherw
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,6 +54,12 @@ MILVUS_INDEX_TYPES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
 }
 """Supported index type → (default build params, default search params)."""
 
+LITE_SUFFIX = ".db"
+"""A ``uri`` ending so is a milvus-lite database file; anything else a Milvus server."""
+
+URI_IN_INDEX_DIR = "uri_in_index_dir"
+"""``index.json`` key: true when ``config.uri`` is relative to the saved index's directory."""
+
 BUILD_PROPERTY = "mlsd.build_id"
 """Collection property holding the id of the build that created it (checked by ``load``)."""
 
@@ -57,8 +69,8 @@ class MilvusConfig:
     """Where the collection lives and how it is indexed.
 
     Attributes:
-        uri: ``"path/items.db"`` (milvus-lite, relative to the working directory) or
-            ``"http://host:19530"`` (a Milvus server).
+        uri: ``"path/items.db"`` (milvus-lite; a relative path is resolved against the working
+            directory when the index connects) or ``"http://host:19530"`` (a Milvus server).
         collection: collection name; ``build`` drops and recreates it (indexes that must live
             side by side need names of their own).
         index_type: one of :data:`MILVUS_INDEX_TYPES`.
@@ -97,6 +109,12 @@ class MilvusConfig:
         return dict(defaults if self.search_params is None else self.search_params)
 
 
+def absolute(path: Path | str) -> Path:
+    """``path`` made absolute against the working directory, ``..`` folded (no symlink is
+    followed: the path stays the one given)."""
+    return Path(os.path.abspath(path))
+
+
 class MilvusIndex(VectorIndex):
     """Inner-product search in a Milvus collection (milvus-lite or a server)."""
 
@@ -114,10 +132,13 @@ class MilvusIndex(VectorIndex):
             return self._client
         from pymilvus import MilvusClient
 
-        if not self.config.uri.endswith(".db"):  # a Milvus server
+        if not self.config.uri.endswith(LITE_SUFFIX):  # a Milvus server
             self._client = MilvusClient(uri=self.config.uri)
             return self._client
-        Path(self.config.uri).parent.mkdir(parents=True, exist_ok=True)
+        # The database this index uses, wherever the process goes next (save records it).
+        database = absolute(self.config.uri)
+        self.config = dataclasses.replace(self.config, uri=str(database))
+        database.parent.mkdir(parents=True, exist_ok=True)
         # milvus-lite's in-process server builds indexes inside the create_index / load call
         # (minutes at 1M items) and answers pymilvus's 10 s keepalive pings with GOAWAY
         # "too_many_pings"; pymilvus then retries create_index, which fails with "index
@@ -218,18 +239,32 @@ class MilvusIndex(VectorIndex):
             self._client = None
 
     def save(self, path: Path) -> None:
-        """Write ``index.json`` (uri, collection, config, build id) into directory ``path``."""
+        """Write ``index.json`` (uri, collection, config, build id) into directory ``path``.
+
+        A milvus-lite database inside ``path`` is recorded relative to it (``load`` resolves
+        it against the directory it reads), one elsewhere by its absolute path."""
         if self.ntotal == 0:
             raise ValueError("MilvusIndex is empty: build it before save")
-        meta = self._meta(dataclasses.asdict(self.config)) | {"build_id": self._build_id}
+        config = dataclasses.asdict(self.config)
+        inside = False
+        if self.config.uri.endswith(LITE_SUFFIX):
+            database, directory = absolute(self.config.uri), absolute(path)
+            inside = database.is_relative_to(directory)
+            config["uri"] = str(database.relative_to(directory) if inside else database)
+        meta = self._meta(config) | {"build_id": self._build_id, URI_IN_INDEX_DIR: inside}
         write_meta(Path(path), meta)
 
     @classmethod
     def load(cls, path: Path) -> Self:
         """Reconnect to the collection named in ``path/index.json`` and check that it is the
-        one that build saved (its build id) and holds as many items."""
+        one that build saved (its build id) and holds as many items. A uri saved relative to
+        the index directory is resolved against ``path``; an older ``index.json``'s relative
+        uri, against the working directory, as it was written."""
         meta = cls._read_meta(Path(path))
-        loaded = cls(MilvusConfig(**meta["config"]))
+        config = dict(meta["config"])
+        if meta.get(URI_IN_INDEX_DIR):
+            config["uri"] = str(absolute(path) / config["uri"])
+        loaded = cls(MilvusConfig(**config))
         client, name = loaded._connect(), loaded.config.collection
         if not client.has_collection(name):
             raise ValueError(
