@@ -138,3 +138,66 @@ def test_a_usage_mistake_gets_the_usage_and_exit_2_not_an_internal_error(
     assert message in err
     assert "Usage: mlsd" in err
     assert "internal error" not in err
+
+
+FEAST_IN_THE_COMMAND = """
+import sys
+import mlsd.cli
+import mlsd.systems.feed.registry_commands as commands
+opened = commands.existing_registry
+def importing_feast(*args):
+    import feast.feature_view
+    return opened(*args)
+commands.existing_registry = importing_feast
+sys.exit(mlsd.cli.run(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # two CLI processes importing Feast and MLflow
+def test_mlflows_noload_deprecation_is_not_printed_even_after_feast_is_imported(
+    tmp_path: Path,
+) -> None:
+    """Feast shows every DeprecationWarning once when imported (train and serve import it);
+    MLflow's SQL store then warns about SQLAlchemy's ``noload`` on import."""
+    from mlsd.serving.registry import ModelRegistry, RegistryConfig
+
+    ModelRegistry(RegistryConfig(), tmp_path).versions()  # an empty registry to read
+    for code in (
+        "import feast.feature_view\nfrom mlsd.cli import main\nmain()",  # feast before the CLI
+        # feast imported by the command, after the CLI started and before the registry opens
+        FEAST_IN_THE_COMMAND,
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", code, "feed", "versions", "--base-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "no versions of 'mlsd-feed'" in done.stdout
+        assert "noload" not in done.stderr
+        assert "Warning" not in done.stderr
+
+
+def test_only_that_warning_is_filtered() -> None:
+    import warnings
+
+    from mlsd.serving.registry import quiet_mlflow_warnings
+
+    noload = "The ``noload`` loader strategy is deprecated and will be removed"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("once", DeprecationWarning)  # what importing Feast does
+        quiet_mlflow_warnings()
+        for message, module in (
+            (noload, "mlflow.store.tracking.sqlalchemy_store"),  # hidden
+            ("another deprecation", "mlflow.store.tracking.sqlalchemy_store"),
+            (noload, "ours"),
+        ):
+            warnings.warn_explicit(message, DeprecationWarning, "f.py", 1, module=module)
+        warnings.warn_explicit(noload, UserWarning, "f.py", 2, module="mlflow.store.x")
+    assert [(str(w.message)[:19], w.category) for w in caught] == [
+        ("another deprecation", DeprecationWarning),
+        ("The ``noload`` load", DeprecationWarning),
+        ("The ``noload`` load", UserWarning),
+    ]

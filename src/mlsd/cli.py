@@ -19,6 +19,7 @@ from rich.markup import escape
 from mlsd import HELP_MARKUP, __version__
 from mlsd.data.commands import app as data_app
 from mlsd.plan.commands import app as plan_app
+from mlsd.serving.registry import quiet_mlflow_warnings
 from mlsd.systems.feed.commands import app as feed_app
 
 app = typer.Typer(
@@ -63,6 +64,7 @@ def version() -> None:
 
 def run(args: Sequence[str] | None = None) -> int:
     """Run the CLI on ``args`` and return its exit code (for tests and :func:`main`)."""
+    quiet_mlflow_warnings()  # one known third-party warning; every other warning still shows
     try:
         result = app(
             args=list(args) if args is not None else None, prog_name="mlsd", standalone_mode=False

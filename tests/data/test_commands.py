@@ -148,3 +148,20 @@ def test_check_leakage_command_fails_when_feature_rows_match_no_label(
     assert "checked 1 feature rows" in out
     assert "1 of 2 feature rows" in out
     assert "no leakage" not in out
+
+
+@pytest.mark.parametrize("command", [["validate"], ["split"], ["dev-copy", "--out", "dev"]])
+def test_a_csv_file_given_for_a_dataset_directory_points_at_import_csv(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("clicks.csv").write_text("user,item,ts\n1,2,3\n")
+    assert run(["data", command[0], "clicks.csv", *command[1:]]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"clicks.csv is a file, but `mlsd data {command[0]}` takes a dataset directory" in said
+    assert "mlsd data import csv --events clicks.csv" in said
+    assert "Errno" not in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clicks.csv"]

@@ -313,3 +313,21 @@ def test_set_alias_points_other_aliases_but_not_the_champion(store: Path, tmp_pa
         registry.set_alias("challenger", 9)
     with pytest.raises(ValueError, match="use a name"):
         registry.set_alias("3", second)
+
+
+def test_require_existing_names_a_missing_local_store_and_creates_nothing(tmp_path: Path) -> None:
+    from mlsd.serving.registry import RegistryNotFoundError
+
+    missing = ModelRegistry(RegistryConfig(), tmp_path)
+    assert missing.local_store == tmp_path.resolve() / "mlflow.db"
+    assert not missing.exists()
+    with pytest.raises(RegistryNotFoundError) as raised:
+        missing.require_existing()
+    assert raised.value.path == tmp_path.resolve() / "mlflow.db"
+    assert "pass --base-dir" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+    server = ModelRegistry(RegistryConfig(tracking_uri="http://127.0.0.1:1"), tmp_path)
+    assert server.local_store is None
+    assert server.require_existing() is server  # a server is not asked here
+    missing.versions()  # a registering caller may still create it
+    assert missing.require_existing() is missing

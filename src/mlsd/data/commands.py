@@ -42,6 +42,27 @@ CacheDir = Annotated[
 ]
 
 
+def _dataset_dir(directory: Path, command: str) -> Path:
+    """``directory``, after checking it is not a file: the commands that read a dataset take
+    its contract directory, and a data file (e.g. a CSV of clicks) is imported first.
+
+    Raises:
+        ValueError: naming the file and the command that imports it.
+    """
+    if directory.is_file():
+        how = (
+            f"mlsd data import csv --events {directory} --user-col COL --item-col COL "
+            "--ts-col COL --out DIR"
+        )
+        if directory.suffix.lower() not in {".csv", ".tsv", ".txt"}:
+            how = "mlsd data import ... (or mlsd data import csv for a delimited file)"
+        raise ValueError(
+            f"{directory} is a file, but `mlsd data {command}` takes a dataset directory "
+            f"(events.parquet and dataset.json); make one from it with: {how}"
+        )
+    return directory
+
+
 def _print_report(report: ValidationReport, title: str) -> None:
     info = report.info
     table = Table(title=title, show_header=False, title_justify="left")
@@ -206,7 +227,7 @@ def validate(
     """Check a dataset directory; move bad rows to quarantine.parquet with a reason."""
     from mlsd.data.validate import validate_dir
 
-    report = validate_dir(directory)
+    report = validate_dir(_dataset_dir(directory, "validate"))
     _print_report(report, f"validated {directory}")
 
 
@@ -240,7 +261,12 @@ def split(
             raise typer.BadParameter("give both --t1 and --t2, or --val-frac and --test-frac")
         spec = SplitSpec(parse_timestamp(t1), parse_timestamp(t2))
     result = split_dataset(
-        directory, spec=spec, val_frac=val_frac, test_frac=test_frac, by=by, out=out
+        _dataset_dir(directory, "split"),
+        spec=spec,
+        val_frac=val_frac,
+        test_frac=test_frac,
+        by=by,
+        out=out,
     )
     table = Table(
         title=f"split of {directory}", caption=f"t1={result.spec.t1}  t2={result.spec.t2}"
@@ -280,7 +306,9 @@ def dev_copy(
     """The dataset before its test window: compare settings on it, not on the test window."""
     from mlsd.data.split import dev_copy as make_dev_copy
 
-    info = make_dev_copy(directory, out, val_frac=val_frac, test_frac=test_frac, by=by)
+    info = make_dev_copy(
+        _dataset_dir(directory, "dev-copy"), out, val_frac=val_frac, test_frac=test_frac, by=by
+    )
     _print_info(info, out, f"dev copy of {directory}: the events before its test window")
 
 

@@ -43,6 +43,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cached_property
@@ -72,6 +73,22 @@ value (e.g. ``ranker_windows``, ``ranker_valid_frac``); see :meth:`ModelRegistry
 HISTORY_TAG = "mlsd.champion_history"
 MAX_HISTORY = 50
 _REMOTE_SCHEMES = ("http://", "https://", "databricks")
+NOLOAD_WARNING = r"The ``noload`` loader strategy is deprecated"
+"""The start of the SQLAlchemy deprecation MLflow's SQL store triggers at import (see
+:func:`quiet_mlflow_warnings`)."""
+
+
+class RegistryNotFoundError(ValueError):
+    """No registry where the tracking URI points (its SQLite file or store folder is missing);
+    ``path`` names it. Reading commands raise it instead of creating an empty registry."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"no model registry at {path}; pass --base-dir with the folder `make demo` or "
+            "`mlsd feed train --register` used (make demo: --base-dir demo-output), or "
+            "--registry-uri"
+        )
+        self.path = path
 
 
 class CorruptArtifactError(ValueError):
@@ -158,6 +175,37 @@ class ModelRegistry:
         self.config = config or RegistryConfig()
         self.base_dir = Path(base_dir).resolve()
         self.tracking_uri = _resolve_tracking_uri(self.config.tracking_uri, self.base_dir)
+
+    @property
+    def local_store(self) -> Path | None:
+        """The SQLite file (or store folder) of a local tracking URI; None for a server's."""
+        uri = self.tracking_uri
+        if uri.startswith("sqlite:///"):
+            path = uri[len("sqlite:///") :].split("?", 1)[0]
+            return None if path in ("", ":memory:") else Path(path)
+        if uri.startswith("file://"):
+            return Path(uri[len("file://") :])
+        if "://" not in uri and not uri.startswith("databricks"):
+            return Path(uri)  # a plain path: MLflow's file store, as MLflow resolves it
+        return None
+
+    def exists(self) -> bool:
+        """Whether the registry is there to read: a local store whose file exists, or a server
+        (not asked: the first call tells)."""
+        store = self.local_store
+        return store is None or store.exists()
+
+    def require_existing(self) -> ModelRegistry:
+        """This registry, after checking that it exists (opening a missing local store would
+        create an empty one).
+
+        Raises:
+            RegistryNotFoundError: the local store is missing.
+        """
+        if not self.exists():
+            assert self.local_store is not None
+            raise RegistryNotFoundError(self.local_store)
+        return self
 
     @cached_property
     def _client(self) -> MlflowClient:
@@ -600,8 +648,23 @@ def _resolve_artifact_location(location: str, tracking_uri: str, base_dir: Path)
     return (base_dir / location).resolve().as_uri()
 
 
+def quiet_mlflow_warnings() -> None:
+    """Hide the ``SADeprecationWarning`` about ``noload`` that MLflow's SQL store module
+    triggers when it is imported: MLflow's to fix, nothing a user can act on. Only that warning
+    (a ``DeprecationWarning`` subclass, matched by message) and only from ``mlflow.store``.
+
+    The CLI calls this when it starts, and :class:`ModelRegistry` again just before MLflow is
+    used: importing Feast puts a filter showing every ``DeprecationWarning`` in front of the
+    others, and calling this again moves this one back before it."""
+    warnings.filterwarnings(
+        "ignore", message=NOLOAD_WARNING, category=DeprecationWarning, module=r"mlflow\.store\."
+    )
+
+
 def _quiet_mlflow() -> None:
-    """Keep MLflow's INFO logs, progress bars and telemetry out of the CLI's output."""
+    """Keep MLflow's INFO logs, progress bars, telemetry and its known deprecation warning out
+    of the CLI's output."""
+    quiet_mlflow_warnings()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -214,3 +214,33 @@ def test_commands_say_which_config_they_read(
     other.write_text("")
     assert run([*evaluate, "--config", str(other)]) == 1
     assert f"config: {other}" in " ".join(capsys.readouterr().err.split())
+
+
+def test_features_get_names_a_bad_item_id(
+    world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["feed", "features", "get", "--dataset", str(world), "--repo", str(tmp_path / "r")]
+    assert run([*args, "--user", "1", "--items", "1,x,3"]) == 2  # before the store is read
+    said = " ".join(capsys.readouterr().err.split())
+    assert "--items" in said
+    assert "'x' in '1,x,3' is not an item id" in said
+    assert "invalid literal" not in said
+
+
+def test_footprint_on_an_unreachable_redis_names_it_and_is_not_an_internal_error(
+    world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlsd.serving.process import free_port
+
+    repo = tmp_path / "repo"
+    common = ["--dataset", str(world), "--repo", str(repo)]
+    assert run(["feed", "features", "apply", *common]) == 0
+    assert run(["feed", "features", "materialize", *common]) == 0
+    capsys.readouterr()
+    where = f"127.0.0.1:{free_port()}"  # nothing listens there
+    assert run(["feed", "features", "footprint", *common, "--redis", where]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"--redis {where}: cannot reach Redis" in said
+    assert "start redis-server there" in said
+    assert "internal error" not in said
+    assert "report it" not in said

@@ -89,6 +89,7 @@ def test_report_bad_input_exits_2(setup: tuple[Path, Path], extra: list[str], me
 def test_report_on_an_empty_log_dir_and_a_bad_config(tmp_path: Path) -> None:
     config = tmp_path / "feed.toml"
     config.write_text(SECTION)
+    (tmp_path / "empty").mkdir()
     args = ["feed", "experiment", "report", "--log-dir", str(tmp_path / "empty")]
     result = runner.invoke(app, [*args, "--config", str(config)])
     assert result.exit_code == 2
@@ -100,6 +101,20 @@ def test_report_on_an_empty_log_dir_and_a_bad_config(tmp_path: Path) -> None:
     assert "[experiments].experiment[0].arms[0].weight: expected a positive finite number" in (
         result.stderr.replace("\n", "")
     )
+
+
+def test_report_on_a_missing_log_dir_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(SECTION)
+    (tmp_path / "a-file").write_text("")
+    for given, what in (("nope-log", "does not exist"), ("a-file", "is not a directory")):
+        args = ["feed", "experiment", "report", "--log-dir", str(tmp_path / given)]
+        result = runner.invoke(app, [*args, "--config", str(config)])
+        assert result.exit_code == 2
+        said = " ".join(result.stderr.split())
+        assert f"--log-dir {tmp_path / given}: the log directory {what}" in said
+        assert "no requests" not in said
+    assert not (tmp_path / "nope-log").exists()
 
 
 def test_size_prints_users_per_arm() -> None:

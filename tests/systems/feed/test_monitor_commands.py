@@ -189,3 +189,92 @@ def test_only_the_profiled_models_rows_are_compared(
     assert run([*base, "--model-version", "all"]) == 1
     assert "alert(s) fired" in capsys.readouterr().err
     assert run([*base, "--model-version", "theirs"]) == 1
+
+
+CTR_DROP_ONLY = """
+[monitoring]
+label_delay_s = 0
+
+[[monitoring.alerts]]
+name = "ctr drop"
+metric = "ctr_drop"
+op = ">"
+threshold = 0.2
+"""
+
+
+def test_the_tables_show_the_label_metrics_beside_the_training_values(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = setup["root"] / "ctr-drop.toml"
+    config.write_text(CTR_DROP_ONLY)
+    assert run(args(setup, "stable", "--config", str(config), "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    metrics = result["metrics"]
+    assert {"ctr", "ndcg_at_10", "ece"} <= set(metrics)
+
+    assert run(args(setup, "stable", "--config", str(config))) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 3}
+    for name in ("ctr", "ndcg_at_10", "ece"):
+        assert f"{metrics[name]:.4g}" in rows[name], out
+    assert "0.1" in rows["ctr"].split("│")[3]  # the profile's training ctr
+    assert "base rate of the ranker's candidates" in " ".join(out.split())
+    assert "exposures before" not in out  # a window wholly in the past: labels read whole
+
+
+def test_a_ctr_drop_without_a_reference_ctr_says_what_it_needs(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = setup["root"] / "ctr-drop.toml"
+    config.write_text(CTR_DROP_ONLY)
+    assert run(args(setup, "stable", "--config", str(config))) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no data (needs --reference-ctr)" in out
+    assert "ctr_drop needs --reference-ctr or [monitoring].reference_ctr" in out
+
+    assert run(args(setup, "stable", "--config", str(config), "--json")) == 0
+    (alert,) = json.loads(capsys.readouterr().out)["alerts"]
+    assert alert["status"] == "no data"  # unchanged; the cause is a field of its own
+    assert alert["note"] == "needs --reference-ctr or [monitoring].reference_ctr"
+
+    measured = ("--config", str(config), "--reference-ctr", "0.05")
+    assert run(args(setup, "stable", *measured, "--json")) == 1  # ctr 0.03: a 40% drop
+    (alert,) = json.loads(capsys.readouterr().out)["alerts"]
+    assert alert["status"] == "fired"
+    assert "note" not in alert
+    assert run(args(setup, "stable", *measured)) == 1
+    out = capsys.readouterr().out
+    assert "reference_ctr 0.05" in out
+    assert "needs --reference-ctr" not in out
+
+
+def test_labels_read_up_to_the_label_delay_are_said_to(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    clicked_every_other(tmp_path, delay_s=240, now=now, start=now - timedelta(hours=1))
+    (tmp_path / "feed.toml").write_text("[monitoring]\nlabel_delay_s = 300\nalerts = []\n")
+    command = ["feed", "monitor", "--log-dir", str(tmp_path), "--reference",
+               str(setup["profile"]), "--end", now.isoformat(),
+               "--config", str(tmp_path / "feed.toml")]  # fmt: skip
+    assert run(command) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "label metrics (exposures before " in out
+    assert "younger ones may not have their clicks yet" in out
+
+
+def test_a_model_json_as_reference_points_at_the_profile_next_to_it(
+    tmp_path: Path, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.json").write_text(json.dumps({"version": "ours"}))
+    profile().save(model_dir / "reference_profile.json")
+    for given in (model_dir / "model.json", model_dir):
+        command = ["feed", "monitor", "--log-dir", str(setup["stable"]), "--reference",
+                   str(given), "--end", END.isoformat()]  # fmt: skip
+        assert run(command) == 2
+        said = " ".join(capsys.readouterr().err.split())
+        assert f"--reference {given}:" in said
+        assert f"--reference {model_dir / 'reference_profile.json'}" in said

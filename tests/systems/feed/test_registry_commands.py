@@ -200,3 +200,51 @@ def test_a_missing_arm_alias_names_the_alias_and_the_command(tmp_path: Path) -> 
                            base_dir=tmp_path, features=features)  # fmt: skip
     with pytest.raises(ValueError, match="mlsd feed promote --version N"):
         champion.prepare()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["versions"],
+        ["promote", "--version", "1"],
+        ["rollback"],
+        ["alias", "--name", "challenger", "--version", "1"],
+    ],
+)
+def test_reading_commands_refuse_a_missing_registry_and_create_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv("MLSD_TRACKING_URI", raising=False)
+    monkeypatch.chdir(empty)  # the default --base-dir: the working directory
+    assert run(["feed", *command]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"no model registry at {empty / 'mlflow.db'}; pass --base-dir" in said
+    assert "make demo" in said
+    assert list(empty.iterdir()) == []
+
+    elsewhere = tmp_path / "elsewhere"
+    assert run(["feed", *command, "--base-dir", str(elsewhere)]) == 2
+    assert f"no model registry at {elsewhere / 'mlflow.db'}" in capsys.readouterr().err
+    assert not elsewhere.exists()
+    assert list(empty.iterdir()) == []
+
+
+def test_a_loader_on_a_missing_registry_creates_none(tmp_path: Path) -> None:
+    """Serving (and batch-predict) in the wrong folder: the error names it, and neither the
+    load nor a follower's check creates an empty registry."""
+    from mlsd.config import FeedConfig
+    from mlsd.serving.registry import RegistryNotFoundError
+    from mlsd.systems.feed.serve import ModelLoader
+
+    features: Any = object()  # never reached: there is no registry
+    loader = ModelLoader(tmp_path, FeedConfig(), model_dir=None, registry_uri=None,
+                         base_dir=tmp_path, features=features)  # fmt: skip
+    with pytest.raises(RegistryNotFoundError, match="no model registry at"):
+        loader.prepare()
+    assert not loader.changed()
+    assert list(tmp_path.iterdir()) == []

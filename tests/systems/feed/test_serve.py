@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from mlsd.config import load_feed_config
 from mlsd.evaluation.experiments import Arm, Experiment
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.popular import PopularRecommender
-from mlsd.serving.process import free_port
+from mlsd.serving.process import free_port, mlsd_command, running_service
 from mlsd.serving.registry import CorruptArtifactError, ModelRegistry, RegistryConfig
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import ExperimentLoader, ModelLoader
@@ -414,3 +416,93 @@ def test_batch_predict_refuses_a_bad_k_or_ttl_before_anything_loads(
     err = " ".join(capsys.readouterr().err.split())
     assert f"Invalid value for '{option}'" in err
     assert "cannot reach Redis" not in err
+
+
+@pytest.mark.integration
+def test_stopping_the_served_cli_deletes_its_model_downloads(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """uvicorn re-raises the SIGTERM it caught once it shut down, so the process dies before
+    any interpreter-exit cleanup: the downloads must go at the app's shutdown."""
+    world, config, root = setup
+    base = root / "sigterm-registry"
+    registry = ModelRegistry(RegistryConfig(), base)
+    v1 = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.30})
+    v3 = registry.register(root / "models" / "m3", params={}, metrics={"ndcg@10": 0.31})
+    assert registry.promote(v1).accepted
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    port = free_port()
+    command = mlsd_command(
+        "feed", "serve", "--dataset", str(world), "--config", str(config), "--base-dir",
+        str(base), "--port", str(port), "--no-log", "--no-compile-trees",
+    )  # fmt: skip
+    env = {**os.environ, "TMPDIR": str(tmp), "MLSD_ADMIN_TOKEN": TOKEN}
+    url = f"http://127.0.0.1:{port}"
+    with running_service(command, url=url, output=tmp_path / "serve.log", env=env) as proc:
+        downloads = list(tmp.glob("mlsd-models-*"))
+        assert len(downloads) == 1, downloads
+        assert [p.name for p in downloads[0].iterdir()] == [f"v{v1}-0"]
+        assert registry.promote(v3).accepted
+        reload = httpx.post(f"{url}/admin/reload", headers=AUTH, timeout=60)
+        assert reload.json()["new_version"] == "m3", reload.text
+        # While it serves, the serving model's download stays (its profile is read), and the
+        # one before it until the next download.
+        assert sorted(p.name for p in downloads[0].iterdir()) == [f"v{v1}-0", f"v{v3}-1"]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert not list(tmp.glob("mlsd-models-*")), (tmp_path / "serve.log").read_text()
+
+
+def test_closing_an_experiment_loader_deletes_every_arms_downloads(
+    setup: tuple[Path, Path, Path],
+) -> None:
+    world, config, root = setup
+    feed = load_feed_config(config)
+    base = root / "close-registry"
+    registry = ModelRegistry(RegistryConfig(), base)
+    first = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.3})
+    assert registry.promote(first).accepted
+    registry.set_alias("challenger", first)
+    loaders = {
+        arm: ModelLoader(
+            world,
+            feed,
+            model_dir=None,
+            registry_uri=None,
+            base_dir=base,
+            alias=alias,
+            compile_trees=False,
+        )
+        for arm, alias in (("a", "champion"), ("b", "challenger"))
+    }
+    experiment = Experiment("t", "salt", (Arm("a", "champion", 1.0), Arm("b", "challenger", 1.0)))
+    load = ExperimentLoader(experiment, loaders, world)
+    load()
+    folders = [loader.downloads for loader in loaders.values()]
+    assert all(any(folder.iterdir()) for folder in folders)
+    load.close()
+    assert not any(folder.exists() for folder in folders)
+    load.close()  # twice is harmless
+
+
+def test_serve_on_a_taken_port_fails_before_loading_and_names_the_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from mlsd.cli import run
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # No dataset at all: the port is checked before anything loads.
+        code = run(["feed", "serve", "--dataset", str(tmp_path / "none"), "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "serving on" not in out
+    said = " ".join(err.split())
+    assert f"port {port} on 127.0.0.1 is already in use" in said
+    assert f"--port {port + 1}" in said
+    assert "internal error" not in said

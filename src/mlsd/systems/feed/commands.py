@@ -15,6 +15,9 @@ from mlsd import HELP_MARKUP
 from mlsd.config import FeedConfig, feed_config_source, load_feed_config
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from mlsd.evaluation.retrieval import Estimate, RetrievalReport
     from mlsd.evaluation.retrieval_report import PairedEstimate
 
@@ -156,14 +159,27 @@ def features_footprint(
     repository's first rows written through Feast into a project of their own, then deleted."""
     import json
 
-    from mlsd.features.footprint import redis_bytes_per_entity
+    import redis as redis_py
+
+    from mlsd.features.footprint import redis_bytes_per_entity, redis_client
 
     cfg = load_config(config)
-    footprint = redis_bytes_per_entity(
-        repo or cfg.feature_store.repo_path(dataset),
-        redis or cfg.feature_store.redis_connection,
-        rows=rows,
-    )
+    connection = redis or cfg.feature_store.redis_connection
+    where = "--redis" if redis else "[feature_store].redis_connection"
+    hint = "start redis-server there or pass --redis HOST:PORT of a running one"
+    client = redis_client(connection)
+    try:  # before Feast writes anything, and as the user's mistake rather than a crash
+        client.ping()
+    except redis_py.RedisError as err:
+        raise ValueError(f"{where} {connection}: cannot reach Redis ({err}); {hint}") from err
+    finally:
+        client.close()
+    try:
+        footprint = redis_bytes_per_entity(
+            repo or cfg.feature_store.repo_path(dataset), connection, rows=rows
+        )
+    except redis_py.RedisError as err:
+        raise ValueError(f"{where} {connection}: Redis failed ({err}); {hint}") from err
     if as_json:
         print(json.dumps(footprint.to_dict(), indent=2))
         return
@@ -197,15 +213,11 @@ def features_get(
     from mlsd.features.online import OnlineFeatures
     from mlsd.features.store import load_config
 
+    item_ids = _item_ids(items) if items else np.arange(1, 6, dtype=np.int64)
     cfg = _config(config, online_store)
     repo_dir = repo or cfg.feature_store.repo_path(dataset)
     online = OnlineFeatures(repo_dir, load_config(repo_dir))
     online.refresh_item_cache()
-    item_ids = (
-        np.array([int(i) for i in items.split(",")], dtype=np.int64)
-        if items
-        else np.arange(1, 6, dtype=np.int64)
-    )
     now = pd.Timestamp(read_info(dataset).ts_max or pd.Timestamp.now(tz="UTC"))
     online.get_online_features(user, item_ids, now=now)  # warm up: the first call is not timed
     start = time.perf_counter()
@@ -231,6 +243,23 @@ def features_get(
     for name, column in zip(names, matrix.T, strict=True):
         item_table.add_row(name, *(f"{v:.4g}" for v in column))
     console.print(item_table)
+
+
+def _item_ids(text: str) -> npt.NDArray[np.int64]:
+    """``--items`` ``"1,2,3"`` → item ids; a value that is not an integer is named."""
+    import numpy as np
+
+    ids = []
+    for part in text.split(","):
+        try:
+            ids.append(int(part.strip()))
+        except ValueError:
+            raise typer.BadParameter(
+                f"{part.strip()!r} in {text!r} is not an item id: give comma-separated integer "
+                "ids, e.g. --items 1,2,3",
+                param_hint="--items",
+            ) from None
+    return np.array(ids, dtype=np.int64)
 
 
 @app.command("retrieve-eval")

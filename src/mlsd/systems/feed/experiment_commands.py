@@ -128,6 +128,12 @@ def report(
     path = config or DEFAULT_FEED_CONFIG
     try:
         chosen = _choose(load_experiments(path), experiment, path)
+        if not log_dir.is_dir():
+            what = "is not a directory" if log_dir.exists() else "does not exist"
+            raise ValueError(
+                f"--log-dir {log_dir}: the log directory {what}; pass the service log's "
+                "directory (`mlsd feed serve` prints it at start: 'service log: DIR')"
+            )
         start = None if since is None else parse_time(since)
         end = None if until is None else parse_time(until)
         result = experiment_report(

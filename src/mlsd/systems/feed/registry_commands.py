@@ -8,7 +8,9 @@ evaluation settings; ``mlsd feed retrain`` gates head to head on the newest wind
 Settings are :class:`~mlsd.serving.registry.RegistryConfig` defaults, with the tracking URI taken
 from ``--registry-uri``, else the environment variable ``MLSD_TRACKING_URI``, else
 ``sqlite:///mlflow.db`` (relative paths resolve against ``--base-dir``, default the current
-directory).
+directory). These commands read an existing registry: where there is none (a wrong
+``--base-dir``), they say so and exit 2, creating nothing; registering (``mlsd feed train
+--register``, ``mlsd feed retrain``) creates one.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mlsd.serving.registry import ModelRegistry, Promotion, RegistryConfig
-from mlsd.systems.feed.commands import app, console
+from mlsd.serving.registry import (
+    ModelRegistry,
+    Promotion,
+    RegistryConfig,
+    RegistryNotFoundError,
+)
+from mlsd.systems.feed.commands import app, console, err_console
 
 RegistryUri = Annotated[
     str | None,
@@ -38,11 +45,28 @@ BaseDir = Annotated[
 ]
 
 
-def open_registry(uri: str | None, base_dir: Path) -> ModelRegistry:
+def open_registry(uri: str | None, base_dir: Path, *, must_exist: bool = False) -> ModelRegistry:
+    """The registry at ``uri`` (default ``sqlite:///mlflow.db``) against ``base_dir``.
+
+    ``must_exist``: raise :class:`~mlsd.serving.registry.RegistryNotFoundError` when its local
+    store is missing, instead of letting MLflow create an empty one (for readers)."""
     config = RegistryConfig()
     if uri is not None:
         config = dataclasses.replace(config, tracking_uri=uri)
-    return ModelRegistry(config, base_dir)
+    registry = ModelRegistry(config, base_dir)
+    return registry.require_existing() if must_exist else registry
+
+
+def existing_registry(uri: str | None, base_dir: Path) -> ModelRegistry:
+    """:func:`open_registry` for a command that reads it: a missing registry is bad input,
+    printed as one line naming where it looked, exit 2 (and nothing is created)."""
+    try:
+        return open_registry(uri, base_dir, must_exist=True)
+    except RegistryNotFoundError as exc:
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(2) from exc
 
 
 @app.command("promote")
@@ -64,7 +88,7 @@ def promote(
     different datasets (``dataset_hash`` tags) or scored under different evaluation settings
     (``mlsd.protocol.*`` tags).
     """
-    registry = open_registry(registry_uri, base_dir)
+    registry = existing_registry(registry_uri, base_dir)
     report_promotion(registry.promote(version, force=force), "--force overrides")
 
 
@@ -102,7 +126,7 @@ def alias(
 ) -> None:
     """Point an alias other than the champion at a version (e.g. an experiment's challenger
     arm). The champion moves only through the gate: ``mlsd feed promote``."""
-    registry = open_registry(registry_uri, base_dir)
+    registry = existing_registry(registry_uri, base_dir)
     before = registry.alias_version(name)
     registry.set_alias(name, version)
     was = "" if before is None or before == version else f" (was v{before})"
@@ -112,7 +136,7 @@ def alias(
 @app.command("rollback")
 def rollback(registry_uri: RegistryUri = None, base_dir: BaseDir = Path()) -> None:
     """Move the champion alias back to the previous champion."""
-    registry = open_registry(registry_uri, base_dir)
+    registry = existing_registry(registry_uri, base_dir)
     current = registry.champion()
     previous = registry.rollback()
     console.print(f"champion rolled back: v{current} -> v{previous}")
@@ -121,7 +145,7 @@ def rollback(registry_uri: RegistryUri = None, base_dir: BaseDir = Path()) -> No
 @app.command("versions")
 def versions(registry_uri: RegistryUri = None, base_dir: BaseDir = Path()) -> None:
     """List the registered versions with their gate metric and aliases."""
-    registry = open_registry(registry_uri, base_dir)
+    registry = existing_registry(registry_uri, base_dir)
     infos = registry.versions()
     name, where = registry.config.model_name, registry.tracking_uri
     if not infos:

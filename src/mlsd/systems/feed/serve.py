@@ -14,12 +14,13 @@ answers when the model cannot. Requests, exposures and feedback go to the servic
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -29,6 +30,10 @@ from mlsd.systems.feed.logs_commands import LogDir
 from mlsd.systems.feed.registry_commands import BaseDir, RegistryUri, open_registry
 
 if TYPE_CHECKING:  # kept out of the CLI's import time
+    from collections.abc import AsyncIterator, Callable
+
+    from fastapi import FastAPI
+
     from mlsd.evaluation.experiments import Experiment
     from mlsd.features.online import OnlineFeatures
     from mlsd.serving.app import MonitorSettings
@@ -57,7 +62,8 @@ class ModelLoader:
     download. A download that fails, or whose model fails to load, is deleted at once; a new
     download deletes every earlier one but the serving model's (its reference profile is read
     while it serves). So a replica that reloads every day, or retries a broken champion, keeps
-    at most two models on disk; the directory goes when the loader does.
+    at most two models on disk; the directory goes at :meth:`close` (``mlsd feed serve`` calls
+    it at the service's shutdown), else when the loader is collected.
 
     A call is :meth:`prepare` then :meth:`commit`; :class:`ExperimentLoader` prepares every
     arm before it commits any, so an arm that fails leaves none of them marked as loaded."""
@@ -87,6 +93,7 @@ class ModelLoader:
         if redis_url is not None:
             self.precomputed = PrecomputedStore.from_url(redis_url, socket_timeout=0.05)
         self._downloads: Path | None = None
+        self._cleanup: weakref.finalize[..., ModelLoader] | None = None  # deletes _downloads, once
         self._serving: Path | None = None  # the loaded model's download
         self._pending: tuple[int | None, Path | None] | None = None
         self.loaded_version: int | None = None
@@ -108,7 +115,7 @@ class ModelLoader:
         try:
             path = self.model_dir
             if path is None:
-                registry = open_registry(self.registry_uri, self.base_dir)
+                registry = open_registry(self.registry_uri, self.base_dir, must_exist=True)
                 version = registry.alias_version(self.alias)
                 if version is None:
                     how = (
@@ -159,8 +166,21 @@ class ModelLoader:
         """The directory registry downloads go to (made on first use)."""
         if self._downloads is None:
             self._downloads = Path(tempfile.mkdtemp(prefix="mlsd-models-"))
-            weakref.finalize(self, shutil.rmtree, self._downloads, ignore_errors=True)
+            # At collection or a normal interpreter exit; a server stopped by a signal may
+            # never get there, hence :meth:`close`.
+            self._cleanup = weakref.finalize(
+                self, shutil.rmtree, self._downloads, ignore_errors=True
+            )
         return self._downloads
+
+    def close(self) -> None:
+        """Delete every download, the serving model's too: call it when the service stops
+        (idempotent; a later load downloads into a new directory)."""
+        self._pending = None
+        self._serving = None
+        if self._cleanup is not None:
+            self._cleanup()  # a finalizer runs its rmtree at most once
+        self._downloads, self._cleanup = None, None
 
     def _download_dir(self, version: int) -> Path:
         """A new directory for a download of ``version``, after deleting every earlier one but
@@ -180,6 +200,8 @@ class ModelLoader:
         if self.model_dir is not None:
             return False
         registry = open_registry(self.registry_uri, self.base_dir)
+        if not registry.exists():
+            return False  # nothing to follow yet (and opening it would create an empty one)
         return registry.alias_version(self.alias) != self.loaded_version
 
 
@@ -270,6 +292,11 @@ class ExperimentLoader:
     def changed(self) -> bool:
         return any(load.changed() for load in self.loaders.values())
 
+    def close(self) -> None:
+        """Delete every arm's downloads (:meth:`ModelLoader.close`)."""
+        for load in self.loaders.values():
+            load.close()
+
 
 @app.command("serve")
 def serve(
@@ -333,6 +360,7 @@ def serve(
 
     if follow_champion > 0 and model is not None:
         raise typer.BadParameter("needs the registry: drop --model", param_hint="--follow-champion")
+    check_port(host, port, reuse_port=reuse_port)  # before a minute of loading
     with contextlib.ExitStack() as held:
         if cpu_latency_us is not None:  # before the model loads: a refusal is quick
             try:
@@ -369,6 +397,7 @@ def serve(
             )
             arms = ", ".join(f"{a.name} ({a.alias}, {a.weight:g})" for a in running.arms)
             console.print(f"experiment {running.name}: {arms}")
+        held.callback(load.close)  # when the server stops on an exception or Ctrl-C
         settings = ServiceSettings.from_env()
         settings.apply_to_process()
         web = create_app(
@@ -382,10 +411,54 @@ def serve(
             follow=load.changed if follow_champion > 0 else None,
             follow_interval_s=follow_champion,
         )
+        close_at_shutdown(web, load.close)  # when it stops on SIGTERM
         console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
         if log is not None:
             console.print(f"service log: {log.log_dir}")
         run_server(web, host, port, access_log=access_log, reuse_port=reuse_port)
+
+
+def check_port(host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Fail, naming the address, when the service could not listen on ``host:port`` (e.g.
+    another server holds the port); the service binds it again when it starts.
+
+    Raises:
+        ValueError: the port is taken, or the address cannot be bound.
+    """
+    from mlsd.serving.app import listen_socket
+
+    try:
+        listen_socket(host, port, reuse_port=reuse_port).close()
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"port {port} on {host} is already in use (another `mlsd feed serve`, e.g. an "
+                "earlier `make demo`, still running?); stop that server or serve on another "
+                f"port with --port {port + 1} (make demo: DEMO_PORT={port + 1})"
+            ) from err
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({err.strerror or err}); check --host and --port"
+        ) from err
+
+
+def close_at_shutdown(web: FastAPI, close: Callable[[], None]) -> None:
+    """Call ``close`` when ``web``'s lifespan ends: at the server's shutdown, or when its
+    start-up fails.
+
+    A ``finally`` around the server is not enough: uvicorn re-raises the SIGTERM it caught
+    once it has shut down, and that signal's default action ends the process before any
+    ``finally`` or interpreter-exit hook (``weakref.finalize``, ``atexit``) runs."""
+    inner = web.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        try:
+            async with inner(app) as state:
+                yield state
+        finally:
+            close()
+
+    web.router.lifespan_context = lifespan
 
 
 def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSettings | None:
