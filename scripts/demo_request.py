@@ -2,12 +2,14 @@
 
 python scripts/demo_request.py 8000 42 [--pid-file PATH] [--log PATH] [--timeout SECONDS]
 
-``make demo`` starts ``mlsd feed serve`` in the background and writes its PID to
-``demo-output/serve.pid`` and its output to ``demo-output/serve.log`` (the defaults here, read
-when they exist). Whatever answers on the port is not enough: when the new server died (e.g.
-an earlier one still holds the port), that earlier one would answer. So the server of the PID
+``make demo`` starts ``mlsd feed serve`` in the background, writes its PID to
+``demo-output/serve.pid`` and its output to ``demo-output/serve.log``, and passes both here.
+Whatever answers on the port is not enough: when the new server died (e.g. an earlier one still
+holds the port), that earlier one would answer. So with ``--pid-file`` the server of the PID
 file must be alive and, where ``/proc`` tells, be the process listening on the port; else this
-exits 1 with the end of the server's log and what to do.
+exits 1 with the end of the server's log (``--log``, default ``demo-output/serve.log`` when it
+exists) and what to do. Without ``--pid-file`` any server answering on the port will do: a PID
+file left by an earlier run may name a process long gone, or one reusing its number.
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     port, user = args.port, args.user
     base = f"http://127.0.0.1:{port}"
-    pid_file: Path | None = args.pid_file
-    if pid_file is None and (DEMO_DIR / "serve.pid").is_file():
-        pid_file = DEMO_DIR / "serve.pid"
+    pid_file: Path | None = args.pid_file  # checked only when given (make demo gives it): a
+    # serve.pid left by an earlier run may name a dead or reused process
     log: Path | None = args.log
     if log is None and (DEMO_DIR / "serve.log").is_file():
         log = DEMO_DIR / "serve.log"
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pid-file",
         type=Path,
-        help=f"The demo server's PID (default: {DEMO_DIR / 'serve.pid'} when it exists).",
+        help="The demo server's PID file: fail when that process exits or another answers.",
     )
     parser.add_argument(
         "--log",

@@ -129,3 +129,22 @@ def test_the_demo_servers_answer_is_printed(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"GET http://127.0.0.1:{port}/v1/recommendations/42" in result.stdout
     assert '"by": "demo"' in result.stdout
+
+
+def test_a_stale_pid_file_is_read_only_when_given(tmp_path: Path) -> None:
+    """``demo-output/serve.pid`` left by an earlier run (its process gone) does not fail a run
+    against a healthy server unless ``--pid-file`` names it."""
+    stale = subprocess.Popen([sys.executable, "-c", "pass"])
+    stale.wait()
+    (tmp_path / "demo-output").mkdir()
+    (tmp_path / "demo-output" / "serve.pid").write_text(str(stale.pid))
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        result = demo_request(str(port), "42", cwd=tmp_path)
+    finally:
+        server.kill()
+        server.wait()
+    assert result.returncode == 0, result.stderr
+    assert '"by": "demo"' in result.stdout

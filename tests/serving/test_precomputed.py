@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import socket
 import struct
@@ -465,6 +466,13 @@ def test_a_stalled_redis_costs_one_timeout_then_is_skipped_until_it_answers() ->
     error, seconds = timed(lambda: store.lookup(1, model_version=VERSION))
     assert error is redis.exceptions.TimeoutError
     assert seconds >= 0.19
+    # the cool-off over, one lookup probes and the rest are refused while it waits
+    time.sleep(1.05)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda _: timed(lambda: store.lookup(1, model_version=VERSION)),
+                                 range(8)))  # fmt: skip
+    errors = sorted(error.__name__ for error, _ in outcomes if error is not None)
+    assert errors == ["StoreUnavailableError"] * 7 + ["TimeoutError"]
     # a Redis that answers on that port: after the cool-off, lookups work again
     listener.close()
     with redis_server_on(port):

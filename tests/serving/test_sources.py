@@ -460,6 +460,30 @@ def test_segment_popularity_reads_past_a_short_profile_list_in_the_tables(
         assert_same_answer(got, offline(retriever, user, K), exact=True)
 
 
+def test_segment_popularity_reads_the_tables_only_when_the_list_runs_short(
+    data: RetrievalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many excludes outside a profile's list leave its top k whole: no pass over the catalog.
+    import mlsd.serving.sources as sources
+
+    retriever = SegmentPopularityRetriever(half_life_days=(30.0,)).fit(data)
+    source = load_source(export_source(retriever, tmp_path / "source"))
+    user = sample_users(data, n=1)[0]
+    query, _ = query_of(data, user)
+    listed = source.candidates(query, len(data.items))[0]  # every catalog item, best first
+    not_top = listed[3 * K :]  # excluded, but none of the top 3K
+    calls: list[int] = []
+    table_top = sources.table_top
+    monkeypatch.setattr(
+        sources,
+        "table_top",
+        lambda *a: calls.append(1) or table_top(*a),  # type: ignore[func-returns-value]
+    )
+    got = source.candidates(query, K, exclude=not_top)
+    np.testing.assert_array_equal(got[0], listed[:K])
+    assert not calls
+
+
 def test_segment_popularity_artifact_without_tables_answers_as_before(
     data: RetrievalData, tmp_path: Path
 ) -> None:

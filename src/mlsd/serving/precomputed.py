@@ -45,7 +45,7 @@ Value format, all little-endian, no pickle:
 The sources are the candidate sources that proposed each item (what the online path's answer
 says of its items), so the service log's ``source`` column means the same on both paths and
 per-source analysis covers the precomputed answers. A top-100 list takes 25 + len(version) +
-1,300 bytes plus its source names (the default feed's seven: 62). The model version is in the
+1,300 bytes plus its source names (the default feed's seven: 66). The model version is in the
 value too, and a value whose version is not its key's is refused (``stale_version``).
 
 Errors: a value that does not decode is reported as ``corrupt`` and never raises. Redis
@@ -55,7 +55,8 @@ store's.
 
 **A failing Redis is not asked again at once.** After a lookup's connection error or timeout,
 lookups raise :class:`StoreUnavailableError` (a ``ConnectionError``) without a round trip for
-``retry_after_s`` (1 s); the first lookup after it tries Redis again. A stalled Redis would
+``retry_after_s`` (1 s); then one lookup, the first to come, tries Redis again (the others
+keep being refused while it does), and its success ends the outage. A stalled Redis would
 otherwise cost every request its socket timeout, and a request twice over (the event loop's
 lookup, then the thread path's). Writes (the batch job, :meth:`PrecomputedStore.note_consumed`)
 always try.
@@ -67,6 +68,7 @@ import asyncio
 import logging
 import math
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -220,15 +222,16 @@ def encode(
             :data:`MAX_K`.
         sources: (n,) each item's index in ``source_names`` (negative or
             :data:`NO_SOURCE`: unknown); ``None``: none known.
-        source_names: at most 255 names of at most 255 UTF-8 bytes each.
+        source_names: at most 255 names of at most 255 UTF-8 bytes each (code 255 is
+            "unknown").
     """
     k = len(item_ids) if k is None else int(k)
     if not len(item_ids) <= k <= MAX_K:
         raise ValueError(f"k={k}: must be at least the {len(item_ids)} items and <= {MAX_K}")
     version = model_version.encode()
     names = [name.encode() for name in source_names]
-    if len(names) >= NO_SOURCE or any(len(name) > 255 for name in names):
-        raise ValueError(f"source_names: at most 254 names of <= 255 bytes, got {source_names}")
+    if len(names) > NO_SOURCE or any(len(name) > 255 for name in names):
+        raise ValueError(f"source_names: at most 255 names of <= 255 bytes, got {source_names}")
     if sources is None:
         codes = np.full(len(item_ids), NO_SOURCE, dtype=np.uint8)
     else:
@@ -343,6 +346,7 @@ class PrecomputedStore:
         self.socket_timeout = socket_timeout
         self.retry_after_s = float(retry_after_s)
         self._down_until = -math.inf  # time.monotonic() before which lookups do not try
+        self._health = threading.Lock()  # _down_until, from the event loop and the threads
         self._async: tuple[asyncio.AbstractEventLoop, aioredis.Redis] | None = None
 
     @classmethod
@@ -547,25 +551,30 @@ class PrecomputedStore:
     def _guarded(self) -> Iterator[None]:
         """Around one lookup's round trip: refuse it while Redis is held to be down, and hold
         it down for ``retry_after_s`` after a connection error or a timeout."""
-        now = time.monotonic()
-        if now < self._down_until:
-            raise StoreUnavailableError(
-                f"Redis failed less than {self.retry_after_s:g} s ago; next try in "
-                f"{self._down_until - now:.2f} s"
-            )
+        with self._health:
+            now = time.monotonic()
+            if now < self._down_until:
+                raise StoreUnavailableError(
+                    f"Redis failed less than {self.retry_after_s:g} s ago; next try in "
+                    f"{self._down_until - now:.2f} s"
+                )
+            if self._down_until != -math.inf:  # down: this lookup is the one probe
+                self._down_until = now + self.retry_after_s
         try:
             yield
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-            if self._down_until == -math.inf:  # was up: say so once per outage
-                logger.warning(
-                    "precomputed lists: Redis failed (%s); lookups skip it for %g s at a time "
-                    "until it answers", err, self.retry_after_s,
-                )  # fmt: skip
-            self._down_until = time.monotonic() + self.retry_after_s
+            with self._health:
+                if self._down_until == -math.inf:  # was up: say so once per outage
+                    logger.warning(
+                        "precomputed lists: Redis failed (%s); lookups skip it for %g s at a "
+                        "time until it answers", err, self.retry_after_s,
+                    )  # fmt: skip
+                self._down_until = time.monotonic() + self.retry_after_s
             raise
-        if self._down_until != -math.inf:
-            logger.warning("precomputed lists: Redis answers again")
-            self._down_until = -math.inf
+        with self._health:
+            if self._down_until != -math.inf:
+                logger.warning("precomputed lists: Redis answers again")
+                self._down_until = -math.inf
 
     def _async_client(self) -> aioredis.Redis:
         if self.async_url is None:

@@ -794,8 +794,8 @@ class SegmentPopularSource:
     the offline list bit for bit however their attributes combine:
 
     - a combination some fit-time user had (a *profile*): its stored list, best first (the
-      first ``SEGMENT_TOP_N`` items). A request that reads past the list's end (``k`` plus
-      the excludes) is scored from the tables instead;
+      first ``SEGMENT_TOP_N`` items). A request the list cannot fill with ``k`` items once
+      the excludes are skipped is scored from the tables instead;
     - any other combination with at least one known attribute, e.g. a new signup's or one with
       an attribute missing: scored from the tables, one pass over the catalog (``n_columns``
       row additions and a partition: about 8 ms at 1M items and four columns, on one core);
@@ -857,8 +857,9 @@ class SegmentPopularSource:
         row, scoring = self.row_of.get(key) if self.columns else None, self.scoring
         if row is not None:
             ranked = self.lists[row]
-            if scoring is None or min(k + len(excluded), len(scoring[0])) <= len(ranked.item_ids):
-                return ranked.top(k, excluded)
+            ids, scores = ranked.top(k, excluded)
+            if len(ids) == k or scoring is None or len(ranked.item_ids) >= len(scoring[0]):
+                return ids, scores  # the list is the ranking's head: its top k are the answer
             return table_top(*scoring, key, k, excluded)  # reads past the list's end
         if scoring is None or max(key, default=-1) < 0:
             return self.fallback.top(k, excluded)
