@@ -1,38 +1,42 @@
 """mlsd: the machine learning system design framework as running software.
 
-Importing the package first settles what Feast's import (``feast.metrics``) would otherwise
-decide for every mlsd process:
-
-- Feast points ``PROMETHEUS_MULTIPROC_DIR`` at a temp folder for its feature server's
-  metrics, which switches ``prometheus_client`` to file-backed multiprocess values for every
-  metric the process creates afterwards, the service's own ``/metrics`` included (1.8 µs more
-  per counter and histogram update here). Importing ``prometheus_client.values`` first keeps
-  this process's values in memory; the project does not run Feast's feature server.
-- Feast makes that folder with ``mkdtemp`` on every import and removes it only at a normal
-  exit, so each service stopped by a signal left one behind. Naming it first (one folder per
-  user, ``mlsd-prometheus-<uid>`` in the temp folder, which stays empty) stops that.
-- Child processes inherit the variables: an mlsd child drops the ones that name that folder
-  before it imports ``prometheus_client``, so its metrics stay in memory too.
+Importing the package first keeps the process's Prometheus metric values in memory. Feast's
+import (``feast.metrics``, for its feature server, which the project does not run) makes a
+temp folder and points ``PROMETHEUS_MULTIPROC_DIR`` at it, which switches ``prometheus_client``
+to file-backed multiprocess values for every metric created afterwards, the service's own
+``/metrics`` included (1.8 µs more per counter and histogram update here). So
+``prometheus_client.values`` is imported here, before any Feast import; a child mlsd process
+first drops the variables it inherited from a parent's Feast (a ``feast_metrics_*`` folder), or
+its values would be file-backed. The service removes Feast's folder when it stops
+(:func:`remove_feast_metrics_dir`): Feast removes it only at a normal exit, which a signal skips.
 """
 
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Final
 
-_FEAST_METRICS_DIR = Path(tempfile.gettempdir()) / f"mlsd-prometheus-{os.getuid()}"
+FEAST_METRICS_PREFIX: Final = "feast_metrics_"
+"""What Feast names its temp folder (``tempfile.mkdtemp(prefix=...)`` in ``feast.metrics``)."""
+
 for _name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR"):
-    if os.environ.get(_name) == str(_FEAST_METRICS_DIR):  # a parent mlsd process set it
-        del os.environ[_name]
+    if Path(os.environ.get(_name, "")).name.startswith(FEAST_METRICS_PREFIX):
+        del os.environ[_name]  # a parent's Feast set it: not this process's choice
 
 import prometheus_client.values  # noqa: E402, F401  (in-memory metric values, before Feast)
-
-if "PROMETHEUS_MULTIPROCESS_DIR" not in os.environ:
-    _FEAST_METRICS_DIR.mkdir(mode=0o700, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROCESS_DIR"] = str(_FEAST_METRICS_DIR)
 
 __version__ = "0.1.0"
 
 HELP_MARKUP: Final = "markdown"
 """How the CLI renders help text: as Markdown, in Rich's panels. Rich markup (Typer's default)
 takes config references such as ``[retrieval].test_frac`` for style tags and drops them."""
+
+
+def remove_feast_metrics_dir() -> None:
+    """Remove the temp folder Feast's import made in this process, as Feast does at a normal
+    exit (its own cleanup, which checks the folder is this process's); nothing when Feast was
+    not imported."""
+    metrics = sys.modules.get("feast.metrics")
+    cleanup = getattr(metrics, "_cleanup_multiprocess_dir", None)
+    if callable(cleanup):
+        cleanup()

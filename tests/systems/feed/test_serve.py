@@ -449,9 +449,11 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
         # While it serves, the serving model's download stays (its profile is read), and the
         # one before it until the next download.
         assert sorted(p.name for p in downloads[0].iterdir()) == [f"v{v1}-0", f"v{v3}-1"]
+        assert list(tmp.glob("feast_metrics_*"))  # the folder Feast's import made
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert not list(tmp.glob("mlsd-models-*")), (tmp_path / "serve.log").read_text()
+    assert not list(tmp.glob("feast_metrics_*"))  # Feast removes it only at a normal exit
 
 
 def test_closing_an_experiment_loader_deletes_every_arms_downloads(

@@ -397,7 +397,7 @@ def serve(
             )
             arms = ", ".join(f"{a.name} ({a.alias}, {a.weight:g})" for a in running.arms)
             console.print(f"experiment {running.name}: {arms}")
-        held.callback(load.close)  # when the server stops on an exception or Ctrl-C
+        held.callback(_stopped, load)  # when the server stops on an exception or Ctrl-C
         settings = ServiceSettings.from_env()
         settings.apply_to_process()
         web = create_app(
@@ -411,11 +411,20 @@ def serve(
             follow=load.changed if follow_champion > 0 else None,
             follow_interval_s=follow_champion,
         )
-        close_at_shutdown(web, load.close)  # when it stops on SIGTERM
+        close_at_shutdown(web, lambda: _stopped(load))  # when it stops on SIGTERM
         console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
         if log is not None:
             console.print(f"service log: {log.log_dir}")
         run_server(web, host, port, access_log=access_log, reuse_port=reuse_port)
+
+
+def _stopped(load: ModelLoader | ExperimentLoader) -> None:
+    """What a stopping service leaves in the temp folder, removed: its model downloads and
+    Feast's metrics folder (:func:`mlsd.remove_feast_metrics_dir`); both idempotent."""
+    from mlsd import remove_feast_metrics_dir
+
+    load.close()
+    remove_feast_metrics_dir()
 
 
 def check_port(host: str, port: int, *, reuse_port: bool = False) -> None:
