@@ -61,14 +61,21 @@ def test_config_file_selects_redis(world: Path, tmp_path: Path, redis_server: st
     _online_store_matches_batch(world, repo)
 
 
+def materialized(world: Path, repo: Path) -> list[str]:
+    """``features apply`` and ``materialize`` of ``world`` into ``repo`` (the local default
+    online store); the options naming them."""
+    common = ["--dataset", str(world), "--repo", str(repo)]
+    assert run(["feed", "features", "apply", *common]) == 0
+    assert run(["feed", "features", "materialize", *common]) == 0
+    return common
+
+
 @pytest.mark.integration
 def test_footprint_measures_a_materialized_repository(
     world: Path, tmp_path: Path, redis_server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     repo = tmp_path / "repo"
-    common = ["--dataset", str(world), "--repo", str(repo)]
-    assert run(["feed", "features", "apply", *common]) == 0
-    assert run(["feed", "features", "materialize", *common]) == 0
+    common = materialized(world, repo)
     capsys.readouterr()
     args = ["feed", "features", "footprint", *common]
     assert run([*args, "--redis", redis_server, "--rows", "100", "--json"]) == 0
@@ -232,10 +239,7 @@ def test_footprint_on_an_unreachable_redis_names_it_and_is_not_an_internal_error
 ) -> None:
     from mlsd.serving.process import free_port
 
-    repo = tmp_path / "repo"
-    common = ["--dataset", str(world), "--repo", str(repo)]
-    assert run(["feed", "features", "apply", *common]) == 0
-    assert run(["feed", "features", "materialize", *common]) == 0
+    common = materialized(world, tmp_path / "repo")
     capsys.readouterr()
     where = f"127.0.0.1:{free_port()}"  # nothing listens there
     assert run(["feed", "features", "footprint", *common, "--redis", where]) == 1

@@ -184,15 +184,22 @@ def register_corrupt(registry: ModelRegistry, base: Path, model: Path, version: 
     raise AssertionError(f"no stored artifact of {version}")
 
 
+def m1_m3_registry(root: Path, name: str) -> tuple[ModelRegistry, int, int]:
+    """A registry of its own under ``root`` (other tests' promotions stay out) holding models
+    m1 and m3, m1 the champion: (registry, v1, v3)."""
+    registry = ModelRegistry(RegistryConfig(), root / name)
+    v1 = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.30})
+    v3 = registry.register(root / "models" / "m3", params={}, metrics={"ndcg@10": 0.31})
+    assert registry.promote(v1).accepted
+    return registry, v1, v3
+
+
 def test_the_loader_keeps_the_serving_download_and_the_new_one_and_no_failed_one(
     setup: tuple[Path, Path, Path],
 ) -> None:
     world, config, root = setup
     base = root / "downloads-registry"
-    registry = ModelRegistry(RegistryConfig(), base)
-    v1 = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.30})
-    v3 = registry.register(root / "models" / "m3", params={}, metrics={"ndcg@10": 0.31})
-    assert registry.promote(v1).accepted
+    registry, _, v3 = m1_m3_registry(root, base.name)
     feed = load_feed_config(config)
     load = ModelLoader(world, feed, model_dir=None, registry_uri=None, base_dir=base,
                        compile_trees=False)  # fmt: skip
@@ -426,10 +433,7 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
     any interpreter-exit cleanup: the downloads must go at the app's shutdown."""
     world, config, root = setup
     base = root / "sigterm-registry"
-    registry = ModelRegistry(RegistryConfig(), base)
-    v1 = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.30})
-    v3 = registry.register(root / "models" / "m3", params={}, metrics={"ndcg@10": 0.31})
-    assert registry.promote(v1).accepted
+    registry, v1, v3 = m1_m3_registry(root, base.name)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     port = free_port()
