@@ -12,7 +12,9 @@ prediction's distribution.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -62,12 +64,15 @@ def render_html(result: MonitorResult) -> str:
     )
 
 
-def write_report(result: MonitorResult, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``out_dir/monitor.json`` and ``out_dir/monitor.html``; returns their paths."""
+def write_report(
+    result: MonitorResult, out_dir: Path, *, document: Mapping[str, Any] | None = None
+) -> tuple[Path, Path]:
+    """Write ``out_dir/monitor.json`` (``document``, by default ``result.to_dict()``; the CLI
+    adds notes to it) and ``out_dir/monitor.html``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "monitor.json"
-    json_path.write_text(json.dumps(result.to_dict(), indent=2))
+    json_path.write_text(json.dumps(result.to_dict() if document is None else document, indent=2))
     html_path = out / "monitor.html"
     html_path.write_text(render_html(result))
     return json_path, html_path

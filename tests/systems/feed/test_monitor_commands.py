@@ -233,10 +233,14 @@ def test_a_ctr_drop_without_a_reference_ctr_says_what_it_needs(
     assert "no data (needs --reference-ctr)" in out
     assert "ctr_drop needs --reference-ctr or [monitoring].reference_ctr" in out
 
-    assert run(args(setup, "stable", "--config", str(config), "--json")) == 0
+    out_dir = setup["root"] / "ctr-drop-report"
+    extra = ("--config", str(config), "--json", "--out", str(out_dir))
+    assert run(args(setup, "stable", *extra)) == 0
     (alert,) = json.loads(capsys.readouterr().out)["alerts"]
     assert alert["status"] == "no data"  # unchanged; the cause is a field of its own
     assert alert["note"] == "needs --reference-ctr or [monitoring].reference_ctr"
+    (written,) = json.loads((out_dir / "monitor.json").read_text())["alerts"]
+    assert written == alert  # the file says what the command printed
 
     measured = ("--config", str(config), "--reference-ctr", "0.05")
     assert run(args(setup, "stable", *measured, "--json")) == 1  # ctr 0.03: a 40% drop

@@ -132,7 +132,7 @@ def monitor(
     if out is not None:
         from mlsd.monitoring.report import write_report
 
-        json_path, html_path = write_report(result, out)
+        json_path, html_path = write_report(result, out, document=_to_json(result, served_ctr))
     if as_json:
         print(json.dumps(_to_json(result, served_ctr), indent=2))
     else:
