@@ -60,6 +60,7 @@ from mlsd.models.ranking.candidates import (
     CLAIMED_SOURCE,
     SourceLists,
     candidate_columns,
+    positions_in,
     ranker_inputs,
     request_columns,
 )
@@ -338,14 +339,9 @@ class PreparedBatch:
     def claimed(self, item_ids: IntArray) -> IntArray:
         """``(n_users, k)`` source index of each of :meth:`FeedRecommender.rank_many`'s items
         (-1 at padding or for an item not among the user's candidates)."""
-        out = np.full(item_ids.shape, -1, dtype=np.int64)
-        for row in range(len(item_ids)):
-            order = np.argsort(self.candidates[row], kind="stable")
-            ranked = self.candidates[row][order]
-            at = np.minimum(np.searchsorted(ranked, item_ids[row]), len(ranked) - 1)
-            found = (ranked[at] == item_ids[row]) & (item_ids[row] != PAD_ID)
-            out[row] = np.where(found, self.sources[row][order[at]], -1)
-        return out
+        found, col = positions_in(item_ids, self.candidates)
+        claimed = self.sources[np.arange(len(item_ids))[:, None], col].astype(np.int64)
+        return np.where(found, claimed, -1)
 
     @property
     def frame(self) -> pd.DataFrame:

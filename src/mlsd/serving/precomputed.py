@@ -571,6 +571,8 @@ class PrecomputedStore:
                     )  # fmt: skip
                 self._down_until = time.monotonic() + self.retry_after_s
             raise
+        if self._down_until == -math.inf:  # up, as almost always: no lock on the way out
+            return
         with self._health:
             if self._down_until != -math.inf:
                 logger.warning("precomputed lists: Redis answers again")

@@ -179,20 +179,27 @@ def candidate_pairs(
     return pd.DataFrame(candidate_columns(user_ids, merged, lists))
 
 
-def _source_rank_score(
-    candidates: IntArray, listed: IntArray, scores: npt.NDArray[np.floating]
-) -> tuple[IntArray, FloatArray]:
-    """1-based rank (0 = not listed) and score of each candidate in one source's lists."""
+def positions_in(items: IntArray, listed: IntArray) -> tuple[npt.NDArray[np.bool_], IntArray]:
+    """Where each of ``items`` (``(n, k)``, padding < 0) sits in its row of ``listed``
+    (``(n, L)``): whether it is there, and its column (meaningless where it is not)."""
     n, width = listed.shape
     user = np.arange(n)[:, None]  # row-wise gathers by indexing (take_along_axis costs more)
     order = np.argsort(listed, axis=1, kind="stable")
     sorted_items = listed[user, order]
-    pos = np.empty_like(candidates)
+    pos = np.empty_like(items)
     for r in range(n):  # one searchsorted per user: candidates x L stays small
-        pos[r] = np.searchsorted(sorted_items[r], candidates[r])
+        pos[r] = np.searchsorted(sorted_items[r], items[r])
     pos = np.minimum(pos, max(width - 1, 0))
-    found = (sorted_items[user, pos] == candidates) & (candidates >= 0)
-    col = order[user, pos]
+    found = (sorted_items[user, pos] == items) & (items >= 0)
+    return found, order[user, pos]
+
+
+def _source_rank_score(
+    candidates: IntArray, listed: IntArray, scores: npt.NDArray[np.floating]
+) -> tuple[IntArray, FloatArray]:
+    """1-based rank (0 = not listed) and score of each candidate in one source's lists."""
+    found, col = positions_in(candidates, listed)
+    user = np.arange(len(listed))[:, None]
     finite = np.where(np.isfinite(scores), scores, np.nan).astype(np.float64)
     floor = np.nanmin(np.where(np.isnan(finite), np.inf, finite), axis=1, keepdims=True)
     floor = np.where(np.isfinite(floor), floor, 0.0)

@@ -129,12 +129,13 @@ def monitor(
             f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(2) from exc
+    document = _to_json(result, served_ctr)
     if out is not None:
         from mlsd.monitoring.report import write_report
 
-        json_path, html_path = write_report(result, out, document=_to_json(result, served_ctr))
+        json_path, html_path = write_report(result, out, document=document)
     if as_json:
-        print(json.dumps(_to_json(result, served_ctr), indent=2))
+        print(json.dumps(document, indent=2))
     else:
         _print(result, served_ctr)
         if out is not None:
