@@ -236,6 +236,7 @@ def test_baselines_default_to_the_configured_sources(tmp_path: Path) -> None:
         ('[ranking]\nranker = "deep"\nrankers = ["logistic"]\n', "ranking].ranker"),
         ("[ranking]\nn_candidates = 50\n", "n_candidates"),
         ("[ranking.rerank]\nmmr_lambda = 2.0\n", "mmr_lambda"),
+        ('[ranking.rerank]\nfreshness_clock = "release"\n', "freshness_clock"),
         ('[ranking.lightgbm]\nobjective = "poisson"\n', "ranking.lightgbm].objective"),
         ("[ranking]\nwindows = 3\n", "unknown key"),
         ('[ranking.ensemble]\nmembers = ["forest"]\n', "ranking.ensemble].members"),

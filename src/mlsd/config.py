@@ -626,6 +626,7 @@ class RerankSection:
     mmr_lambda: float = 1.0
     freshness_weight: float = 0.0
     freshness_half_life_days: float = 30.0
+    freshness_clock: Literal["created", "first_event"] = "created"
     max_per_category: int | None = None
     blocklist: tuple[int, ...] = ()
 

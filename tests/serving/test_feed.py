@@ -23,6 +23,7 @@ from mlsd.models.ranking.gbdt import LightGBMRanker
 from mlsd.models.retrieval.merge import QUOTAS, Fusion, merge_by_segment, merge_candidates
 from mlsd.serving.feed import FeedModel, FeedRecommender
 from mlsd.serving.recommender import RecommendRequest
+from mlsd.serving.rerank import FreshnessClock
 from mlsd.serving.sources import UserQuery
 from mlsd.systems.feed.package import package_model
 from tests.feed_world import materialized_world
@@ -720,3 +721,35 @@ def test_a_user_without_history_is_merged_with_the_cold_quotas(
     batch = split.recommend_many([unknown, warm], k=20, now=4.0e9)
     for row, user in enumerate((unknown, warm)):
         assert batch[row][0].tolist() == [r.item_id for r in answers[user].items]
+
+
+def test_freshness_boost_counts_age_from_the_catalog_creation_time(
+    served: tuple[Path, Path, Path], recommender: FeedRecommender
+) -> None:
+    # An item the catalog created a moment ago is brand new whatever its first event says:
+    # the "created" clock boosts it to the top; the "first_event" clock ignores the catalog.
+    model = FeedModel.load(served[1])
+    now = float(int(time.time()))  # batch prediction's clock is in whole seconds
+    user = 7
+    plain = [r.item_id for r in recommender.recommend(RecommendRequest(user, k=10, now=now)).items]
+    new_item = plain[-1]
+    snapshot = model.snapshot
+    created = np.full(len(snapshot.item_ids), np.nan)
+    created[np.searchsorted(snapshot.item_ids, new_item)] = now
+    snapshot = dataclasses.replace(snapshot, item_created_days_ref=created)
+
+    def answer(clock: FreshnessClock) -> tuple[list[int], list[int]]:
+        rerank = dataclasses.replace(model.rerank, freshness_weight=1.0, freshness_clock=clock)
+        served_model = dataclasses.replace(model, rerank=rerank, snapshot=snapshot)
+        serving = FeedRecommender(served_model, features=recommender.features)
+        online = serving.recommend(RecommendRequest(user, k=10, now=now))
+        assert online.path == "online" and online.fallbacks == ()
+        ((batch, _),) = serving.recommend_many([user], k=10, now=now)
+        return [r.item_id for r in online.items], batch.tolist()
+
+    online, batch = answer("created")
+    assert online[0] == new_item != plain[0]
+    assert batch == online  # batch prediction reads the same clock
+    online, batch = answer("first_event")
+    assert online[0] != new_item  # the world's first events are far older than a half-life
+    assert batch == online

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from mlsd.evaluation.metrics import intra_list_diversity_score
-from mlsd.serving.rerank import PAD_ID, RerankConfig, SeenItems, rerank, rerank_lists, rows_isin
+from mlsd.serving.rerank import (
+    PAD_ID,
+    RerankConfig,
+    SeenItems,
+    boost_ages,
+    rerank,
+    rerank_lists,
+    rows_isin,
+)
 
 # Item id -> category for ids 0..9: three of category 0, three of 1, two of 2, two unknown.
 CATEGORIES = np.array([0, 0, 0, 1, 1, 1, 2, 2, -1, -1])
@@ -175,6 +183,32 @@ def test_freshness_boost_moves_a_newer_item_up() -> None:
     np.testing.assert_array_equal(unknown.item_ids, [0, 3, 6])
     with pytest.raises(ValueError, match="needs item_age_days"):
         rerank(ids, scores, k=3, config=config, item_categories=CATEGORIES)
+
+
+def test_boost_ages_count_from_creation_where_the_catalog_knows_it() -> None:
+    # Items: created 400 days ago and first seen 50 days ago; created unknown (-1), first
+    # seen 90 days ago; never seen and created 1 day ago; neither known; not created yet (-3).
+    first = np.array([50.0, 90.0, -1.0, -1.0, 4.0])
+    created = np.array([400.0, -1.0, 1.0, np.nan, -3.0])
+    np.testing.assert_array_equal(
+        boost_ages(first, created, "created"), [400.0, 90.0, 1.0, np.nan, 4.0]
+    )
+    np.testing.assert_array_equal(
+        boost_ages(first, created, "first_event"), [50.0, 90.0, np.nan, np.nan, 4.0]
+    )
+    # Through the re-ranker: the never-seen item created a day ago is boosted by "created".
+    ids, scores = np.array([0, 3, 6]), np.array([0.9, 0.8, 0.1])
+    config = RerankConfig(freshness_weight=2.0, freshness_half_life_days=30.0)
+    by_created = boost_ages(first[:3], created[:3], config.freshness_clock)
+    shown = rerank(ids, scores, k=3, config=config, item_categories=CATEGORIES,
+                   item_age_days=by_created)  # fmt: skip
+    assert shown.item_ids[0] == 6  # 0 + 2 * 0.98 beats 1 + 0.0002 and 0.875 + 0.25
+    by_first = boost_ages(first[:3], created[:3], "first_event")
+    shown = rerank(ids, scores, k=3, config=config, item_categories=CATEGORIES,
+                   item_age_days=by_first)  # fmt: skip
+    assert shown.item_ids[-1] == 6
+    with pytest.raises(ValueError, match="freshness_clock must be one of created, first_event"):
+        RerankConfig(freshness_clock="release")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("seed", range(30))

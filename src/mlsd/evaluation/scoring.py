@@ -38,7 +38,7 @@ from mlsd.evaluation.retrieval_report import Comparison
 from mlsd.evaluation.stages import Rows
 from mlsd.models.ranking.base import FloatArray
 from mlsd.models.retrieval.base import IntArray
-from mlsd.serving.rerank import RerankConfig, rerank_lists
+from mlsd.serving.rerank import RerankConfig, boost_ages, rerank_lists
 
 
 @dataclass(frozen=True)
@@ -98,14 +98,17 @@ class ListScorer:
         self.popularity /= max(train.events["user_id"].nunique(), 1)
         activity = train.events.groupby("user_id").size()
         self.activity = pd.Series(task.user_ids).map(activity).fillna(0).to_numpy(np.float64)
-        self.age_days = item_age_days(train.items, rows.pairs, top)
+        self.first_event_days = item_days(rows.pairs, "item_age_days", top)
+        self.created_days = item_days(rows.pairs, "item_created_days", top)
         self.seen = seen_by_user(train.events, task.user_ids)
         if task.exclude is not None:  # a given split's validation items: seen as well
             self.seen = [np.union1d(a, b) for a, b in zip(self.seen, task.exclude, strict=True)]
         self._per_user: dict[str, dict[str, npt.NDArray[np.float64]]] = {}
 
     def rerank(self, ranked: IntArray, scores: FloatArray, config: RerankConfig) -> IntArray:
-        ages = np.where(ranked >= 0, self.age_days[np.maximum(ranked, 0)], np.nan)
+        at = np.maximum(ranked, 0)
+        ages = boost_ages(self.first_event_days[at], self.created_days[at], config.freshness_clock)
+        ages[ranked < 0] = np.nan
         return rerank_lists(
             ranked,
             scores,
@@ -208,12 +211,13 @@ def category_codes(items: pd.DataFrame, top: int) -> IntArray:
     return out
 
 
-def item_age_days(items: pd.DataFrame, pairs: pd.DataFrame, top: int) -> FloatArray:
-    """Item age in days as of the test cutoff (from the candidate rows), NaN unknown."""
+def item_days(pairs: pd.DataFrame, column: str, top: int) -> FloatArray:
+    """Per item id, the candidate rows' ``column`` (an age in days as of the test cutoff:
+    ``item_age_days`` or ``item_created_days``), NaN where unknown."""
     out = np.full(top + 1, np.nan)
-    if "item_age_days" in pairs.columns:
+    if column in pairs.columns:
         ids = pairs["item_id"].to_numpy(np.int64)
-        age = pairs["item_age_days"].to_numpy(np.float64)
+        age = pairs[column].to_numpy(np.float64)
         ok = (ids <= top) & (age >= 0)
         out[ids[ok]] = age[ok]
     return out

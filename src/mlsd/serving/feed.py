@@ -82,7 +82,7 @@ from mlsd.serving.recommender import (
     RecommendRequest,
     RecommendResult,
 )
-from mlsd.serving.rerank import PAD_ID, RerankConfig, rerank, rerank_lists
+from mlsd.serving.rerank import PAD_ID, RerankConfig, boost_ages, rerank, rerank_lists
 from mlsd.serving.sources import CandidateSource, UserQuery, candidates_matrix, load_source
 
 logger = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ class FeedModel:
             raise ValueError(f"{path / SNAPSHOT}: unreadable snapshot ({err})") from err
         rerank_raw = dict(meta.get("rerank", {}))
         rerank_raw["blocklist"] = frozenset(rerank_raw.get("blocklist", ()))
+        rerank_raw.setdefault("freshness_clock", "first_event")  # the clock of older models
         profile = meta.get("reference_profile")
         if profile is not None and not (path / profile).is_file():
             # Serving does not need it: the model serves, its traffic is not drift-checked.
@@ -537,12 +538,13 @@ class FeedRecommender:
         owner = np.nonzero(merged.item_ids != PAD_ID)[0]  # each row's user
         items = self.features.item_features(item_ids)
         derived = derive(users, items, now_s=now_s, config=self.features.config, owner=owner)
+        extras = model.snapshot.extras(pairs["user_id"], item_ids, float(now_s))
         frame = request_columns(
             pairs,
             user=users,
             items=items,
             derived=derived,
-            extras=model.snapshot.extras(pairs["user_id"], item_ids, float(now_s)),
+            extras=extras,
             layout=bundle.layout,
             config=bundle.feature_config,
             owner=owner,
@@ -552,14 +554,13 @@ class FeedRecommender:
         features, schema = ranker_inputs(
             frame, bundle.layout, bundle.vocabulary, bundle.feature_config
         )
-        age = np.asarray(derived["item_age_days"], dtype=np.float64)
         return PreparedBatch(
             [int(u) for u in user_ids],
             excludes,
             merged.item_ids,
             features,
             schema,
-            np.where(age >= 0, age, np.nan),
+            self._ages(derived, extras),
             merged.source,
             merged.source_names,
         )
@@ -720,6 +721,12 @@ class FeedRecommender:
                 lists[name] = (np.zeros(0, np.int64), np.zeros(0, np.float32))
         return lists
 
+    def _ages(self, derived: Mapping[str, Any], extras: Mapping[str, Any]) -> FloatArray:
+        """The rows' ages for the freshness boost, by the model's clock (NaN unknown)."""
+        return boost_ages(
+            derived["item_age_days"], extras["item_created_days"], self.model.rerank.freshness_clock
+        )
+
     def _rank(
         self,
         request: RecommendRequest,
@@ -746,12 +753,13 @@ class FeedRecommender:
             )
             batch = self.features.features_for(user, item_ids, request.context, now=now)
             now_s = now.value / 1e9
+            extras = self.model.snapshot.extras(request.user_id, item_ids, now_s)
             frame = request_columns(
                 pairs,
                 user=batch.user,
                 items=batch.items,
                 derived=batch.derived,
-                extras=self.model.snapshot.extras(request.user_id, item_ids, now_s),
+                extras=extras,
                 layout=bundle.layout,
                 config=bundle.feature_config,
             )
@@ -760,8 +768,7 @@ class FeedRecommender:
             )
             scores = bundle.scores_matrix(matrix, schema)
             probs = bundle.calibrated(scores)
-            age = np.asarray(batch.derived.get("item_age_days", ages), dtype=np.float64)
-            ages = np.where(age >= 0, age, np.nan)
+            ages = self._ages(batch.derived, extras)
         except Exception:
             logger.exception("ranking failed; serving the merged order")
             fallbacks.append("ranker")

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,9 @@ PAD_ID = -1
 SeenItems = AbstractSet[int] | npt.ArrayLike
 """Item ids a user already interacted with: a set or a 1-D array."""
 
+FreshnessClock = Literal["created", "first_event"]
+FRESHNESS_CLOCKS: tuple[FreshnessClock, ...] = ("created", "first_event")
+
 
 @dataclass(frozen=True)
 class RerankConfig:
@@ -57,10 +60,11 @@ class RerankConfig:
             every category before any second item of one.
         freshness_weight: >= 0, boost of a brand-new item, in units of the list's normalised
             score range (0.1 = a tenth of the gap between the best and the worst candidate).
-            The feed's ages are days since the item's first event (``item_age_days``), so an
-            item no one has touched yet has no age and gets no boost; a catalog's release
-            times (``item_created_days``) are a ranker feature, not this boost's clock.
         freshness_half_life_days: > 0, age at which the boost halves.
+        freshness_clock: what an item's age counts from (:func:`boost_ages`): ``"created"``,
+            its catalog creation time (``created_ts``, e.g. a release date) where the catalog
+            has one, else its first event; ``"first_event"``, its first event only, so an item
+            no one has touched yet has no age and gets no boost.
         max_per_category: at most this many items of one category in the list (None: no cap).
         blocklist: item ids never shown (legal takedowns, out of stock).
     """
@@ -68,6 +72,7 @@ class RerankConfig:
     mmr_lambda: float = 1.0
     freshness_weight: float = 0.0
     freshness_half_life_days: float = 30.0
+    freshness_clock: FreshnessClock = "created"
     max_per_category: int | None = None
     blocklist: frozenset[int] = frozenset()
 
@@ -77,6 +82,11 @@ class RerankConfig:
         _check_float("freshness_half_life_days", self.freshness_half_life_days, low=0.0)
         if self.freshness_half_life_days == 0.0:
             raise ValueError("RerankConfig.freshness_half_life_days must be > 0 days, got 0")
+        if self.freshness_clock not in FRESHNESS_CLOCKS:
+            raise ValueError(
+                f"RerankConfig.freshness_clock must be one of {', '.join(FRESHNESS_CLOCKS)}, "
+                f"got {self.freshness_clock!r}"
+            )
         cap = self.max_per_category
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ValueError(
@@ -224,14 +234,40 @@ def _relevance(scores: FloatArray, ages: FloatArray | None, config: RerankConfig
     low, high = scores.min(), scores.max()
     relevance = (scores - low) / (high - low) if high > low else np.ones_like(scores)
     if config.freshness_weight > 0.0:
-        if ages is None:
-            raise ValueError("RerankConfig.freshness_weight > 0 needs item_age_days")
-        # Negative ages (clock skew) count as brand new; unknown ages (NaN) get no boost,
-        # so missing metadata is never promoted.
-        half_lives = np.maximum(ages, 0.0) / config.freshness_half_life_days
-        boost = np.nan_to_num(config.freshness_weight * 0.5**half_lives, nan=0.0)
-        relevance = relevance + boost
+        relevance = relevance + _boost(ages, config)
     return relevance
+
+
+def _boost(ages: FloatArray | None, config: RerankConfig) -> FloatArray:
+    if ages is None:
+        raise ValueError("RerankConfig.freshness_weight > 0 needs item_age_days")
+    # Negative ages (clock skew) count as brand new; unknown ages (NaN) get no boost,
+    # so missing metadata is never promoted.
+    half_lives = np.maximum(ages, 0.0) / config.freshness_half_life_days
+    boost: FloatArray = np.nan_to_num(config.freshness_weight * 0.5**half_lives, nan=0.0)
+    return boost
+
+
+def boost_ages(
+    first_event_days: npt.ArrayLike, created_days: npt.ArrayLike, clock: FreshnessClock
+) -> FloatArray:
+    """The ages in days the freshness boost reads, NaN unknown.
+
+    Args:
+        first_event_days: days since each item's first event (the ``item_age_days`` feature;
+            negative: none).
+        created_days: days since each item's catalog creation time (``item_created_days``;
+            negative: unknown, or not created yet).
+        clock: ``"created"`` takes the creation age where known, else the first event's;
+            ``"first_event"`` the first event's only.
+    """
+    first = np.asarray(first_event_days, dtype=np.float64)
+    first = np.where(first >= 0, first, np.nan)
+    if clock == "first_event":
+        return first
+    created = np.asarray(created_days, dtype=np.float64)
+    out: FloatArray = np.where(created >= 0, created, first)
+    return out
 
 
 def _categories_of(ids: IntArray, item_categories: npt.ArrayLike) -> IntArray:
@@ -454,10 +490,7 @@ def _sorted_lists(
     with np.errstate(invalid="ignore", divide="ignore"):  # rows without a kept candidate
         relevance = np.where(spread, (values - low) / np.where(spread, high - low, 1.0), 1.0)
     if config.freshness_weight > 0.0:
-        if ages is None:
-            raise ValueError("RerankConfig.freshness_weight > 0 needs item_age_days")
-        half_lives = np.maximum(ages, 0.0) / config.freshness_half_life_days
-        relevance = relevance + np.nan_to_num(config.freshness_weight * 0.5**half_lives, nan=0.0)
+        relevance = relevance + _boost(ages, config)
     order = np.argsort(np.where(keep, -relevance, np.inf), axis=1, kind="stable")[:, :k]
     shown = np.take_along_axis(keep, order, axis=1)
     out_ids = np.full((ids.shape[0], k), PAD_ID, dtype=np.int64)
