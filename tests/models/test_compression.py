@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from mlsd.models.compression import OnnxRanker, distill, export_onnx, quantize_int8
 from mlsd.models.ranking.base import FeatureSchema, RankingData
-from mlsd.models.ranking.deep import DeepRanker, DeepRankerConfig
+from mlsd.models.ranking.deep import DeepRanker, DeepRankerConfig, NetworkRanker
 from tests.models.ranking.contract import contract_data, synthetic_ranking_data
 
 FAST = DeepRankerConfig(
@@ -93,6 +94,41 @@ def test_onnx_ranker_serves_only_and_names_bad_columns(
     bad.loc[3, "cat"] = 99
     with pytest.raises(ValueError, match="cat"):
         scorer.predict(bad)
+
+
+@pytest.mark.parametrize("which", ["torch", "onnx-fp32", "onnx-int8"])
+def test_the_request_block_scores_without_a_dataframe(
+    ranker: DeepRanker, exported: tuple[Path, Path], which: str
+) -> None:
+    # The request path hands the ranker its float block: in the ranker's column order it is
+    # scored as it is (building the DataFrame costs about as much as the student at 500 rows);
+    # in another order the frame reorders it. The scores are predict's either way.
+    scorer: NetworkRanker = {
+        "torch": ranker,
+        "onnx-fp32": OnnxRanker.from_deep(ranker, exported[0]),
+        "onnx-int8": OnnxRanker.from_deep(ranker, exported[1]),
+    }[which]
+    features = contract_data().test.features
+    schema = scorer.schema_
+    expected = scorer.predict(features)
+    with mock.patch.object(FeatureSchema, "frame", side_effect=AssertionError("frame built")):
+        np.testing.assert_array_equal(
+            scorer.predict_matrix(schema.matrix(features), schema), expected
+        )
+    flipped = FeatureSchema(
+        tuple(reversed(schema.numeric)), schema.categorical, schema.cardinalities
+    )
+    np.testing.assert_array_equal(
+        scorer.predict_matrix(flipped.matrix(features), flipped), expected
+    )
+    matrix = schema.matrix(features)
+    matrix[4, schema.columns.index("cat")] = 2.5
+    with pytest.raises(ValueError, match="column 'cat' row 4"):
+        scorer.predict_matrix(matrix, schema)
+    matrix = schema.matrix(features)
+    matrix[2, schema.columns.index("x1")] = 1e39  # finite in float64, not in float32
+    with pytest.raises(ValueError, match="float32"):
+        scorer.predict_matrix(matrix, schema)
 
 
 def test_multitask_model_without_categoricals_exports(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
-import pandas as pd
 import torch
 import torch.nn.functional as F  # noqa: N812 (the universal torch alias)
 from onnx import helper, numpy_helper
@@ -32,17 +31,13 @@ from torch import Tensor
 
 from mlsd.models.ranking.base import (
     FeatureSchema,
-    FloatArray,
-    Ranker,
     RankingData,
-    ScoreKind,
-    sigmoid,
 )
 from mlsd.models.ranking.deep import (
     RANKER_JSON,
     DeepRanker,
     DeepRankerConfig,
-    feature_arrays,
+    NetworkRanker,
     multitask_loss,
 )
 
@@ -183,7 +178,7 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-class OnnxRanker(Ranker):
+class OnnxRanker(NetworkRanker):
     """A serving-only ``Ranker``: scores with onnxruntime from an exported (maybe int8) model.
 
     Args:
@@ -195,7 +190,6 @@ class OnnxRanker(Ranker):
     """
 
     name = "onnx"
-    outputs: ScoreKind = "probability"
 
     def __init__(
         self,
@@ -229,23 +223,18 @@ class OnnxRanker(Ranker):
             "OnnxRanker only serves: fit a DeepRanker, then export_onnx (and quantize_int8) it"
         )
 
-    def predict_logits(self, features: pd.DataFrame) -> npt.NDArray[np.float32]:
-        """``(n, n_tasks)`` float32 logits."""
-        dense, sparse = feature_arrays(features, self.schema_, name="OnnxRanker.predict")
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.tasks
+
+    def array_logits(
+        self, dense: npt.NDArray[np.float32], sparse: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
         feeds = {"dense": dense, "sparse": sparse}
         (logits,) = self.session_.run(
             [OUTPUT_NAME], {k: v for k, v in feeds.items() if k in self._inputs}
         )
         return np.asarray(logits, dtype=np.float32)
-
-    def predict(self, features: pd.DataFrame) -> FloatArray:
-        """``(n,)`` float64 click probability."""
-        return sigmoid(self.predict_logits(features)[:, 0])
-
-    def predict_tasks(self, features: pd.DataFrame) -> dict[str, FloatArray]:
-        """Task name → ``(n,)`` float64 probability of each head."""
-        logits = self.predict_logits(features)
-        return {name: sigmoid(logits[:, j]) for j, name in enumerate(self.tasks)}
 
     def save(self, path: Path) -> None:
         """Write ``model.onnx`` and ``ranker.json`` (kind "onnx", schema, heads, threads)."""

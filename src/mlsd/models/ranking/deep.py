@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -263,6 +264,68 @@ def feature_arrays(
     return dense, codes.astype(np.int64)
 
 
+def block_arrays(
+    matrix: FloatArray, schema: FeatureSchema, *, name: str
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """:func:`feature_arrays` of a ``schema.matrix`` block (the request path's rows, codes as
+    floats): the same arrays without the DataFrame the request path would otherwise build
+    for them, which at 500 rows costs about as much as a small network."""
+    schema.check_matrix(matrix, name=name)
+    k = len(schema.numeric)
+    dense = matrix[:, :k].astype(np.float32)
+    if not np.isfinite(dense).all():
+        raise ValueError(f"{name}: numeric values beyond float32's range (±3.4e38)")
+    return dense, matrix[:, k:].astype(np.int64)
+
+
+class NetworkRanker(Ranker):
+    """A ranker whose network reads ``(dense float32, sparse int64)`` arrays and gives one
+    logit per head (:class:`DeepRanker` in torch, the ONNX scorer of its export): the
+    scoring methods, from a DataFrame or from the request path's block alike."""
+
+    outputs: ScoreKind = "probability"
+    schema_: FeatureSchema
+
+    @property
+    @abstractmethod
+    def task_names(self) -> tuple[str, ...]:
+        """Head names in output order; head 0 is the click."""
+
+    @abstractmethod
+    def array_logits(
+        self, dense: npt.NDArray[np.float32], sparse: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        """``(n, n_tasks)`` float32 logits of :func:`feature_arrays`' arrays."""
+
+    def _ready(self) -> None:
+        """Raise if the ranker cannot score yet."""
+
+    def predict_logits(self, features: pd.DataFrame) -> npt.NDArray[np.float32]:
+        """``(n, n_tasks)`` float32 logits, heads in :attr:`task_names` order."""
+        self._ready()
+        name = f"{type(self).__name__}.predict"
+        return self.array_logits(*feature_arrays(features, self.schema_, name=name))
+
+    def predict(self, features: pd.DataFrame) -> FloatArray:
+        """``(n,)`` float64 click probability."""
+        return sigmoid(self.predict_logits(features)[:, 0])
+
+    def predict_tasks(self, features: pd.DataFrame) -> dict[str, FloatArray]:
+        """Task name → ``(n,)`` float64 probability of each head (e.g. click, rating)."""
+        logits = self.predict_logits(features)
+        return {name: sigmoid(logits[:, j]) for j, name in enumerate(self.task_names)}
+
+    def predict_matrix(self, matrix: FloatArray, schema: FeatureSchema) -> FloatArray:
+        """:meth:`predict` of a ``schema.matrix`` block, without a DataFrame
+        (:func:`block_arrays`) when its columns are the ranker's, in order."""
+        self._ready()
+        if schema.columns != self.schema_.columns:  # another order: the frame reorders it
+            return super().predict_matrix(matrix, schema)
+        name = f"{type(self).__name__}.predict"
+        logits = self.array_logits(*block_arrays(matrix, self.schema_, name=name))
+        return sigmoid(logits[:, 0])
+
+
 def feature_tensors(
     features: pd.DataFrame, schema: FeatureSchema, *, name: str
 ) -> tuple[Tensor, Tensor]:
@@ -403,7 +466,7 @@ def _holdout(data: RankingData, frac: float) -> tuple[npt.NDArray[np.int64], Ran
     return np.arange(cut, dtype=np.int64), data.take(np.arange(cut, len(data.groups)))
 
 
-class DeepRanker(Ranker):
+class DeepRanker(NetworkRanker):
     """Pointwise DCN-v2 ranker; ``predict`` is the click probability.
 
         ranker = DeepRanker(DeepRankerConfig(tasks={"click": 1.0, "rating": 0.5}))
@@ -423,9 +486,7 @@ class DeepRanker(Ranker):
     """
 
     name = "deep"
-    outputs: ScoreKind = "probability"
 
-    schema_: FeatureSchema
     model_: DCNv2
     training_log_: list[dict[str, float]]
     best_epoch_: int
@@ -485,22 +546,20 @@ class DeepRanker(Ranker):
         if not hasattr(self, "model_"):
             raise RuntimeError("DeepRanker is not fitted; call fit(train) or DeepRanker.load(dir)")
 
-    def predict_logits(self, features: pd.DataFrame) -> npt.NDArray[np.float32]:
-        """``(n, n_tasks)`` float32 logits, heads in ``config.task_names`` order."""
+    _ready = _check_fitted
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.config.task_names
+
+    def array_logits(
+        self, dense: npt.NDArray[np.float32], sparse: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
         self._check_fitted()
-        dense, sparse = feature_tensors(features, self.schema_, name="DeepRanker.predict")
         with torch_threads(self.config.threads):
-            logits: npt.NDArray[np.float32] = batched_logits(self.model_, dense, sparse).numpy()
+            out = batched_logits(self.model_, torch.from_numpy(dense), torch.from_numpy(sparse))
+        logits: npt.NDArray[np.float32] = out.numpy()
         return logits
-
-    def predict(self, features: pd.DataFrame) -> FloatArray:
-        """``(n,)`` float64 click probability."""
-        return sigmoid(self.predict_logits(features)[:, 0])
-
-    def predict_tasks(self, features: pd.DataFrame) -> dict[str, FloatArray]:
-        """Task name → ``(n,)`` float64 probability of each head (e.g. click, rating)."""
-        logits = self.predict_logits(features)
-        return {name: sigmoid(logits[:, j]) for j, name in enumerate(self.config.task_names)}
 
     def save(self, path: Path) -> None:
         """Write ``ranker.json`` (kind, config, schema, standardisation, log) and ``model.pt``."""
