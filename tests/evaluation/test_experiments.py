@@ -11,11 +11,13 @@ import subprocess
 import sys
 import tomllib
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,7 +31,9 @@ from mlsd.evaluation.experiments import (
     Experiment,
     ExperimentReport,
     ExperimentsSection,
+    Pilot,
     analyse_units,
+    design_effect,
     experiment_report,
     holm,
     mean_ci,
@@ -297,6 +301,122 @@ def test_sample_size_gives_the_target_power_by_simulation() -> None:
     pooled = (control + treated) / (2 * n)
     z = (treated - control) / n / np.sqrt(pooled * (1 - pooled) * 2 / n)
     assert np.mean(np.abs(z) > 1.959964) == pytest.approx(0.8, abs=0.025)
+
+
+def test_users_per_arm_divide_the_exposures_by_m_over_the_design_effect() -> None:
+    exposures = sample_size(0.05, 0.1)  # 31,234 independent exposures
+    assert design_effect(1, 0.3) == 1.0
+    assert design_effect(11, 0.05) == pytest.approx(1.5)
+    assert sample_size(0.05, 0.1, exposures_per_user=11) == math.ceil(exposures / 11) == 2840
+    assert sample_size(0.05, 0.1, exposures_per_user=11, icc=0.05) == math.ceil(
+        exposures * 1.5 / 11
+    )
+    # a measured design effect stands in for 1 + (m - 1) icc
+    assert sample_size(0.05, 0.1, exposures_per_user=11, design_effect=1.5) == 4260
+    assert sample_size(0.05, 0.1, exposures_per_user=11, icc=1.0) == exposures  # all alike
+    for users, m, icc in ((2840, 11, 0.0), (4260, 11, 0.05)):
+        achieved = power(0.05, 0.1, n_per_arm=users, exposures_per_user=m, icc=icc)
+        assert (
+            achieved >= 0.8 > power(0.05, 0.1, n_per_arm=users - 1, exposures_per_user=m, icc=icc)
+        )
+    bad_input: list[tuple[dict[str, Any], str]] = [
+        ({"exposures_per_user": 0.5}, "exposures_per_user"),
+        ({"exposures_per_user": 3, "icc": 1.5}, "icc"),
+        ({"icc": 0.1, "design_effect": 1.2}, "not both"),
+        ({"design_effect": 0.0}, "design_effect"),
+    ]
+    for bad, message in bad_input:
+        with pytest.raises(ValueError, match=message):
+            sample_size(0.05, 0.1, **bad)
+
+
+def simulate_users(
+    rng: np.random.Generator, n: int, ctr: float, exposures: npt.NDArray[np.int64], icc: float
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(clicks, exposures) of ``n`` users; with ``icc`` > 0 each user clicks at a rate of their
+    own, Beta with mean ``ctr`` and concentration 1/icc - 1: the correlation of two clicks of
+    one user is then ``icc``."""
+    rate: float | npt.NDArray[np.float64] = ctr
+    if icc > 0:
+        rate = rng.beta(ctr * (1 / icc - 1), (1 - ctr) * (1 / icc - 1), n)
+    return rng.binomial(exposures, rate), exposures
+
+
+def decision_power(
+    rng: np.random.Generator,
+    n: int,
+    draw_exposures: Callable[[int], npt.NDArray[np.int64]],
+    icc: float,
+    *,
+    repeats: int = 1000,
+) -> float:
+    """Share of ``repeats`` experiments of ``n`` users per arm, CTR 0.05 against 0.06, in
+    which the report's decision test (the delta-method CTR over users) rejects at 5%."""
+    rejected = 0
+    for _ in range(repeats):
+        c0, e0 = simulate_users(rng, n, 0.05, draw_exposures(n), icc)
+        c1, e1 = simulate_users(rng, n, 0.06, draw_exposures(n), icc)
+        rejected += ratio_delta_test(c0, e0, c1, e1).p_value < 0.05
+    return rejected / repeats
+
+
+@pytest.mark.parametrize(("icc", "users"), [(0.0, 816), (0.05, 1183)])
+def test_users_per_arm_give_the_decision_test_its_power(icc: float, users: int) -> None:
+    """Users who see 10 items each, with independent clicks or an intra-user correlation of
+    0.05: the decision test's power at the users per arm is the nominal 0.8 (seeds 0-3:
+    0.80-0.82 and 0.79-0.81 over 1000 experiments, sd 0.013). The users per arm used to be
+    the 8,158 independent exposures, a power of 1.0."""
+    n = sample_size(0.05, 0.2, alpha=0.05, power=0.8, exposures_per_user=10, icc=icc)
+    assert n == users
+    rng = np.random.default_rng(0)
+
+    def ten(n: int) -> npt.NDArray[np.int64]:
+        return np.full(n, 10, dtype=np.int64)
+
+    assert decision_power(rng, n, ten, icc) == pytest.approx(0.8, abs=0.04)
+    assert decision_power(rng, sample_size(0.05, 0.2), ten, icc, repeats=100) > 0.99
+
+
+def pilot_units(clicks: npt.ArrayLike, exposures: npt.ArrayLike) -> pd.DataFrame:
+    """:func:`read_units`' rows for users 0, 1, ... in one arm."""
+    n = len(np.asarray(clicks))
+    return pd.DataFrame(
+        {"user_id": np.arange(n), "anonymous_request": "", "arm": "", "requests": 1,
+         "exposures": exposures, "clicks": clicks}
+    )  # fmt: skip
+
+
+def test_a_pilot_measures_what_sizes_the_decision_test() -> None:
+    """Exposures per user vary (1 + Poisson(9)): the design effect is 1 + (E[e²]/E[e] - 1)
+    icc = 1.495, not 1 + (10 - 1) icc = 1.45, which the pilot measures. At its users per arm
+    the decision test has its power (seeds 0-3: 0.79-0.81 over 1000 experiments)."""
+    rng = np.random.default_rng(0)
+
+    def varied(n: int) -> npt.NDArray[np.int64]:
+        return 1 + rng.poisson(9, n)
+
+    pilot = Pilot.from_units(pilot_units(*simulate_users(rng, 20_000, 0.05, varied(20_000), 0.05)))
+    assert pilot.units == 20_000
+    assert pilot.exposures_per_user == pytest.approx(10, abs=0.05)
+    assert pilot.ctr == pytest.approx(0.05, abs=0.001)
+    assert pilot.design_effect == pytest.approx(1.495, abs=0.05)
+    n = sample_size(
+        0.05, 0.2, exposures_per_user=pilot.exposures_per_user, design_effect=pilot.design_effect
+    )
+    assert decision_power(rng, n, varied, 0.05) == pytest.approx(0.8, abs=0.04)
+
+    # by hand: the delta-method variance of the CTR over the binomial one of its exposures
+    c, e = np.array([1, 0, 1, 2, 0]), np.array([3, 2, 2, 2, 1])
+    small = Pilot.from_units(pilot_units(c, e))
+    r = 0.4
+    var = (np.var(c, ddof=1) - 2 * r * np.cov(c, e)[0, 1] + r**2 * np.var(e, ddof=1)) / (5 * 4)
+    assert (small.units, small.exposures_per_user, small.ctr) == (5, 2.0, 0.4)
+    assert small.design_effect == pytest.approx(var / (r * (1 - r) / 10))
+    assert small.icc == pytest.approx(small.design_effect - 1)
+    with pytest.raises(ValueError, match="CTR is 0"):
+        Pilot.from_units(pilot_units([0, 0], [3, 2]))
+    with pytest.raises(ValueError, match="1 unit"):
+        Pilot.from_units(pilot_units([1], [3]))
 
 
 # --- A/A and power with correlated exposures ------------------------------------------------
@@ -619,6 +739,44 @@ def test_report_flags_srm_and_counts_unknown_arms(tmp_path: Path) -> None:
     assert srm.flagged
     _, _, srm = analyse_units(simulate_units(np.random.default_rng(0), AB, n_users=20_000), AB)
     assert not srm.flagged
+
+
+def test_a_log_with_no_unit_in_exactly_one_configured_arm_is_an_error(tmp_path: Path) -> None:
+    """Arms renamed in the TOML leave every logged unit in an arm the config does not define;
+    the report used to show 0 users per arm, an SRM p-value of NaN, ``trusted`` and "no
+    significant difference". Units each logged in both arms leave nothing either."""
+    write_small_log(tmp_path / "renamed")
+    renamed = Experiment(AB.name, AB.salt, (Arm("a", "champion", 1), Arm("b", "challenger", 1)))
+    with pytest.raises(EmptyLogError) as raised:
+        experiment_report(tmp_path / "renamed", renamed)
+    message = " ".join(str(raised.value).split())
+    assert "no unit of experiment 'ranker-ab'" in message
+    assert "The log's arms are ['control', 'treatment'], the config's ['a', 'b']" in message
+    assert "5 unit(s) are in arms the config does not define and 0 in more than one" in message
+    assert "give them the names the service logged" in message
+    # the same log with the names it was served under is fine, and so is a resalt
+    assert sum(arm.users for arm in experiment_report(tmp_path / "renamed", AB).arms) == 5
+    resalted = experiment_report(tmp_path / "renamed", renamed, resalt="aa-1")
+    assert sum(arm.users for arm in resalted.arms) == 5
+
+    reqs = [request(f"{arm}{u}", DAY1, u, arm) for u in (1, 2) for arm in ("control", "treatment")]
+    write_table(tmp_path / "mixed", "requests", REQUEST_SCHEMA, reqs)
+    both = r"0 unit\(s\) are in arms the config does not define and 2 in more than one of its"
+    with pytest.raises(EmptyLogError, match=both):
+        experiment_report(tmp_path / "mixed", AB)
+
+
+def test_a_split_the_srm_check_could_not_test_is_not_trusted() -> None:
+    """No unit in the configured arms: the SRM test has [0, 0] to test and a NaN p-value,
+    which flags nothing but shows nothing either."""
+    report = _report(simulate_units(np.random.default_rng(0), AB).iloc[:0], AB)
+    assert report.srm.observed == (0, 0)
+    assert math.isnan(report.srm.p_value)
+    assert not report.srm.flagged
+    assert not report.trusted
+    data = report.to_dict()
+    assert data["trusted"] is False
+    assert data["comparisons"][0]["decision"] == DECISION_BLOCKED
 
 
 def _report(units: pd.DataFrame, experiment: Experiment) -> ExperimentReport:

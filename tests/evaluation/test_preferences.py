@@ -62,11 +62,31 @@ def test_world_drift_changes_click_probabilities(world: World) -> None:
     )
     assert after.name == "world (after drift)"
 
-    # Unknown ids are never clicked; probabilities are probabilities.
+    # Unknown ids, and items the world has not created yet, are never clicked; the others'
+    # probabilities are probabilities.
     probs = natural.click_probability([1, 999, 2], [1, 1, 999], drift)
     assert probs[0] > 0
     assert probs[1] == probs[2] == 0.0
-    assert ((just_before > 0) & (just_before < 1)).all()
+    exists = world.item_created_us[items - 1] <= drift - 1
+    assert 0 < exists.mean() < 1  # the span creates items: some of these do not exist yet
+    assert ((just_before[exists] > 0) & (just_before[exists] < 1)).all()
+    assert (just_before[~exists] == 0).all()
+
+
+def test_an_item_is_not_clicked_before_the_world_creates_it(world: World) -> None:
+    """A service's catalog can hold items newer than the simulated clock; they do not exist
+    then. The freshness feature clamps an item's age at 0, so before the fix such an item
+    was the freshest of all (P ~0.02 here, at creation's level) instead of 0."""
+    start = _us(world.config.start)
+    item = int(np.flatnonzero(world.item_created_us > start + 10 * 86_400_000_000)[0]) + 1
+    created = int(world.item_created_us[item - 1])
+    users = np.arange(1, 201)
+    items = np.full(len(users), item)
+    for prefs in (WorldPreferences(world), WorldPreferences(world, force_regime="before")):
+        before = prefs.click_probability(users, items, np.full(len(users), created - 1))
+        at = prefs.click_probability(users, items, np.full(len(users), created))
+        assert (before == 0).all()
+        assert (at > 0).all()
 
 
 def test_after_drift_needs_a_drifting_world(tmp_path: Path) -> None:

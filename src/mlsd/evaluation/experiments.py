@@ -20,9 +20,15 @@ with ``c``, ``e`` the per-user clicks and exposures. Per-user metrics (clicks pe
 share of users with a click) are already at the randomisation unit, so Welch's t-test and the
 two-proportion z-test on users are valid for them as they are.
 
+**Sizing.** :func:`sample_size` sizes this decision test: the independent exposures of the
+two-proportion formula, times the design effect ``1 + (m - 1) ρ`` of users who see ``m`` items
+with an intra-user click correlation ``ρ``, over ``m``; or with ``m`` and the design effect
+measured on a pilot's log (:func:`read_pilot`).
+
 **Sample-ratio mismatch.** Users per arm are compared with the configured weights by a
 chi-squared goodness-of-fit test; p < 0.001 flags a broken assignment or logging path, in which
-case no other number of the report should be trusted.
+case no other number of the report should be trusted. A log none of whose units is in exactly
+one configured arm (arms renamed in the config) is an error, not a report of zero users.
 
 **Several arms.** Each treatment arm is compared with the control, and the decision's
 p-values are adjusted for the number of comparisons (Holm's step-down, :func:`holm`): three
@@ -71,14 +77,17 @@ __all__ = [
     "Experiment",
     "ExperimentReport",
     "ExperimentsSection",
+    "Pilot",
     "SRMResult",
     "analyse_units",
+    "design_effect",
     "experiment_report",
     "holm",
     "mean_ci",
     "power",
     "ratio_ci",
     "ratio_delta_test",
+    "read_pilot",
     "read_units",
     "sample_size",
     "srm_test",
@@ -482,6 +491,41 @@ def _rates(baseline_ctr: float, mde: float) -> tuple[float, float]:
     return baseline_ctr, treated
 
 
+def design_effect(exposures_per_user: float, icc: float) -> float:
+    """``1 + (m - 1) ρ``: the variance of a CTR over users who see ``m`` items each, over the
+    variance of the same number of independent exposures.
+
+    A user clicks each of their ``m`` exposures with a rate of their own, spread around the CTR
+    ``p`` with variance ``ρ p (1 - p)``; ``ρ`` (``icc``) is the correlation of two clicks of
+    one user. The user's clicks then vary ``1 + (m - 1) ρ`` times as much as ``m`` independent
+    clicks, and so does the delta-method CTR of the report. ``ρ = 0`` (independent clicks)
+    gives 1. When users see different numbers of items, ``m`` here is ``E[e²] / E[e]`` of the
+    exposures ``e`` per user, more than their mean (:class:`Pilot` measures it all at once).
+    """
+    if not (exposures_per_user >= 1 and math.isfinite(exposures_per_user)):
+        raise ValueError(
+            f"exposures_per_user must be a finite number >= 1, got {exposures_per_user}"
+        )
+    if not 0.0 <= icc <= 1.0:
+        raise ValueError(f"icc (intra-user correlation of clicks) must be in [0, 1], got {icc}")
+    return 1.0 + (exposures_per_user - 1.0) * icc
+
+
+def _effect_per_user(
+    exposures_per_user: float, icc: float | None, measured: float | None
+) -> tuple[float, float]:
+    """(m, design effect): ``measured`` (a :class:`Pilot`'s) or ``1 + (m - 1) icc``."""
+    if measured is None:
+        return exposures_per_user, design_effect(exposures_per_user, icc or 0.0)
+    if icc is not None:
+        raise ValueError("pass icc or a measured design_effect, not both")
+    if not (measured > 0 and math.isfinite(measured)):
+        raise ValueError(f"design_effect must be a positive finite number, got {measured}")
+    if not (exposures_per_user > 0 and math.isfinite(exposures_per_user)):
+        raise ValueError(f"exposures_per_user must be a positive number, got {exposures_per_user}")
+    return exposures_per_user, measured
+
+
 def sample_size(
     baseline_ctr: float,
     mde: float,
@@ -489,26 +533,46 @@ def sample_size(
     alpha: float = 0.05,
     power: float = 0.8,
     two_sided: bool = True,
+    exposures_per_user: float = 1.0,
+    icc: float | None = None,
+    design_effect: float | None = None,
 ) -> int:
-    """Units per arm for the two-proportion z-test to detect a relative lift ``mde``.
+    """Users per arm for the report's decision test (the delta-method CTR over users, see the
+    module) to detect a relative lift ``mde`` of the CTR.
 
-    The normal approximation ``n = (z_α √(2 p̄ q̄) + z_β √(p₁q₁ + p₂q₂))² / (p₂ − p₁)²`` with
-    ``p₂ = p₁ (1 + mde)``. It counts independent Bernoulli units: with several correlated
-    exposures per user, read ``baseline_ctr`` as a per-user rate (or inflate ``n`` by the design
-    effect).
+    First the independent exposures the two-proportion z-test needs, by the normal
+    approximation ``n = (z_α √(2 p̄ q̄) + z_β √(p₁q₁ + p₂q₂))² / (p₂ − p₁)²`` with
+    ``p₂ = p₁ (1 + mde)``; then the users whose exposures carry as much information::
+
+        users = ceil(n · (1 + (m − 1) ρ) / m)
+
+    **The assumption**: each user sees ``m`` (``exposures_per_user``) items and clicks them with
+    an intra-user correlation ``ρ`` (``icc``, :func:`design_effect`). With the defaults (one
+    exposure per user) this is ``n`` itself, the count of independent exposures. ``icc``
+    defaults to 0, independent clicks: the fewest users, and so a lower bound whenever users
+    differ in how much they click, as they do in a feed (ρ = 0.05 with 11 exposures a user
+    needs 1.5 times the users of ρ = 0). Measure ``m`` and the design effect on a pilot's log
+    (:func:`read_pilot`) and pass ``design_effect`` (in place of ``icc``) with
+    ``exposures_per_user`` = the pilot's mean exposures per user: that also covers users who
+    see different numbers of items.
 
     >>> sample_size(0.05, 0.05, alpha=0.05, power=0.8)
     122124
+    >>> sample_size(0.05, 0.05, exposures_per_user=10, icc=0.05)
+    17708
     """
     if not 0 < power < 1:
         raise ValueError(f"power must be in (0, 1), got {power}")
+    m, effect = _effect_per_user(exposures_per_user, icc, design_effect)
     p1, p2 = _rates(baseline_ctr, mde)
     pooled = (p1 + p2) / 2
     z_alpha, z_beta = _z(alpha, two_sided=two_sided), _NORMAL.inv_cdf(power)
     spread = z_alpha * math.sqrt(2 * pooled * (1 - pooled)) + z_beta * math.sqrt(
         p1 * (1 - p1) + p2 * (1 - p2)
     )
-    return math.ceil(spread**2 / (p2 - p1) ** 2)
+    exposures = math.ceil(spread**2 / (p2 - p1) ** 2)
+    # the 1e-9 keeps a product that is an integer in exact arithmetic from rounding up
+    return math.ceil(exposures * effect / m - 1e-9)
 
 
 def power(
@@ -518,19 +582,103 @@ def power(
     n_per_arm: int,
     alpha: float = 0.05,
     two_sided: bool = True,
+    exposures_per_user: float = 1.0,
+    icc: float | None = None,
+    design_effect: float | None = None,
 ) -> float:
-    """Power of the two-proportion z-test with ``n_per_arm`` units (inverse of sample_size)."""
+    """Power of the decision test with ``n_per_arm`` users (inverse of :func:`sample_size`,
+    under the same assumption): the two-proportion z-test over the
+    ``n_per_arm · m / (1 + (m − 1) ρ)`` independent exposures they are worth."""
     if n_per_arm < 1:
         raise ValueError(f"n_per_arm must be >= 1, got {n_per_arm}")
+    m, effect = _effect_per_user(exposures_per_user, icc, design_effect)
+    n = n_per_arm * m / effect
     p1, p2 = _rates(baseline_ctr, mde)
     pooled = (p1 + p2) / 2
-    se_null = math.sqrt(2 * pooled * (1 - pooled) / n_per_arm)
-    se_alt = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n_per_arm)
+    se_null = math.sqrt(2 * pooled * (1 - pooled) / n)
+    se_alt = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
     z_alpha, delta = _z(alpha, two_sided=two_sided), abs(p2 - p1)
     result = _NORMAL.cdf((delta - z_alpha * se_null) / se_alt)
     if two_sided:  # rejecting in the wrong direction also counts as a rejection
         result += _NORMAL.cdf((-delta - z_alpha * se_null) / se_alt)
     return float(result)
+
+
+@dataclass(frozen=True)
+class Pilot:
+    """What a pilot's service log says about the units an experiment would see.
+
+    ``design_effect`` is the delta-method variance of the pilot's CTR over units (the report's
+    decision statistic) over the binomial variance of as many independent exposures; it holds
+    both the correlation of a user's clicks and the spread of exposures per user, so
+    :func:`sample_size` with it and ``exposures_per_user`` needs no ``icc``.
+    """
+
+    units: int
+    exposures_per_user: float
+    """Mean exposures per unit (units without exposures count: they are randomised too)."""
+    ctr: float
+    design_effect: float
+
+    @property
+    def icc(self) -> float:
+        """The intra-user correlation of clicks that gives this design effect with this mean
+        exposures per user (NaN with one exposure per user: nothing to correlate)."""
+        if self.exposures_per_user <= 1:
+            return math.nan
+        return (self.design_effect - 1) / (self.exposures_per_user - 1)
+
+    @classmethod
+    def from_units(cls, units: pd.DataFrame) -> Pilot:
+        """From :func:`read_units`' rows; a unit logged in several arms counts once, summed."""
+        per_unit = units.groupby(["user_id", "anonymous_request"])[["exposures", "clicks"]].sum()
+        clicks = per_unit["clicks"].to_numpy(np.float64)
+        exposures = per_unit["exposures"].to_numpy(np.float64)
+        if len(per_unit) < 2 or exposures.sum() <= 0:
+            raise ValueError(
+                f"the pilot has {len(per_unit)} unit(s) and {int(exposures.sum())} exposure(s): "
+                "too few to measure a variance; use a longer window"
+            )
+        ctr, var = _ratio_mean_var(clicks, exposures)
+        if not 0 < ctr < 1:
+            raise ValueError(
+                f"the pilot's CTR is {ctr:g} over {int(exposures.sum()):,} exposures: no design "
+                "effect to measure; size with exposures_per_user and icc (--exposures-per-user, "
+                "--icc) instead"
+            )
+        effect = var * exposures.sum() / (ctr * (1 - ctr))
+        return cls(len(per_unit), float(exposures.mean()), ctr, float(effect))
+
+
+def read_pilot(
+    log_dir: Path | str,
+    experiment_name: str = "",
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S,
+) -> Pilot:
+    """The :class:`Pilot` of the service log's traffic in ``[start, end)``: of the experiment
+    ``experiment_name``, all arms pooled (an A/A run), or by default of the requests outside any
+    experiment (logged with experiment ``""``).
+
+    Give the window the experiment's planned duration: users come back, so the exposures per
+    user, and with them the design effect, grow with the window.
+
+    Raises:
+        EmptyLogError: no such traffic in the window.
+    """
+    units = read_units(
+        log_dir, experiment_name, start=start, end=end, attribution_window_s=attribution_window_s
+    )
+    if units.empty:
+        what = f"experiment {experiment_name!r}" if experiment_name else "outside any experiment"
+        window = f" between {start or 'the start'} and {end or 'the end'}"
+        raise EmptyLogError(
+            f"{log_dir}: no requests {what}{window} for a pilot; check the log directory, "
+            "the experiment name and the window"
+        )
+    return Pilot.from_units(units)
 
 
 # --- The report over the service log --------------------------------------------------------
@@ -617,9 +765,10 @@ class ExperimentReport:
 
     @property
     def trusted(self) -> bool:
-        """False when the sample-ratio check flags the arms' traffic: no arm's difference
-        is a decision then (:meth:`ArmComparison.decision`)."""
-        return not self.srm.flagged
+        """False when the sample-ratio check flags the arms' traffic, or could not run (no
+        unit in the configured arms: its p-value is NaN, which is no evidence of a sound
+        split): no arm's difference is a decision then (:meth:`ArmComparison.decision`)."""
+        return not self.srm.flagged and not math.isnan(self.srm.p_value)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN becomes ``None``). ``trusted`` and each comparison's
@@ -769,7 +918,10 @@ def experiment_report(
             for it (clicks are read up to this long after ``end``).
 
     Raises:
-        EmptyLogError: no traffic of the experiment in the window.
+        EmptyLogError: no traffic of the experiment in the window, or none in exactly one of
+            the configured arms (every unit in arms the config does not name, e.g. arms
+            renamed in the TOML, or in more than one arm): a report of zero users would read
+            as "no significant difference".
     """
     units = read_units(
         log_dir, experiment.name, start=start, end=end, attribution_window_s=attribution_window_s
@@ -791,7 +943,10 @@ def experiment_report(
     arms_of_unit = units[known].groupby(unit)["arm"].transform("nunique")
     mixed = pd.Series(False, index=units.index)
     mixed[arms_of_unit.index] = arms_of_unit > 1
-    arms, comparisons, srm = analyse_units(units[known & ~mixed], experiment, alpha=alpha)
+    analysed = units[known & ~mixed]
+    if analysed.empty:
+        raise EmptyLogError(_no_usable_unit(log_dir, units, known, mixed, experiment, (start, end)))
+    arms, comparisons, srm = analyse_units(analysed, experiment, alpha=alpha)
     return ExperimentReport(
         experiment=experiment.name,
         salt=run.salt,
@@ -806,4 +961,31 @@ def experiment_report(
             None if start is None else start.isoformat(),
             None if end is None else end.isoformat(),
         ),
+    )
+
+
+def _no_usable_unit(
+    log_dir: Path | str,
+    units: pd.DataFrame,
+    known: pd.Series,
+    mixed: pd.Series,
+    experiment: Experiment,
+    window: tuple[datetime | None, datetime | None],
+) -> str:
+    """Why no unit is left to analyse, with the arms of the log and of the config."""
+    unit = ["user_id", "anonymous_request"]
+    logged = sorted(str(arm) for arm in units["arm"].unique())
+    configured = [arm.name for arm in experiment.arms]
+    n_unknown = units[~known].groupby(unit).ngroups
+    n_mixed = units[mixed].groupby(unit).ngroups
+    start, end = window
+    return (
+        f"{log_dir}: no unit of experiment {experiment.name!r} between {start or 'the start'} "
+        f"and {end or 'the end'} is in exactly one configured arm, so there is nothing to "
+        f"compare. The log's arms are {logged}, the config's "
+        f"{configured}; {n_unknown} unit(s) are in arms the config does not define and "
+        f"{n_mixed} in more than one of its arms. If the arms were renamed in [experiments], "
+        "give them the names the service logged (or report a window the config's names "
+        "served, with --since/--until); if the salt or the weights changed, report the window "
+        "after the change"
     )

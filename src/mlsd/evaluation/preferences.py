@@ -73,6 +73,10 @@ class WorldPreferences:
             simulated time passes it); ``"before"`` / ``"after"`` use that regime's tastes and
             activity at every time (``"after"`` needs a world with ``drift_at``). The time of
             day, weekday and item freshness still follow the clock.
+
+    An item the world creates after the simulated time has probability 0, as an unknown id
+    does (:meth:`World.click_probability`): a service whose catalog is newer than the clock
+    (``mlsd feed simulate --start`` before the dataset's end) can show it, nobody can click it.
     """
 
     def __init__(self, world: World, *, force_regime: Regime | None = None) -> None:

@@ -268,6 +268,26 @@ def test_click_probability_is_logistic_in_the_features(small: Path) -> None:
     )
 
 
+def test_an_item_cannot_be_clicked_before_it_is_created(small: Path) -> None:
+    """An item does not exist before its creation: probability 0 there, though its features
+    (freshness clamped at age 0) are those at creation, where it is the freshest."""
+    world = World.load(small)
+    late = np.flatnonzero(world.item_created_us > SMALL.start_us + 3 * US_PER_DAY)
+    items = np.repeat(late[:20] + 1, 10)
+    users = np.tile(np.arange(1, 11), 20)
+    created = world.item_created_us[items - 1]
+    for ts in (created - 1, created - 5 * US_PER_DAY):
+        assert (world.click_probability(users, items, ts) == 0).all()
+        freshness = world.click_features(users, items, ts)[:, FEATURE_NAMES.index("item_freshness")]
+        assert (freshness == 1).all()
+    assert (world.click_probability(users, items, created) > 0).all()
+    # One call mixing times before and after creation zeroes only the former.
+    mixed = np.where(np.arange(len(items)) % 2 == 0, created - 1, created + US_PER_HOUR)
+    probs = world.click_probability(users, items, mixed)
+    assert (probs[::2] == 0).all()
+    assert (probs[1::2] > 0).all()
+
+
 def test_click_probability_rejects_unknown_ids(small: Path) -> None:
     world = World.load(small)
     with pytest.raises(ValueError, match="user_ids"):

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlsd.cli import app
-from mlsd.evaluation.experiments import power, sample_size
+from mlsd.evaluation.experiments import power, read_pilot, sample_size
 from mlsd.systems.feed import experiment_commands
 from mlsd.systems.feed.experiment_commands import parse_time
 from tests.evaluation.test_experiments import SECTION, write_small_log
@@ -124,14 +124,107 @@ def test_size_prints_users_per_arm() -> None:
     data = json.loads(result.stdout)
     assert data["users_per_arm"] == sample_size(0.05, 0.05) == 122124
     assert data["achieved_power"] == pytest.approx(power(0.05, 0.05, n_per_arm=122124))
+    # one exposure per user by default: users are independent exposures, and it says so
+    assert data["exposures_per_arm"] == data["independent_exposures_per_arm"] == 122124
+    assert (data["exposures_per_user"], data["icc"], data["design_effect"]) == (1.0, 0.0, 1.0)
+    assert "pass --exposures-per-user and --icc" in data["assumption"]
 
     result = runner.invoke(app, args)
     assert result.exit_code == 0
     assert "users per arm: 122,124" in result.stdout
+    assert "pass --exposures-per-user and --icc" in " ".join(result.stdout.split())
 
     result = runner.invoke(app, ["feed", "experiment", "size", "--baseline-ctr", "0", "--mde", "1"])
     assert result.exit_code == 2
     assert "baseline_ctr" in result.stderr
+
+
+def test_size_divides_the_exposures_among_users_by_the_design_effect() -> None:
+    """11 exposures per user: 31,234 independent exposures are 2,840 users with independent
+    clicks (a lower bound, it says), 4,260 with an intra-user correlation of 0.05."""
+    args = ["feed", "experiment", "size", "--baseline-ctr", "0.05", "--mde", "0.1"]
+    args += ["--exposures-per-user", "11"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["users_per_arm"] == 2840
+    assert data["independent_exposures_per_arm"] == sample_size(0.05, 0.1) == 31234
+    assert "a lower bound" in data["assumption"]
+
+    result = runner.invoke(app, [*args, "--icc", "0.05", "--json"])
+    data = json.loads(result.stdout)
+    assert data["users_per_arm"] == sample_size(0.05, 0.1, exposures_per_user=11, icc=0.05)
+    assert data["users_per_arm"] == 4260
+    assert data["exposures_per_arm"] == 4260 * 11
+    assert data["design_effect"] == pytest.approx(1.5)
+    assert data["achieved_power"] == pytest.approx(0.8, abs=0.001)
+
+    result = runner.invoke(app, [*args, "--icc", "0.05"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "users per arm: 4,260 (two arms: 8,520)" in out
+    assert (
+        "exposures per arm: 46,860 (11 per user; 31,234 if independent, design effect 1.5)" in out
+    )
+    assert "assumes the report's decision test (delta-method CTR over users)" in out
+    assert "intra-user click correlation 0.05" in out
+
+    for bad, message in ((["--icc", "2"], "icc"), (["--exposures-per-user", "0"], "exposures")):
+        result = runner.invoke(app, [*args[:-2], *bad])
+        assert result.exit_code == 2
+        assert message in result.stderr
+
+
+def test_size_from_a_pilot_log(setup: tuple[Path, Path]) -> None:
+    """The small log as a pilot (its arms pooled): 5 units, 10 exposures, 4 clicks."""
+    log_dir, _ = setup
+    pilot = read_pilot(log_dir, "ranker-ab")
+    assert (pilot.units, pilot.exposures_per_user, pilot.ctr) == (5, 2.0, 0.4)
+    args = ["feed", "experiment", "size", "--mde", "0.5", "--pilot-log", str(log_dir)]
+    args += ["--pilot-experiment", "ranker-ab"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["baseline_ctr"] == 0.4  # the pilot's, as none was given
+    assert data["pilot"]["design_effect"] == pytest.approx(pilot.design_effect)
+    assert data["pilot"]["units"] == 5
+    assert data["icc"] is None  # measured, not assumed
+    assert data["users_per_arm"] == sample_size(
+        0.4, 0.5, exposures_per_user=2.0, design_effect=pilot.design_effect
+    )
+    result = runner.invoke(app, [*args, "--baseline-ctr", "0.3"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert f"pilot: 5 users of {log_dir} (experiment 'ranker-ab')" in out
+    assert "to detect 0.3 → 0.45" in out
+
+    for extra, message in (
+        (["--icc", "0.1"], "--pilot-log measures the exposures per user"),
+        (["--pilot-experiment", ""], "no requests outside any experiment"),
+        (["--pilot-log", str(log_dir / "nope")], "the log directory does not exist"),
+    ):
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.stderr.split())
+    bare = ["feed", "experiment", "size", "--mde", "0.5"]
+    for extra, message in (
+        ([], "pass --baseline-ctr, or --pilot-log to measure it"),
+        (["--baseline-ctr", "0.05", "--since", "7d"], "choose the window of --pilot-log"),
+    ):
+        result = runner.invoke(app, [*bare, *extra])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.stderr.split())
+
+
+def test_report_with_arms_renamed_in_the_config_exits_2(setup: tuple[Path, Path]) -> None:
+    log_dir, config = setup
+    config.write_text(config.read_text().replace('"control"', '"a"').replace('"treatment"', '"b"'))
+    args = ["feed", "experiment", "report", "--log-dir", str(log_dir), "--config", str(config)]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 2
+    said = " ".join(result.stderr.split())
+    assert "The log's arms are ['control', 'treatment'], the config's ['a', 'b']" in said
+    assert result.stdout == ""
 
 
 def test_parse_time_forms() -> None:

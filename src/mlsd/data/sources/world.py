@@ -22,7 +22,8 @@ The click model is logistic and linear in :data:`FEATURE_NAMES`::
 
     P(click | user, item, ts) = sigmoid(click_bias + click_features(user, item, ts) @ click_weights)
 
-so a logistic regression on those features is well specified. Drift (``drift_at``) switches
+and 0 before the item's creation (it does not exist yet), so a logistic regression on those
+features is well specified for the exposures the world makes. Drift (``drift_at``) switches
 tastes (``"tastes"``: both exposure and clicks change) or who is active (``"feature"``: the age
 mix of events shifts, P(click | features) does not) from ``drift_at`` on.
 """
@@ -71,7 +72,7 @@ FEATURE_NAMES = (
     "category_affinity",  # log1p(n_categories * user's taste for the item's category)
     "latent_match",  # user_factors . item_factors / sqrt(n_factors), ~N(0, 1)
     "item_quality",  # per item, ~N(0, 1), correlated with popularity
-    "item_freshness",  # exp(-item age in days / FRESHNESS_DAYS), 0 before creation is impossible
+    "item_freshness",  # exp(-item age in days / FRESHNESS_DAYS); P(click) is 0 before creation
     "evening",  # cos(2*pi*(hour of day - 20) / 24): people click more in the evening
     "weekend",  # 1.0 on Saturday and Sunday (UTC)
 )
@@ -338,6 +339,8 @@ class World:
         latent = np.einsum("ij,ij->i", self.user_factors[users], self.item_factors[items])
         features[:, 1] = latent / math.sqrt(self.config.n_factors)
         features[:, 2] = self.item_quality[items]
+        # An item has no age before its creation; its features there are those at creation,
+        # and click_probability, not the features, says it cannot be clicked yet.
         age_days = np.maximum(ts_us - self.item_created_us[items], 0) / US_PER_DAY
         features[:, 3] = np.exp(-age_days / FRESHNESS_DAYS)
         hour = (ts_us % US_PER_DAY) / US_PER_HOUR
@@ -348,9 +351,17 @@ class World:
     def click_probability(
         self, user_ids: npt.ArrayLike, item_ids: npt.ArrayLike, ts: npt.ArrayLike
     ) -> FloatArray:
-        """True P(click | exposure) = sigmoid(click_bias + features @ click_weights), shape (n,)."""
+        """True P(click | exposure) = sigmoid(click_bias + features @ click_weights), shape (n,).
+
+        0 for an item at a time before its creation: it does not exist yet. The world never
+        shows one (:meth:`sample_items` draws among the items created by then), but a service
+        asked at a simulated time before its catalog's newest items can, and the freshness
+        feature, clamped there, would make such an item the freshest of all.
+        """
         logits = self.click_bias + self.click_features(user_ids, item_ids, ts) @ self.click_weights
-        return _sigmoid(logits)
+        created = self.item_created_us[np.asarray(item_ids, dtype=np.int64) - 1]
+        out: FloatArray = np.where(as_us(ts) < created, 0.0, _sigmoid(logits))
+        return out
 
     @staticmethod
     def _index(ids: npt.ArrayLike, n: int, name: str) -> IntArray:

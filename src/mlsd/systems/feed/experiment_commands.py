@@ -3,7 +3,12 @@
 Experiments are defined in the system TOML under ``[experiments]`` (see
 :class:`~mlsd.evaluation.experiments.ExperimentsSection`); the report reads only that table of
 the file, so it works with any system config. Bad input (no such experiment, nothing logged in
-the window, a malformed ``--since``) prints one line and exits 2.
+the window or nothing in the configured arms, a malformed ``--since``) prints one line and exits
+2.
+
+``size`` sizes the report's decision test, the delta-method CTR over users: users who see
+``--exposures-per-user`` items each with an intra-user click correlation ``--icc`` (default 0,
+independent clicks, a lower bound), or both measured on a pilot's log (``--pilot-log``).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from mlsd.evaluation.experiments import (
     Experiment,
     ExperimentReport,
     ExperimentsSection,
+    Pilot,
+    design_effect,
     experiment_report,
     power,
+    read_pilot,
     sample_size,
 )
 from mlsd.systems.feed.commands import app, console
@@ -147,7 +155,11 @@ def report(
     for table in report_tables(result):
         console.print(table)
     srm = result.srm
-    verdict = "[red]FLAGGED: do not trust this report[/]" if srm.flagged else "[green]ok[/]"
+    verdict = "[green]ok[/]"
+    if srm.flagged:
+        verdict = "[red]FLAGGED: do not trust this report[/]"
+    elif not result.trusted:  # no unit to test: no evidence the split is sound
+        verdict = "[red]not checked (no units): do not trust this report[/]"
     console.print(
         f"sample ratio: users {list(srm.observed)} vs expected "
         f"{[round(e, 1) for e in srm.expected]}, p = {srm.p_value:.3g} → {verdict}"
@@ -237,30 +249,173 @@ def _comparison_table(
 
 @experiment_app.command("size")
 def size(
-    baseline_ctr: Annotated[float, typer.Option("--baseline-ctr", help="Control rate, e.g. 0.05.")],
     mde: Annotated[
         float, typer.Option("--mde", help="Minimum detectable effect, relative (0.05 = +5%).")
     ],
+    baseline_ctr: Annotated[
+        float | None,
+        typer.Option("--baseline-ctr", help="Control CTR, e.g. 0.05 (default: the pilot's)."),
+    ] = None,
+    exposures_per_user: Annotated[
+        float | None,
+        typer.Option(
+            "--exposures-per-user",
+            help="Mean items a user is shown over the experiment (default 1).",
+        ),
+    ] = None,
+    icc: Annotated[
+        float | None,
+        typer.Option(
+            "--icc",
+            help="Intra-user correlation of clicks, 0 to 1 (default 0: independent clicks, "
+            "a lower bound on the users).",
+        ),
+    ] = None,
+    pilot_log: Annotated[
+        Path | None,
+        typer.Option(
+            "--pilot-log",
+            help="Service log of a pilot, over a window as long as the experiment's: measures "
+            "exposures per user and the design effect.",
+        ),
+    ] = None,
+    pilot_experiment: Annotated[
+        str,
+        typer.Option(
+            "--pilot-experiment",
+            help="The pilot's experiment, arms pooled (default: traffic outside any).",
+        ),
+    ] = "",
+    since: Annotated[
+        str | None, typer.Option("--since", help="Pilot window start: ISO time or 7d ago.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Pilot window end (exclusive), same forms.")
+    ] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Significance level.")] = 0.05,
     target_power: Annotated[float, typer.Option("--power", help="Target power.")] = 0.8,
     one_sided: Annotated[bool, typer.Option("--one-sided", help="One-sided test.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Users per arm to detect a relative lift with the two-proportion z-test."""
+    """Users per arm for the report's decision test (delta-method CTR over users) to detect a
+    relative lift.
+
+    The exposures the two-proportion z-test needs, divided among users who see
+    --exposures-per-user items each, inflated by the design effect 1 + (m - 1) * icc of their
+    correlated clicks: users = ceil(exposures * (1 + (m - 1) * icc) / m). With --pilot-log
+    both m and the design effect are measured on a log instead.
+    """
     two_sided = not one_sided
     try:
-        n = sample_size(baseline_ctr, mde, alpha=alpha, power=target_power, two_sided=two_sided)
-        achieved = power(baseline_ctr, mde, n_per_arm=n, alpha=alpha, two_sided=two_sided)
+        pilot = _pilot(pilot_log, pilot_experiment, since, until, exposures_per_user, icc)
+        if baseline_ctr is None:
+            if pilot is None:
+                raise ValueError("pass --baseline-ctr, or --pilot-log to measure it")
+            baseline_ctr = pilot.ctr
+        if pilot is None:
+            m = 1.0 if exposures_per_user is None else exposures_per_user
+            effect = design_effect(m, 0.0 if icc is None else icc)
+        else:
+            m, effect = pilot.exposures_per_user, pilot.design_effect
+        exposures = sample_size(
+            baseline_ctr, mde, alpha=alpha, power=target_power, two_sided=two_sided
+        )
+        users = sample_size(
+            baseline_ctr, mde, alpha=alpha, power=target_power, two_sided=two_sided,
+            exposures_per_user=m, design_effect=effect,
+        )  # fmt: skip
+        achieved = power(
+            baseline_ctr, mde, n_per_arm=users, alpha=alpha, two_sided=two_sided,
+            exposures_per_user=m, design_effect=effect,
+        )  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))
+    assumption = _size_assumption(m, icc, effect, pilot is not None)
     if as_json:
         payload = {
             "baseline_ctr": baseline_ctr, "mde": mde, "alpha": alpha, "power": target_power,
-            "two_sided": two_sided, "users_per_arm": n, "achieved_power": achieved,
+            "two_sided": two_sided, "users_per_arm": users,
+            "exposures_per_arm": round(users * m), "exposures_per_user": m,
+            "icc": None if pilot else (icc or 0.0), "design_effect": effect,
+            "independent_exposures_per_arm": exposures, "achieved_power": achieved,
+            "assumption": assumption,
+            "pilot": None if pilot is None else {
+                "log": str(pilot_log), "experiment": pilot_experiment, "units": pilot.units,
+                "exposures_per_user": pilot.exposures_per_user, "ctr": pilot.ctr,
+                "design_effect": pilot.design_effect, "icc": _finite(pilot.icc),
+            },
         }  # fmt: skip
         typer.echo(json.dumps(payload))
         return
+    if pilot is not None:
+        which = f"experiment {pilot_experiment!r}" if pilot_experiment else "no experiment"
+        icc_seen = f" (intra-user correlation {pilot.icc:.3g})" if math.isfinite(pilot.icc) else ""
+        console.print(
+            f"pilot: {pilot.units:,} users of {pilot_log} ({which}): "
+            f"{pilot.exposures_per_user:.3g} exposures per user, CTR {pilot.ctr:.4g}, design "
+            f"effect {pilot.design_effect:.3g}{icc_seen}",
+            highlight=False,
+        )
     console.print(
-        f"users per arm: {n:,} (two arms: {2 * n:,}) to detect {baseline_ctr:g} → "
-        f"{baseline_ctr * (1 + mde):g} ({mde:+.1%}) at alpha {alpha:g}, power {achieved:.3f}"
+        f"users per arm: {users:,} (two arms: {2 * users:,}) to detect {baseline_ctr:g} → "
+        f"{baseline_ctr * (1 + mde):g} ({mde:+.1%}) at alpha {alpha:g}, power {achieved:.3f}",
+        highlight=False,
     )
+    console.print(
+        f"exposures per arm: {round(users * m):,} ({m:.3g} per user; {exposures:,} if "
+        f"independent, design effect {effect:.3g})",
+        highlight=False,
+    )
+    console.print(f"assumes {assumption}", highlight=False)
+
+
+def _pilot(
+    log_dir: Path | None,
+    experiment: str,
+    since: str | None,
+    until: str | None,
+    exposures_per_user: float | None,
+    icc: float | None,
+) -> Pilot | None:
+    """The pilot of ``--pilot-log`` in the window, or None without one."""
+    if log_dir is None:
+        if since is not None or until is not None:
+            raise ValueError("--since and --until choose the window of --pilot-log; pass one")
+        return None
+    if exposures_per_user is not None or icc is not None:
+        raise ValueError(
+            "--pilot-log measures the exposures per user and the design effect; drop "
+            "--exposures-per-user and --icc, or drop --pilot-log"
+        )
+    if not log_dir.is_dir():
+        what = "is not a directory" if log_dir.exists() else "does not exist"
+        raise ValueError(f"--pilot-log {log_dir}: the log directory {what}")
+    start = None if since is None else parse_time(since)
+    end = None if until is None else parse_time(until)
+    return read_pilot(log_dir, experiment, start=start, end=end)
+
+
+def _size_assumption(m: float, icc: float | None, effect: float, measured: bool) -> str:
+    """The sizing's assumption in words, with what to do when it is the default."""
+    test = "the report's decision test (delta-method CTR over users)"
+    if measured:
+        return (
+            f"{test}; the pilot's exposures per user and design effect {effect:.3g} "
+            "(its clicks' correlation within users and spread of exposures per user)"
+        )
+    said = f"{test}; {m:g} exposure(s) per user, intra-user click correlation {icc or 0:g}"
+    if m == 1:
+        return (
+            f"{said}: independent exposures. Users shown several items need fewer of them: "
+            "pass --exposures-per-user and --icc, or --pilot-log"
+        )
+    if not icc:
+        return (
+            f"{said} (independent clicks): a lower bound, users who differ in how much they "
+            "click need 1 + (m - 1) * icc times as many; pass --icc or --pilot-log"
+        )
+    return said
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
