@@ -8,7 +8,9 @@ loopback, as in production:
    apply/materialize`` → ``mlsd feed train --config configs/feed-demo.toml``; no registry: the
    service gets ``--model``). Each step's wall and CPU seconds and peak memory are reported.
    The build is cached under ``--cache`` keyed by its parameters and the config's hash; a failed
-   build stops with its command, time and output tail and resumes at that step next time.
+   build stops with its command, time and output tail and resumes at that step next time. The
+   JSON's ``pipeline`` records that config (path, hashes, sources, ranker, the ranker served),
+   which ``mlsd plan capacity`` compares with the config it plans for.
 2. **Batch prediction** into a throwaway ``redis-server`` (``bench/batch_predict.py``'s):
    ``mlsd feed batch-predict --users N --processes P`` (``--batch-processes``, default 2: one
    model load, P one-thread workers forked from it; 1: one process with two threads), as
@@ -97,6 +99,7 @@ import uvloop
 
 from mlsd.config import load_feed_config
 from mlsd.features.footprint import redis_bytes_per_entity
+from mlsd.plan.pipeline import Pipeline
 from mlsd.serving.balancer import Nginx
 
 CONFIG = Path("configs/feed-demo.toml")
@@ -1043,6 +1046,16 @@ def code_version() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "changed_in_src": changed}
 
 
+def served_ranker(model: Path) -> str | None:
+    """The ranker the built model serves (its ``model.json``; ``[ranking].ranker = "auto"``
+    picks one when training), ``None`` before the model is built."""
+    try:
+        ranker = json.loads((model / "model.json").read_text()).get("ranker")
+    except (OSError, ValueError):
+        return None
+    return ranker if isinstance(ranker, str) else None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "serving",
@@ -1054,9 +1067,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "code": code_version(),
         # the simulated world's size: what the CPU per request was measured at (mlsd plan)
         "world": {"items": args.items, "users": args.users, "events": args.events},
+        # the pipeline measured: mlsd plan warns when it plans for another config
+        "pipeline": Pipeline.of_config(CONFIG).to_dict(),
     }
     built = build(args)
     report["build"] = built
+    report["pipeline"]["served_ranker"] = served_ranker(Path(built["model"]))
     if args.build_only:
         return report
     from batch_predict import redis_server  # the other benchmark's throwaway Redis

@@ -3,8 +3,12 @@ byte counts against a live Redis and serialized Faiss indexes."""
 
 from __future__ import annotations
 
+import ctypes.util
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,15 +20,24 @@ import redis
 
 from mlsd.config import SOURCE_SECTIONS
 from mlsd.plan.capacity import (
-    REDIS_KEY_OVERHEAD_BYTES,
+    CovisitationTable,
+    EASEWeights,
     Measured,
     PathCost,
+    PopularityList,
+    SegmentLists,
     VectorSource,
     capacity_plan,
+    covisitation_bytes,
+    ease_bytes,
     index_bytes_per_item,
     index_kind,
+    jemalloc_size_class,
+    precomputed_key_chars,
     precomputed_value_bytes,
+    redis_bytes_per_key,
 )
+from mlsd.plan.pipeline import Pipeline
 from mlsd.plan.requirements import Requirements
 from mlsd.serving.precomputed import PrecomputedStore
 
@@ -44,6 +57,10 @@ SMALL = Requirements(
 )
 
 
+DEMO = Pipeline("demo.toml", "d" * 64, "e" * 64, ("popularity", "als"), "auto", "lightgbm")
+"""The pipeline :func:`measured` ran: the one the plans below are for unless they say."""
+
+
 def measured(**changes: Any) -> Measured:
     values: dict[str, Any] = {
         "online": PathCost(service_cpu_ms=4.0, p99_ms=12.0, rps=200.0),
@@ -54,15 +71,17 @@ def measured(**changes: Any) -> Measured:
         "catalog_items": 1_000,
         "source": "test",
         "feature_bytes": (2_000.0, 250.0),
+        "pipeline": DEMO,
     }
     return Measured(**{**values, **changes})
 
 
 SOURCES = {"als": VectorSource(8, user_vectors=True), "two_tower": VectorSource(16)}
+NAMES = tuple(SOURCES)
 
 
 def test_the_plan_is_the_arithmetic_by_hand() -> None:
-    plan = capacity_plan(SMALL, measured(), sources=SOURCES)
+    plan = capacity_plan(SMALL, measured(), sources=SOURCES, source_names=NAMES, pipeline=DEMO)
     assert plan.value("mean requests/s") == pytest.approx(100.0)  # 864,000 x 10 / 86,400
     assert plan.value("peak requests/s") == pytest.approx(200.0)
     assert plan.value("peak online requests/s") == pytest.approx(50.0)
@@ -78,20 +97,125 @@ def test_the_plan_is_the_arithmetic_by_hand() -> None:
     names = tuple(SOURCE_SECTIONS)
     table = 1 + sum(1 + len(name) for name in names)
     assert precomputed_value_bytes(10, 5, names) == 149 + table + 10
-    expected_store = 1_000 * (149 + table + 10 + REDIS_KEY_OVERHEAD_BYTES) / 1e9
-    assert plan.value("precomputed store") == pytest.approx(expected_store)
-    assert plan.value("als index") == pytest.approx(1_000 * 8 * 4 / 1e9)
-    assert plan.value("als user vectors") == pytest.approx(1_000 * 8 * 4 / 1e9)
-    assert plan.value("two_tower index") == pytest.approx(1_000 * 16 * 4 / 1e9)
+    # the value (sources als, two_tower) is 149 + 15 + 10 = 174 bytes: a 16-byte object and a
+    # string of 3 + 174 + 1 bytes in jemalloc's 192-byte class; the key mlsd:feed:top:vvvvv:999,
+    # 23 characters, a string of 1 + 23 + 1 in 32 bytes; and 97 bytes of Redis's dicts
+    assert precomputed_value_bytes(10, 5, NAMES) == 174
+    assert precomputed_key_chars(1_000, 5) == len("mlsd:feed:top:vvvvv:999")
+    assert plan.value("precomputed store") == pytest.approx(1_000 * (16 + 192 + 32 + 97) / 1e9)
+    # the index's vectors and int64 ids; ALS's user vectors and ids; each source's fallback
+    # list (int64 id, float32 score); the tower's history embeddings, one row more, and ids
+    assert plan.value("als index") == pytest.approx(1_000 * (8 * 4 + 8) / 1e9)
+    assert plan.value("als user vectors") == pytest.approx(1_000 * (8 * 4 + 8) / 1e9)
+    assert plan.value("als item arrays") == pytest.approx(1_000 * 12 / 1e9)
+    assert plan.value("two_tower index") == pytest.approx(1_000 * (16 * 4 + 8) / 1e9)
     assert "two_tower user vectors" not in [line.name for line in plan.lines]
-    assert plan.value("vectors per replica") == pytest.approx(1_000 * 32 * 4 / 1e9)
+    assert plan.value("two_tower item arrays") == pytest.approx(1_000 * 12 / 1e9)
+    total = 40_000 + 40_000 + 12_000 + 72_000 + 12_000
+    assert plan.value("memory per replica") == pytest.approx(total / 1e9)
     # 1,000 users x 2,000 B + 1,000 items x 250 B
     assert plan.value("online feature store") == pytest.approx(2_250_000 / 1e9)
     assert plan.warnings == []
 
 
+LARGE = Requirements(catalog_items=1_000_000, users=5_000_000, index="flat")
+
+
+def memory_plan(
+    sources: dict[str, Any], req: Requirements = LARGE
+) -> tuple[dict[str, Any], list[str]]:
+    plan = capacity_plan(req, sources=sources, source_names=tuple(sources))
+    lines = {line.name: line for line in plan.lines}
+    return lines, [w for w in plan.warnings if "bench/serving.py" not in w]
+
+
+def test_ease_is_its_dense_weights_and_a_catalog_above_max_items_cannot_be_built() -> None:
+    lines, warnings = memory_plan({"ease": EASEWeights(50_000)})
+    # 50,000² float32 weights, the active items' int64 positions; per catalog item its id,
+    # its position among the active ones (int64 each) and the fallback list (12 B)
+    expected = 4 * 50_000**2 + 8 * 50_000 + 1_000_000 * 28
+    assert ease_bytes(1_000_000, 50_000) == expected
+    assert lines["ease weights"].value == pytest.approx(expected / 1e9)  # 10.0 GB
+    assert "50,000² x 4 B" in lines["ease weights"].how
+    assert lines["memory per replica"].value == pytest.approx(expected / 1e9)
+    [warning] = warnings
+    assert warning.startswith(
+        "[retrieval.ease] max_items is 50,000 but the plan's catalog has 1,000,000 items: EASE "
+        "refuses to fit when more than max_items items have training events, so the system as "
+        "configured cannot be built at this catalog"
+    )
+    assert "Drop ease from [retrieval].sources" in warning
+    assert warning.endswith("1,000,000 items need 4,000 GB of weights in every replica")
+    small = dataclasses.replace(LARGE, catalog_items=20_000)
+    lines, warnings = memory_plan({"ease": EASEWeights(50_000)}, small)
+    assert lines["ease weights"].value == pytest.approx(ease_bytes(20_000, 20_000) / 1e9)
+    assert warnings == []
+
+
+def test_covisitation_is_its_neighbour_table_at_most() -> None:
+    lines, warnings = memory_plan({"covisitation": CovisitationTable(200)})
+    # 200M float32 weights and int32 columns, a row start an item, its id, two ranked lists
+    expected = 200_000_000 * 8 + 1_000_001 * 4 + 1_000_000 * (8 + 24)
+    assert lines["covisitation neighbours"].value == pytest.approx(expected / 1e9)  # 1.64 GB
+    assert lines["covisitation neighbours"].how.startswith(
+        "at most 1,000,000 items x 200 neighbours x 8 B (float32 weight + int32 item)"
+    )
+    assert warnings == []
+    # past 2**31 entries scipy's CSR takes int64 columns and row starts
+    assert covisitation_bytes(20_000_000, 4_000_000_000) == (
+        4_000_000_000 * 12 + 20_000_001 * 8 + 20_000_000 * 32
+    )
+
+
+def test_a_source_the_plan_cannot_size_is_a_warning_not_a_silent_zero() -> None:
+    lines, warnings = memory_plan({"covisitation": CovisitationTable(None)})
+    assert "covisitation neighbours" not in lines
+    assert warnings == [
+        "[retrieval.covisitation] max_neighbours is not set: every co-visited pair is kept, so "
+        "the plan cannot size its table and leaves it out of the memory per replica; set "
+        "max_neighbours (200: at most 1.64 GB at 1,000,000 items)"
+    ]
+    plan = capacity_plan(LARGE, sources={"als": VectorSource(64)}, source_names=("als", "x"))
+    assert (
+        "[retrieval] source 'x': the plan has no model of its memory, which is not in the "
+        "memory per replica"
+    ) in plan.warnings
+
+
+def test_the_popularity_lists_and_what_segment_popularity_does_not_say() -> None:
+    lines, warnings = memory_plan(
+        {"popularity": PopularityList(), "segment_popularity": SegmentLists()}
+    )
+    assert lines["popularity list"].value == pytest.approx(12_000_000 / 1e9)
+    assert lines["segment_popularity lists"].value == pytest.approx(20_000_000 / 1e9)
+    assert lines["memory per replica"].value == pytest.approx(32_000_000 / 1e9)
+    [warning] = warnings
+    assert warning.startswith("segment_popularity: its score tables (a float32 row of the ")
+    assert "45 rows, 0.18 GB" in warning
+    assert "not in the memory per replica" in warning
+
+
+def test_the_memory_per_replica_adds_every_sources_lines() -> None:
+    sources = {
+        "popularity": PopularityList(),
+        "covisitation": CovisitationTable(50),
+        "als": VectorSource(32, user_vectors=True, fold_in=True),
+        "ease": EASEWeights(10_000),
+        "two_tower": VectorSource(16, history_embeddings=True),
+    }
+    lines, _ = memory_plan(sources)
+    parts = [v for k, v in lines.items() if k.split()[0] in sources]
+    assert len(parts) == 1 + 1 + 3 + 1 + 2
+    assert lines["memory per replica"].value == pytest.approx(sum(p.value for p in parts))
+    # ALS keeps its item factors again (float32), their ids and a mask to fold users in;
+    # the two-tower's user tower embeds history items: (items + 1) x dim float32, and ids
+    assert lines["als item arrays"].value == pytest.approx(1_000_000 * (12 + 128 + 8 + 1) / 1e9)
+    expected_tower = 1_000_000 * (12 + 64 + 8) + 64
+    assert lines["two_tower item arrays"].value == pytest.approx(expected_tower / 1e9)
+
+
 def test_a_run_without_feature_store_figures_says_it_leaves_them_out() -> None:
-    plan = capacity_plan(SMALL, measured(feature_bytes=None), sources=SOURCES)
+    plan = capacity_plan(SMALL, measured(feature_bytes=None), sources=SOURCES, source_names=NAMES)
     assert "online feature store" not in [line.name for line in plan.lines]
     assert plan.warnings == [
         "test has no feature_store figures (a bench/serving.py run from before they were "
@@ -141,6 +265,7 @@ def bench_report() -> dict[str, Any]:
     """The fields of bench/serving.py's JSON the plan reads, as a run prints them."""
     return {
         "machine": {"cpus": 2},
+        "pipeline": DEMO.to_dict(),
         "world": {"items": 1_000_000, "users": 20_000, "events": 4_000_000},
         "batch_predict": {"cpu_ms_per_user": 0.88},
         "feature_store": {"bytes_per_user": 2514.0, "bytes_per_item": 266.2, "users": 5000},
@@ -296,6 +421,49 @@ def test_auto_is_the_index_serving_picks(items: int, kind: str) -> None:
     assert index_kind("flat", items) == "flat"
 
 
+NALLOCX = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.nallocx.restype, lib.nallocx.argtypes = ctypes.c_size_t, [ctypes.c_size_t, ctypes.c_int]
+print(" ".join(str(lib.nallocx(n, 0)) for n in range(1, int(sys.argv[2]) + 1)))
+"""
+
+
+def test_the_size_classes_are_jemallocs() -> None:
+    """Against the library's own ``nallocx`` (Debian's redis-server links this one); loaded in
+    a process of its own, as it cannot be dlopen-ed into one already running (static TLS)."""
+    library = ctypes.util.find_library("jemalloc")
+    if library is None:
+        reason = "libjemalloc not found (Debian: libjemalloc2, which redis-server depends on)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    top = 1 << 17  # past the 32 KiB a value may take
+    env = {**os.environ, "LD_PRELOAD": library}
+    done = subprocess.run(
+        [sys.executable, "-c", NALLOCX, library, str(top)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    classes = [int(n) for n in done.stdout.split()]
+    assert classes == [jemalloc_size_class(n) for n in range(1, top + 1)]
+    assert (jemalloc_size_class(1_414), jemalloc_size_class(2_064)) == (1_536, 2_560)
+
+
+@pytest.mark.parametrize(
+    ("list_length", "redis_bytes"),
+    [(100, 1_707), (110, 1_953), (119, 1_953), (150, 2_721), (200, 3_233), (300, 4_257)],
+)
+def test_the_bytes_a_key_follow_the_size_classes_redis_was_measured_at(
+    list_length: int, redis_bytes: int
+) -> None:
+    """used_memory a key measured on redis-server 7.0.15, 5,000 keys of the model version
+    ``a22c162c-d03be318`` written by PrecomputedStore for users 1,000,000 to 1,004,999 (the
+    live test below measures them again when a server is there)."""
+    value = precomputed_value_bytes(list_length, 17, tuple(SOURCE_SECTIONS))
+    key = len("mlsd:feed:top:a22c162c-d03be318:1000000")
+    assert redis_bytes_per_key(value, key) == pytest.approx(redis_bytes, rel=0.01)
+
+
 @pytest.fixture
 def client(redis_server: str) -> Iterator[redis.Redis]:
     host, port = redis_server.split(":")
@@ -307,25 +475,38 @@ def client(redis_server: str) -> Iterator[redis.Redis]:
 
 
 def used_memory(client: redis.Redis) -> int:
+    """Redis's ``used_memory`` but its clients' buffers (a connection's, not the keys')."""
     info = client.info("memory")
     assert isinstance(info, dict)
-    return int(info["used_memory"])
+    return int(info["used_memory"]) - int(info["mem_clients_normal"])
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("list_length", [10, 100])
+@pytest.mark.parametrize("list_length", [10, 100, 110, 150, 200, 300])
 def test_the_store_bytes_match_what_redis_uses(client: redis.Redis, list_length: int) -> None:
     n, version = 5_000, "a22c162c-d03be318"
     store = PrecomputedStore(client)
     ids = np.arange(n * list_length, dtype=np.int64).reshape(n, list_length)
     scores = np.ones((n, list_length), dtype=np.float32)
-    before = used_memory(client)
     names = tuple(SOURCE_SECTIONS)
-    written = store.write(
-        np.arange(1_000_000, 1_000_000 + n), ids, scores, model_version=version,
-        sources=np.zeros(ids.shape, dtype=np.int64), source_names=names,
-    )  # fmt: skip
+
+    def write() -> Any:
+        return store.write(
+            np.arange(1_000_000, 1_000_000 + n), ids, scores, model_version=version,
+            sources=np.zeros(ids.shape, dtype=np.int64), source_names=names,
+        )  # fmt: skip
+
+    # Once first, so Redis's dicts are as a batch leaves them (the first on a fresh server
+    # measured up to 10 B a key more or less: the keyspace's tables mid-rehash)
+    write()
+    client.flushall()
+    before = used_memory(client)
+    written = write()
     used = (used_memory(client) - before) / n
     value = precomputed_value_bytes(list_length, len(version), names)
     assert written.n_bytes == n * value  # the plan's value size is the writer's
-    assert value + REDIS_KEY_OVERHEAD_BYTES == pytest.approx(used, rel=0.1)
+    key = store.key(1_999_999, version)  # as long as any key written
+    assert len(key) == precomputed_key_chars(2_000_000, len(version))
+    # jemalloc's size classes: a list of 150 items (2,058 B) costs 39% more a key than one of
+    # 119 (1,655 B), for 24% more bytes; a constant beyond the value was 18% under at 150
+    assert redis_bytes_per_key(value, len(key)) == pytest.approx(used, rel=0.02)

@@ -743,7 +743,8 @@ def test_freshness_boost_counts_age_from_the_catalog_creation_time(
         served_model = dataclasses.replace(model, rerank=rerank, snapshot=snapshot)
         serving = FeedRecommender(served_model, features=recommender.features)
         online = serving.recommend(RecommendRequest(user, k=10, now=now))
-        assert online.path == "online" and online.fallbacks == ()
+        assert online.path == "online"
+        assert online.fallbacks == ()
         ((batch, _),) = serving.recommend_many([user], k=10, now=now)
         return [r.item_id for r in online.items], batch.tolist()
 

@@ -9,11 +9,16 @@ computed from the exact formats mlsd writes:
 - CPU per online and per precomputed request, and per batch-predicted user: a run of
   ``bench/serving.py`` (:meth:`Measured.from_serving_bench`), the service replicas apart from
   Redis and the balancer, at the catalog size and on the machine of that run;
-- bytes of a precomputed list: :func:`mlsd.serving.precomputed.encode` itself, plus
-  :data:`REDIS_KEY_OVERHEAD_BYTES` (measured on redis-server 7; a test checks it against a
-  live server);
-- bytes of a vector index per item: Faiss's layouts (a test checks them against serialized
-  indexes), for each source that serves from one;
+- bytes of a precomputed list in Redis: :func:`mlsd.serving.precomputed.encode`'s value and
+  the key, each rounded up to jemalloc's size class as Redis allocates them, plus
+  :data:`REDIS_KEY_ENTRY_BYTES` of Redis's dicts (:func:`redis_bytes_per_key`; fitted on
+  redis-server 7.0, and a test checks it against a live server at several list lengths);
+- bytes of each candidate source in every replica, from what its serving artifact holds once
+  loaded (:mod:`mlsd.serving.sources`; a test loads exported artifacts and counts their
+  arrays): a vector index per source that serves from one (Faiss's layouts, which a test
+  checks against serialized indexes) and its user vectors; EASE's dense item x item weights,
+  co-visitation's neighbour table, the popularity lists. What depends on the data rather than
+  on the config (segment popularity's tables) is a warning, not a guess;
 - bytes of a user's and an item's online features in Redis: measured by the same run, through
   Feast on a live server (:mod:`mlsd.features.footprint`).
 
@@ -28,6 +33,7 @@ carries a warning.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -38,17 +44,31 @@ from typing import Any
 import numpy as np
 
 from mlsd.config import SOURCE_SECTIONS
+from mlsd.plan.pipeline import Pipeline, pipeline_warnings
 from mlsd.plan.requirements import Requirements
 from mlsd.serving.index import FlatIndex, HNSWIndex, IVFIndex, choose_index, default_pq_m
-from mlsd.serving.precomputed import encode
+from mlsd.serving.precomputed import PrecomputedStore, encode
 
 SECONDS_PER_DAY = 86_400.0
 
-REDIS_KEY_OVERHEAD_BYTES = 180
-"""Redis's memory per precomputed key beyond the value's bytes: the key string, the main and
-the expires dict entries and the allocator's rounding. Measured: 20,000 keys
-``mlsd:feed:top:<user>`` with a TTL and 1,241-byte values (format 2, before the sources)
-raised redis-server 7's ``used_memory`` by 1,421 bytes a key."""
+REDIS_KEY_ENTRY_BYTES = 97
+"""Redis's memory per key besides the key's and the value's allocations
+(:func:`redis_bytes_per_key`): an entry in the main dict and one in the expires dict (24 bytes
+each, 32 as allocated) and their bucket tables (a power of two of 8-byte pointers each: 8 to 16
+bytes a key, 13 at 61% full); the ~7 bytes left match a dict's previous bucket table, kept until
+Redis's incremental rehash finishes. Fitted on redis-server 7.0.15 (jemalloc 5.3): 5,000 keys
+written by :class:`~mlsd.serving.precomputed.PrecomputedStore` (and 20,000), lists of 1 to
+2,000 items, model versions of 1, 17 and 40 characters: the model is within 0.1% of
+``used_memory`` in 39 of 42 runs, 1.6% at worst (1-item lists); the 180 bytes per key it
+replaces, measured at one value size, were 18% under at 150 items and 11% over at 1."""
+
+
+REDIS_EMBSTR_MAX = 44
+"""Redis keeps a string value of up to this many bytes in one allocation with its object
+header (``OBJ_ENCODING_EMBSTR_SIZE_LIMIT``); a longer one gets an allocation of its own."""
+
+REDIS_OBJECT_BYTES = 16
+"""Redis's object header (``robj``) of a value."""
 
 FAISS_ID_BYTES = 4
 """Faiss HNSW stores each neighbour link as an int32."""
@@ -61,18 +81,231 @@ CATALOG_DRIFT = 2.0
 warns that the CPU costs may not carry over (retrieval and the candidates scale with it)."""
 
 
+ID_BYTES = 8
+"""An item or user id as serving holds it: int64."""
+
+RANKED_ITEM_BYTES = 12
+"""An item of a ranked list (the popularity list, each source's fallback): int64 id + float32
+score."""
+
+SEGMENT_LIST_ITEMS = 2_000
+"""Items of each attribute profile's segment popularity list: ``SEGMENT_TOP_N`` of
+:mod:`mlsd.serving.sources` (not imported, as that imports torch; a test checks they agree)."""
+
+SEGMENT_ROWS_EXAMPLE = 45
+"""Rows of segment popularity's tables for ML-100K's segment columns (age bucket, gender,
+occupation, region), the example its warning quotes."""
+
+
+@dataclass(frozen=True)
+class Sized:
+    """One part of a source's memory in every replica: its plan line's name, bytes, how."""
+
+    name: str
+    bytes: float
+    how: str
+
+
 @dataclass(frozen=True)
 class VectorSource:
-    """A candidate source that serves from a vector index.
+    """A candidate source that serves from a vector index (ALS, BPR, the two-tower model).
 
     Attributes:
         dim: dimension of its item vectors.
         user_vectors: whether it keeps a vector per user in memory (ALS, BPR; the two-tower
             model computes the user's at request time).
+        fold_in: whether it keeps the item factors a second time, beside the index, to fold
+            in users it has no vector for (ALS).
+        history_embeddings: whether its user tower embeds the history's items, a table of
+            ``(items + 1) x dim`` float32 (the two-tower model).
+        item_bias: whether its vectors carry one dimension more than ``dim``, an item bias
+            (BPR: ``implicit`` appends it to the item factors, a column of ones to the user's).
     """
 
     dim: int
     user_vectors: bool = False
+    fold_in: bool = False
+    history_embeddings: bool = False
+    item_bias: bool = False
+
+    @property
+    def stored_dim(self) -> int:
+        """The dimension of the vectors as stored."""
+        return self.dim + self.item_bias
+
+    def sized(self, name: str, req: Requirements) -> tuple[list[Sized], list[str]]:
+        """The index (Faiss's layout and the int64 id map beside it), the user vectors and
+        ids, and the per-item arrays serving holds besides the index (``FactorSource``,
+        ``TwoTowerSource``): the fallback list, and the fold-in's or the tower's tables."""
+        items, dim, kind = (
+            req.catalog_items,
+            self.stored_dim,
+            index_kind(req.index, req.catalog_items),
+        )
+        per_item = index_bytes_per_item(kind, dim, req.hnsw_m) + ID_BYTES
+        dimension = f"dimension {self.dim}" + (" + an item bias" if self.item_bias else "")
+        tiered = (
+            "; a norm-tiered exact index instead if the export measures it cheaper: "
+            f"{4 * dim + 2 * ID_BYTES} B an item (float32 vector, int64 id, float64 norm)"
+        )
+        parts = [
+            Sized(
+                f"{name} index",
+                items * per_item,
+                f"{items:,} items x {per_item} B ({kind}, {dimension}"
+                f"{f', M {req.hnsw_m}' if kind == 'hnsw' else ''}; an int64 id map)"
+                + (tiered if self.user_vectors and kind != "flat" else ""),
+            )
+        ]
+        if self.user_vectors:
+            per_user = 4 * dim + ID_BYTES
+            parts.append(
+                Sized(
+                    f"{name} user vectors",
+                    req.users * per_user,
+                    f"{req.users:,} users x {per_user} B (float32, {dimension}; int64 id)",
+                )
+            )
+        per_item, what, once = RANKED_ITEM_BYTES, ["the fallback list (12 B)"], 0
+        if self.fold_in:
+            per_item += 4 * dim + ID_BYTES + 1
+            what.append(
+                f"the item factors again for folding in unknown users ({4 * dim} B float32, "
+                "an int64 id, a 1 B mask)"
+            )
+        if self.history_embeddings:
+            per_item, once = per_item + 4 * dim + ID_BYTES, 4 * dim
+            what.append(
+                f"the user tower's history embeddings ({4 * dim} B float32, one row more for "
+                "padding) and an int64 id"
+            )
+        parts.append(
+            Sized(
+                f"{name} item arrays",
+                items * per_item + once,
+                f"{items:,} items x {per_item} B: {', '.join(what)}",
+            )
+        )
+        return parts, []
+
+
+@dataclass(frozen=True)
+class PopularityList:
+    """The popularity source: one ranked list of the catalog (``PopularSource``)."""
+
+    def sized(self, name: str, req: Requirements) -> tuple[list[Sized], list[str]]:
+        items = req.catalog_items
+        how = f"{items:,} items x {RANKED_ITEM_BYTES} B (int64 id + float32 score, best first)"
+        return [Sized(f"{name} list", items * RANKED_ITEM_BYTES, how)], []
+
+
+@dataclass(frozen=True)
+class SegmentLists:
+    """Segment popularity (``SegmentPopularSource``): what the config sizes, the catalog's ids
+    and its fallback list; its per-column score tables and its attribute profiles' lists grow
+    with the users' attributes, which ``[plan]`` does not give, so they are a warning."""
+
+    def sized(self, name: str, req: Requirements) -> tuple[list[Sized], list[str]]:
+        items = req.catalog_items
+        per_item = ID_BYTES + RANKED_ITEM_BYTES
+        line = Sized(
+            f"{name} lists",
+            items * per_item,
+            f"{items:,} items x {per_item} B (int64 ids, the fallback list); its score tables "
+            "and profile lists are not counted (see the warnings)",
+        )
+        tables = SEGMENT_ROWS_EXAMPLE * items * 4 / 1e9
+        warning = (
+            f"{name}: its score tables (a float32 row of the {items:,} items for each level of "
+            "each segment column, plus one per column: ML-100K's age bucket, gender, "
+            f"occupation and region make {SEGMENT_ROWS_EXAMPLE} rows, {tables:.2f} GB) and its "
+            f"attribute profiles' lists ({min(SEGMENT_LIST_ITEMS, items):,} items x "
+            f"{RANKED_ITEM_BYTES} B each) depend on the users' attributes, which [plan] does "
+            "not give: they are not in the memory per replica. An export's segments.npz holds "
+            "them (tables, top_ids and top_scores): add their bytes"
+        )
+        return [line], [warning]
+
+
+def csr_index_bytes(items: int, entries: int) -> int:
+    """Bytes of a column index and a row start of scipy's CSR: int32, int64 from 2**31."""
+    return 4 if max(entries, items) < 2**31 else 8
+
+
+def covisitation_bytes(items: int, entries: int) -> int:
+    """Memory of a loaded co-visitation source (``CovisitationSource``) with ``entries``
+    co-visited pairs: the CSR table (a float32 weight and a column an entry, a row start an
+    item), the item ids, and two ranked lists of the catalog (the fallback, and its backfill
+    form)."""
+    index = csr_index_bytes(items, entries)
+    return entries * (4 + index) + (items + 1) * index + items * (ID_BYTES + 2 * RANKED_ITEM_BYTES)
+
+
+@dataclass(frozen=True)
+class CovisitationTable:
+    """Co-visitation: each item's strongest co-visited items (``max_neighbours``; ``None``:
+    all, which the plan cannot size)."""
+
+    max_neighbours: int | None
+
+    def sized(self, name: str, req: Requirements) -> tuple[list[Sized], list[str]]:
+        items = req.catalog_items
+        if self.max_neighbours is None:
+            bound = covisitation_bytes(items, items * 200) / 1e9
+            return [], [
+                f"[retrieval.{name}] max_neighbours is not set: every co-visited pair is kept, "
+                "so the plan cannot size its table and leaves it out of the memory per "
+                f"replica; set max_neighbours (200: at most {bound:.2f} GB at {items:,} items)"
+            ]
+        entries = items * self.max_neighbours
+        index = csr_index_bytes(items, entries)
+        per_item = index + ID_BYTES + 2 * RANKED_ITEM_BYTES
+        how = (
+            f"at most {items:,} items x {self.max_neighbours} neighbours x {4 + index} B "
+            f"(float32 weight + int{8 * index} item), + {per_item} B an item (its row's start, "
+            "its id, the fallback and backfill lists); items co-visited with fewer keep fewer"
+        )
+        return [Sized(f"{name} neighbours", covisitation_bytes(items, entries), how)], []
+
+
+def ease_bytes(items: int, active: int) -> int:
+    """Memory of a loaded EASE source (``EASESource``) over ``active`` items with training
+    events: the dense float32 weights ``B`` (``active²``), the active items' positions, and
+    per catalog item its id, its position among the active ones and the fallback list."""
+    return 4 * active**2 + ID_BYTES * active + items * (2 * ID_BYTES + RANKED_ITEM_BYTES)
+
+
+@dataclass(frozen=True)
+class EASEWeights:
+    """EASE: a dense item x item matrix over at most ``max_items`` items with training events
+    (``EASERetriever`` refuses to fit above)."""
+
+    max_items: int
+
+    def sized(self, name: str, req: Requirements) -> tuple[list[Sized], list[str]]:
+        items = req.catalog_items
+        active = min(items, self.max_items)
+        how = (
+            f"{active:,}² x 4 B (float32 item x item weights over min(catalog, max_items) "
+            f"items) + {items:,} items x {2 * ID_BYTES + RANKED_ITEM_BYTES} B (ids, positions, "
+            "the fallback list)"
+        )
+        warnings = []
+        if items > self.max_items:
+            warnings.append(
+                f"[retrieval.{name}] max_items is {self.max_items:,} but the plan's catalog has "
+                f"{items:,} items: EASE refuses to fit when more than max_items items have "
+                "training events, so the system as configured cannot be built at this catalog "
+                f"unless at most {self.max_items:,} of its items have events (the line assumes "
+                f"that many). Drop {name} from [retrieval].sources (ALS, BPR and the two-tower "
+                "model serve large catalogs), or raise max_items where the memory is there: "
+                f"{items:,} items need {4 * items**2 / 1e9:,.0f} GB of weights in every replica"
+            )
+        return [Sized(f"{name} weights", ease_bytes(items, active), how)], warnings
+
+
+SourceMemory = VectorSource | PopularityList | SegmentLists | CovisitationTable | EASEWeights
+"""What the plan knows of a candidate source's memory in every replica."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +346,8 @@ class Measured:
         feature_bytes: Redis ``used_memory`` per user and per item of the online feature
             store, written through Feast (:mod:`mlsd.features.footprint`; ``None``: the run
             predates the measurement).
+        pipeline: the config, sources and ranker the run measured (``None``: a run from
+            before it recorded them); the plan warns when they are not the planned ones.
     """
 
     online: PathCost
@@ -124,6 +359,7 @@ class Measured:
     source: str
     arrivals: str = "uniform"
     feature_bytes: tuple[float, float] | None = None
+    pipeline: Pipeline | None = None
 
     @classmethod
     def from_serving_bench(cls, report: Mapping[str, Any], source: str) -> Measured:
@@ -186,6 +422,9 @@ class Measured:
             source=source,
             arrivals=str(arrivals),
             feature_bytes=feature_bytes,
+            pipeline=(
+                Pipeline.from_dict(report["pipeline"], source) if "pipeline" in report else None
+            ),
         )
 
     @classmethod
@@ -280,6 +519,51 @@ class CapacityPlan:
         }
 
 
+def jemalloc_size_class(n: int) -> int:
+    """The bytes jemalloc 5 allocates for a request of ``n`` (its ``nallocx``; Redis's
+    ``used_memory`` counts these): 8; multiples of 16 up to 128; then four classes per doubling
+    (160, 192, 224, 256, 320, 384, ...), each a multiple of a quarter of the power of two below
+    ``n``. Why a value's bytes cannot be added up plainly: a 1,414-byte string takes 1,536,
+    a 2,064-byte one 2,560 (24% more). A test checks it against the library's ``nallocx``."""
+    if n <= 8:
+        return 8
+    if n <= 128:
+        return -(-n // 16) * 16
+    spacing = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // spacing) * spacing
+
+
+def sds_bytes(n: int) -> int:
+    """Allocated bytes of a Redis string (``sds``) of ``n`` bytes: its header (1, 3, 5 or 9
+    bytes as the length needs; 1 below 32 bytes, which only keys are, values of that size being
+    embedded), the bytes and a terminating 0, in jemalloc's size class."""
+    header = 1 if n < 1 << 5 else 3 if n < 1 << 8 else 5 if n < 1 << 16 else 9
+    return jemalloc_size_class(header + n + 1)
+
+
+def redis_bytes_per_key(value_bytes: int, key_chars: int) -> int:
+    """Redis ``used_memory`` of one string key with a TTL (``SET ... EX``): the key's string,
+    the value's object and string (one allocation up to :data:`REDIS_EMBSTR_MAX` bytes), each
+    in jemalloc's size class, and :data:`REDIS_KEY_ENTRY_BYTES` of the dicts. For values below
+    32 KiB (lists of up to ~2,500 items): a longer one is read into a buffer Redis trims only
+    when more than a tenth of it is free."""
+    if value_bytes <= REDIS_EMBSTR_MAX:
+        value = jemalloc_size_class(REDIS_OBJECT_BYTES + 3 + value_bytes + 1)
+    else:
+        value = jemalloc_size_class(REDIS_OBJECT_BYTES) + sds_bytes(value_bytes)
+    return REDIS_KEY_ENTRY_BYTES + sds_bytes(key_chars) + value
+
+
+PRECOMPUTED_PREFIX = str(inspect.signature(PrecomputedStore).parameters["prefix"].default)
+"""The precomputed store's default key prefix (keys are ``<prefix>:<version>:<user id>``)."""
+
+
+def precomputed_key_chars(users: int, model_version_chars: int) -> int:
+    """Characters of the longest precomputed key for user ids below ``users``."""
+    user = len(str(max(users - 1, 0)))
+    return len(PRECOMPUTED_PREFIX) + 1 + model_version_chars + 1 + user
+
+
 def precomputed_value_bytes(
     list_length: int, model_version_chars: int, source_names: Sequence[str] = ()
 ) -> int:
@@ -322,7 +606,7 @@ def index_bytes_per_item(index: str, dim: int, hnsw_m: int) -> int:
     raise ValueError(f"index must be 'flat', 'hnsw' or 'ivfpq', got {index!r}")
 
 
-DEFAULT_SOURCES = {"item vectors": VectorSource(64)}
+DEFAULT_SOURCES: dict[str, SourceMemory] = {"item vectors": VectorSource(64)}
 
 
 class _Lines:
@@ -341,8 +625,9 @@ def capacity_plan(
     req: Requirements,
     measured: Measured | None = None,
     *,
-    sources: Mapping[str, VectorSource] | None = None,
+    sources: Mapping[str, SourceMemory] | None = None,
     source_names: Sequence[str] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> CapacityPlan:
     """The plan for ``req``: traffic, memory, and with ``measured`` the cores, replicas, the
     batch run and the latency budget (without it those are left out, and a warning says so).
@@ -350,15 +635,26 @@ def capacity_plan(
     Args:
         req: the requirements.
         measured: costs from a ``bench/serving.py`` run.
-        sources: name → the vector-index sources the system serves (default: one of
-            dimension 64); ``mlsd plan capacity`` reads them from ``[retrieval]``.
+        sources: name → what each candidate source keeps in a replica's memory (default:
+            one vector index of dimension 64); ``mlsd plan capacity`` reads them from
+            ``[retrieval]``. With it, a source of ``source_names`` it lacks is a warning.
         source_names: every candidate source, whose names each precomputed value holds
             (default: all the feed's; ``mlsd plan capacity``: ``[retrieval].sources``).
+        pipeline: the pipeline planned for (``mlsd plan capacity``: ``--config``'s), compared
+            with the one ``measured`` ran (:func:`~mlsd.plan.pipeline.pipeline_warnings`).
     """
     out = _Lines()
     online_rps, precomputed_rps = _traffic(req, out)
     names = tuple(SOURCE_SECTIONS) if source_names is None else tuple(source_names)
-    _memory(req, sources if sources is not None else DEFAULT_SOURCES, names, out)
+    _precomputed_store(req, names, out)
+    if sources is not None:
+        out.warnings.extend(
+            f"[retrieval] source {name!r}: the plan has no model of its memory, which is not "
+            "in the memory per replica"
+            for name in names
+            if name not in sources
+        )
+    _source_memory(req, sources if sources is not None else DEFAULT_SOURCES, out)
     _feature_store(req, measured, out)
     if measured is None:
         out.warnings.append(
@@ -367,6 +663,7 @@ def capacity_plan(
         )
     else:
         _compute(req, measured, online_rps, precomputed_rps, out)
+        out.warnings.extend(pipeline_warnings(measured.pipeline, pipeline, measured.source))
         _latency(req, measured, out)
     return CapacityPlan(req, measured, out.lines, out.warnings)
 
@@ -399,50 +696,35 @@ def _traffic(req: Requirements, out: _Lines) -> tuple[float, float]:
     return online, precomputed
 
 
-def _memory(
-    req: Requirements,
-    sources: Mapping[str, VectorSource],
-    source_names: Sequence[str],
-    out: _Lines,
-) -> None:
+def _precomputed_store(req: Requirements, source_names: Sequence[str], out: _Lines) -> None:
     value = precomputed_value_bytes(req.list_length, req.model_version_chars, source_names)
+    key_chars = precomputed_key_chars(req.users, req.model_version_chars)
+    per_key = redis_bytes_per_key(value, key_chars)
     out.add(
         "precomputed store",
-        req.users * (value + REDIS_KEY_OVERHEAD_BYTES) / 1e9,
+        req.users * per_key / 1e9,
         "GB",
-        f"{req.users:,} users x ({value:,} B value + {REDIS_KEY_OVERHEAD_BYTES} B Redis's per "
-        f"key), {req.list_length} items a list; Redis's used_memory: provision more for "
-        "fragmentation and a save's copy-on-write",
+        f"{req.users:,} users x {per_key:,} B a key: the {value:,} B value in "
+        f"{REDIS_OBJECT_BYTES + sds_bytes(value):,} B (jemalloc's size class), the "
+        f"{key_chars}-character key in {sds_bytes(key_chars)} B, {REDIS_KEY_ENTRY_BYTES} B of "
+        f"Redis's dicts; {req.list_length} items a list. Redis's used_memory: provision more "
+        "for fragmentation and a save's copy-on-write",
     )
-    kind = index_kind(req.index, req.catalog_items)
+
+
+def _source_memory(req: Requirements, sources: Mapping[str, SourceMemory], out: _Lines) -> None:
     total = 0.0
     for name, source in sources.items():
-        per_item = index_bytes_per_item(kind, source.dim, req.hnsw_m)
-        total += out.add(
-            f"{name} index",
-            req.catalog_items * per_item / 1e9,
-            "GB",
-            f"{req.catalog_items:,} items x {per_item} B ({kind}, dimension {source.dim}"
-            f"{f', M {req.hnsw_m}' if kind == 'hnsw' else ''})"
-            + (
-                "; a norm-tiered exact index instead if the export measures it cheaper: "
-                f"{4 * source.dim} B an item"
-                if source.user_vectors and kind != "flat"
-                else ""
-            ),
-        )
-        if source.user_vectors:
-            total += out.add(
-                f"{name} user vectors",
-                req.users * 4 * source.dim / 1e9,
-                "GB",
-                f"{req.users:,} users x {4 * source.dim} B (float32, dimension {source.dim})",
-            )
+        parts, warnings = source.sized(name, req)
+        for part in parts:
+            total += out.add(part.name, part.bytes / 1e9, "GB", part.how)
+        out.warnings.extend(warnings)
     out.add(
-        "vectors per replica",
+        "memory per replica",
         total,
         "GB",
-        f"the indexes and user vectors of {len(sources)} source(s), in every replica",
+        f"the arrays of {len(sources)} candidate source(s), loaded in every replica (the "
+        "ranker, the catalog snapshot and the process itself apart)",
     )
 
 

@@ -15,7 +15,7 @@ from mlsd import HELP_MARKUP
 
 if TYPE_CHECKING:
     from mlsd.config import FeedConfig
-    from mlsd.plan.capacity import VectorSource
+    from mlsd.plan.capacity import SourceMemory
 
 app = typer.Typer(
     rich_markup_mode=HELP_MARKUP,
@@ -27,18 +27,29 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def vector_sources(feed: FeedConfig) -> dict[str, VectorSource]:
-    """The config's sources that serve from a vector index, with their dimensions."""
-    from mlsd.config import ALSSource, BPRSource, TwoTowerSource
-    from mlsd.plan.capacity import VectorSource
+def memory_sources(feed: FeedConfig) -> dict[str, SourceMemory]:
+    """What each of the config's sources keeps in a replica's memory, as far as its section
+    tells (a source of a kind not listed here is left out, and the plan warns about it)."""
+    from mlsd import config as c
+    from mlsd.plan import capacity as p
 
-    out: dict[str, VectorSource] = {}
+    out: dict[str, SourceMemory] = {}
     for name in feed.retrieval.sources:
         section = feed.retrieval.source_configs[name]
-        if isinstance(section, ALSSource | BPRSource):
-            out[name] = VectorSource(section.factors, user_vectors=True)
-        elif isinstance(section, TwoTowerSource):
-            out[name] = VectorSource(section.dim)
+        if isinstance(section, c.ALSSource):
+            out[name] = p.VectorSource(section.factors, user_vectors=True, fold_in=True)
+        elif isinstance(section, c.BPRSource):
+            out[name] = p.VectorSource(section.factors, user_vectors=True, item_bias=True)
+        elif isinstance(section, c.TwoTowerSource):
+            out[name] = p.VectorSource(section.dim, history_embeddings=True)
+        elif isinstance(section, c.PopularitySource):
+            out[name] = p.PopularityList()
+        elif isinstance(section, c.SegmentPopularitySource):
+            out[name] = p.SegmentLists()
+        elif isinstance(section, c.CovisitationSource):
+            out[name] = p.CovisitationTable(section.max_neighbours)
+        elif isinstance(section, c.EASESource):
+            out[name] = p.EASEWeights(section.max_items)
     return out
 
 
@@ -73,16 +84,22 @@ def capacity(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Peak requests/s, service cores and replicas, the batch run, the precomputed store, the
-    vectors and the latency budget for the `[plan]` requirements, from measured costs."""
+    candidate sources' memory and the latency budget for the `[plan]` requirements, from
+    measured costs (which the plan warns about when measured on another pipeline)."""
     from mlsd.config import feed_config_source, load_feed_config, load_plan_requirements
     from mlsd.plan.capacity import Measured, capacity_plan
+    from mlsd.plan.pipeline import Pipeline
 
     err_console.print(feed_config_source(config), highlight=False, markup=False)
     requirements = load_plan_requirements(config, _overrides(set_ or []))
     costs = Measured.from_file(measured) if measured is not None else None
     feed = load_feed_config(config)
     plan = capacity_plan(
-        requirements, costs, sources=vector_sources(feed), source_names=feed.retrieval.sources
+        requirements,
+        costs,
+        sources=memory_sources(feed),
+        source_names=feed.retrieval.sources,
+        pipeline=Pipeline.of_config(config),
     )
     if as_json:
         print(json.dumps(plan.to_dict(), indent=2))
