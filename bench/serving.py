@@ -5,8 +5,9 @@ loopback, as in production:
 
 1. **Build** a feed system on a simulated catalog (1M items by default) with the project's CLI,
    exactly as ``make demo`` does (``mlsd data synth`` → validate → split → ``mlsd feed features
-   apply/materialize`` → ``mlsd feed train --config configs/feed-demo.toml``; no registry: the
-   service gets ``--model``). Each step's wall and CPU seconds and peak memory are reported.
+   apply/materialize`` → ``mlsd feed train --config configs/feed-demo.toml``, or ``--config``;
+   no registry: the service gets ``--model``). Each step's wall and CPU seconds and peak
+   memory are reported.
    The build is cached under ``--cache`` keyed by its parameters and the config's hash; a failed
    build stops with its command, time and output tail and resumes at that step next time. The
    JSON's ``pipeline`` records that config (path, hashes, sources, ranker, the ranker served),
@@ -470,7 +471,7 @@ def run_steps(
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
     """The world and the model, from the cache when built there before (per step)."""
-    config_hash = hashlib.sha256(CONFIG.read_bytes()).hexdigest()[:10]
+    config_hash = hashlib.sha256(args.config.read_bytes()).hexdigest()[:10]
     key = f"items{args.items}-users{args.users}-events{args.events}-seed{args.seed}"
     root = args.cache / key
     world, model = root / "world", root / f"model-{config_hash}"
@@ -480,7 +481,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         n: cost if isinstance(cost, dict) else {"seconds": cost} for n, cost in saved.items()
     }
     mlsd = str(Path(sys.executable).with_name("mlsd"))
-    feature = ["--dataset", str(world), "--config", str(CONFIG)]
+    feature = ["--dataset", str(world), "--config", str(args.config)]
     steps = {
         "synth": [
             *("data", "synth", "--items", str(args.items), "--users", str(args.users)),
@@ -505,6 +506,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         done_path.write_text(json.dumps(done, indent=2))
     return {
         "dir": str(root),
+        "config": str(args.config),
         "world": str(world),
         "model": str(model),
         "cached_steps": [n for n in steps if n not in missing],
@@ -542,7 +544,7 @@ def batch_predict(
     run)."""
     base = [
         str(Path(sys.executable).with_name("mlsd")),
-        *("feed", "batch-predict", "--dataset", built["world"], "--config", str(CONFIG)),
+        *("feed", "batch-predict", "--dataset", built["world"], "--config", built["config"]),
         *("--model", built["model"], "--redis", redis_url, "--users", str(n_users)),
         *("--processes", str(processes), "--workers", "2" if shards == 1 else "1"),
     ]
@@ -636,7 +638,7 @@ def service(
             base.mkdir(parents=True, exist_ok=True)
             command = [
                 str(Path(sys.executable).with_name("mlsd")),
-                *("feed", "serve", "--dataset", built["world"], "--config", str(CONFIG)),
+                *("feed", "serve", "--dataset", built["world"], "--config", built["config"]),
                 *("--model", built["model"], "--redis", redis_url, "--port", str(replica_port)),
                 *("--base-dir", str(base)),  # where the service writes its log: not the repo
                 *(["--reuse-port"] if replicas > 1 and not nginx else []),
@@ -1068,7 +1070,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # the simulated world's size: what the CPU per request was measured at (mlsd plan)
         "world": {"items": args.items, "users": args.users, "events": args.events},
         # the pipeline measured: mlsd plan warns when it plans for another config
-        "pipeline": Pipeline.of_config(CONFIG).to_dict(),
+        "pipeline": Pipeline.of_config(args.config).to_dict(),
     }
     built = build(args)
     report["build"] = built
@@ -1083,7 +1085,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         url = f"redis://127.0.0.1:{port}/0"
         # What the online feature store costs a user and an item in Redis (mlsd plan), on
         # the idle server before anything else writes to it.
-        repo = load_feed_config(CONFIG).feature_store.repo_path(Path(built["world"]))
+        repo = load_feed_config(args.config).feature_store.repo_path(Path(built["world"]))
         report["feature_store"] = redis_bytes_per_entity(repo, f"127.0.0.1:{port}").to_dict()
         n_batch = min(args.batch_users, args.users)
         report["batch_predict"] = batch_predict(
@@ -1150,6 +1152,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--events", type=int, default=4_000_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG,
+        help=f"the feed config built and measured (default {CONFIG}; mlsd plan capacity warns "
+        "when it plans for another)",
+    )
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "mlsd-bench-serving"
     )
@@ -1234,8 +1243,9 @@ def main() -> None:
     if args.load_worker:
         load_worker()
         return
-    if not CONFIG.exists():
-        sys.exit(f"{CONFIG} not found: run from the repository root")
+    if not args.config.is_file():
+        hint = " (run from the repository root)" if args.config == CONFIG else ""
+        sys.exit(f"--config {args.config}: not found{hint}")
     document = json.dumps(run(args), indent=2)
     if args.out is not None:
         args.out.write_text(document + "\n")

@@ -121,7 +121,7 @@ def test_costs_measured_on_the_demo_pipeline_warn_when_planning_the_feed(
         "auto measured, ensemble planned."
     )
     assert warning.endswith(
-        "re-run bench/serving.py with its CONFIG set to configs/feed.toml, or plan for the "
+        "re-run bench/serving.py --config configs/feed.toml, or plan for the "
         "measured pipeline with --config configs/feed-demo.toml"
     )
     args = ["--config", "configs/feed-demo.toml", "--measured", str(measured), "--json"]

@@ -31,7 +31,7 @@ def test_costs_of_another_pipeline_are_a_warning_naming_both_and_what_differs() 
         "two_tower; ranker ensemble): sources not measured: ease, two_tower; ranker auto "
         "measured, ensemble planned. A request's CPU and latency grow with its sources and "
         "ranker, so cores, replicas and the latency budget are of another system: re-run "
-        "bench/serving.py with its CONFIG set to feed.toml, or plan for the measured pipeline "
+        "bench/serving.py --config feed.toml, or plan for the measured pipeline "
         "with --config demo.toml"
     )
     fewer = dataclasses.replace(FEED, sources=("popularity",), ranker="auto")
@@ -77,7 +77,7 @@ def test_only_plan_or_comment_edits_keep_the_pipeline_and_other_settings_warn(
         f"CPU costs and p99 were measured on {tmp_path / 'demo.toml'}, whose settings outside "
         f"[plan] differ from the planned {tmp_path / 'bigger.toml'}'s (the same sources and "
         "ranker; e.g. a source's dimensions or the candidates ranked may cost differently): "
-        f"re-run bench/serving.py with its CONFIG set to {tmp_path / 'bigger.toml'}, or plan for "
+        f"re-run bench/serving.py --config {tmp_path / 'bigger.toml'}, or plan for "
         f"the measured pipeline with --config {tmp_path / 'demo.toml'}"
     ]
 
@@ -134,3 +134,16 @@ def test_the_bench_records_the_pipeline_it_runs(
     )
     assert recorded.config == "configs/feed-demo.toml"
     assert pipeline_warnings(recorded, Pipeline.of_config(serving.CONFIG), "run") == []
+    # --config measures another config: the build and the record are of that one
+    built: list[Path] = []
+
+    def build_config(args: argparse.Namespace) -> dict[str, Any]:
+        built.append(args.config)
+        return build(args)
+
+    monkeypatch.setattr(serving, "build", build_config)
+    report = serving.run(serving.parse_args(["--build-only", "--config", "configs/feed.toml"]))
+    planned = Pipeline.of_config(Path("configs/feed.toml"))
+    assert built == [Path("configs/feed.toml")]
+    assert Pipeline.from_dict(report["pipeline"], "run").sources == planned.sources
+    assert pipeline_warnings(Pipeline.from_dict(report["pipeline"], "run"), planned, "run") == []

@@ -133,7 +133,7 @@ def pipeline_warnings(
     if measured.config_sha256 is not None and measured.config_sha256 == planned.config_sha256:
         return []
     redo = (
-        f"re-run bench/serving.py with its CONFIG set to {planned.config}, or plan for the "
+        f"re-run bench/serving.py --config {planned.config}, or plan for the "
         f"measured pipeline with --config {measured.config}"
     )
     only_measured = _missing(measured.sources, planned.sources)
