@@ -469,17 +469,52 @@ def run_steps(
     return costs
 
 
+WORLD_STEPS = ("synth", "validate", "split")
+FEATURE_STEPS = ("features_apply", "features_materialize")
+
+
+def _steps_record(path: Path) -> dict[str, dict[str, float]]:
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    return {  # an early version saved bare seconds
+        n: cost if isinstance(cost, dict) else {"seconds": cost} for n, cost in saved.items()
+    }
+
+
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    """The world and the model, from the cache when built there before (per step)."""
+    """The world, its feature store and the model, from the cache when built there before.
+
+    Each step is recorded where what it builds is shared: the world's steps (synth, validate,
+    split) once per world, for every config; the feature store's under the hash of the
+    config's ``[features]`` and ``[feature_store]`` (another config's re-materializes it; the
+    same settings reuse it); the model per config hash. So a second ``--config`` trains on the
+    cached world instead of rebuilding it, and a rebuilt world drops every record on it.
+    """
     config_hash = hashlib.sha256(args.config.read_bytes()).hexdigest()[:10]
+    feed = load_feed_config(args.config)
+    feature_settings = {
+        "features": dataclasses.asdict(feed.features),
+        "feature_store": dataclasses.asdict(feed.feature_store),
+    }
+    features_hash = hashlib.sha256(
+        json.dumps(feature_settings, sort_keys=True, default=str).encode()
+    ).hexdigest()[:10]
     key = f"items{args.items}-users{args.users}-events{args.events}-seed{args.seed}"
     root = args.cache / key
     world, model = root / "world", root / f"model-{config_hash}"
-    done_path = root / f"steps-{config_hash}.json"
-    saved = json.loads(done_path.read_text()) if done_path.exists() else {}
-    done: dict[str, dict[str, float]] = {  # an early version saved bare seconds
-        n: cost if isinstance(cost, dict) else {"seconds": cost} for n, cost in saved.items()
+    records = {
+        "world": root / "steps-world.json",
+        "features": root / "steps-features.json",
+        "train": root / f"steps-{config_hash}.json",
     }
+    done = _steps_record(records["train"])  # a cache from before the split kept all here
+    world_done = _steps_record(records["world"])
+    done |= {n: world_done[n] for n in WORLD_STEPS if n in world_done}
+    if records["features"].exists():
+        saved = json.loads(records["features"].read_text())
+        for n in FEATURE_STEPS:
+            done.pop(n, None)
+            if saved.get("hash") == features_hash and n in saved.get("steps", {}):
+                done[n] = saved["steps"][n]
     mlsd = str(Path(sys.executable).with_name("mlsd"))
     feature = ["--dataset", str(world), "--config", str(args.config)]
     steps = {
@@ -495,6 +530,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         "train": ["feed", "train", *feature, "--out", str(model)],
     }
     missing = [name for name in steps if name not in done]
+    if "synth" in missing:  # a new world: nothing recorded on the old one holds
+        missing, done = list(steps), {}
     if missing and args.skip_build:
         sys.exit(f"--skip-build: {root} lacks the steps {missing}; run once without --skip-build")
     root.mkdir(parents=True, exist_ok=True)
@@ -502,8 +539,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     for name in missing:
         if name == "synth":
             shutil.rmtree(world, ignore_errors=True)
+            for stale in root.glob("steps-*.json"):
+                stale.unlink()
         done[name] = run_step(name, [mlsd, *steps[name]], root / f"{name}.log")
-        done_path.write_text(json.dumps(done, indent=2))
+        _save_steps(records, done, features_hash)
     return {
         "dir": str(root),
         "config": str(args.config),
@@ -513,6 +552,18 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         "steps": {n: done[n] for n in steps},
         "total_seconds": round(sum(d["seconds"] for d in done.values()), 1),
     }
+
+
+def _save_steps(
+    records: Mapping[str, Path], done: Mapping[str, dict[str, float]], features_hash: str
+) -> None:
+    """Each finished step into its record (:func:`build`)."""
+    records["world"].write_text(
+        json.dumps({n: done[n] for n in WORLD_STEPS if n in done}, indent=2)
+    )
+    features = {n: done[n] for n in FEATURE_STEPS if n in done}
+    records["features"].write_text(json.dumps({"hash": features_hash, "steps": features}, indent=2))
+    records["train"].write_text(json.dumps({"train": done["train"]} if "train" in done else {}))
 
 
 # ---------------------------------------------------------------- processes

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -217,3 +219,48 @@ def test_the_load_worker_drives_with_the_garbage_collector_off(
         gc.enable()
     assert seen == [False]
     assert json.loads(out.read_text()) == {"records": []}
+
+
+def test_another_config_builds_on_the_cached_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The world is every config's; the feature store is shared by configs with the same
+    # [features] and [feature_store]; the model is per config.
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the configs' relative paths
+    ran: list[str] = []
+
+    def run_step(name: str, command: list[str], log_path: Path) -> dict[str, float]:
+        ran.append(name)
+        return {"seconds": 1.0}
+
+    monkeypatch.setattr(serving, "run_step", run_step)
+    other = tmp_path / "other.toml"  # the demo with other features
+    other.write_text(Path("configs/feed-demo.toml").read_text() + "\n[features]\nhistory_len = 7\n")
+
+    def build(config: str | Path) -> list[str]:
+        ran.clear()
+        args = ["--build-only", "--config", str(config), "--cache", str(tmp_path / "cache")]
+        built = serving.build(serving.parse_args(args))
+        assert built["config"] == str(config)
+        return list(ran)
+
+    world = ["synth", "validate", "split"]
+    assert build("configs/feed-demo.toml") == [
+        *world,
+        "features_apply",
+        "features_materialize",
+        "train",
+    ]
+    assert build("configs/feed-demo.toml") == []
+    assert build("configs/feed.toml") == ["train"]  # the same feature settings as the demo's
+    assert build(other) == ["features_apply", "features_materialize", "train"]
+    assert build("configs/feed.toml") == ["features_apply", "features_materialize"]
+    assert build("configs/feed.toml") == []
+    # A cache from before the records were split kept every step in the config's record.
+    root = next((tmp_path / "cache").iterdir())
+    config_hash = hashlib.sha256(Path("configs/feed-demo.toml").read_bytes()).hexdigest()[:10]
+    steps = [*world, "features_apply", "features_materialize", "train"]
+    for record in root.glob("steps-*.json"):
+        record.unlink()
+    (root / f"steps-{config_hash}.json").write_text(json.dumps(dict.fromkeys(steps, 1.0)))
+    assert build("configs/feed-demo.toml") == []

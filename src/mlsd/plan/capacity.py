@@ -663,7 +663,14 @@ def capacity_plan(
         )
     else:
         _compute(req, measured, online_rps, precomputed_rps, out)
-        out.warnings.extend(pipeline_warnings(measured.pipeline, pipeline, measured.source))
+        unbuildable = [
+            name
+            for name, source in (sources or {}).items()
+            if isinstance(source, EASEWeights) and req.catalog_items > source.max_items
+        ]
+        out.warnings.extend(
+            pipeline_warnings(measured.pipeline, pipeline, measured.source, unbuildable=unbuildable)
+        )
         _latency(req, measured, out)
     return CapacityPlan(req, measured, out.lines, out.warnings)
 

@@ -112,13 +112,19 @@ class Pipeline:
 
 
 def pipeline_warnings(
-    measured: Pipeline | None, planned: Pipeline | None, source: str
+    measured: Pipeline | None,
+    planned: Pipeline | None,
+    source: str,
+    *,
+    unbuildable: Sequence[str] = (),
 ) -> list[str]:
     """What the plan should say about applying ``measured``'s costs to ``planned``.
 
     Nothing when they are the same file, or the same settings but for ``[plan]``; the sources
     each has that the other lacks and the rankers when those differ; else that other settings
-    differ. ``source``: where the measured costs come from (the JSON file).
+    differ. ``source``: where the measured costs come from (the JSON file). ``unbuildable``:
+    the planned config's sources that cannot be built at the planned catalog (EASE above its
+    ``max_items``), which a bench run of that config would fail on.
     """
     if measured is None:
         planned_text = f" than {planned.describe()}" if planned is not None else ""
@@ -132,10 +138,14 @@ def pipeline_warnings(
         return []
     if measured.config_sha256 is not None and measured.config_sha256 == planned.config_sha256:
         return []
-    redo = (
-        f"re-run bench/serving.py --config {planned.config}, or plan for the "
-        f"measured pipeline with --config {measured.config}"
-    )
+    bench = f"re-run bench/serving.py --config {planned.config}"
+    if unbuildable:
+        bench += (
+            f" once {', '.join(unbuildable)} is out of its [retrieval].sources (it cannot be "
+            "built at this catalog: see its warning)"
+        )
+    redo = f"{bench}, or plan for the measured pipeline with --config {measured.config}"
+
     only_measured = _missing(measured.sources, planned.sources)
     only_planned = _missing(planned.sources, measured.sources)
     if only_measured or only_planned or measured.ranker != planned.ranker:
