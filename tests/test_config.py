@@ -201,6 +201,16 @@ def test_shipped_ranking_section_builds_every_ranker() -> None:
     assert pipeline.baselines == ("popularity", "ease", "als", "bpr")
 
 
+def test_the_reports_freshness_variant_reads_the_configured_clock(tmp_path: Path) -> None:
+    text = '[ranking.rerank]\nfreshness_clock = "first_event"\nfreshness_half_life_days = 7.0\n'
+    pipeline = load_feed_config(_write(tmp_path, text)).ranking.pipeline()
+    fresh = pipeline.rerank_variants["freshness 0.3"]
+    assert (fresh.freshness_weight, fresh.freshness_clock) == (0.3, "first_event")
+    assert fresh.freshness_half_life_days == 7.0
+    assert pipeline.rerank_variants["mmr 0.7"].freshness_clock == "created"  # no boost: as is
+    assert pipeline.rerank.freshness_clock == "first_event"
+
+
 def test_ranker_sections_keep_the_rankers_defaults() -> None:
     # The sections copy the rankers' defaults (so loading a config never imports torch);
     # this keeps the copies honest.

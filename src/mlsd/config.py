@@ -677,7 +677,7 @@ class RankingSection:
 
         rerank = dataclasses.asdict(self.rerank)
         rerank["blocklist"] = frozenset(rerank["blocklist"])
-        return PipelineConfig(
+        pipeline = PipelineConfig(
             n_candidates=self.n_candidates,
             ranker=self.ranker,
             ranker_windows=self.ranker_windows,
@@ -689,6 +689,17 @@ class RankingSection:
             baselines=self.baselines if self.baselines is not None else DEFAULT_BASELINES,
             ks=self.ks,
         )
+        # The report's freshness variant ages items by the configured clock and half-life.
+        clock, half_life = self.rerank.freshness_clock, self.rerank.freshness_half_life_days
+        variants = {
+            name: dataclasses.replace(
+                variant, freshness_clock=clock, freshness_half_life_days=half_life
+            )
+            if variant.freshness_weight > 0
+            else variant
+            for name, variant in pipeline.rerank_variants.items()
+        }
+        return dataclasses.replace(pipeline, rerank_variants=variants)
 
 
 def _ranking_section(values: dict[str, Any], path: Path) -> RankingSection:
