@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
+import json
 import socket
 import sys
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import anyio
 import httpx
 import pandas as pd
 import pytest
@@ -29,6 +31,7 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
+from starlette.types import Message, Receive, Scope, Send
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
@@ -868,3 +871,176 @@ def fuzz_app(contract_dir: Path) -> FastAPI:
 @api.parametrize()
 def test_api_never_answers_5xx(case: schemathesis.Case[Any], fuzz_app: FastAPI) -> None:
     case.call_and_validate(checks=[not_a_server_error], app=fuzz_app)
+
+
+# ---------------------------------------------------------------- hostile bodies
+
+JSON = {"Content-Type": "application/json"}
+
+
+def http_500s(client: TestClient) -> float:
+    """Requests counted with status 500 on ``/metrics``."""
+    samples = metric_samples(client.get("/metrics").text)
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "mlsd_http_requests_total" and ("status", "500") in labels
+    )
+
+
+EVENT = '[{"user_id": 5, "item_id": 1, "event": "c", %s}]'
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "loc"),
+    [
+        ("/v1/recommendations", '{"user_id": 5, "now": NaN}', ["body", "now"]),
+        ("/v1/recommendations", '{"user_id": 5, "now": Infinity}', ["body", "now"]),
+        ("/v1/events", EVENT % '"value": NaN', ["body", 0, "value"]),
+        ("/v1/events", EVENT % '"value": -Infinity', ["body", 0, "value"]),
+        ("/v1/events", EVENT % '"ts": NaN', ["body", 0, "ts"]),
+        ("/v1/events", EVENT % '"ts": Infinity', ["body", 0, "ts"]),
+    ],
+)
+def test_nan_and_infinity_literals_are_a_422_naming_the_field(
+    client: TestClient, path: str, content: str, loc: list[object]
+) -> None:
+    """Python's JSON parser reads these literals; the 422 that refuses them must still be JSON
+    (FastAPI's own handler echoed them and failed with a 500)."""
+    response = client.post(path, content=content, headers=JSON)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == loc
+    assert error["input"] in ("nan", "inf", "-inf")
+    assert http_500s(client) == 0
+
+
+def test_a_422_echoes_only_a_short_repr_of_a_large_input(client: TestClient) -> None:
+    """One event object where a list goes: FastAPI echoed the whole body in ``input``."""
+    event = {"user_id": 5, "item_id": 1, "event": "click", "request_id": "r" * 60}
+    body = {"batch": [event] * 5_000}  # about 0.5 MB, under the limit
+    response = client.post("/v1/events", json=body)
+    assert response.status_code == 422, response.text[:300]
+    assert len(response.content) < 1_000
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body"]
+    long = client.post("/v1/events", json=[{**event, "event": "e" * 10_000}])
+    assert long.status_code == 422
+    assert len(long.content) < 1_000
+    assert long.json()["detail"][0]["loc"] == ["body", 0, "event"]
+
+
+def test_a_body_over_the_limit_is_413_before_the_app_reads_it() -> None:
+    """Content-Length over the limit: answered at once, the app never called."""
+    from mlsd.serving.app import BodyLimit
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("the app was called")
+
+    async def receive() -> Message:
+        raise AssertionError("the body was read")
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/events",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"2001")],
+    }
+    anyio.run(BodyLimit(app, max_bytes=2000), scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert (b"connection", b"close") in sent[0]["headers"]
+    detail = json.loads(sent[1]["body"])["detail"]
+    assert "2000 bytes (MLSD_MAX_BODY_BYTES)" in detail
+
+
+def test_a_body_over_the_limit_is_413_with_or_without_content_length(
+    make_client: MakeClient,
+) -> None:
+    client = make_client(max_body_bytes=2_000)
+    events = [{"user_id": 13, "item_id": 97, "event": "click"}] * 60  # user 13: only this test's
+    content = json.dumps(events).encode()
+    assert len(content) > 2_000
+    declared = client.post("/v1/events", content=content, headers=JSON)
+    assert declared.status_code == 413, declared.text
+    assert "2000 bytes (MLSD_MAX_BODY_BYTES)" in declared.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent chunked
+        for start in range(0, len(content), 500):
+            yield content[start : start + 500]
+
+    chunked = client.post("/v1/events", content=chunks(), headers=JSON)
+    assert chunked.status_code == 413, chunked.text
+    assert "MLSD_MAX_BODY_BYTES" in chunked.json()["detail"]
+    assert 97 not in client.get("/v1/users/13/history").json()["items"]
+    samples = metric_samples(client.get("/metrics").text)
+    refused = frozenset({("endpoint", "/v1/events"), ("method", "POST"), ("status", "413")})
+    assert samples["mlsd_http_requests_total", refused] == 1  # the chunked one, routed
+    under = client.post(
+        "/v1/events", content=content[:1_500].rsplit(b",", 1)[0] + b"]", headers=JSON
+    )
+    assert under.status_code == 200, under.text
+    small_chunked = client.post(
+        "/v1/events", content=iter([content.split(b", {")[0], b"]"]), headers=JSON
+    )
+    assert small_chunked.json() == {"accepted": 1}
+
+
+def test_event_values_beyond_float32_are_422(client: TestClient) -> None:
+    """The online store keeps values as float32: 1e39 would be stored as infinity."""
+    click = {"user_id": 14, "item_id": 98, "event": "click"}  # user 14: only this test's
+    for value in (1e39, -1e39):
+        response = client.post("/v1/events", json=[click, {**click, "value": value}])
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["body", 1, "value"]
+    assert client.post("/v1/events", json=[{**click, "value": 3.4e38}]).status_code == 200
+
+
+@pytest.mark.parametrize("bad", [True, "7", 7.0])
+def test_integers_in_a_body_are_strict(client: TestClient, bad: object) -> None:
+    """JSON true is not user 1, nor "7" or 7.0 user 7; query and path parameters still parse."""
+    click = {"user_id": 15, "item_id": 99, "event": "click"}  # user 15: only this test's
+    cases = [
+        ("/v1/recommendations", {"user_id": bad, "k": 2}, ["body", "user_id"]),
+        ("/v1/recommendations", {"user_id": 5, "k": bad}, ["body", "k"]),
+        ("/v1/recommendations", {"recent_items": [bad]}, ["body", "recent_items", 0]),
+        ("/v1/events", [{**click, "user_id": bad}], ["body", 0, "user_id"]),
+        ("/v1/events", [{**click, "item_id": bad}], ["body", 0, "item_id"]),
+    ]
+    for path, body, loc in cases:
+        response = client.post(path, json=body)
+        assert response.status_code == 422, (body, response.text)
+        (error,) = response.json()["detail"]
+        assert error["loc"] == loc
+    assert client.post("/v1/recommendations", json={"user_id": 7, "k": 2}).status_code == 200
+    assert client.post("/v1/events", json=[click]).json() == {"accepted": 1}
+    assert client.get("/v1/recommendations/7", params={"k": "2"}).status_code == 200
+
+
+@pytest.mark.parametrize("token", ["s3cret-töken", "tok\ten", " padded", "line\n"])
+def test_an_admin_token_no_header_can_carry_is_refused_at_startup(token: str) -> None:
+    with pytest.raises(ValueError, match="MLSD_ADMIN_TOKEN must be printable ASCII") as info:
+        ServiceSettings.from_env({"MLSD_ADMIN_TOKEN": token})
+    assert token not in str(info.value)  # a secret
+    assert ServiceSettings.from_env({"MLSD_ADMIN_TOKEN": "a b~c"}).admin_token == "a b~c"
+
+
+def test_the_body_limit_setting() -> None:
+    assert ServiceSettings.from_env({}).max_body_bytes == 4 * 1024 * 1024
+    assert ServiceSettings.from_env({"MLSD_MAX_BODY_BYTES": "5000"}).max_body_bytes == 5000
+    with pytest.raises(ValueError, match="MLSD_MAX_BODY_BYTES must be an integer, got '2MB'"):
+        ServiceSettings.from_env({"MLSD_MAX_BODY_BYTES": "2MB"})
+    with pytest.raises(ValueError, match="MLSD_MAX_BODY_BYTES must be at least 1, got 0"):
+        ServiceSettings.from_env({"MLSD_MAX_BODY_BYTES": "0"})
+
+
+def test_the_schema_documents_413_and_503() -> None:
+    paths = create_app(_schema_only, settings=ServiceSettings()).openapi()["paths"]
+    assert {"413", "503"} <= set(paths["/v1/events"]["post"]["responses"])
+    assert {"413", "503"} <= set(paths["/v1/recommendations"]["post"]["responses"])
+    assert "503" in paths["/v1/recommendations/{user_id}"]["get"]["responses"]

@@ -14,16 +14,22 @@
 =====================================  =========================================================
 
 Errors: invalid input (``k`` outside [1, ``MLSD_MAX_K``], malformed JSON, unknown fields, a
-``ValueError`` from the model) is a 422. An unknown user gets the model's cold-start answer (for
+``NaN`` or ``Infinity`` where a number goes, a ``BadRequestError`` from the model) is a 422 naming
+the field; each error echoes at most a short repr of its ``input``
+(:func:`validation_error_response`). A body FastAPI cannot parse at all (not UTF-8, an integer
+of over 4,300 digits, arrays nested too deep) is a 400 ``There was an error parsing the body``,
+and a body over ``MLSD_MAX_BODY_BYTES`` a 413, before it is read (:class:`BodyLimit`). An
+unknown user gets the model's cold-start answer (for
 :class:`~mlsd.serving.popular.PopularRecommender`, the most popular items), never a 5xx. When the
 model raises anything else, or no model is loaded, the ``fallback`` answers with path
 ``fallback:popular`` and ``"model"`` in ``fallbacks``; only without a fallback is it a 503.
 
 Log: with a :class:`~mlsd.monitoring.logs.LogWriter`, each recommendation request is a
 ``requests`` row (its ``request_id``, as in the response; status, latency, path, model version,
-fallbacks; a 422 or 503 that answered instead too) and each item shown an ``exposures`` row
-(position from 0, score, candidate source); each accepted feedback event is a ``feedback`` row
-at the time the service received it, with the ``request_id`` the client names
+fallbacks; a 503, or a 422 the model raised, that answered instead too; a request refused by
+validation, before any model saw it, is counted on ``/metrics`` only) and each item shown an
+``exposures`` row (position from 0, score, candidate source); each accepted feedback event is a
+``feedback`` row at the time the service received it, with the ``request_id`` the client names
 (``EventIn.request_id``), which attributes a click to its exposure. Logging packs one chunk per
 call (a child process writes the files by default, :mod:`mlsd.monitoring.log_process`) and
 never fails a request; the app closes the log at
@@ -61,9 +67,11 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
+import reprlib
 import socket
 import sys
 import threading
@@ -93,6 +101,7 @@ import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -101,7 +110,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlsd.backoff import backoff_s
 from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
@@ -120,6 +129,7 @@ from mlsd.serving.schemas import (
     INT64_MIN,
     NOW_MAX,
     AcceptedOut,
+    ErrorOut,
     EventIn,
     HistoryOut,
     ItemOut,
@@ -147,6 +157,13 @@ class ServiceSettings:
 
     Attributes:
         admin_token: bearer token for ``/admin/*`` (``MLSD_ADMIN_TOKEN``); ``None`` disables them.
+            Printable ASCII without surrounding blanks: an HTTP header carries nothing else
+            intact (Starlette reads headers as latin-1, proxies strip blanks), so any other
+            token could never authenticate and is refused at startup.
+        max_body_bytes: the largest request body read (``MLSD_MAX_BODY_BYTES``, default 4 MiB);
+            a larger one is a 413 before it is read (:class:`BodyLimit`). A batch of 10,000
+            events, the most ``POST /v1/events`` takes, is 0.5 MB with the required fields and
+            about 3 MB with every field at its longest.
         max_k: the largest ``k`` a request may ask for (``MLSD_MAX_K``).
         default_k: ``k`` when a request gives none (``MLSD_DEFAULT_K``).
         model_threads: requests the model answers at once in the thread pool
@@ -172,12 +189,23 @@ class ServiceSettings:
     """
 
     admin_token: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
     max_k: int = 100
     default_k: int = 10
     model_threads: int = 2
     gil_switch_ms: float | None = None
 
     def __post_init__(self) -> None:
+        token = self.admin_token
+        if token is not None and not (
+            token.isascii() and token.isprintable() and token.strip() == token
+        ):
+            raise ValueError(
+                "MLSD_ADMIN_TOKEN must be printable ASCII without leading or trailing blanks "
+                "(an HTTP header carries no other token intact); choose another token"
+            )  # the token itself is a secret: never in the message
+        if self.max_body_bytes < 1:
+            raise ValueError(f"MLSD_MAX_BODY_BYTES must be at least 1, got {self.max_body_bytes}")
         if self.max_k < 1:
             raise ValueError(f"MLSD_MAX_K must be at least 1, got {self.max_k}")
         if self.model_threads < 1:
@@ -195,6 +223,7 @@ class ServiceSettings:
         env = os.environ if environ is None else environ
         return cls(
             admin_token=env.get("MLSD_ADMIN_TOKEN") or None,
+            max_body_bytes=_env_int(env, "MLSD_MAX_BODY_BYTES", cls.max_body_bytes),
             max_k=_env_int(env, "MLSD_MAX_K", cls.max_k),
             default_k=_env_int(env, "MLSD_DEFAULT_K", cls.default_k),
             model_threads=_env_int(env, "MLSD_MODEL_THREADS", cls.model_threads),
@@ -650,6 +679,14 @@ Now = Annotated[
 
 router = APIRouter()
 
+TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorOut, "description": "the body is over MLSD_MAX_BODY_BYTES"}
+}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorOut, "description": "no model or fallback could answer; retry later"}
+}
+"""The error answers the schema documents besides FastAPI's 422."""
+
 
 async def _respond(
     service: RecommendService, request: RecommendRequest, user_id: int | None
@@ -754,7 +791,7 @@ class HotRoute:
         )
 
 
-@router.get(HOT_PATH, response_model=RecommendationsOut)
+@router.get(HOT_PATH, response_model=RecommendationsOut, responses=UNAVAILABLE)
 async def recommend_for_user(
     service: ServiceDep,
     user_id: UserId,
@@ -768,7 +805,11 @@ async def recommend_for_user(
     return await _respond(service, request, user_id)
 
 
-@router.post("/v1/recommendations", response_model=RecommendationsOut)
+@router.post(
+    "/v1/recommendations",
+    response_model=RecommendationsOut,
+    responses={**TOO_LARGE, **UNAVAILABLE},
+)
 async def recommend(service: ServiceDep, body: RecommendIn) -> RecommendationsOut:
     """Top-k items for a user, or for an anonymous visitor from ``recent_items``."""
     request = RecommendRequest(
@@ -783,7 +824,7 @@ async def recommend(service: ServiceDep, body: RecommendIn) -> RecommendationsOu
     return await _respond(service, request, body.user_id)
 
 
-@router.post("/v1/events", response_model=AcceptedOut)
+@router.post("/v1/events", response_model=AcceptedOut, responses={**TOO_LARGE, **UNAVAILABLE})
 def record_events(
     service: ServiceDep, events: Annotated[list[EventIn], Body(max_length=10_000)]
 ) -> AcceptedOut:
@@ -824,7 +865,7 @@ def sample_users(service: ServiceDep, n: Annotated[int, Query(ge=1, le=100)] = 8
     return UserSampleOut(user_ids=service.sample_users(n))
 
 
-@router.get("/v1/users/{user_id}/history", response_model=HistoryOut)
+@router.get("/v1/users/{user_id}/history", response_model=HistoryOut, responses=UNAVAILABLE)
 def user_history(
     service: ServiceDep, user_id: UserId, n: Annotated[int, Query(ge=1, le=200)] = 20
 ) -> HistoryOut:
@@ -1207,10 +1248,145 @@ def create_app(
     app.include_router(router)
     hot = next(r for r in router.routes if getattr(r, "path", None) == HOT_PATH)
     app.add_middleware(HotRoute, service=service, route=hot)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
     app.add_exception_handler(ServiceUnavailableError, _status_handler(503))
     app.add_exception_handler(BadRequestError, _status_handler(422))
+    app.add_exception_handler(RequestValidationError, validation_error_response)
     return app
+
+
+class _BodyTooLargeError(Exception):
+    """Raised into the app by :class:`BodyLimit` when a body without a declared size goes over."""
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` (``MLSD_MAX_BODY_BYTES``) is a 413.
+
+    Why: FastAPI reads a whole body into memory and parses it on the event loop; a 168 MB
+    batch of events held the loop 35 s (``/healthz`` and every other request waited) and took
+    2.4 GB of RAM. A declared ``Content-Length`` over the limit is answered before one byte is
+    read; a body without one (chunked) is counted as it arrives and the request cut off once
+    over, the app's own answer to the cut body (FastAPI's 400) replaced by the 413. Either
+    way the connection is closed, so the rest of the body is never read. Sits inside
+    :class:`~mlsd.serving.metrics.RequestMetricsMiddleware` (so refusals are counted) and
+    outside everything else.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received, over, started = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    raise _BodyTooLargeError(f"request body over {self.max_bytes} bytes")
+            return message
+
+        async def unless_over(message: Message) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the app's answer to a body cut short: the 413 goes instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, unless_over)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = (
+            f"the request body is over {self.max_bytes} bytes (MLSD_MAX_BODY_BYTES); "
+            "send less, e.g. split a batch of events"
+        )
+        response = JSONResponse(
+            {"detail": detail}, status_code=413, headers={"Connection": "close"}
+        )
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The request's declared ``Content-Length``; ``None`` when absent or not a number (the
+    body is then counted as it arrives)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+INPUT_ECHO_CHARS = 80
+"""At most this many characters of a refused value are echoed in a 422 (``input``)."""
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = _short.maxlong = INPUT_ECHO_CHARS
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 4
+_short.maxlevel = 2
+
+
+async def validation_error_response(_: Request, exc: Exception) -> Response:
+    """FastAPI's 422 (``{"detail": [{"type", "loc", "msg", "input", ...}]}``) that JSON can
+    always carry, and small.
+
+    Why: Python's JSON parser reads the literals ``NaN`` and ``Infinity``, which validation
+    then refuses; FastAPI's own handler echoed them in ``input`` and the response, which
+    refuses non-finite numbers, failed with a 500. It also echoed the whole refused value: a
+    batch of events missing its brackets came back as large as it went. Here a non-finite
+    number anywhere in an error is a string (``"nan"``, ``"inf"``), and ``input`` is kept only
+    when it is a short scalar, else a short repr (:data:`INPUT_ECHO_CHARS`)."""
+    errors = cast(RequestValidationError, exc).errors()
+    return JSONResponse({"detail": [_json_safe_error(e) for e in errors]}, status_code=422)
+
+
+def _json_safe_error(error: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: _finite(jsonable_encoder(v)) for k, v in error.items() if k != "input"}
+    if "input" in error:
+        out["input"] = _short_input(error["input"])
+    return out
+
+
+def _finite(value: Any) -> Any:
+    """``value`` (made of JSON types) with every NaN or infinity as its string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _short_input(value: Any) -> Any:
+    """``value`` itself when a short JSON scalar, else a short repr (never the whole body)."""
+    if value is None or isinstance(value, bool) or value in ({}, []):
+        return value  # {}: FastAPI's input of a JSON decode error
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, int) and abs(value) < 10**INPUT_ECHO_CHARS:
+        return value
+    if isinstance(value, str) and len(value) <= INPUT_ECHO_CHARS:
+        return value
+    return _short.repr(value)
 
 
 def _status_handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:

@@ -15,7 +15,12 @@ NOW_MAX = 9_214_646_400.0
 """The latest time accepted, Unix seconds (2262-01-01T00:00:00Z), for a request's ``now``
 (simulations set it) and an event's ``ts``: pandas' nanosecond timestamps, which the feature
 path converts both to, end in April 2262."""
-Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Int64 = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
+"""An id in a body: strict, so JSON ``true``, ``"7"`` or ``7.0`` is a 422, not user 1 or 7
+(query and path parameters arrive as text and are parsed, not here)."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: the online store keeps event values as float32, where a larger
+value would become infinite in the user's features."""
 
 
 class ItemOut(BaseModel):
@@ -41,7 +46,9 @@ class RecommendIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: Int64 | None = Field(None, description="null for an anonymous visitor")
-    k: int | None = Field(None, ge=1, description="items, at most MLSD_MAX_K; MLSD_DEFAULT_K")
+    k: int | None = Field(
+        None, strict=True, ge=1, description="items, at most MLSD_MAX_K; MLSD_DEFAULT_K"
+    )
     context: dict[str, str | float | int] = Field(default_factory=dict, max_length=64)
     recent_items: list[Int64] = Field(default_factory=list, max_length=1000)
     explain: bool = False
@@ -57,7 +64,13 @@ class EventIn(BaseModel):
     user_id: Int64
     item_id: Int64
     event: str = Field(min_length=1, max_length=64, examples=["click"])
-    value: float = Field(1.0, allow_inf_nan=False)
+    value: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        ge=-FLOAT32_MAX,
+        le=FLOAT32_MAX,
+        description="finite, within float32's range (the online store's type)",
+    )
     ts: datetime | None = Field(
         None,
         ge=datetime.fromtimestamp(0, UTC),
@@ -90,6 +103,10 @@ class StatusOut(BaseModel):
     status: str
     model_version: str | None = None
     detail: str | None = None
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what went wrong, and what to do")
 
 
 class ReloadOut(BaseModel):
