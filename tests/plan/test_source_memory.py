@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from mlsd.config import load_feed_config
-from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.data.sources.synthetic import WorldConfig
 from mlsd.models.retrieval.base import RetrievalData, Retriever
 from mlsd.models.retrieval.covisitation import CovisitationRetriever
 from mlsd.models.retrieval.ease import EASERetriever
@@ -34,6 +33,7 @@ from mlsd.plan.commands import memory_sources
 from mlsd.plan.requirements import Requirements
 from mlsd.serving import sources
 from mlsd.serving.sources import CandidateSource, load_source
+from tests.feed_world import retrieval_world
 
 
 def held_bytes(root: object) -> int:
@@ -70,18 +70,8 @@ def held_bytes(root: object) -> int:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> RetrievalData:
-    out = tmp_path_factory.mktemp("memory-world")
-    synthesize(
-        WorldConfig(n_users=300, n_items=150, n_events=20_000, days=20, seed=3), out, progress=False
-    )
-    events = pq.read_table(out / "events.parquet").to_pandas()
-    cutoff = events["ts"].quantile(0.8)
-    return RetrievalData(
-        events=events[events["ts"] < cutoff].reset_index(drop=True),
-        users=pq.read_table(out / "users.parquet").to_pandas(),
-        items=pq.read_table(out / "items.parquet").to_pandas(),
-        cutoff=cutoff,
-    )
+    config = WorldConfig(n_users=300, n_items=150, n_events=20_000, days=20, seed=3)
+    return retrieval_world(tmp_path_factory.mktemp("memory-world"), config)
 
 
 def loaded(retriever: Retriever, data: RetrievalData, path: Path) -> CandidateSource:

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import torch
 from implicit.cpu.als import AlternatingLeastSquares
 
-from mlsd.data.sources.synthetic import WorldConfig, synthesize
+from mlsd.data.sources.synthetic import WorldConfig
 from mlsd.models.retrieval.base import PAD_ITEM, IntArray, RetrievalData, Retriever
 from mlsd.models.retrieval.covisitation import CovisitationRetriever
 from mlsd.models.retrieval.ease import EASERetriever
@@ -40,6 +39,7 @@ from mlsd.serving.sources import (
     candidates_matrix,
     load_source,
 )
+from tests.feed_world import retrieval_world
 
 K = 30
 COLD_USER = 10**9
@@ -68,17 +68,8 @@ Faiss or torch (other summation orders) or decay to whole seconds: float32 toler
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> RetrievalData:
-    out = tmp_path_factory.mktemp("sources-world")
     config = WorldConfig(n_users=300, n_items=150, n_events=20_000, days=20, seed=3)
-    synthesize(config, out, progress=False)
-    events = pq.read_table(out / "events.parquet").to_pandas()
-    cutoff = events["ts"].quantile(0.8)
-    return RetrievalData(
-        events=events[events["ts"] < cutoff].reset_index(drop=True),
-        users=pq.read_table(out / "users.parquet").to_pandas(),
-        items=pq.read_table(out / "items.parquet").to_pandas(),
-        cutoff=cutoff,
-    )
+    return retrieval_world(tmp_path_factory.mktemp("sources-world"), config)
 
 
 @pytest.fixture(scope="module", params=sorted(FACTORIES))
