@@ -282,6 +282,10 @@ class EASEWeights:
 
     max_items: int
 
+    def builds_at(self, catalog_items: int) -> bool:
+        """Whether EASE fits a catalog this size (as configured, not above ``max_items``)."""
+        return catalog_items <= self.max_items
+
     def sized(self, name: str, req: Requirements) -> tuple[list[Sized], list[str]]:
         items = req.catalog_items
         active = min(items, self.max_items)
@@ -291,7 +295,7 @@ class EASEWeights:
             "the fallback list)"
         )
         warnings = []
-        if items > self.max_items:
+        if not self.builds_at(items):
             warnings.append(
                 f"[retrieval.{name}] max_items is {self.max_items:,} but the plan's catalog has "
                 f"{items:,} items: EASE refuses to fit when more than max_items items have "
@@ -666,7 +670,7 @@ def capacity_plan(
         unbuildable = [
             name
             for name, source in (sources or {}).items()
-            if isinstance(source, EASEWeights) and req.catalog_items > source.max_items
+            if isinstance(source, EASEWeights) and not source.builds_at(req.catalog_items)
         ]
         out.warnings.extend(
             pipeline_warnings(measured.pipeline, pipeline, measured.source, unbuildable=unbuildable)
