@@ -283,6 +283,32 @@ def test_pushes_agree_with_the_batch_computation(
         assert got[f"events_{w}d"][0] == before[f"events_{w}d"][0] + len(events)
 
 
+def test_one_push_of_many_users_interleaved_gives_each_the_batch_features(
+    fresh_repo: Path, world: Path, config: FeatureConfig
+) -> None:
+    """A push splits its events by user: every user's state is theirs alone, as the batch
+    computation has it an hour later, however the users' events interleave in the push."""
+    end = AS_OF + pd.Timedelta(hours=1)
+    events = pq.read_table(world / EVENTS_FILE).to_pandas()
+    window = events[(events["ts"] >= AS_OF) & (events["ts"] < end)]
+    history = set(events.loc[events["ts"] < AS_OF, "user_id"])
+    users = window.loc[window["user_id"].isin(history), "user_id"].drop_duplicates()[:12]
+    pushed = window[window["user_id"].isin(users)].sample(frac=1.0, random_state=0)
+    assert pushed["user_id"].nunique() == len(users) > 5
+    online = OnlineFeatures(fresh_repo, config)
+    assert online.push_events(pushed) == len(pushed)
+    want = batch.stored_user_features(
+        world, pd.DataFrame({"user_id": users.to_numpy(), "ts": end}), config
+    )
+    dynamic = feature_set(config).names("user_dynamic")
+    for row, user_id in enumerate(users.tolist()):
+        got = online.get_online_features(user_id, np.array([0]), now=end).user
+        stored = {n: [want[n].iloc[row]] for n in dynamic}
+        want_arrays = derive.user_arrays(stored, config, known=[1])
+        for name in ("recent_item_ids", "recent_ts", "last_event_ts", "session_events"):
+            np.testing.assert_array_equal(got[name], want_arrays[name], err_msg=f"{user_id} {name}")
+
+
 def test_pushes_of_unknown_users_and_bad_events(
     sqlite_repo: Path, tmp_path: Path, config: FeatureConfig
 ) -> None:
