@@ -11,13 +11,14 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from mlsd.config import load_feed_config
+from mlsd.config import FeedConfig, load_feed_config
 from mlsd.evaluation.experiments import Arm, Experiment
 from mlsd.serving.app import ServiceSettings, create_app
 from mlsd.serving.popular import PopularRecommender
@@ -229,6 +230,24 @@ def test_the_loader_keeps_the_serving_download_and_the_new_one_and_no_failed_one
     assert by_dir._downloads is None  # a model directory downloads nothing
 
 
+def _arm_loaders(
+    world: Path, feed: FeedConfig, arms: Mapping[str, tuple[Path, str]]
+) -> dict[str, ModelLoader]:
+    """Each arm's loader of its registry's alias: arm → (registry folder, alias)."""
+    return {
+        arm: ModelLoader(
+            world,
+            feed,
+            model_dir=None,
+            registry_uri=None,
+            base_dir=base,
+            alias=alias,
+            compile_trees=False,
+        )
+        for arm, (base, alias) in arms.items()
+    }
+
+
 def test_an_experiment_arm_that_fails_to_load_leaves_every_arm_to_be_loaded_again(
     setup: tuple[Path, Path, Path],
 ) -> None:
@@ -238,17 +257,7 @@ def test_an_experiment_arm_that_fails_to_load_leaves_every_arm_to_be_loaded_agai
     for registry in registries.values():
         first = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.3})
         assert registry.promote(first).accepted
-    loaders = {
-        arm: ModelLoader(
-            world,
-            feed,
-            model_dir=None,
-            registry_uri=None,
-            base_dir=root / f"arm-{arm}",
-            compile_trees=False,
-        )
-        for arm in "ab"
-    }
+    loaders = _arm_loaders(world, feed, {arm: (root / f"arm-{arm}", "champion") for arm in "ab"})
     experiment = Experiment("t", "salt", (Arm("a", "champion", 1.0), Arm("b", "champion", 1.0)))
     load = ExperimentLoader(experiment, loaders, world)
     load()
@@ -470,18 +479,7 @@ def test_closing_an_experiment_loader_deletes_every_arms_downloads(
     first = registry.register(root / "models" / "m1", params={}, metrics={"ndcg@10": 0.3})
     assert registry.promote(first).accepted
     registry.set_alias("challenger", first)
-    loaders = {
-        arm: ModelLoader(
-            world,
-            feed,
-            model_dir=None,
-            registry_uri=None,
-            base_dir=base,
-            alias=alias,
-            compile_trees=False,
-        )
-        for arm, alias in (("a", "champion"), ("b", "challenger"))
-    }
+    loaders = _arm_loaders(world, feed, {"a": (base, "champion"), "b": (base, "challenger")})
     experiment = Experiment("t", "salt", (Arm("a", "champion", 1.0), Arm("b", "challenger", 1.0)))
     load = ExperimentLoader(experiment, loaders, world)
     load()
