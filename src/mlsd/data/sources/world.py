@@ -359,7 +359,7 @@ class World:
         feature, clamped there, would make such an item the freshest of all.
         """
         logits = self.click_bias + self.click_features(user_ids, item_ids, ts) @ self.click_weights
-        created = self.item_created_us[np.asarray(item_ids, dtype=np.int64) - 1]
+        created = self.item_created_us[self._index(item_ids, self.config.n_items, "item_ids")]
         out: FloatArray = np.where(as_us(ts) < created, 0.0, _sigmoid(logits))
         return out
 
