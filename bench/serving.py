@@ -493,7 +493,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     feed = load_feed_config(args.config)
     feature_settings = {
         "features": dataclasses.asdict(feed.features),
-        "feature_store": dataclasses.asdict(feed.feature_store),
+        "feature_store": {  # push_process is how the service writes, not what is stored
+            k: v for k, v in dataclasses.asdict(feed.feature_store).items() if k != "push_process"
+        },
     }
     features_hash = hashlib.sha256(
         json.dumps(feature_settings, sort_keys=True, default=str).encode()

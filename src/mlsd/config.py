@@ -58,6 +58,10 @@ class FeatureStoreSection:
     redis_connection: str = "127.0.0.1:6379"
     project: str = "mlsd"
     repo_dir: str = "feature_repo"
+    push_process: bool = True
+    """``mlsd feed serve`` applies ``POST /v1/events`` pushes in a child process
+    (:mod:`mlsd.features.push_process`), so a large batch does not slow recommendations;
+    ``false``: in the serving process."""
 
     def store_config(self) -> FeatureStoreConfig:
         return FeatureStoreConfig(

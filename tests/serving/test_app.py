@@ -1022,6 +1022,46 @@ def test_integers_in_a_body_are_strict(client: TestClient, bad: object) -> None:
     assert client.get("/v1/recommendations/7", params={"k": "2"}).status_code == 200
 
 
+def test_numbers_and_context_values_in_a_body_are_strict_and_finite(client: TestClient) -> None:
+    """A string is not a number ("7" as an event's value or a request's ``now``), JSON true is
+    not a context value of 1, and a context value is finite."""
+    click = {"user_id": 16, "item_id": 99, "event": "click"}  # user 16: only this test's
+    cases = [
+        ("/v1/events", '[{"user_id": 16, "item_id": 99, "event": "c", "value": "7"}]'),
+        ("/v1/recommendations", '{"user_id": 5, "now": "7"}'),
+        ("/v1/recommendations", '{"user_id": 5, "context": {"x": NaN}}'),
+        ("/v1/recommendations", '{"user_id": 5, "context": {"x": -Infinity}}'),
+        ("/v1/recommendations", '{"user_id": 5, "context": {"x": true}}'),
+        ("/v1/recommendations", '{"user_id": 5, "context": {"x": [1]}}'),
+    ]
+    for path, content in cases:
+        response = client.post(path, content=content, headers=JSON)
+        assert response.status_code == 422, (content, response.text)
+        errors = response.json()["detail"]
+        field = "context" if "context" in content else "value" if "value" in content else "now"
+        assert all(field in error["loc"] for error in errors), errors
+    assert http_500s(client) == 0
+    context = {"user_id": 5, "context": {"x": "7", "y": 2, "z": 2.5}, "now": 1_700_000_000}
+    assert client.post("/v1/recommendations", json=context).status_code == 200
+    assert client.post("/v1/events", json=[{**click, "value": 2}]).json() == {"accepted": 1}
+
+
+def test_the_schema_gives_k_this_services_maximum_and_default() -> None:
+    settings = ServiceSettings(max_k=50, default_k=7)
+    schema = create_app(_schema_only, settings=settings).openapi()
+    (query,) = [
+        p["schema"]
+        for p in schema["paths"]["/v1/recommendations/{user_id}"]["get"]["parameters"]
+        if p["name"] == "k"
+    ]
+    body = schema["components"]["schemas"]["RecommendIn"]["properties"]["k"]
+    for k in (query, body):
+        (integer,) = [option for option in k["anyOf"] if option["type"] == "integer"]
+        assert (integer["minimum"], integer["maximum"], k["default"]) == (1, 50, 7)
+    other = create_app(_schema_only, settings=ServiceSettings()).openapi()
+    assert other["components"]["schemas"]["RecommendIn"]["properties"]["k"]["default"] == 10
+
+
 @pytest.mark.parametrize("token", ["s3cret-töken", "tok\ten", " padded", "line\n"])
 def test_an_admin_token_no_header_can_carry_is_refused_at_startup(token: str) -> None:
     with pytest.raises(ValueError, match="MLSD_ADMIN_TOKEN must be printable ASCII") as info:

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -67,7 +68,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -99,7 +100,10 @@ from mlsd.features.store import (
     open_store,
 )
 
-__all__ = ["FeatureBatch", "OnlineFeatures"]
+if TYPE_CHECKING:
+    from mlsd.features.push_process import PushProcess
+
+__all__ = ["FeatureBatch", "OnlineFeatures", "PreparedPush"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +233,30 @@ def _store_lock(online: Any) -> AbstractContextManager[Any]:
     return contextlib.nullcontext() if isinstance(online, RedisOnlineStore) else threading.Lock()
 
 
+def _write_ahead_log(store: Any) -> None:
+    """Put a SQLite online store in write-ahead-log mode (a setting of the database file, so
+    it holds for every connection from then on; Redis: nothing to do).
+
+    In SQLite's default rollback-journal mode a write transaction that outgrows the page cache
+    locks the file exclusively until it commits, and every read waits: a push of 10,000 users
+    from the service's push process (:mod:`mlsd.features.push_process`) held the service's
+    recommendations for up to 1.3 s. With the log, readers read the last committed state while
+    a writer writes. The log needs the file on a local disk, which a SQLite store is anyway.
+    When another connection holds the file at that moment, the mode stays as it is (a warning)."""
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore
+
+    online = store._get_provider().online_store
+    if not isinstance(online, SqliteOnlineStore):
+        return
+    conn = online._get_conn(store.config)
+    try:
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as error:
+        logger.warning("online store %s: not switched to WAL mode (%s)", online, error)
+
+
 _CAS_ATTEMPTS = 100
 """Compare-and-set attempts of one user's push before it fails (each retry means another
 writer's push of the same user landed in between)."""
@@ -349,6 +377,25 @@ def _epoch_s(ts: pd.Series) -> npt.NDArray[np.int64]:
 
 
 @dataclass(frozen=True)
+class PreparedPush:
+    """A push's events checked, filtered, deduplicated and in time order, as flat arrays
+    (:meth:`OnlineFeatures.prepare_push`): what :meth:`OnlineFeatures.apply_push` needs and
+    nothing else, so a push can cross to another process cheaply
+    (:mod:`mlsd.features.push_process`)."""
+
+    user_id: npt.NDArray[np.int64]
+    item_id: npt.NDArray[np.int64]
+    ts_s: npt.NDArray[np.int64]
+    """Whole epoch seconds (floor), as stored in ``recent_ts``."""
+    ts_ns: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+    category_index: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+
+@dataclass(frozen=True)
 class _UserEvents:
     """One user's events of a push, deduplicated and in time order, as arrays: the per-user
     loop of :meth:`OnlineFeatures.push_events` reads plain numbers (a DataFrame per user cost
@@ -367,26 +414,27 @@ class _UserEvents:
         return pd.Timestamp(int(self.ts_ns[-1]), tz="UTC")
 
 
-def _by_user(frame: pd.DataFrame) -> list[_UserEvents]:
-    """``frame``'s events (``ts`` UTC, ``ts_s``, ``category_index``; in time order) per user,
-    users in order of their first event, each user's events in the frame's order."""
-    users = frame["user_id"].to_numpy(np.int64)
-    ts_ns = frame["ts"].astype("datetime64[ns, UTC]").astype("int64").to_numpy()
-    columns = (
-        frame["item_id"].to_numpy(np.int64),
-        frame["ts_s"].to_numpy(np.int64),
-        ts_ns,
-        frame["value"].to_numpy(np.float64),
-        frame["category_index"].to_numpy(np.int64),
-    )
-    order = np.argsort(users, kind="stable")  # each user's rows together, in frame order
+def _by_user(push: PreparedPush) -> list[_UserEvents]:
+    """``push``'s events per user, users in order of their first event, each user's events in
+    the push's (time) order."""
+    users = push.user_id
+    order = np.argsort(users, kind="stable")  # each user's rows together, in push order
     ids, starts = np.unique(users[order], return_index=True)
     ends = np.r_[starts[1:], len(order)]
     first_row = order[starts]  # where each user first appears: the groups' order
     groups = []
     for g in np.argsort(first_row, kind="stable").tolist():
         rows = order[starts[g] : ends[g]]
-        groups.append(_UserEvents(int(ids[g]), *(column[rows] for column in columns)))
+        groups.append(
+            _UserEvents(
+                int(ids[g]),
+                push.item_id[rows],
+                push.ts_s[rows],
+                push.ts_ns[rows],
+                push.value[rows],
+                push.category_index[rows],
+            )
+        )
     return groups
 
 
@@ -462,13 +510,35 @@ class OnlineFeatures:
         self._refresher: threading.Thread | None = None
         self._push_lock = threading.Lock()
         self._store_lock = _store_lock(self._provider.online_store)
+        _write_ahead_log(self._store)
         self._redis = _RedisWriter.of(self._store, self._views[USER_DYNAMIC_VIEW])
+        self._pusher: PushProcess | None = None
+
+    def start_push_process(self, *, timeout_s: float = 30.0) -> None:
+        """Apply pushes in a child process from now on (:mod:`mlsd.features.push_process`):
+        :meth:`push_events` checks and prepares the events here and waits for the child's
+        read-modify-write, so this process's threads keep the GIL for their requests. Idempotent;
+        :meth:`close` stops the child."""
+        from mlsd.features.push_process import PushProcess
+
+        if self._pusher is None:
+            self._pusher = PushProcess(self.repo_dir, self.config, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        """Stop the push process, if any (:meth:`start_push_process`); pushes apply in this
+        process again. Idempotent."""
+        pusher, self._pusher = self._pusher, None
+        if pusher is not None:
+            pusher.close()
 
     def after_fork(self) -> None:
         """In a forked child: drop the online store's SQLite connection, which must not cross
         ``fork()`` (sqlite.org/howtocorrupt.html, 2.6); the next read opens the child's own.
         Redis connections need nothing: redis-py reconnects when it sees a new pid. Fork with
-        no item-cache refresh running (:meth:`wait_for_refresh`): its lock would stay held."""
+        no item-cache refresh running (:meth:`wait_for_refresh`): its lock would stay held.
+        A push process (:meth:`start_push_process`) stays the parent's: the child pushes in
+        its own process."""
+        self._pusher = None
         online = self._provider.online_store
         if getattr(online, "_conn", None) is not None:
             online._conn = None
@@ -747,6 +817,22 @@ class OnlineFeatures:
             ContractError: a column is missing, or an event is dated in the future; nothing
                 is written.
         """
+        prepared = self.prepare_push(events, now=now)
+        if prepared is None:
+            return 0
+        if self._pusher is not None:
+            return self._pusher.push(prepared)
+        return self.apply_push(prepared)
+
+    def prepare_push(
+        self, events: pd.DataFrame, *, now: float | None = None
+    ) -> PreparedPush | None:
+        """The checks and vectorised part of :meth:`push_events`: the events of counted types,
+        deduplicated, in time order, with their items' categories; ``None`` when none is left.
+
+        Raises:
+            ContractError: as :meth:`push_events`.
+        """
         missing = [c for c in ("user_id", "item_id", "ts", "event", "value") if c not in events]
         if missing:
             raise ContractError(f"push_events: column(s) {missing} missing from the events")
@@ -754,14 +840,28 @@ class OnlineFeatures:
         if self.config.event_types is not None:
             frame = frame[frame["event"].isin(self.config.event_types)]
         if frame.empty:
-            return 0
+            return None
         frame = frame.assign(ts_s=_epoch_s(frame["ts"]), ts=pd.to_datetime(frame["ts"], utc=True))
         _refuse_future(frame, time.time() if now is None else now)
         frame = frame.drop_duplicates(["user_id", "item_id", "ts", "event"])
         frame = frame.sort_values("ts", kind="stable")
-        categories = self._item_cache().lookup(frame["item_id"].to_numpy(np.int64))
-        frame = frame.assign(category_index=categories["category_index"])
-        groups = _by_user(frame)
+        item_ids = frame["item_id"].to_numpy(np.int64)
+        return PreparedPush(
+            user_id=frame["user_id"].to_numpy(np.int64),
+            item_id=item_ids,
+            ts_s=frame["ts_s"].to_numpy(np.int64),
+            ts_ns=frame["ts"].astype("datetime64[ns, UTC]").astype("int64").to_numpy(),
+            value=frame["value"].to_numpy(np.float64),
+            category_index=self._item_cache().lookup(item_ids)["category_index"].astype(np.int64),
+        )
+
+    def apply_push(self, push: PreparedPush) -> int:
+        """The read-modify-write of :meth:`push_events` for its :meth:`prepare_push`'d events;
+        returns the events applied. The per-user part runs in Python: a service hands it to a
+        child process (:meth:`start_push_process`)."""
+        if not len(push):
+            return 0
+        groups = _by_user(push)
         if self._redis is not None:  # WATCH sees every other writer, this process's threads too
             return self._push_cas(self._redis, groups)
         with self._push_lock:

@@ -1253,7 +1253,34 @@ def create_app(
     app.add_exception_handler(ServiceUnavailableError, _status_handler(503))
     app.add_exception_handler(BadRequestError, _status_handler(422))
     app.add_exception_handler(RequestValidationError, validation_error_response)
+    _document_k(app, settings)
     return app
+
+
+def _document_k(app: FastAPI, settings: ServiceSettings) -> None:
+    """Put this service's ``MLSD_MAX_K`` into its OpenAPI schema as ``k``'s maximum (query and
+    body), with ``MLSD_DEFAULT_K`` as the default: the routes are module-level, so their
+    declarations cannot know the settings of the app that serves them."""
+    generate = app.openapi
+
+    def bound(schema: dict[str, Any]) -> None:
+        for option in schema.get("anyOf", [schema]):
+            if option.get("type") == "integer":
+                option["maximum"] = settings.max_k
+        schema["default"] = settings.default_k
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()  # FastAPI keeps it in app.openapi_schema
+            for route in schema["paths"].values():
+                for operation in route.values():
+                    for parameter in operation.get("parameters", []):
+                        if parameter["name"] == "k" and parameter["in"] == "query":
+                            bound(parameter["schema"])
+            bound(schema["components"]["schemas"]["RecommendIn"]["properties"]["k"])
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class _BodyTooLargeError(Exception):

@@ -18,6 +18,11 @@ path converts both to, end in April 2262."""
 Int64 = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
 """An id in a body: strict, so JSON ``true``, ``"7"`` or ``7.0`` is a 422, not user 1 or 7
 (query and path parameters arrive as text and are parsed, not here)."""
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""A number in a body: JSON integers and decimals only (a string such as ``"7"`` is a 422, as
+for ids), finite (the parser reads ``NaN`` and ``Infinity`` literals)."""
+ContextValue = Annotated[str, Field(strict=True)] | Annotated[int, Field(strict=True)] | Finite
+"""A request context value: a string, an integer or a finite number; ``true`` is a 422, not 1."""
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest finite float32: the online store keeps event values as float32, where a larger
 value would become infinite in the user's features."""
@@ -49,11 +54,11 @@ class RecommendIn(BaseModel):
     k: int | None = Field(
         None, strict=True, ge=1, description="items, at most MLSD_MAX_K; MLSD_DEFAULT_K"
     )
-    context: dict[str, str | float | int] = Field(default_factory=dict, max_length=64)
+    context: dict[str, ContextValue] = Field(default_factory=dict, max_length=64)
     recent_items: list[Int64] = Field(default_factory=list, max_length=1000)
     explain: bool = False
     allow_precomputed: bool = True
-    now: float | None = Field(
+    now: Finite | None = Field(
         None, ge=0, le=NOW_MAX, description="request time, Unix seconds (default: the clock)"
     )
 
@@ -64,9 +69,8 @@ class EventIn(BaseModel):
     user_id: Int64
     item_id: Int64
     event: str = Field(min_length=1, max_length=64, examples=["click"])
-    value: float = Field(
+    value: Finite = Field(
         1.0,
-        allow_inf_nan=False,
         ge=-FLOAT32_MAX,
         le=FLOAT32_MAX,
         description="finite, within float32's range (the online store's type)",

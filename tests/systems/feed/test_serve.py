@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from mlsd.config import FeedConfig, load_feed_config
@@ -439,7 +440,8 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
     setup: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     """uvicorn re-raises the SIGTERM it caught once it shut down, so the process dies before
-    any interpreter-exit cleanup: the downloads must go at the app's shutdown."""
+    any interpreter-exit cleanup: the downloads must go at the app's shutdown, and so must the
+    child that applies pushed events (``[feature_store] push_process``, on by default)."""
     world, config, root = setup
     base = root / "sigterm-registry"
     registry, v1, v3 = m1_m3_registry(root, base.name)
@@ -463,8 +465,19 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
         # one before it until the next download.
         assert sorted(p.name for p in downloads[0].iterdir()) == [f"v{v1}-0", f"v{v3}-1"]
         assert list(tmp.glob("feast_metrics_*"))  # the folder Feast's import made
+        user = 10**9 + 11
+        events = [{"user_id": user, "item_id": i, "event": "click"} for i in (4, 9)]
+        posted = httpx.post(f"{url}/v1/events", json=events, timeout=60)
+        assert posted.json() == {"accepted": 2}, posted.text
+        history = httpx.get(f"{url}/v1/users/{user}/history", timeout=30).json()
+        assert sorted(history["items"]) == [4, 9], history  # read back at once
+        children = psutil.Process(proc.pid).children(recursive=True)
+        pushers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert len(pushers) == 1, [c.cmdline() for c in children]
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+        psutil.wait_procs(pushers, timeout=10)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in pushers)
     assert not list(tmp.glob("mlsd-models-*")), (tmp_path / "serve.log").read_text()
     assert not list(tmp.glob("feast_metrics_*"))  # Feast removes it only at a normal exit
 

@@ -224,6 +224,7 @@ def experiment_loader(
     base_dir: Path,
     redis_url: str | None = None,
     compile_trees: bool = True,
+    features: OnlineFeatures | None = None,
 ) -> ExperimentLoader:
     """A loader of every arm of ``experiment`` behind one
     :class:`~mlsd.serving.experiment.ExperimentRecommender`.
@@ -231,10 +232,12 @@ def experiment_loader(
     An arm's ``alias`` names a registry alias (``champion``, ``challenger``, ...; ``mlsd feed
     alias --name challenger --version N`` sets one other than the champion), or
     ``popular`` for the popularity baseline. With ``model_dir`` every registry alias loads
-    that directory instead (an A/B test of the baseline against one model)."""
+    that directory instead (an A/B test of the baseline against one model). ``features``: the
+    online feature reader every arm shares (default: a new one on the dataset's store)."""
     from mlsd.serving.experiment import POPULAR_ALIAS
 
-    features = online_features(dataset, feed)
+    if features is None:
+        features = online_features(dataset, feed)
     loaders = {
         arm.name: ModelLoader(
             dataset,
@@ -342,6 +345,14 @@ def serve(
         ),
     ] = None,
     compile_trees: CompileTrees = True,
+    push_process: Annotated[
+        bool | None,
+        typer.Option(
+            "--push-process/--no-push-process",
+            help="Apply POST /v1/events pushes in a child process (default: [feature_store] "
+            "push_process, on), or in the serving process.",
+        ),
+    ] = None,
     cpu_latency_us: Annotated[
         int | None,
         typer.Option(
@@ -373,6 +384,10 @@ def serve(
         if feed.service_log.enabled and not no_log:
             log = feed.service_log.open(log_dir or feed.service_log.path(base_dir))
         running = _experiment(feed, experiment)
+        features = online_features(dataset, feed)
+        if feed.feature_store.push_process if push_process is None else push_process:
+            features.start_push_process()
+            held.callback(features.close)
         load: ModelLoader | ExperimentLoader
         if running is None:
             load = ModelLoader(
@@ -383,6 +398,7 @@ def serve(
                 base_dir=base_dir,
                 redis_url=redis_url,
                 compile_trees=compile_trees,
+                features=features,
             )
         else:
             load = experiment_loader(
@@ -394,10 +410,11 @@ def serve(
                 base_dir=base_dir,
                 redis_url=redis_url,
                 compile_trees=compile_trees,
+                features=features,
             )
             arms = ", ".join(f"{a.name} ({a.alias}, {a.weight:g})" for a in running.arms)
             console.print(f"experiment {running.name}: {arms}")
-        held.callback(_stopped, load)  # when the server stops on an exception or Ctrl-C
+        held.callback(_stopped, load, features)  # when it stops on an exception or Ctrl-C
         settings = ServiceSettings.from_env()
         settings.apply_to_process()
         web = create_app(
@@ -411,18 +428,19 @@ def serve(
             follow=load.changed if follow_champion > 0 else None,
             follow_interval_s=follow_champion,
         )
-        close_at_shutdown(web, lambda: _stopped(load))  # when it stops on SIGTERM
+        close_at_shutdown(web, lambda: _stopped(load, features))  # when it stops on SIGTERM
         console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
         if log is not None:
             console.print(f"service log: {log.log_dir}")
         run_server(web, host, port, access_log=access_log, reuse_port=reuse_port)
 
 
-def _stopped(load: ModelLoader | ExperimentLoader) -> None:
-    """What a stopping service leaves in the temp folder, removed: its model downloads and
-    Feast's metrics folder (:func:`mlsd.remove_feast_metrics_dir`); both idempotent."""
+def _stopped(load: ModelLoader | ExperimentLoader, features: OnlineFeatures) -> None:
+    """What a stopping service leaves, removed: its push process, its model downloads and
+    Feast's metrics folder (:func:`mlsd.remove_feast_metrics_dir`); all idempotent."""
     from mlsd import remove_feast_metrics_dir
 
+    features.close()
     load.close()
     remove_feast_metrics_dir()
 
