@@ -65,7 +65,7 @@ demo: install
 
 bench: install  # each prints one JSON document; together they take well over half an hour
 	mkdir -p bench-results
-	for b in data_pipeline features retrieval ann quality compression; do \
+	for b in data_pipeline features retrieval ann quality compression events; do \
 	  echo "bench/$$b.py" >&2; $(BIN)/python bench/$$b.py > bench-results/$$b.json || exit 1; \
 	done
 

@@ -53,6 +53,12 @@ Across replicas:
 - SQLite: a file for one machine; pushes from several processes (forked workers) for one user
   are last-writer-wins likewise, each write being one transaction.
 
+A service applies its pushes in a child process (:meth:`OnlineFeatures.start_push_process`,
+:mod:`mlsd.features.push_process`): the checks and the vectorised part
+(:meth:`OnlineFeatures.prepare_push`) stay here, the per-user read-modify-write
+(:meth:`OnlineFeatures.apply_push`) runs there, one push at a time, so what is said above of
+one ``OnlineFeatures`` holds for the child.
+
 Unknown users and items get the declared defaults and a known flag of 0; never an exception.
 """
 
@@ -241,7 +247,8 @@ def _write_ahead_log(store: Any) -> None:
     locks the file exclusively until it commits, and every read waits: a push of 10,000 users
     from the service's push process (:mod:`mlsd.features.push_process`) held the service's
     recommendations for up to 1.3 s. With the log, readers read the last committed state while
-    a writer writes. The log needs the file on a local disk, which a SQLite store is anyway.
+    a writer writes. The log needs the file on a local disk, in a folder the service may write
+    (its ``-wal`` and ``-shm`` files), which a SQLite store the service pushes to is anyway.
     When another connection holds the file at that moment, the mode stays as it is (a warning)."""
     from feast.infra.online_stores.sqlite import SqliteOnlineStore
 
