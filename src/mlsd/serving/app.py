@@ -1270,7 +1270,8 @@ def _document_k(app: FastAPI, settings: ServiceSettings) -> None:
         schema["default"] = settings.default_k
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        schema = app.openapi_schema
+        if schema is None:
             schema = generate()  # FastAPI keeps it in app.openapi_schema
             for route in schema["paths"].values():
                 for operation in route.values():
@@ -1278,7 +1279,7 @@ def _document_k(app: FastAPI, settings: ServiceSettings) -> None:
                         if parameter["name"] == "k" and parameter["in"] == "query":
                             bound(parameter["schema"])
             bound(schema["components"]["schemas"]["RecommendIn"]["properties"]["k"])
-        return app.openapi_schema
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
