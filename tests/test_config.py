@@ -50,6 +50,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("[features]\nhistory_len = 'five'\n", r"\[features\]\.history_len: expected an integer"),
         ("[features]\nwindows_days = 7\n", r"windows_days: expected a list"),
         ("[feature_store]\nonline_store = 'dynamo'\n", r"expected one of 'sqlite', 'redis'"),
+        ("[feature_store]\npush_timeout_s = 0\n", r"\[feature_store\]: push_timeout_s must be > 0"),
         ("[serving]\nport = 1\n", r"unknown section\(s\) serving"),
         ("[retrieval]\nsources = ['als', 'svd']\n", r"\[retrieval\]\.sources names unknown.*'svd'"),
         ("[retrieval]\nkss = [10]\n", r"\[retrieval\] has unknown key\(s\) kss"),

@@ -62,6 +62,13 @@ class FeatureStoreSection:
     """``mlsd feed serve`` applies ``POST /v1/events`` pushes in a child process
     (:mod:`mlsd.features.push_process`), so a large batch does not slow recommendations;
     ``false``: in the serving process."""
+    push_timeout_s: float = 30.0
+    """How long the child may take over one push (10,000 events took 3–6 s here) before it is
+    replaced and the POST is a 503."""
+
+    def __post_init__(self) -> None:
+        if not self.push_timeout_s > 0:
+            raise ValueError(f"push_timeout_s must be > 0, got {self.push_timeout_s}")
 
     def store_config(self) -> FeatureStoreConfig:
         return FeatureStoreConfig(

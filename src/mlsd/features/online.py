@@ -247,8 +247,10 @@ def _write_ahead_log(store: Any) -> None:
     locks the file exclusively until it commits, and every read waits: a push of 10,000 users
     from the service's push process (:mod:`mlsd.features.push_process`) held the service's
     recommendations for up to 1.3 s. With the log, readers read the last committed state while
-    a writer writes. The log needs the file on a local disk, in a folder the service may write
-    (its ``-wal`` and ``-shm`` files), which a SQLite store the service pushes to is anyway.
+    a writer writes. The mode stays with the file, for every later connection (a
+    materialization while the service runs, too). The log needs the file on a local disk, in a
+    folder its readers may write (the ``-wal`` and ``-shm`` files), which a store a service
+    pushes to is anyway; so only :meth:`OnlineFeatures.start_push_process` switches it.
     When another connection holds the file at that moment, the mode stays as it is (a warning)."""
     from feast.infra.online_stores.sqlite import SqliteOnlineStore
 
@@ -517,18 +519,20 @@ class OnlineFeatures:
         self._refresher: threading.Thread | None = None
         self._push_lock = threading.Lock()
         self._store_lock = _store_lock(self._provider.online_store)
-        _write_ahead_log(self._store)
         self._redis = _RedisWriter.of(self._store, self._views[USER_DYNAMIC_VIEW])
         self._pusher: PushProcess | None = None
 
     def start_push_process(self, *, timeout_s: float = 30.0) -> None:
         """Apply pushes in a child process from now on (:mod:`mlsd.features.push_process`):
         :meth:`push_events` checks and prepares the events here and waits for the child's
-        read-modify-write, so this process's threads keep the GIL for their requests. Idempotent;
-        :meth:`close` stops the child."""
+        read-modify-write, so this process's threads keep the GIL for their requests; a push
+        neither taken nor answered within ``timeout_s`` raises ``TimeoutError``. A SQLite store
+        is switched to write-ahead logging first, so that this process's reads do not wait for
+        the child's writes (:func:`_write_ahead_log`). Idempotent; :meth:`close` stops it."""
         from mlsd.features.push_process import PushProcess
 
         if self._pusher is None:
+            _write_ahead_log(self._store)
             self._pusher = PushProcess(self.repo_dir, self.config, timeout_s=timeout_s)
 
     def close(self) -> None:

@@ -20,11 +20,14 @@ compare-and-set, so replicas' children do not lose each other's events).
 
 Failure modes: the push raises in the child → the call raises the same type for the usual ones
 (:class:`~mlsd.data.schema.ContractError`, ``ValueError``; any other as ``RuntimeError``), its
-message naming the child's exception type, and the child keeps serving; no reply within
-``timeout_s`` (a stalled store) → the child is killed (a write is one SQLite transaction or one
-Redis ``MULTI``/``EXEC``: nothing is left half written) and the call raises ``TimeoutError``;
-the child died → the call raises. Either way the next push starts a new child. The serving
-process dies → the child notices within a second and exits. Pickle crosses only the pipe
+message naming the child's exception type, and the child keeps serving; the push not taken
+and answered within ``timeout_s`` (a stalled store; ``[feature_store] push_timeout_s``) → the
+child is killed (a write is one SQLite transaction or one Redis ``MULTI``/``EXEC``: nothing is
+left half written) and the call raises ``TimeoutError``; the child died → the call raises,
+naming its exit code. Either way the next push starts a new child. The child ignores SIGINT
+and SIGTERM (a Ctrl-C or a signal to the whole process group reaches it while the service
+still finishes its requests): the service stops it at shutdown, and when the serving process
+dies the child sees its pipe close, or within a second that its parent is gone, and exits. Pickle crosses only the pipe
 between this process and the child it spawned, as in :mod:`multiprocessing` itself.
 """
 
@@ -34,6 +37,7 @@ import atexit
 import contextlib
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -135,31 +139,60 @@ class PushProcess:
             child = self._child
             if child is None or not child.process.is_alive():
                 if child is not None:
-                    self._stop(child)
+                    self._kill(child)
                 child = self._child = self._start()
                 self.restarts += 1
             try:
                 if not child.ready:
-                    self._reply(child, 0, self.start_timeout_s, "open the feature store")
+                    opening = "open the feature store"
+                    self._reply(child, 0, self.start_timeout_s, opening)
                     child.ready = True
                 self._ticket += 1
-                child.pipe.send((self._ticket, push))
+                deadline = time.monotonic() + self.timeout_s
+                self._send(child, (self._ticket, push), deadline)
                 applied: int = self._reply(child, self._ticket, self.timeout_s, "apply a push")
                 return applied
             except (TimeoutError, EOFError, OSError) as error:
-                self._stop(child)
+                self._kill(child)
                 self._child = None
                 if isinstance(error, TimeoutError):
                     raise
                 raise RuntimeError(f"the push process died: {error}; retry") from error
 
+    def _send(self, child: _Child, message: tuple[int, PreparedPush], deadline: float) -> None:
+        """Write ``message`` to the child within ``deadline`` (``time.monotonic()``): a large
+        push is more than the pipe holds, and a child that reads nothing (stopped, hung)
+        would block the write, and with it every later push and :meth:`close`."""
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                child.pipe.send(message)
+            except BaseException as error:  # handed to the caller below
+                failed.append(error)
+
+        sender = threading.Thread(target=send, name="mlsd-push-send", daemon=True)
+        sender.start()
+        sender.join(max(0.0, deadline - time.monotonic()))
+        if sender.is_alive():
+            child.process.kill()  # which ends the blocked write
+            sender.join()
+            raise TimeoutError(self._late("take a push", self.timeout_s))
+        if failed:
+            raise failed[0]
+
     def _reply(self, child: _Child, ticket: int, timeout_s: float, doing: str) -> Any:
         """The child's answer to ``ticket`` (older answers, of calls that timed out, are
-        skipped); raises the child's error, ``TimeoutError``, or ``EOFError`` when it died."""
+        skipped) within ``timeout_s``; raises the child's error, ``TimeoutError``, or
+        ``EOFError`` when it died."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if child.pipe.poll(_WAIT_S):
-                answer = child.pipe.recv()
+            try:
+                answer = child.pipe.recv() if child.pipe.poll(_WAIT_S) else None
+            except (EOFError, OSError):
+                child.process.join(1.0)  # for its exit code
+                raise EOFError(self._exited(child, doing)) from None
+            if answer is not None:
                 if answer[0] != ticket:
                     continue
                 if answer[1] == "ok":
@@ -168,36 +201,54 @@ class PushProcess:
                 error = RuntimeError if ticket == 0 else _ERRORS.get(kind, RuntimeError)
                 raise error(f"{message} (in the push process, to {doing}: {kind})")
             if not child.process.is_alive():
-                raise EOFError(
-                    f"pid {child.process.pid} exited with code {child.process.exitcode} "
-                    f"before it could {doing} (-9 is SIGKILL, e.g. the OOM killer)"
-                )
+                raise EOFError(self._exited(child, doing))
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"the push process did not {doing} within {timeout_s:g} s (a stalled online "
-                    "store?); it was restarted, and the events may not be applied: retry"
-                )
+                raise TimeoutError(self._late(doing, timeout_s))
 
     @staticmethod
-    def _stop(child: _Child, timeout_s: float = 5.0) -> None:
-        with contextlib.suppress(OSError, ValueError):  # it is gone already
-            child.pipe.send(None)
-        child.process.join(timeout_s if child.ready else 0.0)
-        if child.process.is_alive():
-            child.process.kill()
-            child.process.join()
+    def _exited(child: _Child, doing: str) -> str:
+        code = child.process.exitcode
+        return (
+            f"pid {child.process.pid} exited (code {'unknown' if code is None else code}; -9 is "
+            f"SIGKILL, e.g. the OOM killer) before it could {doing}"
+        )
+
+    @staticmethod
+    def _late(doing: str, timeout_s: float) -> str:
+        return (
+            f"the push process did not {doing} within {timeout_s:g} s (a stalled online store? "
+            "[feature_store] push_timeout_s sets the limit); it was restarted, and the events "
+            "may not be applied: retry"
+        )
+
+    @staticmethod
+    def _kill(child: _Child) -> None:
+        child.process.kill()
+        child.process.join()
         child.pipe.close()
 
     def close(self) -> None:
-        """Stop the child (after the push in flight, if any); later pushes raise. Idempotent."""
-        with self._lock:
+        """Stop the child once the push in flight is done (after ``timeout_s`` at most: then
+        it is killed); later pushes raise. Idempotent."""
+        locked = self._lock.acquire(timeout=self.timeout_s)
+        try:
             if self._closed:
                 return
             self._closed = True
             child, self._child = self._child, None
-        if child is not None:
-            self._stop(child)
+        finally:
+            if locked:
+                self._lock.release()
         atexit.unregister(self.close)
+        if child is None:
+            return
+        if not locked:  # a push still runs: end it (it raises), then the child
+            self._kill(child)
+            return
+        with contextlib.suppress(OSError, ValueError):  # it is gone already
+            child.pipe.send(None)
+        child.process.join(5.0)
+        self._kill(child)  # when it did not stop
 
 
 def run_pusher(repo_dir: str, config: FeatureConfig, pipe: Connection) -> None:
@@ -206,6 +257,10 @@ def run_pusher(repo_dir: str, config: FeatureConfig, pipe: Connection) -> None:
     type name, message)``, until told to stop (``None``) or the parent is gone."""
     from mlsd.features.online import OnlineFeatures
 
+    # Stopped by its parent (a message, or the parent gone): a Ctrl-C or a SIGTERM sent to the
+    # whole process group must not kill a push the service is still finishing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         online = OnlineFeatures(Path(repo_dir), config)
     except Exception as error:

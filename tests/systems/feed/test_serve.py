@@ -26,7 +26,7 @@ from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.process import free_port, mlsd_command, running_service
 from mlsd.serving.registry import CorruptArtifactError, ModelRegistry, RegistryConfig
 from mlsd.systems.feed.package import package_model
-from mlsd.systems.feed.serve import ExperimentLoader, ModelLoader
+from mlsd.systems.feed.serve import ExperimentLoader, ModelLoader, _stopped, online_features
 from tests.feed_world import materialized_world
 from tests.serving.test_app import running_server
 
@@ -480,6 +480,30 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in pushers)
     assert not list(tmp.glob("mlsd-models-*")), (tmp_path / "serve.log").read_text()
     assert not list(tmp.glob("feast_metrics_*"))  # Feast removes it only at a normal exit
+
+
+def test_a_stopping_service_stops_its_push_process_before_it_exits(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """What the served CLI runs at shutdown (:func:`_stopped`): the child is gone when it
+    returns, not only once the server's exit closes its pipe."""
+    world, config, root = setup
+    feed = load_feed_config(config)
+    features = online_features(world, feed)
+    features.start_push_process()
+    pusher = features._pusher
+    assert pusher is not None
+    pid = pusher.pid
+    assert pid is not None
+    load = ModelLoader(
+        world, feed, model_dir=root / "models" / "m1", registry_uri=None, base_dir=tmp_path,
+        features=features,
+    )  # fmt: skip
+    load()
+    _stopped(load, features)
+    assert features._pusher is None
+    assert not psutil.pid_exists(pid)  # stopped and reaped
+    _stopped(load, features)  # idempotent
 
 
 def test_closing_an_experiment_loader_deletes_every_arms_downloads(

@@ -386,7 +386,7 @@ def serve(
         running = _experiment(feed, experiment)
         features = online_features(dataset, feed)
         if feed.feature_store.push_process if push_process is None else push_process:
-            features.start_push_process()
+            features.start_push_process(timeout_s=feed.feature_store.push_timeout_s)
             held.callback(features.close)
         load: ModelLoader | ExperimentLoader
         if running is None:
