@@ -27,8 +27,9 @@ left half written) and the call raises ``TimeoutError``; the child died → the 
 naming its exit code. Either way the next push starts a new child. The child ignores SIGINT
 and SIGTERM (a Ctrl-C or a signal to the whole process group reaches it while the service
 still finishes its requests): the service stops it at shutdown, and when the serving process
-dies the child sees its pipe close, or within a second that its parent is gone, and exits. Pickle crosses only the pipe
-between this process and the child it spawned, as in :mod:`multiprocessing` itself.
+dies the child sees its pipe close, or within a second that its parent is gone, and exits.
+Pickle crosses only the pipe between this process and the child it spawned, as in
+:mod:`multiprocessing` itself.
 """
 
 from __future__ import annotations
