@@ -313,6 +313,31 @@ def test_a_row_with_too_many_fields_names_the_file_line_and_sep(tmp_path: Path) 
     assert "--sep" in message
 
 
+def test_a_trailing_separator_on_every_row_keeps_each_value_in_its_column(
+    tmp_path: Path,
+) -> None:
+    """pandas took the first column as the index when rows had one field more than the
+    header: user ids vanished and item ids became users, with nothing quarantined."""
+    events = write(
+        tmp_path / "e.csv",
+        "u,i,t,logged\n101,7,1700000000,1700000005,\n102,8,1700000001,1700000009,\n",
+    )
+    import_events(events, tmp_path)
+    got = parquet(tmp_path / "out", "events")
+    assert got["user_id"].tolist() == [101, 102]
+    assert got["item_id"].tolist() == [7, 8]
+    assert got["logged"].tolist() == ["1700000005", "1700000009"]
+
+
+def test_a_value_beyond_the_headers_columns_is_refused_naming_its_line(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "u,i,t\n1,2,1700000000,\n\n1,3,1700000001,x\n")
+    with pytest.raises(ContractError) as error:
+        import_events(events, tmp_path)
+    message = str(error.value)
+    assert f"{events}, line 4: 4 fields where the header names 3" in message
+    assert "1 such row(s)" in message
+
+
 def test_an_empty_file_is_named(tmp_path: Path) -> None:
     events = write(tmp_path / "e.csv", "")
     with pytest.raises(ContractError, match=r"e\.csv: the file is empty"):

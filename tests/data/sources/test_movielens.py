@@ -7,7 +7,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from mlsd.data.schema import ContractError, read_info
+from mlsd.data.sources.download import fetch, published_md5
 from mlsd.data.sources.movielens import (
     DownloadError,
     age_bucket,
@@ -172,6 +173,35 @@ def test_ml1m_parser(tmp_path: Path) -> None:
     assert pd.isna(items.loc[1193, "created_ts"])  # no year in the title
 
 
+def test_ml1m_codes_outside_the_documented_tables_are_kept_and_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unknown age or occupation code had become null, with nothing reported."""
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "ratings.dat").write_text("1::1::5::978300760\n2::1::3::978298413\n")
+    (folder / "users.dat").write_text("1::F::30::25::48067\n2::M::56::99::02139\n")
+    (folder / "movies.dat").write_text("1::Toy Story (1995)::Comedy\n")
+    with caplog.at_level("WARNING", logger="mlsd.data.sources.movielens"):
+        import_movielens("movielens-1m", source=folder, out=tmp_path / "out")
+    users = read_table(tmp_path / "out", "users", "user_id")
+    assert users.loc[1, ["age_bucket", "occupation"]].tolist() == ["30", "25"]
+    assert users.loc[2, ["age_bucket", "occupation"]].tolist() == ["56+", "99"]
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert (
+        "users.dat: 1 row(s) whose age code is not in the documented table (e.g. line 1: 30)"
+        in messages
+    )
+    assert "users.dat: 2 row(s) whose occupation code" in messages
+
+
+def test_a_non_numeric_ml100k_age_names_the_file_line_and_field(tmp_path: Path) -> None:
+    folder = write_fake_ml100k(tmp_path / "ml-100k")
+    (folder / "u.user").write_text("1|24|M|technician|85711\n2|fifty|F|other|T8H1N\n")
+    with pytest.raises(ContractError, match=r"u\.user, line 2: age 'fifty' is not a number"):
+        import_movielens("movielens-100k", source=folder, out=tmp_path / "out")
+
+
 @pytest.mark.parametrize(
     ("variant", "top"), [("movielens-20m", "ml-20m"), ("movielens-25m", "ml-25m")]
 )
@@ -311,6 +341,47 @@ def test_download_checksum_mismatch_is_reported_and_deleted(
 def test_download_of_a_missing_file_names_the_url(file_server: FileServer, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match=r"ml-1m\.zip\.md5"):
         download_movielens("movielens-1m", tmp_path, base_url=file_server.url, progress=False)
+
+
+class _CutChunked(BaseHTTPRequestHandler):
+    """Answers a chunked body cut off mid-chunk, as a dropped connection leaves it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        part = b"x" * 100_000
+        self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        self.wfile.write(f"{len(part):x}\r\n".encode() + part[:1000])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def test_a_connection_cut_mid_body_is_a_download_error_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    """``http.client.IncompleteRead`` is no ``OSError``: it escaped as an internal error."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _CutChunked)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/ml-100k.zip"
+        with pytest.raises(DownloadError, match=r"download failed \(IncompleteRead"):
+            fetch(url, tmp_path / "ml-100k.zip.part", progress=False)
+        with pytest.raises(DownloadError, match="could not fetch the published checksum"):
+            published_md5(url + ".md5")
+        with pytest.raises(DownloadError, match="download failed"):
+            fetch("htp:/nowhere", tmp_path / "x.part", progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.integration

@@ -235,6 +235,17 @@ def test_fit_is_deterministic_and_leaves_torch_as_it_was(
     np.testing.assert_array_equal(again.item_embeddings_, fitted.item_embeddings_)
 
 
+def test_a_naive_as_of_reads_as_utc(
+    fitted: TwoTowerRetriever, contract_data: RetrievalData
+) -> None:
+    users = contract_data.events["user_id"].drop_duplicates().to_numpy()[:5]
+    middle = contract_data.events["ts"].sort_values().iloc[len(contract_data.events) // 2]
+    aware = fitted.user_embeddings(users, as_of=middle)
+    naive = fitted.user_embeddings(users, as_of=middle.tz_convert("UTC").tz_localize(None))
+    np.testing.assert_array_equal(naive, aware)
+    assert not np.allclose(aware, fitted.user_embeddings(users))  # an earlier history
+
+
 def test_online_path_matches_the_batch_path(
     fitted: TwoTowerRetriever, contract_data: RetrievalData
 ) -> None:

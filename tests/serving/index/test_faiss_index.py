@@ -184,6 +184,12 @@ def test_config_errors_name_the_field() -> None:
         IVFIndex(IVFConfig(nlist=11, build_threads=1)).build(
             data.item_ids[:10], data.item_embeddings[:10]
         )
+    with pytest.raises(
+        ValueError, match=r"at least 2\*\*nbits = 256 items to train its codes, got 200"
+    ):
+        IVFIndex(IVFConfig(nlist=4, pq_m=4, build_threads=1)).build(
+            data.item_ids[:200], data.item_embeddings[:200]
+        )
 
 
 def _long_tailed(n_items: int = 2_000, n_big: int = 40) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mlsd.serving.index import MilvusConfig, MilvusIndex, VectorIndex, recall_at_k
+from mlsd.serving.index.faiss_index import default_nlist
 from tests.serving.index.test_base import VectorIndexContract, clustered
 
 pytestmark = pytest.mark.integration
@@ -65,6 +66,25 @@ def test_flat_is_exact_and_ivf_params_reach_the_index(milvus_uri: str) -> None:
     assert _recall(ivf) < 0.9
     assert _recall(ivf.set_search(nprobe=8)) == 1.0
     assert ivf.memory_bytes() > flat.memory_bytes()  # + centroids and list ids
+
+
+def test_ivf_defaults_are_sized_for_the_catalog(milvus_uri: str, tmp_path: Path) -> None:
+    """A fixed 1,024 cells left a small catalog's cells mostly empty: a 32-cell search
+    returned fewer items than asked for."""
+    data = clustered()
+    n = len(data.item_ids)
+    ivf = _index(milvus_uri, "IVF_FLAT").build(data.item_ids, data.item_embeddings)
+    assert ivf.config.params == {"nlist": default_nlist(n)}
+    assert ivf.config.search_params == {"nprobe": min(32, default_nlist(n))}
+    ids, _ = ivf.search(data.queries, 100)
+    assert (ids != -1).all()  # every list full
+    assert _recall(ivf) >= 0.9
+    ivf.save(tmp_path / "ivf")
+    assert MilvusIndex.load(tmp_path / "ivf").config.params == ivf.config.params
+    with pytest.raises(ValueError, match=f"nlist=5000 exceeds the {n} items"):
+        _index(milvus_uri, "IVF_FLAT", params={"nlist": 5000}).build(
+            data.item_ids, data.item_embeddings
+        )
 
 
 def test_saved_config_names_the_collection(milvus_uri: str, tmp_path: Path) -> None:

@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from pandas.errors import EmptyDataError, ParserError
+from pandas.errors import EmptyDataError, ParserError, ParserWarning
 
 from mlsd.data.schema import ContractError, DatasetInfo
 from mlsd.data.validate import ValidationReport, write_dataset
@@ -113,14 +114,22 @@ def read_delimited(path: Path, *, sep: str, header: bool) -> pd.DataFrame:
     if not path.is_file():
         raise ContractError(f"{path}: file not found; check the path.")
     try:
-        frame = pd.read_csv(
-            path,
-            sep=sep,
-            header=0 if header else None,
-            dtype=str,
-            keep_default_na=False,
-            na_values=[""],
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ParserWarning)
+            frame = pd.read_csv(
+                path,
+                sep=sep,
+                header=0 if header else None,
+                dtype=str,
+                keep_default_na=False,
+                na_values=[""],
+                # Rows with a field more than the header (a trailing separator, common in
+                # exports) would otherwise make pandas take the first column as the index
+                # and shift every other column left: user ids silently became item ids.
+                index_col=False,
+            )
+        if any(issubclass(w.category, ParserWarning) for w in caught):
+            _refuse_unnamed_fields(path, sep, len(frame.columns))
     except ParserError as exc:
         raise _parser_error(path, sep, exc) from exc
     except EmptyDataError as exc:
@@ -170,6 +179,36 @@ def record_lines(
             return None
     lines = np.asarray(starts[1:] if header else starts, dtype=np.int64)
     return lines if len(lines) == n_rows else None
+
+
+def _refuse_unnamed_fields(path: Path, sep: str, n_named: int) -> None:
+    """When rows have more fields than the header names: fine if every extra field is empty
+    (a trailing separator: nothing is lost by dropping it), else a ContractError naming the
+    first such row's line, since pandas would drop the values with only a warning."""
+    full = pd.read_csv(
+        path,
+        sep=sep,
+        header=None,
+        skiprows=1,
+        names=range(n_named + 64),
+        dtype=str,
+        keep_default_na=False,
+        na_values=[""],
+        index_col=False,
+    )
+    filled = full.iloc[:, n_named:].notna()
+    rows = np.flatnonzero(filled.to_numpy().any(axis=1))
+    if not len(rows):
+        return
+    row = int(rows[0])
+    lines = record_lines(path, sep=sep, header=True, n_rows=len(full))
+    where = f"line {lines[row]}" if lines is not None else f"data row {row + 1}"
+    n_fields = n_named + int(np.flatnonzero(filled.iloc[row].to_numpy())[-1]) + 1
+    raise ContractError(
+        f"{path}, {where}: {n_fields} fields where the header names {n_named} (separator "
+        f"{sep!r}; {len(rows)} such row(s)). Name every column in the header, or remove the "
+        f"extra values. {_SEP_HINT}"
+    )
 
 
 def _parser_error(path: Path, sep: str, exc: ParserError) -> ContractError:

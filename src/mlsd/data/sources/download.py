@@ -8,6 +8,7 @@ kept with its checksum in ``<file>.md5``, so a later call reuses it without netw
 from __future__ import annotations
 
 import hashlib
+import http.client
 import re
 import urllib.error
 import urllib.request
@@ -61,13 +62,18 @@ def download_verified(url: str, dest: Path, *, progress: bool = True) -> Path:
     return dest
 
 
+_FAILURES = (urllib.error.URLError, OSError, http.client.HTTPException, ValueError)
+"""What a request can fail with: a network or file error, a connection cut mid-body
+(``http.client.IncompleteRead`` is an ``HTTPException``, not an ``OSError``), a bad URL."""
+
+
 def published_md5(url: str) -> str:
     """Read a checksum file, e.g. ``MD5 (ml-100k.zip) = 0e33842e...``; returns lowercase hex."""
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             text = response.read().decode("ascii", errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        raise DownloadError(f"{url}: could not fetch the published checksum ({exc}).") from exc
+    except _FAILURES as exc:
+        raise DownloadError(f"{url}: could not fetch the published checksum ({exc!r}).") from exc
     found = re.search(r"\b([0-9a-fA-F]{32})\b", text)
     if found is None:
         raise DownloadError(f"{url}: no MD5 checksum in the response: {text[:200]!r}")
@@ -92,9 +98,9 @@ def fetch(url: str, dest: Path, *, progress: bool = True) -> None:
             for block in iter(lambda: response.read(BLOCK_BYTES), b""):
                 fh.write(block)
                 bar.advance(task, len(block))
-    except (urllib.error.URLError, OSError) as exc:
+    except _FAILURES as exc:
         dest.unlink(missing_ok=True)
-        raise DownloadError(f"{url}: download failed ({exc}).") from exc
+        raise DownloadError(f"{url}: download failed ({exc!r}).") from exc
 
 
 def file_md5(path: Path) -> str:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from mlsd.data.schema import ContractError, DatasetInfo
 from mlsd.data.sources.download import DownloadError as DownloadError  # re-exported
 from mlsd.data.sources.download import download_verified
 from mlsd.data.validate import ValidationReport, write_dataset
+
+logger = logging.getLogger(__name__)
 
 GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens"
 LICENCE = "GroupLens research use; do not redistribute (see README in the source)"
@@ -184,6 +187,35 @@ def age_bucket(age: pd.Series) -> pd.Series:
     return cut.astype("string")
 
 
+def _numbers(values: pd.Series, file: str, field: str) -> pd.Series:
+    """``values`` (strings) as numbers; a ContractError names the first line that is not one."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = numbers.isna() & values.notna()
+    if bad.any():
+        row = int(np.argmax(bad.to_numpy()))
+        raise ContractError(
+            f"{file}, line {row + 1}: {field} {values.iloc[row]!r} is not a number "
+            f"({int(bad.sum())} such row(s)); the file is damaged: take it from the archive again"
+        )
+    return numbers
+
+
+def _decoded(codes: pd.Series, names: Mapping[int, str], file: str, field: str) -> pd.Series:
+    """Numeric ``codes`` → their ``names``; a code the table lacks keeps its number as text
+    (nothing is dropped) and a warning names the file, the field and how many rows."""
+    decoded = codes.map(names).astype("string")
+    unknown = decoded.isna() & codes.notna()
+    if unknown.any():
+        first = int(np.argmax(unknown.to_numpy()))
+        logger.warning(
+            "%s: %d row(s) whose %s code is not in the documented table (e.g. line %d: %s); "
+            "kept as the number",
+            file, int(unknown.sum()), field, first + 1, codes.iloc[first],
+        )  # fmt: skip
+        decoded = decoded.fillna(codes.astype("string"))
+    return decoded
+
+
 def zip_region(zip_code: pd.Series) -> pd.Series:
     """Zip codes → USPS national area names (``ZIP_AREAS``), ``non-US`` when not a digit."""
     first = zip_code.astype("string").str.strip().str[0]
@@ -214,8 +246,10 @@ def read_ml100k(files: MovieLensFiles) -> MovieLensTables:
         ratings = _read_table(fh, "\t", list(RATING_DTYPES), dtype=RATING_DTYPES)
     with files.open("u.user") as fh:
         columns = ["user_id", "age", "gender", "occupation", "zip_code"]
-        users = _read_table(fh, "|", columns, dtype={"zip_code": str, "occupation": str})
-    users.insert(1, "age_bucket", age_bucket(users["age"]))
+        users = _read_table(
+            fh, "|", columns, dtype={"zip_code": str, "occupation": str, "age": str}
+        )
+    users.insert(1, "age_bucket", age_bucket(_numbers(users["age"], "u.user", "age")))
     for column in ("age", "gender", "occupation", "zip_code"):
         users[column] = users[column].astype("string")
     users["region"] = zip_region(users["zip_code"])
@@ -267,9 +301,11 @@ def read_ml1m(files: MovieLensFiles) -> MovieLensTables:
     users = pd.DataFrame(
         {
             "user_id": raw["user_id"],
-            "age_bucket": raw["age"].map(AGE_BUCKETS).astype("string"),
+            "age_bucket": _decoded(raw["age"], AGE_BUCKETS, "users.dat", "age"),
             "gender": raw["gender"].astype("string"),
-            "occupation": raw["occupation"].map(dict(enumerate(ML1M_OCCUPATIONS))).astype("string"),
+            "occupation": _decoded(
+                raw["occupation"], dict(enumerate(ML1M_OCCUPATIONS)), "users.dat", "occupation"
+            ),
             "zip_code": raw["zip_code"].astype("string"),
             "region": zip_region(raw["zip_code"]),
         }

@@ -579,8 +579,9 @@ class TwoTowerRetriever(Retriever):
         check_fitted(self, "item_embeddings_")
         rows = rows_of(user_ids, self.user_ids_)
         known = (rows >= 0)[:, None]
-        when = self.cutoff_ if as_of is None else min(pd.Timestamp(as_of), self.cutoff_)
-        times = np.full(len(rows), to_us(when)[0], dtype=np.int64)
+        cutoff = to_us(self.cutoff_)[0]
+        when = cutoff if as_of is None else min(to_us(pd.Timestamp(as_of))[0], cutoff)
+        times = np.full(len(rows), when, dtype=np.int64)  # a naive as_of reads as UTC
         history = self._features.log.histories(np.maximum(rows, 0), times, self.config.history_len)
         attributes = self.encoding_.user_attributes[np.maximum(rows, 0)]
         return self._user_tower(history * known, attributes * known, request_ts)

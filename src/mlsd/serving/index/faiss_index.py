@@ -392,6 +392,12 @@ class IVFIndex(FaissIndex):
             raise ValueError(
                 f"IVFConfig.pq_m={config.pq_m} must divide the embedding dimension {dim}"
             )
+        if n_items < 2**config.nbits:  # each sub-quantizer's k-means needs a point per code
+            raise ValueError(
+                f"IVFConfig with pq_m={config.pq_m} needs at least 2**nbits = {2**config.nbits} "
+                f"items to train its codes, got {n_items}: lower nbits, or use a Flat or HNSW "
+                "index for a catalog this small"
+            )
         ivf = faiss.IndexIVFPQ(
             quantizer, dim, nlist, config.pq_m, config.nbits, faiss.METRIC_INNER_PRODUCT
         )

@@ -52,7 +52,11 @@ MILVUS_INDEX_TYPES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     "IVF_SQ8": ({"nlist": 1024}, {"nprobe": 32}),
     "IVF_PQ": ({"nlist": 1024, "m": 16, "nbits": 8}, {"nprobe": 32}),
 }
-"""Supported index type → (default build params, default search params)."""
+"""Supported index type → (default build params, default search params). An IVF type's
+default ``nlist`` is the catalog's (:func:`~mlsd.serving.index.faiss_index.default_nlist`, as
+the Faiss backend sizes it) at build time, and ``nprobe`` at most that: a fixed 1,024 cells
+left a 500-item catalog's cells mostly empty, and a search of 32 of them returned 32 items
+where 100 were asked for."""
 
 LITE_SUFFIX = ".db"
 """A ``uri`` ending so is a milvus-lite database file; anything else a Milvus server."""
@@ -151,6 +155,7 @@ class MilvusIndex(VectorIndex):
     def _build(self, item_ids: IntArray, item_embeddings: FloatArray) -> None:
         from pymilvus import DataType, MilvusClient
 
+        self.config = self._sized(len(item_ids))  # before anything is written
         client, name = self._connect(), self.config.collection
         if client.has_collection(name):
             client.drop_collection(name)
@@ -218,6 +223,25 @@ class MilvusIndex(VectorIndex):
         """Replace the per-search parameters (e.g. ``ef=256``, ``nprobe=64``); returns ``self``."""
         self.config = dataclasses.replace(self.config, search_params=dict(search_params))
         return self
+
+    def _sized(self, n_items: int) -> MilvusConfig:
+        """The config with an IVF type's defaults sized for ``n_items`` (the saved index keeps
+        them); explicit params are checked, as the Faiss backend checks them."""
+        config = self.config
+        build, search = config.build_params, config.query_params
+        if "nlist" not in build:
+            return config
+        if config.params is None:
+            from mlsd.serving.index.faiss_index import default_nlist
+
+            build["nlist"] = default_nlist(n_items)
+        if build["nlist"] > n_items:
+            raise ValueError(
+                f"MilvusConfig.params nlist={build['nlist']} exceeds the {n_items} items to index"
+            )
+        if config.search_params is None:
+            search["nprobe"] = min(search["nprobe"], build["nlist"])
+        return dataclasses.replace(config, params=build, search_params=search)
 
     def memory_bytes(self) -> int:
         """Estimated bytes of the index in Milvus's memory (vectors, graph or codes, keys)."""
