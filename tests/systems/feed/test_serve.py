@@ -483,10 +483,15 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
 
 
 def test_a_stopping_service_stops_its_push_process_before_it_exits(
-    setup: tuple[Path, Path, Path], tmp_path: Path
+    setup: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the served CLI runs at shutdown (:func:`_stopped`): the child is gone when it
     returns, not only once the server's exit closes its pipe."""
+    import mlsd
+
+    # _stopped also removes this process's Feast metrics folder, which the later tests'
+    # subprocesses inherit through PROMETHEUS_MULTIPROC_DIR: keep it for them.
+    monkeypatch.setattr(mlsd, "remove_feast_metrics_dir", lambda: None)
     world, config, root = setup
     feed = load_feed_config(config)
     features = online_features(world, feed)
