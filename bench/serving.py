@@ -493,8 +493,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     feed = load_feed_config(args.config)
     feature_settings = {
         "features": dataclasses.asdict(feed.features),
-        "feature_store": {  # push_process is how the service writes, not what is stored
-            k: v for k, v in dataclasses.asdict(feed.feature_store).items() if k != "push_process"
+        "feature_store": {  # how the service pushes is not what is stored
+            k: v
+            for k, v in dataclasses.asdict(feed.feature_store).items()
+            if k not in ("push_process", "push_timeout_s")
         },
     }
     features_hash = hashlib.sha256(

@@ -107,8 +107,13 @@ def test_only_a_push_process_switches_a_sqlite_store_to_write_ahead_logging(
     reader.start_push_process()
     try:
         assert mode() == "wal"
+        assert reader.push_events(_event(NEW_USER, 5, AS_OF)) == 1
+        assert (repo / "online.db-wal").stat().st_size > 0
     finally:
         reader.close()
+    # Every connection closed: the log is folded back in, not left for the next opener.
+    assert not (repo / "online.db-wal").exists()
+    assert reader.user_features(NEW_USER)["recent_item_ids"][0][0] == 5
 
 
 def _refuse(self: OnlineFeatures, push: PreparedPush) -> int:

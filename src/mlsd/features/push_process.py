@@ -279,6 +279,7 @@ def run_pusher(repo_dir: str, config: FeatureConfig, pipe: Connection) -> None:
         except EOFError:  # the parent closed its end (or died)
             return
         if message is None:
+            online.close()  # the parent's close: fold the log back in (OnlineFeatures.close)
             return
         ticket, push = message
         try:
