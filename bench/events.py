@@ -44,24 +44,16 @@ import pyarrow.parquet as pq
 from mlsd.serving.process import free_port, mlsd_command, running_service
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import build, log  # bench/serving.py: the same cached build
+from serving import build, log, percentiles_ms  # bench/serving.py: the same build, stats
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "feed-demo.toml"
 MODES = {"push_process": "--push-process", "in_process": "--no-push-process"}
 
 
 def percentiles(latencies: list[float]) -> dict[str, float | None]:
-    """p50/p99/max in ms of ``latencies`` (seconds; ``inf`` = no answer)."""
-    if not latencies:
-        return {"p50": None, "p99": None, "max": None, "n": 0}
-    values = np.asarray(latencies) * 1000.0
-    p50, p99 = np.percentile(values, [50, 99])
-    return {
-        "p50": round(float(p50), 2) if np.isfinite(p50) else None,
-        "p99": round(float(p99), 2) if np.isfinite(p99) else None,
-        "max": round(float(values.max()), 1) if np.isfinite(values.max()) else None,
-        "n": len(latencies),
-    }
+    """p50/p95/p99/max in ms of ``latencies`` (seconds; ``inf`` = no answer), as
+    ``bench/serving.py`` reports them, and how many."""
+    return {**percentiles_ms([latency * 1000.0 for latency in latencies]), "n": len(latencies)}
 
 
 def open_loop(
@@ -146,6 +138,7 @@ def one_round(
     before = [lat for t, lat in records if warm <= t < posted["begin"]]
     during = [lat for t, lat in records if posted["begin"] <= t < posted["end"]]
     base, hit = percentiles(before), percentiles(during)
+    base_p50, hit_p50 = base.get("p50"), hit.get("p50")
     result = {
         "mode": mode,
         "post_seconds": round(posted["end"] - posted["begin"], 3),
@@ -154,7 +147,7 @@ def one_round(
         "baseline_ms": base,
         "during_ms": hit,
         "p50_during_over_baseline": (
-            round(hit["p50"] / base["p50"], 2) if hit["p50"] and base["p50"] else None
+            round(hit_p50 / base_p50, 2) if hit_p50 and base_p50 else None
         ),
     }
     log(f"  {mode}: {json.dumps(result)}")
@@ -208,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                 ("during_p99_ms", "during_ms", "p99"),
                 ("during_max_ms", "during_ms", "max"),
             )
-            if all(r[part][stat] is not None for r in mine)
+            if all(r[part].get(stat) is not None for r in mine)
         } | {"post_seconds": statistics.median(r["post_seconds"] for r in mine)}
     a, b = summary["in_process"], summary["push_process"]
     for stat in ("during_p50_ms", "during_max_ms"):

@@ -104,12 +104,6 @@ class PushProcess:
         atexit.register(self.close)
 
     @property
-    def alive(self) -> bool:
-        """Whether a child runs now (a push starts one when not)."""
-        child = self._child
-        return child is not None and child.process.is_alive()
-
-    @property
     def pid(self) -> int | None:
         child = self._child
         return None if child is None else child.process.pid
