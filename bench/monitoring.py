@@ -116,8 +116,9 @@ def serve_popular(dataset: Path, port: int, log_dir: Path | None, writer: str) -
     millisecond, so the log's share of the latency is as large as it can be)."""
     import uvicorn
 
-    from mlsd.serving.app import ServiceSettings, create_app
+    from mlsd.serving.app import create_app
     from mlsd.serving.popular import PopularRecommender
+    from mlsd.serving.settings import ServiceSettings
 
     model = PopularRecommender.from_dataset(dataset, version="popular:bench")
     section = ServiceLogSection(writer=writer)  # type: ignore[arg-type]

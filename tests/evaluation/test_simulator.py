@@ -16,9 +16,10 @@ import pytest
 from mlsd.data.sources.world import World
 from mlsd.evaluation.preferences import Preferences, WorldPreferences, log_examination
 from mlsd.evaluation.simulator import _schedule_users, simulate
-from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.app import create_app
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import RecommendRequest, RecommendResult
+from mlsd.serving.settings import ServiceSettings
 from tests.evaluation.test_preferences import DRIFT_AT, _us, world, world_dir
 from tests.serving.test_app import running_server
 

@@ -7,7 +7,6 @@ import gc
 import itertools
 import json
 import socket
-import sys
 import threading
 import time
 import warnings
@@ -21,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import anyio
 import httpx
 import pandas as pd
 import pytest
@@ -31,17 +29,10 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
-from starlette.types import Message, Receive, Scope, Send
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
-from mlsd.serving.app import (
-    FREEZE_AFTER_RELOAD_S,
-    HotRoute,
-    ServiceSettings,
-    create_app,
-    listen_socket,
-)
+from mlsd.serving.app import FREEZE_AFTER_RELOAD_S, HotRoute, create_app, listen_socket
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import (
     BadRequestError,
@@ -50,6 +41,7 @@ from mlsd.serving.recommender import (
     RecommendResult,
 )
 from mlsd.serving.schemas import NOW_MAX
+from mlsd.serving.settings import ServiceSettings
 
 with warnings.catch_warnings():  # starlette 1.x would rather have httpx2 behind its TestClient
     warnings.simplefilter("ignore", UserWarning)
@@ -737,36 +729,6 @@ def test_apps_keep_separate_metrics(make_client: MakeClient) -> None:
     assert not any(name == "mlsd_recommend_responses_total" for name, _ in samples)
 
 
-def test_settings_from_env() -> None:
-    assert ServiceSettings.from_env({}) == ServiceSettings(
-        admin_token=None, max_k=100, default_k=10
-    )
-    env = {"MLSD_ADMIN_TOKEN": "t", "MLSD_MAX_K": "50", "MLSD_DEFAULT_K": "5"}
-    assert ServiceSettings.from_env(env) == ServiceSettings(admin_token="t", max_k=50, default_k=5)
-    with pytest.raises(ValueError, match="MLSD_MAX_K must be an integer, got 'lots'"):
-        ServiceSettings.from_env({"MLSD_MAX_K": "lots"})
-    with pytest.raises(ValueError, match="MLSD_DEFAULT_K must be in"):
-        ServiceSettings.from_env({"MLSD_MAX_K": "5", "MLSD_DEFAULT_K": "10"})
-    assert ServiceSettings.from_env({"MLSD_MODEL_THREADS": "3"}).model_threads == 3
-    with pytest.raises(ValueError, match="MLSD_MODEL_THREADS must be at least 1, got 0"):
-        ServiceSettings.from_env({"MLSD_MODEL_THREADS": "0"})
-    with pytest.raises(ValueError, match="MLSD_GIL_SWITCH_MS must be a number, got 'fast'"):
-        ServiceSettings.from_env({"MLSD_GIL_SWITCH_MS": "fast"})
-    with pytest.raises(ValueError, match=r"MLSD_GIL_SWITCH_MS must be in \(0, 1000\], got 0"):
-        ServiceSettings.from_env({"MLSD_GIL_SWITCH_MS": "0"})
-
-
-def test_the_gil_switch_interval_is_set_for_the_process_only_when_asked() -> None:
-    before = sys.getswitchinterval()
-    try:
-        ServiceSettings.from_env({}).apply_to_process()
-        assert sys.getswitchinterval() == before
-        ServiceSettings.from_env({"MLSD_GIL_SWITCH_MS": "0.5"}).apply_to_process()
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-    finally:
-        sys.setswitchinterval(before)
-
-
 @dataclass
 class SlowModel(StubModel):
     """A StubModel that holds each answer ``seconds`` and records the most held at once."""
@@ -930,34 +892,6 @@ def test_a_422_echoes_only_a_short_repr_of_a_large_input(client: TestClient) -> 
     assert long.json()["detail"][0]["loc"] == ["body", 0, "event"]
 
 
-def test_a_body_over_the_limit_is_413_before_the_app_reads_it() -> None:
-    """Content-Length over the limit: answered at once, the app never called."""
-    from mlsd.serving.app import BodyLimit
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        raise AssertionError("the app was called")
-
-    async def receive() -> Message:
-        raise AssertionError("the body was read")
-
-    sent: list[Message] = []
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope: Scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/events",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"2001")],
-    }
-    anyio.run(BodyLimit(app, max_bytes=2000), scope, receive, send)
-    assert sent[0]["status"] == 413
-    assert (b"connection", b"close") in sent[0]["headers"]
-    detail = json.loads(sent[1]["body"])["detail"]
-    assert "2000 bytes (MLSD_MAX_BODY_BYTES)" in detail
-
-
 def test_a_body_over_the_limit_is_413_with_or_without_content_length(
     make_client: MakeClient,
 ) -> None:
@@ -1060,23 +994,6 @@ def test_the_schema_gives_k_this_services_maximum_and_default() -> None:
         assert (integer["minimum"], integer["maximum"], k["default"]) == (1, 50, 7)
     other = create_app(_schema_only, settings=ServiceSettings()).openapi()
     assert other["components"]["schemas"]["RecommendIn"]["properties"]["k"]["default"] == 10
-
-
-@pytest.mark.parametrize("token", ["s3cret-töken", "tok\ten", " padded", "line\n"])
-def test_an_admin_token_no_header_can_carry_is_refused_at_startup(token: str) -> None:
-    with pytest.raises(ValueError, match="MLSD_ADMIN_TOKEN must be printable ASCII") as info:
-        ServiceSettings.from_env({"MLSD_ADMIN_TOKEN": token})
-    assert token not in str(info.value)  # a secret
-    assert ServiceSettings.from_env({"MLSD_ADMIN_TOKEN": "a b~c"}).admin_token == "a b~c"
-
-
-def test_the_body_limit_setting() -> None:
-    assert ServiceSettings.from_env({}).max_body_bytes == 4 * 1024 * 1024
-    assert ServiceSettings.from_env({"MLSD_MAX_BODY_BYTES": "5000"}).max_body_bytes == 5000
-    with pytest.raises(ValueError, match="MLSD_MAX_BODY_BYTES must be an integer, got '2MB'"):
-        ServiceSettings.from_env({"MLSD_MAX_BODY_BYTES": "2MB"})
-    with pytest.raises(ValueError, match="MLSD_MAX_BODY_BYTES must be at least 1, got 0"):
-        ServiceSettings.from_env({"MLSD_MAX_BODY_BYTES": "0"})
 
 
 def test_the_schema_documents_413_and_503() -> None:

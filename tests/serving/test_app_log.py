@@ -29,8 +29,9 @@ from mlsd.monitoring.drift import compare
 from mlsd.monitoring.log_reader import read_table, summarize
 from mlsd.monitoring.logs import CANDIDATES, EXPOSURES, FEEDBACK, REQUESTS, ServiceLog
 from mlsd.monitoring.profile import ReferenceProfile
-from mlsd.serving.app import MonitorSettings, ServiceMonitor, ServiceSettings, create_app
+from mlsd.serving.app import create_app
 from mlsd.serving.feed import FeedModel, FeedRecommender
+from mlsd.serving.periodic import MonitorSettings, ServiceMonitor
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import (
     BadRequestError,
@@ -38,6 +39,7 @@ from mlsd.serving.recommender import (
     RecommendRequest,
     RecommendResult,
 )
+from mlsd.serving.settings import ServiceSettings
 from tests.serving.test_app import metric_samples, running_server
 from tests.serving.test_feed import served
 

@@ -14,10 +14,11 @@ from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.evaluation.experiments import Arm, Experiment, experiment_report
 from mlsd.monitoring.log_reader import read_table
 from mlsd.monitoring.logs import EXPOSURES, REQUESTS, ServiceLog
-from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.app import create_app
 from mlsd.serving.experiment import ExperimentRecommender
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import RecommendRequest, RecommendResult
+from mlsd.serving.settings import ServiceSettings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)

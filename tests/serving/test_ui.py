@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
-from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.app import create_app
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import RecommendRequest
+from mlsd.serving.settings import ServiceSettings
 from tests.browser import rendered_dom
 from tests.serving.test_app import running_server
 

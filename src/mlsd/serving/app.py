@@ -13,13 +13,13 @@
 ``GET  /ui``                            the demo page (HTML, no external assets)
 =====================================  =========================================================
 
-Errors: invalid input (``k`` outside [1, ``MLSD_MAX_K``], malformed JSON, unknown fields, a
-``NaN`` or ``Infinity`` where a number goes, a ``BadRequestError`` from the model) is a 422 naming
-the field; each error echoes at most a short repr of its ``input``
-(:func:`validation_error_response`). A body FastAPI cannot parse at all (not UTF-8, an integer
-of over 4,300 digits, arrays nested too deep) is a 400 ``There was an error parsing the body``,
-and a body over ``MLSD_MAX_BODY_BYTES`` a 413, before it is read (:class:`BodyLimit`). An
-unknown user gets the model's cold-start answer (for
+Errors: invalid input (``k`` outside [1, ``MLSD_MAX_K``], malformed JSON, unknown fields, a ``NaN``
+or ``Infinity`` where a number goes, a ``BadRequestError`` from the model) is a 422 naming the
+field; each error echoes at most a short repr of its ``input``
+(:func:`~mlsd.serving.errors.validation_error_response`). A body FastAPI cannot parse at all (not
+UTF-8, an integer of over 4,300 digits, arrays nested too deep) is a 400 ``There was an error
+parsing the body``, and a body over ``MLSD_MAX_BODY_BYTES`` a 413, before it is read
+(:class:`~mlsd.serving.errors.BodyLimit`). An unknown user gets the model's cold-start answer (for
 :class:`~mlsd.serving.popular.PopularRecommender`, the most popular items), never a 5xx. When the
 model raises anything else, or no model is loaded, the ``fallback`` answers with path
 ``fallback:popular`` and ``"model"`` in ``fallbacks``; only without a fallback is it a 503.
@@ -38,10 +38,10 @@ candidate (``candidates``), what the drift monitor compares with the model's ref
 Answers routed by an experiment (:mod:`mlsd.serving.experiment`) carry its name and arm, in the
 response and in every log row.
 
-Monitoring: with ``monitor`` settings, a :class:`ServiceMonitor` thread has a child process run
-:func:`mlsd.monitoring.monitor.run_monitor` over the last window of the log every
-``interval_s`` (:mod:`mlsd.serving.monitor_pass`: not holding the service's GIL) and publishes
-the results as ``mlsd_monitor_*`` gauges and ``mlsd_monitor_alert_firing{rule}`` on
+Monitoring: with ``monitor`` settings, a :class:`~mlsd.serving.periodic.ServiceMonitor` thread has
+a child process run :func:`mlsd.monitoring.monitor.run_monitor` over the last window of the log
+every ``interval_s`` (:mod:`mlsd.serving.monitor_pass`: not holding the service's GIL) and
+publishes the results as ``mlsd_monitor_*`` gauges and ``mlsd_monitor_alert_firing{rule}`` on
 ``/metrics``.
 
 Reload: ``load_model()`` runs under a lock (two reloads never interleave) while requests keep
@@ -52,14 +52,15 @@ After the start-up load, and shortly after each reload, the heap is frozen (:fun
 so the garbage collector's full passes no longer walk the model while requests wait.
 
 Threads: a model may block on I/O, so ``recommend`` runs in the thread pool, at most
-``MLSD_MODEL_THREADS`` (default 2) requests at once (:class:`ServiceSettings` says why). A
-model that is a :class:`~mlsd.serving.recommender.FastRecommender` is first asked on the event
-loop (the popularity model always answers there; a thread hand-off costs more than its whole
-answer), and only a request it declines goes to the pool. The dependencies are ``async`` for
-the same reason: a plain ``def`` dependency is one more round trip through the pool per request.
-The hottest route, ``GET /v1/recommendations/{user_id}``, is answered by :class:`HotRoute`
-before FastAPI's routing whenever its parameters are plain (FastAPI's per-request machinery
-cost as much CPU as a precomputed answer itself); anything else goes to FastAPI.
+``MLSD_MODEL_THREADS`` (default 2) requests at once
+(:class:`~mlsd.serving.settings.ServiceSettings` says why). A model that is a
+:class:`~mlsd.serving.recommender.FastRecommender` is first asked on the event loop (the popularity
+model always answers there; a thread hand-off costs more than its whole answer), and only a request
+it declines goes to the pool. The dependencies are ``async`` for the same reason: a plain ``def``
+dependency is one more round trip through the pool per request. The hottest route, ``GET
+/v1/recommendations/{user_id}``, is answered by :class:`HotRoute` before FastAPI's routing whenever
+its parameters are plain (FastAPI's per-request machinery cost as much CPU as a precomputed answer
+itself); anything else goes to FastAPI.
 """
 
 from __future__ import annotations
@@ -67,31 +68,22 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
-import math
-import multiprocessing as mp
-import os
 import re
-import reprlib
 import socket
-import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 from importlib import resources
-from pathlib import Path
 from typing import (
     TYPE_CHECKING,
     Annotated,
     Any,
     ClassVar,
     Protocol,
-    TypeVar,
     cast,
     runtime_checkable,
 )
@@ -101,21 +93,25 @@ import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     generate_latest,
 )
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mlsd.backoff import backoff_s
 from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
-from mlsd.monitoring.alerts import DEFAULT_LABEL_DELAY_S, MIN_DRIFT_REQUESTS
+from mlsd.serving.errors import (
+    BodyLimit,
+    error_response,
+    status_handler,
+    validation_error_response,
+)
 from mlsd.serving.metrics import RequestMetricsMiddleware, ServiceMetrics
+from mlsd.serving.periodic import ModelFollower, MonitorSettings, ServiceMonitor
 from mlsd.serving.recommender import (
     BadRequestError,
     FastRecommender,
@@ -139,126 +135,12 @@ from mlsd.serving.schemas import (
     StatusOut,
     UserSampleOut,
 )
+from mlsd.serving.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from mlsd.monitoring.alerts import AlertRule
     from mlsd.monitoring.logs import LogWriter
-    from mlsd.monitoring.monitor import MonitorResult
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Service settings; :meth:`from_env` reads them from the environment.
-
-    Attributes:
-        admin_token: bearer token for ``/admin/*`` (``MLSD_ADMIN_TOKEN``); ``None`` disables them.
-            Printable ASCII without surrounding blanks: an HTTP header carries nothing else
-            intact (Starlette reads headers as latin-1, proxies strip blanks), so any other
-            token could never authenticate and is refused at startup.
-        max_body_bytes: the largest request body read (``MLSD_MAX_BODY_BYTES``, default 4 MiB);
-            a larger one is a 413 before it is read (:class:`BodyLimit`). A batch of 10,000
-            events, the most ``POST /v1/events`` takes, is 0.5 MB with the required fields and
-            about 3 MB with every field at its longest.
-        max_k: the largest ``k`` a request may ask for (``MLSD_MAX_K``).
-        default_k: ``k`` when a request gives none (``MLSD_DEFAULT_K``).
-        model_threads: requests the model answers at once in the thread pool
-            (``MLSD_MODEL_THREADS``); the rest wait their turn on the event loop. Two: the
-            online path is mostly Python, so more threads only take turns at the GIL, each
-            switch costing every request in flight; two still overlap one request's GIL-free
-            parts (trees, index search, I/O) with another's Python, and one slow dependency
-            does not stall the rest. Measured (``bench/serving.py``, 20K items, 2 cores):
-            the highest online rate at p99 <= 50 ms went from 150 requests/s with 40
-            threads (anyio's default) to 175 with two; p99 at 150 requests/s from 14.5 to
-            9.8 ms; at 1M items, from 106 requests/s to at least 150 (the highest rate
-            tried; p99 29 ms). Replicas (``--reuse-port``) that share two cores do better
-            with one each: 1M items, two replicas, 200 requests/s, p99 12.7–15.0 ms with one
-            thread against 27–40 ms with two.
-            Answering on the event loop itself, with no thread, was worse again: p99
-            15.5–16.0 ms against 13.5 and p50 7.3–7.7 against 5.9, using more CPU (two
-            replicas, 1M items, 200 requests/s; two runs, and one with a thread between them).
-        gil_switch_ms: how long a thread may hold the GIL while another waits for it
-            (``MLSD_GIL_SWITCH_MS``; ``sys.setswitchinterval``, set by ``mlsd feed serve``);
-            ``None`` keeps Python's 5 ms. The event loop waits that long for a model thread
-            running Python; 0.5 cut the online p99 of two replicas at 200 requests/s from
-            15.0 to 12.7 ms (one thread each) and from 40 to 27 ms (two each).
-    """
-
-    admin_token: str | None = None
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_k: int = 100
-    default_k: int = 10
-    model_threads: int = 2
-    gil_switch_ms: float | None = None
-
-    def __post_init__(self) -> None:
-        token = self.admin_token
-        if token is not None and not (
-            token.isascii() and token.isprintable() and token.strip() == token
-        ):
-            raise ValueError(
-                "MLSD_ADMIN_TOKEN must be printable ASCII without leading or trailing blanks "
-                "(an HTTP header carries no other token intact); choose another token"
-            )  # the token itself is a secret: never in the message
-        if self.max_body_bytes < 1:
-            raise ValueError(f"MLSD_MAX_BODY_BYTES must be at least 1, got {self.max_body_bytes}")
-        if self.max_k < 1:
-            raise ValueError(f"MLSD_MAX_K must be at least 1, got {self.max_k}")
-        if self.model_threads < 1:
-            raise ValueError(f"MLSD_MODEL_THREADS must be at least 1, got {self.model_threads}")
-        if self.gil_switch_ms is not None and not 0 < self.gil_switch_ms <= 1000:
-            raise ValueError(f"MLSD_GIL_SWITCH_MS must be in (0, 1000], got {self.gil_switch_ms}")
-        if not 1 <= self.default_k <= self.max_k:
-            raise ValueError(
-                f"MLSD_DEFAULT_K must be in [1, MLSD_MAX_K={self.max_k}], got {self.default_k}"
-            )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
-        """Read the ``MLSD_*`` variables of the attributes (unset: defaults)."""
-        env = os.environ if environ is None else environ
-        return cls(
-            admin_token=env.get("MLSD_ADMIN_TOKEN") or None,
-            max_body_bytes=_env_int(env, "MLSD_MAX_BODY_BYTES", cls.max_body_bytes),
-            max_k=_env_int(env, "MLSD_MAX_K", cls.max_k),
-            default_k=_env_int(env, "MLSD_DEFAULT_K", cls.default_k),
-            model_threads=_env_int(env, "MLSD_MODEL_THREADS", cls.model_threads),
-            gil_switch_ms=_env_float(env, "MLSD_GIL_SWITCH_MS"),
-        )
-
-    def apply_to_process(self) -> None:
-        """Set what belongs to the whole process (the GIL switch interval)."""
-        if self.gil_switch_ms is not None:
-            sys.setswitchinterval(self.gil_switch_ms / 1000)
-
-
-_T = TypeVar("_T")
-
-
-def _env_value(
-    env: Mapping[str, str], name: str, convert: Callable[[str], _T], kind: str
-) -> _T | None:
-    """``convert`` of the variable ``name`` (``None``: unset or blank); a clear error naming it."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        return convert(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be {kind}, got {raw!r}") from None
-
-
-def _env_float(env: Mapping[str, str], name: str) -> float | None:
-    return _env_value(env, name, float, "a number")
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    value = _env_value(env, name, int, "an integer")
-    return default if value is None else value
 
 
 class ServiceUnavailableError(RuntimeError):
@@ -747,7 +629,7 @@ class HotRoute:
             body = (await _respond(self.service, request, request.user_id)).model_dump_json()
         except (BadRequestError, ServiceUnavailableError) as exc:
             status = 422 if isinstance(exc, BadRequestError) else 503
-            await _error_response(status, exc)(scope, receive, send)
+            await error_response(status, exc)(scope, receive, send)
             return
         await Response(body, media_type="application/json")(scope, receive, send)
 
@@ -945,255 +827,6 @@ def _unix_seconds(ts: datetime) -> float:
     return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
 
 
-# ---------------------------------------------------------------- in-service monitoring
-
-
-@dataclass(frozen=True)
-class MonitorSettings:
-    """The service's own monitor: every ``interval_s`` it runs
-    :func:`~mlsd.monitoring.monitor.run_monitor` over the last ``window`` of its service log and
-    publishes the result as ``mlsd_monitor_*`` gauges on ``/metrics``
-    (:class:`~mlsd.serving.metrics.MonitorGauges`).
-
-    Attributes:
-        rules: the alert rules (``[[monitoring.alerts]]``); one firing gauge each.
-        window: the span each pass looks back over (``[monitoring].window``).
-        interval_s: seconds between passes (``[service_log].monitor_interval_s``), > 0.
-        profile_path: the reference profile; ``None``: the serving model's own
-            (``reference_profile_path``, which a feed model has), looked up on every pass so a
-            reload brings its profile along.
-        psi_threshold: PSI above which a feature counts as drifted.
-        min_drift_requests: the fewest sampled requests whose drift is judged
-            (``[monitoring].min_drift_requests``).
-        label_delay_s: exposures younger than this are left out of the label metrics
-            (``[monitoring].label_delay_s``).
-        reference_ctr: the served CTR ``ctr_drop`` compares with (``[monitoring]``).
-        pass_timeout_s: a pass still running after this long (e.g. reading a log folder on a
-            stalled network mount) is abandoned: its child process is killed, the pass
-            counts as failed, and the next one starts a new child.
-    """
-
-    rules: tuple[AlertRule, ...]
-    window: timedelta = timedelta(hours=1)
-    interval_s: float = 60.0
-    profile_path: Path | None = None
-    psi_threshold: float = 0.25
-    min_drift_requests: int = MIN_DRIFT_REQUESTS
-    reference_ctr: float | None = None
-    pass_timeout_s: float = 600.0
-    label_delay_s: float = DEFAULT_LABEL_DELAY_S
-
-    def __post_init__(self) -> None:
-        if not self.interval_s > 0:
-            raise ValueError(f"monitor interval_s must be > 0, got {self.interval_s}")
-        if not self.pass_timeout_s > 0:
-            raise ValueError(f"monitor pass_timeout_s must be > 0, got {self.pass_timeout_s}")
-        if not self.window > timedelta(0):
-            raise ValueError(f"monitor window must be positive, got {self.window}")
-
-
-@runtime_checkable
-class ProfiledRecommender(Protocol):
-    """A model that knows the reference profile of its training data (a feed model does)."""
-
-    @property
-    def reference_profile_path(self) -> Path | None: ...
-
-
-MAX_BACKOFF_S = 300.0
-"""The longest wait of a :class:`PeriodicTask` after calls that keep failing."""
-
-
-class PeriodicTask:
-    """A daemon thread calling :meth:`run_once` every ``interval_s`` (the first call one
-    interval after :meth:`start`) until :meth:`stop`. A call that raises is logged and counted
-    (``mlsd_model_errors_total{operation=<operation>}``), and the wait before the next one
-    doubles with each failure in a row, up to :data:`MAX_BACKOFF_S` (or ``interval_s`` if
-    longer): a follower does not download and compile a broken champion every few seconds
-    in the serving process. A call that succeeds restores ``interval_s``."""
-
-    operation: ClassVar[str]
-    """The thread's name (``mlsd-<operation>``) and its errors' label."""
-
-    def __init__(self, service: RecommendService, interval_s: float) -> None:
-        if not interval_s > 0:
-            raise ValueError(f"interval_s must be > 0, got {interval_s}")
-        self.service, self.interval_s = service, interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run_once(self) -> object:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"mlsd-{self.operation}", daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread (waits for a call in progress)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def delay_s(self, failures: int) -> float:
-        """The wait before the next call after ``failures`` failed calls in a row."""
-        return backoff_s(failures, base_s=self.interval_s, cap_s=MAX_BACKOFF_S)
-
-    def _run(self) -> None:
-        failures = 0
-        while not self._stop.wait(self.delay_s(failures)):
-            try:
-                self.run_once()
-                failures = 0
-            except Exception:
-                failures += 1
-                logger.exception(
-                    "%s failed (%d in a row); again in %g s",
-                    self.operation, failures, self.delay_s(failures),
-                )  # fmt: skip
-                self.service.metrics.errors.labels(self.operation).inc()
-
-
-class ServiceMonitor(PeriodicTask):
-    """Monitoring passes over the service log, started from a daemon thread and run in a
-    spawned child process (:mod:`mlsd.serving.monitor_pass` says why); each sets the gauges.
-
-    A pass without a known reference profile does nothing. A failing pass (or a child that
-    died: the next pass starts a new one) is logged and counted
-    (``mlsd_model_errors_total{operation="monitor"}``); the next one runs as planned.
-    """
-
-    operation = "monitor"
-
-    def __init__(self, service: RecommendService, log_dir: Path, settings: MonitorSettings) -> None:
-        super().__init__(service, settings.interval_s)
-        self.log_dir = Path(log_dir)
-        self.settings = settings
-        self.gauges = service.metrics.monitor_gauges(settings.rules)
-        self.last_result: MonitorResult | None = None
-        self._pool: ProcessPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-
-    def profile_path(self) -> Path | None:
-        """The settings' profile, else the serving model's, else ``None``."""
-        if self.settings.profile_path is not None:
-            return self.settings.profile_path
-        model = self.service.current()
-        return model.reference_profile_path if isinstance(model, ProfiledRecommender) else None
-
-    def run_once(self, *, now: datetime | None = None) -> MonitorResult | None:
-        """One pass over ``[now - window, now)`` (``now``: the wall clock), published on the
-        gauges; ``None`` (and the gauges unchanged) when no reference profile is known."""
-        from mlsd.serving.monitor_pass import monitor_pass
-
-        path = self.profile_path()
-        if path is None:
-            logger.debug("no reference profile known; monitoring pass skipped")
-            return None
-        end = now if now is not None else datetime.now(UTC)
-        pool = self._child()
-        try:
-            result = pool.submit(
-                monitor_pass,
-                self.log_dir,
-                Path(path),
-                start=end - self.settings.window,
-                end=end,
-                rules=self.settings.rules,
-                psi_threshold=self.settings.psi_threshold,
-                min_drift_requests=self.settings.min_drift_requests,
-                reference_ctr=self.settings.reference_ctr,
-                label_delay_s=self.settings.label_delay_s,
-            ).result(timeout=self.settings.pass_timeout_s)
-        except BrokenProcessPool:
-            self._drop_child(pool)  # the child died: the next pass starts another
-            raise
-        except TimeoutError:
-            self._drop_child(pool, kill=True)
-            raise TimeoutError(
-                f"monitoring pass over {self.log_dir} still running after "
-                f"{self.settings.pass_timeout_s:g} s; its child process was killed"
-            ) from None
-        self.gauges.update(result)
-        self.last_result = result
-        for alert in result.fired:
-            logger.warning("monitoring alert fired: %s", alert.describe())
-        return result
-
-    def start(self) -> None:
-        """Start the child process now, with the monitor's modules imported (~1.5 s of CPU
-        a first pass would otherwise spend while the service answers), then the thread."""
-        from mlsd.serving.monitor_pass import ready
-
-        self._child().submit(ready)
-        super().start()
-
-    def _drop_child(self, pool: ProcessPoolExecutor, *, kill: bool = False) -> None:
-        """Forget ``pool`` (the next pass starts another); ``kill`` its process first.
-
-        ``ProcessPoolExecutor`` can cancel only a task that has not started, so a running one
-        is ended by killing its process, found in the pool's ``_processes`` (no public API
-        names it)."""
-        with self._pool_lock:
-            if self._pool is pool:
-                self._pool = None
-        if kill:
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-
-    def _child(self) -> ProcessPoolExecutor:
-        from mlsd.serving.monitor_pass import lower_priority
-
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    1, mp_context=mp.get_context("spawn"), initializer=lower_priority
-                )
-            return self._pool
-
-    def stop(self) -> None:
-        """Stop the thread (waits for a pass in progress), then the child process."""
-        super().stop()
-        with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ---------------------------------------------------------------- the app
-
-
-class ModelFollower(PeriodicTask):
-    """Reloads the service's model whenever ``changed()`` says the model it would load is no
-    longer the one serving (e.g. the registry's champion moved), checking every ``interval_s``
-    in a thread: how a replica that shares its port with others (which ``POST /admin/reload``
-    cannot address one by one) takes a promotion or a rollback. A failed check or reload is
-    logged and counted (``mlsd_model_errors_total{operation="follow"}``); the old model keeps
-    serving and the next check, later each time it fails again (:class:`PeriodicTask`), tries
-    again."""
-
-    operation = "follow"
-
-    def __init__(
-        self, service: RecommendService, changed: Callable[[], bool], interval_s: float
-    ) -> None:
-        super().__init__(service, interval_s)
-        self.changed = changed
-
-    def run_once(self) -> bool:
-        """Reload if the model changed; whether it did."""
-        if not self.changed():
-            return False
-        old, new = self.service.reload()
-        logger.info("the model to serve changed: %s -> %s", old, new)
-        return True
-
-
 def create_app(
     load_model: Callable[[], Recommender],
     *,
@@ -1211,11 +844,12 @@ def create_app(
         settings: e.g. ``ServiceSettings.from_env()``.
         fallback: answers when the model fails or is missing, e.g. a ``PopularRecommender``.
         log: where requests, exposures and feedback are logged (closed at shutdown).
-        monitor: with a ``log``, monitor it in the background (:class:`ServiceMonitor`, on
-            ``app.state.monitor``; started after the model loads, stopped at shutdown).
+        monitor: with a ``log``, monitor it in the background
+            (:class:`~mlsd.serving.periodic.ServiceMonitor`, on ``app.state.monitor``; started
+            after the model loads, stopped at shutdown).
         follow: whether the model to load changed (e.g. ``ModelLoader.changed``): checked
-            every ``follow_interval_s`` by a :class:`ModelFollower` (``app.state.follower``),
-            which reloads when it did.
+            every ``follow_interval_s`` by a :class:`~mlsd.serving.periodic.ModelFollower`
+            (``app.state.follower``), which reloads when it did.
     """
     service = RecommendService(load_model, settings=settings, fallback=fallback, log=log)
     watcher = None
@@ -1250,8 +884,8 @@ def create_app(
     app.add_middleware(HotRoute, service=service, route=hot)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
-    app.add_exception_handler(ServiceUnavailableError, _status_handler(503))
-    app.add_exception_handler(BadRequestError, _status_handler(422))
+    app.add_exception_handler(ServiceUnavailableError, status_handler(503))
+    app.add_exception_handler(BadRequestError, status_handler(422))
     app.add_exception_handler(RequestValidationError, validation_error_response)
     _document_k(app, settings)
     return app
@@ -1282,150 +916,6 @@ def _document_k(app: FastAPI, settings: ServiceSettings) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-class _BodyTooLargeError(Exception):
-    """Raised into the app by :class:`BodyLimit` when a body without a declared size goes over."""
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` (``MLSD_MAX_BODY_BYTES``) is a 413.
-
-    Why: FastAPI reads a whole body into memory and parses it on the event loop; a 168 MB
-    batch of events held the loop 35 s (``/healthz`` and every other request waited) and took
-    2.4 GB of RAM. A declared ``Content-Length`` over the limit is answered before one byte is
-    read; a body without one (chunked) is counted as it arrives and the request cut off once
-    over, the app's own answer to the cut body (FastAPI's 400) replaced by the 413. Either
-    way the connection is closed, so the rest of the body is never read. Sits inside
-    :class:`~mlsd.serving.metrics.RequestMetricsMiddleware` (so refusals are counted) and
-    outside everything else.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send)
-            return
-        received, over, started = 0, False, False
-
-        async def counted() -> Message:
-            nonlocal received, over
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    over = True
-                    raise _BodyTooLargeError(f"request body over {self.max_bytes} bytes")
-            return message
-
-        async def unless_over(message: Message) -> None:
-            nonlocal started
-            if over and not started:
-                return  # the app's answer to a body cut short: the 413 goes instead
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, unless_over)
-        except Exception:
-            if not over:
-                raise
-        if over and not started:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = (
-            f"the request body is over {self.max_bytes} bytes (MLSD_MAX_BODY_BYTES); "
-            "send less, e.g. split a batch of events"
-        )
-        response = JSONResponse(
-            {"detail": detail}, status_code=413, headers={"Connection": "close"}
-        )
-        await response(scope, receive, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    """The request's declared ``Content-Length``; ``None`` when absent or not a number (the
-    body is then counted as it arrives)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-INPUT_ECHO_CHARS = 80
-"""At most this many characters of a refused value are echoed in a 422 (``input``)."""
-
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = _short.maxlong = INPUT_ECHO_CHARS
-_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 4
-_short.maxlevel = 2
-
-
-async def validation_error_response(_: Request, exc: Exception) -> Response:
-    """FastAPI's 422 (``{"detail": [{"type", "loc", "msg", "input", ...}]}``) that JSON can
-    always carry, and small.
-
-    Why: Python's JSON parser reads the literals ``NaN`` and ``Infinity``, which validation
-    then refuses; FastAPI's own handler echoed them in ``input`` and the response, which
-    refuses non-finite numbers, failed with a 500. It also echoed the whole refused value: a
-    batch of events missing its brackets came back as large as it went. Here a non-finite
-    number anywhere in an error is a string (``"nan"``, ``"inf"``), and ``input`` is kept only
-    when it is a short scalar, else a short repr (:data:`INPUT_ECHO_CHARS`)."""
-    errors = cast(RequestValidationError, exc).errors()
-    return JSONResponse({"detail": [_json_safe_error(e) for e in errors]}, status_code=422)
-
-
-def _json_safe_error(error: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: _finite(jsonable_encoder(v)) for k, v in error.items() if k != "input"}
-    if "input" in error:
-        out["input"] = _short_input(error["input"])
-    return out
-
-
-def _finite(value: Any) -> Any:
-    """``value`` (made of JSON types) with every NaN or infinity as its string."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _short_input(value: Any) -> Any:
-    """``value`` itself when a short JSON scalar, else a short repr (never the whole body)."""
-    if value is None or isinstance(value, bool) or value in ({}, []):
-        return value  # {}: FastAPI's input of a JSON decode error
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, int) and abs(value) < 10**INPUT_ECHO_CHARS:
-        return value
-    if isinstance(value, str) and len(value) <= INPUT_ECHO_CHARS:
-        return value
-    return _short.repr(value)
-
-
-def _status_handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
-    async def handle(_: Request, exc: Exception) -> Response:
-        return _error_response(status, exc)
-
-    return handle
-
-
-def _error_response(status: int, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -20,10 +20,11 @@ from fastapi import FastAPI
 from mlsd.cli import run
 from mlsd.config import load_feed_config
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
-from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.app import create_app
 from mlsd.serving.feed import FeedRecommender, batch_predict
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import Recommender
+from mlsd.serving.settings import ServiceSettings
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import ModelLoader
 from tests.serving.test_app import running_server

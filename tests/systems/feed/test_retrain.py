@@ -16,9 +16,10 @@ from mlsd.cli import run
 from mlsd.config import load_feed_config
 from mlsd.evaluation.offline import TrainedRankers, gate_scores
 from mlsd.models.ranking.bundle import RankingBundle
-from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.app import create_app
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.registry import ModelRegistry, RegistryConfig
+from mlsd.serving.settings import ServiceSettings
 from mlsd.systems.feed import retrain as retrain_module
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.retrain import ReloadError, head_to_head, reload_service

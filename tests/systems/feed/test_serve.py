@@ -21,10 +21,11 @@ import pytest
 
 from mlsd.config import FeedConfig, load_feed_config
 from mlsd.evaluation.experiments import Arm, Experiment
-from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.app import create_app
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.process import free_port, mlsd_command, running_service
 from mlsd.serving.registry import CorruptArtifactError, ModelRegistry, RegistryConfig
+from mlsd.serving.settings import ServiceSettings
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import ExperimentLoader, ModelLoader, _stopped, online_features
 from tests.feed_world import materialized_world

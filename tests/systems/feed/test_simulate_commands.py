@@ -15,8 +15,9 @@ import mlsd.systems.feed.simulate_commands  # noqa: F401  registers `simulate` o
 from mlsd.cli import run
 from mlsd.data.schema import read_info
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
-from mlsd.serving.app import ServiceSettings, create_app
+from mlsd.serving.app import create_app
 from mlsd.serving.popular import PopularRecommender
+from mlsd.serving.settings import ServiceSettings
 from tests.serving.test_app import running_server
 
 pytestmark = pytest.mark.integration

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # kept out of the CLI's import time
 
     from mlsd.evaluation.experiments import Experiment
     from mlsd.features.online import OnlineFeatures
-    from mlsd.serving.app import MonitorSettings
+    from mlsd.serving.periodic import MonitorSettings
     from mlsd.serving.recommender import Recommender
 
 
@@ -364,10 +364,11 @@ def serve(
     ] = None,
 ) -> None:
     """Step 6: serve recommendations, events, metrics and the UI (FastAPI under uvicorn)."""
-    from mlsd.serving.app import ServiceSettings, create_app
+    from mlsd.serving.app import create_app
     from mlsd.serving.app import serve as run_server
     from mlsd.serving.cpu_latency import cpu_latency_limit
     from mlsd.serving.popular import PopularRecommender
+    from mlsd.serving.settings import ServiceSettings
 
     if follow_champion > 0 and model is not None:
         raise typer.BadParameter("needs the registry: drop --model", param_hint="--follow-champion")
@@ -495,8 +496,8 @@ def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSetting
     The reference profile is ``model_dir``'s when it has one, else the serving model's own,
     looked up on every pass (a registry champion's travels in its model directory).
     """
-    from mlsd.serving.app import MonitorSettings
     from mlsd.serving.feed import REFERENCE_PROFILE
+    from mlsd.serving.periodic import MonitorSettings
 
     if feed.service_log.monitor_interval_s <= 0:
         return None

@@ -8,8 +8,10 @@ import time
 
 import pytest
 
-from mlsd.serving.app import MAX_BACKOFF_S, PeriodicTask, RecommendService, ServiceSettings
+from mlsd.serving.app import RecommendService
+from mlsd.serving.periodic import MAX_BACKOFF_S, PeriodicTask
 from mlsd.serving.recommender import Recommender
+from mlsd.serving.settings import ServiceSettings
 
 
 class Flaky(PeriodicTask):
