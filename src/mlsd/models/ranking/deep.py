@@ -16,8 +16,7 @@ import dataclasses
 import json
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -42,6 +41,7 @@ from mlsd.models.ranking.base import (
     ScoreKind,
     sigmoid,
 )
+from mlsd.models.threads import torch_threads
 
 RANKER_JSON = "ranker.json"
 WEIGHTS_FILE = "model.pt"
@@ -223,17 +223,6 @@ def multitask_loss(logits: Tensor, targets: Tensor, config: DeepRankerConfig) ->
             loss = F.binary_cross_entropy_with_logits(logits[:, j], y, reduction="none")
         total = total + config.tasks[name] * (loss * observed).sum() / observed.sum().clamp(min=1)
     return total
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads, restoring the previous setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def feature_arrays(

@@ -26,8 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -56,6 +55,7 @@ from mlsd.models.retrieval.two_tower import (
     TwoTowerConfig,
     UserFeatures,
 )
+from mlsd.models.threads import torch_threads
 
 US_PER_HOUR = 3_600_000_000
 US_PER_DAY = 24 * US_PER_HOUR
@@ -345,17 +345,6 @@ def validation_recall(model: TwoTower, features: FeatureBuilder, val: Validation
         hits[part] = np.take_along_axis(val.relevant[part].toarray(), top, axis=1).sum(axis=1)
     model.train()
     return float(np.mean(hits / np.diff(val.relevant.indptr)))
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads, restoring the previous setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def time_batches(n: int, size: int, rng: np.random.Generator) -> list[IntArray]:
