@@ -30,7 +30,8 @@ from mlsd.monitoring.log_reader import read_table, summarize
 from mlsd.monitoring.logs import CANDIDATES, EXPOSURES, FEEDBACK, REQUESTS, ServiceLog
 from mlsd.monitoring.profile import ReferenceProfile
 from mlsd.serving.app import create_app
-from mlsd.serving.feed import FeedModel, FeedRecommender
+from mlsd.serving.feed import FeedRecommender
+from mlsd.serving.feed_model import FeedModel
 from mlsd.serving.periodic import MonitorSettings, ServiceMonitor
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import (

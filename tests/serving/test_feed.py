@@ -21,7 +21,8 @@ from mlsd.features.online import OnlineFeatures
 from mlsd.models.ranking.bundle import BUNDLE_JSON
 from mlsd.models.ranking.gbdt import LightGBMRanker
 from mlsd.models.retrieval.merge import QUOTAS, Fusion, merge_by_segment, merge_candidates
-from mlsd.serving.feed import FeedModel, FeedRecommender
+from mlsd.serving.feed import FeedRecommender
+from mlsd.serving.feed_model import FeedModel
 from mlsd.serving.recommender import RecommendRequest
 from mlsd.serving.rerank import FreshnessClock
 from mlsd.serving.sources import UserQuery
@@ -519,7 +520,7 @@ def test_batch_predictions_are_served_as_the_precomputed_path(
     recommender: FeedRecommender, redis_server: str
 ) -> None:
 
-    from mlsd.serving.feed import batch_predict
+    from mlsd.serving.batch import batch_predict
     from mlsd.serving.precomputed import PrecomputedStore
 
     store = PrecomputedStore.from_url(f"redis://{redis_server}/0", prefix="test:feed")
@@ -553,7 +554,7 @@ def test_a_precomputed_list_answers_only_as_the_online_path_would(
 ) -> None:
     """Not for more items than the batch kept, nor with explanations, nor for a moment before
     the batch; and never with an item the user consumed after it or names in the request."""
-    from mlsd.serving.feed import batch_predict
+    from mlsd.serving.batch import batch_predict
     from mlsd.serving.precomputed import PrecomputedStore
 
     store = PrecomputedStore.from_url(f"redis://{redis_server}/0", prefix="test:feed:since")
@@ -597,7 +598,7 @@ def test_batch_predict_writes_what_each_request_answers(
     # the online answer at the batch's time, whichever thread wrote it.
     import redis
 
-    from mlsd.serving.feed import batch_predict
+    from mlsd.serving.batch import batch_predict
     from mlsd.serving.precomputed import PrecomputedStore
 
     host, port = redis_server.split(":")
@@ -629,7 +630,7 @@ def test_batch_predict_processes_write_what_each_request_answers(
     # connection: every stored list is the online answer, and the parent still reads after.
     import redis
 
-    from mlsd.serving.feed import batch_predict_processes
+    from mlsd.serving.batch import batch_predict_processes
     from mlsd.serving.precomputed import PrecomputedStore
     from mlsd.serving.process import free_port
 

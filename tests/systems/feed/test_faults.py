@@ -21,7 +21,8 @@ from mlsd.cli import run
 from mlsd.config import load_feed_config
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.serving.app import create_app
-from mlsd.serving.feed import FeedRecommender, batch_predict
+from mlsd.serving.batch import batch_predict
+from mlsd.serving.feed import FeedRecommender
 from mlsd.serving.popular import PopularRecommender
 from mlsd.serving.recommender import Recommender
 from mlsd.serving.settings import ServiceSettings

@@ -17,7 +17,7 @@ from mlsd.config import load_feed_config
 from mlsd.models.ranking.bundle import RankingBundle
 from mlsd.monitoring.alerts import DEFAULT_RULES
 from mlsd.monitoring.profile import LABEL_METRICS, ReferenceProfile
-from mlsd.serving.feed import MODEL_JSON, REFERENCE_PROFILE, FeedModel
+from mlsd.serving.feed_model import MODEL_JSON, REFERENCE_PROFILE, FeedModel
 from mlsd.systems.feed.package import package_model
 from mlsd.systems.feed.serve import monitor_settings
 from tests.serving.test_feed import served

@@ -15,7 +15,8 @@ from mlsd.evaluation.retrieval import load_dataset
 from mlsd.features.batch import feature_config_for
 from mlsd.features.online import OnlineFeatures
 from mlsd.monitoring.profile import ReferenceProfile
-from mlsd.serving.feed import REFERENCE_PROFILE, FeedModel, FeedRecommender
+from mlsd.serving.feed import FeedRecommender
+from mlsd.serving.feed_model import REFERENCE_PROFILE, FeedModel
 from mlsd.serving.recommender import RecommendRequest
 from mlsd.systems.feed.package import request_moments, served_rows
 from tests.serving.test_feed import served

@@ -14,7 +14,7 @@ import pytest
 from mlsd.cli import run
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.models.ranking.bundle import RankingBundle
-from mlsd.serving.feed import FeedModel
+from mlsd.serving.feed_model import FeedModel
 from tests.browser import rendered_dom
 
 FAST_CONFIG = """

@@ -154,7 +154,7 @@ def monitor(
 def _load_profile(path: Path) -> ReferenceProfile:
     """The profile at ``path``; when that is not one but a profile sits next to it (a model
     directory's ``model.json`` was given, or the directory), the error names that profile."""
-    from mlsd.serving.feed import REFERENCE_PROFILE
+    from mlsd.serving.feed_model import REFERENCE_PROFILE
 
     try:
         return ReferenceProfile.load(path)

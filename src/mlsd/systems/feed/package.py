@@ -56,7 +56,13 @@ from mlsd.models.ranking.candidates import SourceLists, candidate_columns, ranke
 from mlsd.models.retrieval.base import RetrievalData
 from mlsd.models.retrieval.export import export_source
 from mlsd.monitoring.profile import MIN_TREND_MOMENTS, ReferenceProfile
-from mlsd.serving.feed import FORMAT_VERSION, MODEL_JSON, REFERENCE_PROFILE, SNAPSHOT, FeedModel
+from mlsd.serving.feed_model import (
+    FORMAT_VERSION,
+    MODEL_JSON,
+    REFERENCE_PROFILE,
+    SNAPSHOT,
+    FeedModel,
+)
 from mlsd.serving.sources import UserQuery, candidates_many
 
 

@@ -107,7 +107,8 @@ class ModelLoader:
     def prepare(self) -> Recommender:
         """Download (from the registry) and load the model, ready to serve, without marking it
         loaded (:meth:`commit`, or :meth:`discard` to drop its download)."""
-        from mlsd.serving.feed import FeedModel, FeedRecommender
+        from mlsd.serving.feed import FeedRecommender
+        from mlsd.serving.feed_model import FeedModel
 
         self.discard()
         version: int | None = None
@@ -496,7 +497,7 @@ def monitor_settings(feed: FeedConfig, model_dir: Path | None) -> MonitorSetting
     The reference profile is ``model_dir``'s when it has one, else the serving model's own,
     looked up on every pass (a registry champion's travels in its model directory).
     """
-    from mlsd.serving.feed import REFERENCE_PROFILE
+    from mlsd.serving.feed_model import REFERENCE_PROFILE
     from mlsd.serving.periodic import MonitorSettings
 
     if feed.service_log.monitor_interval_s <= 0:
@@ -598,7 +599,8 @@ def batch_predict_command(
     import redis
 
     from mlsd.data.schema import USERS_FILE
-    from mlsd.serving.feed import FeedRecommender, batch_predict, batch_predict_processes
+    from mlsd.serving.batch import batch_predict, batch_predict_processes
+    from mlsd.serving.feed import FeedRecommender
     from mlsd.serving.precomputed import PrecomputedStore
 
     part, parts = parse_shard(shard)
