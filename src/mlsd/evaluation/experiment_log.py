@@ -6,7 +6,7 @@
 its clicks are the log's click attribution (a ``click`` with the exposure's request id and item,
 or, without a request id, on the latest exposure of that item to that user at most
 ``attribution_window_s`` before the click). The statistics over these units are
-:mod:`mlsd.evaluation.experiments`'s.
+:mod:`mlsd.evaluation.experiment_stats`'s; the report, :mod:`mlsd.evaluation.experiments`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ from mlsd.monitoring.log_reader import (
     create_log_views,
 )
 
-__all__ = ["read_units"]
+__all__ = ["EmptyLogError", "read_units"]
+
+
+class EmptyLogError(ValueError):
+    """The log holds no traffic of the experiment in the window."""
+
 
 # The unit of a request is its user, or the request itself for an anonymous (negative) user; a
 # request counts for its experiment when either its requests row or its exposures say so.
