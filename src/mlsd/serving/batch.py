@@ -116,7 +116,8 @@ def batch_predict_processes(
     their own load ends, so they overlap for only part of the run. Children forked from one
     loaded model share its pages copy-on-write (``gc.freeze`` first keeps the collector from
     touching, and so copying, them) and start together. Each child drops the inherited SQLite
-    connection (:meth:`OnlineFeatures.after_fork`); Redis clients reconnect on their own.
+    connection (:meth:`~mlsd.features.online.OnlineFeatures.after_fork`); Redis clients
+    reconnect on their own.
     Linux and macOS only (``fork``). A child that fails makes this raise, naming it.
     """
     import gc

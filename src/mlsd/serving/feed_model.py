@@ -122,8 +122,9 @@ class Snapshot:
 
     @cached_property
     def dense_categories(self) -> IntArray:
-        """Category code indexed by item id (what :func:`rerank` reads), -1 unknown; built
-        once, since a per-request table would cost a catalog-sized allocation."""
+        """Category code indexed by item id (what :func:`~mlsd.serving.rerank.rerank` reads),
+        -1 unknown; built once, since a per-request table would cost a catalog-sized
+        allocation."""
         rows = self._dense_rows
         out: IntArray = np.where(rows >= 0, self.item_category[rows], -1).astype(np.int64)
         return out

@@ -1,4 +1,6 @@
-"""A monitoring pass as the service's child process runs it (``ServiceMonitor`` of the app).
+"""A monitoring pass, as the service's child process runs it.
+
+:class:`~mlsd.serving.periodic.ServiceMonitor` starts the process and asks it for each pass.
 
 Why a process: a pass is DuckDB over the service log plus drift statistics in numpy and Python,
 and the Python parts hold the GIL. In the service's own process every request waits out those

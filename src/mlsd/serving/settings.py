@@ -19,9 +19,9 @@ class ServiceSettings:
             intact (Starlette reads headers as latin-1, proxies strip blanks), so any other
             token could never authenticate and is refused at startup.
         max_body_bytes: the largest request body read (``MLSD_MAX_BODY_BYTES``, default 4 MiB);
-            a larger one is a 413 before it is read (:class:`BodyLimit`). A batch of 10,000
-            events, the most ``POST /v1/events`` takes, is 0.5 MB with the required fields and
-            about 3 MB with every field at its longest.
+            a larger one is a 413 before it is read (:class:`~mlsd.serving.errors.BodyLimit`).
+            A batch of 10,000 events, the most ``POST /v1/events`` takes, is 0.5 MB with the
+            required fields and about 3 MB with every field at its longest.
         max_k: the largest ``k`` a request may ask for (``MLSD_MAX_K``).
         default_k: ``k`` when a request gives none (``MLSD_DEFAULT_K``).
         model_threads: requests the model answers at once in the thread pool

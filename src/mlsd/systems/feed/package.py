@@ -1,4 +1,6 @@
-"""Train the feed and write the model directory the service loads (:mod:`mlsd.serving.feed`).
+"""Train the feed and write the model directory the service loads.
+
+:mod:`mlsd.serving.feed_model` says what the directory holds and reads it.
 
 One function, :func:`package_model`: the ranking stage is trained as of the end of the data
 (:func:`mlsd.evaluation.offline.train_pipeline`), every candidate source is refit on all the
