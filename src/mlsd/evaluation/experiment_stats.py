@@ -27,10 +27,6 @@ SRM_THRESHOLD = 0.001
 """p-value below which the sample-ratio-mismatch check flags the split."""
 
 
-#
-# Every two-sample function takes the control first and reports treatment − control.
-
-
 @dataclass(frozen=True)
 class Estimate:
     """A point estimate with its confidence interval."""
