@@ -1,5 +1,5 @@
 """Importing mlsd (and Feast after it) leaves the process's metrics in memory, in child mlsd
-processes too, and the service can remove the folder Feast's import made."""
+processes too, and the folder Feast's import made is removed as soon as it is made."""
 
 from __future__ import annotations
 
@@ -20,13 +20,20 @@ child = "import mlsd, prometheus_client.values as v; print(v.ValueClass.__name__
 print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
 """
 KILLED = """
-import os
-import mlsd, mlsd.features.online
-folder = os.environ["PROMETHEUS_MULTIPROCESS_DIR"]
-print(os.path.isdir(folder))
-mlsd.remove_feast_metrics_dir()
-print(os.path.isdir(folder))
-os._exit(0)  # as a signal ends the service: no exit hooks
+import os, sys
+import mlsd.features.online  # imports Feast, which makes its folder and names it
+folder = sys.modules["feast.metrics"]._prometheus_mp_dir
+print(os.path.dirname(folder) == os.environ["TMPDIR"], os.path.isdir(folder))
+print(any(k.startswith("PROMETHEUS_") for k in os.environ))
+os._exit(0)  # as a signal ends a process: no exit hooks
+"""
+NOT_MLSD_CHILD = """
+import subprocess, sys
+import mlsd.features.online
+child = (
+    "import os, feast.feature_view; print(os.path.isdir(os.environ['PROMETHEUS_MULTIPROC_DIR']))"
+)
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
 """
 
 
@@ -48,6 +55,13 @@ def test_a_child_mlsd_process_keeps_its_metrics_in_memory(tmp_path: Path) -> Non
     assert run(CHILD, tmp_path) == ["MutexValue"]
 
 
-def test_the_feast_folder_can_go_before_a_signal_ends_the_process(tmp_path: Path) -> None:
-    assert run(KILLED, tmp_path) == ["True", "False"]
+def test_the_feast_folder_goes_as_soon_as_feast_is_imported(tmp_path: Path) -> None:
+    """So a process a signal ends (no exit hooks) leaves no empty folder behind."""
+    assert run(KILLED, tmp_path) == ["True", "False", "False"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_child_that_is_not_mlsd_makes_its_own_feast_folder(tmp_path: Path) -> None:
+    """Feast's CLI started from an mlsd process must not write into the removed folder."""
+    assert run(NOT_MLSD_CHILD, tmp_path) == ["True"]  # its own, removed at its exit
     assert not list(tmp_path.iterdir())

@@ -7,8 +7,10 @@ to file-backed multiprocess values for every metric created afterwards, the serv
 ``/metrics`` included (1.8 µs more per counter and histogram update here). So
 ``prometheus_client.values`` is imported here, before any Feast import; a child mlsd process
 first drops the variables it inherited from a parent's Feast (a ``feast_metrics_*`` folder), or
-its values would be file-backed. The service removes Feast's folder when it stops
-(:func:`remove_feast_metrics_dir`): Feast removes it only at a normal exit, which a signal skips.
+its values would be file-backed. The modules that import Feast remove its folder, and the
+variables naming it, as soon as it is made (:func:`remove_feast_metrics_dir`): Feast removes it
+only at a normal exit, so every process a signal ended (a service stopped with SIGTERM, a push
+child killed for stalling) left an empty folder in the temp directory.
 """
 
 import os
@@ -33,10 +35,19 @@ takes config references such as ``[retrieval].test_frac`` for style tags and dro
 
 
 def remove_feast_metrics_dir() -> None:
-    """Remove the temp folder Feast's import made in this process, as Feast does at a normal
-    exit (its own cleanup, which checks the folder is this process's); nothing when Feast was
-    not imported."""
+    """Remove the temp folder Feast's import made in this process, through Feast's own cleanup
+    (which checks the folder is this process's), and the variables naming it, so that a child
+    process which is not mlsd (Feast's CLI) makes its own instead of writing into a folder that
+    is gone; nothing when Feast was not imported or the folder is not this process's."""
     metrics = sys.modules.get("feast.metrics")
     cleanup = getattr(metrics, "_cleanup_multiprocess_dir", None)
-    if callable(cleanup):
-        cleanup()
+    folder = getattr(metrics, "_prometheus_mp_dir", None)
+    made_here = getattr(metrics, "_owns_mp_dir", False) and (
+        getattr(metrics, "_owner_pid", None) == os.getpid()
+    )
+    if not (callable(cleanup) and folder and made_here):
+        return  # no Feast, or a folder someone else named: theirs to keep
+    cleanup()
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR"):
+        if os.environ.get(name) == folder:
+            del os.environ[name]

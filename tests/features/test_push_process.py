@@ -153,7 +153,12 @@ def test_bad_events_are_refused_here_and_a_failed_push_leaves_the_child_serving(
         online.close()
 
 
-def test_a_dead_or_stalled_child_is_replaced(repo: Path, config: FeatureConfig) -> None:
+def test_a_dead_or_stalled_child_is_replaced(
+    repo: Path, config: FeatureConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temp = tmp_path / "temp"  # the children's temp folder, where Feast makes its own
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     online = OnlineFeatures(repo, config)
     online.start_push_process(timeout_s=2.0)
     pusher = online._pusher
@@ -209,6 +214,7 @@ def test_a_dead_or_stalled_child_is_replaced(repo: Path, config: FeatureConfig) 
     assert pusher.pid is None
     with pytest.raises(RuntimeError, match="closed"):
         pusher.push(_one_push())
+    assert not list(temp.iterdir())  # three killed children: no Feast folder left behind
 
 
 def test_a_child_whose_store_cannot_open_fails_the_push_naming_why(

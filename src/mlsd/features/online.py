@@ -84,6 +84,7 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import feast_value_type_to_python_type
 
+from mlsd import remove_feast_metrics_dir
 from mlsd.data.schema import ContractError
 from mlsd.features import derive
 from mlsd.features.definitions import (
@@ -112,6 +113,8 @@ if TYPE_CHECKING:
 __all__ = ["FeatureBatch", "OnlineFeatures", "PreparedPush"]
 
 logger = logging.getLogger(__name__)
+
+remove_feast_metrics_dir()  # the folder Feast's import just made: unused here (see mlsd)
 
 _NUMPY_DTYPES: dict[str, type[np.generic]] = {
     "int64": np.int64,

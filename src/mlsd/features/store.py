@@ -44,6 +44,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlsd import remove_feast_metrics_dir
 from mlsd.data.schema import TS_TYPE, ContractError, replace_atomically
 from mlsd.features.definitions import DType, Feature, FeatureConfig, FeatureSet, feature_set
 
@@ -367,6 +368,7 @@ def _feast_objects(repo_dir: Path) -> list[Any]:
     from feast import Entity, FeatureView
     from feast.data_source import DataSource
 
+    remove_feast_metrics_dir()  # the folder Feast's import made, unused (see mlsd)
     path = repo_dir / DEFINITIONS_MODULE
     if not path.is_file():
         raise ContractError(f"{path}: not found; run generate_repo first.")
@@ -393,6 +395,7 @@ def open_store(repo_dir: Path) -> Any:
     """A ``feast.FeatureStore`` on ``repo_dir``."""
     from feast import FeatureStore
 
+    remove_feast_metrics_dir()
     return FeatureStore(repo_path=str(Path(repo_dir).resolve()))
 
 

@@ -465,7 +465,7 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
         # While it serves, the serving model's download stays (its profile is read), and the
         # one before it until the next download.
         assert sorted(p.name for p in downloads[0].iterdir()) == [f"v{v1}-0", f"v{v3}-1"]
-        assert list(tmp.glob("feast_metrics_*"))  # the folder Feast's import made
+        assert not list(tmp.glob("feast_metrics_*"))  # Feast's import made one: removed
         user = 10**9 + 11
         events = [{"user_id": user, "item_id": i, "event": "click"} for i in (4, 9)]
         posted = httpx.post(f"{url}/v1/events", json=events, timeout=60)
@@ -480,19 +480,14 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
         psutil.wait_procs(pushers, timeout=10)
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in pushers)
     assert not list(tmp.glob("mlsd-models-*")), (tmp_path / "serve.log").read_text()
-    assert not list(tmp.glob("feast_metrics_*"))  # Feast removes it only at a normal exit
+    assert not list(tmp.glob("feast_metrics_*"))  # nor the push child's, nor a later one
 
 
 def test_a_stopping_service_stops_its_push_process_before_it_exits(
-    setup: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    setup: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     """What the served CLI runs at shutdown (:func:`_stopped`): the child is gone when it
     returns, not only once the server's exit closes its pipe."""
-    import mlsd
-
-    # _stopped also removes this process's Feast metrics folder, which the later tests'
-    # subprocesses inherit through PROMETHEUS_MULTIPROC_DIR: keep it for them.
-    monkeypatch.setattr(mlsd, "remove_feast_metrics_dir", lambda: None)
     world, config, root = setup
     feed = load_feed_config(config)
     features = online_features(world, feed)

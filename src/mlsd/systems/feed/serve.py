@@ -438,13 +438,11 @@ def serve(
 
 
 def _stopped(load: ModelLoader | ExperimentLoader, features: OnlineFeatures) -> None:
-    """What a stopping service leaves, removed: its push process, its model downloads and
-    Feast's metrics folder (:func:`mlsd.remove_feast_metrics_dir`); all idempotent."""
-    from mlsd import remove_feast_metrics_dir
-
+    """What a stopping service leaves, removed: its push process and its model downloads
+    (Feast's metrics folder went when Feast was imported: :func:`mlsd.remove_feast_metrics_dir`);
+    both idempotent."""
     features.close()
     load.close()
-    remove_feast_metrics_dir()
 
 
 def check_port(host: str, port: int, *, reuse_port: bool = False) -> None:
