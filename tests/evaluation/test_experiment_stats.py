@@ -40,6 +40,11 @@ def test_two_proportion_ztest_hand_computed() -> None:
     assert result.relative_lift == pytest.approx(0.25)
     assert result.significant
     assert not two_proportion_ztest(200, 1000, 210, 1000).significant
+    # impossible counts were a bare "math domain error"
+    with pytest.raises(ValueError, match=r"^treatment: 1200 successes of 1000 trials"):
+        two_proportion_ztest(200, 1000, 1200, 1000)
+    with pytest.raises(ValueError, match=r"^control: -5 successes of 100 trials"):
+        two_proportion_ztest(-5, 100, 5, 100)
 
 
 def test_welch_ttest_matches_scipy() -> None:
@@ -86,6 +91,8 @@ def test_mean_and_wilson_intervals() -> None:
     wilson = wilson_ci(3, 40)
     reference = stats.binomtest(3, 40).proportion_ci(confidence_level=0.95, method="wilson")
     assert (wilson.low, wilson.high) == pytest.approx((reference.low, reference.high))
+    with pytest.raises(ValueError, match="wilson_ci: 41 successes of 40 trials"):
+        wilson_ci(41, 40)
 
 
 def test_srm_matches_scipy_and_flags_a_skewed_split() -> None:

@@ -252,6 +252,17 @@ def pilot_units(clicks: npt.ArrayLike, exposures: npt.ArrayLike) -> pd.DataFrame
     )  # fmt: skip
 
 
+def test_a_pilot_recovers_the_intra_user_correlation_when_exposures_vary() -> None:
+    """Geometric exposures (mean 10, E[e²]/E[e] = 19): the design effect is 1 + 18 icc, so the
+    pilot's icc divides by 18 (dividing by the mean's 9 read 0.097 for a true 0.05)."""
+    rng = np.random.default_rng(0)
+    exposures = rng.geometric(1 / 10, 200_000)
+    pilot = Pilot.from_units(pilot_units(*simulate_users(rng, 200_000, 0.05, exposures, 0.05)))
+    assert pilot.exposures_per_user == pytest.approx(10, abs=0.1)
+    assert pilot.exposures_per_exposure == pytest.approx(19, abs=0.2)
+    assert pilot.icc == pytest.approx(0.05, abs=0.005)
+
+
 def test_a_pilot_measures_what_sizes_the_decision_test() -> None:
     """Exposures per user vary (1 + Poisson(9)): the design effect is 1 + (E[e²]/E[e] - 1)
     icc = 1.495, not 1 + (10 - 1) icc = 1.45, which the pilot measures. At its users per arm
@@ -278,7 +289,8 @@ def test_a_pilot_measures_what_sizes_the_decision_test() -> None:
     var = (np.var(c, ddof=1) - 2 * r * np.cov(c, e)[0, 1] + r**2 * np.var(e, ddof=1)) / (5 * 4)
     assert (small.units, small.exposures_per_user, small.ctr) == (5, 2.0, 0.4)
     assert small.design_effect == pytest.approx(var / (r * (1 - r) / 10))
-    assert small.icc == pytest.approx(small.design_effect - 1)
+    assert small.exposures_per_exposure == pytest.approx((9 + 4 + 4 + 4 + 1) / 10)
+    assert small.icc == pytest.approx((small.design_effect - 1) / 1.2)
     with pytest.raises(ValueError, match="CTR is 0"):
         Pilot.from_units(pilot_units([0, 0], [3, 2]))
     with pytest.raises(ValueError, match="1 unit"):
@@ -587,6 +599,13 @@ def test_report_flags_srm_and_counts_unknown_arms(tmp_path: Path) -> None:
     report = experiment_report(tmp_path, AB)
     assert report.unknown_arm_users == 1  # user 5 in an arm the config does not define
     assert [arm.users for arm in report.arms] == [2, 3]
+    # user 5 again in another unknown arm, and user 1 (control) in one too: two users, and
+    # user 1, exposed to both, is left out of control as any unit in two arms is
+    later = [request("r10", DAY2, 5, "legacy-2"), request("r11", DAY2, 1, "legacy")]
+    write_table(tmp_path, "requests", REQUEST_SCHEMA, later)
+    report = experiment_report(tmp_path, AB)
+    assert (report.unknown_arm_users, report.mixed_arm_units) == (2, 2)
+    assert [arm.users for arm in report.arms] == [1, 3]
 
     skewed = Experiment(AB.name, AB.salt, (Arm("control", "a", 0.55), Arm("treatment", "b", 0.45)))
     units = simulate_units(np.random.default_rng(0), skewed, n_users=20_000)
@@ -616,7 +635,7 @@ def test_a_log_with_no_unit_in_exactly_one_configured_arm_is_an_error(tmp_path: 
 
     reqs = [request(f"{arm}{u}", DAY1, u, arm) for u in (1, 2) for arm in ("control", "treatment")]
     write_table(tmp_path / "mixed", "requests", REQUEST_SCHEMA, reqs)
-    both = r"0 unit\(s\) are in arms the config does not define and 2 in more than one of its"
+    both = r"0 unit\(s\) are in arms the config does not define and 2 in more than one arm"
     with pytest.raises(EmptyLogError, match=both):
         experiment_report(tmp_path / "mixed", AB)
 

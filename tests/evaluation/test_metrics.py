@@ -103,6 +103,7 @@ def test_users_without_relevant_items_are_nan_where_undefined() -> None:
     assert precision_at_k_score(rec, relevant, k=2)[1] == 0.0
     assert reciprocal_rank_score(rec, relevant)[1] == 0.0
     assert recall_at_k_score(rec, relevant, k=2)[0] == 1.0
+    assert np.isnan(recall_at_k_score(rec, [[2], []], k=2)[1])  # [] is no ids, not float ones
 
 
 @pytest.mark.parametrize("k", [1, 3, 10, 40])
@@ -156,6 +157,8 @@ def test_catalog_coverage() -> None:
         (np.array([[1, -2]]), [np.array([1])], {"k": 1}, "padding is -1"),
         (np.array([[1, 2]]), [np.array([1]), np.array([2])], {"k": 1}, "relevant has 2 users"),
         (np.array([[1, 2]]), [np.array([-3])], {"k": 1}, "must be >= 0"),
+        (np.array([[1, 2]]), [[1.9]], {"k": 1}, r"relevant\[0\] must hold integer item ids"),
+        (np.array([[1], [2]]), [[1], [2.0]], {"k": 1}, r"relevant\[1\] .* got dtype float64"),
         (np.array([[1, 2]]), [np.array([1])], {"k": 0}, "positive integer"),
     ],
 )
@@ -282,6 +285,25 @@ def test_paired_ci_uses_the_resamples_of_the_mean_ci() -> None:
     paired = paired_bootstrap_ci(values, np.full(50, 0.5), seed=5, n_resamples=400)
     assert (paired.ratio_low, paired.ratio_high) == pytest.approx((mean.low / 0.5, mean.high / 0.5))
     assert paired_bootstrap_ci(values, values, seed=1) == pytest.approx((1, 1, 1, 0, 0, 0))
+
+
+def test_paired_ci_leaves_out_resamples_where_the_baseline_scores_nothing() -> None:
+    """A baseline that scores on 1 user of 50 misses all of them in about a third of the
+    resamples; those have no ratio, and the interval comes from the others."""
+    baseline = np.zeros(50)
+    baseline[0] = 1.0
+    # Twice the baseline on every user: each resample that has a ratio has exactly 2.
+    assert paired_bootstrap_ci(2 * baseline, baseline)[:3] == pytest.approx((2, 2, 2))
+    values = np.zeros(50)
+    values[:3] = 1.0
+    paired = paired_bootstrap_ci(values, baseline)
+    assert paired.ratio == pytest.approx(3.0)
+    assert 0.0 < paired.ratio_low < paired.ratio < paired.ratio_high < np.inf
+    # One resample (seed 2) that misses user 0: the ratio stands, its bounds have no draw.
+    single = paired_bootstrap_ci(values, baseline, n_resamples=1, seed=2)
+    assert single.ratio == pytest.approx(3.0)
+    assert np.isnan(single.ratio_low)
+    assert np.isnan(single.ratio_high)
 
 
 def test_paired_ci_refuses_unpaired_or_unusable_input() -> None:

@@ -140,6 +140,17 @@ def test_the_minimum_of_drift_requests() -> None:
         MonitoringSection(min_drift_requests=0)
 
 
+def test_the_psi_threshold_is_a_positive_psi() -> None:
+    """NaN flagged no feature at all (every comparison false), and 0 or less every one."""
+    section = MonitoringSection.from_mapping({"psi_threshold": 0.1}, where="x")
+    assert section.psi_threshold == 0.1
+    for bad in (float("nan"), float("inf"), 0, -1.0, "0.25", True):
+        with pytest.raises(ValueError, match=r"^f\.toml: \[monitoring\]\.psi_threshold: .*0\.25"):
+            MonitoringSection.from_mapping({"psi_threshold": bad}, where="f.toml")
+    with pytest.raises(ValueError, match="psi_threshold"):
+        MonitoringSection(psi_threshold=float("nan"))
+
+
 def test_the_label_delay() -> None:
     assert MonitoringSection.from_mapping({}, where="x").label_delay_s == 300.0
     assert MonitoringSection.from_mapping({"label_delay_s": 0}, where="x").label_delay_s == 0.0

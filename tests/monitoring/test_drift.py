@@ -123,6 +123,9 @@ def test_arrow_input_missing_columns_and_threshold() -> None:
     assert [r.psi for r in as_arrow.features] == [r.psi for r in as_pandas.features]
     strict = compare(reference(), frame, psi_threshold=0.01)
     assert {r.name for r in strict.features if r.drifted} >= {"x"}
+    for bad in (math.nan, -1.0):  # NaN flagged nothing, a negative PSI everything
+        with pytest.raises(ValueError, match="psi_threshold"):
+            compare(reference(), frame, psi_threshold=bad)
 
 
 def test_no_score_column_means_no_prediction_metric() -> None:

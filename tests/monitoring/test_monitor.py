@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mlsd.evaluation.pointwise import expected_calibration_error
 from mlsd.monitoring.alerts import DEFAULT_RULES, AlertRule
 from mlsd.monitoring.monitor import run_monitor
 from mlsd.monitoring.profile import ReferenceProfile
@@ -160,6 +161,24 @@ def test_service_and_label_metrics_by_hand(log_dir: Path) -> None:
     fired = {a.rule.name: a.value for a in result.fired}
     assert set(fired) == {"error rate", "ctr drop"}  # 0.05 fallbacks is not > 0.05
     assert m["feature_psi_max"] < 0.1  # the drifted rows of the hour before are outside
+
+
+def test_ece_bins_scores_on_an_edge_as_the_profiles_ece_does(tmp_path: Path) -> None:
+    """The monitor's ECE is shown beside the profile's (:func:`expected_calibration_error`), so
+    a score on a bin edge (0.5) goes to the lower bin in both, 0 to the first, 1 to the last.
+    Binned upwards, the unclicked 0.5s and the clicked 0.55s would share a bin and cancel."""
+    edges = [round(0.1 * b, 1) for b in range(11)]  # 0.0, 0.1, ..., 1.0
+    scores = np.array(edges * 20 + [0.5] * 50 + [0.55] * 50, dtype=np.float32)
+    clicked = np.array([i % 3 == 0 for i in range(220)] + [False] * 50 + [True] * 50)
+    ids = [f"r{i}" for i in range(len(scores))]
+    shown = pd.DataFrame({"request_id": ids, "ts": START, "position": 0, "score": scores})
+    write_log(tmp_path, "exposures", shown)
+    clicks = {"request_id": np.array(ids)[clicked], "ts": START + timedelta(seconds=5)}
+    write_log(tmp_path, "feedback", pd.DataFrame({**clicks, "event": "click"}))
+    result = run_monitor(tmp_path, profile(), start=START, end=END, rules=())
+    expected = expected_calibration_error(clicked, scores.astype(np.float64), n_bins=10)
+    assert result.metrics["ece"] == pytest.approx(expected, rel=1e-9)
+    assert expected > 0.2  # the 0.5s (never clicked) and the 0.55s (all clicked) stay apart
 
 
 def test_drift_in_the_window_fires(tmp_path: Path) -> None:

@@ -92,12 +92,24 @@ def two_proportion_ztest(
     """Two-sided z-test of two proportions: pooled SE for the test, unpooled (Wald) for the CI."""
     if min(trials_control, trials_treatment) <= 0:
         raise ValueError("two_proportion_ztest needs at least one trial in each group")
+    _check_counts(successes_control, trials_control, "control")
+    _check_counts(successes_treatment, trials_treatment, "treatment")
     p_c, p_t = successes_control / trials_control, successes_treatment / trials_treatment
     pooled = (successes_control + successes_treatment) / (trials_control + trials_treatment)
     inv_n = 1 / trials_control + 1 / trials_treatment
     se_test = math.sqrt(pooled * (1 - pooled) * inv_n)
     se_ci = math.sqrt(p_c * (1 - p_c) / trials_control + p_t * (1 - p_t) / trials_treatment)
     return _normal_comparison(p_c, p_t, se_test, se_ci, alpha)
+
+
+def _check_counts(successes: float, trials: float, group: str) -> None:
+    """A ValueError naming ``group`` unless ``0 <= successes <= trials`` (a success is a trial
+    that succeeded: a click is on an exposure)."""
+    if not 0 <= successes <= trials:
+        raise ValueError(
+            f"{group}: {successes} successes of {trials} trials; successes must be between 0 "
+            "and the trials (clicked exposures, not click events)"
+        )
 
 
 def welch_ttest(
@@ -180,6 +192,7 @@ def wilson_ci(successes: int, trials: int, *, alpha: float = 0.05) -> Estimate:
     """A proportion with its Wilson score interval (sound for small counts and p near 0)."""
     if trials <= 0:
         return Estimate(math.nan, math.nan, math.nan)
+    _check_counts(successes, trials, "wilson_ci")
     z, p = _z(alpha), successes / trials
     centre = (p + z**2 / (2 * trials)) / (1 + z**2 / trials)
     half = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / (1 + z**2 / trials)
@@ -240,7 +253,12 @@ def design_effect(exposures_per_user: float, icc: float) -> float:
     one user. The user's clicks then vary ``1 + (m - 1) ρ`` times as much as ``m`` independent
     clicks, and so does the delta-method CTR of the report. ``ρ = 0`` (independent clicks)
     gives 1. When users see different numbers of items, ``m`` here is ``E[e²] / E[e]`` of the
-    exposures ``e`` per user, more than their mean (:class:`Pilot` measures it all at once).
+    exposures ``e`` per user, more than their mean; :func:`sample_size` still converts
+    exposures to users by the mean, so size such users with ``exposures_per_user`` = the mean
+    and ``design_effect=design_effect(E[e²] / E[e], ρ)``, or a :class:`Pilot`'s measured
+    design effect (passing ``E[e²] / E[e]`` as ``exposures_per_user`` with ``icc`` would give
+    too few users: 12,213 instead of 23,204 for ``e`` geometric with mean 10, ρ = 0.05, a CTR
+    of 0.05 and a 5% lift).
     """
     if not (exposures_per_user >= 1 and math.isfinite(exposures_per_user)):
         raise ValueError(
@@ -359,14 +377,18 @@ class Pilot:
     """Mean exposures per unit (units without exposures count: they are randomised too)."""
     ctr: float
     design_effect: float
+    exposures_per_exposure: float
+    """``E[e²] / E[e]``: the exposures of the unit an exposure belongs to, averaged over
+    exposures; the ``m`` of :func:`design_effect` (the mean when every unit sees as many)."""
 
     @property
     def icc(self) -> float:
-        """The intra-user correlation of clicks that gives this design effect with this mean
-        exposures per user (NaN with one exposure per user: nothing to correlate)."""
-        if self.exposures_per_user <= 1:
+        """The intra-user correlation of clicks that gives this design effect:
+        ``(design_effect - 1) / (E[e²] / E[e] - 1)`` (NaN when no unit sees more than one item:
+        nothing to correlate)."""
+        if self.exposures_per_exposure <= 1:
             return math.nan
-        return (self.design_effect - 1) / (self.exposures_per_user - 1)
+        return (self.design_effect - 1) / (self.exposures_per_exposure - 1)
 
     @classmethod
     def from_units(cls, units: pd.DataFrame) -> Pilot:
@@ -387,7 +409,8 @@ class Pilot:
                 "--icc) instead"
             )
         effect = var * exposures.sum() / (ctr * (1 - ctr))
-        return cls(len(per_unit), float(exposures.mean()), ctr, float(effect))
+        weighted = float((exposures**2).sum() / exposures.sum())
+        return cls(len(per_unit), float(exposures.mean()), ctr, float(effect), weighted)
 
 
 def read_pilot(

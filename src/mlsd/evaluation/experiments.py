@@ -372,9 +372,11 @@ class ExperimentReport:
     comparisons: tuple[ArmComparison, ...]
     srm: SRMResult
     unknown_arm_users: int = 0
+    """Units logged in an arm the config does not define (arms renamed or removed): left out,
+    and also counted in ``mixed_arm_units`` when they were logged in a configured arm too."""
     window: tuple[str | None, str | None] = field(default=(None, None))
     mixed_arm_units: int = 0
-    """Units logged in more than one of the experiment's arms (the salt or the weights changed
+    """Units logged in more than one arm, configured or not (the salt or the weights changed
     during the window, or replicas ran different configurations): exposed to both, they are
     left out of every figure, and a report with many of them has a broken assignment."""
 
@@ -533,9 +535,7 @@ def experiment_report(
     unit = ["user_id", "anonymous_request"]
     units = units.groupby([*unit, "arm"], as_index=False)[["requests", "exposures", "clicks"]].sum()
     known = units["arm"].isin([arm.name for arm in experiment.arms])
-    arms_of_unit = units[known].groupby(unit)["arm"].transform("nunique")
-    mixed = pd.Series(False, index=units.index)
-    mixed[arms_of_unit.index] = arms_of_unit > 1
+    mixed = units.groupby(unit)["arm"].transform("nunique") > 1  # any arms, known or not
     analysed = units[known & ~mixed]
     if analysed.empty:
         raise EmptyLogError(_no_usable_unit(log_dir, units, known, mixed, experiment, (start, end)))
@@ -548,7 +548,7 @@ def experiment_report(
         arms=arms,
         comparisons=comparisons,
         srm=srm,
-        unknown_arm_users=int((~known).sum()),
+        unknown_arm_users=int(units[~known].groupby(unit).ngroups),
         mixed_arm_units=int(units[mixed].groupby(unit).ngroups),
         window=(
             None if start is None else start.isoformat(),
@@ -577,7 +577,7 @@ def _no_usable_unit(
         f"and {end or 'the end'} is in exactly one configured arm, so there is nothing to "
         f"compare. The log's arms are {logged}, the config's "
         f"{configured}; {n_unknown} unit(s) are in arms the config does not define and "
-        f"{n_mixed} in more than one of its arms. If the arms were renamed in [experiments], "
+        f"{n_mixed} in more than one arm. If the arms were renamed in [experiments], "
         "give them the names the service logged (or report a window the config's names "
         "served, with --since/--until); if the salt or the weights changed, report the window "
         "after the change"

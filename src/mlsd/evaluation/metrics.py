@@ -118,8 +118,13 @@ def _relevance(relevant: RelevantItems, n_users: int, max_item: int) -> _Relevan
         gains = csr.data
         n_rows = csr.shape[0]
     else:
-        arrays = [np.asarray(r, dtype=np.int64).reshape(-1) for r in relevant]
-        unique = [np.unique(a) for a in arrays]
+        arrays = [np.asarray(r).reshape(-1) for r in relevant]
+        for user, user_items in enumerate(arrays):
+            if user_items.size and not np.issubdtype(user_items.dtype, np.integer):
+                raise ValueError(
+                    f"relevant[{user}] must hold integer item ids, got dtype {user_items.dtype}"
+                )
+        unique = [np.unique(a.astype(np.int64, copy=False)) for a in arrays]
         rows = np.repeat(np.arange(len(unique), dtype=np.int64), [len(a) for a in unique])
         items = np.concatenate(unique) if unique else np.zeros(0, dtype=np.int64)
         gains = np.ones(len(items), dtype=np.float64)
@@ -546,19 +551,24 @@ def paired_bootstrap_ci(
         n_resamples, confidence, seed: as :func:`bootstrap_mean_ci`.
 
     Returns:
-        :class:`PairedCI`; the ratio and its bounds are NaN where the baseline's mean is 0.
+        :class:`PairedCI`. The ratio's bounds are percentiles over the resamples whose baseline
+        mean is positive: a resample that misses every user the baseline scores on has no
+        ratio and is left out, so when many do (a baseline that scores on a handful of users)
+        the upper bound understates the uncertainty. The ratio and its bounds are NaN when the
+        baseline's mean is not positive (0, for this module's non-negative scores), the bounds
+        also when no resample's is.
     """
     scores, base = _checked_scores("paired_bootstrap_ci", values, baseline, confidence=confidence)
     means = _resampled_means([scores, base], n_resamples=n_resamples, seed=seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(means[:, 1] > 0, means[:, 0] / means[:, 1], np.nan)
     mean, mean_base = float(scores.mean()), float(base.mean())
-    ratio = mean / mean_base if mean_base > 0 else float("nan")
-    ratio_low, ratio_high = (
-        _percentile_interval(ratios, confidence)
-        if np.isfinite(ratios).all()
-        else (float("nan"), float("nan"))
-    )
+    ratio = ratio_low = ratio_high = float("nan")
+    if mean_base > 0:
+        ratio = mean / mean_base
+        defined = means[:, 1] > 0
+        if defined.any():
+            ratio_low, ratio_high = _percentile_interval(
+                means[defined, 0] / means[defined, 1], confidence
+            )
     diff_low, diff_high = _percentile_interval(means[:, 0] - means[:, 1], confidence)
     return PairedCI(ratio, ratio_low, ratio_high, mean - mean_base, diff_low, diff_high)
 

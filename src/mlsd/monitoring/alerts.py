@@ -109,8 +109,13 @@ DEFAULT_RULES = (
     AlertRule("ctr drop", "ctr_drop", ">", 0.2),
 )
 """PSI above 0.25 is the textbook "major shift"; 250 ms is a feed's usual p99 budget; 1% errors
-and 5% degraded answers are worth a page; a 20% relative CTR drop is far beyond hourly noise at
-a few thousand exposures. Systems override them in ``[[monitoring.alerts]]``."""
+and 5% degraded answers are worth a page. A 20% relative CTR drop is a feed's traffic's rule: an
+hour's CTR of 0.05 over ``n`` independent exposures has a relative standard error of
+``√((1 − 0.05) / (0.05 n))``, so 20% is 6.5 standard errors at 20,000 exposures an hour but 2.5
+at 3,000, where an unchanged CTR breaches it about once a week of hourly runs, more often when a
+user's clicks correlate (the design effect of :mod:`mlsd.evaluation.experiment_stats`). Smaller
+traffic raises the threshold or lengthens the rule's window. Systems override them in
+``[[monitoring.alerts]]``."""
 
 _RULE_KEYS = ("name", "metric", "op", "threshold", "window")
 _SECTION_KEYS = (
@@ -151,6 +156,7 @@ class MonitoringSection:
                 f"got {self.label_delay_s!r}"
             )
         _check_min_requests(self.min_drift_requests, "[monitoring].min_drift_requests")
+        check_psi_threshold(self.psi_threshold, "[monitoring].psi_threshold")
         if self.reference_ctr is not None and not 0.0 < self.reference_ctr <= 1.0:
             raise ValueError(
                 f"[monitoring].reference_ctr must be in (0, 1], got {self.reference_ctr}"
@@ -194,10 +200,7 @@ class MonitoringSection:
         except ValueError as exc:
             raise ValueError(f"{where}: [monitoring].window: {exc}") from exc
         psi_threshold = raw.get("psi_threshold", cls.psi_threshold)
-        if isinstance(psi_threshold, bool) or not isinstance(psi_threshold, int | float):
-            raise ValueError(
-                f"{where}: [monitoring].psi_threshold: expected a number, got {psi_threshold!r}"
-            )
+        check_psi_threshold(psi_threshold, f"{where}: [monitoring].psi_threshold")
         delay = raw.get("label_delay_s", cls.label_delay_s)
         if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
             raise ValueError(
@@ -232,6 +235,17 @@ def _check_min_requests(value: Any, where: str) -> None:
     """A ValueError naming ``where`` unless ``value`` is an integer >= 1 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{where}: expected an integer >= 1, got {value!r}")
+
+
+def check_psi_threshold(value: Any, where: str) -> None:
+    """A ValueError naming ``where`` unless ``value`` is a finite number > 0 (not a bool): NaN
+    would flag no feature, and 0 or less every one."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value > 0 and math.isfinite(value))
+    ):
+        raise ValueError(f"{where}: expected a PSI > 0 such as 0.25, got {value!r}")
 
 
 def _rule(entry: Any, where: str) -> AlertRule:

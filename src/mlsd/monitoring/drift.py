@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from mlsd.monitoring.alerts import MIN_DRIFT_REQUESTS
+from mlsd.monitoring.alerts import MIN_DRIFT_REQUESTS, check_psi_threshold
 from mlsd.monitoring.profile import (
     CategoricalProfile,
     FloatArray,
@@ -309,6 +309,7 @@ def compare(
     """
     if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 1:
         raise ValueError(f"min_requests: expected an integer >= 1, got {min_requests!r}")
+    check_psi_threshold(psi_threshold, "psi_threshold")
     columns = set(live.column_names if isinstance(live, pa.Table) else live.columns)
     n_requests = count_requests(live)
     flag_above = psi_threshold if n_requests >= min_requests else math.inf  # not on noise

@@ -29,8 +29,9 @@ size "exposures" ever becomes a Python object:
   candidates, and clicks there also depend on position),
   ``ndcg_at_10`` of each served list against its clicks (mean over requests with at
   least one click: a list with no click has no ideal ordering) and ``ece`` of the served score
-  against clicks (10 equal-width bins; only when every score lies in [0, 1], i.e. the service
-  serves calibrated probabilities).
+  against clicks (10 equal-width bins, a score on an edge in the lower one, as in the profile's
+  ``ece``; only when every score lies in [0, 1], i.e. the service serves calibrated
+  probabilities).
 
 A window is ``[start, end)``; clicks are looked for up to ``attribution_window_s`` after
 ``end``. A rule with its own ``window`` is checked on ``[end - window, end)``.
@@ -371,7 +372,15 @@ SELECT sum(CASE WHEN position < {NDCG_K} THEN 1.0 / log2(position + 2.0) ELSE 0.
        count(*) AS n_clicks
 FROM clicked GROUP BY request_id
 """
+# A score's bin is the number of interior edges below it, compared in DOUBLE with the edges of
+# ``np.linspace``: exactly the bins of :func:`mlsd.evaluation.pointwise.expected_calibration_error`
+# (scikit-learn's), which the profile's ``ece`` is, shown beside this one. A score on an edge
+# goes to the lower bin (``floor(score * 10)`` would put 0.5 in the upper one), 0 to the first.
+_ECE_BIN = " + ".join(
+    f"(score::DOUBLE > {edge!r}::DOUBLE)::INTEGER"
+    for edge in np.linspace(0.0, 1.0, ECE_BINS + 1)[1:-1].tolist()
+)
 _ECE_SQL = (
-    f"SELECT least(floor(score * {ECE_BINS}), {ECE_BINS - 1})::INTEGER AS bin, count(*) AS n, "
+    f"SELECT {_ECE_BIN} AS bin, count(*) AS n, "
     "sum(score::DOUBLE) AS score_sum FROM {table} GROUP BY bin"
 )

@@ -188,6 +188,7 @@ def test_size_from_a_pilot_log(setup: tuple[Path, Path]) -> None:
     assert data["baseline_ctr"] == 0.4  # the pilot's, as none was given
     assert data["pilot"]["design_effect"] == pytest.approx(pilot.design_effect)
     assert data["pilot"]["units"] == 5
+    assert data["pilot"]["exposures_per_exposure"] == pytest.approx(pilot.exposures_per_exposure)
     assert data["icc"] is None  # measured, not assumed
     assert data["users_per_arm"] == sample_size(
         0.4, 0.5, exposures_per_user=2.0, design_effect=pilot.design_effect

@@ -260,7 +260,9 @@ def size(
         float | None,
         typer.Option(
             "--exposures-per-user",
-            help="Mean items a user is shown over the experiment (default 1).",
+            help="Mean items a user is shown over the experiment (default 1). With --icc, "
+            "every user is taken to see as many; when they differ, size from a pilot "
+            "(--pilot-log), whose design effect covers it.",
         ),
     ] = None,
     icc: Annotated[
@@ -343,6 +345,7 @@ def size(
                 "log": str(pilot_log), "experiment": pilot_experiment, "units": pilot.units,
                 "exposures_per_user": pilot.exposures_per_user, "ctr": pilot.ctr,
                 "design_effect": pilot.design_effect, "icc": _finite(pilot.icc),
+                "exposures_per_exposure": pilot.exposures_per_exposure,
             },
         }  # fmt: skip
         typer.echo(json.dumps(payload))
