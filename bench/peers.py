@@ -97,7 +97,7 @@ def run_split(contract: Path, prefix: Path, config: Path, out: Path | None) -> d
         feed.retrieval.factories(),
         feed.ranking.factories(),
         protocol=feed.retrieval.protocol,
-        pipeline=feed.ranking.pipeline(),
+        pipeline=feed.ranking.pipeline(feed.retrieval.merge),
         protocol_name="splits",
         splits=prefix,
         progress=True,

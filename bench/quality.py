@@ -255,7 +255,7 @@ def evaluate(
     protocol = feed.retrieval.protocol
     if test_frac is not None:
         protocol = dataclasses.replace(protocol, test_frac=test_frac)
-    pipeline = feed.ranking.pipeline()
+    pipeline = feed.ranking.pipeline(feed.retrieval.merge)
     if protocol_name == "temporal":
         pipeline = dataclasses.replace(pipeline, auc_splits=AUC_SPLITS)
     return evaluate_pipeline(

@@ -15,6 +15,7 @@ from mlsd.config import (
     load_feed_config,
     load_plan_requirements,
 )
+from mlsd.evaluation.quotas import MergeConfig
 from mlsd.models.retrieval.covisitation import CovisitationRetriever
 from mlsd.models.retrieval.ease import EASERetriever
 from mlsd.models.retrieval.implicit_mf import ALSRetriever, BPRRetriever
@@ -196,15 +197,33 @@ def test_shipped_ranking_section_builds_every_ranker() -> None:
         "lambdarank",
         "deep",
     ]
-    assert ranking.pipeline().ranker == "ensemble"
-    pipeline = ranking.pipeline()
+    assert ranking.pipeline(MergeConfig()).ranker == "ensemble"
+    pipeline = ranking.pipeline(MergeConfig())
     assert pipeline.ks == (10, 20, 50, 100)
     assert pipeline.baselines == ("popularity", "ease", "als", "bpr")
 
 
+def test_the_pipeline_merges_as_retrieval_merge_says_on_its_own_grid(tmp_path: Path) -> None:
+    """``evaluate`` and ``train`` used to merge by ``MergeConfig``'s defaults whatever
+    ``[retrieval.merge]`` said: a configured fusion never reached the bundle."""
+    text = (
+        '[retrieval.merge]\nmethod = "rrf"\nrank_constant = 10.0\ntune = false\n'
+        "quotas = { popularity = 0.5, ease = 0.5 }\n"
+    )
+    feed = load_feed_config(_write(tmp_path, text))
+    merge = feed.ranking.pipeline(feed.retrieval.merge).merge
+    assert (merge.method, merge.rank_constant, merge.tune) == ("rrf", 10.0, False)
+    assert dict(merge.quotas) == {"popularity": 0.5, "ease": 0.5}
+    assert merge.quota_step == 0.2  # [ranking].quota_step, not [retrieval.merge]'s 0.1
+    feed = load_feed_config(_write(tmp_path, "[ranking]\nquota_step = 0.25\n"))
+    assert feed.ranking.pipeline(feed.retrieval.merge).merge.quota_step == 0.25
+    with pytest.raises(ValueError, match=r"\[ranking\]: quota_step must divide 1"):
+        load_feed_config(_write(tmp_path, "[ranking]\nquota_step = 0.3\n"))
+
+
 def test_the_reports_freshness_variant_reads_the_configured_clock(tmp_path: Path) -> None:
     text = '[ranking.rerank]\nfreshness_clock = "first_event"\nfreshness_half_life_days = 7.0\n'
-    pipeline = load_feed_config(_write(tmp_path, text)).ranking.pipeline()
+    pipeline = load_feed_config(_write(tmp_path, text)).ranking.pipeline(MergeConfig())
     fresh = pipeline.rerank_variants["freshness 0.3"]
     assert (fresh.freshness_weight, fresh.freshness_clock) == (0.3, "first_event")
     assert fresh.freshness_half_life_days == 7.0

@@ -660,6 +660,10 @@ class RankingSection:
     calibration: Literal["platt", "isotonic"] = "isotonic"
     baselines: tuple[str, ...] | None = None
     ks: tuple[int, ...] = (10, 20, 50, 100)
+    quota_step: float = 0.2
+    """The grid step of the pipeline's quota search; every other setting of the pipeline's
+    merge is ``[retrieval.merge]``'s. Coarser than ``retrieve-eval``'s 0.1: the pipeline's
+    figures and its choices (the ranker, the windows) were measured with it."""
     rerank: RerankSection = field(default_factory=RerankSection)
     ranker_configs: Mapping[str, RankerSection] = field(
         default_factory=lambda: {name: cls() for name, cls in RANKER_SECTIONS.items()}
@@ -682,7 +686,9 @@ class RankingSection:
 
         return ensemble
 
-    def pipeline(self) -> PipelineConfig:
+    def pipeline(self, merge: MergeConfig) -> PipelineConfig:
+        """The pipeline of ``evaluate``, ``train`` and the benches; ``merge`` is
+        ``[retrieval.merge]``, searched on this section's ``quota_step`` grid."""
         from mlsd.evaluation.pipeline import PipelineConfig
         from mlsd.serving.rerank import RerankConfig
 
@@ -699,6 +705,7 @@ class RankingSection:
             rerank=RerankConfig(**rerank),
             baselines=self.baselines if self.baselines is not None else DEFAULT_BASELINES,
             ks=self.ks,
+            merge=dataclasses.replace(merge, quota_step=self.quota_step),
         )
         # The report's freshness variant ages items by the configured clock and half-life.
         clock, half_life = self.rerank.freshness_clock, self.rerank.freshness_half_life_days
@@ -755,7 +762,7 @@ def _ranking_section(values: dict[str, Any], path: Path) -> RankingSection:
                 f"{', '.join(n for n in RANKER_SECTIONS if n != 'ensemble')}"
             )
     try:
-        section.pipeline()  # the pipeline's own checks (ks vs n_candidates, re-rank ranges)
+        section.pipeline(MergeConfig())  # its own checks (ks vs n_candidates, re-rank, grid)
     except ValueError as exc:
         raise ValueError(f"{path}: [ranking]: {exc}") from exc
     return section

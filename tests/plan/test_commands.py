@@ -112,7 +112,7 @@ def test_costs_measured_on_the_demo_pipeline_warn_when_planning_the_feed(
     measured.write_text(json.dumps(report))
     assert run(["plan", "capacity", "--measured", str(measured), "--json"]) == 0  # feed.toml
     warnings = json.loads(capsys.readouterr().out)["warnings"]
-    [warning] = [w for w in warnings if "measured on" in w]
+    [warning] = [w for w in warnings if "were measured on" in w]
     assert warning.startswith(
         "CPU costs and p99 were measured on configs/feed-demo.toml (sources popularity, "
         "covisitation, als; ranker auto), not on the planned configs/feed.toml (sources "
@@ -128,7 +128,7 @@ def test_costs_measured_on_the_demo_pipeline_warn_when_planning_the_feed(
     args = ["--config", "configs/feed-demo.toml", "--measured", str(measured), "--json"]
     assert run(["plan", "capacity", *args]) == 0
     warnings = json.loads(capsys.readouterr().out)["warnings"]
-    assert not [w for w in warnings if "pipeline" in w or "measured on" in w]
+    assert not [w for w in warnings if "pipeline" in w or "were measured on" in w]
 
 
 def test_the_feeds_plan_counts_every_sources_memory(

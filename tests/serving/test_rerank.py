@@ -43,7 +43,8 @@ def _reference_mmr(
         best, best_key = None, None
         for j in range(len(ids)):
             same = [cats[p] == cats[j] for p in picked]
-            if j in picked or (config.max_per_category and sum(same) >= config.max_per_category):
+            capped = config.max_per_category and cats[j] >= 0  # unknown: not capped
+            if j in picked or (capped and sum(same) >= config.max_per_category):
                 continue
             objective = config.mmr_lambda * rel[j] - (1 - config.mmr_lambda) * max(same, default=0)
             key = (objective, rel[j], -j)  # ties: higher relevance, then earlier candidate
@@ -116,11 +117,17 @@ def test_category_cap_holds_and_fills_from_the_next_categories() -> None:
     config = RerankConfig(max_per_category=2)
     shown = rerank(ids, scores, k=8, config=config, item_categories=CATEGORIES)
     np.testing.assert_array_equal(shown.item_ids, [0, 1, 3, 4, 6, 7, 8, 9])
-    # The cap can leave fewer than k: four categories x 1 item.
+    # The cap can leave fewer than k: three categories x 1 item, and the unknown ones.
     capped = rerank(
         ids, scores, k=8, config=RerankConfig(max_per_category=1), item_categories=CATEGORIES
     )
-    np.testing.assert_array_equal(capped.item_ids, [0, 3, 6, 8])
+    np.testing.assert_array_equal(capped.item_ids, [0, 3, 6, 8, 9])
+    # Items of unknown category are not capped: a catalog without categories keeps its lists.
+    unknown = np.full(10, -1)
+    for lam in (1.0, 0.6):
+        config = RerankConfig(mmr_lambda=lam, max_per_category=3)
+        shown = rerank(ids, scores, k=8, config=config, item_categories=unknown)
+        np.testing.assert_array_equal(shown.item_ids, ids[:8])
 
 
 def test_mmr_raises_the_number_of_categories_in_the_top_k() -> None:

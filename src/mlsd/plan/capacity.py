@@ -12,7 +12,8 @@ computed from the exact formats mlsd writes:
 - bytes of a precomputed list in Redis: :func:`mlsd.serving.precomputed.encode`'s value and
   the key, each rounded up to jemalloc's size class as Redis allocates them, plus
   :data:`REDIS_KEY_ENTRY_BYTES` of Redis's dicts (:func:`redis_bytes_per_key`; fitted on
-  redis-server 7.0, and a test checks it against a live server at several list lengths);
+  redis-server 7.0, and a test checks it against a live server at several list lengths), for
+  each of the ``precomputed_versions`` whose lists Redis holds at once;
 - bytes of each candidate source in every replica, from what its serving artifact holds once
   loaded (:mod:`mlsd.serving.sources`; a test loads exported artifacts and counts their
   arrays): a vector index per source that serves from one (Faiss's layouts, which a test
@@ -46,8 +47,15 @@ import numpy as np
 from mlsd.config import SOURCE_SECTIONS
 from mlsd.plan.pipeline import Pipeline, pipeline_warnings
 from mlsd.plan.requirements import Requirements
-from mlsd.serving.index import FlatIndex, HNSWIndex, IVFIndex, choose_index, default_pq_m
-from mlsd.serving.precomputed import PrecomputedStore, encode
+from mlsd.serving.index import (
+    FlatIndex,
+    HNSWConfig,
+    HNSWIndex,
+    IVFIndex,
+    choose_index,
+    default_pq_m,
+)
+from mlsd.serving.precomputed import MAX_CONSUMED, PrecomputedStore, encode
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -62,6 +70,12 @@ written by :class:`~mlsd.serving.precomputed.PrecomputedStore` (and 20,000), lis
 ``used_memory`` in 39 of 42 runs, 1.6% at worst (1-item lists); the 180 bytes per key it
 replaces, measured at one value size, were 18% under at 150 items and 11% over at 1."""
 
+CONSUMED_KEY_BYTES_AT_WORST = 8_700
+"""Redis ``used_memory`` of one user's consumed-items key at its cap (:data:`~mlsd.serving.
+precomputed.MAX_CONSUMED` int64 ids, 8,000 B), rounded up: 500 users each writing 1 to 1,100
+events one at a time through :meth:`~mlsd.serving.precomputed.PrecomputedStore.note_consumed`
+on redis-server 7.0.15 took 8,592 B a user from 513 events on (APPEND over-allocates a growing
+string: 4,104 B took an 8 KiB allocation) and 8,690 B past the cap."""
 
 REDIS_EMBSTR_MAX = 44
 """Redis keeps a string value of up to this many bytes in one allocation with its object
@@ -72,6 +86,12 @@ REDIS_OBJECT_BYTES = 16
 
 FAISS_ID_BYTES = 4
 """Faiss HNSW stores each neighbour link as an int32."""
+
+HNSW_OFFSET_BYTES = 8
+"""Faiss HNSW's ``offsets``: an int64 per node, where its links start."""
+
+HNSW_LEVEL_BYTES = 4
+"""Faiss HNSW's ``levels``: an int32 per node, the levels it reaches."""
 
 IVF_ID_BYTES = 8
 """Faiss inverted lists store each item's id as an int64."""
@@ -148,12 +168,20 @@ class VectorSource:
             "; a norm-tiered exact index instead if the export measures it cheaper: "
             f"{4 * dim + 2 * ID_BYTES} B an item (float32 vector, int64 id, float64 norm)"
         )
+        graph = ""
+        if kind == "hnsw":
+            m = req.hnsw_m
+            graph = (
+                f", M {m}: {4 * dim} B float32 vector, {2 * m} int32 layer-0 links, "
+                f"{FAISS_ID_BYTES * m / (m - 1):.1f} B of upper-layer links expected (a node "
+                "reaches level l with probability M^-l), an int64 offset and an int32 level"
+            )
+        shown = f"{per_item:,.1f}".removesuffix(".0")
         parts = [
             Sized(
                 f"{name} index",
                 items * per_item,
-                f"{items:,} items x {per_item} B ({kind}, {dimension}"
-                f"{f', M {req.hnsw_m}' if kind == 'hnsw' else ''}; an int64 id map)"
+                f"{items:,} items x {shown} B ({kind}, {dimension}{graph}; an int64 id map)"
                 + (tiered if self.user_vectors and kind != "flat" else ""),
             )
         ]
@@ -382,11 +410,11 @@ class Measured:
                 raise ValueError(f"{source}: {name}.achieved_rps is {rps}; nothing was served")
             p99 = get(name, "latency_ms", "p99", kind=float)
             if "cpu_seconds" in report[name] and "answered" in report[name]:
-                answered = get(name, "answered", kind=int)
+                answered = get(name, "answered", kind=int, positive=True)
                 used = _numbers(
                     get(name, "cpu_seconds", kind=dict), f"{source}: {name}.cpu_seconds"
                 )
-                per = {k: v / max(answered, 1) * 1000 for k, v in used.items()}
+                per = {k: v / answered * 1000 for k, v in used.items()}
             else:
                 cores = _numbers(get(name, "cpu_cores", kind=dict), f"{source}: {name}.cpu_cores")
                 per = {k: v / rps * 1000 for k, v in cores.items()}
@@ -408,6 +436,8 @@ class Measured:
 
         world = report.get("world")
         items = world.get("items") if isinstance(world, Mapping) else None
+        if isinstance(items, int) and not isinstance(items, bool) and items <= 0:
+            raise ValueError(f"{source}: world.items is {items}; expected the run's catalog, > 0")
         load = report.get("load")
         arrivals = load.get("arrivals", "uniform") if isinstance(load, Mapping) else "uniform"
         feature_bytes = None
@@ -420,8 +450,8 @@ class Measured:
             online=path("online"),
             precomputed=path("precomputed"),
             batch_cpu_ms_per_user=get("batch_predict", "cpu_ms_per_user", kind=float),
-            replicas=get("service", "replicas", kind=int),
-            cpus=get("machine", "cpus", kind=int),
+            replicas=get("service", "replicas", kind=int, positive=True),
+            cpus=get("machine", "cpus", kind=int, positive=True),
             catalog_items=int(items) if isinstance(items, int) else None,
             source=source,
             arrivals=str(arrivals),
@@ -446,9 +476,11 @@ class Measured:
 
 
 def _getter(report: Mapping[str, Any], source: str) -> Callable[..., Any]:
-    """``get(*keys, kind=T)``: the value at ``keys``, checked to be a ``T``."""
+    """``get(*keys, kind=T, positive=False)``: the value at ``keys``, checked to be a ``T``:
+    a number is also checked to be finite and >= 0 (> 0 with ``positive``), as every count,
+    time and byte figure of the run is (JSON's ``NaN`` and ``Infinity`` parse as floats)."""
 
-    def get(*keys: str, kind: type) -> Any:
+    def get(*keys: str, kind: type, positive: bool = False) -> Any:
         value: Any = report
         for i, key in enumerate(keys):
             if not isinstance(value, Mapping) or key not in value:
@@ -469,16 +501,27 @@ def _getter(report: Mapping[str, Any], source: str) -> Callable[..., Any]:
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{source}: {where} should be a number, got {value!r}")
+        if kind is int and not (math.isfinite(value) and value == int(value)):
+            raise ValueError(f"{source}: {where} should be a whole number, got {value!r}")
+        if not math.isfinite(value) or not (value > 0 if positive else value >= 0):
+            raise ValueError(
+                f"{source}: {where} is {value!r}; expected a finite number "
+                f"{'> 0' if positive else '>= 0'} (re-run bench/serving.py --out FILE)"
+            )
         return kind(value)
 
     return get
 
 
 def _numbers(values: Mapping[str, Any], where: str) -> dict[str, float]:
-    """``values`` as floats; a value that is not a number is an error naming its key."""
+    """``values`` (CPU seconds or cores per process) as floats; a value that is not a number,
+    or not a finite one >= 0, is an error naming its key."""
     bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int | float)}
     if bad:
         raise ValueError(f"{where}: not numbers: {bad}")
+    wrong = {k: v for k, v in values.items() if not (math.isfinite(v) and v >= 0)}
+    if wrong:
+        raise ValueError(f"{where}: expected finite numbers >= 0 (CPU a process used), got {wrong}")
     return {k: float(v) for k, v in values.items()}
 
 
@@ -595,22 +638,57 @@ def index_kind(index: str, catalog_items: int) -> str:
     return INDEX_KINDS[type(choose_index(catalog_items, 64))]  # by size; dim is not asked
 
 
-def index_bytes_per_item(index: str, dim: int, hnsw_m: int) -> int:
-    """Memory of one item in a vector index: its float32 vector; for HNSW also its layer-0
-    links (``2 * M`` int32; the upper layers hold about ``1 / M`` of the nodes); for IVF-PQ as
-    serving builds it, the PQ code (``dim / 4`` bytes), its int64 id and the full vector kept
-    for exact re-scoring."""
+def hnsw_graph_bytes(hnsw_m: int) -> float:
+    """Expected bytes of one node of Faiss's HNSW graph (``faiss.HNSW``), as
+    ``HNSWIndex.memory_bytes`` counts them: its layer-0 links (``2 * M`` int32), its entry in
+    ``offsets`` (int64) and ``levels`` (int32), and its upper layers' links: a node reaches
+    level ``l >= 1`` with probability ``M^-l`` and keeps ``M`` int32 links there, so
+    ``4 * M * (1/M + 1/M² + ...) = 4 * M / (M - 1)`` bytes expected."""
+    upper = FAISS_ID_BYTES * hnsw_m / (hnsw_m - 1)
+    return 2 * hnsw_m * FAISS_ID_BYTES + HNSW_OFFSET_BYTES + HNSW_LEVEL_BYTES + upper
+
+
+def index_bytes_per_item(index: str, dim: int, hnsw_m: int) -> float:
+    """Memory of one item in a vector index: its float32 vector; for HNSW also its node of the
+    graph (:func:`hnsw_graph_bytes`); for IVF-PQ as serving builds it, the PQ code (``dim / 4``
+    bytes), its int64 id and the full vector kept for exact re-scoring."""
     vector = 4 * dim
     if index == "flat":
         return vector
     if index == "hnsw":
-        return vector + 2 * hnsw_m * FAISS_ID_BYTES
+        return vector + hnsw_graph_bytes(hnsw_m)
     if index == "ivfpq":
         return vector + default_pq_m(dim) + IVF_ID_BYTES
     raise ValueError(f"index must be 'flat', 'hnsw' or 'ivfpq', got {index!r}")
 
 
 DEFAULT_SOURCES: dict[str, SourceMemory] = {"item vectors": VectorSource(64)}
+
+BUILT_HNSW_M = HNSWConfig().m
+"""The ``M`` of the HNSW indexes the feed builds: its export (``export_source(..., index=
+"auto")`` in :mod:`mlsd.systems.feed.package`) takes :func:`~mlsd.serving.index.choose_index`'s
+index, with ``HNSWConfig``'s defaults."""
+
+
+def index_warnings(req: Requirements) -> list[str]:
+    """Warnings when ``[plan]``'s ``index`` or ``hnsw_m`` size an index other than the one the
+    feed builds (its export always asks for ``auto``, and HNSW at ``HNSWConfig``'s ``M``)."""
+    built = index_kind("auto", req.catalog_items)
+    planned = index_kind(req.index, req.catalog_items)
+    warnings = []
+    if req.index != "auto":
+        warnings.append(
+            f"[plan].index is {req.index!r}, but the feed's export builds every vector index "
+            f"with index='auto' ({built} at {req.catalog_items:,} items): the index lines are a "
+            'what-if, not the deployed system; set index = "auto" to plan what is built'
+        )
+    if planned == "hnsw" and req.hnsw_m != BUILT_HNSW_M:
+        warnings.append(
+            f"[plan].hnsw_m is {req.hnsw_m}, but the feed builds HNSW with M = {BUILT_HNSW_M} "
+            "(HNSWConfig's default, which its export uses): the index lines are a what-if, not "
+            f"the deployed system; set hnsw_m = {BUILT_HNSW_M} to plan what is built"
+        )
+    return warnings
 
 
 class _Lines:
@@ -658,7 +736,10 @@ def capacity_plan(
             for name in names
             if name not in sources
         )
-    _source_memory(req, sources if sources is not None else DEFAULT_SOURCES, out)
+    memory = sources if sources is not None else DEFAULT_SOURCES
+    _source_memory(req, memory, out)
+    if any(isinstance(source, VectorSource) for source in memory.values()):
+        out.warnings.extend(index_warnings(req))
     _feature_store(req, measured, out)
     if measured is None:
         out.warnings.append(
@@ -704,6 +785,21 @@ def _traffic(req: Requirements, out: _Lines) -> tuple[float, float]:
         "requests/s",
         f"peak x {req.precomputed_share:g}",
     )
+    if req.daily_active_users > req.users:
+        bound = req.users / req.daily_active_users
+        out.warnings.append(
+            f"[plan].daily_active_users ({req.daily_active_users:,}) is more than [plan].users "
+            f"({req.users:,}), the users a batch run writes a precomputed list for: "
+            f"{req.daily_active_users - req.users:,} or more active users would have no list, "
+            f"so at most {bound:.0%} of the requests can be answered from one (if active users "
+            "send alike)"
+            + (
+                f", not the [plan].precomputed_share of {req.precomputed_share:g}"
+                if req.precomputed_share > bound
+                else ""
+            )
+            + "; raise users to the users the system knows, or lower daily_active_users"
+        )
     return online, precomputed
 
 
@@ -711,15 +807,22 @@ def _precomputed_store(req: Requirements, source_names: Sequence[str], out: _Lin
     value = precomputed_value_bytes(req.list_length, req.model_version_chars, source_names)
     key_chars = precomputed_key_chars(req.users, req.model_version_chars)
     per_key = redis_bytes_per_key(value, key_chars)
+    versions = req.precomputed_versions
     out.add(
         "precomputed store",
-        req.users * per_key / 1e9,
+        versions * req.users * per_key / 1e9,
         "GB",
-        f"{req.users:,} users x {per_key:,} B a key: the {value:,} B value in "
-        f"{REDIS_OBJECT_BYTES + sds_bytes(value):,} B (jemalloc's size class), the "
-        f"{key_chars}-character key in {sds_bytes(key_chars)} B, {REDIS_KEY_ENTRY_BYTES} B of "
-        f"Redis's dicts; {req.list_length} items a list. Redis's used_memory: provision more "
-        "for fragmentation and a save's copy-on-write",
+        f"{versions} model version(s) x {req.users:,} users x {per_key:,} B a key: the "
+        f"{value:,} B value in {REDIS_OBJECT_BYTES + sds_bytes(value):,} B (jemalloc's size "
+        f"class), the {key_chars}-character key in {sds_bytes(key_chars)} B, "
+        f"{REDIS_KEY_ENTRY_BYTES} B of Redis's dicts; {req.list_length} items a list. Keys are "
+        "per version with a TTL, and a new version's batch is written beside the champion's "
+        "([plan].precomputed_versions). Not counted: the consumed-items key of each user "
+        f"active within the TTL ({PRECOMPUTED_PREFIX}/consumed:<user>, at most "
+        f"{MAX_CONSUMED:,} int64 ids: {CONSUMED_KEY_BYTES_AT_WORST:,} B in Redis at worst, so "
+        f"at worst {req.daily_active_users:,} active users x {CONSUMED_KEY_BYTES_AT_WORST:,} B "
+        f"= {req.daily_active_users * CONSUMED_KEY_BYTES_AT_WORST / 1e9:.1f} GB). Redis's "
+        "used_memory: provision more for fragmentation and a save's copy-on-write",
     )
 
 
@@ -780,27 +883,25 @@ def _compute(
         f"({online_rps:,.0f}/s x {online.service_cpu_ms:.2f} ms online + {precomputed_rps:,.0f}"
         f"/s x {pre.service_cpu_ms:.2f} ms precomputed) / {req.cpu_utilization:g} utilisation",
     )
-    replicas = out.add(
-        "service replicas",
-        max(
-            req.min_replicas,
-            math.ceil(cores / req.cores_per_replica),
-            math.ceil(busy / req.cores_per_replica) + 1,
-        ),
-        "replicas",
-        f"cores / {req.cores_per_replica:g} a replica; one more than the peak's busy cores "
-        f"need, so a lost replica leaves enough; at least {req.min_replicas}",
-    )
+    replicas = _replicas(req, busy, cores, out)
     for name, online_ms, pre_ms in (
         ("Redis", online.redis_cpu_ms, pre.redis_cpu_ms),
         ("balancer", online.balancer_cpu_ms, pre.balancer_cpu_ms),
     ):
-        out.add(
+        planned_cores = out.add(
             f"{name} cores at peak",
             busy_at_peak(online_ms, pre_ms) / req.cpu_utilization,
             "cores",
             f"{online_ms:.3f} ms online, {pre_ms:.3f} ms precomputed a request",
         )
+        if name == "Redis" and planned_cores > 1:
+            out.warnings.append(
+                f"Redis cores at peak is {planned_cores:.2f}: Redis runs commands on one "
+                "thread, so one instance cannot carry that load at the "
+                f"[plan].cpu_utilization of {req.cpu_utilization:g}; shard the keys over "
+                f"{math.ceil(planned_cores)} or more instances (Redis Cluster), or serve the "
+                "reads from read replicas"
+            )
     cpu_hours = out.add(
         "batch run CPU",
         req.users * measured.batch_cpu_ms_per_user / 1000.0 / 3600.0,
@@ -813,17 +914,54 @@ def _compute(
         "cores",
         f"core-hours / {req.batch_window_hours:g} h window",
     )
-    planned = busy / replicas
-    phases = {"online": online, "precomputed": pre}
+    _load_warnings(busy, replicas, measured, out)
+    _catalog_warning(req, measured, out)
+
+
+def _replicas(req: Requirements, busy: float, cores: float, out: _Lines) -> float:
+    """The replicas for ``busy`` cores at peak (``cores`` at the headroom's load), one more
+    than they need at full load; the line says the load a lost replica leaves the others."""
+    count = max(
+        req.min_replicas,
+        math.ceil(cores / req.cores_per_replica),
+        math.ceil(busy / req.cores_per_replica) + 1,
+    )
+    left = (
+        f"a lost replica leaves {count - 1} at {busy / (count - 1) / req.cores_per_replica:.0%} "
+        "load at peak"
+        if count > 1
+        else "no replica is left when one is lost"
+    )
+    return out.add(
+        "service replicas",
+        count,
+        "replicas",
+        f"cores / {req.cores_per_replica:g} a replica; one more than the peak's busy cores "
+        f"need, so {left}; at least {req.min_replicas}",
+    )
+
+
+def _load_warnings(busy: float, replicas: float, measured: Measured, out: _Lines) -> None:
+    """A warning when a replica at peak, or one left after a replica is lost, would be busier
+    than the run measured one (the heavier of its phases): its p99 there is not measured."""
+    phases = {"online": measured.online, "precomputed": measured.precomputed}
     loads = {k: c.rps * c.service_cpu_ms / 1000.0 / measured.replicas for k, c in phases.items()}
     heaviest = max(loads, key=loads.__getitem__)
+    planned = busy / replicas
     if planned > loads[heaviest]:
         out.warnings.append(
             f"each replica would be busy {planned:.2f} of a core at peak, more than the "
             f"{loads[heaviest]:.2f} the run measured one at (its {heaviest} phase): the p99 at "
             "that load is not measured"
         )
-    _catalog_warning(req, measured, out)
+    elif replicas > 1 and busy / (replicas - 1) > loads[heaviest]:
+        out.warnings.append(
+            f"with one of the {replicas:g} replicas lost, each left would be busy "
+            f"{busy / (replicas - 1):.2f} of a core at peak, more than the {loads[heaviest]:.2f} "
+            f"the run measured one at (its {heaviest} phase): the p99 after a loss is not "
+            "measured; re-run bench/serving.py at that load per replica, or raise "
+            "[plan].min_replicas"
+        )
 
 
 def _catalog_warning(req: Requirements, measured: Measured, out: _Lines) -> None:

@@ -5,6 +5,7 @@ Kept apart from :mod:`mlsd.plan.capacity` so the config reads it without importi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -23,6 +24,11 @@ class Requirements:
             BPR user-vector tables).
         catalog_items: items retrieval searches (vectors in each index).
         list_length: items in a precomputed list.
+        precomputed_versions: model versions whose precomputed lists Redis holds at once. Keys
+            are per version with a TTL (:mod:`mlsd.serving.precomputed`): a new version's batch
+            (the next champion's, a challenger's) is written beside the champion's, whose
+            lists stay until their TTL ends, so 2 (the champion and the next) unless batches
+            of more versions overlap within a TTL.
         model_version_chars: characters of the model version stored in every list.
         index: the vector index: ``auto`` as serving picks it by catalog size (exact below
             50K items, HNSW below 5M, IVF-PQ with exact re-scoring above), or ``flat``,
@@ -43,6 +49,7 @@ class Requirements:
     users: int = 5_000_000
     catalog_items: int = 1_000_000
     list_length: int = 100
+    precomputed_versions: int = 2
     model_version_chars: int = 17
     index: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
     hnsw_m: int = 32
@@ -57,14 +64,24 @@ class Requirements:
             value = getattr(self, f.name)
             if isinstance(value, str):
                 continue
+            if not math.isfinite(
+                value
+            ):  # TOML's nan and inf (--set peak_to_average=inf) plan nothing
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
             if f.name in ("precomputed_share", "model_version_chars"):
-                if value < 0:
+                if not value >= 0:
                     raise ValueError(f"{f.name} must be >= 0, got {value}")
             elif not value > 0:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
-        if self.precomputed_share > 1:
+        # written so that NaN fails them too (every comparison with NaN is false)
+        if not 0 <= self.precomputed_share <= 1:
             raise ValueError(f"precomputed_share must be in [0, 1], got {self.precomputed_share}")
-        if self.cpu_utilization > 1:
+        if not 0 < self.cpu_utilization <= 1:
             raise ValueError(f"cpu_utilization must be in (0, 1], got {self.cpu_utilization}")
-        if self.peak_to_average < 1:
+        if not self.peak_to_average >= 1:
             raise ValueError(f"peak_to_average must be >= 1, got {self.peak_to_average}")
+        if not self.hnsw_m >= 2:
+            raise ValueError(
+                "hnsw_m must be >= 2 (a node reaches HNSW level l with probability M^-l: at 1 "
+                f"every node would reach every level), got {self.hnsw_m}"
+            )

@@ -21,7 +21,8 @@ and sorts all rows at once, with :func:`rows_isin` (one sort for every row's see
 
 Similarity between two items is 1 if they share a category and 0 otherwise, with category -1
 (unknown) one shared category, as in :func:`mlsd.evaluation.metrics.intra_list_diversity_score`,
-so the offline diversity metric measures exactly what this stage optimises.
+so the offline diversity metric measures exactly what this stage optimises. The category cap
+leaves unknown items out: it limits what is known to repeat.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class RerankConfig:
             its catalog creation time (``created_ts``, e.g. a release date) where the catalog
             has one, else its first event; ``"first_event"``, its first event only, so an item
             no one has touched yet has no age and gets no boost.
-        max_per_category: at most this many items of one category in the list (None: no cap).
+        max_per_category: at most this many items of one category in the list (None: no cap);
+            items of unknown category (-1) are not capped, or a catalog without categories
+            would get lists of this length.
         blocklist: item ids never shown (legal takedowns, out of stock).
     """
 
@@ -305,6 +308,7 @@ def _greedy_mmr(
     is_first[by_category[1:][same_next]] = False
     unshown = np.flatnonzero(is_first).tolist()  # best item of each category, ascending
     value = (lam * relevance[order]).tolist()
+    uncapped = (ranked_categories < 0).tolist()  # unknown: one category to MMR, not to the cap
     follow, penalty = next_pos.tolist(), 1.0 - lam
     shown: list[tuple[float, int, int]] = []  # heap of (-objective, position, count so far)
     picks: list[int] = []
@@ -322,7 +326,7 @@ def _greedy_mmr(
             count += 1
         picks.append(position)
         after = follow[position]
-        if after >= 0 and (cap is None or count < cap):
+        if after >= 0 and (cap is None or count < cap or uncapped[position]):
             heapq.heappush(shown, (-(value[after] - penalty), after, count))
     return order[np.asarray(picks, dtype=np.int64)]
 

@@ -110,7 +110,7 @@ def package_model(
         feed.retrieval.factories(),
         feed.ranking.factories(),
         protocol=feed.retrieval.protocol,
-        pipeline=feed.ranking.pipeline(),
+        pipeline=feed.ranking.pipeline(feed.retrieval.merge),
         feature_config=feature_config,
         progress=progress,
     )

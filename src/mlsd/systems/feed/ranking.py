@@ -177,7 +177,7 @@ def evaluate(
         feed.retrieval.factories(),
         feed.ranking.factories(),
         protocol=settings,
-        pipeline=feed.ranking.pipeline(),
+        pipeline=feed.ranking.pipeline(feed.retrieval.merge),
         feature_config=feature_config_for(dataset, **vars(feed.features)),
         protocol_name=cast(ProtocolName, protocol),
         splits=splits,
