@@ -27,3 +27,14 @@ def test_fixed_quotas_are_the_configured_ones_for_each_segment() -> None:
 def test_bad_fixed_quotas_are_refused_when_the_config_is_made() -> None:
     with pytest.raises(ValueError, match=r"quota must be in \[0, 1\], got -1.0"):
         MergeConfig(tune=False, cold_quotas={"popularity": -1.0})
+
+
+def test_the_merge_in_words_says_whether_it_was_tuned_and_how_it_fuses() -> None:
+    tuned = MergeConfig(quota_step=0.2).describe()
+    assert "merged with quotas tuned on validation [t1, t2)" in tuned
+    assert "grid step 0.2, warm and cold users apart" in tuned
+    fused = MergeConfig(tune=False, method="rrf", rank_constant=10.0, quotas={"a": 1.0})
+    assert fused.describe() == (
+        "the sources' lists fused by reciprocal rank (rank constant 10) with fixed weights "
+        "({'a': 1.0}; not tuned)"
+    )

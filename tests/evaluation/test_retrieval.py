@@ -350,6 +350,11 @@ def test_report_has_cold_quotas_only_when_split(world: Path) -> None:
     fixed = MergeConfig(tune=False, quotas={"by_id": 1.0}, cold_quotas={"covisitation": 1.0})
     report = evaluate_retrieval(world, sources, protocol=protocol, merge=fixed)
     assert (report.quotas, report.cold_quotas) == ({"by_id": 1.0}, {"covisitation": 1.0})
+    # The protocol text said "quotas tuned on validation" whatever the merge was.
+    assert "fixed quotas ({'by_id': 1.0}, cold users {'covisitation': 1.0}; not tuned)" in (
+        report.protocol
+    )
+    assert "tuned on validation" not in report.protocol
     # The merged cold users' lists are covisitation's (its cold fallback), warm ones by_id's.
     for segment, source in (("cold", "covisitation"), ("warm", "by_id")):
         assert _recall(report, MERGED, 20, segment) == pytest.approx(

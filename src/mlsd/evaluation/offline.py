@@ -862,7 +862,7 @@ def temporal_text(
         "each window the candidate sources are refit on the events before its start and list "
         f"{pipeline.n_candidates} merged candidates for the users active in it; candidate "
         "features are computed as of the window's start from events before it only; labels are "
-        "the users' interactions in the window. Merge quotas are tuned on [t1, t2). The "
+        f"the users' interactions in the window. The candidates: {pipeline.merge.describe()}. The "
         f"held-out split is by user: {pipeline.ranker_valid_frac:.0%} of the users (drawn with "
         f"seed {protocol.seed}) are held out with all their rows in every window, and the "
         f"rankers fit on the other {1 - pipeline.ranker_valid_frac:.0%}; ranker scores (NDCG@10, "

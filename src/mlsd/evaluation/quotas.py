@@ -102,6 +102,23 @@ class MergeConfig:
         quotas = dict(self.quotas) or {name: 1.0 / len(sources) for name in sources}
         return quotas, dict(self.cold_quotas) or None
 
+    def describe(self) -> str:
+        """How the lists are merged, in words, for the reports' protocol text (tuned on the
+        validation window [t1, t2), or fixed)."""
+        how, shares = "merged", "quotas"
+        if self.method == "rrf":
+            how = f"fused by reciprocal rank (rank constant {self.rank_constant:g})"
+            shares = "weights"
+        if not self.tune:
+            given = dict(self.quotas) or "equal"
+            cold = f", cold users {dict(self.cold_quotas)}" if self.cold_quotas else ""
+            return f"the sources' lists {how} with fixed {shares} ({given}{cold}; not tuned)"
+        apart = ", warm and cold users apart" if self.by_segment else ""
+        return (
+            f"the sources' lists {how} with {shares} tuned on validation [t1, t2) with sources "
+            f"fit on ts < t1 (recall@{self.tune_k}, grid step {self.quota_step:g}{apart})"
+        )
+
 
 def quota_grid(names: Sequence[str], step: float) -> list[dict[str, float]]:
     """Every split of ``1`` into fractions that are multiples of ``step``, over ``names``."""

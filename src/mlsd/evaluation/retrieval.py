@@ -136,13 +136,15 @@ class ProtocolConfig:
             )
 
 
-def protocol_text(protocol: ProtocolConfig) -> str:
-    """The protocol in one paragraph, for every report."""
+def protocol_text(protocol: ProtocolConfig, merge: MergeConfig | None = None) -> str:
+    """The protocol in one paragraph, for every report; ``merge``: how the merged set was made
+    (``None``: the sources alone)."""
     liked = "" if protocol.min_value is None else f" with value >= {protocol.min_value}"
+    merged = "each source alone, no merge" if merge is None else merge.describe()
     return (
         f"global temporal split by {protocol.split_by} (val_frac={protocol.val_frac}, "
-        f"test_frac={protocol.test_frac}): quotas tuned on validation [t1, t2) with sources fit "
-        "on ts < t1; final numbers from sources refit on ts < t2 and scored on the test window "
+        f"test_frac={protocol.test_frac}): {merged}; "
+        "final numbers from sources refit on ts < t2 and scored on the test window "
         "ts >= t2. Full ranking over every catalog item the user had not interacted with before "
         f"t2; relevant = the user's test-window items{liked} not interacted with before t2 "
         "(already-seen items are excluded from ranking, so they cannot be relevant); users "
@@ -329,7 +331,7 @@ def evaluate_retrieval(
         "n_relevant": int(sum(len(r) for r in test.relevant)),
     }
     return RetrievalReport(
-        protocol=protocol_text(protocol),
+        protocol=protocol_text(protocol, merge),
         dataset=read_info(Path(dataset_dir)).name,
         t1=spec.t1.isoformat(),
         t2=spec.t2.isoformat(),
