@@ -174,3 +174,18 @@ def test_missing_task_label_is_named() -> None:
 def test_predict_before_fit_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="not fitted"):
         small().predict(contract_data().test.features)
+
+
+def test_a_code_absent_from_training_gets_the_columns_mean_vector() -> None:
+    """Code 0 (unknown) never occurs in rows coded by the vocabulary: its vector stayed the
+    random initial one, and a value first seen at serving scored by the seed."""
+    data = contract_data()
+    features = data.train.features.copy()
+    features.loc[features["cat"] == 0, "cat"] = 3
+    train = RankingData(features, data.train.labels, data.train.groups, data.train.schema)
+    ranker = small().fit(train, data.valid)  # every train row trains: no inner holdout
+    table = next(ranker.model_.embeddings.parameters()).detach()  # the one column's table
+    counts = np.bincount(features["cat"].to_numpy(), minlength=table.shape[0])
+    expected = (counts / counts.sum()) @ table.numpy()
+    np.testing.assert_allclose(table[0].numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(table[1].numpy(), expected)  # trained codes keep their own

@@ -160,6 +160,20 @@ class CrossLayer(nn.Module):
         return crossed
 
 
+@torch.no_grad()
+def untrained_codes_to_mean(model: DCNv2, sparse: Tensor) -> None:
+    """Give every code absent from the training rows ``sparse`` (code 0, unknown, above all:
+    the vocabulary numbers the values it saw from 1) the training rows' mean embedding of its
+    column. Such a vector gets no gradient and would stay its random initial one, so a value
+    first seen at serving scored by the seed, above most known values in a test; the mean
+    vector is the column's average input instead."""
+    for column, weight in enumerate(model.embeddings.parameters()):  # one table a column
+        counts = torch.bincount(sparse[:, column], minlength=weight.shape[0])
+        unseen = counts == 0
+        if unseen.any() and not unseen.all():
+            weight[unseen] = (counts.to(weight.dtype) / counts.sum()) @ weight
+
+
 class DCNv2(nn.Module):
     """Raw features → standardise + embed → cross layers → MLP → one logit per task.
 
@@ -527,6 +541,7 @@ class DeepRanker(NetworkRanker):
                 model, config, split, rows, valid_split, loss_fn or default_loss,
                 progress=self.progress,
             )  # fmt: skip
+            untrained_codes_to_mean(model, split.sparse[torch.from_numpy(rows)])
         self.schema_, self.model_ = schema, model
         self.training_log_, self.best_epoch_ = log, best_epoch
         return self
