@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import schemathesis
 import uvicorn
+from anyio.to_thread import current_default_thread_limiter
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
@@ -520,6 +521,34 @@ def test_healthz_and_readyz(client: TestClient) -> None:
     assert ready.json()["model_version"] == "stub:1"
 
 
+def test_healthz_answers_while_event_pushes_hold_the_thread_pool(
+    make_client: MakeClient, popular: PopularRecommender
+) -> None:
+    """The liveness probe shared the thread pool with slow pushes: 40 of them held its 40
+    threads and /healthz waited, which gets a healthy process restarted."""
+    release = threading.Event()
+
+    class SlowStore(StubModel):
+        def record_events(self, events: object) -> int:
+            release.wait(10)
+            return 1
+
+    client = make_client(lambda: SlowStore(popular))
+    assert client.portal is not None  # started
+    client.portal.call(lambda: setattr(current_default_thread_limiter(), "total_tokens", 1))
+    event = [{"user_id": 5, "item_id": 7, "event": "click"}]
+    with ThreadPoolExecutor(1) as pool:
+        pushed = pool.submit(client.post, "/v1/events", json=event)
+        time.sleep(0.2)  # the push holds the pool's only thread
+        started = time.monotonic()
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/metrics").status_code == 200
+        waited = time.monotonic() - started
+        release.set()
+        assert pushed.result().status_code == 200
+    assert waited < 5  # not behind the push (10 s)
+
+
 def test_readyz_503_while_the_model_is_not_ready(
     make_client: MakeClient, popular: PopularRecommender
 ) -> None:
@@ -541,6 +570,12 @@ def test_failed_startup_load_serves_the_fallback(make_client: MakeClient) -> Non
     assert "no champion in the registry" in ready.json()["detail"]
     body = client.get("/v1/recommendations/5").json()
     assert (body["path"], body["fallbacks"]) == ("fallback:popular", ["model"])
+    # Events are refused, not "accepted" into the fallback's memory while no store keeps them.
+    user = 987_654_321  # no other test's: the fallback's history is the module's
+    posted = client.post("/v1/events", json=[{"user_id": user, "item_id": 7, "event": "click"}])
+    assert posted.status_code == 503
+    assert "cannot be stored" in posted.json()["detail"]
+    assert client.get(f"/v1/users/{user}/history").json()["items"] == []
     no_fallback = make_client(broken, fallback=None).get("/v1/recommendations/5")
     assert no_fallback.status_code == 503
     assert "no model is loaded" in no_fallback.json()["detail"]

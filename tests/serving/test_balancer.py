@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import threading
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from mlsd.serving.balancer import Nginx, NginxError, find_nginx, nginx_config
+from mlsd.serving.errors import body_limit_detail
+from mlsd.serving.settings import ServiceSettings
 from tests.conftest import _free_port
 
 
@@ -32,6 +35,21 @@ def test_config_sends_every_replica_least_conn_over_kept_connections(tmp_path: P
     # failed connections and timeouts go to another replica (nginx never resends a POST)
     assert "proxy_next_upstream error timeout;" in text
     assert str(tmp_path / "nginx.pid") in text
+
+
+def test_config_takes_bodies_up_to_the_replicas_limit(tmp_path: Path) -> None:
+    """nginx's own limit (1 MiB) refused batches of events the replicas take (4 MiB)."""
+    default = nginx_config(("127.0.0.1", 8000), [("127.0.0.1", 9001)], tmp_path)
+    assert f"client_max_body_size {ServiceSettings().max_body_bytes};" in default
+    text = nginx_config(
+        ("127.0.0.1", 8000), [("127.0.0.1", 9001)], tmp_path, max_body_bytes=5_000_000
+    )
+    assert "client_max_body_size 5000000;" in text
+    # held in memory: a worker run as nobody may not write temporary files under the prefix
+    assert "client_body_buffer_size 5000000;" in text
+    # a larger body is answered as the replicas answer it, in JSON
+    assert "error_page 413 @body_too_large;" in text
+    assert json.dumps({"detail": body_limit_detail(5_000_000)}) in text
 
 
 def test_config_refuses_no_replicas(tmp_path: Path) -> None:
@@ -71,6 +89,7 @@ class _Replica(ThreadingHTTPServer):
         self.holding = threading.Event()
         self.peers: list[tuple[str, int]] = []  # the connection each request came on
         self.posts = 0
+        self.sizes: list[int] = []  # the bodies POST /size read, bytes
         super().__init__(("127.0.0.1", 0), _Handler)
 
 
@@ -91,9 +110,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self) -> None:
-        """Take the request, then drop the connection without answering (a crash mid-request)."""
+        """``/size``: read the body, answer its size; else take the request, then drop the
+        connection without answering (a crash mid-request)."""
         replica = self.server
         assert isinstance(replica, _Replica)
+        if self.path == "/size":
+            size = len(self.rfile.read(int(self.headers["Content-Length"])))
+            replica.sizes.append(size)
+            body = str(size).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         replica.posts += 1
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
@@ -122,6 +151,17 @@ def _get(port: int, path: str) -> str:
         response = conn.getresponse()
         assert response.status == 200, response.status
         return response.read().decode()
+    finally:
+        conn.close()
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, str, bytes]:
+    """Status, content type and body of ``POST path``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, body=body)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
     finally:
         conn.close()
 
@@ -182,6 +222,43 @@ def test_a_post_that_reached_a_replica_is_not_sent_to_another(
         assert conn.getresponse().status == 502
         conn.close()
     assert sorted(r.posts for r in replicas) == [0, 1]
+
+
+@pytest.mark.integration
+def test_bodies_up_to_the_replicas_limit_reach_them(
+    nginx_binary: str,
+    replicas: list[_Replica],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A body between nginx's own limit (1 MiB) and ``MLSD_MAX_BODY_BYTES``, read from the
+    environment as the replicas read it, reaches a replica; a larger one gets the replicas'
+    JSON 413 (not nginx's HTML page) and reaches none."""
+    limit = 2 * 1024 * 1024
+    monkeypatch.setenv("MLSD_MAX_BODY_BYTES", str(limit))
+    port = _free_port()
+    with Nginx(("127.0.0.1", port), _upstreams(replicas[:1]), tmp_path, binary=nginx_binary):
+        for size in (1_500_000, limit):
+            assert _post(port, "/size", b"x" * size) == (200, "", str(size).encode())
+        status, content_type, body = _post(port, "/size", b"x" * (limit + 1))
+    assert (status, content_type) == (413, "application/json")
+    assert json.loads(body) == {"detail": body_limit_detail(limit)}
+    assert replicas[0].sizes == [1_500_000, limit]
+
+
+@pytest.mark.integration
+def test_a_body_limit_that_is_not_a_number_is_refused_by_name(
+    nginx_binary: str,
+    replicas: list[_Replica],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLSD_MAX_BODY_BYTES", "4MB")
+    with (
+        pytest.raises(NginxError, match="MLSD_MAX_BODY_BYTES must be an integer, got '4MB'"),
+        Nginx(("127.0.0.1", _free_port()), _upstreams(replicas), tmp_path, binary=nginx_binary),
+    ):
+        pass
 
 
 @pytest.mark.integration

@@ -403,6 +403,39 @@ def test_a_broken_source_degrades_instead_of_failing(
     assert len(result.items) == 10
 
 
+def test_readiness_reads_a_failing_store_again_until_it_answers(
+    served: tuple[Path, Path, Path], recommender: FeedRecommender
+) -> None:
+    """Readiness was a flag only a request's read set: a store down from the start was
+    "ready", and a replica a failed read took out of rotation (so no request came) stayed
+    out after the store came back."""
+    down = {"now": True}
+    assert recommender.features is not None
+    real = recommender.features.user_features
+
+    def user_features(user_id: int) -> dict[str, np.ndarray]:
+        if down["now"]:
+            raise ConnectionError("feature store down")
+        return real(user_id)
+
+    features = mock.Mock(wraps=recommender.features, user_features=user_features)
+    fresh = FeedRecommender(FeedModel.load(served[1]), features=features)
+    clock = [1000.0]
+    with mock.patch("mlsd.serving.feed.time.monotonic", side_effect=lambda: clock[0]):
+        assert not fresh.ready()  # down from the start: not ready, before any request
+        down["now"] = False
+        assert not fresh.ready()  # read again only after READY_PROBE_S
+        clock[0] += 5.0
+        assert fresh.ready()  # the store answers: back, with no request
+        down["now"] = True
+        result = fresh.recommend(RecommendRequest(7, k=5, allow_precomputed=False))
+        assert "features" in result.fallbacks
+        assert not fresh.ready()  # the request's failed read
+        down["now"] = False
+        clock[0] += 5.0
+        assert fresh.ready()
+
+
 def test_the_last_fallbacks_keep_the_blocklist_and_the_seen_items_out(
     served: tuple[Path, Path, Path], recommender: FeedRecommender
 ) -> None:

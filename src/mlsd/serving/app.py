@@ -400,11 +400,17 @@ class RecommendService:
 
     def record_events(self, events: list[dict[str, object]]) -> int:
         """Send feedback to the model (also to the fallback, best effort) and to the log;
-        returns the events the model accepted. ``request_id`` goes to the log only."""
-        model = self.current()
-        target = model if model is not None else self.fallback
+        returns the events the model accepted. ``request_id`` goes to the log only.
+
+        Without a model (its load failed) nothing is recorded and the call is refused: the
+        model is what writes the online feature store, and the fallback's in-memory history
+        would have answered "accepted" for events that no store kept."""
+        target = self.current()
         if target is None:
-            raise ServiceUnavailableError("no model is loaded to record events; retry later")
+            self.metrics.errors.labels("record_events").inc()
+            raise ServiceUnavailableError(
+                "no model is loaded, so the events cannot be stored; retry later"
+            )
         logged = events
         events = [{k: v for k, v in e.items() if k != "request_id"} for e in events]
         try:
@@ -757,8 +763,10 @@ def user_history(
 
 
 @router.get("/healthz", response_model=StatusOut)
-def healthz() -> StatusOut:
-    """The process is alive (does not look at the model)."""
+async def healthz() -> StatusOut:
+    """The process is alive (does not look at the model). On the event loop, not in the
+    thread pool, where event pushes may hold every thread for up to their timeout and a
+    liveness probe kept waiting would restart a healthy process."""
     return StatusOut(status="ok")
 
 
@@ -773,8 +781,8 @@ def readyz(service: ServiceDep, response: Response) -> StatusOut:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(service: ServiceDep) -> Response:
-    """Prometheus text format."""
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus text format (on the event loop, as ``/healthz``: a scrape reads memory)."""
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

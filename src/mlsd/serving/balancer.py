@@ -14,6 +14,7 @@ connect. This module writes its configuration and runs it as a child process (De
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -23,7 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from mlsd.serving.errors import body_limit_detail
 from mlsd.serving.process import stop_process
+from mlsd.serving.settings import ServiceSettings
 
 __all__ = ["Nginx", "NginxError", "find_nginx", "nginx_config"]
 
@@ -47,12 +50,21 @@ def nginx_config(
     *,
     keepalive: int = 64,
     worker_priority: int | None = None,
+    max_body_bytes: int = ServiceSettings.max_body_bytes,
 ) -> str:
     """The whole ``nginx.conf``: one worker process; ``listen`` proxied to ``upstreams`` by
     ``least_conn`` over up to ``keepalive`` idle connections kept open per worker; temporary
     files, pid and error log under ``prefix``; no access log (the service logs its requests).
     ``worker_priority``: the worker's nice value (-20 to 19; below 0 needs root), see
     :data:`WORKER_PRIORITY`.
+
+    ``max_body_bytes``: the replicas' body limit (``MLSD_MAX_BODY_BYTES``). nginx passes a body
+    up to it (its own default refused any over 1 MiB, a batch of events the replicas take), and
+    answers a larger one as a replica would: a 413 with the replicas' JSON ``detail``
+    (:func:`~mlsd.serving.errors.body_limit_detail`), not nginx's HTML page. A body is held in
+    memory (at most ``max_body_bytes`` a request), never written to a temporary file: a worker
+    started by root runs as ``nobody``, which cannot write under a ``prefix`` in a folder
+    private to root (``/root``, pytest's), and answered a body over 16 KiB with a 500.
 
     A replica that refuses or drops the connection, or sends no answer within
     ``proxy_read_timeout``, is left alone for ``fail_timeout`` and the request goes to another
@@ -65,6 +77,10 @@ def nginx_config(
         raise ValueError(f"keepalive must be at least 1, got {keepalive}")
     if worker_priority is not None and not -20 <= worker_priority <= 19:
         raise ValueError(f"worker_priority is a nice value in [-20, 19], got {worker_priority}")
+    if max_body_bytes < 1:  # 0 would lift nginx's limit altogether
+        raise ValueError(
+            f"max_body_bytes (MLSD_MAX_BODY_BYTES) must be at least 1, got {max_body_bytes}"
+        )
     priority = "" if worker_priority is None else f"worker_priority {worker_priority};\n"
     servers = "\n".join(
         f"        server {host}:{port} max_fails=1 fail_timeout=2s;" for host, port in upstreams
@@ -73,6 +89,7 @@ def nginx_config(
         f"    {kind}_temp_path {prefix / (kind + '_temp')};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    too_large = _nginx_string(json.dumps({"detail": body_limit_detail(max_body_bytes)}))
     return f"""\
 # written by mlsd.serving.balancer: {len(upstreams)} replicas behind least_conn
 worker_processes 1;
@@ -89,6 +106,8 @@ http {{
 {temp}
     keepalive_requests 1000000;
     keepalive_timeout 75s;
+    client_max_body_size {max_body_bytes};
+    client_body_buffer_size {max_body_bytes};
 
     upstream mlsd_replicas {{
         least_conn;
@@ -100,6 +119,11 @@ http {{
 
     server {{
         listen {listen[0]}:{listen[1]} backlog=4096;
+        error_page 413 @body_too_large;
+        location @body_too_large {{
+            default_type application/json;
+            return 413 {too_large};
+        }}
         location / {{
             proxy_pass http://mlsd_replicas;
             proxy_http_version 1.1;
@@ -125,6 +149,9 @@ class Nginx:
 
     ``with Nginx(...) as balancer:`` starts it and returns once ``listen`` accepts connections;
     leaving the block stops it. ``pids`` are the master's and its worker's (for CPU accounting).
+    ``max_body_bytes``: the replicas' body limit; by default ``MLSD_MAX_BODY_BYTES`` read as
+    the replicas read it (:class:`~mlsd.serving.settings.ServiceSettings`), so give the
+    balancer the replicas' value.
     """
 
     def __init__(
@@ -136,6 +163,7 @@ class Nginx:
         binary: str | None = None,
         start_timeout_s: float = 10.0,
         worker_priority: int | None = WORKER_PRIORITY if os.geteuid() == 0 else None,
+        max_body_bytes: int | None = None,
     ) -> None:
         self.listen = listen
         self.upstreams = list(upstreams)
@@ -143,6 +171,7 @@ class Nginx:
         self.binary = binary or find_nginx()
         self.start_timeout_s = start_timeout_s
         self.worker_priority = worker_priority
+        self.max_body_bytes = max_body_bytes
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -159,10 +188,21 @@ class Nginx:
             raise NginxError(
                 f"{self.listen[0]}:{self.listen[1]} is in use: pick another port for nginx"
             )
+        max_body_bytes = self.max_body_bytes
+        if max_body_bytes is None:
+            try:  # only the one variable: the balancer needs none of the replicas' others
+                env = {"MLSD_MAX_BODY_BYTES": os.environ.get("MLSD_MAX_BODY_BYTES", "")}
+                max_body_bytes = ServiceSettings.from_env(env).max_body_bytes
+            except ValueError as exc:
+                raise NginxError(f"{exc}; set it as for the replicas") from None
         self.prefix.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
             nginx_config(
-                self.listen, self.upstreams, self.prefix, worker_priority=self.worker_priority
+                self.listen,
+                self.upstreams,
+                self.prefix,
+                worker_priority=self.worker_priority,
+                max_body_bytes=max_body_bytes,
             )
         )
         command = [self.binary, "-p", str(self.prefix), "-c", str(self.config_path)]
@@ -225,6 +265,14 @@ class Nginx:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _nginx_string(text: str) -> str:
+    """``text`` as a single-quoted nginx string (it must hold no ``$``: nginx would read a
+    variable there, and has no escape for it)."""
+    if "$" in text:
+        raise ValueError(f"an nginx string cannot hold '$': {text!r}")
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _accepts(address: tuple[str, int]) -> bool:

@@ -73,14 +73,21 @@ class BodyLimit:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = (
-            f"the request body is over {self.max_bytes} bytes (MLSD_MAX_BODY_BYTES); "
-            "send less, e.g. split a batch of events"
-        )
         response = JSONResponse(
-            {"detail": detail}, status_code=413, headers={"Connection": "close"}
+            {"detail": body_limit_detail(self.max_bytes)},
+            status_code=413,
+            headers={"Connection": "close"},
         )
         await response(scope, receive, send)
+
+
+def body_limit_detail(max_bytes: int) -> str:
+    """The ``detail`` of the 413 for a body over ``max_bytes``: the replicas' and, in front of
+    them, the balancer's (:func:`~mlsd.serving.balancer.nginx_config`)."""
+    return (
+        f"the request body is over {max_bytes} bytes (MLSD_MAX_BODY_BYTES); "
+        "send less, e.g. split a batch of events"
+    )
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -110,30 +117,42 @@ async def validation_error_response(_: Request, exc: Exception) -> Response:
 
     Why: Python's JSON parser reads the literals ``NaN`` and ``Infinity``, which validation
     then refuses; FastAPI's own handler echoed them in ``input`` and the response, which
-    refuses non-finite numbers, failed with a 500. It also echoed the whole refused value: a
-    batch of events missing its brackets came back as large as it went. Here a non-finite
-    number anywhere in an error is a string (``"nan"``, ``"inf"``), and ``input`` is kept only
-    when it is a short scalar, else a short repr (:data:`INPUT_ECHO_CHARS`)."""
+    refuses non-finite numbers, failed with a 500. JSON text also carries lone UTF-16
+    surrogates (``"\\ud800"``), which the response's UTF-8 cannot: a 500 again. It also echoed
+    the whole refused value: a batch of events missing its brackets came back as large as it
+    went. Here a non-finite number anywhere in an error is a string (``"nan"``, ``"inf"``), a
+    lone surrogate anywhere (a value, a key, a field name) its escape (the six characters
+    ``\\ud800``), and ``input`` is kept only when it is a short scalar, else a short repr
+    (:data:`INPUT_ECHO_CHARS`)."""
     errors = cast(RequestValidationError, exc).errors()
     return JSONResponse({"detail": [_json_safe_error(e) for e in errors]}, status_code=422)
 
 
 def _json_safe_error(error: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: _finite(jsonable_encoder(v)) for k, v in error.items() if k != "input"}
+    out = {k: jsonable_encoder(v) for k, v in error.items() if k != "input"}
     if "input" in error:
         out["input"] = _short_input(error["input"])
-    return out
+    return cast(dict[str, Any], _json_safe(out))
 
 
-def _finite(value: Any) -> Any:
-    """``value`` (made of JSON types) with every NaN or infinity as its string."""
+def _json_safe(value: Any) -> Any:
+    """``value`` (made of JSON types) with every NaN or infinity as its string and every lone
+    surrogate in a string or key as its escape (:func:`_utf8`)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return _utf8(value)
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {_utf8(str(k)): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value
+
+
+def _utf8(text: str) -> str:
+    """``text`` with each character UTF-8 cannot encode (a lone surrogate: ``"\\ud800"`` in
+    JSON text) as its escape, the six characters ``\\ud800``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _short_input(value: Any) -> Any:
@@ -157,4 +176,5 @@ def status_handler(status: int) -> Callable[[Request, Exception], Awaitable[Resp
 
 
 def error_response(status: int, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    """``{"detail": str(exc)}``; a lone surrogate in it (echoed from a request) as its escape."""
+    return JSONResponse({"detail": _utf8(str(exc))}, status_code=status)

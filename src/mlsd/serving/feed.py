@@ -65,6 +65,11 @@ from mlsd.serving.recommender import (
 from mlsd.serving.rerank import PAD_ID, boost_ages, rerank, rerank_lists
 from mlsd.serving.sources import UserQuery, candidates_matrix
 
+READY_PROBE_S = 5.0
+"""How often :meth:`FeedRecommender.ready` reads a store whose last read failed."""
+READY_PROBE_USER = -(2**62)
+"""The user :meth:`FeedRecommender.ready` reads: one no store holds (it gets the defaults)."""
+
 logger = logging.getLogger(__name__)
 
 IntArray = npt.NDArray[np.int64]
@@ -174,6 +179,7 @@ class FeedRecommender:
         self.max_age_s = max_age_s
         self.candidates_sample_rate = candidates_sample_rate
         self._healthy_features = True
+        self._probed_at: float | None = None  # time.monotonic() of ready()'s last store read
 
     @property
     def reference_profile_path(self) -> Path | None:
@@ -406,6 +412,22 @@ class FeedRecommender:
         return [int(i) for i in recent[recent >= 0][:n]]
 
     def ready(self) -> bool:
+        """Whether the online feature store answered its last read. Until a request has read
+        it, and while its last read failed, the store is read here (an unknown user's row, at
+        most every :data:`READY_PROBE_S`): a replica whose store was down from the start is not
+        ready, and one that a failed read took out of rotation, where no request reaches it,
+        comes back once the store answers."""
+        if self.features is None or (self._healthy_features and self._probed_at is not None):
+            return True
+        now = time.monotonic()
+        if self._probed_at is None or now - self._probed_at >= READY_PROBE_S:
+            self._probed_at = now
+            try:
+                self.features.user_features(READY_PROBE_USER)
+                self._healthy_features = True
+            except Exception:
+                logger.warning("feature store read failed in the readiness check")
+                self._healthy_features = False
         return self._healthy_features
 
     # -- stages ------------------------------------------------------------------------------

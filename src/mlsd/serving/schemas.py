@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
 from mlsd.serving.recommender import Path_
@@ -26,6 +27,37 @@ ContextValue = Annotated[str, Field(strict=True)] | Annotated[int, Field(strict=
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest finite float32: the online store keeps event values as float32, where a larger
 value would become infinite in the user's features."""
+_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
+
+
+def _unix_seconds(value: object) -> object:
+    """An event's ``ts`` given as a number, or text of one, read as Unix seconds at any size;
+    other values (ISO 8601 text) are left to pydantic.
+
+    Why: pydantic reads a number above 2e10 as milliseconds, so 20,000,000,001 s (year 2603,
+    after :data:`NOW_MAX`) became 1970-08-20 and was stored, where 9,214,646,401 was refused.
+    """
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError):  # NaN, infinite, or beyond year 9999
+        raise ValueError(
+            f"{value!r} is not a time in Unix seconds (1970 to 2262); send seconds since "
+            "1970-01-01T00:00:00Z, not milliseconds, or ISO 8601 text"
+        ) from None
+
+
+EventTime = Annotated[
+    datetime,
+    Field(ge=datetime.fromtimestamp(0, UTC), le=datetime.fromtimestamp(NOW_MAX, UTC)),
+    BeforeValidator(_unix_seconds),
+]
+"""An event's time: ISO 8601 text (pydantic's parsing) or a number of Unix seconds however
+large (pydantic alone reads one above 2e10 as milliseconds), from 1970 to :data:`NOW_MAX` (the
+bounds of a request's ``now``)."""
 
 
 class ItemOut(BaseModel):
@@ -75,12 +107,11 @@ class EventIn(BaseModel):
         le=FLOAT32_MAX,
         description="finite, within float32's range (the online store's type)",
     )
-    ts: datetime | None = Field(
+    ts: EventTime | None = Field(
         None,
-        ge=datetime.fromtimestamp(0, UTC),
-        le=datetime.fromtimestamp(NOW_MAX, UTC),  # the bounds of a request's ``now``
         description=(
-            "ISO 8601 or Unix seconds from 1970 (UTC when no offset), at most "
+            "ISO 8601 or Unix seconds (not milliseconds), 1970 to 2262 (UTC when no offset), "
+            "at most "
             f"{EVENT_TS_ALLOWANCE_S:.0f} s after the server's clock; default: now"
         ),
     )
