@@ -549,6 +549,28 @@ def test_healthz_answers_while_event_pushes_hold_the_thread_pool(
     assert waited < 5  # not behind the push (10 s)
 
 
+def test_the_wait_for_a_model_thread_is_in_the_latency(
+    make_client: MakeClient, popular: PopularRecommender
+) -> None:
+    """The clock started once a model thread was free: three requests queued behind one
+    thread each reported the model's 0.2 s while their clients waited up to 0.6 s."""
+
+    class Slow(StubModel):
+        def recommend(self, request: RecommendRequest) -> RecommendResult:
+            time.sleep(0.2)
+            return super().recommend(request)
+
+    client = make_client(lambda: Slow(popular), model_threads=1)
+    params = {"precomputed": "false"}
+    with ThreadPoolExecutor(3) as pool:
+        bodies = list(
+            pool.map(lambda u: client.get(f"/v1/recommendations/{u}", params=params), [1, 2, 3])
+        )
+    totals = sorted(b.json()["stage_ms"]["total"] for b in bodies)
+    assert totals[0] >= 190
+    assert totals[-1] >= 550  # two requests' 0.2 s ahead of it, in its latency
+
+
 def test_readyz_503_while_the_model_is_not_ready(
     make_client: MakeClient, popular: PopularRecommender
 ) -> None:

@@ -403,6 +403,17 @@ def test_a_broken_source_degrades_instead_of_failing(
     assert len(result.items) == 10
 
 
+def test_a_request_that_waited_past_its_budget_degrades(recommender: FeedRecommender) -> None:
+    """The wait for a model thread counts in the deadline and shows as the ``queue`` stage."""
+    waited = RecommendRequest(7, k=5, allow_precomputed=False, arrived=time.perf_counter() - 1)
+    result = recommender.recommend(waited)
+    assert result.stage_ms["queue"] >= 1000
+    assert "ranker:deadline" in result.fallbacks
+    fresh = recommender.recommend(RecommendRequest(7, k=5, allow_precomputed=False))
+    assert "queue" not in fresh.stage_ms
+    assert "ranker:deadline" not in fresh.fallbacks
+
+
 def test_readiness_reads_a_failing_store_again_until_it_answers(
     served: tuple[Path, Path, Path], recommender: FeedRecommender
 ) -> None:

@@ -4,8 +4,10 @@
 model directory (:class:`~mlsd.serving.feed_model.FeedModel`, which says what the directory
 holds); batch prediction runs the same path for many users (:mod:`mlsd.serving.batch`).
 
-Every stage has a deadline (checked when it ends: Python cannot pre-empt a call) and a fallback,
-so a failed or slow dependency degrades the answer instead of failing the request:
+Every stage has a fallback, and the request one budget (:class:`Deadlines`, counted from its
+arrival at the service, the wait for a model thread included, and checked before the ranker:
+Python cannot pre-empt a call; the store clients carry their own socket timeouts), so a failed
+or slow dependency degrades the answer instead of failing the request:
 
 - precomputed list (Redis) unavailable → the online path;
 - feature store down → the user's defaults (cold-start features), ``"features"`` in fallbacks;
@@ -88,10 +90,16 @@ class Deadlines:
 
 
 class _Clock:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.mark = self.start
+    """Stage laps of one request; its total (what the deadline checks) counts from ``arrived``
+    (:attr:`RecommendRequest.arrived`), the wait for a model thread before the first stage
+    being the ``queue`` stage."""
+
+    def __init__(self, arrived: float | None = None) -> None:
+        self.mark = time.perf_counter()
+        self.start = self.mark if arrived is None else min(arrived, self.mark)
         self.stage_ms: dict[str, float] = {}
+        if arrived is not None:
+            self.stage_ms["queue"] = (self.mark - self.start) * 1000
 
     def lap(self, stage: str) -> float:
         now = time.perf_counter()
@@ -210,7 +218,7 @@ class FeedRecommender:
             return None
         if store is None or not store.can_await:
             return None
-        clock = _Clock()
+        clock = _Clock(request.arrived)
         try:
             found = await store.lookup_async(
                 user_id,
@@ -227,7 +235,7 @@ class FeedRecommender:
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         if request.k < 1:
             raise BadRequestError(f"k must be >= 1, got {request.k}")
-        clock = _Clock()
+        clock = _Clock(request.arrived)
         fallbacks: list[str] = []
         if self._may_precompute(request):
             served = self._precomputed(request, fallbacks, fresh=True)

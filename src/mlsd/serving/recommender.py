@@ -54,6 +54,9 @@ class RecommendRequest:
         allow_precomputed: serve a fresh precomputed list when one exists.
         request_id: the service's id of the request (it assigns anonymous visitors to
             experiment arms).
+        arrived: ``time.perf_counter()`` when the service received the request (``None``: when
+            the model starts on it). Time spent waiting for a model thread counts from it: in
+            the deadline, in the ``queue`` stage and in the total.
     """
 
     user_id: int | None
@@ -64,6 +67,7 @@ class RecommendRequest:
     now: float | None = None
     allow_precomputed: bool = True
     request_id: str | None = None
+    arrived: float | None = None
 
 
 @dataclass(frozen=True)
