@@ -485,6 +485,29 @@ def test_a_pass_that_hangs_is_abandoned_and_its_child_killed(
     # The app stopped without waiting for the hung pass.
 
 
+def test_a_stopping_service_does_not_wait_for_a_pass_in_progress(
+    tmp_path: Path, popular: PopularRecommender
+) -> None:
+    """Shutdown joined the monitor's thread while its pass ran, up to ``pass_timeout_s``."""
+    stalled = tmp_path / "profile.json"
+    os.mkfifo(stalled)  # the pass blocks reading it
+    log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
+    settings = MonitorSettings(
+        rules=RULES, interval_s=0.2, profile_path=stalled, pass_timeout_s=60.0
+    )
+    app = create_app(lambda: popular, settings=ServiceSettings(), log=log, monitor=settings)
+    before = {p.pid for p in multiprocessing.active_children()}
+    with TestClient(app):
+        time.sleep(1.5)  # the first pass started and hangs
+        started = time.monotonic()
+    assert time.monotonic() - started < 15
+    deadline = time.monotonic() + 10
+    while {p.pid for p in multiprocessing.active_children()} - before:
+        assert time.monotonic() < deadline, "the pass's child outlived the service"
+        time.sleep(0.05)
+    assert app.state.monitor.service.metrics.errors.labels("monitor")._value.get() == 0
+
+
 def test_without_a_profile_the_monitor_does_nothing(
     tmp_path: Path, popular: PopularRecommender
 ) -> None:

@@ -127,6 +127,8 @@ class PeriodicTask:
                 self.run_once()
                 failures = 0
             except Exception:
+                if self._stop.is_set():
+                    return  # stopped during the call (a pass abandoned): not a failure
                 failures += 1
                 logger.exception(
                     "%s failed (%d in a row); again in %g s",
@@ -209,8 +211,11 @@ class ServiceMonitor(PeriodicTask):
         self._child().submit(ready)
         super().start()
 
-    def _drop_child(self, pool: ProcessPoolExecutor, *, kill: bool = False) -> None:
-        """Forget ``pool`` (the next pass starts another); ``kill`` its process first.
+    def _drop_child(
+        self, pool: ProcessPoolExecutor, *, kill: bool = False, wait: bool = False
+    ) -> None:
+        """Forget ``pool`` (the next pass starts another); ``kill`` its process first; ``wait``
+        until its process is gone (reaped).
 
         ``ProcessPoolExecutor`` can cancel only a task that has not started, so a running one
         is ended by killing its process, found in the pool's ``_processes`` (no public API
@@ -221,12 +226,14 @@ class ServiceMonitor(PeriodicTask):
         if kill:
             for process in list(getattr(pool, "_processes", {}).values()):
                 process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=wait, cancel_futures=True)
 
     def _child(self) -> ProcessPoolExecutor:
         from mlsd.serving.monitor_pass import lower_priority
 
         with self._pool_lock:
+            if self._stop.is_set():  # stop() has dropped the child: start no other
+                raise RuntimeError("the monitor is stopped")
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     1, mp_context=mp.get_context("spawn"), initializer=lower_priority
@@ -234,12 +241,15 @@ class ServiceMonitor(PeriodicTask):
             return self._pool
 
     def stop(self) -> None:
-        """Stop the thread (waits for a pass in progress), then the child process."""
-        super().stop()
+        """Stop the thread and the child process; a pass in progress is abandoned, its child
+        killed: a stopping service must not wait up to ``pass_timeout_s`` for it (an
+        orchestrator's grace period, 30 s on Kubernetes, would end the process first)."""
+        self._stop.set()
         with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool = self._pool
+        if pool is not None:  # a pass waiting on the child raises, and the loop ends
+            self._drop_child(pool, kill=True, wait=True)
+        super().stop()
 
 
 class ModelFollower(PeriodicTask):
