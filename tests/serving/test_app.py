@@ -571,6 +571,28 @@ def test_the_wait_for_a_model_thread_is_in_the_latency(
     assert totals[-1] >= 550  # two requests' 0.2 s ahead of it, in its latency
 
 
+def test_a_503_names_the_error_but_not_its_text(
+    make_client: MakeClient, popular: PopularRecommender
+) -> None:
+    """The text of an internal error (hosts, ports, file paths) went to any caller."""
+    secret = ConnectionError("Error 111 connecting to 10.1.2.3:6379")
+
+    class Down(StubModel):
+        def record_events(self, events: object) -> int:
+            raise secret
+
+    broken = replace(StubModel(popular), fail=secret)
+    client = make_client(lambda: Down(popular, fail=secret), fallback=broken)
+    answers = [
+        client.get("/v1/recommendations/5"),
+        client.post("/v1/events", json=[{"user_id": 5, "item_id": 7, "event": "click"}]),
+    ]
+    for answer in answers:
+        assert answer.status_code == 503
+        assert "ConnectionError" in answer.json()["detail"]
+        assert "10.1.2.3" not in answer.text
+
+
 def test_readyz_503_while_the_model_is_not_ready(
     make_client: MakeClient, popular: PopularRecommender
 ) -> None:

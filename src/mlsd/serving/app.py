@@ -382,7 +382,11 @@ class RecommendService:
             raise
         except Exception as exc:
             self.metrics.errors.labels("fallback").inc()
-            raise ServiceUnavailableError(f"{why} and the fallback failed too: {exc}") from exc
+            logger.exception("the fallback failed too (request %s)", request.request_id)
+            raise ServiceUnavailableError(
+                f"{why} and the fallback failed too ({type(exc).__name__}; details in the "
+                f"service's error output, request {request.request_id}); retry later"
+            ) from exc
         path = result.path if result.path.startswith("fallback:") else "fallback:popular"
         return replace(result, path=path, fallbacks=("model", *result.fallbacks))
 
@@ -419,7 +423,11 @@ class RecommendService:
             raise
         except Exception as exc:
             self.metrics.errors.labels("record_events").inc()
-            raise ServiceUnavailableError(f"recording events failed: {exc}; retry") from exc
+            logger.exception("recording events failed")
+            raise ServiceUnavailableError(
+                f"recording events failed ({type(exc).__name__}; details in the service's "
+                "error output); retry"
+            ) from exc
         if self.fallback is not None and self.fallback is not target:
             try:
                 self.fallback.record_events(events)
