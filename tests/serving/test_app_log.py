@@ -19,6 +19,7 @@ from typing import cast
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from mlsd.config import load_feed_config
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
@@ -456,17 +457,24 @@ def test_a_pass_runs_in_a_child_process_and_a_dead_child_is_replaced(
     assert {p.pid for p in multiprocessing.active_children()} <= before  # stopped with the app
 
 
-def test_a_pass_that_hangs_is_abandoned_and_its_child_killed(
-    tmp_path: Path, popular: PopularRecommender
-) -> None:
-    # Reading a FIFO with no writer blocks, as a read from a stalled network mount would.
+def stalled_monitor_app(
+    tmp_path: Path, popular: PopularRecommender, *, interval_s: float, pass_timeout_s: float
+) -> FastAPI:
+    """A service whose monitoring passes hang: its reference profile is a FIFO with no writer,
+    whose read blocks as a read from a stalled network mount would."""
     stalled = tmp_path / "profile.json"
     os.mkfifo(stalled)
     log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
     settings = MonitorSettings(
-        rules=RULES, interval_s=3600.0, profile_path=stalled, pass_timeout_s=3.0
+        rules=RULES, interval_s=interval_s, profile_path=stalled, pass_timeout_s=pass_timeout_s
     )
-    app = create_app(lambda: popular, settings=ServiceSettings(), log=log, monitor=settings)
+    return create_app(lambda: popular, settings=ServiceSettings(), log=log, monitor=settings)
+
+
+def test_a_pass_that_hangs_is_abandoned_and_its_child_killed(
+    tmp_path: Path, popular: PopularRecommender
+) -> None:
+    app = stalled_monitor_app(tmp_path, popular, interval_s=3600.0, pass_timeout_s=3.0)
     before = {p.pid for p in multiprocessing.active_children()}
     with TestClient(app):
         monitor = app.state.monitor
@@ -489,13 +497,7 @@ def test_a_stopping_service_does_not_wait_for_a_pass_in_progress(
     tmp_path: Path, popular: PopularRecommender
 ) -> None:
     """Shutdown joined the monitor's thread while its pass ran, up to ``pass_timeout_s``."""
-    stalled = tmp_path / "profile.json"
-    os.mkfifo(stalled)  # the pass blocks reading it
-    log = ServiceLog(tmp_path / "log", flush_interval_s=60.0)
-    settings = MonitorSettings(
-        rules=RULES, interval_s=0.2, profile_path=stalled, pass_timeout_s=60.0
-    )
-    app = create_app(lambda: popular, settings=ServiceSettings(), log=log, monitor=settings)
+    app = stalled_monitor_app(tmp_path, popular, interval_s=0.2, pass_timeout_s=60.0)
     before = {p.pid for p in multiprocessing.active_children()}
     with TestClient(app):
         time.sleep(1.5)  # the first pass started and hangs
