@@ -484,10 +484,13 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
 
 
 def test_a_stopping_service_stops_its_push_process_before_it_exits(
-    setup: tuple[Path, Path, Path], tmp_path: Path
+    setup: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the served CLI runs at shutdown (:func:`_stopped`): the child is gone when it
     returns, not only once the server's exit closes its pipe."""
+    # The child is stopped seconds after it starts: on a busy machine it may still be importing
+    # Feast, which makes its metrics folder before mlsd can remove it; keep that out of /tmp.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     world, config, root = setup
     feed = load_feed_config(config)
     features = online_features(world, feed)
