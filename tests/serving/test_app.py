@@ -471,6 +471,12 @@ def test_an_event_time_out_of_range_is_422_naming_its_row(
     assert 93 not in client.get("/v1/users/8/history").json()["items"]  # the batch was refused
 
 
+def test_a_numeric_event_time_past_2262_echoes_the_time_it_read(client: TestClient) -> None:
+    click = {"user_id": 8, "item_id": 93, "event": "click", "ts": 20_000_000_001}
+    (error,) = client.post("/v1/events", json=[click]).json()["detail"]
+    assert error["input"] == "2603-10-11T11:33:21+00:00"  # not datetime.datetime(2603, ...)
+
+
 def test_event_times_at_the_bounds_are_accepted(client: TestClient) -> None:
     soon = time.time() + EVENT_TS_ALLOWANCE_S - 60  # a client's clock a little ahead
     events = [  # user 9: only this test's

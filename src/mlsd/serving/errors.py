@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import reprlib
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from typing import Any, cast
 
 from fastapi import Request, Response
@@ -165,6 +166,8 @@ def _short_input(value: Any) -> Any:
         return value
     if isinstance(value, str) and len(value) <= INPUT_ECHO_CHARS:
         return value
+    if isinstance(value, datetime):  # a time read from a number (EventIn.ts): as ISO text
+        return value.isoformat()
     return _short.repr(value)
 
 
