@@ -64,16 +64,14 @@ class Requirements:
             value = getattr(self, f.name)
             if isinstance(value, str):
                 continue
-            if not math.isfinite(
-                value
-            ):  # TOML's nan and inf (--set peak_to_average=inf) plan nothing
+            # TOML's nan and inf (--set peak_to_average=inf) plan nothing
+            if not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
             if f.name in ("precomputed_share", "model_version_chars"):
                 if not value >= 0:
                     raise ValueError(f"{f.name} must be >= 0, got {value}")
             elif not value > 0:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
-        # written so that NaN fails them too (every comparison with NaN is false)
         if not 0 <= self.precomputed_share <= 1:
             raise ValueError(f"precomputed_share must be in [0, 1], got {self.precomputed_share}")
         if not 0 < self.cpu_utilization <= 1:

@@ -588,7 +588,7 @@ def _arrival(request: RecommendRequest) -> tuple[float, float]:
     """(wall-clock seconds, ``perf_counter``) of the request's arrival: now when it carries
     none (:attr:`~mlsd.serving.recommender.RecommendRequest.arrived`)."""
     now = time.perf_counter()
-    start = now if request.arrived is None else min(request.arrived, now)
+    start = request.arrival(now)
     return time.time() - (now - start), start
 
 

@@ -90,15 +90,15 @@ class Deadlines:
 
 
 class _Clock:
-    """Stage laps of one request; its total (what the deadline checks) counts from ``arrived``
-    (:attr:`RecommendRequest.arrived`), the wait for a model thread before the first stage
+    """Stage laps of one request; its total (what the deadline checks) counts from its arrival
+    (:meth:`RecommendRequest.arrival`), the wait for a model thread before the first stage
     being the ``queue`` stage."""
 
-    def __init__(self, arrived: float | None = None) -> None:
+    def __init__(self, request: RecommendRequest) -> None:
         self.mark = time.perf_counter()
-        self.start = self.mark if arrived is None else min(arrived, self.mark)
+        self.start = request.arrival(self.mark)
         self.stage_ms: dict[str, float] = {}
-        if arrived is not None:
+        if request.arrived is not None:
             self.stage_ms["queue"] = (self.mark - self.start) * 1000
 
     def lap(self, stage: str) -> float:
@@ -218,7 +218,7 @@ class FeedRecommender:
             return None
         if store is None or not store.can_await:
             return None
-        clock = _Clock(request.arrived)
+        clock = _Clock(request)
         try:
             found = await store.lookup_async(
                 user_id,
@@ -235,7 +235,7 @@ class FeedRecommender:
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         if request.k < 1:
             raise BadRequestError(f"k must be >= 1, got {request.k}")
-        clock = _Clock(request.arrived)
+        clock = _Clock(request)
         fallbacks: list[str] = []
         if self._may_precompute(request):
             served = self._precomputed(request, fallbacks, fresh=True)

@@ -69,6 +69,11 @@ class RecommendRequest:
     request_id: str | None = None
     arrived: float | None = None
 
+    def arrival(self, now: float) -> float:
+        """When the request arrived on the ``time.perf_counter()`` clock: ``arrived``, or
+        ``now`` when it carries none (and never after ``now``)."""
+        return now if self.arrived is None else min(self.arrived, now)
+
 
 @dataclass(frozen=True)
 class Recommendation:
