@@ -15,6 +15,9 @@ For ML-100K and ML-latest-small (imported from ``$MLSD_DATA_DIR``, default ``../
 - compression: the deep ranker distilled into a small student, exported to ONNX and quantized
   to int8 — its test NDCG@10 against the teacher's, and single-thread scoring latency for 1 and
   500 candidates (target: >= 98% of the teacher's NDCG@10 at >= 3x lower latency for 500).
+  The retention is measured on the pipeline's deep ranker and its student, and over
+  ``--retention-seeds`` (teacher, student) pairs: the deep ranker refitted with seeds 1, 2, ...
+  on the same rows, each distilled into its own student; the target reads the mean over pairs.
   The latency is of the call the service makes, ``predict_matrix`` on the request path's
   feature block; ``*_dataframe`` times ``predict`` on a DataFrame of the same rows.
 
@@ -76,6 +79,12 @@ AUC_SPLITS = 5
 #   1, 64, 8                        0.80 / 0.96    6.0x / 5.0x
 STUDENT_SHAPE: dict[str, Any] = {"n_cross_layers": 2, "mlp_dims": (128, 64), "embedding_dim": 16}
 FIDELITY_TOP = 10
+RETENTION_SEEDS = 5
+"""(teacher, student) pairs the retention is averaged over: seed 0 is the pipeline's deep ranker
+and its student, seeds 1, 2, ... refit the teacher on the same rows with that seed and distil a
+student from it (the student's seed is its teacher's). On ML-latest-small's test window the deep
+ranker's NDCG@10 moved from 0.227 to 0.341 with the seed alone (seeds 0-4, commit 5dc8b49), so
+one pair's ratio says as much about the two networks' seeds as about distillation."""
 PUBLISHED_ML100K = {
     "source": "Microsoft Recommenders, ML-100K, python_stratified_split 75/25, k = 10; their "
     "map divides by #relevant (compare map_relevant@10, not map@10)",
@@ -143,6 +152,57 @@ class Student:
                 / timed["student_int8_onnx_dataframe"]["p50_ms"],
             }
         return out
+
+
+class Reseeded:
+    """A derived ranker: the deep ranker fitted again on the same rows with another seed."""
+
+    def __init__(self, seed: int, base: str = "deep") -> None:
+        self.seed = seed
+        self.base = base
+
+    def __call__(
+        self, fitted: Mapping[str, Ranker], fit: RankingData, valid: RankingData
+    ) -> Ranker:
+        base = fitted[self.base]
+        if not isinstance(base, DeepRanker):
+            raise ValueError(f"{self.base} is not a DeepRanker")
+        config = dataclasses.replace(base.config, seed=self.seed)
+        return DeepRanker(config, progress=False).fit(fit, valid)
+
+
+def seed_pairs(workdir: Path, seeds: int) -> dict[str, Callable[..., Ranker]]:
+    """The derived rankers of pairs 1 .. ``seeds`` - 1: a reseeded teacher, its student
+    (written under ``workdir``-seed1, ...)."""
+    derived: dict[str, Callable[..., Ranker]] = {}
+    for seed in range(1, seeds):
+        derived[f"deep-seed{seed}"] = Reseeded(seed)
+        derived[f"{STUDENT}-seed{seed}"] = Student(
+            workdir.with_name(f"{workdir.name}-seed{seed}"), teacher=f"deep-seed{seed}"
+        )
+    return derived
+
+
+def retention_over_seeds(report: OfflineReport, seeds: int) -> dict[str, Any]:
+    """Test NDCG@10 of each (teacher, student) pair and the retention of their means."""
+    names = [("deep", STUDENT)] + [
+        (f"deep-seed{seed}", f"{STUDENT}-seed{seed}") for seed in range(1, seeds)
+    ]
+    ndcg = {
+        m.name.removeprefix("ranker "): m.metrics["all"]["ndcg@10"].mean  # type: ignore[union-attr]
+        for m in report.methods
+    }
+    teachers = [ndcg[teacher] for teacher, _ in names]
+    students = [ndcg[student] for _, student in names]
+    return {
+        "seeds": list(range(seeds)),
+        "teacher_ndcg@10": teachers,
+        "student_int8_ndcg@10": students,
+        "retention_per_seed": [s / t for s, t in zip(students, teachers, strict=True)],
+        "mean_teacher_ndcg@10": float(np.mean(teachers)),
+        "mean_student_int8_ndcg@10": float(np.mean(students)),
+        "retention": float(np.mean(students) / np.mean(teachers)),
+    }
 
 
 def fidelity(teacher: Ranker, student: Ranker, rows: RankingData) -> dict[str, float]:
@@ -270,7 +330,9 @@ def evaluate(
     )
 
 
-def run_dataset(name: str, workdir: Path, feed: FeedConfig, *, random: bool) -> dict[str, Any]:
+def run_dataset(
+    name: str, workdir: Path, feed: FeedConfig, *, random: bool, seeds: int = RETENTION_SEEDS
+) -> dict[str, Any]:
     source = DATA / name
     if not source.is_dir():
         return {"skipped": f"{source} not found (set MLSD_DATA_DIR)"}
@@ -278,7 +340,9 @@ def run_dataset(name: str, workdir: Path, feed: FeedConfig, *, random: bool) -> 
     import_movielens(name, source=source, out=contract, progress=False)
     result: dict[str, Any] = {}
     student = Student(workdir / f"{name}-student")
-    derived = {STUDENT: student} if "deep" in feed.ranking.rankers else None
+    derived: dict[str, Callable[..., Ranker]] | None = None
+    if "deep" in feed.ranking.rankers:
+        derived = {STUDENT: student, **seed_pairs(workdir / f"{name}-student", seeds)}
     log(f"{name}: temporal protocol")
     start = time.perf_counter()
     temporal = evaluate(contract, feed, protocol_name="temporal", test_frac=None, derived=derived)
@@ -296,10 +360,12 @@ def run_dataset(name: str, workdir: Path, feed: FeedConfig, *, random: bool) -> 
         timings = student.timings()
         retention = compressed.mean / teacher.mean if teacher and compressed else None
         speedup = timings.get("batch_500", {}).get("speedup_median")
+        over_seeds = retention_over_seeds(temporal, seeds)
         result["compression"] = {
             "teacher_ndcg@10": teacher.mean if teacher else None,
             "student_int8_ndcg@10": compressed.mean if compressed else None,
             "ndcg_retention": retention,
+            "over_seeds": over_seeds,
             "student_shape": {
                 k: list(v) if isinstance(v, tuple) else v for k, v in STUDENT_SHAPE.items()
             },
@@ -308,8 +374,8 @@ def run_dataset(name: str, workdir: Path, feed: FeedConfig, *, random: bool) -> 
             "target": {
                 "min_retention": TARGET_RETENTION,
                 "min_speedup_500": TARGET_SPEEDUP,
-                "met": retention is not None
-                and retention >= TARGET_RETENTION
+                "retention_read": "over_seeds.retention (mean student / mean teacher)",
+                "met": over_seeds["retention"] >= TARGET_RETENTION
                 and speedup is not None
                 and speedup >= TARGET_SPEEDUP,
             },
@@ -340,13 +406,23 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
     parser.add_argument("--config", default=str(REPO / "configs" / "feed.toml"))
     parser.add_argument("--skip-random", action="store_true", help="no random-per-user run")
+    parser.add_argument(
+        "--retention-seeds",
+        type=int,
+        default=RETENTION_SEEDS,
+        help="(teacher, student) pairs the student's retention is averaged over (>= 1)",
+    )
     args = parser.parse_args()
+    if args.retention_seeds < 1:
+        parser.error(f"--retention-seeds must be >= 1, got {args.retention_seeds}")
     feed = load_feed_config(Path(args.config))
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mlsd-quality-") as tmp:
         for name in args.datasets.split(","):
             random = name == "movielens-100k" and not args.skip_random
-            results[name] = run_dataset(name, Path(tmp), feed, random=random)
+            results[name] = run_dataset(
+                name, Path(tmp), feed, random=random, seeds=args.retention_seeds
+            )
     print(
         json.dumps(
             {
