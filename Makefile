@@ -59,7 +59,7 @@ demo: install
 		--register --promote --base-dir $(DEMO)
 	@-kill $$(cat $(DEMO)/serve.pid 2>/dev/null) 2>/dev/null; sleep 1
 	$(BIN)/mlsd feed serve --dataset $(DEMO)/world --config $(DEMO_CONFIG) --base-dir $(DEMO) \
-		--port $(DEMO_PORT) > $(DEMO)/serve.log 2>&1 & echo $$! > $(DEMO)/serve.pid
+		--port $(DEMO_PORT) --ui > $(DEMO)/serve.log 2>&1 & echo $$! > $(DEMO)/serve.pid
 	$(BIN)/python scripts/demo_request.py $(DEMO_PORT) 42 --pid-file $(DEMO)/serve.pid --log $(DEMO)/serve.log
 	@echo "serving: http://127.0.0.1:$(DEMO_PORT)/ui?user=42  (logs: $(DEMO)/serve.log; stop: kill \$$(cat $(DEMO)/serve.pid))"
 

@@ -121,7 +121,8 @@ class FastModel(StubModel):
 
 @pytest.fixture
 def make_client(popular: PopularRecommender) -> Iterator[MakeClient]:
-    """``make_client(load_model=..., fallback=..., token=...)``: a started TestClient."""
+    """``make_client(load_model=..., fallback=..., token=..., ui=...)``: a started TestClient
+    (with the UI's endpoints unless ``ui=False``)."""
     with ExitStack() as stack:
 
         def make(
@@ -129,10 +130,11 @@ def make_client(popular: PopularRecommender) -> Iterator[MakeClient]:
             *,
             fallback: Recommender | None = popular,
             token: str | None = TOKEN,
+            ui: bool = True,
             **settings_kw: int,
         ) -> TestClient:
             loader = load_model or (lambda: StubModel(popular))
-            service_settings = ServiceSettings(admin_token=token, **settings_kw)
+            service_settings = ServiceSettings(admin_token=token, ui=ui, **settings_kw)
             app = create_app(loader, settings=service_settings, fallback=fallback)
             return stack.enter_context(TestClient(app))
 
@@ -506,6 +508,19 @@ def test_an_event_after_the_servers_clock_is_422_naming_its_row_and_the_time(
         assert abs((server - before).total_seconds()) < 5
         assert f"{EVENT_TS_ALLOWANCE_S:.0f} s after the server's clock" in error["msg"]
     assert 96 not in client.get("/v1/users/12/history").json()["items"]
+
+
+def test_the_ui_and_its_user_endpoints_are_off_by_default(make_client: MakeClient) -> None:
+    client = make_client(ui=False)
+    for path in ("/ui", "/v1/users/sample", "/v1/users/5/history?n=3"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "--ui (MLSD_UI=1)" in response.json()["detail"]
+    schema = client.get("/openapi.json").json()
+    assert not [path for path in schema["paths"] if path.startswith("/v1/users")]
+    assert client.get("/v1/recommendations/5").status_code == 200  # the API itself serves
+    on = make_client(ui=True).get("/openapi.json").json()["paths"]
+    assert {"/v1/users/sample", "/v1/users/{user_id}/history"} <= set(on)
 
 
 def test_history_and_user_sample(client: TestClient, popular: PopularRecommender) -> None:

@@ -54,3 +54,13 @@ def test_the_body_limit_setting() -> None:
         ServiceSettings.from_env({"MLSD_MAX_BODY_BYTES": "2MB"})
     with pytest.raises(ValueError, match="MLSD_MAX_BODY_BYTES must be at least 1, got 0"):
         ServiceSettings.from_env({"MLSD_MAX_BODY_BYTES": "0"})
+
+
+def test_the_ui_setting_is_off_unless_asked() -> None:
+    assert ServiceSettings.from_env({}).ui is False
+    for word in ("1", "true", "Yes", "ON"):
+        assert ServiceSettings.from_env({"MLSD_UI": word}).ui is True
+    for word in ("0", "false", "No", "off", " "):
+        assert ServiceSettings.from_env({"MLSD_UI": word}).ui is False
+    with pytest.raises(ValueError, match=r"MLSD_UI must be one of 1, on, .*, got 'enabled'"):
+        ServiceSettings.from_env({"MLSD_UI": "enabled"})

@@ -48,7 +48,7 @@ class Elements(HTMLParser):
 
 
 def test_page_is_self_contained(model: PopularRecommender) -> None:
-    app = create_app(lambda: model, settings=ServiceSettings())
+    app = create_app(lambda: model, settings=ServiceSettings(ui=True))
     with TestClient(app) as client:
         response = client.get("/ui")
     assert response.status_code == 200
@@ -62,7 +62,7 @@ def test_page_is_self_contained(model: PopularRecommender) -> None:
 @pytest.mark.integration
 def test_page_shows_a_users_history_and_recommendations(model: PopularRecommender) -> None:
     user = model.sample_users(3)[1]
-    app = create_app(lambda: model, settings=ServiceSettings())
+    app = create_app(lambda: model, settings=ServiceSettings(ui=True))
     with running_server(app) as base_url:
         dom = Elements(rendered_dom(f"{base_url}/ui?user={user}", budget_ms=8000))
     main = dom.by_id("main")
@@ -84,7 +84,7 @@ def test_page_shows_a_users_history_and_recommendations(model: PopularRecommende
 
 @pytest.mark.integration
 def test_page_shows_an_error_for_a_bad_user_id(model: PopularRecommender) -> None:
-    app = create_app(lambda: model, settings=ServiceSettings())
+    app = create_app(lambda: model, settings=ServiceSettings(ui=True))
     with running_server(app) as base_url:
         dom = Elements(rendered_dom(f"{base_url}/ui?user=not-a-number", budget_ms=8000))
     assert dom.by_id("main")["data-state"] == "error"

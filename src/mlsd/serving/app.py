@@ -4,14 +4,16 @@
 ``GET  /v1/recommendations/{user_id}``  ``?k=&explain=&precomputed=`` → :class:`RecommendationsOut`
 ``POST /v1/recommendations``            :class:`RecommendIn` (``user_id`` null: anonymous visitor)
 ``POST /v1/events``                     ``[EventIn, ...]`` → ``{"accepted": n}``
-``GET  /v1/users/{user_id}/history``    ``?n=`` → the user's recent items, newest first
-``GET  /v1/users/sample``               ``?n=`` → a few user ids with history (for the UI)
+``GET  /v1/users/{user_id}/history``    ``?n=`` → the user's recent items, newest first (UI)
+``GET  /v1/users/sample``               ``?n=`` → a few user ids with history (UI)
 ``GET  /healthz``                       the process is alive
 ``GET  /readyz``                        200 when a model is loaded and ``ready()``, else 503
 ``GET  /metrics``                       Prometheus text format (one registry per app)
 ``POST /admin/reload``                  ``Authorization: Bearer $MLSD_ADMIN_TOKEN``; reload, swap
-``GET  /ui``                            the demo page (HTML, no external assets)
+``GET  /ui``                            the demo page (HTML, no external assets) (UI)
 =====================================  =========================================================
+
+(UI): served only with ``MLSD_UI`` (:attr:`ServiceSettings.ui`), else a 404 that says why.
 
 Errors: invalid input (``k`` outside [1, ``MLSD_MAX_K``], malformed JSON, unknown fields, a ``NaN``
 or ``Infinity`` where a number goes, a ``BadRequestError`` from the model) is a 422 naming the
@@ -73,7 +75,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -135,7 +137,7 @@ from mlsd.serving.schemas import (
     StatusOut,
     UserSampleOut,
 )
-from mlsd.serving.settings import ServiceSettings
+from mlsd.serving.settings import BOOLEAN_WORDS, ServiceSettings
 
 if TYPE_CHECKING:
     from mlsd.monitoring.logs import LogWriter
@@ -632,10 +634,7 @@ class HotRoute:
     _INT = re.compile(r"-?[0-9]{1,19}")
     _K = re.compile(r"[0-9]{1,9}")
     _DECIMAL = re.compile(r"[0-9]{1,11}(\.[0-9]{1,9})?")
-    _BOOLS: ClassVar[dict[str, bool]] = {
-        **dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
-        **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False),
-    }
+    _BOOLS: ClassVar[Mapping[str, bool]] = BOOLEAN_WORDS
 
     def __init__(self, app: ASGIApp, service: RecommendService, route: object) -> None:
         self.app = app
@@ -764,13 +763,31 @@ def _check_event_times(rows: list[dict[str, Any]], now: float) -> None:
     raise RequestValidationError(errors)
 
 
-@router.get("/v1/users/sample", response_model=UserSampleOut)
+ui_router = APIRouter()
+"""The demo page and the endpoints it reads, served with :attr:`ServiceSettings.ui` only."""
+UI_OFF = (
+    "the demo UI and its user endpoints (/ui, /v1/users/sample, /v1/users/{user_id}/history) "
+    "are off: they show any user's recent items to anyone who asks. Where that is acceptable, "
+    "start the service with --ui (MLSD_UI=1)"
+)
+ui_off_router = APIRouter(include_in_schema=False)
+"""The same paths when the UI is off: a 404 that says why and how to turn it on."""
+
+
+@ui_off_router.get("/ui")
+@ui_off_router.get("/v1/users/sample")
+@ui_off_router.get("/v1/users/{user_id}/history")
+def ui_off() -> None:
+    raise HTTPException(404, UI_OFF)
+
+
+@ui_router.get("/v1/users/sample", response_model=UserSampleOut)
 def sample_users(service: ServiceDep, n: Annotated[int, Query(ge=1, le=100)] = 8) -> UserSampleOut:
     """A few user ids with history, from the model (or the fallback)."""
     return UserSampleOut(user_ids=service.sample_users(n))
 
 
-@router.get("/v1/users/{user_id}/history", response_model=HistoryOut, responses=UNAVAILABLE)
+@ui_router.get("/v1/users/{user_id}/history", response_model=HistoryOut, responses=UNAVAILABLE)
 def user_history(
     service: ServiceDep, user_id: UserId, n: Annotated[int, Query(ge=1, le=200)] = 20
 ) -> HistoryOut:
@@ -818,7 +835,7 @@ def reload_model(service: ServiceDep) -> ReloadOut:
     return ReloadOut(old_version=old, new_version=new)
 
 
-@router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+@ui_router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
 def ui() -> HTMLResponse:
     """The demo page."""
     return HTMLResponse(UI_HTML)
@@ -905,6 +922,7 @@ def create_app(
     app.state.monitor = watcher
     app.state.follower = follower
     app.include_router(router)
+    app.include_router(ui_router if settings.ui else ui_off_router)
     hot = next(r for r in router.routes if getattr(r, "path", None) == HOT_PATH)
     app.add_middleware(HotRoute, service=service, route=hot)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -23,6 +23,11 @@ class ServiceSettings:
             A batch of 10,000 events, the most ``POST /v1/events`` takes, is 0.5 MB with the
             required fields and about 3 MB with every field at its longest.
         max_k: the largest ``k`` a request may ask for (``MLSD_MAX_K``).
+        ui: serve the demo page and the two endpoints it reads, ``GET /v1/users/sample`` and
+            ``GET /v1/users/{user_id}/history`` (``MLSD_UI``: 1, true, yes, on, ...; ``mlsd feed
+            serve --ui``). Off by default: they list user ids and show any user's recent items
+            to anyone who asks, which a service behind a public gateway must not; off, they
+            answer 404 saying how to turn them on.
         default_k: ``k`` when a request gives none (``MLSD_DEFAULT_K``).
         model_threads: requests the model answers at once in the thread pool
             (``MLSD_MODEL_THREADS``); the rest wait their turn on the event loop. Two: the
@@ -52,6 +57,7 @@ class ServiceSettings:
     default_k: int = 10
     model_threads: int = 2
     gil_switch_ms: float | None = None
+    ui: bool = False
 
     def __post_init__(self) -> None:
         token = self.admin_token
@@ -86,6 +92,7 @@ class ServiceSettings:
             default_k=_env_int(env, "MLSD_DEFAULT_K", cls.default_k),
             model_threads=_env_int(env, "MLSD_MODEL_THREADS", cls.model_threads),
             gil_switch_ms=_env_float(env, "MLSD_GIL_SWITCH_MS"),
+            ui=_env_bool(env, "MLSD_UI", cls.ui),
         )
 
     def apply_to_process(self) -> None:
@@ -112,6 +119,25 @@ def _env_value(
 
 def _env_float(env: Mapping[str, str], name: str) -> float | None:
     return _env_value(env, name, float, "a number")
+
+
+BOOLEAN_WORDS: Mapping[str, bool] = {
+    **dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+    **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False),
+}
+"""The words pydantic reads as a boolean (lower case), in a query string and here alike."""
+
+
+def _boolean(raw: str) -> bool:
+    try:
+        return BOOLEAN_WORDS[raw.lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _env_value(env, name, _boolean, f"one of {', '.join(BOOLEAN_WORDS)}")
+    return default if value is None else value
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -451,9 +451,9 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
     port = free_port()
     command = mlsd_command(
         "feed", "serve", "--dataset", str(world), "--config", str(config), "--base-dir",
-        str(base), "--port", str(port), "--no-log", "--no-compile-trees",
+        str(base), "--port", str(port), "--no-log", "--no-compile-trees", "--ui",
     )  # fmt: skip
-    env = {**os.environ, "TMPDIR": str(tmp), "MLSD_ADMIN_TOKEN": TOKEN}
+    env = {**os.environ, "TMPDIR": str(tmp), "MLSD_ADMIN_TOKEN": TOKEN, "MLSD_UI": "0"}
     url = f"http://127.0.0.1:{port}"
     with running_service(command, url=url, output=tmp_path / "serve.log", env=env) as proc:
         downloads = list(tmp.glob("mlsd-models-*"))
@@ -470,6 +470,7 @@ def test_stopping_the_served_cli_deletes_its_model_downloads(
         events = [{"user_id": user, "item_id": i, "event": "click"} for i in (4, 9)]
         posted = httpx.post(f"{url}/v1/events", json=events, timeout=60)
         assert posted.json() == {"accepted": 2}, posted.text
+        # --ui over MLSD_UI=0: the history endpoint serves
         history = httpx.get(f"{url}/v1/users/{user}/history", timeout=30).json()
         assert sorted(history["items"]) == [4, 9], history  # read back at once
         children = psutil.Process(proc.pid).children(recursive=True)

@@ -14,6 +14,7 @@ answers when the model cannot. Requests, exposures and feedback go to the servic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import re
 import shutil
@@ -319,6 +320,14 @@ def serve(
     port: Annotated[int, typer.Option("--port")] = 8000,
     log_dir: LogDir = None,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not write the service log.")] = False,
+    ui: Annotated[
+        bool | None,
+        typer.Option(
+            "--ui/--no-ui",
+            help="Serve the demo page and the user endpoints it reads (any user's recent "
+            "items, to anyone who asks). Default: MLSD_UI, else off.",
+        ),
+    ] = None,
     access_log: Annotated[
         bool, typer.Option("--access-log", help="Also print uvicorn's line per request.")
     ] = False,
@@ -418,6 +427,8 @@ def serve(
             console.print(f"experiment {running.name}: {arms}")
         held.callback(_stopped, load, features)  # when it stops on an exception or Ctrl-C
         settings = ServiceSettings.from_env()
+        if ui is not None:
+            settings = dataclasses.replace(settings, ui=ui)
         settings.apply_to_process()
         web = create_app(
             load,
@@ -431,7 +442,8 @@ def serve(
             follow_interval_s=follow_champion,
         )
         close_at_shutdown(web, lambda: _stopped(load, features))  # when it stops on SIGTERM
-        console.print(f"serving on http://{host}:{port} (UI: http://{host}:{port}/ui)")
+        page = f"UI: http://{host}:{port}/ui" if settings.ui else "no UI: --ui serves it"
+        console.print(f"serving on http://{host}:{port} ({page})")
         if log is not None:
             console.print(f"service log: {log.log_dir}")
         run_server(web, host, port, access_log=access_log, reuse_port=reuse_port)
