@@ -168,6 +168,46 @@ def test_rules_can_allow_negative_values(tmp_path: Path) -> None:
     assert report.n_kept == 1
 
 
+def test_a_value_beyond_float32_is_quarantined_as_bad_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finite as a double but not as the contract's float32: quarantined, not a DuckDB crash."""
+    f32_max = float(np.finfo(np.float32).max)
+    events = pd.DataFrame(
+        {
+            "user_id": [1, 2, 3, 4, 5],
+            "item_id": [10, 11, 12, 13, 14],
+            "ts": [T0 + i for i in range(5)],
+            "value": [4.0, 1e39, -1e39, f32_max, 3.0],
+        }
+    )
+    report = write_dataset(tmp_path / "a", events=events, users=None, items=None, info=_info())
+    assert (report.n_kept, report.reasons) == (3, {f"{EVENTS_FILE}:bad_value": 2})
+    quarantine = _quarantine(tmp_path / "a")
+    assert dict(zip(quarantine["row"], quarantine["reason"], strict=True)) == {
+        1: "bad_value",
+        2: "bad_value",
+    }
+    kept = pq.read_table(tmp_path / "a" / EVENTS_FILE).column("value").to_pylist()
+    assert kept == [4.0, f32_max, 3.0]
+
+    # The same rows in an events.parquet of doubles, checked in place.
+    directory = tmp_path / "b"
+    directory.mkdir()
+    frame = events.assign(ts=pd.to_datetime(events["ts"], unit="s", utc=True), event="rate")
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), directory / EVENTS_FILE)
+    report = validate_dir(directory)
+    assert (report.n_kept, report.reasons) == (3, {f"{EVENTS_FILE}:bad_value": 2})
+
+    # And from a CSV through the CLI: the report names the line.
+    csv = tmp_path / "ratings.csv"
+    csv.write_text("u,i,t,r\n1,10,1600000000,4\n2,11,1600000100,1e39\n3,12,1600000200,3\n")
+    args = ["--user-col", "u", "--item-col", "i", "--ts-col", "t", "--value-col", "r"]
+    code = run(["data", "import", "csv", "--events", str(csv), *args, "--out", str(tmp_path / "c")])
+    assert code == 0
+    assert "ratings.csv, line 3: bad_value" in capsys.readouterr().out
+
+
 def test_validate_dir_moves_injected_rows_and_is_idempotent(tmp_path: Path) -> None:
     write_dataset(tmp_path, events=_good_events(), users=_users(), items=_items(), info=_info())
     hash_before = read_info(tmp_path).content_hash

@@ -258,6 +258,23 @@ def test_rows_without_ids_or_times_are_rejected(hand_dir: Path) -> None:
         stored_user_features(hand_dir, rows, CONFIG)
 
 
+@pytest.mark.parametrize("unit", ["s", "ms"])
+def test_numeric_times_are_refused_not_read_as_nanoseconds(hand_dir: Path, unit: str) -> None:
+    """Epoch numbers would be read as nanoseconds (1970): every feature empty, no error."""
+    epoch = int(T0.timestamp()) * (1 if unit == "s" else 1_000)
+    rows = pd.DataFrame({"user_id": [1], "item_id": [3], "label_ts": [epoch]})
+    for numbers in (rows, rows.astype({"label_ts": "float64"}), rows.astype(object)):
+        with pytest.raises(ValueError, match=r"label_ts: numbers .*pd\.to_datetime"):
+            training_features(hand_dir, numbers, CONFIG, progress=False)
+    as_of = pd.DataFrame({"user_id": [1], "ts": [epoch]})
+    with pytest.raises(ValueError, match=r"ts: numbers .*unit='s', utc=True"):
+        stored_user_features(hand_dir, as_of, CONFIG)
+    with pytest.raises(ValueError, match="ts: numbers"):
+        stored_item_features(hand_dir, as_of.rename(columns={"user_id": "item_id"}), CONFIG)
+    times = rows.assign(label_ts=pd.to_datetime(rows["label_ts"], unit=unit, utc=True))
+    assert training_features(hand_dir, times, CONFIG, progress=False)["events_30d"][0] == 6
+
+
 def test_snapshot_is_stored_features_at_as_of(hand_dir: Path) -> None:
     users, items = snapshot(hand_dir, T0, CONFIG)
     assert list(users["user_id"]) == [1, 2, 3]

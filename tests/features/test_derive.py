@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mlsd.data.sources.csvfile import import_csv
 from mlsd.data.sources.synthetic import WorldConfig, synthesize
 from mlsd.features.batch import (
     feature_config_for,
@@ -29,6 +30,7 @@ def _user(**overrides: object) -> dict[str, np.ndarray]:
     user = {
         "recent_item_ids": np.array([[11, 12, 13, -1]]),
         "recent_ts": np.array([[NOW - 600, NOW - 700, NOW - 900, 0]]),
+        "recent_len": np.array([3]),
         "last_event_ts": np.array([NOW - 600]),
         "session_events": np.array([3]),
         "events_1d": np.array([4.0], dtype=np.float32),
@@ -117,12 +119,15 @@ def test_per_row_users_and_times_are_not_mixed_up() -> None:
 def _users(m: int, seed: int) -> dict[str, np.ndarray]:
     """``m`` users (one row each, as batch prediction reads them), a few cold."""
     rng = np.random.default_rng(seed)
-    recent = rng.integers(0, 40, (m, CONFIG.history_len))
-    recent[rng.random((m, CONFIG.history_len)) < 0.3] = -1
+    lengths = rng.integers(0, CONFIG.history_len + 1, m)
+    real = np.arange(CONFIG.history_len) < lengths[:, None]
+    # Item -1 is a real item too: only ``recent_len`` tells it from the padding.
+    recent = np.where(real, rng.integers(-1, 40, (m, CONFIG.history_len)), -1)
     known = (rng.random(m) < 0.8).astype(np.int64)
     return {
         "recent_item_ids": recent,
-        "recent_ts": np.where(recent >= 0, NOW - 600, 0),
+        "recent_ts": np.where(real, NOW - 600, 0),
+        "recent_len": lengths,
         "last_event_ts": np.where(known == 1, NOW - rng.integers(0, 9000, m), -1),
         "session_events": rng.integers(0, 5, m),
         "events_1d": rng.integers(0, 9, m).astype(np.float32),
@@ -140,8 +145,8 @@ def test_owners_give_what_the_repeated_user_rows_give(seed: int) -> None:
     rng = np.random.default_rng(seed)
     users, n = _users(7, seed), 120
     owner = np.sort(rng.integers(0, 7, n))
-    item_ids = rng.integers(0, 40, n)
-    item_ids[::5] = users["recent_item_ids"][owner[::5], 0]  # seen items (and a -1 pad)
+    item_ids = rng.integers(-1, 40, n)
+    item_ids[::5] = users["recent_item_ids"][owner[::5], 0]  # seen items (and -1 pads)
     items = {
         "item_id": item_ids,
         "item_first_ts": np.where(rng.random(n) < 0.2, 0, NOW - rng.integers(0, 10**6, n)),
@@ -161,12 +166,42 @@ def test_owners_give_what_the_repeated_user_rows_give(seed: int) -> None:
 
 def test_owned_lists_too_wide_to_offset_are_compared_row_by_row() -> None:
     lists = np.array([[3, 2**61, -1], [7, 8, 9]])
+    real = np.array([[True, True, False], [True, True, True]])
     owner = np.array([0, 0, 1, 1, 0])
     values = np.array([2**61, 7, 8, 2**60, -1])
-    np.testing.assert_array_equal(
-        _in_rows(lists, owner, values), (lists[owner] == values[:, None]).any(axis=1)
-    )
-    assert _in_rows(lists, owner[:0], values[:0]).shape == (0,)
+    want = ((lists[owner] == values[:, None]) & real[owner]).any(axis=1)
+    np.testing.assert_array_equal(_in_rows(lists, real, owner, values), want)
+    assert want.tolist() == [True, False, True, False, False]  # the -1 is padding
+    assert _in_rows(lists, real, owner[:0], values[:0]).shape == (0,)
+
+
+def test_an_item_with_id_minus_one_is_seen_only_when_it_is_a_recent_item(
+    tmp_path: Path,
+) -> None:
+    """-1 also pads ``recent_item_ids``: a user with fewer than N recent items must not have
+    seen item -1, in the training table and online (broadcast, per-owner) alike."""
+    # Users 1 (items 5, 6) and 2 (items -1, 7), epoch seconds.
+    csv = "u,i,t\n1,5,1600000000\n1,6,1600000100\n2,-1,1600000200\n2,7,1600000300\n"
+    (tmp_path / "events.csv").write_text(csv)
+    dataset = tmp_path / "dataset"
+    import_csv(tmp_path / "events.csv", user_col="u", item_col="i", ts_col="t", out=dataset)
+    config = feature_config_for(dataset)
+    label_ts = pd.Timestamp(1_600_000_500, unit="s", tz="UTC")
+    rows = pd.DataFrame({"user_id": [1, 2, 2], "item_id": [-1, -1, 5], "label_ts": label_ts})
+    table = training_features(dataset, rows, config, progress=False)
+    assert table["seen_recently"].tolist() == [0, 1, 0]
+
+    user = user_arrays({"recent_item_ids": [[11, 12]], "last_event_ts": [NOW - 600]}, CONFIG)
+    assert user["recent_item_ids"].tolist() == [[11, 12, -1, -1]]
+    items = {**_items(), "item_id": np.array([12, -1, 99])}
+    assert list(derive(user, items, now_s=NOW, config=CONFIG)["seen_recently"]) == [1, 0, 0]
+    both = user_arrays({"recent_item_ids": [[11, 12], [-1, 5]], "last_event_ts": [1, 2]}, CONFIG)
+    owner = np.array([0, 0, 1, 1])
+    owned = {name: np.resize(value, 4) for name, value in items.items()}
+    owned["item_id"] = np.array([-1, 12, -1, 12])
+    got = derive(both, owned, now_s=NOW, config=CONFIG, owner=owner)
+    assert list(got["seen_recently"]) == [0, 1, 1, 0]
+    assert both["recent_len"].tolist() == [2, 2]
 
 
 def test_stored_arrays_pad_and_fill_defaults() -> None:

@@ -665,3 +665,43 @@ def test_a_future_event_is_refused_and_nothing_is_written(
     assert online.push_events(soon, now=now) == 1
     # Against the system clock (years after AS_OF), both are in the past.
     assert online.push_events(later) == 1
+
+
+@pytest.mark.parametrize(
+    ("column", "bad"),
+    [
+        ("user_id", None),
+        ("item_id", np.nan),
+        ("ts", pd.NaT),
+        ("value", None),
+        ("value", np.inf),
+    ],
+)
+def test_an_event_with_a_missing_field_is_refused_and_nothing_is_written(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    world: Path,
+    config: FeatureConfig,
+    column: str,
+    bad: object,
+) -> None:
+    """A null id would be applied to user -2**63, a null value writes NaN into the category
+    means, a NaT time fails deep in the store: the call is refused first, naming the row and
+    the field, and no event of it is applied."""
+    repo = make_repo(request, tmp_path, world, config, "sqlite")
+    user_id, _ = active_user(world, AS_OF - pd.Timedelta(days=1), AS_OF)
+    online = OnlineFeatures(repo, config)
+    before = online.user_features(user_id)
+    ts = AS_OF + pd.Timedelta(minutes=5)
+    good = {"user_id": user_id, "item_id": 8, "ts": ts, "event": "click", "value": 1.0}
+    late = ts + pd.Timedelta(seconds=1)
+    both = pd.DataFrame([good, {**good, "item_id": 9, "ts": late, column: bad}])
+    with pytest.raises(
+        ContractError, match=rf"1 event\(s\) have no .* in '{column}', e\.g\. row 1"
+    ):
+        online.push_events(both, now=ts.timestamp())
+    after = online.user_features(user_id)
+    for name in ("recent_item_ids", "events_1d", "cat_mean_1d", "last_event_ts"):
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert online.user_features(-(2**63))["user_known"].tolist() == [0]
+    online.close()

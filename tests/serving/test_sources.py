@@ -29,10 +29,12 @@ from mlsd.models.retrieval.popularity import PopularityRetriever
 from mlsd.models.retrieval.segment_popularity import SegmentPopularityRetriever
 from mlsd.models.retrieval.two_tower import TwoTowerConfig
 from mlsd.models.retrieval.two_tower_train import TwoTowerRetriever
+from mlsd.serving.index import FlatIndex
 from mlsd.serving.sources import (
     SOURCE_FILE,
     CandidateSource,
     FactorSource,
+    RankedItems,
     TwoTowerSource,
     UserQuery,
     candidates_many,
@@ -597,3 +599,23 @@ def test_covisitation_reads_events_of_one_second_in_the_order_they_came(
         assert_same_answer(
             source.candidates(query, K, exclude=seen), offline(retriever, user, K), exact=True
         )
+
+
+def test_tied_scores_go_to_the_lower_item_id_in_a_request_and_a_batch() -> None:
+    # ALS gives items without training events the same zero vector: at the end of a long
+    # list they all tie, and offline lists keep the lowest ids among them.
+    ids = np.arange(100, 110, dtype=np.int64)
+    vectors = np.zeros((10, 2), np.float32)
+    vectors[:, 0] = 1.0
+    source = FactorSource(
+        FlatIndex().build(ids, vectors),
+        np.array([1, 2]),
+        np.array([[1, 0], [1, 0]], np.float32),
+        RankedItems(ids, np.zeros(10, np.float32)),
+    )
+    none = np.empty(0, np.int64)
+    queries = [UserQuery(user, none, none, {}, 0) for user in (1, 2)]
+    excludes = [none, np.arange(500, 507)]  # user 2's search is wider
+    assert source.candidates(queries[0], 3, exclude=excludes[0])[0].tolist() == [100, 101, 102]
+    batch, _ = candidates_matrix(source, queries, 3, excludes=excludes)
+    assert batch.tolist() == [[100, 101, 102], [100, 101, 102]]

@@ -139,11 +139,13 @@ def stored_user_features(
     """The stored user features (static and dynamic) of each row's user as of its ``ts``.
 
     Args:
-        rows: ``user_id`` and ``ts`` (the as-of time; naive times are taken as UTC).
+        rows: ``user_id`` and ``ts`` (the as-of time; naive times are taken as UTC; numbers
+            such as epoch seconds are refused: convert them with ``pd.to_datetime``).
 
     Returns:
         One row per input row, in order: ``user_id``, ``ts``, the ``user_static`` and
-        ``user_dynamic`` features (lists as Arrow list columns), ``user_known`` and
+        ``user_dynamic`` features (lists as Arrow list columns), ``recent_len`` (the real
+        entries of ``recent_item_ids``, the rest being padding), ``user_known`` and
         ``feature_ts`` (the latest event used; NaT when none), from events strictly before ts.
     """
     return _stored_users(_History(Path(dataset_dir), config), rows)
@@ -167,7 +169,9 @@ def training_features(
     """Every feature of each (user, item, label_ts) row, from events strictly before label_ts.
 
     Args:
-        rows: ``user_id``, ``item_id``, ``label_ts`` and any label columns (passed through).
+        rows: ``user_id``, ``item_id``, ``label_ts`` (timestamps; numbers such as epoch
+            seconds are refused: convert them with ``pd.to_datetime``) and any label columns
+            (passed through).
         progress: show a progress bar over row chunks.
 
     Returns:
@@ -230,7 +234,7 @@ def snapshot(
 
 def _stored_users(history: _History, rows: pd.DataFrame) -> pd.DataFrame:
     dynamic = feature_set(history.config).names("user_dynamic")
-    names = [*history.config.user_attributes, *dynamic, "user_known", "feature_ts"]
+    names = [*history.config.user_attributes, *dynamic, "recent_len", "user_known", "feature_ts"]
     return _stored(rows, "user_id", names, history, history.user_features)
 
 
@@ -612,9 +616,25 @@ def _utc(ts: pd.Timestamp) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tz is None else ts.tz_convert("UTC")
 
 
+_NUMBER_KINDS = frozenset(
+    {"integer", "integer-na", "floating", "mixed-integer-float", "decimal", "boolean", "complex"}
+)
+"""``pd.api.types.infer_dtype`` kinds of a column of numbers (not a time column)."""
+
+
 def _times_us(rows: pd.DataFrame, column: str) -> IntArray:
     """A time column as µs since the epoch (naive = UTC); sub-µs times round *up*, so that
-    an event (whole µs) is before the rounded time exactly when it is before the time."""
+    an event (whole µs) is before the rounded time exactly when it is before the time.
+
+    Numbers are refused: pandas reads them as nanoseconds, so epoch seconds would become
+    1970 and every feature would silently come back empty."""
+    kind = pd.api.types.infer_dtype(rows[column], skipna=True)
+    if kind in _NUMBER_KINDS:
+        raise ValueError(
+            f"{column}: numbers (dtype {rows[column].dtype}), not timestamps; they would be read "
+            "as nanoseconds since 1970. Pass timestamps, e.g. "
+            f"pd.to_datetime(rows[{column!r}], unit='s', utc=True) for epoch seconds"
+        )
     try:
         times = pd.to_datetime(rows[column], utc=True)
     except (ValueError, TypeError) as exc:

@@ -32,7 +32,8 @@ EPOCH_WEEKDAY = 3
 """1970-01-01 was a Thursday (Monday = 0)."""
 
 PAD_ITEM = -1
-"""Padding of ``recent_item_ids`` rows; item ids must not be -1."""
+"""Padding of ``recent_item_ids`` rows. An item may have id -1 too: which entries are real is
+told by ``recent_len``, never by comparing with the padding."""
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in feature_set(FeatureConfig()).features}
 _DTYPES: dict[str, str] = {
@@ -56,7 +57,8 @@ def derive(
     Args:
         user: stored ``user_dynamic`` features with a leading dimension of 1 (one user, broadcast
             over the items) or n (one user per item): ``recent_item_ids`` (rows x history_len,
-            int64, padded with -1), ``last_event_ts`` and ``session_events`` (int64),
+            int64, padded with -1), ``recent_len`` ((rows,) int64, the real entries at the
+            head of each row), ``last_event_ts`` and ``session_events`` (int64),
             ``events_{w}d`` (float32), ``cat_count_{w}d`` (rows x n_categories, float32) and
             ``user_known`` (0/1). Other keys are ignored.
         items: stored item features, leading dimension n: ``item_id``, ``item_first_ts``
@@ -85,10 +87,12 @@ def derive(
         items["category_index"],
         owner=rows,
     )
+    recent = user["recent_item_ids"]
+    real = _real_entries(recent, user)
     if rows is None:
-        seen = (user["recent_item_ids"] == item_id[:, None]).any(axis=1)
+        seen = ((recent == item_id[:, None]) & real).any(axis=1)
     else:
-        seen = _in_rows(user["recent_item_ids"], rows, item_id)
+        seen = _in_rows(recent, real, rows, item_id)
         user = {
             name: user[name][rows]
             for name in ("last_event_ts", "session_events", "user_known")
@@ -140,21 +144,35 @@ def _affinity(
     return share
 
 
-def _in_rows(lists: Array, owner: Array, values: Array) -> npt.NDArray[np.bool_]:
-    """``(lists[owner] == values[:, None]).any(axis=1)`` without the ``(n, width)`` copy: each
-    row's entries, offset by the row number times a span wider than every value, sorted once,
-    and each value looked up in its owner's span (padding included, as the comparison has it).
-    """
+def _real_entries(recent: Array, user: Mapping[str, Array]) -> npt.NDArray[np.bool_]:
+    """(rows x width) True at the real entries of ``recent`` (``recent_item_ids``): the first
+    ``user["recent_len"]`` of each row. Not ``!= PAD_ITEM``: -1 is a valid item id."""
+    if "recent_len" not in user:
+        raise ValueError(
+            "derive: user['recent_len'] is missing: the number of real entries of each "
+            "recent_item_ids row (build the user with derive.user_arrays)"
+        )
+    lengths = np.asarray(user["recent_len"], dtype=np.int64).reshape(-1, 1)
+    real: npt.NDArray[np.bool_] = np.arange(recent.shape[1]) < lengths
+    return real
+
+
+def _in_rows(lists: Array, real: Array, owner: Array, values: Array) -> npt.NDArray[np.bool_]:
+    """``((lists[owner] == values[:, None]) & real[owner]).any(axis=1)`` without the
+    ``(n, width)`` copy: each row's real entries (``real``, padding excluded), offset by the
+    row number times a span wider than every value, sorted once, and each value looked up in
+    its owner's span."""
     n = len(values)
-    if n == 0 or lists.size == 0:
+    if n == 0 or not real.any():
         return np.zeros(n, dtype=bool)
-    low = min(int(lists.min()), int(values.min()))
-    span = max(int(lists.max()), int(values.max())) - low + 1
+    entries = lists[real]
+    low = min(int(entries.min()), int(values.min()))
+    span = max(int(entries.max()), int(values.max())) - low + 1
     if span * lists.shape[0] >= 2**62:  # too wide to offset: compare the repeated rows
-        found: npt.NDArray[np.bool_] = (lists[owner] == values[:, None]).any(axis=1)
+        found: npt.NDArray[np.bool_] = ((lists[owner] == values[:, None]) & real[owner]).any(axis=1)
         return found
     row = np.arange(lists.shape[0], dtype=np.int64)[:, None]
-    keys = np.sort((lists.astype(np.int64) - low + row * span).ravel())
+    keys = np.sort((lists.astype(np.int64) - low + row * span)[real])
     wanted = values.astype(np.int64) - low + owner * span
     pos = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
     found = keys[pos] == wanted
@@ -179,7 +197,8 @@ def user_arrays(
 
     Returns:
         Padded arrays: ``recent_item_ids``/``recent_ts`` (rows x history_len), per-category
-        vectors (rows x n_categories), scalars (rows,), and ``user_known``.
+        vectors (rows x n_categories), scalars (rows,), ``recent_len`` (rows,): the real
+        entries of each ``recent_item_ids`` row (the rest is padding), and ``user_known``.
     """
     lengths = {len(v) for v in stored.values()}
     if len(lengths) > 1:
@@ -190,6 +209,11 @@ def user_arrays(
         values = stored.get(feature.name, [None] * rows)
         if feature.dtype == "int64_list":
             out[feature.name] = _pad(values, config.history_len, feature.name, rows)
+            if feature.name == "recent_item_ids":
+                out["recent_len"] = np.array(
+                    [0 if v is None else min(len(v), config.history_len) for v in values],
+                    dtype=np.int64,
+                ).reshape(rows)
         elif feature.dtype == "float32_list":
             default = feature.default
             out[feature.name] = np.array(

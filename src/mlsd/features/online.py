@@ -134,7 +134,8 @@ class FeatureBatch:
     Attributes:
         user: user features, leading dim 1: scalars ``(1,)``, lists ``(1, N)`` padded
             (``recent_item_ids`` with -1, ``recent_ts`` with 0), per-category ``(1, n_cat)``,
-            strings as object arrays; plus ``user_known``.
+            strings as object arrays; plus ``user_known`` and ``recent_len`` (the real
+            entries of each ``recent_item_ids`` row: -1 is also a valid item id).
         items: item features, ``(n_items,)`` each, in ``item_ids`` order; ``category_index`` is
             -1 for unknown categories; plus ``item_known`` and ``item_id``.
         derived: request-time context and cross features, ``(n_items,)`` or ``(1,)``.
@@ -448,6 +449,36 @@ def _by_user(push: PreparedPush) -> list[_UserEvents]:
             )
         )
     return groups
+
+
+def _refuse_missing(frame: pd.DataFrame) -> None:
+    """ContractError naming the first row of ``frame`` whose ``user_id``, ``item_id``, ``ts``
+    or ``value`` is missing or not usable: an id that is not a finite whole number (a null id
+    would become user -2**63), a time that is not one (NaT), a value that is not finite (a NaN
+    would poison the per-category means)."""
+    for column in ("user_id", "item_id", "ts", "value"):
+        values = frame[column]
+        if column == "ts":
+            bad = pd.to_datetime(values, utc=True, errors="coerce").isna().to_numpy()
+            what = "no time (missing or not a timestamp)"
+        else:
+            numbers = pd.to_numeric(values, errors="coerce").to_numpy(
+                dtype=np.float64, na_value=np.nan
+            )
+            finite = np.isfinite(numbers)
+            bad = ~finite
+            what = "no value (missing or not a finite number)"
+            if column != "value":
+                bad |= finite & (numbers != np.round(numbers))
+                what = "no id (missing or not a whole number)"
+        if not bad.any():
+            continue
+        first = int(np.argmax(bad))
+        raise ContractError(
+            f"push_events: {int(bad.sum())} event(s) have {what} in {column!r}, e.g. row "
+            f"{frame.index[first]!r}: {column}={values.iloc[first]}; nothing was applied. "
+            f"Drop those events, or fill {column!r}, before pushing"
+        )
 
 
 def _refuse_future(frame: pd.DataFrame, now: float) -> None:
@@ -837,8 +868,9 @@ class OnlineFeatures:
                 :data:`EVENT_TS_ALLOWANCE_S` after it are refused, and with them the whole call.
 
         Raises:
-            ContractError: a column is missing, or an event is dated in the future; nothing
-                is written.
+            ContractError: a column is missing; an event's ``user_id``, ``item_id``, ``ts``
+                or ``value`` is missing or not finite (ids: not whole numbers); or an event is
+                dated in the future. Nothing is written.
         """
         prepared = self.prepare_push(events, now=now)
         if prepared is None:
@@ -864,6 +896,7 @@ class OnlineFeatures:
             frame = frame[frame["event"].isin(self.config.event_types)]
         if frame.empty:
             return None
+        _refuse_missing(frame)
         frame = frame.assign(ts_s=_epoch_s(frame["ts"]), ts=pd.to_datetime(frame["ts"], utc=True))
         _refuse_future(frame, time.time() if now is None else now)
         frame = frame.drop_duplicates(["user_id", "item_id", "ts", "event"])

@@ -141,6 +141,9 @@ class MaterializeReport:
     materialize_seconds: float
     """Loading the online store from the sources."""
     seconds: float
+    kept_newer: int = 0
+    """Entities (per view) whose stored values were newer than ``as_of`` and were kept, not
+    replaced (Redis: pushed since, or written by a later snapshot; :func:`_make_way`)."""
 
 
 # --- schemas ------------------------------------------------------------------------------
@@ -431,6 +434,71 @@ def online_views(features: FeatureSet) -> list[tuple[str, str]]:
     return views
 
 
+REDIS_SCAN_KEYS = 10_000
+"""Entities whose stored write time one pipelined Redis round trip reads (:func:`_make_way`)."""
+
+
+def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timestamp) -> int:
+    """On Redis, let the snapshot replace every entity it holds whose stored values are not
+    newer than ``as_of``; returns how many (per view) are newer and are kept.
+
+    Feast's Redis write skips an entity whose stored write time is not older than the row's,
+    so a materialization at the same ``as_of`` over changed data would silently keep the
+    old values. Such an entity's write time is set 1 µs before ``as_of`` (its values stay in
+    place: a reader never finds it missing), and the write then replaces it. A newer one was
+    pushed since (a push writes its newest event's time) or written by a later snapshot: it is
+    kept, as Feast keeps it, and counted. SQLite replaces every entity.
+    """
+    from feast.infra.online_stores.helpers import _redis_key
+    from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    online = store._get_provider().online_store
+    if not isinstance(online, RedisOnlineStore):
+        return 0
+    client = online._get_client(store.config.online_store)
+    snapshot_ns = as_of.value
+    earlier = Timestamp()
+    earlier.FromNanoseconds(snapshot_ns - 1_000)
+    kept = 0
+    for view_name, source in online_views(features):
+        view = store.get_feature_view(view_name)
+        ts_field = f"_ts:{_versioned_fv_name(view, store.config)}".encode()
+        (join_key,) = view.join_keys
+        ids = pq.read_table(repo_dir / DATA_DIR / source, columns=[join_key]).column(0)
+        for begin in range(0, len(ids), REDIS_SCAN_KEYS):
+            keys = [
+                _redis_key(
+                    store.config.project,
+                    EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=i)]),
+                    entity_key_serialization_version=store.config.entity_key_serialization_version,
+                )
+                for i in ids.slice(begin, REDIS_SCAN_KEYS).to_pylist()
+            ]
+            with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hget(key, ts_field)
+                stored = pipe.execute()
+            equal = []
+            for key, raw in zip(keys, stored, strict=True):
+                if raw is None:
+                    continue
+                stamp = Timestamp()
+                stamp.ParseFromString(raw)
+                written_ns = stamp.ToNanoseconds()
+                kept += written_ns > snapshot_ns
+                if written_ns == snapshot_ns:
+                    equal.append(key)
+            if equal:
+                with client.pipeline(transaction=False) as pipe:
+                    for key in equal:
+                        pipe.hset(key, ts_field, earlier.SerializeToString())
+                    pipe.execute()
+    return kept
+
+
 def _load_online(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timestamp) -> None:
     """Write the Parquet sources to the online store through Feast, in bounded batches.
 
@@ -473,8 +541,12 @@ def materialize(
     - ``engine="feast"``: ``FeatureStore.materialize`` over ``[as_of, as_of + 1 s)``, the
       path of ``feast materialize``, through Feast's Dask file offline store.
 
-    Both leave the same values in the online store. With Redis, a value pushed with a time
-    later than ``as_of`` is newer and is kept.
+    Both leave the same values in the online store. SQLite replaces every user's and item's
+    stored features with the snapshot's. Redis replaces those not newer than ``as_of`` (also
+    at the same ``as_of`` over changed data) and keeps a newer one, pushed since or written by
+    a later snapshot (counted in :attr:`MaterializeReport.kept_newer`): to go back to an
+    earlier snapshot there, clear the online store first. Users and items absent from the
+    snapshot are left as they are, on both stores.
     """
     from mlsd.features import batch
 
@@ -498,6 +570,7 @@ def materialize(
 
     store = open_store(repo_dir)
     feast_start = time.perf_counter()
+    kept_newer = _make_way(store, repo_dir, features, as_of)
     # Feast prints its progress to stdout; keep stdout for the caller's output (e.g. JSON).
     with contextlib.redirect_stdout(sys.stderr):
         if engine == "feast":
@@ -517,4 +590,5 @@ def materialize(
         snapshot_seconds=snapshot_seconds,
         materialize_seconds=materialize_seconds,
         seconds=time.perf_counter() - start,
+        kept_newer=kept_newer,
     )

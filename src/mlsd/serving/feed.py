@@ -416,8 +416,9 @@ class FeedRecommender:
     def history(self, user_id: int, n: int = 20) -> list[int]:
         if self.features is None:
             return []
-        recent = self.features.user_features(user_id)["recent_item_ids"][0]
-        return [int(i) for i in recent[recent >= 0][:n]]
+        user = self.features.user_features(user_id)
+        recent = user["recent_item_ids"][0][: int(user["recent_len"][0])]  # the rest: padding
+        return [int(i) for i in recent[:n]]
 
     def ready(self) -> bool:
         """Whether the online feature store answered its last read. Until a request has read
@@ -512,9 +513,9 @@ class FeedRecommender:
     def _query(self, request: RecommendRequest, user: Mapping[str, np.ndarray]) -> UserQuery:
         recent = np.asarray(user["recent_item_ids"][0], dtype=np.int64)
         stamps = np.asarray(user["recent_ts"][0], dtype=np.int64)
-        keep = recent >= 0
-        history = recent[keep][::-1]  # stored newest first; sources read oldest → newest
-        history_ts = stamps[keep][::-1]
+        real = int(user["recent_len"][0])  # the rest is padding (-1 is also an item id)
+        history = recent[:real][::-1]  # stored newest first; sources read oldest → newest
+        history_ts = stamps[:real][::-1]
         now_s = int(request.now if request.now is not None else time.time())
         if request.recent_items:
             extra = np.asarray(list(request.recent_items), dtype=np.int64)

@@ -202,6 +202,77 @@ def test_a_non_numeric_ml100k_age_names_the_file_line_and_field(tmp_path: Path) 
         import_movielens("movielens-100k", source=folder, out=tmp_path / "out")
 
 
+RATINGS_FILES = {
+    "movielens-100k": ("ml-100k", "u.data", "\t", ""),
+    "movielens-1m": ("ml-1m", "ratings.dat", "::", ""),
+    "movielens-20m": ("ml-20m", "ratings.csv", ",", "userId,movieId,rating,timestamp\n"),
+}
+"""Each ratings format: the archive's folder, the file, its separator and its header."""
+
+
+def write_ratings(folder: Path, variant: str, rows: list[str]) -> Path:
+    """A variant's folder whose ratings file holds ``rows`` (fields joined by ``|``)."""
+    top, name, sep, header = RATINGS_FILES[variant]
+    if variant == "movielens-100k":
+        folder = write_fake_ml100k(folder / top)
+    else:
+        folder = folder / top
+        folder.mkdir(parents=True)
+        (folder / "users.dat").write_text("1::F::25::1::48067\n")
+        (folder / "movies.dat").write_text("1::Toy Story (1995)::Comedy\n")
+        (folder / "movies.csv").write_text("movieId,title,genres\n1,Toy Story (1995),Comedy\n")
+    (folder / name).write_text(header + "".join(row.replace("|", sep) + "\n" for row in rows))
+    return folder
+
+
+@pytest.mark.parametrize("variant", list(RATINGS_FILES))
+@pytest.mark.parametrize(
+    ("damaged", "problem"),
+    [
+        ("1|abc|3|881250949", "item_id 'abc' is not a number"),
+        ("1|1|3", "ts is missing or empty"),
+        ("1.5|1|3|881250949", "user_id '1.5' is not an integer"),
+        ("1|1|good|881250949", "rating 'good' is not a number"),
+        ("1|1|3|99999999999999999999", "ts '99999999999999999999' is beyond the 64-bit"),
+    ],
+)
+def test_a_damaged_ratings_row_names_its_line_and_field(
+    tmp_path: Path, variant: str, damaged: str, problem: str
+) -> None:
+    good = ["1|1|5|874965758", "2|1|4|888550871"]
+    # The damaged row after a blank line: line numbers count every line of the file.
+    folder = write_ratings(tmp_path, variant, [*good, "", *good, damaged, *good, damaged])
+    _, name, _, header = RATINGS_FILES[variant]
+    line = 7 if header else 6
+    if variant == "movielens-20m":  # ratings.csv names its fields in its header
+        for ours, theirs in (("user_id", "userId"), ("item_id", "movieId"), ("ts", "timestamp")):
+            problem = problem.replace(ours, theirs)
+    archive = zip_folder(folder, tmp_path / "archive.zip", folder.name)
+    for source in (folder, archive):
+        with pytest.raises(ContractError) as caught:
+            read_movielens(variant, source)
+        message = str(caught.value)
+        assert f"{source}: {name}, line {line}: {problem}" in message, message
+        assert "2 such row(s)" in message
+
+
+def test_a_damaged_row_past_the_first_scan_chunk_gets_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mlsd.data.sources.movielens._SCAN_ROWS", 3)
+    rows = [f"{u}|1|4|888550871" for u in range(1, 11)]
+    rows[8] = "9|1|4|8885508x1"
+    folder = write_ratings(tmp_path, "movielens-20m", [*rows[:4], "", *rows[4:]])
+    with pytest.raises(ContractError, match=r"ratings\.csv, line 11: timestamp '8885508x1' is"):
+        read_movielens("movielens-20m", folder)
+
+
+def test_a_row_with_too_many_fields_keeps_the_parsers_line(tmp_path: Path) -> None:
+    folder = write_ratings(tmp_path, "movielens-20m", ["1|1|5|874965758", "2|1|4|888550871|7"])
+    with pytest.raises(ContractError, match=r"Expected 4 fields in line 3, saw 5\); re-download"):
+        read_movielens("movielens-20m", folder)
+
+
 @pytest.mark.parametrize(
     ("variant", "top"), [("movielens-20m", "ml-20m"), ("movielens-25m", "ml-25m")]
 )
@@ -251,7 +322,7 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         import_movielens("movielens-100k", source=folder, out=tmp_path / "out")
     folder = write_fake_ml100k(tmp_path / "damaged" / "ml-100k")
     (folder / "u.data").write_text("1\t1\t5\t874965758\nnot\ta\trating\trow\n")
-    with pytest.raises(ContractError, match=r"u\.data is not in the MovieLens ml-100k format"):
+    with pytest.raises(ContractError, match=r"u\.data, line 2: user_id 'not' is not a number"):
         read_movielens("movielens-100k", folder)
     not_a_zip = write_fake_ml100k(tmp_path / "other") / "u.data"
     with pytest.raises(ContractError, match="not in the MovieLens"):

@@ -84,6 +84,17 @@ class RetrieverContract:
         items, scores = fitted.recommend(np.array([], dtype=np.int64), 5)
         assert items.shape == scores.shape == (0, 5)
 
+    def test_an_empty_catalog_is_a_clear_error(self, contract_data: RetrievalData) -> None:
+        """No items to retrieve: a ValueError naming the items table, not an IndexError."""
+        train = RetrievalData(
+            contract_data.events,
+            contract_data.users,
+            contract_data.items.iloc[:0],
+            contract_data.cutoff,
+        )
+        with pytest.raises(ValueError, match=r"items\.item_id"):
+            self.make_retriever().fit(train)
+
     def test_recommendations_are_personal_or_popular(
         self, fitted: Retriever, contract_data: RetrievalData
     ) -> None:

@@ -188,6 +188,27 @@ class VectorIndexContract:
         ids, scores = built.search(np.empty((0, DIM), np.float32), 5)
         assert ids.shape == scores.shape == (0, 5)
 
+    def test_equal_scores_go_to_the_lower_item_id(self, tmp_path: Path) -> None:
+        # 10 items score 2, 70 tie at 1 (as ALS's items without events tie at 0), stored
+        # highest id first; the query reads dimension 0 only, so the ties are exact.
+        rng = np.random.default_rng(0)
+        ids = np.arange(1_000, 920, -1, dtype=np.int64)
+        vectors = rng.normal(size=(80, DIM)).astype(np.float32)
+        vectors[:, 0] = np.where(np.arange(80) < 10, 2.0, 1.0)
+        index = self.make_index(tmp_path).build(ids, vectors)
+        query = np.zeros((2, DIM), np.float32)
+        query[:, 0] = 1.0
+        expected = [*range(991, 1_001), *range(921, 926)]  # as offline top-k lists break ties
+        for k in (15, 16, 60):
+            got, scores = index.search(query, k)
+            for row, row_scores in zip(got, scores, strict=True):
+                for score in np.unique(row_scores[np.isfinite(row_scores)]):  # in id order
+                    tied = row[row_scores == score]
+                    assert (np.diff(tied) > 0).all(), (k, tied)
+            if self.exact:  # and the lowest ids of a tie are the ones kept
+                assert got[:, :15].tolist() == [expected, expected], k
+                assert scores[0, :15].tolist() == [2.0] * 10 + [1.0] * 5
+
     def test_rebuild_replaces_the_items(
         self, built: VectorIndex, data: Clustered, tmp_path: Path
     ) -> None:

@@ -223,7 +223,7 @@ def test_norm_tiers_second_pass_reaches_exactly_the_items_that_could_score(k: in
     embeddings *= rng.lognormal(0.0, 1.5, size=n_items)[:, None].astype(np.float32)
     ids = np.arange(n_items, dtype=np.int64) * 5 + 2
     queries = rng.normal(size=(80, DIM)).astype(np.float32) * rng.uniform(0.1, 3, (80, 1))
-    queries[7] = 0.0  # scores 0 everywhere: the first pass settles it
+    queries[7] = 0.0  # scores 0 everywhere: every item ties, the lowest ids win
     exact = queries @ embeddings.T
     tiered = FlatIndex(FlatConfig(norm_tiers=True, first_tier=32, build_threads=1))
     tiered.build(ids, embeddings)
@@ -242,7 +242,8 @@ def test_norm_tiers_second_pass_reaches_exactly_the_items_that_could_score(k: in
     scanned = tiered.last_scanned_
     rest = np.append(np.sort(np.linalg.norm(embeddings, axis=1))[::-1], 0.0)[scanned]
     assert (np.linalg.norm(queries, axis=1) * rest <= scores * (1 + 1e-4) + 1e-6).all()
-    assert scanned[7] == 32
+    assert scanned[7] == n_items  # the tie reaches past every tier
+    assert tiered.search(queries[7], k)[0].tolist() == [(ids[:k]).tolist()]
     assert (scanned > 32).any()
     assert np.median(scanned) < n_items / 4
     assert ((scanned % 8 == 0) | (scanned == n_items)).all()

@@ -24,11 +24,12 @@ import csv
 import io
 import logging
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -83,7 +84,10 @@ NO_GENRES = "(no genres listed)"
 RATING_DTYPES = {"user_id": "int64", "item_id": "int64", "rating": "float32", "ts": "int64"}
 """Ratings are read typed (a malformed row is an error, not a quarantined row): the official
 files are checksummed, so a row that does not parse means a damaged or wrong file, and typed
-columns keep 25M ratings in ~600 MB instead of several GB of strings."""
+columns keep 25M ratings in ~600 MB instead of several GB of strings. When the typed read fails,
+the file is read again as text, in chunks of ``_SCAN_ROWS`` rows, to name the first bad line."""
+
+_SCAN_ROWS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -116,9 +120,11 @@ class MovieLensFiles:
                 yield fh
         except ContractError:
             raise
-        except (ValueError, zipfile.BadZipFile) as exc:  # pandas' ParserError is a ValueError
+        # pandas' ParserError is a ValueError; an integer beyond int64 is an OverflowError.
+        except (ValueError, OverflowError, zipfile.BadZipFile) as exc:
+            detail = str(exc).strip()  # pandas' tokenizer errors end in a newline
             raise ContractError(
-                f"{self.source}: {name} is not in the MovieLens {self.folder} format ({exc}); "
+                f"{self.source}: {name} is not in the MovieLens {self.folder} format ({detail}); "
                 "re-download it or check the variant."
             ) from exc
 
@@ -187,17 +193,74 @@ def age_bucket(age: pd.Series) -> pd.Series:
     return cut.astype("string")
 
 
-def _numbers(values: pd.Series, file: str, field: str) -> pd.Series:
-    """``values`` (strings) as numbers; a ContractError names the first line that is not one."""
-    numbers = pd.to_numeric(values, errors="coerce")
-    bad = numbers.isna() & values.notna()
-    if bad.any():
-        row = int(np.argmax(bad.to_numpy()))
-        raise ContractError(
-            f"{file}, line {row + 1}: {field} {values.iloc[row]!r} is not a number "
-            f"({int(bad.sum())} such row(s)); the file is damaged: take it from the archive again"
-        )
-    return numbers
+def _numbers(
+    raw: pd.DataFrame, file: str, *, integers: Collection[str] = (), first_line: int = 1
+) -> pd.DataFrame:
+    """The columns of ``raw`` (strings as read) as numbers; a ContractError names the first line
+    holding a field that is not one, and the field.
+
+    ``raw``'s index is each row's line less ``first_line`` (the default index of a file read
+    without skipping lines; ``first_line`` is 2 after a header). The columns in ``integers`` must
+    hold an integer in the int64 range; the others may be empty.
+    """
+    numbers = raw.apply(partial(pd.to_numeric, errors="coerce"))
+    bad = numbers.isna() & raw.notna()
+    for column in integers:
+        n = numbers[column]
+        bad[column] = n.isna() | (n % 1 != 0) | (n.abs() > 2.0**63)
+    rows = bad.any(axis=1).to_numpy()
+    if not rows.any():
+        return numbers
+    row = int(np.argmax(rows))
+    field = str(bad.columns[int(np.argmax(bad.iloc[row].to_numpy()))])
+    value, number = raw[field].iloc[row], numbers[field].iloc[row]
+    if pd.isna(value):
+        problem = f"{field} is missing or empty"
+    elif pd.isna(number):
+        problem = f"{field} {value!r} is not a number"
+    elif number % 1 != 0:
+        problem = f"{field} {value!r} is not an integer"
+    else:
+        problem = f"{field} {value!r} is beyond the 64-bit integer range"
+    lines = f"lines {first_line + int(raw.index[0])}-{first_line + int(raw.index[-1])}"
+    raise ContractError(
+        f"{file}, line {first_line + int(raw.index[row])}: {problem} ({int(rows.sum())} such "
+        f"row(s) in {lines}); the file is damaged: take it from the archive again"
+    )
+
+
+def _read_ratings(
+    files: MovieLensFiles,
+    name: str,
+    read: Callable[..., Any],
+    columns: list[str],
+    *,
+    first_line: int = 1,
+) -> pd.DataFrame:
+    """Read a ratings file typed as :data:`RATING_DTYPES` with ``read(fh, **kwargs)``, whose
+    ``columns`` are in that order; when it does not parse, a ContractError names the first
+    damaged line and field (not only the file, which may hold 25M lines)."""
+    integers = [
+        c for c, dtype in zip(columns, RATING_DTYPES.values(), strict=True) if "int" in dtype
+    ]
+    try:
+        with files.open(name) as fh:
+            ratings: pd.DataFrame = read(
+                fh, dtype=dict(zip(columns, RATING_DTYPES.values(), strict=True))
+            )
+            return ratings
+    except ContractError:
+        # Read as text again (blank lines kept, so the index counts lines) to find the line.
+        with (
+            files.open(name) as fh,
+            read(fh, dtype=str, chunksize=_SCAN_ROWS, skip_blank_lines=False) as chunks,
+        ):
+            label = f"{files.source}: {name}"
+            for chunk in chunks:
+                chunk = chunk.dropna(how="all")  # blank lines, which the typed read skips
+                if len(chunk):
+                    _numbers(chunk, label, integers=integers, first_line=first_line)
+        raise  # no field is wrong as a number: the typed read's own error says what is
 
 
 def _decoded(codes: pd.Series, names: Mapping[int, str], file: str, field: str) -> pd.Series:
@@ -242,14 +305,18 @@ def _split_genres(genres: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 def read_ml100k(files: MovieLensFiles) -> MovieLensTables:
     """Parse ML-100K: ``u.data`` (tab), ``u.user``, ``u.item`` and ``u.genre`` (``|``, latin-1)."""
-    with files.open("u.data") as fh:
-        ratings = _read_table(fh, "\t", list(RATING_DTYPES), dtype=RATING_DTYPES)
+    ratings = _read_ratings(
+        files,
+        "u.data",
+        partial(_read_table, sep="\t", names=list(RATING_DTYPES)),
+        list(RATING_DTYPES),
+    )
     with files.open("u.user") as fh:
         columns = ["user_id", "age", "gender", "occupation", "zip_code"]
         users = _read_table(
             fh, "|", columns, dtype={"zip_code": str, "occupation": str, "age": str}
         )
-    users.insert(1, "age_bucket", age_bucket(_numbers(users["age"], "u.user", "age")))
+    users.insert(1, "age_bucket", age_bucket(_numbers(users[["age"]], "u.user")["age"]))
     for column in ("age", "gender", "occupation", "zip_code"):
         users[column] = users[column].astype("string")
     users["region"] = zip_region(users["zip_code"])
@@ -293,8 +360,8 @@ def _read_double_colon(fh: IO[bytes], names: list[str], **kwargs: object) -> pd.
 
 def read_ml1m(files: MovieLensFiles) -> MovieLensTables:
     """Parse ML-1M: ``ratings.dat``, ``users.dat``, ``movies.dat`` (``::``-separated, latin-1)."""
-    with files.open("ratings.dat") as fh:
-        ratings = _read_double_colon(fh, list(RATING_DTYPES), dtype=RATING_DTYPES)
+    names = list(RATING_DTYPES)
+    ratings = _read_ratings(files, "ratings.dat", partial(_read_double_colon, names=names), names)
     with files.open("users.dat") as fh:
         columns = ["user_id", "gender", "age", "occupation", "zip_code"]
         raw = _read_double_colon(fh, columns, dtype={"zip_code": str, "gender": str})
@@ -336,9 +403,8 @@ def _movies(movies: pd.DataFrame) -> pd.DataFrame:
 
 def read_movies_csv(files: MovieLensFiles) -> MovieLensTables:
     """Parse latest-small, 20M or 25M: ``ratings.csv`` and ``movies.csv`` (UTF-8, header)."""
-    with files.open("ratings.csv") as fh:
-        names = {"userId": "user_id", "movieId": "item_id", "rating": "rating", "timestamp": "ts"}
-        ratings = pd.read_csv(fh, dtype=dict(zip(names, RATING_DTYPES.values(), strict=True)))
+    names = {"userId": "user_id", "movieId": "item_id", "rating": "rating", "timestamp": "ts"}
+    ratings = _read_ratings(files, "ratings.csv", pd.read_csv, list(names), first_line=2)
     ratings = ratings.rename(columns=names)
     with files.open("movies.csv") as fh:
         movies = pd.read_csv(fh, dtype={"movieId": "int64", "title": str, "genres": str})

@@ -75,8 +75,18 @@ class InteractionMatrix:
         """Count (or sum ``weight`` of) events per (user, item); items outside ``catalog`` drop.
 
         Rows are the users with events, plus ``users`` (as empty rows when they have none).
+
+        Raises:
+            ValueError: ``catalog`` is empty (there would be no item to retrieve).
         """
         item_ids = np.unique(np.asarray(catalog, dtype=np.int64))
+        if len(item_ids) == 0:
+            raise ValueError(
+                "InteractionMatrix.from_events: the catalog is empty (items.item_id has no rows), "
+                "so there is nothing to retrieve; fit on a RetrievalData whose items table lists "
+                "the items (the dataset's items.parquet: if it is empty, see quarantine.parquet "
+                "for why its rows were set aside, or re-import the dataset)"
+            )
         user_ids = np.unique(events["user_id"].to_numpy(dtype=np.int64))
         if users is not None:
             user_ids = np.union1d(user_ids, np.asarray(users, dtype=np.int64))

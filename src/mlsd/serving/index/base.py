@@ -29,6 +29,10 @@ FloatArray = npt.NDArray[np.float32]
 PAD_ID = -1
 """Item id filling a result row that has fewer than ``k`` items (as ``PAD_ITEM`` in retrieval)."""
 
+TIE_MARGIN = 4_096
+"""How far past ``k`` an exact index searches to settle a tie at its ``k``-th place (a zero
+query ties every item: its search stops there)."""
+
 META_FILE = "index.json"
 """Every saved index directory holds this JSON: backend name, config, dim, ntotal."""
 
@@ -93,6 +97,9 @@ class VectorIndex(ABC):
         Returns:
             ``item_ids`` ``(n_q, k)`` int64, best first, :data:`PAD_ID` at padding;
             ``scores`` ``(n_q, k)`` float32 inner products, non-increasing, ``-inf`` at padding.
+            Equal scores go to the lower item id, also for the last places of the list, as
+            offline top-k lists give them (:func:`~mlsd.models.retrieval.topk.top_k_items`):
+            a search of any width, and a wider one cut to ``k``, agree (exact indexes).
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"{type(self).__name__}.search: k={k!r}; expected an int >= 1")
@@ -105,8 +112,44 @@ class VectorIndex(ABC):
         k = int(k)
         if len(q) == 0:
             return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
-        ids, scores = self._search(q, min(k, self._ntotal))
+        ids, scores = self._ties_to_lower_ids(q, min(k, self._ntotal))
         return pad_results(ids, scores, k)
+
+    def _ties_to_lower_ids(self, queries: FloatArray, n: int) -> tuple[IntArray, FloatArray]:
+        """:meth:`_search` for ``n`` items a query, equal scores going to the lower item id.
+
+        A backend's heap keeps and orders tied items by its own storage order, and a wider
+        search keeps others (ALS gives every item without training events the same zero
+        vector: they all score 0). So an exact index searches each query one item wider, and
+        again twice as wide while its last item still ties its ``n``-th, until the tie ends,
+        every item is in, or :data:`TIE_MARGIN` items past ``n`` were searched; the rows are
+        then sorted by (score descending, item id) and cut to ``n``. An approximate index may
+        find other items in a wider search anyway: it orders the tied items it found.
+        """
+        n_q = len(queries)
+        out_ids = np.empty((n_q, n), dtype=np.int64)
+        out_scores = np.empty((n_q, n), dtype=np.float32)
+        rows = np.arange(n_q)
+        limit = min(self._ntotal, n + TIE_MARGIN) if self.exact else n
+        width = min(n + 1, limit)
+        first = True
+        while len(rows):
+            ids, scores = self._search(queries[rows], width)
+            self._searched(rows, n_q, first=first)
+            scores = np.where(ids == PAD_ID, -np.inf, scores).astype(np.float32, copy=False)
+            nth = scores[:, n - 1]
+            open_ = (scores[:, -1] == nth) & np.isfinite(nth) & (width < limit)
+            done = ~open_
+            order = np.lexsort((ids[done], -scores[done]), axis=1)[:, :n]
+            out_ids[rows[done]] = np.take_along_axis(ids[done], order, axis=1)
+            out_scores[rows[done]] = np.take_along_axis(scores[done], order, axis=1)
+            rows, width, first = rows[open_], min(2 * width, limit), False
+        return out_ids, out_scores
+
+    def _searched(self, rows: IntArray, n_queries: int, *, first: bool) -> None:  # noqa: B027
+        """After each :meth:`_search` of one :meth:`search`, with the queries it searched
+        (``rows`` of ``n_queries``): a backend keeping per-query figures of a search merges
+        them here (nothing by default)."""
 
     @abstractmethod
     def memory_bytes(self) -> int:

@@ -262,6 +262,7 @@ class FlatIndex(FaissIndex):
         super().__init__(config)
         self.neg_norms_: npt.NDArray[np.float64] = np.empty(0)
         self.last_scanned_: IntArray = np.empty(0, dtype=np.int64)
+        self._scanned_all: IntArray = self.last_scanned_
 
     @property
     def exact(self) -> bool:
@@ -294,6 +295,17 @@ class FlatIndex(FaissIndex):
         if (np.diff(norms) > 1e-6 * norms[0]).any():
             raise ValueError("FlatIndex(norm_tiers=True): stored vectors are not sorted by norm")
         self.neg_norms_ = -norms
+
+    def _searched(self, rows: IntArray, n_queries: int, *, first: bool) -> None:
+        """``last_scanned_`` over every query of the search, when a tie searched some again
+        (wider: each query's figure is its widest search's)."""
+        if not self.config.norm_tiers:
+            return
+        if first:
+            self._scanned_all = self.last_scanned_.copy()
+        else:
+            self._scanned_all[rows] = self.last_scanned_
+        self.last_scanned_ = self._scanned_all.copy()
 
     def _scan(
         self, queries: FloatArray, start: int, end: int, k: int

@@ -135,6 +135,12 @@ def features_materialize(
     table.add_row("snapshot", f"{report.snapshot_seconds:.2f} s")
     table.add_row("load online store", f"{report.materialize_seconds:.2f} s")
     console.print(table)
+    if report.kept_newer:
+        console.print(
+            f"[yellow]kept {report.kept_newer:,} stored user or item view(s) newer than "
+            f"{report.as_of} (pushed since, or a later snapshot); clear the online store to go "
+            "back to an earlier snapshot[/yellow]"
+        )
 
 
 @features_app.command("footprint")

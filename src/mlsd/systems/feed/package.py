@@ -302,9 +302,9 @@ def served_rows(
     for row, user_id in enumerate(user_ids):
         recent = np.asarray(users["recent_item_ids"].iloc[row], dtype=np.int64)
         stamps = np.asarray(users["recent_ts"].iloc[row], dtype=np.int64)
-        keep = recent >= 0  # stored newest first; sources read oldest → newest
+        real = int(users["recent_len"].iloc[row])  # stored newest first, then padding
         attributes = {a: str(users[a].iloc[row]) for a in config.user_attributes if a in users}
-        queries.append(UserQuery(int(user_id), recent[keep][::-1], stamps[keep][::-1],
+        queries.append(UserQuery(int(user_id), recent[:real][::-1], stamps[:real][::-1],
                                  attributes, int(now_us[row] // 1_000_000)))  # fmt: skip
     excludes = [model.excluded(q) for q in queries]  # as the service excludes them
     found = {
