@@ -16,8 +16,8 @@ For ML-100K and ML-latest-small (imported from ``$MLSD_DATA_DIR``, default ``../
   to int8 — its test NDCG@10 against the teacher's, and single-thread scoring latency for 1 and
   500 candidates (target: >= 98% of the teacher's NDCG@10 at >= 3x lower latency for 500).
   The retention is measured on the pipeline's deep ranker and its student, and over
-  ``--retention-seeds`` (teacher, student) pairs: the deep ranker refitted with seeds 1, 2, ...
-  on the same rows, each distilled into its own student; the target reads the mean over pairs.
+  ``--retention-seeds`` (teacher, student) pairs: the deep ranker refitted on the same rows with
+  its seed plus 1, 2, ..., each distilled into its own student; the target reads the mean.
   The latency is of the call the service makes, ``predict_matrix`` on the request path's
   feature block; ``*_dataframe`` times ``predict`` on a DataFrame of the same rows.
 
@@ -80,11 +80,12 @@ AUC_SPLITS = 5
 STUDENT_SHAPE: dict[str, Any] = {"n_cross_layers": 2, "mlp_dims": (128, 64), "embedding_dim": 16}
 FIDELITY_TOP = 10
 RETENTION_SEEDS = 5
-"""(teacher, student) pairs the retention is averaged over: seed 0 is the pipeline's deep ranker
-and its student, seeds 1, 2, ... refit the teacher on the same rows with that seed and distil a
-student from it (the student's seed is its teacher's). On ML-latest-small's test window the deep
-ranker's NDCG@10 moved from 0.227 to 0.341 with the seed alone (seeds 0-4, commit 5dc8b49), so
-one pair's ratio says as much about the two networks' seeds as about distillation."""
+"""(teacher, student) pairs the retention is averaged over: pair 0 is the pipeline's deep ranker
+and its student, pairs 1, 2, ... refit the teacher on the same rows with its seed plus 1, 2, ...
+and distil a student from it (the student's seed is its teacher's). On ML-latest-small's test
+window the deep ranker's NDCG@10 moved from 0.227 to 0.341 with the seed alone (seeds 0-4,
+commit 5dc8b49), so one pair's ratio says as much about the two networks' seeds as about
+distillation."""
 PUBLISHED_ML100K = {
     "source": "Microsoft Recommenders, ML-100K, python_stratified_split 75/25, k = 10; their "
     "map divides by #relevant (compare map_relevant@10, not map@10)",
@@ -155,10 +156,11 @@ class Student:
 
 
 class Reseeded:
-    """A derived ranker: the deep ranker fitted again on the same rows with another seed."""
+    """A derived ranker: the deep ranker fitted again on the same rows, its seed ``offset``
+    past the configured one (so no pair repeats the pipeline's, whatever the config says)."""
 
-    def __init__(self, seed: int, base: str = "deep") -> None:
-        self.seed = seed
+    def __init__(self, offset: int, base: str = "deep") -> None:
+        self.offset = offset
         self.base = base
 
     def __call__(
@@ -167,7 +169,7 @@ class Reseeded:
         base = fitted[self.base]
         if not isinstance(base, DeepRanker):
             raise ValueError(f"{self.base} is not a DeepRanker")
-        config = dataclasses.replace(base.config, seed=self.seed)
+        config = dataclasses.replace(base.config, seed=base.config.seed + self.offset)
         return DeepRanker(config, progress=False).fit(fit, valid)
 
 

@@ -675,6 +675,7 @@ def test_a_future_event_is_refused_and_nothing_is_written(
         ("ts", pd.NaT),
         ("value", None),
         ("value", np.inf),
+        ("value", 1e39),  # finite, but infinite as the float32 the features keep
     ],
 )
 def test_an_event_with_a_missing_field_is_refused_and_nothing_is_written(

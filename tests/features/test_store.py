@@ -213,6 +213,50 @@ def test_rematerializing_over_changed_data_replaces_the_values_and_newer_ones_st
         assert_online_is(changed, AS_OF)
 
 
+@pytest.mark.integration
+def test_a_push_landing_while_a_materialization_makes_way_keeps_its_newer_values(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    world: Path,
+    config: FeatureConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between the materialization's read of the stored write times and its nudge of those at
+    as_of, a push writes a newer time: the nudge must leave it, so the snapshot keeps it."""
+    from redis.client import Pipeline
+
+    from mlsd.features.online import OnlineFeatures
+
+    repo = generate_repo(tmp_path / "repo", feature_set(config), store_config(request, "redis"))
+    apply(repo)
+    materialize(world, repo, as_of=AS_OF, config=config)
+    online = OnlineFeatures(repo, config)
+    user = int(pd.read_parquet(repo / "data" / "users.parquet")["user_id"].iloc[0])
+    event = {"user_id": user, "item_id": 77, "event": "click", "value": 1.0}
+    pushed = pd.DataFrame([{**event, "ts": AS_OF + pd.Timedelta(minutes=5)}])
+    later = (AS_OF + pd.Timedelta(hours=1)).timestamp()
+    original = Pipeline.execute
+    fired: list[int] = []
+
+    def execute(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        reads = bool(self.command_stack) and all(
+            command[0] == "HGET" and b"user_dynamic" in command[2]
+            for command, _ in self.command_stack
+        )
+        out = original(self, *args, **kwargs)
+        if reads and not fired:  # the write times are read: a push lands now
+            fired.append(online.push_events(pushed, now=later))
+        return out
+
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    materialize(world, repo, as_of=AS_OF, config=config)  # the same as_of again
+    monkeypatch.undo()
+    assert fired == [1]
+    stored = online_values(repo, ["user_dynamic:recent_item_ids"], "user_id", [user])
+    assert stored["recent_item_ids"][0][0] == 77  # the push's item, newest first
+    online.close()
+
+
 def write_source(path: Path, schema: pa.Schema, *, drop: str = "", retype: str = "") -> None:
     """One valid-looking row of ``schema``, minus ``drop``, with ``retype`` as a string column."""
     columns: dict[str, pa.Array] = {}

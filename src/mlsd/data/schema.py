@@ -45,6 +45,10 @@ QUARANTINE_FILE = "quarantine.parquet"
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: an event's ``value`` is float32 (in the contract and in the
+online store's features), where a larger one would become infinite."""
+
 EVENTS_SCHEMA = pa.schema(
     [
         pa.field("user_id", pa.int64(), nullable=False),

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from mlsd.data.schema import (
     EVENTS_FILE,
     EVENTS_SCHEMA,
+    FLOAT32_MAX,
     INFO_FILE,
     ITEMS_FILE,
     ITEMS_REQUIRED,
@@ -90,9 +91,6 @@ _NUMERIC_TYPES = {
 }  # fmt: skip
 
 _TS_REASONS = ("bad_ts", "ts_out_of_range")
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-"""The largest ``value`` the contract's float32 column holds; a larger one is ``bad_value``."""
 
 MAX_BAD_TS_SHARE = 0.5
 """Refuse, writing nothing, when more than this share of the events fail the timestamp rules."""
@@ -414,7 +412,7 @@ def _events_sql(
                 WHEN __ts < TIMESTAMPTZ '{ts_min}' OR __ts > TIMESTAMPTZ '{ts_max}'
                     THEN 'ts_out_of_range'
                 WHEN __value IS NULL OR isnan(__value) OR isinf(__value)
-                    OR abs(__value) > {_FLOAT32_MAX!r}::DOUBLE THEN 'bad_value'
+                    OR abs(__value) > {FLOAT32_MAX!r}::DOUBLE THEN 'bad_value'
                 WHEN {negative} THEN 'negative_value'
                 WHEN __event IS NULL OR trim(__event) = '' THEN 'null_event'
                 WHEN {unknown_user} THEN 'unknown_user'

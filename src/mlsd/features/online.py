@@ -85,7 +85,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import feast_value_type_to_python_type
 
 from mlsd import remove_feast_metrics_dir
-from mlsd.data.schema import ContractError
+from mlsd.data.schema import FLOAT32_MAX, ContractError
 from mlsd.features import derive
 from mlsd.features.definitions import (
     EVENT_TS_ALLOWANCE_S,
@@ -466,8 +466,8 @@ def _refuse_missing(frame: pd.DataFrame) -> None:
                 dtype=np.float64, na_value=np.nan
             )
             finite = np.isfinite(numbers)
-            bad = ~finite
-            what = "no value (missing or not a finite number)"
+            bad = ~finite | (np.abs(np.where(finite, numbers, 0.0)) > FLOAT32_MAX)
+            what = "no value (missing, or not a finite number float32 holds)"
             if column != "value":
                 bad |= finite & (numbers != np.round(numbers))
                 what = "no id (missing or not a whole number)"

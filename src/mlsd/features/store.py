@@ -438,6 +438,15 @@ REDIS_SCAN_KEYS = 10_000
 """Entities whose stored write time one pipelined Redis round trip reads (:func:`_make_way`)."""
 
 
+_SET_IF_UNCHANGED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+    return redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+return 0
+"""
+"""Set hash field ARGV[1] of KEYS[1] to ARGV[3] only while it still holds ARGV[2] (atomic)."""
+
+
 def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timestamp) -> int:
     """On Redis, let the snapshot replace every entity it holds whose stored values are not
     newer than ``as_of``; returns how many (per view) are newer and are kept.
@@ -445,7 +454,9 @@ def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timest
     Feast's Redis write skips an entity whose stored write time is not older than the row's,
     so a materialization at the same ``as_of`` over changed data would silently keep the
     old values. Such an entity's write time is set 1 µs before ``as_of`` (its values stay in
-    place: a reader never finds it missing), and the write then replaces it. A newer one was
+    place: a reader never finds it missing; a script sets it only while it still holds
+    ``as_of``, so a push landing in between keeps its newer time), and the write then
+    replaces it. A newer one was
     pushed since (a push writes its newest event's time) or written by a later snapshot: it is
     kept, as Feast keeps it, and counted. SQLite replaces every entity.
     """
@@ -459,9 +470,11 @@ def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timest
     if not isinstance(online, RedisOnlineStore):
         return 0
     client = online._get_client(store.config.online_store)
+    nudge = client.register_script(_SET_IF_UNCHANGED)
     snapshot_ns = as_of.value
     earlier = Timestamp()
     earlier.FromNanoseconds(snapshot_ns - 1_000)
+    back = earlier.SerializeToString()
     kept = 0
     for view_name, source in online_views(features):
         view = store.get_feature_view(view_name)
@@ -490,11 +503,11 @@ def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timest
                 written_ns = stamp.ToNanoseconds()
                 kept += written_ns > snapshot_ns
                 if written_ns == snapshot_ns:
-                    equal.append(key)
+                    equal.append((key, raw))
             if equal:
                 with client.pipeline(transaction=False) as pipe:
-                    for key in equal:
-                        pipe.hset(key, ts_field, earlier.SerializeToString())
+                    for key, raw in equal:  # unless a push wrote a newer time since the read
+                        nudge(keys=[key], args=[ts_field, raw, back], client=pipe)
                     pipe.execute()
     return kept
 

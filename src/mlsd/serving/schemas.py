@@ -8,6 +8,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from mlsd.data.schema import FLOAT32_MAX
 from mlsd.features.definitions import EVENT_TS_ALLOWANCE_S
 from mlsd.serving.recommender import Path_
 
@@ -24,9 +25,6 @@ Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 for ids), finite (the parser reads ``NaN`` and ``Infinity`` literals)."""
 ContextValue = Annotated[str, Field(strict=True)] | Annotated[int, Field(strict=True)] | Finite
 """A request context value: a string, an integer or a finite number; ``true`` is a 422, not 1."""
-FLOAT32_MAX = 3.4028234663852886e38
-"""The largest finite float32: the online store keeps event values as float32, where a larger
-value would become infinite in the user's features."""
 _NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import faiss
@@ -280,3 +281,41 @@ def test_default_nlist() -> None:
     assert default_nlist(1_000_000) == 4_000
     assert default_nlist(3_000) == 3_000 // 39  # capped: >= 39 training points per cell
     assert default_nlist(5) == 1
+
+
+def test_a_tie_at_the_kth_place_costs_one_more_search_not_a_doubling_series() -> None:
+    data = clustered(n_items=2_000)
+    index = FlatIndex(FlatConfig(build_threads=1)).build(data.item_ids, data.item_embeddings)
+    widths: list[int] = []
+    search = index._search
+
+    def counted(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        widths.append(k)
+        return search(queries, k)
+
+    index._search = counted  # type: ignore[method-assign]
+    ids, _ = index.search(np.zeros((1, DIM), np.float32), 10)  # every item ties at 0
+    assert widths == [11, 2_000]  # one item wider, then up to TIE_MARGIN (here: all)
+    np.testing.assert_array_equal(ids[0], np.sort(data.item_ids)[:10])
+
+
+def test_a_search_in_another_thread_leaves_this_ones_scan_figures_whole() -> None:
+    # The service searches one index from two model threads: each merges its own figures.
+    data = clustered(n_items=2_000)
+    index = FlatIndex(FlatConfig(norm_tiers=True, first_tier=32, build_threads=1))
+    index.build(data.item_ids, data.item_embeddings)
+    many, one = data.queries[:40], data.queries[:1]
+
+    def elsewhere() -> None:
+        thread = threading.Thread(target=index._search, args=(one, 10))
+        thread.start()
+        thread.join()
+
+    index._search(many, 10)
+    elsewhere()  # another thread's search sets last_scanned_ to its one query
+    index._searched(np.arange(40), 40, first=True)
+    elsewhere()
+    index._search(many[3:4], 200)  # this thread's wider pass for query 3
+    index._searched(np.array([3]), 40, first=False)
+    assert index.last_scanned_.shape == (40,)
+    assert index.last_scanned_[3] >= 200

@@ -121,9 +121,10 @@ class VectorIndex(ABC):
         A backend's heap keeps and orders tied items by its own storage order, and a wider
         search keeps others (ALS gives every item without training events the same zero
         vector: they all score 0). So an exact index searches each query one item wider, and
-        again twice as wide while its last item still ties its ``n``-th, until the tie ends,
-        every item is in, or :data:`TIE_MARGIN` items past ``n`` were searched; the rows are
-        then sorted by (score descending, item id) and cut to ``n``. An approximate index may
+        a query whose last item still ties its ``n``-th again, :data:`TIE_MARGIN` items wider
+        (or every item: one more pass over the vectors, where doubling the width would cost
+        one pass each time); the rows are then sorted by (score descending, item id) and cut
+        to ``n``. An approximate index may
         find other items in a wider search anyway: it orders the tied items it found.
         """
         n_q = len(queries)
@@ -143,7 +144,7 @@ class VectorIndex(ABC):
             order = np.lexsort((ids[done], -scores[done]), axis=1)[:, :n]
             out_ids[rows[done]] = np.take_along_axis(ids[done], order, axis=1)
             out_scores[rows[done]] = np.take_along_axis(scores[done], order, axis=1)
-            rows, width, first = rows[open_], min(2 * width, limit), False
+            rows, width, first = rows[open_], limit, False
         return out_ids, out_scores
 
     def _searched(self, rows: IntArray, n_queries: int, *, first: bool) -> None:  # noqa: B027

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +263,7 @@ class FlatIndex(FaissIndex):
         super().__init__(config)
         self.neg_norms_: npt.NDArray[np.float64] = np.empty(0)
         self.last_scanned_: IntArray = np.empty(0, dtype=np.int64)
-        self._scanned_all: IntArray = self.last_scanned_
+        self._mine = threading.local()  # this thread's search: the service searches from two
 
     @property
     def exact(self) -> bool:
@@ -298,14 +299,16 @@ class FlatIndex(FaissIndex):
 
     def _searched(self, rows: IntArray, n_queries: int, *, first: bool) -> None:
         """``last_scanned_`` over every query of the search, when a tie searched some again
-        (wider: each query's figure is its widest search's)."""
+        (wider: each query's figure is its widest search's). Merged in this thread's own
+        arrays: another thread's search may set ``last_scanned_`` meanwhile."""
         if not self.config.norm_tiers:
             return
+        scanned: IntArray = self._mine.scanned
         if first:
-            self._scanned_all = self.last_scanned_.copy()
+            self._mine.merged = scanned.copy()
         else:
-            self._scanned_all[rows] = self.last_scanned_
-        self.last_scanned_ = self._scanned_all.copy()
+            self._mine.merged[rows] = scanned
+        self.last_scanned_ = self._mine.merged
 
     def _scan(
         self, queries: FloatArray, start: int, end: int, k: int
@@ -341,7 +344,7 @@ class FlatIndex(FaissIndex):
             pos[rows] = np.take_along_axis(
                 np.concatenate([pos[rows], more_pos], axis=1), top, axis=1
             )
-        self.last_scanned_ = reach.astype(np.int64)
+        self.last_scanned_ = self._mine.scanned = reach.astype(np.int64)
         ids = np.where(pos >= 0, self.item_ids_[pos], PAD_ID).astype(np.int64)
         return ids, scores
 
