@@ -116,24 +116,38 @@ def test_materialized_values_equal_the_batch_computation(
 
     rng = np.random.default_rng(0)
     user_ids = sorted(rng.choice(users_source["user_id"], 60, replace=False).tolist())
+    item_ids = sorted(rng.choice(items_source["item_id"], 40, replace=False).tolist())
+    known = assert_online_is_batch(repo, config, world, AS_OF, user_ids, item_ids)
+    assert known > 10  # the sample holds users with history
+
+
+def assert_online_is_batch(
+    repo: Path,
+    config: FeatureConfig,
+    dataset: Path,
+    as_of: pd.Timestamp,
+    user_ids: list[int],
+    item_ids: list[int],
+) -> int:
+    """The online store holds the batch computation's stored features of ``dataset`` as of
+    ``as_of`` for these users and items; returns how many of the users have history."""
+    features = feature_set(config)
     expected_users = batch.stored_user_features(
-        world, pd.DataFrame({"user_id": user_ids, "ts": AS_OF}), config
+        dataset, pd.DataFrame({"user_id": user_ids, "ts": as_of}), config
     )
-    assert expected_users["user_known"].sum() > 10  # the sample holds users with history
     refs = [f"user_static:{n}" for n in features.names("user_static")]
     refs += [f"user_dynamic:{n}" for n in features.names("user_dynamic")]
     stored = online_values(repo, refs, "user_id", user_ids)
     for name in features.names("user_static") + features.names("user_dynamic"):
         assert_same(name, stored[name], expected_users[name])
-
-    item_ids = sorted(rng.choice(items_source["item_id"], 40, replace=False).tolist())
     expected_items = batch.stored_item_features(
-        world, pd.DataFrame({"item_id": item_ids, "ts": AS_OF}), config
+        dataset, pd.DataFrame({"item_id": item_ids, "ts": as_of}), config
     )
     refs = [f"item_history:{n}" for n in features.names("item")]
     stored = online_values(repo, refs, "item_id", item_ids)
     for name in features.names("item"):
         assert_same(name, stored[name], expected_items[name])
+    return int(expected_users["user_known"].sum())
 
 
 def test_rematerializing_later_moves_the_values(
@@ -174,26 +188,11 @@ def test_rematerializing_over_changed_data_replaces_the_values_and_newer_ones_st
     shutil.copytree(world, changed)
     events = pq.read_table(world / "events.parquet")
     pq.write_table(events.take(np.arange(0, events.num_rows, 3)), changed / "events.parquet")
-    user_refs = [f"user_dynamic:{n}" for n in features.names("user_dynamic")]
-    item_refs = [f"item_history:{n}" for n in features.names("item")]
 
     def assert_online_is(dataset: Path, as_of: pd.Timestamp) -> None:
-        users = pq.read_table(repo / "data" / "users.parquet").to_pandas()
-        user_ids = users["user_id"].tolist()[:80]
-        expected_users = batch.stored_user_features(
-            dataset, pd.DataFrame({"user_id": user_ids, "ts": as_of}), config
-        )
-        stored = online_values(repo, user_refs, "user_id", user_ids)
-        for name in features.names("user_dynamic"):
-            assert_same(name, stored[name], expected_users[name])
-        items = pq.read_table(repo / "data" / "items.parquet").to_pandas()
-        item_ids = items["item_id"].tolist()[:50]
-        expected_items = batch.stored_item_features(
-            dataset, pd.DataFrame({"item_id": item_ids, "ts": as_of}), config
-        )
-        stored = online_values(repo, item_refs, "item_id", item_ids)
-        for name in features.names("item"):
-            assert_same(name, stored[name], expected_items[name])
+        user_ids = pq.read_table(repo / "data" / "users.parquet")["user_id"].to_pylist()[:80]
+        item_ids = pq.read_table(repo / "data" / "items.parquet")["item_id"].to_pylist()[:50]
+        assert_online_is_batch(repo, config, dataset, as_of, user_ids, item_ids)
 
     first = materialize(world, repo, as_of=AS_OF, config=config, engine=engine)
     assert first.kept_newer == 0
