@@ -452,13 +452,13 @@ def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timest
     newer than ``as_of``; returns how many (per view) are newer and are kept.
 
     Feast's Redis write skips an entity whose stored write time is not older than the row's,
-    so a materialization at the same ``as_of`` over changed data would silently keep the
-    old values. Such an entity's write time is set 1 µs before ``as_of`` (its values stay in
+    so a materialization at the same ``as_of`` over changed data would silently keep the old
+    values. Such an entity's write time is set 1 µs before ``as_of`` (its values stay in
     place: a reader never finds it missing; a script sets it only while it still holds
     ``as_of``, so a push landing in between keeps its newer time), and the write then
-    replaces it. A newer one was
-    pushed since (a push writes its newest event's time) or written by a later snapshot: it is
-    kept, as Feast keeps it, and counted. SQLite replaces every entity.
+    replaces it. A newer one was pushed since (a push writes its newest event's time) or
+    written by a later snapshot: it is kept, as Feast keeps it, and counted. SQLite replaces
+    every entity.
     """
     from feast.infra.online_stores.helpers import _redis_key
     from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name

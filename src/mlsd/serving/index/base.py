@@ -124,8 +124,8 @@ class VectorIndex(ABC):
         a query whose last item still ties its ``n``-th again, :data:`TIE_MARGIN` items wider
         (or every item: one more pass over the vectors, where doubling the width would cost
         one pass each time); the rows are then sorted by (score descending, item id) and cut
-        to ``n``. An approximate index may
-        find other items in a wider search anyway: it orders the tied items it found.
+        to ``n``. An approximate index may find other items in a wider search anyway: it
+        orders the tied items it found.
         """
         n_q = len(queries)
         out_ids = np.empty((n_q, n), dtype=np.int64)
