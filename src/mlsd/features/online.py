@@ -105,6 +105,7 @@ from mlsd.features.store import (
     USER_STATIC_VIEW,
     check_config,
     open_store,
+    redis_entity_key,
 )
 
 if TYPE_CHECKING:
@@ -319,15 +320,7 @@ class _RedisWriter:
         )
 
     def key(self, user_id: int) -> bytes:
-        from feast.infra.online_stores.helpers import _redis_key
-
-        entity = EntityKeyProto(
-            join_keys=["user_id"], entity_values=[ValueProto(int64_val=user_id)]
-        )
-        key: bytes = _redis_key(
-            self.project, entity, entity_key_serialization_version=self.key_version
-        )
-        return key
+        return redis_entity_key(self.project, self.key_version, "user_id", user_id)
 
     def write(self, pipe: Any, key: bytes, row: Mapping[str, Any], written: pd.Timestamp) -> None:
         from feast.type_map import python_values_to_proto_values

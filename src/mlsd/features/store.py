@@ -447,6 +447,18 @@ return 0
 """Set hash field ARGV[1] of KEYS[1] to ARGV[3] only while it still holds ARGV[2] (atomic)."""
 
 
+def redis_entity_key(project: str, key_version: int, join_key: str, entity_id: int) -> bytes:
+    """The key of one entity's hash in a project's Redis online store, as Feast writes it
+    (``key_version``: the store's ``entity_key_serialization_version``)."""
+    from feast.infra.online_stores.helpers import _redis_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    entity = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=entity_id)])
+    key: bytes = _redis_key(project, entity, entity_key_serialization_version=key_version)
+    return key
+
+
 def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timestamp) -> int:
     """On Redis, let the snapshot replace every entity it holds whose stored values are not
     newer than ``as_of``; returns how many (per view) are newer and are kept.
@@ -460,10 +472,7 @@ def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timest
     written by a later snapshot: it is kept, as Feast keeps it, and counted. SQLite replaces
     every entity.
     """
-    from feast.infra.online_stores.helpers import _redis_key
     from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
     from google.protobuf.timestamp_pb2 import Timestamp
 
     online = store._get_provider().online_store
@@ -475,6 +484,7 @@ def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timest
     earlier = Timestamp()
     earlier.FromNanoseconds(snapshot_ns - 1_000)
     back = earlier.SerializeToString()
+    project, version = store.config.project, store.config.entity_key_serialization_version
     kept = 0
     for view_name, source in online_views(features):
         view = store.get_feature_view(view_name)
@@ -483,11 +493,7 @@ def _make_way(store: Any, repo_dir: Path, features: FeatureSet, as_of: pd.Timest
         ids = pq.read_table(repo_dir / DATA_DIR / source, columns=[join_key]).column(0)
         for begin in range(0, len(ids), REDIS_SCAN_KEYS):
             keys = [
-                _redis_key(
-                    store.config.project,
-                    EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=i)]),
-                    entity_key_serialization_version=store.config.entity_key_serialization_version,
-                )
+                redis_entity_key(project, version, join_key, i)
                 for i in ids.slice(begin, REDIS_SCAN_KEYS).to_pylist()
             ]
             with client.pipeline(transaction=False) as pipe:
